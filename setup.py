@@ -1,0 +1,44 @@
+"""clipo_jax: RLVR post-training of language models in JAX, with CLIPO and OpenRS."""
+from setuptools import find_packages, setup
+
+CORE = [
+    "jax>=0.4.35",
+    "flax>=0.10",
+    "optax",
+    "orbax-checkpoint",
+    "ml-collections",
+    "absl-py",
+    "sentencepiece",
+    "tokenizers",
+    "safetensors",
+    "gguf",
+    "numpy",
+    "pyarrow",
+    "tqdm",
+    "tensorboardX",
+    "math-verify",
+    "json-repair",
+    "jsonschema",
+    "httpx",
+]
+EXTRAS = {
+    "test": ["pytest", "pytest-timeout", "hypothesis"],
+    # HF transformers is only the independent oracle for parity tests and benchmarks.
+    "hf": ["torch==2.13.0", "transformers", "accelerate"],
+    "judge": ["llama-cpp-python[server]"],
+    "notebooks": ["jupyter", "nbconvert", "matplotlib"],
+    # Offline real model / data wheels (see README).
+    "assets": [],
+}
+
+setup(
+    name="clipo_jax",
+    version="0.1.0",
+    description="JAX/Flax RLVR post-training with CLIPO and the OpenRS rubric judge",
+    packages=find_packages(include=["clipo_jax", "clipo_jax.*"]),
+    package_data={"clipo_jax.rubrics": ["meta_rubrics/*.toml", "meta_rubrics/*.yaml", "meta_rubrics/*.json", "meta_rubrics/*.md"]},
+    include_package_data=True,
+    python_requires=">=3.11",
+    install_requires=CORE,
+    extras_require=EXTRAS,
+)
