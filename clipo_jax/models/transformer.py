@@ -1,0 +1,331 @@
+"""The decoder-only transformer: Llama / Qwen2 / Gemma3 from one config.
+
+The model is a Flax NNX module (`Transformer`) whose parameters are stacked over layers;
+its computation lives in pure functions over the parameter pytree (`forward`,
+`token_logprobs`) so jitted code only ever sees pytrees (`nnx.split` at the boundary).
+Layers run under `jax.lax.scan`, so compile time does not grow with depth.
+
+Parameter tree (L = n_layers, D = d_model, H/K = query/kv heads, hd = head_dim, F = d_ff):
+  embed [V, D]; final_norm [D]; lm_head [D, V] (untied only)
+  layers: attn_norm [L, D], wq [L, D, H*hd], wk/wv [L, D, K*hd], wo [L, H*hd, D],
+          (bq [L, H*hd], bk/bv [L, K*hd]), (q_norm/k_norm [L, hd]), (post_attn_norm [L, D]),
+          mlp_norm [L, D], (post_mlp_norm [L, D]), w_gate/w_up [L, D, F], w_down [L, F, D]
+"""
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from clipo_jax.models.config import ModelConfig
+from clipo_jax.parallel import constrain
+
+Params = dict[str, Any]
+
+
+# --------------------------------------------------------------------------- parameters
+def param_logical_axes(cfg: ModelConfig) -> Params:
+  """Logical axis names for every parameter (mapped to the mesh by parallel.LOGICAL_RULES)."""
+  layers = {
+      "attn_norm": ("layers", "norm"),
+      "wq": ("layers", "embed", "heads"),
+      "wk": ("layers", "embed", "kv_heads"),
+      "wv": ("layers", "embed", "kv_heads"),
+      "wo": ("layers", "heads", "embed"),
+      "mlp_norm": ("layers", "norm"),
+      "w_gate": ("layers", "embed", "mlp"),
+      "w_up": ("layers", "embed", "mlp"),
+      "w_down": ("layers", "mlp", "embed"),
+  }
+  if cfg.qkv_bias:
+    layers.update(bq=("layers", "heads"), bk=("layers", "kv_heads"), bv=("layers", "kv_heads"))
+  if cfg.qk_norm:
+    layers.update(q_norm=("layers", "head_dim"), k_norm=("layers", "head_dim"))
+  if cfg.post_norms:
+    layers.update(post_attn_norm=("layers", "norm"), post_mlp_norm=("layers", "norm"))
+  axes = {"embed": ("vocab", "embed"), "final_norm": ("norm",), "layers": layers}
+  if not cfg.tie_embeddings:
+    axes["lm_head"] = ("embed", "vocab")
+  return axes
+
+
+def param_shapes(cfg: ModelConfig) -> Params:
+  L, D, F, hd = cfg.n_layers, cfg.d_model, cfg.d_ff, cfg.head_dim
+  Hq, Hk = cfg.n_heads * hd, cfg.n_kv_heads * hd
+  layers = {
+      "attn_norm": (L, D), "wq": (L, D, Hq), "wk": (L, D, Hk), "wv": (L, D, Hk), "wo": (L, Hq, D),
+      "mlp_norm": (L, D), "w_gate": (L, D, F), "w_up": (L, D, F), "w_down": (L, F, D),
+  }
+  if cfg.qkv_bias:
+    layers.update(bq=(L, Hq), bk=(L, Hk), bv=(L, Hk))
+  if cfg.qk_norm:
+    layers.update(q_norm=(L, hd), k_norm=(L, hd))
+  if cfg.post_norms:
+    layers.update(post_attn_norm=(L, D), post_mlp_norm=(L, D))
+  shapes = {"embed": (cfg.vocab_size, D), "final_norm": (D,), "layers": layers}
+  if not cfg.tie_embeddings:
+    shapes["lm_head"] = (D, cfg.vocab_size)
+  return shapes
+
+
+def init_params(cfg: ModelConfig, rng: jax.Array, std: float = 0.02) -> Params:
+  """Random init: normal(std) matrices, unit norm scales, small random biases."""
+  shapes = param_shapes(cfg)
+  flat, treedef = jax.tree.flatten_with_path(shapes, is_leaf=lambda x: isinstance(x, tuple))
+  keys = jax.random.split(rng, len(flat))
+  dtype = jnp.dtype(cfg.param_dtype)
+  leaves = []
+  for (path, shape), key in zip(flat, keys):
+    name = path[-1].key
+    if name.endswith("norm"):
+      leaves.append(jnp.ones(shape, dtype))
+    elif name in ("bq", "bk", "bv"):
+      leaves.append(std * jax.random.normal(key, shape, dtype))
+    else:
+      leaves.append(std * jax.random.normal(key, shape, dtype))
+  return jax.tree.unflatten(treedef, leaves)
+
+
+# --------------------------------------------------------------------------- building blocks
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+  """RMSNorm in float32 (both reference families normalise in float32)."""
+  x32 = x.astype(jnp.float32)
+  y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+  return (y * scale.astype(jnp.float32)).astype(x.dtype)
+
+
+def rope(x: jax.Array, positions: jax.Array, theta: jax.Array | float) -> jax.Array:
+  """Rotary embedding, half-split ("rotate_half") layout. x: [B, T, N, hd]; positions: [B, T]."""
+  hd = x.shape[-1]
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, hd, 2, dtype=jnp.float32) / hd))
+  ang = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, hd/2]
+  cos = jnp.cos(ang)[:, :, None, :]
+  sin = jnp.sin(ang)[:, :, None, :]
+  x32 = x.astype(jnp.float32)
+  x1, x2 = x32[..., : hd // 2], x32[..., hd // 2:]
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x.dtype)
+
+
+def _act(cfg: ModelConfig, x):
+  if cfg.activation == "silu":
+    return jax.nn.silu(x)
+  return jax.nn.gelu(x, approximate=True)
+
+
+class KVCache(NamedTuple):
+  """Per-layer keys/values plus the position of every slot (-1 = empty).
+
+  k, v: [L, B, S, K, hd]; pos: [B, S] int32.
+  """
+  k: jax.Array
+  v: jax.Array
+  pos: jax.Array
+
+  @staticmethod
+  def logical_axes():
+    kv = ("layers", "batch", "cache_seq", "kv_head", "head_dim")
+    return KVCache(k=kv, v=kv, pos=("batch", "cache_seq"))
+
+
+def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> KVCache:
+  dtype = jnp.dtype(dtype or cfg.dtype)
+  shape = (cfg.n_layers, batch, length, cfg.n_kv_heads, cfg.head_dim)
+  return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.full((batch, length), -1, jnp.int32))
+
+
+def _attention(cfg: ModelConfig, q, k, v, q_pos, k_pos, window):
+  """q: [B, T, H, hd]; k, v: [B, S, K, hd]; q_pos [B, T]; k_pos [B, S] (-1 = invalid)."""
+  B, T, H, hd = q.shape
+  K = k.shape[2]
+  q = q.reshape(B, T, K, H // K, hd)
+  logits = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * cfg.scale
+  if cfg.attn_logit_softcap is not None:
+    logits = jnp.tanh(logits / cfg.attn_logit_softcap) * cfg.attn_logit_softcap
+  qp = q_pos[:, None, None, :, None]
+  kp = k_pos[:, None, None, None, :]
+  allowed = (kp >= 0) & (kp <= qp) & ((qp - kp) < window)
+  logits = jnp.where(allowed, logits, -1e30)
+  probs = jax.nn.softmax(logits, axis=-1)
+  # Fully-masked query rows (padding) would average garbage; zero them explicitly.
+  probs = jnp.where(jnp.any(allowed, axis=-1, keepdims=True), probs, 0.0)
+  out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v)
+  return out.reshape(B, T, H * hd)
+
+
+def _layer_constants(cfg: ModelConfig):
+  """Per-layer RoPE base and attention window as arrays scanned with the weights."""
+  big = np.iinfo(np.int32).max
+  theta = [cfg.rope_theta if cfg.layer_is_global(l) else (cfg.rope_local_theta or cfg.rope_theta)
+           for l in range(cfg.n_layers)]
+  window = [big if cfg.layer_is_global(l) else cfg.sliding_window for l in range(cfg.n_layers)]
+  return jnp.asarray(theta, jnp.float32), jnp.asarray(window, jnp.int32)
+
+
+def _block(cfg: ModelConfig, lp: Params, x, q_pos, k_ctx, v_ctx, k_pos, theta, window,
+           write_index):
+  """One transformer layer. If k_ctx is given (a cache layer), new K/V are written into it."""
+  dt = jnp.dtype(cfg.dtype)
+  B, T, _ = x.shape
+  h = rms_norm(x, lp["attn_norm"], cfg.norm_eps)
+  q = jnp.einsum("btd,dh->bth", h, lp["wq"].astype(dt))
+  k = jnp.einsum("btd,dh->bth", h, lp["wk"].astype(dt))
+  v = jnp.einsum("btd,dh->bth", h, lp["wv"].astype(dt))
+  if cfg.qkv_bias:
+    q, k, v = q + lp["bq"].astype(dt), k + lp["bk"].astype(dt), v + lp["bv"].astype(dt)
+  q = q.reshape(B, T, cfg.n_heads, cfg.head_dim)
+  k = k.reshape(B, T, cfg.n_kv_heads, cfg.head_dim)
+  v = v.reshape(B, T, cfg.n_kv_heads, cfg.head_dim)
+  if cfg.qk_norm:
+    q = rms_norm(q, lp["q_norm"], cfg.norm_eps)
+    k = rms_norm(k, lp["k_norm"], cfg.norm_eps)
+  q = rope(q, q_pos, theta)
+  k = rope(k, q_pos, theta)
+  if k_ctx is None:
+    k_all, v_all = k, v
+  else:
+    k_all = jax.lax.dynamic_update_slice(k_ctx, k.astype(k_ctx.dtype), (0, write_index, 0, 0))
+    v_all = jax.lax.dynamic_update_slice(v_ctx, v.astype(v_ctx.dtype), (0, write_index, 0, 0))
+  attn = _attention(cfg, q, k_all.astype(dt), v_all.astype(dt), q_pos, k_pos, window)
+  attn = jnp.einsum("bth,hd->btd", attn, lp["wo"].astype(dt))
+  if cfg.post_norms:
+    attn = rms_norm(attn, lp["post_attn_norm"], cfg.norm_eps)
+  x = x + attn
+  h = rms_norm(x, lp["mlp_norm"], cfg.norm_eps)
+  gate = jnp.einsum("btd,df->btf", h, lp["w_gate"].astype(dt))
+  up = jnp.einsum("btd,df->btf", h, lp["w_up"].astype(dt))
+  mlp = jnp.einsum("btf,fd->btd", _act(cfg, gate) * up, lp["w_down"].astype(dt))
+  if cfg.post_norms:
+    mlp = rms_norm(mlp, lp["post_mlp_norm"], cfg.norm_eps)
+  x = constrain(x + mlp, ("batch", "seq", "act_embed"))
+  return x, k_all, v_all
+
+
+def positions_from_mask(valid: jax.Array) -> jax.Array:
+  """Left- or right-padded [B, T] validity mask -> RoPE positions (0 at the first valid token)."""
+  return jnp.maximum(jnp.cumsum(valid.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+def forward(params: Params, cfg: ModelConfig, tokens: jax.Array, valid: jax.Array,
+            positions: jax.Array | None = None, cache: KVCache | None = None,
+            write_index: jax.Array | int = 0, remat: bool = False):
+  """Run the decoder.
+
+  Args:
+    tokens: [B, T] int token ids; valid: [B, T] bool (False = padding).
+    positions: [B, T] RoPE positions; default from `valid` (cumulative count).
+    cache: optional KVCache of length S; the T new keys/values are written at slots
+      [write_index, write_index + T) and attention runs over the whole cache.
+  Returns:
+    hidden [B, T, D] after the final norm (what the LM head reads), and the new cache (or None).
+  """
+  dt = jnp.dtype(cfg.dtype)
+  if positions is None:
+    positions = positions_from_mask(valid)
+  positions = positions.astype(jnp.int32)
+  x = jnp.take(params["embed"], tokens, axis=0).astype(dt)
+  if cfg.embed_scale:
+    x = x * jnp.asarray(cfg.d_model ** 0.5, dt)
+  x = constrain(x, ("batch", "seq", "act_embed"))
+  q_pos_masked = jnp.where(valid, positions, -1)
+  thetas, windows = _layer_constants(cfg)
+
+  if cache is None:
+    k_pos = q_pos_masked
+  else:
+    k_pos = jax.lax.dynamic_update_slice(cache.pos, q_pos_masked, (0, write_index))
+
+  def body(x, layer):
+    lp, theta, window, k_c, v_c = layer
+    x, k_new, v_new = _block(cfg, lp, x, positions, k_c, v_c, k_pos, theta, window, write_index)
+    return x, ((k_new, v_new) if cache is not None else None)
+
+  if remat:
+    body = jax.checkpoint(body, prevent_cse=False)
+  if cache is None:
+    xs = (params["layers"], thetas, windows, None, None)
+  else:
+    xs = (params["layers"], thetas, windows, cache.k, cache.v)
+  x, new_kv = jax.lax.scan(body, x, xs)
+  hidden = rms_norm(x, params["final_norm"], cfg.norm_eps)
+  new_cache = None if cache is None else KVCache(new_kv[0], new_kv[1], k_pos)
+  return hidden, new_cache
+
+
+def logits_from_hidden(params: Params, cfg: ModelConfig, hidden: jax.Array) -> jax.Array:
+  """[..., D] -> float32 logits [..., V]."""
+  dt = jnp.dtype(cfg.dtype)
+  w = params["embed"].T if cfg.tie_embeddings else params["lm_head"]
+  logits = jnp.einsum("...d,dv->...v", hidden.astype(dt), w.astype(dt),
+                      preferred_element_type=jnp.float32)
+  if cfg.final_logit_softcap is not None:
+    logits = jnp.tanh(logits / cfg.final_logit_softcap) * cfg.final_logit_softcap
+  return logits
+
+
+def forward_logits(params: Params, cfg: ModelConfig, tokens, valid, positions=None):
+  """Convenience: logits [B, T, V] float32 and final hidden [B, T, D]."""
+  hidden, _ = forward(params, cfg, tokens, valid, positions)
+  return logits_from_hidden(params, cfg, hidden), hidden
+
+
+def token_logprobs(params: Params, cfg: ModelConfig, tokens: jax.Array, valid: jax.Array,
+                   targets: jax.Array, temperature: float = 1.0, with_entropy: bool = False,
+                   remat: bool = False, chunk: int = 128):
+  """log p(targets[b, t] | tokens[b, :t+1]) in float32, [B, T] (and token entropy if asked).
+
+  The [B, T, V] logits are produced chunk by chunk over the sequence so peak memory is
+  [B, chunk, V], not [B, T, V] (a 49k-150k vocabulary dominates memory otherwise).
+  """
+  hidden, _ = forward(params, cfg, tokens, valid, remat=remat)
+  B, T, D = hidden.shape
+  c = min(chunk, T)
+  pad = (-T) % c
+  h = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+  tg = jnp.pad(targets, ((0, 0), (0, pad)))
+  n = (T + pad) // c
+  h = h.reshape(B, n, c, D).swapaxes(0, 1)
+  tg = tg.reshape(B, n, c).swapaxes(0, 1)
+
+  @jax.checkpoint
+  def one(args):
+    hc, tc = args
+    logits = logits_from_hidden(params, cfg, hc) / temperature
+    logp_all = jax.nn.log_softmax(logits, axis=-1)
+    lp = jnp.take_along_axis(logp_all, tc[..., None], axis=-1)[..., 0]
+    ent = -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1)
+    return lp, ent
+
+  lp, ent = jax.lax.map(one, (h, tg))
+  lp = lp.swapaxes(0, 1).reshape(B, -1)[:, :T]
+  ent = ent.swapaxes(0, 1).reshape(B, -1)[:, :T]
+  if with_entropy:
+    return lp, ent, hidden
+  return lp
+
+
+# --------------------------------------------------------------------------- NNX module
+class Transformer(nnx.Module):
+  """NNX container for the parameters; the math is in the pure functions above.
+
+  `graphdef, state = nnx.split(model)` gives a pytree for jit; `model.params()` gives the
+  plain dict the pure functions take. Each nnx.Param carries its logical axes as metadata.
+  """
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs | None = None, params: Params | None = None):
+    self.cfg = cfg
+    if params is None:
+      params = init_params(cfg, (rngs or nnx.Rngs(0)).params())
+    axes = param_logical_axes(cfg)
+    self.weights = nnx.data(jax.tree.map(
+        lambda p, ax: nnx.Param(p, logical_axes=ax), params, axes,
+        is_leaf=lambda x: isinstance(x, tuple) and all(isinstance(a, str) for a in x)))
+
+  def params(self) -> Params:
+    return jax.tree.map(lambda p: p[...], self.weights, is_leaf=lambda x: isinstance(x, nnx.Param))
+
+  def __call__(self, tokens, valid, positions=None):
+    return forward_logits(self.params(), self.cfg, tokens, valid, positions)
