@@ -1,0 +1,322 @@
+"""Judge backends behind one interface.
+
+``Backend`` is the contract every judge backend implements: an async ``complete(request) ->
+response`` plus capability flags.  Implemented here: ``OpenAIHTTPBackend`` for any
+OpenAI-compatible server (vLLM, SGLang, llama.cpp, OpenAI).  Planned backends plug in through
+the same contract and the ``BACKENDS`` registry:
+
+* in-process generation with our own sampler (``supports_json_schema`` False unless it grows a
+  grammar; ``complete`` runs ``sampling.generate`` in a worker thread);
+* a logit verdict backend, which additionally implements ``LogitBackend.choice_logprobs`` to read
+  the verdict off the next-token distribution instead of parsing generated JSON.
+
+Failures after all retries raise ``BackendError``; the judge turns that into a counted tie.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import pathlib
+import random
+import time
+from typing import Any, Callable, Protocol, Sequence, runtime_checkable
+
+import httpx
+
+log = logging.getLogger(__name__)
+
+
+class BackendError(RuntimeError):
+    """A judge call failed for good (after retries); ``kind`` says why (timeout / http / garbage)."""
+
+    def __init__(self, message: str, kind: str = "error"):
+        super().__init__(message)
+        self.kind = kind
+
+
+@dataclasses.dataclass(frozen=True)
+class CompletionRequest:
+    """One chat completion.  ``json_schema`` asks for schema-constrained output when supported."""
+    messages: tuple[dict[str, str], ...] | list[dict[str, str]]
+    max_tokens: int = 2048
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+    json_schema: dict[str, Any] | None = None
+    schema_name: str = "judgment"
+
+    def cache_key(self, model: str, use_schema: bool) -> str:
+        """Content hash of everything that determines the answer."""
+        payload = {"model": model, "messages": list(self.messages), "max_tokens": self.max_tokens,
+                   "temperature": self.temperature, "top_p": self.top_p, "seed": self.seed,
+                   "schema": self.json_schema if use_schema else None}
+        blob = json.dumps(payload, sort_keys=True, ensure_ascii=False).encode()
+        return hashlib.sha256(blob).hexdigest()
+
+
+@dataclasses.dataclass
+class CompletionResponse:
+    text: str
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    finish_reason: str | None = None
+    cached: bool = False
+    latency_s: float = 0.0
+    attempts: int = 1
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """The judge backend contract."""
+    name: str
+    supports_json_schema: bool  # honours CompletionRequest.json_schema (constrained decoding)
+    supports_logprobs: bool     # can return token log-probabilities (needed by a logit verdict)
+
+    async def complete(self, request: CompletionRequest) -> CompletionResponse:
+        """Returns the completion or raises BackendError; must be safe to call concurrently."""
+        ...
+
+    async def aclose(self) -> None:
+        ...
+
+
+@runtime_checkable
+class LogitBackend(Backend, Protocol):
+    """Extra contract for a logit-verdict backend (not implemented here)."""
+
+    async def choice_logprobs(self, request: CompletionRequest, choices: Sequence[str]) -> dict[str, float]:
+        """Log-probability of each single-token choice (e.g. "A", "B", "S") as the next token."""
+        ...
+
+
+@dataclasses.dataclass
+class BackendStats:
+    requests: int = 0        # HTTP requests sent (retries included)
+    completed: int = 0       # successful completions returned (cache hits included)
+    cache_hits: int = 0
+    retries: int = 0
+    timeouts: int = 0
+    http_errors: int = 0
+    garbage: int = 0         # bodies that are not an OpenAI completion
+    failures: int = 0        # calls that raised BackendError
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    schema_fallbacks: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return dataclasses.asdict(self)
+
+
+class DiskCache:
+    """Completion cache on disk, one JSON file per content hash (safe across processes:
+    writes go to a temporary file then ``os.replace``)."""
+
+    def __init__(self, directory: str | os.PathLike):
+        self.dir = pathlib.Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, key: str) -> pathlib.Path:
+        return self.dir / key[:2] / f"{key}.json"
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        path = self._path(key)
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+        except (OSError, json.JSONDecodeError) as e:
+            log.warning("ignoring unreadable cache entry %s: %s", path, e)
+            return None
+
+    def put(self, key: str, value: dict[str, Any]) -> None:
+        path = self._path(key)
+        path.parent.mkdir(exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.{random.getrandbits(32)}.tmp")
+        tmp.write_text(json.dumps(value, ensure_ascii=False), encoding="utf-8")
+        os.replace(tmp, path)
+
+
+def _retryable_status(code: int) -> bool:
+    return code == 408 or code == 429 or code >= 500
+
+
+class OpenAIHTTPBackend:
+    """Any OpenAI-compatible ``/v1/chat/completions`` server over async httpx.
+
+    Args:
+      base_url: e.g. "http://127.0.0.1:8080/v1" (a missing "/v1" is added).
+      model: model name sent in the request.
+      api_key_env: environment variable holding the API key (read once; never logged).
+      max_concurrency: in-flight requests at most (one semaphore per backend).
+      timeout_s: per-request timeout.
+      max_retries: retries after the first attempt for timeouts, transport errors, 408/429/5xx
+        and garbage bodies; exponential backoff with full jitter.
+      json_schema: "auto" sends ``response_format`` with the schema and drops it for good if the
+        server rejects it with 400/422; True always sends it; False never.
+      cache_dir: directory of the on-disk cache, or None for no cache.
+    """
+
+    name = "openai"
+    supports_logprobs = True
+
+    def __init__(self, base_url: str, model: str, api_key_env: str = "OPENAI_API_KEY",
+                 max_concurrency: int = 8, timeout_s: float = 120.0, max_retries: int = 10,
+                 backoff_base_s: float = 0.5, backoff_max_s: float = 30.0,
+                 json_schema: bool | str = "auto", cache_dir: str | os.PathLike | None = None,
+                 rng_seed: int = 0, sleep: Callable[[float], Any] | None = None):
+        base = base_url.rstrip("/")
+        self.base_url = base if base.endswith("/v1") else base + "/v1"
+        self.model = model
+        self._api_key = os.environ.get(api_key_env) or None
+        self.max_concurrency = int(max_concurrency)
+        self.timeout_s = float(timeout_s)
+        self.max_retries = int(max_retries)
+        self.backoff_base_s = backoff_base_s
+        self.backoff_max_s = backoff_max_s
+        if json_schema not in ("auto", True, False):
+            raise ValueError(f"json_schema must be 'auto', True or False, got {json_schema!r}")
+        self._schema_mode = json_schema
+        self.supports_json_schema = json_schema is not False
+        self.cache = DiskCache(cache_dir) if cache_dir else None
+        self.stats = BackendStats()
+        self._rng = random.Random(rng_seed)
+        self._sleep = sleep or asyncio.sleep
+        self._client: httpx.AsyncClient | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._sem: asyncio.Semaphore | None = None
+        self._inflight = 0
+        self.max_inflight_seen = 0
+
+    def __repr__(self) -> str:  # never show the key
+        return f"OpenAIHTTPBackend(base_url={self.base_url!r}, model={self.model!r}, key={'set' if self._api_key else 'unset'})"
+
+    def _ensure_client(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self._client is None or self._loop is not loop:
+            headers = {"Authorization": f"Bearer {self._api_key}"} if self._api_key else {}
+            limits = httpx.Limits(max_connections=self.max_concurrency,
+                                  max_keepalive_connections=self.max_concurrency)
+            self._client = httpx.AsyncClient(headers=headers, limits=limits, timeout=self.timeout_s)
+            self._sem = asyncio.Semaphore(self.max_concurrency)
+            self._loop = loop
+
+    async def aclose(self) -> None:
+        if self._client is not None:
+            try:
+                await self._client.aclose()
+            except RuntimeError:  # its loop is gone
+                pass
+            self._client = None
+
+    def _payload(self, request: CompletionRequest, use_schema: bool) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "model": self.model, "messages": list(request.messages), "max_tokens": request.max_tokens,
+            "temperature": request.temperature, "top_p": request.top_p, "seed": request.seed,
+        }
+        if use_schema and request.json_schema is not None:
+            body["response_format"] = {"type": "json_schema", "json_schema": {
+                "name": request.schema_name, "schema": request.json_schema, "strict": True}}
+        return body
+
+    def _backoff(self, attempt: int) -> float:
+        return self._rng.uniform(0, min(self.backoff_max_s, self.backoff_base_s * 2 ** attempt))
+
+    async def complete(self, request: CompletionRequest) -> CompletionResponse:
+        self._ensure_client()
+        use_schema = bool(self.supports_json_schema and request.json_schema is not None)
+        key = request.cache_key(self.model, use_schema)
+        if self.cache is not None and (hit := self.cache.get(key)) is not None:
+            self.stats.cache_hits += 1
+            self.stats.completed += 1
+            return CompletionResponse(text=hit["text"], prompt_tokens=hit.get("prompt_tokens", 0),
+                                      completion_tokens=hit.get("completion_tokens", 0),
+                                      finish_reason=hit.get("finish_reason"), cached=True)
+        assert self._sem is not None
+        async with self._sem:
+            self._inflight += 1
+            self.max_inflight_seen = max(self.max_inflight_seen, self._inflight)
+            try:
+                response = await self._complete_with_retries(request, use_schema)
+            finally:
+                self._inflight -= 1
+        if self.cache is not None:
+            self.cache.put(key, {"text": response.text, "prompt_tokens": response.prompt_tokens,
+                                 "completion_tokens": response.completion_tokens,
+                                 "finish_reason": response.finish_reason})
+        return response
+
+    async def _complete_with_retries(self, request: CompletionRequest, use_schema: bool) -> CompletionResponse:
+        url = f"{self.base_url}/chat/completions"
+        last = "no attempt"
+        kind = "error"
+        start = time.perf_counter()
+        attempt = 0
+        while attempt <= self.max_retries:
+            if attempt:
+                self.stats.retries += 1
+                await self._sleep(self._backoff(attempt - 1))
+            attempt += 1
+            self.stats.requests += 1
+            try:
+                r = await self._client.post(url, json=self._payload(request, use_schema))  # type: ignore[union-attr]
+            except httpx.TimeoutException:
+                self.stats.timeouts += 1
+                last, kind = f"timeout after {self.timeout_s:.1f}s", "timeout"
+                continue
+            except httpx.TransportError as e:
+                self.stats.http_errors += 1
+                last, kind = f"transport error: {type(e).__name__}", "http"
+                continue
+            if r.status_code != 200:
+                self.stats.http_errors += 1
+                last, kind = f"HTTP {r.status_code}: {r.text[:200]!r}", "http"
+                if use_schema and self._schema_mode == "auto" and r.status_code in (400, 422) \
+                        and ("response_format" in r.text or "json_schema" in r.text):
+                    # The server does not do structured output: stop asking for it.
+                    log.warning("server rejected response_format; continuing without JSON schema")
+                    self.supports_json_schema = False
+                    self.stats.schema_fallbacks += 1
+                    use_schema = False
+                    attempt -= 1  # not the server's fault; do not spend a retry
+                    continue
+                if _retryable_status(r.status_code):
+                    continue
+                self.stats.failures += 1
+                raise BackendError(f"{url}: {last} (not retryable)", kind="http")
+            try:
+                body = r.json()
+                choice = body["choices"][0]
+                text = choice["message"]["content"]
+                if not isinstance(text, str):
+                    raise TypeError("content is not a string")
+            except (ValueError, KeyError, IndexError, TypeError) as e:
+                self.stats.garbage += 1
+                last, kind = f"malformed completion body ({type(e).__name__}): {r.text[:120]!r}", "garbage"
+                continue
+            usage = body.get("usage") or {}
+            self.stats.completed += 1
+            self.stats.prompt_tokens += int(usage.get("prompt_tokens") or 0)
+            self.stats.completion_tokens += int(usage.get("completion_tokens") or 0)
+            return CompletionResponse(text=text, prompt_tokens=int(usage.get("prompt_tokens") or 0),
+                                      completion_tokens=int(usage.get("completion_tokens") or 0),
+                                      finish_reason=choice.get("finish_reason"),
+                                      latency_s=time.perf_counter() - start, attempts=attempt)
+        self.stats.failures += 1
+        raise BackendError(f"{url}: giving up after {attempt} attempts; last: {last}", kind=kind)
+
+
+# Registry: name -> factory(**kwargs) -> Backend.  Add the in-process sampler and logit-verdict
+# backends here when they exist.
+BACKENDS: dict[str, Callable[..., Backend]] = {
+    "openai": OpenAIHTTPBackend,
+}
+
+
+def make_backend(name: str, **kwargs) -> Backend:
+    if name not in BACKENDS:
+        raise ValueError(f"unknown judge backend {name!r} (available: {sorted(BACKENDS)})")
+    return BACKENDS[name](**kwargs)

@@ -1,0 +1,230 @@
+"""The Pairwise Adaptive Meta-Rubric (PAMR) protocol: prompts, answer schema and parsing.
+
+One judged direction asks the model for one JSON object (spec §1-§2):
+
+1. ``intent`` — an analysis of the query written *before* looking at the answers (the prompt
+   orders it first and, in the two-stage protocol, it is produced by a separate call that never
+   sees the answers, then reused for both orders);
+2. ``differences`` + ``criteria`` — a rubric instantiated from the meta-rubric for where the two
+   responses differ, 5-15 criteria typed core / important / highlight / critical;
+3. per criterion: evidence, reason, label (A / B / S) and score (-2..2).
+
+Parsing takes the last fenced JSON block (or the outermost braces), repairs it with
+``json_repair`` and validates it against ``JUDGMENT_SCHEMA``; ``JudgeParseError`` otherwise.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from typing import Any
+
+import json_repair
+import jsonschema
+
+from clipo_jax.rubrics.meta_rubric import MetaRubric
+
+CRITERION_TYPES = ["core", "important", "highlight", "critical"]
+
+INTENT_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "task": {"type": "string"},
+        "explicit_requirements": {"type": "array", "items": {"type": "string"}, "maxItems": 8},
+        "implicit_requirements": {"type": "array", "items": {"type": "string"}, "maxItems": 8},
+    },
+    "required": ["task", "explicit_requirements", "implicit_requirements"],
+}
+
+CRITERION_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "id": {"type": "string"},
+        "title": {"type": "string"},
+        "type": {"type": "string", "enum": CRITERION_TYPES},
+        "evidence": {"type": "string"},
+        "reason": {"type": "string"},
+        "label": {"type": "string", "enum": ["A", "B", "S"]},
+        "score": {"type": "integer", "enum": [-2, -1, 0, 1, 2]},
+    },
+    "required": ["id", "title", "type", "evidence", "reason", "label", "score"],
+}
+
+
+def judgment_schema(min_criteria: int = 1, max_criteria: int = 15, with_intent: bool = True) -> dict[str, Any]:
+    """JSON schema of one judged direction (sent as ``response_format`` when supported)."""
+    props: dict[str, Any] = {}
+    required = []
+    if with_intent:
+        props["intent"] = INTENT_SCHEMA
+        required.append("intent")
+    props["differences"] = {"type": "array", "items": {"type": "string"}, "maxItems": 8}
+    props["criteria"] = {"type": "array", "items": CRITERION_SCHEMA,
+                         "minItems": min_criteria, "maxItems": max_criteria}
+    required += ["differences", "criteria"]
+    return {"type": "object", "properties": props, "required": required}
+
+
+JUDGMENT_SCHEMA = judgment_schema()
+
+
+class JudgeParseError(ValueError):
+    """The judge's output is not a schema-valid judgment (counted as a tie by the caller)."""
+
+
+_FENCE_RE = re.compile(r"```(?:json|JSON)?\s*\n?(.*?)```", re.DOTALL)
+
+
+def extract_json_text(text: str) -> str:
+    """The last fenced code block if any (an unterminated last fence counts), else from the
+    first '{' on.  Models often think aloud before the final JSON, so the last block wins."""
+    blocks = _FENCE_RE.findall(text)
+    tail = text.rsplit("```", 1)
+    # An odd number of fences means the last one was never closed (truncated output).
+    if text.count("```") % 2 == 1:
+        return re.sub(r"^(?:json|JSON)?\s*\n?", "", tail[1])
+    if blocks:
+        return blocks[-1]
+    start = text.find("{")
+    return text[start:] if start >= 0 else text
+
+
+def parse_judgment(text: str, schema: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Parses one judge answer into a dict that satisfies ``schema`` (JUDGMENT_SCHEMA)."""
+    schema = schema or JUDGMENT_SCHEMA
+    if not text or not text.strip():
+        raise JudgeParseError("empty judge output")
+    candidate = extract_json_text(text)
+    try:
+        obj = json.loads(candidate)
+    except json.JSONDecodeError:
+        obj = json_repair.loads(candidate)  # returns "" when nothing is salvageable
+    if not isinstance(obj, dict):
+        raise JudgeParseError(f"judge output is not a JSON object (got {type(obj).__name__})")
+    # Light normalisation of harmless variants before strict validation.
+    for c in obj.get("criteria", []) if isinstance(obj.get("criteria"), list) else []:
+        if isinstance(c, dict):
+            if isinstance(c.get("label"), str):
+                c["label"] = c["label"].strip().upper()[:1]
+            if isinstance(c.get("type"), str):
+                c["type"] = c["type"].strip().lower()
+            if isinstance(c.get("score"), str) and re.fullmatch(r"[+-]?\d", c["score"].strip()):
+                c["score"] = int(c["score"])
+    try:
+        jsonschema.validate(obj, schema)
+    except jsonschema.ValidationError as e:
+        path = "/".join(str(p) for p in e.absolute_path) or "<root>"
+        raise JudgeParseError(f"judge output fails the schema at {path}: {e.message[:200]}") from None
+    return obj
+
+
+# ----------------------------------------------------------------------------------------------
+# Prompts.  Our own English wording.
+# ----------------------------------------------------------------------------------------------
+
+SYSTEM_PROMPT = """You are a meticulous, impartial evaluator. You compare two AI responses to the same \
+user query by following written evaluation principles (a meta-rubric). You never favour a response \
+because of its position, its length or its confidence; only the content counts."""
+
+PAIRWISE_TEMPLATE = """# Evaluation principles
+{principles}
+
+# Procedure
+1. Intent analysis{intent_note}: state what the user is asking for, the explicit requirements and \
+the implicit requirements. Do this from the query alone, as if you had not seen the responses.
+2. Differences: list the concrete ways in which Response A and Response B differ.
+3. Rubric: from the principles above, choose {min_criteria}-{max_criteria} criteria that matter for \
+this query and separate the two responses. Give each an id, a short title and a type:
+   - core: essential to a good answer (weight 5);
+   - important: clearly matters (weight 2);
+   - highlight: a welcome extra (weight 1);
+   - critical: a decisive flaw, ONLY for factual errors, harmful content, or failing to answer \
+what was asked (topic drift, missed instructions, padding, over-inference). A critical criterion \
+overrides all others, so use it only when one response has such a flaw.
+4. Compare the two responses on each criterion: quote or cite the evidence, give the reason, \
+then label = "A" if Response A is better, "B" if Response B is better, "S" if they are equally \
+good, and score = how much better (1 slightly, 2 clearly; 0 when equal).
+
+# Output
+Reply with a single JSON object with the keys {keys}. Nothing after the JSON.
+
+# User query
+<query>
+{query}
+</query>
+{reference}
+# Response A
+<response_a>
+{response_a}
+</response_a>
+
+# Response B
+<response_b>
+{response_b}
+</response_b>
+"""
+
+INTENT_TEMPLATE = """Analyse the following user query before any answer is seen. State the task, the \
+explicit requirements (things the user literally asks for) and the implicit requirements (what a \
+competent answer needs even if unstated). Reply with one JSON object with the keys "task", \
+"explicit_requirements", "implicit_requirements".
+
+<query>
+{query}
+</query>
+"""
+
+
+def truncate_middle(text: str, max_chars: int) -> str:
+    """Keeps the head and the tail (where final answers live) of an over-long response."""
+    if max_chars <= 0 or len(text) <= max_chars:
+        return text
+    head = max_chars * 2 // 3
+    tail = max_chars - head
+    return f"{text[:head]}\n[... {len(text) - max_chars} characters omitted ...]\n{text[-tail:]}"
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptConfig:
+    min_criteria: int = 5
+    max_criteria: int = 15
+    max_response_chars: int = 6000  # per response; head + tail kept
+    max_query_chars: int = 6000
+    include_reference: bool = False  # show the ground truth to the judge when known
+
+
+def build_pairwise_messages(query: str, response_a: str, response_b: str,
+                            general: MetaRubric, domain: MetaRubric | None,
+                            config: PromptConfig = PromptConfig(),
+                            intent: dict[str, Any] | None = None,
+                            reference: str | None = None) -> list[dict[str, str]]:
+    """Chat messages for one judged direction (A is shown first)."""
+    principles = general.render() + ("\n\n" + domain.render() if domain is not None else "")
+    if intent is not None:
+        intent_note = " (already done, given below; copy it into the 'intent' key)"
+        query_block = truncate_middle(query, config.max_query_chars) + \
+            "\n</query>\n\n# Intent analysis (made from the query alone)\n<intent>\n" + \
+            json.dumps(intent, ensure_ascii=False)
+        query_block = query_block + "\n</intent>"
+        # Close tags are already inside; strip the template's own closing tag by formatting below.
+        body = PAIRWISE_TEMPLATE.replace("<query>\n{query}\n</query>", "<query>\n{query}")
+    else:
+        intent_note = ""
+        query_block = truncate_middle(query, config.max_query_chars)
+        body = PAIRWISE_TEMPLATE
+    ref = ""
+    if reference and config.include_reference:
+        ref = f"\n# Reference answer (known to be correct)\n<reference>\n{reference}\n</reference>\n"
+    content = body.format(
+        principles=principles, intent_note=intent_note,
+        min_criteria=config.min_criteria, max_criteria=config.max_criteria,
+        keys='"intent", "differences", "criteria"', query=query_block, reference=ref,
+        response_a=truncate_middle(response_a, config.max_response_chars),
+        response_b=truncate_middle(response_b, config.max_response_chars))
+    return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": content}]
+
+
+def build_intent_messages(query: str, config: PromptConfig = PromptConfig()) -> list[dict[str, str]]:
+    """Chat messages for the answer-blind intent analysis (two-stage protocol)."""
+    return [{"role": "system", "content": SYSTEM_PROMPT},
+            {"role": "user", "content": INTENT_TEMPLATE.format(query=truncate_middle(query, config.max_query_chars))}]
