@@ -145,11 +145,11 @@ def rloo(rewards, valid):
 def reinforce_pp(rewards, valid, *, eps: float = STD_EPS):
     """REINFORCE++ baseline: subtract the group mean, then whiten over the whole batch.
 
-    Batch statistics are over valid responses (one weight per response), std with ddof=1.
+    Batch statistics are over valid responses (one weight per response), std with ddof=1;
+    a batch with fewer than two valid responses is left unnormalised (mean 0, std 1).
     """
     mean, _ = _group_mean_std(rewards, valid)
     centred = rewards - mean
-    n = valid.sum()
-    batch_mean = (centred * valid).sum() / jnp.maximum(n, 1.0)
-    batch_var = (((centred - batch_mean) * valid) ** 2).sum() / jnp.maximum(n - 1.0, 1.0)
-    return (centred - batch_mean) / (jnp.sqrt(batch_var) + eps)
+    # The whole batch as one group: same ddof=1 and lone-response convention.
+    batch_mean, batch_std = _group_mean_std(centred.reshape(1, -1), valid.reshape(1, -1))
+    return (centred - batch_mean) / (batch_std + eps)
