@@ -1,0 +1,709 @@
+"""Math answer reward: extract the final answer, decide equivalence, never hang.
+
+Pipeline for one (response, ground_truth) pair:
+
+1. ``extract_answer(response)``: text after the last ``</think>`` (an unclosed ``<think>`` means
+   no answer), then the last ``\\boxed{..}`` / ``\\fbox{..}`` / ``\\boxed 5`` (brace matching,
+   escaped ``\\{`` ignored), else a GSM8K ``#### N`` line.
+2. ``reduce_ground_truth(gt)``: a ground truth holding ``\\boxed`` (a full solution, e.g. MATH
+   train) or ``#### N`` (GSM8K) is reduced to the answer.
+3. A cheap pure-Python fast path decides most pairs without sympy: normalised strings equal,
+   both plain numbers (``025`` = ``25``, ``142.0`` = ``142``, ``1,000`` = ``1000``, ``50\\%`` =
+   ``50``, units / degrees dropped), word answers (``\\text{Evelyn}``), option letters.
+4. Otherwise ``math_verify.parse`` / ``verify`` (sympy) decides, after a pre-filter that rejects
+   input sympy would choke on (long strings, deep nesting, exponent towers, huge factorials),
+   under a time limit.
+
+Time limits. CPython delivers signals only between bytecodes and only on the main thread, so a
+``SIGALRM`` timer cannot stop a C-level big-integer power (``10^{10^{7}}`` takes seconds inside
+one C call) and cannot be used from trainer threads at all. We therefore use three layers:
+
+* the pre-filter (``hostile_reason``) catches the known C-level blow-ups before sympy sees them;
+* on the main thread, a sub-second ``setitimer`` deadline raises a ``BaseException`` subclass, so
+  math-verify's own ``except Exception`` handlers cannot swallow it (math-verify's built-in
+  timeouts are integer-second ``signal.alarm`` ones and are switched off);
+* off the main thread, and always in ``batch_math_reward``, the sympy step runs in persistent
+  worker processes (``VerifierPool``, spawn context so it is safe next to JAX threads); each
+  worker enforces the soft deadline itself and the parent kills and restarts a worker that
+  overruns ``timeout + hard_grace`` -- this bound holds even for C-level hangs.
+
+Every outcome is counted in the module-level ``STATS`` (``reward_stats()`` returns a dict).
+"""
+
+from __future__ import annotations
+
+import atexit
+import dataclasses
+import logging
+import multiprocessing
+import multiprocessing.connection
+import re
+import signal
+import threading
+import time
+from fractions import Fraction
+from typing import Sequence
+
+logger = logging.getLogger(__name__)
+
+# ----------------------------------------------------------------------------------------------
+# Limits
+# ----------------------------------------------------------------------------------------------
+DEFAULT_TIMEOUT_S = 1.0  # soft per-pair limit for the sympy step
+MAX_BOX_CHARS = 10_000  # a box longer than this is treated as unbalanced / not an answer
+MAX_BOX_CANDIDATES = 32  # how many (unbalanced) trailing boxes we try before giving up
+MAX_VERIFY_CHARS = 400  # answers longer than this never reach sympy
+MAX_NESTING = 24  # bracket depth above this never reaches sympy
+MAX_EXPONENT = 10_000  # numeric exponent literal above this never reaches sympy
+MAX_FACTORIAL = 2_000
+MAX_NUMBER_CHARS = 60  # plain numbers longer than this are compared as strings, not as numbers
+
+
+# ----------------------------------------------------------------------------------------------
+# Stats
+# ----------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class RewardStats:
+    """Counters for every verification outcome (thread-safe increments)."""
+
+    calls: int = 0
+    no_answer: int = 0  # no box / #### found, or unclosed <think>
+    fast_path: int = 0  # decided without sympy
+    verifier_calls: int = 0  # reached math-verify
+    prefiltered: int = 0  # rejected as hostile before sympy (reward 0)
+    timeouts: int = 0  # soft deadline hit (reward 0)
+    hard_kills: int = 0  # a worker process overran the hard deadline and was killed (reward 0)
+    parse_failures: int = 0  # math-verify could not parse one side (reward 0)
+
+    def __post_init__(self):
+        self._lock = threading.Lock()
+
+    def add(self, field: str, n: int = 1) -> None:
+        with self._lock:
+            setattr(self, field, getattr(self, field) + n)
+
+    def as_dict(self) -> dict[str, int]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def reset(self) -> None:
+        with self._lock:
+            for f in dataclasses.fields(self):
+                setattr(self, f.name, 0)
+
+
+STATS = RewardStats()
+
+
+def reward_stats() -> dict[str, int]:
+    """Snapshot of the module counters (calls, timeouts, parse_failures, prefiltered, ...)."""
+    return STATS.as_dict()
+
+
+def reset_reward_stats() -> None:
+    STATS.reset()
+
+
+# Status codes returned by the decision functions; each maps to one STATS field.
+_FAST, _VERIFIED, _PREFILTERED, _TIMEOUT, _HARD_KILL, _PARSE_FAIL, _NO_ANSWER = (
+    "fast_path", "verifier_calls", "prefiltered", "timeouts", "hard_kills", "parse_failures",
+    "no_answer")
+
+
+def _record(status: str) -> None:
+    STATS.add("calls")
+    STATS.add(status)
+    if status in (_TIMEOUT, _HARD_KILL, _PARSE_FAIL):
+        STATS.add("verifier_calls")
+
+
+# ----------------------------------------------------------------------------------------------
+# Extraction
+# ----------------------------------------------------------------------------------------------
+_BOX_CMDS = ("\\boxed", "\\fbox")
+
+
+def strip_thinking(text: str) -> str | None:
+    """Text after the last ``</think>``; None if a ``<think>`` block was never closed."""
+    end = text.rfind("</think>")
+    if end >= 0:
+        return text[end + len("</think>"):]
+    if "<think>" in text:
+        return None
+    return text
+
+
+def _match_braces(text: str, open_pos: int) -> int | None:
+    """Index of the ``}`` closing the ``{`` at ``open_pos`` (``\\{``/``\\}`` skipped), or None."""
+    depth = 0
+    i = open_pos
+    limit = min(len(text), open_pos + MAX_BOX_CHARS + 2)
+    while i < limit:
+        c = text[i]
+        if c == "\\":
+            i += 2
+            continue
+        if c == "{":
+            depth += 1
+        elif c == "}":
+            depth -= 1
+            if depth == 0:
+                return i
+        i += 1
+    return None
+
+
+def last_boxed(text: str) -> str | None:
+    """Content of the last balanced ``\\boxed{..}`` / ``\\fbox{..}`` / ``\\boxed 5`` in ``text``.
+
+    "Last" means the box whose command starts last, so nested boxes give the innermost one, and
+    a trailing unbalanced (truncated) box is skipped in favour of the previous balanced one.
+    Only the tail from each candidate is scanned, so megabyte strings cost little.
+    """
+    end = len(text)
+    for _ in range(MAX_BOX_CANDIDATES):
+        pos, cmd = max((text.rfind(c, 0, end), c) for c in _BOX_CMDS)
+        if pos < 0:
+            return None
+        end = pos
+        j = pos + len(cmd)
+        if j < len(text) and text[j].isalpha():  # \boxedfoo, \fboxsep: another command
+            continue
+        k = j
+        while k < len(text) and text[k] in " \t":
+            k += 1
+        if k < len(text) and text[k] == "{":
+            close = _match_braces(text, k)
+            if close is not None:
+                return text[k + 1:close]
+            continue
+        if k > j:  # "\boxed 5": the token up to whitespace or '$'
+            m = re.match(r"[^\s$]+", text[k:k + MAX_BOX_CHARS])
+            if m:
+                return m.group(0)
+    return None
+
+
+_HASH_RE = re.compile(r"####\s*([^\n]*)")
+
+
+def extract_answer(response: str) -> str | None:
+    """Final answer of a model response: last box after ``</think>``, else ``#### N``."""
+    text = strip_thinking(response)
+    if text is None:
+        return None
+    box = last_boxed(text)
+    if box is not None:
+        return box
+    hashes = _HASH_RE.findall(text[-MAX_BOX_CHARS:])
+    if hashes and hashes[-1].strip():
+        return hashes[-1].strip()
+    return None
+
+
+def reduce_ground_truth(ground_truth: str) -> str:
+    """A ground truth holding ``\\boxed`` or ``#### N`` reduced to the answer itself."""
+    gt = str(ground_truth).strip()
+    if any(c in gt for c in _BOX_CMDS):
+        box = last_boxed(gt)
+        if box is not None:
+            return box.strip()
+    if "####" in gt:
+        hashes = _HASH_RE.findall(gt)
+        if hashes and hashes[-1].strip():
+            return hashes[-1].strip()
+    return gt
+
+
+# ----------------------------------------------------------------------------------------------
+# Normalisation (what math-verify does not cover, and what lets us skip sympy)
+# ----------------------------------------------------------------------------------------------
+_TEXT_CMDS = ("\\text", "\\textbf", "\\textit", "\\mathrm", "\\mathbf", "\\mbox", "\\textnormal",
+              "\\operatorname")
+_UNIT_WORDS = (
+    "cm|mm|km|m|meters?|metres?|centimeters?|inches|inch|in|feet|foot|ft|yards?|miles?|mi|"
+    "kg|g|grams?|kilograms?|pounds?|lbs?|lb|oz|ounces?|liters?|litres?|l|ml|gallons?|"
+    "seconds?|secs?|s|minutes?|mins?|hours?|hrs?|h|days?|weeks?|months?|years?|"
+    "dollars?|cents?|euros?|degrees?|units?|sq|square|cubic|percent|mph|people|students|apples|"
+    "points?|pages?|cookies|books|marbles|eggs|boxes|times")
+_UNIT_TAIL_RE = re.compile(
+    r"^(?P<num>[-+]?[\d.,/]+)\s*(?:(?:" + _UNIT_WORDS + r")\b[\s\w.^{}]*)$", re.IGNORECASE)
+_FRAC_SHORT_RE = re.compile(r"\\frac\s*(\d)\s*(\d)")
+_FRAC_HALF_SHORT_RE = re.compile(r"\\frac\s*\{([^{}]*)\}\s*(\d)")
+_FRAC_HALF_SHORT2_RE = re.compile(r"\\frac\s*(\d)\s*\{")
+_THOUSANDS_RE = re.compile(r"^[-+]?\d{1,3}(,\d{3})+(\.\d+)?$")
+_NUMBER_RE = re.compile(r"^[-+]?(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?$")
+_LATEX_FRAC_NUM_RE = re.compile(r"^(-?)\\frac\{(-?\d+)\}\{(-?\d+)\}$")
+_SLASH_NUM_RE = re.compile(r"^(-?\d+)/(\d+)$")
+_SPACING_RE = re.compile(r"(?<!\\)\\[!,;: ]")
+_WORDS_RE = re.compile(r"^[A-Za-z][A-Za-z '\-]*[A-Za-z]$")
+_VAR_EQ_RE = re.compile(r"^[A-Za-z](?:_\{?\w+\}?)?\s*=\s*(?=[^=])")
+
+
+def _unwrap_text(s: str) -> str:
+    """``\\text{abc}`` -> ``abc`` (and friends), brace-aware, repeated."""
+    for cmd in _TEXT_CMDS:
+        start = 0
+        while True:
+            i = s.find(cmd + "{", start)
+            if i < 0:
+                break
+            if i + len(cmd) < len(s) and s[i + len(cmd)] != "{":
+                start = i + 1
+                continue
+            close = _match_braces(s, i + len(cmd))
+            if close is None:
+                break
+            s = s[:i] + s[i + len(cmd) + 1:close] + s[close + 1:]
+            start = i
+    return s
+
+
+def clean_answer(s: str) -> str:
+    """Semantics-preserving LaTeX cleanup; keeps spaces (``\\pi r`` must not become ``\\pir``)."""
+    s = s.strip()
+    # Outer math delimiters.
+    for a, b in (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]")):
+        if s.startswith(a) and s.endswith(b) and len(s) >= len(a) + len(b):
+            s = s[len(a):len(s) - len(b)].strip()
+    s = s.replace("\\left", "").replace("\\right", "")
+    # Spacing commands; the look-behind keeps a row break "\\\\ " intact.
+    s = _SPACING_RE.sub(lambda m: "" if m.group(0) == "\\!" else " ", s).replace("~", " ")
+    s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac").replace("\\cfrac", "\\frac")
+    s = s.replace("\\displaystyle", "")
+    s = _FRAC_SHORT_RE.sub(r"\\frac{\1}{\2}", s)
+    s = _FRAC_HALF_SHORT_RE.sub(r"\\frac{\1}{\2}", s)
+    s = _FRAC_HALF_SHORT2_RE.sub(r"\\frac{\1}{", s)
+    # Degrees and percent carry no value information for the answers we grade.
+    for deg in ("^{\\circ}", "^\\circ", "^{\\circ }", "\\circ", "°", "^\\degree", "\\degree"):
+        s = s.replace(deg, "")
+    s = s.replace("\\%", "").replace("%", "")
+    s = s.replace("\\$", "").replace("$", "")
+    s = _unwrap_text(s)
+    s = s.strip().rstrip(".").strip()
+    s = _VAR_EQ_RE.sub("", s, count=1)
+    m = _UNIT_TAIL_RE.match(s)
+    if m:
+        s = m.group("num")
+    if _THOUSANDS_RE.match(s.replace(" ", "")):
+        s = s.replace(",", "").replace(" ", "")
+    return s.strip()
+
+
+def answer_key(s: str) -> str:
+    """String key for exact comparison: cleaned, whitespace-free."""
+    return re.sub(r"\s+", "", clean_answer(s))
+
+
+def to_number(s: str) -> Fraction | None:
+    """A plain number (int with leading zeros, decimal, ``a/b``, ``\\frac{a}{b}``) or None."""
+    k = answer_key(s)
+    if not k or len(k) > MAX_NUMBER_CHARS:
+        return None
+    try:
+        if _NUMBER_RE.match(k):
+            if "e" in k.lower():
+                mant, exp = re.split("[eE]", k)
+                if abs(int(exp)) > 100:
+                    return None
+                return Fraction(mant) * Fraction(10) ** int(exp)
+            return Fraction(k)
+        m = _LATEX_FRAC_NUM_RE.match(k)
+        if m:
+            v = Fraction(int(m.group(2)), int(m.group(3)))
+            return -v if m.group(1) else v
+        m = _SLASH_NUM_RE.match(k)
+        if m:
+            return Fraction(int(m.group(1)), int(m.group(2)))
+    except (ValueError, ZeroDivisionError):
+        return None
+    return None
+
+
+def numbers_equal(a: Fraction, b: Fraction) -> bool:
+    """Exact, or equal to 1e-9 relative (decimal renderings of the same value)."""
+    return a == b or abs(a - b) <= Fraction(1, 10 ** 9) * max(1, abs(b))
+
+
+def _as_letter(s: str) -> str | None:
+    """An option letter ``B``, ``(B)``, ``B.`` -> ``B``; anything else -> None."""
+    m = re.fullmatch(r"\(?\s*([A-Z])\s*\)?\s*[.:]?", answer_key(s))
+    return m.group(1) if m else None
+
+
+def _is_words(s: str) -> bool:
+    return bool(_WORDS_RE.match(s)) and "\\" not in s
+
+
+# ----------------------------------------------------------------------------------------------
+# Hostile-input pre-filter
+# ----------------------------------------------------------------------------------------------
+_EXP_RE = re.compile(r"(\^|\*\*)\s*")
+_FACT_RE = re.compile(r"(\d+)\s*!")
+
+
+def _operand_after(s: str, i: int) -> str:
+    """The exponent operand starting at ``i``: a brace/paren group or one token."""
+    if i >= len(s):
+        return ""
+    if s[i] in "{(":
+        depth = 0
+        for j in range(i, len(s)):
+            if s[j] in "{(":
+                depth += 1
+            elif s[j] in "})":
+                depth -= 1
+                if depth == 0:
+                    return s[i + 1:j]
+        return s[i + 1:]
+    m = re.match(r"\d+(\.\d+)?|\\?[A-Za-z]+|.", s[i:])
+    return m.group(0) if m else ""
+
+
+def hostile_reason(s: str) -> str | None:
+    """Why ``s`` must not reach sympy (too long, too deep, exponent tower...), or None."""
+    if len(s) > MAX_VERIFY_CHARS:
+        return f"longer than {MAX_VERIFY_CHARS} chars"
+    depth = max_depth = 0
+    for c in s:
+        if c in "{([":
+            depth += 1
+            max_depth = max(max_depth, depth)
+        elif c in "})]":
+            depth -= 1
+    if max_depth > MAX_NESTING:
+        return f"nesting deeper than {MAX_NESTING}"
+    for m in _EXP_RE.finditer(s):
+        op = _operand_after(s, m.end()).replace(" ", "")
+        if re.fullmatch(r"[-+]?\d+(\.\d+)?", op):
+            if abs(float(op)) > MAX_EXPONENT:
+                return f"exponent {op[:20]} larger than {MAX_EXPONENT}"
+        elif ("^" in op or "**" in op) and not re.search(r"[a-zA-Z]", op.replace("\\left", "")
+                                                             .replace("\\right", "")):
+            return "numeric exponent tower"
+        # A power applied to a power: (a^b)^c multiplies exponents.
+        after = m.end() + len(op) + (2 if op and s[m.end():m.end() + 1] in "{(" else 0)
+        if s[after:after + 1] == "^" or s[after:after + 2] == "**":
+            return "chained exponents"
+    for m in _FACT_RE.finditer(s):
+        if len(m.group(1)) > 6 or int(m.group(1)) > MAX_FACTORIAL:
+            return f"factorial of {m.group(1)[:20]}"
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# Deadlines
+# ----------------------------------------------------------------------------------------------
+class _Deadline(BaseException):
+    """Raised by our SIGALRM handler; a BaseException so library ``except Exception`` misses it."""
+
+
+def _on_main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread() and hasattr(signal, "setitimer")
+
+
+def _run_with_deadline(fn, seconds: float):
+    """Run ``fn()`` on the main thread under a ``setitimer`` deadline; raises ``_Deadline``."""
+
+    def handler(signum, frame):
+        raise _Deadline()
+
+    old_handler = signal.signal(signal.SIGALRM, handler)
+    old_delay, _ = signal.setitimer(signal.ITIMER_REAL, seconds)
+    start = time.monotonic()
+    try:
+        return fn()
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old_handler)
+        if old_delay > 0:  # re-arm an outer timer someone else had running
+            signal.setitimer(signal.ITIMER_REAL, max(1e-3, old_delay - (time.monotonic() - start)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Decisions
+# ----------------------------------------------------------------------------------------------
+def fast_decision(pred: str, gold: str) -> float | None:
+    """1.0 / 0.0 when the pure-Python rules can decide, else None (needs sympy)."""
+    kp, kg = answer_key(pred), answer_key(gold)
+    if not kp:
+        return 0.0
+    if kp == kg:
+        return 1.0
+    lg = _as_letter(gold)
+    if lg is not None:
+        return float(_as_letter(pred) == lg)
+    np_, ng = to_number(pred), to_number(gold)
+    if np_ is not None and ng is not None:
+        return float(numbers_equal(np_, ng))
+    cg = clean_answer(gold)
+    if _is_words(cg):  # sympy would read "Evelyn" as a product of symbols (anagrams match)
+        return float(clean_answer(pred).lower() == cg.lower())
+    if ng is not None and not re.search(r"[\d\\]", kp):  # number vs. letters-only text
+        return 0.0
+    return None
+
+
+def _sympy_equal(pred: str, gold: str) -> tuple[float, str]:
+    """math-verify on cleaned strings; no timeout of its own (callers provide one)."""
+    from math_verify import parse, verify  # heavy import (sympy), so deferred
+
+    for s in (pred, gold):
+        if hostile_reason(s) is not None:
+            return 0.0, _PREFILTERED
+    g = parse("$" + clean_answer(gold) + "$", parsing_timeout=None)
+    p = parse("$" + clean_answer(pred) + "$", parsing_timeout=None)
+    if not g or not p:
+        return 0.0, _PARSE_FAIL
+    return float(verify(g, p, timeout_seconds=None)), _VERIFIED
+
+
+def _decide_in_process(pred: str, gold: str, timeout: float) -> tuple[float, str]:
+    """The sympy step on the current (main) thread under a signal deadline."""
+    try:
+        return _run_with_deadline(lambda: _sympy_equal(pred, gold), timeout)
+    except _Deadline:
+        return 0.0, _TIMEOUT
+
+
+def _decide_answers(pred: str | None, gold: str) -> tuple[float | None, str]:
+    """Fast path + pre-filter; returns (reward, status) or (None, '') if sympy is needed."""
+    if pred is None:
+        return 0.0, _NO_ANSWER
+    fast = fast_decision(pred, gold)
+    if fast is not None:
+        return fast, _FAST
+    if hostile_reason(pred) is not None or hostile_reason(gold) is not None:
+        return 0.0, _PREFILTERED
+    return None, ""
+
+
+# Imported eagerly so the (slow, ~1 s) sympy import never eats into a deadline. Also quiet
+# math-verify's one-time "timeout disabled" warning: we supply our own deadline.
+try:
+    import math_verify  # noqa: F401
+    import math_verify.grader as _mvg
+    import math_verify.parser as _mvp
+
+    _mvg.TIMEOUT_WARNING_SHOWN = True
+    _mvp.TIMEOUT_WARNING_SHOWN = True
+except Exception:  # pragma: no cover - math-verify missing: the import error surfaces on use
+    pass
+
+
+def math_reward(response: str, ground_truth: str, *, timeout: float = DEFAULT_TIMEOUT_S,
+                **row) -> float:
+    """1.0 if the response's final answer equals the ground truth, else 0.0.
+
+    ``response``: model output (``<think>..</think>`` allowed, answer in ``\\boxed{}``).
+    ``ground_truth``: an answer, a full solution with ``\\boxed``, or a GSM8K ``#### N`` string.
+    Never raises on bad input and never runs longer than about ``timeout`` seconds on the main
+    thread (off the main thread the sympy step goes to a worker process with a hard deadline).
+    """
+    gold = reduce_ground_truth(ground_truth)
+    pred = extract_answer(response)
+    reward, status = _decide_answers(pred, gold)
+    if reward is None:
+        if _on_main_thread():
+            reward, status = _decide_in_process(pred, gold, timeout)
+        else:
+            reward, status = _shared_pool(1, timeout).decide([(pred, gold)])[0]
+    _record(status)
+    return reward
+
+
+def gsm8k_reward(response: str, ground_truth: str, **row) -> float:
+    """GSM8K-style numeric reward: answer from a box, ``#### N`` or "the answer is N".
+
+    Compares numbers only (no sympy), so it is cheap and cannot hang.
+    """
+    gold = reduce_ground_truth(ground_truth)
+    text = strip_thinking(response)
+    pred = extract_answer(response) if text is not None else None
+    if pred is None and text is not None:
+        m = re.findall(r"answer is[:\s]*\$?\s*([-+]?[\d,]*\.?\d+)", text[-MAX_BOX_CHARS:],
+                       flags=re.IGNORECASE)
+        pred = m[-1] if m else None
+    if pred is None:
+        _record(_NO_ANSWER)
+        return 0.0
+    a, b = to_number(pred), to_number(gold)
+    _record(_FAST)
+    if a is None or b is None:
+        return float(answer_key(pred) == answer_key(gold) and bool(answer_key(gold)))
+    return float(numbers_equal(a, b))
+
+
+# ----------------------------------------------------------------------------------------------
+# Worker processes (hard deadlines, thread-safe, parallel)
+# ----------------------------------------------------------------------------------------------
+def _worker_main(conn, timeout: float) -> None:
+    """Worker loop: receive (idx, pred, gold), send (idx, reward, status). Runs on its main thread."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and kills us
+    while True:
+        try:
+            msg = conn.recv()
+        except (EOFError, OSError):
+            return
+        if msg is None:
+            return
+        idx, pred, gold = msg
+        try:
+            reward, status = _decide_in_process(pred, gold, timeout)
+        except Exception:  # noqa: BLE001 - any library failure is a parse failure, not a crash
+            reward, status = 0.0, _PARSE_FAIL
+        conn.send((idx, reward, status))
+
+
+class VerifierPool:
+    """Persistent spawn-context worker processes running the sympy step with hard deadlines.
+
+    Each worker enforces ``timeout`` itself (signal timer on its own main thread); if it does not
+    answer within ``timeout + hard_grace`` seconds (a C-level hang the signal could not break)
+    the parent kills it, scores the pair 0 and starts a replacement.
+    """
+
+    def __init__(self, num_workers: int = 2, timeout: float = DEFAULT_TIMEOUT_S,
+                 hard_grace: float = 2.0):
+        if num_workers < 1:
+            raise ValueError(f"VerifierPool: num_workers must be >= 1, got {num_workers}")
+        self.num_workers, self.timeout, self.hard_grace = num_workers, timeout, hard_grace
+        self._ctx = multiprocessing.get_context("spawn")
+        self._workers: list[tuple | None] = [None] * num_workers
+        self._lock = threading.Lock()  # one batch at a time per pool
+
+    def _start(self, i: int):
+        parent, child = self._ctx.Pipe()
+        proc = self._ctx.Process(target=_worker_main, args=(child, self.timeout), daemon=True,
+                                 name=f"clipo-verifier-{i}")
+        proc.start()
+        child.close()
+        self._workers[i] = (proc, parent)
+        return self._workers[i]
+
+    def _kill(self, i: int) -> None:
+        w = self._workers[i]
+        if w is not None:
+            proc, conn = w
+            proc.kill()
+            proc.join(timeout=5)
+            conn.close()
+        self._workers[i] = None
+
+    def decide(self, pairs: Sequence[tuple[str, str]]) -> list[tuple[float, str]]:
+        """[(reward, status)] for (pred, gold) pairs, in order."""
+        results: list[tuple[float, str] | None] = [None] * len(pairs)
+        with self._lock:
+            todo = list(range(len(pairs)))[::-1]
+            busy: dict[int, tuple[int, float]] = {}  # worker -> (pair index, deadline)
+            while todo or busy:
+                for i in range(self.num_workers):
+                    if i in busy or not todo:
+                        continue
+                    w = self._workers[i] or self._start(i)
+                    if not w[0].is_alive():
+                        self._kill(i)
+                        w = self._start(i)
+                    k = todo.pop()
+                    # The first task of a fresh worker also pays for its start-up (imports).
+                    startup = 30.0 if not getattr(w[0], "_clipo_warm", False) else 0.0
+                    w[1].send((k, pairs[k][0], pairs[k][1]))
+                    busy[i] = (k, time.monotonic() + self.timeout + self.hard_grace + startup)
+                conns = {self._workers[i][1]: i for i in busy}
+                wait_s = max(0.0, min(d for _, d in busy.values()) - time.monotonic())
+                ready = multiprocessing.connection.wait(list(conns), timeout=wait_s)
+                for c in ready:
+                    i = conns[c]
+                    try:
+                        k, reward, status = c.recv()
+                        self._workers[i][0]._clipo_warm = True
+                        results[k] = (reward, status)
+                    except (EOFError, OSError):  # worker died (e.g. out of memory)
+                        k = busy[i][0]
+                        results[k] = (0.0, _HARD_KILL)
+                        self._kill(i)
+                    del busy[i]
+                now = time.monotonic()
+                for i, (k, deadline) in list(busy.items()):
+                    if now >= deadline:
+                        logger.warning("math verifier worker %d overran %.1fs; killed",
+                                       i, deadline - now + self.timeout + self.hard_grace)
+                        results[k] = (0.0, _HARD_KILL)
+                        self._kill(i)
+                        del busy[i]
+        return results  # type: ignore[return-value]
+
+    def close(self) -> None:
+        for i, w in enumerate(self._workers):
+            if w is not None:
+                try:
+                    w[1].send(None)
+                except OSError:
+                    pass
+                w[0].join(timeout=1)
+                self._kill(i)
+
+
+_POOLS: dict[tuple[int, float], VerifierPool] = {}
+_POOLS_LOCK = threading.Lock()
+
+
+def _shared_pool(num_workers: int, timeout: float) -> VerifierPool:
+    with _POOLS_LOCK:
+        key = (num_workers, timeout)
+        if key not in _POOLS:
+            _POOLS[key] = VerifierPool(num_workers, timeout)
+        return _POOLS[key]
+
+
+@atexit.register
+def shutdown_pools() -> None:
+    """Stop the shared worker processes (also runs at exit)."""
+    with _POOLS_LOCK:
+        for pool in _POOLS.values():
+            pool.close()
+        _POOLS.clear()
+
+
+def batch_math_reward(responses: Sequence[str], ground_truths: Sequence[str], *,
+                      num_workers: int = 2, timeout: float = DEFAULT_TIMEOUT_S) -> list[float]:
+    """``[math_reward(r, g) for r, g in zip(...)]`` with hard deadlines, ``[batch]`` floats.
+
+    The fast path runs in this process; only pairs that need sympy go to ``num_workers``
+    persistent worker processes (shared between calls, started on first use). With
+    ``num_workers=0`` everything runs in this process (signal deadline; main thread only).
+    """
+    if len(responses) != len(ground_truths):
+        raise ValueError(f"batch_math_reward: {len(responses)} responses but "
+                         f"{len(ground_truths)} ground truths")
+    rewards: list[float | None] = []
+    statuses: list[str] = []
+    pending: list[tuple[int, str, str]] = []
+    for i, (r, g) in enumerate(zip(responses, ground_truths)):
+        gold = reduce_ground_truth(g)
+        pred = extract_answer(r)
+        reward, status = _decide_answers(pred, gold)
+        rewards.append(reward)
+        statuses.append(status)
+        if reward is None:
+            pending.append((i, pred, gold))
+    if pending:
+        if num_workers <= 0:
+            if not _on_main_thread():
+                raise RuntimeError("batch_math_reward(num_workers=0) needs the main thread "
+                                   "(signal deadline); use num_workers >= 1")
+            decided = [_decide_in_process(p, g, timeout) for _, p, g in pending]
+        else:
+            decided = _shared_pool(num_workers, timeout).decide([(p, g) for _, p, g in pending])
+        for (i, _, _), (reward, status) in zip(pending, decided):
+            rewards[i], statuses[i] = reward, status
+    for s in statuses:
+        _record(s)
+    return [float(r) for r in rewards]  # type: ignore[arg-type]
+
+
+__all__ = [
+    "DEFAULT_TIMEOUT_S", "RewardStats", "STATS", "VerifierPool", "answer_key",
+    "batch_math_reward", "clean_answer", "extract_answer", "fast_decision", "gsm8k_reward",
+    "hostile_reason", "last_boxed", "math_reward", "reduce_ground_truth", "reset_reward_stats",
+    "reward_stats", "shutdown_pools", "strip_thinking", "to_number",
+]
