@@ -22,10 +22,12 @@ one C call) and cannot be used from trainer threads at all. We therefore use thr
 * on the main thread, a sub-second ``setitimer`` deadline raises a ``BaseException`` subclass, so
   math-verify's own ``except Exception`` handlers cannot swallow it (math-verify's built-in
   timeouts are integer-second ``signal.alarm`` ones and are switched off);
-* off the main thread, and always in ``batch_math_reward``, the sympy step runs in persistent
-  worker processes (``VerifierPool``, spawn context so it is safe next to JAX threads); each
-  worker enforces the soft deadline itself and the parent kills and restarts a worker that
-  overruns ``timeout + hard_grace`` -- this bound holds even for C-level hangs.
+* by default (``isolate=True``), off the main thread, and always in ``batch_math_reward``, the
+  sympy step runs in persistent worker processes (``VerifierPool``: plain ``python -c``
+  subprocesses, so nothing re-imports the caller's ``__main__`` and nothing forks a process
+  holding JAX threads); each worker enforces the soft deadline itself and the parent kills and
+  restarts a worker that overruns ``timeout + hard_grace`` -- this bound holds even for hangs
+  inside C code.
 
 Every outcome is counted in the module-level ``STATS`` (``reward_stats()`` returns a dict).
 """
@@ -34,11 +36,14 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
+import json
 import logging
-import multiprocessing
-import multiprocessing.connection
+import os
+import select
+import subprocess
 import re
 import signal
+import sys
 import threading
 import time
 from fractions import Fraction
@@ -359,6 +364,10 @@ def _operand_after(s: str, i: int) -> str:
     return m.group(0) if m else ""
 
 
+def _numeric_value(op: str) -> float | None:
+    return float(op) if re.fullmatch(r"[-+]?\d{1,30}(\.\d+)?", op) else None
+
+
 def hostile_reason(s: str) -> str | None:
     """Why ``s`` must not reach sympy (too long, too deep, exponent tower...), or None."""
     if len(s) > MAX_VERIFY_CHARS:
@@ -380,10 +389,15 @@ def hostile_reason(s: str) -> str | None:
         elif ("^" in op or "**" in op) and not re.search(r"[a-zA-Z]", op.replace("\\left", "")
                                                              .replace("\\right", "")):
             return "numeric exponent tower"
-        # A power applied to a power: (a^b)^c multiplies exponents.
-        after = m.end() + len(op) + (2 if op and s[m.end():m.end() + 1] in "{(" else 0)
-        if s[after:after + 1] == "^" or s[after:after + 2] == "**":
-            return "chained exponents"
+        # A power applied to a power, (a^b)^c, multiplies the exponents.
+        after = m.end() + len(op) + (2 if s[m.end():m.end() + 1] in "{(" else 0)
+        rest = re.match(r"(?:[\s)}\]]|\\right)*(\^|\*\*)\s*", s[after:after + 64])
+        if rest:
+            op2 = _operand_after(s, after + rest.end()).replace(" ", "")
+            e1, e2 = _numeric_value(op), _numeric_value(op2)
+            if e1 is None or e2 is None or abs(e1 * e2) > MAX_EXPONENT:
+                if not (re.search(r"[a-zA-Z]", op) and re.search(r"[a-zA-Z]", op2)):
+                    return "chained exponents"
     for m in _FACT_RE.finditer(s):
         if len(m.group(1)) > 6 or int(m.group(1)) > MAX_FACTORIAL:
             return f"factorial of {m.group(1)[:20]}"
@@ -447,9 +461,6 @@ def _sympy_equal(pred: str, gold: str) -> tuple[float, str]:
     """math-verify on cleaned strings; no timeout of its own (callers provide one)."""
     from math_verify import parse, verify  # heavy import (sympy), so deferred
 
-    for s in (pred, gold):
-        if hostile_reason(s) is not None:
-            return 0.0, _PREFILTERED
     g = parse("$" + clean_answer(gold) + "$", parsing_timeout=None)
     p = parse("$" + clean_answer(pred) + "$", parsing_timeout=None)
     if not g or not p:
@@ -491,19 +502,23 @@ except Exception:  # pragma: no cover - math-verify missing: the import error su
 
 
 def math_reward(response: str, ground_truth: str, *, timeout: float = DEFAULT_TIMEOUT_S,
-                **row) -> float:
+                isolate: bool = True, **row) -> float:
     """1.0 if the response's final answer equals the ground truth, else 0.0.
 
     ``response``: model output (``<think>..</think>`` allowed, answer in ``\\boxed{}``).
     ``ground_truth``: an answer, a full solution with ``\\boxed``, or a GSM8K ``#### N`` string.
-    Never raises on bad input and never runs longer than about ``timeout`` seconds on the main
-    thread (off the main thread the sympy step goes to a worker process with a hard deadline).
+    Never raises on bad input. Pairs the pure-Python fast path cannot decide go to sympy: with
+    ``isolate=True`` (default) in a shared worker process with a hard deadline (``timeout`` +
+    2 s, even for C-level hangs; the first such call starts the worker, ~2 s); with
+    ``isolate=False`` in this process under a signal deadline (main thread only, cheaper by the
+    IPC round trip, but a C-level big-number operation that slips past the pre-filter can
+    overrun). Off the main thread the worker is always used.
     """
     gold = reduce_ground_truth(ground_truth)
     pred = extract_answer(response)
     reward, status = _decide_answers(pred, gold)
     if reward is None:
-        if _on_main_thread():
+        if not isolate and _on_main_thread():
             reward, status = _decide_in_process(pred, gold, timeout)
         else:
             reward, status = _shared_pool(1, timeout).decide([(pred, gold)])[0]
@@ -536,57 +551,117 @@ def gsm8k_reward(response: str, ground_truth: str, **row) -> float:
 # ----------------------------------------------------------------------------------------------
 # Worker processes (hard deadlines, thread-safe, parallel)
 # ----------------------------------------------------------------------------------------------
-def _worker_main(conn, timeout: float) -> None:
-    """Worker loop: receive (idx, pred, gold), send (idx, reward, status). Runs on its main thread."""
+def _worker_stdio(timeout: float) -> None:
+    """Worker loop on stdin/stdout: JSON ``[idx, pred, gold]`` in, ``[idx, reward, status]`` out.
+
+    Runs as ``python -c`` on its own main thread, so the signal deadline works here.
+    """
+    import json
+    import sys
+
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and kills us
-    while True:
-        try:
-            msg = conn.recv()
-        except (EOFError, OSError):
-            return
-        if msg is None:
-            return
-        idx, pred, gold = msg
+    logging.getLogger("math_verify").setLevel(logging.ERROR)
+    out = sys.stdout
+    out.write("ready\n")  # imports (sympy) are done: deadlines start counting from here
+    out.flush()
+    for line in sys.stdin:
+        idx, pred, gold = json.loads(line)
         try:
             reward, status = _decide_in_process(pred, gold, timeout)
-        except Exception:  # noqa: BLE001 - any library failure is a parse failure, not a crash
+        except Exception:  # noqa: BLE001 - a library failure scores 0, it must not kill the loop
             reward, status = 0.0, _PARSE_FAIL
-        conn.send((idx, reward, status))
+        out.write(json.dumps([idx, reward, status]) + "\n")
+        out.flush()
+
+
+class _Worker:
+    """One ``python -c`` child process with a line-buffered reply pipe."""
+
+    def __init__(self, timeout: float, startup_timeout: float):
+        pkg_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (pkg_root, env.get("PYTHONPATH")) if p)
+        code = f"from clipo_jax.rewards.math import _worker_stdio; _worker_stdio({timeout!r})"
+        # A plain subprocess, not multiprocessing: no re-import of the caller's __main__ and no
+        # fork of a process that may hold JAX threads.
+        self.proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, env=env, bufsize=0)
+        self._buf = b""
+        line = self.read_line(startup_timeout)
+        if line != "ready":
+            self.kill()
+            raise RuntimeError(f"math verifier worker did not start within {startup_timeout:.0f}s"
+                               f" (got {line!r})")
+
+    def fileno(self) -> int:
+        return self.proc.stdout.fileno()
+
+    def send(self, obj) -> None:
+        self.proc.stdin.write((json.dumps(obj) + "\n").encode())
+
+    def has_line(self) -> bool:
+        return b"\n" in self._buf
+
+    def read_available(self) -> bool:
+        """Read what the pipe holds; False on EOF (the worker died)."""
+        chunk = os.read(self.fileno(), 65536)
+        self._buf += chunk
+        return bool(chunk)
+
+    def pop_line(self) -> str:
+        line, self._buf = self._buf.split(b"\n", 1)
+        return line.decode()
+
+    def read_line(self, timeout: float) -> str | None:
+        deadline = time.monotonic() + timeout
+        while not self.has_line():
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([self], [], [], left)[0]:
+                return None
+            if not self.read_available():
+                return None
+        return self.pop_line()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(timeout=10)
+        for f in (self.proc.stdin, self.proc.stdout):
+            try:
+                f.close()
+            except OSError:
+                pass
 
 
 class VerifierPool:
-    """Persistent spawn-context worker processes running the sympy step with hard deadlines.
+    """Persistent worker processes that run the sympy step with hard deadlines.
 
     Each worker enforces ``timeout`` itself (signal timer on its own main thread); if it does not
     answer within ``timeout + hard_grace`` seconds (a C-level hang the signal could not break)
-    the parent kills it, scores the pair 0 and starts a replacement.
+    the parent kills it, scores the pair 0 (status ``hard_kills``) and starts a replacement.
+    Workers start lazily (about 1-2 s each: the sympy import) and are reused across calls.
     """
 
     def __init__(self, num_workers: int = 2, timeout: float = DEFAULT_TIMEOUT_S,
-                 hard_grace: float = 2.0):
+                 hard_grace: float = 2.0, startup_timeout: float = 120.0):
         if num_workers < 1:
             raise ValueError(f"VerifierPool: num_workers must be >= 1, got {num_workers}")
         self.num_workers, self.timeout, self.hard_grace = num_workers, timeout, hard_grace
-        self._ctx = multiprocessing.get_context("spawn")
-        self._workers: list[tuple | None] = [None] * num_workers
+        self.startup_timeout = startup_timeout
+        self._workers: list[_Worker | None] = [None] * num_workers
         self._lock = threading.Lock()  # one batch at a time per pool
 
-    def _start(self, i: int):
-        parent, child = self._ctx.Pipe()
-        proc = self._ctx.Process(target=_worker_main, args=(child, self.timeout), daemon=True,
-                                 name=f"clipo-verifier-{i}")
-        proc.start()
-        child.close()
-        self._workers[i] = (proc, parent)
-        return self._workers[i]
+    def _get(self, i: int) -> _Worker:
+        w = self._workers[i]
+        if w is None or w.proc.poll() is not None:
+            if w is not None:
+                w.kill()
+            w = self._workers[i] = _Worker(self.timeout, self.startup_timeout)
+        return w
 
     def _kill(self, i: int) -> None:
-        w = self._workers[i]
-        if w is not None:
-            proc, conn = w
-            proc.kill()
-            proc.join(timeout=5)
-            conn.close()
+        if self._workers[i] is not None:
+            self._workers[i].kill()
         self._workers[i] = None
 
     def decide(self, pairs: Sequence[tuple[str, str]]) -> list[tuple[float, str]]:
@@ -599,48 +674,42 @@ class VerifierPool:
                 for i in range(self.num_workers):
                     if i in busy or not todo:
                         continue
-                    w = self._workers[i] or self._start(i)
-                    if not w[0].is_alive():
-                        self._kill(i)
-                        w = self._start(i)
+                    w = self._get(i)
                     k = todo.pop()
-                    # The first task of a fresh worker also pays for its start-up (imports).
-                    startup = 30.0 if not getattr(w[0], "_clipo_warm", False) else 0.0
-                    w[1].send((k, pairs[k][0], pairs[k][1]))
-                    busy[i] = (k, time.monotonic() + self.timeout + self.hard_grace + startup)
-                conns = {self._workers[i][1]: i for i in busy}
-                wait_s = max(0.0, min(d for _, d in busy.values()) - time.monotonic())
-                ready = multiprocessing.connection.wait(list(conns), timeout=wait_s)
-                for c in ready:
-                    i = conns[c]
                     try:
-                        k, reward, status = c.recv()
-                        self._workers[i][0]._clipo_warm = True
-                        results[k] = (reward, status)
-                    except (EOFError, OSError):  # worker died (e.g. out of memory)
-                        k = busy[i][0]
-                        results[k] = (0.0, _HARD_KILL)
+                        w.send([k, pairs[k][0], pairs[k][1]])
+                    except OSError:  # died between tasks: restart and retry this pair
                         self._kill(i)
-                    del busy[i]
+                        todo.append(k)
+                        continue
+                    busy[i] = (k, time.monotonic() + self.timeout + self.hard_grace)
+                if not busy:
+                    continue
+                wait_s = max(0.0, min(d for _, d in busy.values()) - time.monotonic())
+                ready = select.select([self._workers[i] for i in busy], [], [], wait_s)[0]
+                for w in ready:
+                    i = self._workers.index(w)
+                    alive = w.read_available()
+                    if w.has_line():
+                        k, reward, status = json.loads(w.pop_line())
+                        results[k] = (float(reward), status)
+                        del busy[i]
+                    elif not alive:  # worker died (e.g. out of memory)
+                        results[busy.pop(i)[0]] = (0.0, _HARD_KILL)
+                        self._kill(i)
                 now = time.monotonic()
                 for i, (k, deadline) in list(busy.items()):
                     if now >= deadline:
-                        logger.warning("math verifier worker %d overran %.1fs; killed",
-                                       i, deadline - now + self.timeout + self.hard_grace)
+                        logger.warning("math verifier worker %d overran %.1fs; killed", i,
+                                       self.timeout + self.hard_grace)
                         results[k] = (0.0, _HARD_KILL)
                         self._kill(i)
                         del busy[i]
         return results  # type: ignore[return-value]
 
     def close(self) -> None:
-        for i, w in enumerate(self._workers):
-            if w is not None:
-                try:
-                    w[1].send(None)
-                except OSError:
-                    pass
-                w[0].join(timeout=1)
-                self._kill(i)
+        for i in range(self.num_workers):
+            self._kill(i)
 
 
 _POOLS: dict[tuple[int, float], VerifierPool] = {}
