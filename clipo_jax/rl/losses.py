@@ -311,8 +311,9 @@ def kl_penalty(name, logp, ref_logp, clamp=None, *, max_log_ratio=LOG_RATIO_CLAM
     """Per-token KL(pi || pi_ref) estimate ``[batch, seq]`` on the sampled tokens.
 
     With log r = ref_logp - logp: k1 = -log r, k2 = (log r)^2 / 2, k3 = (r - 1) - log r.
-    ``log r`` is first clamped to [-max_log_ratio, max_log_ratio] so k3's exp cannot
-    overflow (None disables); ``clamp`` then bounds the estimate to [-clamp, clamp].
+    ``log r`` is first capped above at ``max_log_ratio`` so k3's exp cannot overflow
+    float32 (None disables; the negative side needs no guard: expm1 -> -1);
+    ``clamp`` then bounds the estimate to [-clamp, clamp].
     Use as a loss (aggregate it like the policy loss, times beta) or subtract it from the
     reward (``kl_reward_penalty``). Values off the response mask are meaningless: mask them.
     """
@@ -321,7 +322,7 @@ def kl_penalty(name, logp, ref_logp, clamp=None, *, max_log_ratio=LOG_RATIO_CLAM
     ref_logp = _check_tokens("ref_logp", ref_logp, logp.shape).astype(jnp.float32)
     log_r = ref_logp - logp
     if max_log_ratio is not None:
-        log_r = jnp.clip(log_r, -max_log_ratio, max_log_ratio)
+        log_r = jnp.minimum(log_r, max_log_ratio)
     kl = fn(log_r)
     if clamp is not None:
         if clamp <= 0:
