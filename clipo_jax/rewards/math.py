@@ -480,6 +480,11 @@ def _decide_answers(pred: str | None, gold: str) -> tuple[float | None, str]:
     """Fast path + pre-filter; returns (reward, status) or (None, '') if sympy is needed."""
     if pred is None:
         return 0.0, _NO_ANSWER
+    if len(pred) > MAX_VERIFY_CHARS or len(gold) > MAX_VERIFY_CHARS:
+        # Too long for our regex normalisation or sympy: only verbatim equality counts.
+        if pred.strip() == gold.strip() and pred.strip():
+            return 1.0, _FAST
+        return 0.0, _PREFILTERED
     fast = fast_decision(pred, gold)
     if fast is not None:
         return fast, _FAST
