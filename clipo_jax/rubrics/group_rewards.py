@@ -1,0 +1,155 @@
+"""OpenRS as an RL reward: pairwise judgments over a group of rollouts -> one reward each (§6).
+
+Methods (registry ``GROUP_METHODS``):
+
+* ``anchor`` (O(G) pairs): every response is judged against one anchor (index ``anchor_index``,
+  e.g. the greedy decode); reward +1 / 0 / -1 for win / same / loss, the anchor gets 0.
+* ``round_robin`` (O(G^2) pairs): all pairs; reward = win rate, "same" counts as half a win.
+* ``bradley_terry``: all pairs (or ``max_pairs`` sampled ones); reward = centred log-strength
+  fitted by jit-compiled minorise-maximise iterations (``fit_bradley_terry``).
+
+PVR terms (ground-truth score, guardrail penalties) are added with configurable weights.  The
+"Same" ratio (share of judged pairs that came out "same") is returned for logging: a rising
+ratio means the judge can no longer tell rollouts apart.  Identical responses are "same" without
+a call; all calls of a group go out concurrently through the backend (bounded, cached).
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import functools
+import itertools
+import random
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from clipo_jax.rubrics import pvr
+from clipo_jax.rubrics.judge import PairInput, PairwiseJudge
+
+
+@functools.partial(jax.jit, static_argnames=("num_iters",))
+def fit_bradley_terry(wins: jax.Array, num_iters: int = 50, prior: float = 0.1) -> jax.Array:
+    """Bradley-Terry log-strengths by MM iterations (Hunter 2004), batched.
+
+    Args:
+      wins: float [..., G, G]; wins[i, j] = number of times i beat j (a "same" adds 0.5 to both).
+      num_iters: fixed iteration count (static, so one compilation).
+      prior: pseudo-comparisons added to every pair as half-wins each way, which keeps
+        undefeated / winless responses finite (a weak symmetric prior).
+    Returns:
+      float32 [..., G] log-strengths, centred to mean 0 over the group.
+    """
+    g = wins.shape[-1]
+    off_diag = 1.0 - jnp.eye(g, dtype=jnp.float32)
+    w = (wins.astype(jnp.float32) + 0.5 * prior) * off_diag
+    n = w + jnp.swapaxes(w, -1, -2)               # comparisons per pair
+    total_wins = jnp.sum(w, axis=-1)              # [..., G]
+
+    def step(_, log_p):
+        p = jnp.exp(log_p)
+        denom = jnp.sum(n / (p[..., :, None] + p[..., None, :]), axis=-1)
+        new = jnp.log(total_wins) - jnp.log(denom)
+        return new - jnp.mean(new, axis=-1, keepdims=True)
+
+    init = jnp.zeros(wins.shape[:-1], jnp.float32)
+    return jax.lax.fori_loop(0, num_iters, step, init)
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupRewardConfig:
+    method: str = "anchor"
+    anchor_index: int | None = 0         # None: a random anchor drawn from ``seed``
+    max_pairs: int | None = None         # bradley_terry: sample this many pairs (None = all)
+    bt_iters: int = 50
+    seed: int = 0
+    ground_truth_weight: float = 0.0     # reward += w * (+1 / 0 / -1 ground-truth score)
+    guardrail_weight: float = 0.0        # reward -= w * (number of guardrail flags raised)
+    expected_language: str | None = None
+
+
+@dataclasses.dataclass
+class GroupRewardResult:
+    rewards: np.ndarray                  # float32 [G]
+    pairwise: np.ndarray                 # float32 [G] the pairwise part alone
+    same_ratio: float
+    n_pairs_judged: int
+    n_pairs_deduplicated: int
+    pairs: list[tuple[int, int, str]]    # (i, j, verdict of i vs j)
+
+
+def _pairs_for(method: str, g: int, cfg: GroupRewardConfig) -> list[tuple[int, int]]:
+    rng = random.Random(cfg.seed)
+    if method == "anchor":
+        a = cfg.anchor_index if cfg.anchor_index is not None else rng.randrange(g)
+        if not 0 <= a < g:
+            raise ValueError(f"GroupRewardConfig.anchor_index={a} out of range for a group of {g}")
+        return [(i, a) for i in range(g) if i != a]
+    allp = list(itertools.combinations(range(g), 2))
+    if method == "bradley_terry" and cfg.max_pairs is not None and cfg.max_pairs < len(allp):
+        return rng.sample(allp, cfg.max_pairs)
+    return allp
+
+
+def pairwise_rewards(method: str, g: int, pairs: Sequence[tuple[int, int, str]], cfg: GroupRewardConfig
+                     ) -> np.ndarray:
+    """Turns (i, j, verdict of i vs j) triples into per-response rewards [G]."""
+    wins = np.zeros((g, g), np.float32)
+    for i, j, v in pairs:
+        if v == "first":
+            wins[i, j] += 1
+        elif v == "second":
+            wins[j, i] += 1
+        else:
+            wins[i, j] += 0.5
+            wins[j, i] += 0.5
+    if method == "anchor":
+        out = np.zeros(g, np.float32)
+        for i, _, v in pairs:
+            out[i] = {"first": 1.0, "second": -1.0}.get(v, 0.0)
+        return out
+    if method == "round_robin":
+        played = wins + wins.T
+        n = played.sum(axis=1)
+        return np.where(n > 0, wins.sum(axis=1) / np.maximum(n, 1e-9), 0.5).astype(np.float32)
+    if method == "bradley_terry":
+        return np.asarray(fit_bradley_terry(jnp.asarray(wins), num_iters=cfg.bt_iters))
+    raise ValueError(f"unknown group reward method {method!r} (known: {sorted(GROUP_METHODS)})")
+
+
+GROUP_METHODS: dict[str, Callable[..., Any]] = {m: pairwise_rewards for m in ("anchor", "round_robin", "bradley_terry")}
+
+
+async def group_rewards(judge: PairwiseJudge, query: str, responses: Sequence[str],
+                        config: GroupRewardConfig = GroupRewardConfig(), query_type: str | None = None,
+                        ground_truth: str | None = None) -> GroupRewardResult:
+    """Rewards for one group of G rollouts of ``query``."""
+    if config.method not in GROUP_METHODS:
+        raise ValueError(f"unknown group reward method {config.method!r} (known: {sorted(GROUP_METHODS)})")
+    g = len(responses)
+    index = _pairs_for(config.method, g, config)
+    todo, results, dedup = [], {}, 0
+    for i, j in index:
+        if responses[i] == responses[j]:
+            results[(i, j)] = "same"  # no call needed
+            dedup += 1
+        else:
+            todo.append((i, j))
+    judged = await asyncio.gather(*(judge.judge_pair(PairInput(query, responses[i], responses[j], query_type=query_type,
+                                                               ground_truth=ground_truth)) for i, j in todo))
+    for (i, j), r in zip(todo, judged):
+        results[(i, j)] = r.verdict
+    triples = [(i, j, results[(i, j)]) for i, j in index]
+    pair_part = pairwise_rewards(config.method, g, triples, config)
+    rewards = pair_part.astype(np.float32).copy()
+    if config.ground_truth_weight and ground_truth is not None:
+        gt = [pvr.ground_truth_score(r, ground_truth) for r in responses]
+        rewards += config.ground_truth_weight * np.array([s if s is not None else -1 for s in gt], np.float32)
+    if config.guardrail_weight:
+        flags = [sum(pvr.guardrail_flags(r, config.expected_language).values()) for r in responses]
+        rewards -= config.guardrail_weight * np.array(flags, np.float32)
+    same = sum(v == "same" for _, _, v in triples)
+    return GroupRewardResult(rewards=rewards, pairwise=pair_part, same_ratio=same / max(len(triples), 1),
+                             n_pairs_judged=len(todo), n_pairs_deduplicated=dedup, pairs=triples)
