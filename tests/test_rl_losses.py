@@ -485,11 +485,12 @@ def test_gradient_accumulation_is_exact(name, loss_name):
         return aggregate(name, per_tok, jnp.asarray(mask[sl], jnp.float32), max_len=T)[0]
 
     lp32 = jnp.asarray(logp, jnp.float32)
-    full_loss = lambda lp: numerator(lp, slice(None)) / d_total
-    micro_grads = [jax.grad(lambda lp, sl=sl: numerator(lp, sl) / d_total)(lp32[sl]) for sl in splits]
-    np.testing.assert_allclose(np.concatenate(micro_grads), jax.grad(full_loss)(lp32), rtol=1e-5, atol=1e-8)
-    micro_total = sum(float(numerator(lp32[sl], sl)) for sl in splits) / float(d_total)
-    np.testing.assert_allclose(micro_total, float(full_loss(lp32)), rtol=1e-5)
+    # One jitted program per chunk (eager dispatch of every op under grad is slow on CPU).
+    num_and_grad = lambda sl: jax.jit(jax.value_and_grad(lambda lp: numerator(lp, sl) / d_total))
+    full_val, full_grad = num_and_grad(slice(None))(lp32)
+    parts = [num_and_grad(sl)(lp32[sl]) for sl in splits]
+    np.testing.assert_allclose(np.concatenate([g for _, g in parts]), full_grad, rtol=1e-5, atol=1e-8)
+    np.testing.assert_allclose(sum(float(v) for v, _ in parts), float(full_val), rtol=1e-5)
     per_tok, _ = policy_loss(loss_name, *f32(logp, old, adv, mask))
     chunks = [per_tok[sl] for sl in splits]
     np.testing.assert_allclose(
