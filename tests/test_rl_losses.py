@@ -10,6 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from clipo_jax.rl import (
     AGGREGATIONS,
@@ -590,3 +592,23 @@ def test_unknown_names_raise_one_line(call, registry):
         call()
     msg = str(err.value)
     assert "\n" not in msg and all(name in msg for name in registry)
+
+
+# ------------------------------------------------------------------ property: masks
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    name=st.sampled_from(AGG_NAMES),
+    lengths=st.lists(st.integers(0, 5), min_size=6, max_size=6),
+    cuts=st.sets(st.integers(1, 5), max_size=4),
+    seed=st.integers(0, 2**16),
+)
+def test_property_any_row_split_is_exact(name, lengths, cuts, seed):
+    # Random ragged masks (empty rows allowed), random row splits: sum num / sum den is exact.
+    x = np.random.default_rng(seed).normal(size=(6, 5))
+    mask = (np.arange(5)[None, :] < np.array(lengths)[:, None]).astype(np.float64)
+    bounds = [0, *sorted(cuts), 6]
+    chunks = [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+    got = microbatch_loss(name, [jnp.asarray(x[c], jnp.float32) for c in chunks], [mask[c] for c in chunks], max_len=5)
+    np.testing.assert_allclose(got, ref_aggregate(name, x, mask, 5), rtol=1e-5, atol=1e-6)
