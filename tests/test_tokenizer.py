@@ -262,6 +262,8 @@ def test_train_sentencepiece_settings_and_determinism(sp_model, tmp_path):
     assert tok.vocab_size == 600
     assert (tok.id_to_token(0), tok.bos_id, tok.eos_id, tok.pad_id) == ("<unk>", 1, 2, 3)
     assert tok.stop_ids == [2]
+    assert tok.add_bos_token and tok.chat_template == "plain"
+    assert tok.encode_chat([{"role": "user", "content": "add 1 and 2"}]) == [1] + tok.encode("add 1 and 2")
     answer = tok.token_to_id("<answer>")
     assert answer is not None and tok.encode("x <answer> y").count(answer) == 1
     again = str(tmp_path / "again.model")
@@ -355,6 +357,10 @@ def test_fast_gguf_reader_matches_gguf_package(sp_model, tmp_path):
     fast = tokmod.read_gguf_metadata(path, prefixes)
     assert fast == tokmod._read_gguf_metadata_slow(path, prefixes)  # gguf.GGUFReader
     assert len(fast["tokenizer.ggml.tokens"]) == 600 and fast["tokenizer.ggml.add_bos_token"] is True
+    truncated = tmp_path / "truncated.gguf"
+    with open(path, "rb") as f:
+        truncated.write_bytes(f.read()[:3000])
+    assert str(truncated) in _one_line_error(load_tokenizer, truncated, match="truncated or corrupt")
 
 
 @pytest.mark.slow
@@ -461,7 +467,16 @@ def test_missing_and_corrupt_files(tmp_path):
         path = tmp_path / name
         path.write_bytes(content)
         assert str(path) in _one_line_error(load_tokenizer, path, match="not a valid")
+    (tmp_path / "tokenizer_config.json").write_text("{broken")
+    assert "tokenizer_config.json" in _one_line_error(load_tokenizer, tmp_path / "bad.model", match="cannot parse")
     (tmp_path / "tokenizer.json").unlink()
+    (tmp_path / "tokenizer_config.json").unlink()
+    two = tmp_path / "two_ggufs"
+    two.mkdir()
+    (two / "a.gguf").write_bytes(b"")
+    (two / "b.gguf").write_bytes(b"")
+    _one_line_error(load_tokenizer, two, match="found 2 .gguf files")
+    assert "a.gguf" in _one_line_error(load_tokenizer, two / "a.gguf", match="not a valid GGUF")
     empty = tmp_path / "empty_dir"
     empty.mkdir()
     _one_line_error(load_tokenizer, empty, match="no tokenizer.json")

@@ -430,7 +430,7 @@ def train_sentencepiece(
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     with open(out_path, "wb") as f:
         f.write(model.getvalue())
-    return SentencePieceTokenizer.from_file(out_path, chat_template=chat_template)
+    return load_tokenizer(out_path, chat_template=chat_template)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -616,7 +616,7 @@ def read_gguf_metadata(path: str, prefixes: Sequence[str] = ("tokenizer.", "gene
         with open(path, "rb") as f:
             data = f.read(24)
             if len(data) < 24 or data[:4] != b"GGUF":
-                raise TokenizerError(f"{path}: not a valid GGUF file (bad magic {data[:4]!r})")
+                raise TokenizerError(f"{path}: not a valid GGUF file (shorter than a header or no GGUF magic)")
             version, n_tensors, n_kv = np.frombuffer(data[4:8], "<u4")[0], *np.frombuffer(data[8:24], "<u8")
             if version not in (2, 3):
                 return _read_gguf_metadata_slow(path, prefixes)
@@ -872,6 +872,7 @@ def load_tokenizer(path: str | os.PathLike, chat_template: str | None = None) ->
         name, default_system = _resolve_template(
             chat_template, config.get("chat_template"), (tok.id_to_token(i) for i in range(tok.vocab_size)), path)
         tok.chat_template, tok.default_system = name, default_system
+        # SentencePiece models are trained with BOS in front (llama.cpp's default for them too).
         tok.add_bos_token = bool(config.get("add_bos_token", True)) and tok.bos_id is not None
         return tok
     raise TokenizerError(f"{path}: unknown tokenizer file type (expected .model, .json, .gguf or a directory)")
