@@ -40,9 +40,13 @@ __all__ = [
     "SentencePieceTokenizer",
     "Tokenizer",
     "TokenizerError",
+    "byte_level_alphabet",
     "check_vocab",
     "detect_chat_template",
+    "load_gguf_tokenizer",
     "load_tokenizer",
+    "read_gguf_metadata",
+    "read_gguf_vocab",
     "render_chat",
     "train_sentencepiece",
 ]
