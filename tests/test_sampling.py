@@ -1,0 +1,148 @@
+"""The KV-cache sampler against a naive full-recompute reference."""
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+
+from clipo_jax import sampling
+from clipo_jax.models import transformer
+from clipo_jax.models.config import PRESETS
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+
+@pytest.fixture(scope="module", params=["tiny_llama", "tiny_gemma3"])
+def model(request):
+  cfg = PRESETS[request.param]
+  params = transformer.init_params(cfg, jax.random.key(0), std=0.5)  # peaky logits
+  return cfg, params
+
+
+def _naive_greedy(cfg, params, prompt, n_new):
+  """Recompute the whole sequence every step; return tokens, logprobs, hidden states used."""
+  # Right-padded to one fixed length so a single compilation serves every step (causal
+  # attention: padding after the last real token cannot change it).
+  total = 32
+  fwd = jax.jit(lambda p, t, m: transformer.forward_logits(p, cfg, t, m))
+  seq = list(prompt)
+  toks, lps, hs = [], [], []
+  for _ in range(n_new):
+    t = np.zeros((1, total), np.int32)
+    t[0, :len(seq)] = seq
+    m = np.arange(total)[None] < len(seq)
+    logits, hidden = fwd(params, jnp.asarray(t), jnp.asarray(m))
+    last = np.asarray(logits[0, len(seq) - 1], np.float64)
+    tok = int(np.argmax(last))
+    lp = last - np.log(np.sum(np.exp(last - last.max()))) - last.max()
+    toks.append(tok)
+    lps.append(lp[tok])
+    hs.append(np.asarray(hidden[0, len(seq) - 1]))
+    seq.append(tok)
+  return np.array(toks), np.array(lps), np.array(hs)
+
+
+def test_greedy_matches_naive_recompute(model):
+  cfg, params = model
+  prompts = [[5, 9, 17, 3, 44, 2, 8], [7, 1], [100, 101, 102, 103]]  # different lengths (left-padded)
+  scfg = sampling.SamplingConfig(max_new_tokens=10, temperature=0.0)
+  out = sampling.Sampler(cfg)(params, prompts, jax.random.key(1), scfg)
+  for i, p in enumerate(prompts):
+    toks, lps, hs = _naive_greedy(cfg, params, p, 10)
+    np.testing.assert_array_equal(out.tokens[i], toks)
+    np.testing.assert_allclose(out.logprobs[i], lps, atol=1e-4)
+    np.testing.assert_allclose(out.pooled_hidden[i], hs.mean(0), atol=1e-4)
+    assert out.lengths[i] == 10 and out.truncated[i]
+
+
+def test_stop_tokens_mask_and_pooling(model):
+  cfg, params = model
+  prompts = [[5, 9, 17], [7, 1, 2, 3]]
+  scfg = sampling.SamplingConfig(max_new_tokens=12, temperature=0.0)
+  free = sampling.Sampler(cfg)(params, prompts, jax.random.key(0), scfg)
+  stop = int(free.tokens[0, 3])  # make the 4th greedy token of row 0 a stop token
+  scfg_stop = sampling.SamplingConfig(max_new_tokens=12, temperature=0.0, stop_ids=(stop,), pad_id=0)
+  out = sampling.Sampler(cfg)(params, prompts, jax.random.key(0), scfg_stop)
+  for i in range(2):
+    ref = list(free.tokens[i])
+    first = ref.index(stop) if stop in ref else None
+    L = 12 if first is None else first + 1
+    assert out.lengths[i] == L
+    np.testing.assert_array_equal(out.tokens[i, :L], free.tokens[i, :L])
+    assert np.all(out.tokens[i, L:] == 0)
+    assert out.response_mask[i].sum() == L and out.response_mask[i, :L].all()
+    assert np.all(out.logprobs[i, L:] == 0)
+    _, _, hs = _naive_greedy(cfg, params, prompts[i], L)
+    np.testing.assert_allclose(out.pooled_hidden[i], hs.mean(0), atol=1e-4)
+    assert bool(out.truncated[i]) == (first is None)
+
+
+def test_n_samples_contiguous_and_reproducible(model):
+  cfg, params = model
+  prompts = [[5, 9, 17], [7, 1]]
+  scfg = sampling.SamplingConfig(max_new_tokens=6, temperature=4.0, n_samples=4)
+  s = sampling.Sampler(cfg)
+  a = s(params, prompts, jax.random.key(3), scfg)
+  b = s(params, prompts, jax.random.key(3), scfg)
+  c = s(params, prompts, jax.random.key(4), scfg)
+  assert a.tokens.shape == (8, 6)
+  np.testing.assert_array_equal(a.tokens, b.tokens)
+  assert not np.array_equal(a.tokens, c.tokens)
+  # rows 0-3 share prompt 0, rows 4-7 prompt 1
+  for r in range(8):
+    p = prompts[r // 4]
+    assert list(a.prompt_tokens[r][a.prompt_mask[r]]) == p
+
+
+def test_top_k_one_is_greedy(model):
+  cfg, params = model
+  prompts = [[5, 9, 17], [7, 1]]
+  g = sampling.Sampler(cfg)(params, prompts, jax.random.key(0), sampling.SamplingConfig(8, temperature=0.0))
+  k1 = sampling.Sampler(cfg)(params, prompts, jax.random.key(9), sampling.SamplingConfig(8, temperature=0.7, top_k=1))
+  np.testing.assert_array_equal(g.tokens, k1.tokens)
+
+
+def test_sampled_logprobs_match_trainer_recompute(model):
+  cfg, params = model
+  prompts = [[5, 9, 17, 3], [7, 1]]
+  T = 0.8
+  out = sampling.Sampler(cfg)(params, prompts, jax.random.key(5), sampling.SamplingConfig(7, temperature=T, n_samples=2))
+  full = np.concatenate([out.prompt_tokens, out.tokens], 1)
+  valid = np.concatenate([out.prompt_mask, out.response_mask], 1)
+  targets = np.roll(full, -1, 1)
+  lp = np.asarray(transformer.token_logprobs(params, cfg, jnp.asarray(full), jnp.asarray(valid),
+                                             jnp.asarray(targets), temperature=T))
+  Tp = out.prompt_tokens.shape[1]
+  recomputed = lp[:, Tp - 1:Tp - 1 + 7]
+  np.testing.assert_allclose(recomputed * out.response_mask, out.logprobs, atol=1e-4)
+
+
+def test_top_p_filter_against_numpy():
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(5, 30)).astype(np.float32) * 3
+  for p in (0.1, 0.5, 0.9):
+    got = np.asarray(sampling._filter_logits(jnp.asarray(logits), 0, p)) > -1e30
+    for row, keep in zip(logits, got):
+      order = np.argsort(-row)
+      probs = np.exp(row[order] - row.max())
+      probs /= probs.sum()
+      n_keep = int(np.searchsorted(np.cumsum(probs), p) + 1)
+      want = np.zeros(30, bool)
+      want[order[:n_keep]] = True
+      np.testing.assert_array_equal(keep, want)
+
+
+def test_one_compilation_per_bucket():
+  cfg = PRESETS["tiny_llama"]
+  params = transformer.init_params(cfg, jax.random.key(0))
+  s = sampling.Sampler(cfg)
+  scfg = sampling.SamplingConfig(max_new_tokens=4, temperature=0.0)
+  before = sampling.TRACE_COUNT["generate"]
+  s(params, [[1, 2, 3]], jax.random.key(0), scfg)  # length bucket 16, batch 1
+  s(params, [[1, 2, 3, 4, 5, 6, 7, 8, 9]], jax.random.key(0), scfg)  # same buckets
+  s(params, [[1] * 15], jax.random.key(1), scfg)
+  assert sampling.TRACE_COUNT["generate"] - before == 1
+  s(params, [[1] * 17], jax.random.key(1), scfg)  # length bucket 32
+  s(params, [[1], [2], [3]], jax.random.key(1), scfg)  # batch bucket 4
+  s(params, [[1], [2], [3], [4]], jax.random.key(1), scfg)  # still batch bucket 4
+  assert sampling.TRACE_COUNT["generate"] - before == 3
