@@ -43,6 +43,7 @@ flags.DEFINE_enum("protocol", "single", ["single", "two_stage"], "Judge protocol
 flags.DEFINE_bool("json_schema", True, "Ask for JSON-schema constrained output when supported.")
 flags.DEFINE_bool("ground_truth", True, "Use the verifiable ground-truth path when a row has one.")
 flags.DEFINE_integer("max_response_chars", 6000, "Per-response character budget in the prompt.")
+flags.DEFINE_integer("compact_chars", 0, "> 0: bound free-text answer fields to this many characters.")
 flags.DEFINE_integer("min_criteria", 5, "Criteria asked for, at least.")
 flags.DEFINE_integer("max_criteria", 15, "Criteria asked for, at most.")
 flags.DEFINE_string("api_key_env", "OPENAI_API_KEY", "Environment variable holding the API key.")
@@ -115,7 +116,8 @@ async def run(rows: list[dict], out_dir: str) -> dict:
                          min_score=FLAGS.min_score, seed=FLAGS.seed, use_json_schema=FLAGS.json_schema,
                          use_ground_truth=FLAGS.ground_truth,
                          prompt=PromptConfig(min_criteria=FLAGS.min_criteria, max_criteria=FLAGS.max_criteria,
-                                             max_response_chars=FLAGS.max_response_chars))
+                                             max_response_chars=FLAGS.max_response_chars,
+                                             compact_chars=FLAGS.compact_chars))
     judge = PairwiseJudge(backend, config)
     pairs, labels = zip(*(to_pair(r, FLAGS.seed) for r in rows)) if rows else ((), ())
     todo = [i for i, p in enumerate(pairs) if p.pair_id not in done]

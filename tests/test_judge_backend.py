@@ -74,7 +74,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
             if model == "bad4xx":
                 return self._send(401, {"error": "unauthorized"})
             if model == "no-schema" and "response_format" in body:
-                return self._send(400, {"error": "response_format json_schema not supported"})
+                return self._send(400, {"error": "response_format is not supported"})
+            if model == "llama-style" and body.get("response_format", {}).get("type") != "json_object":
+                return self._send(500, {"error": "response_format.type: Input should be 'text' or 'json_object'"})
             user = body["messages"][-1]["content"]
             if model == "junk-json":
                 content = "I think A is better, no JSON here"
@@ -183,8 +185,15 @@ def test_json_schema_sent_and_auto_fallback(server):
     rf = st.requests[-1]["body"]["response_format"]
     assert rf["type"] == "json_schema" and rf["json_schema"]["schema"] == schema
     be = OpenAIHTTPBackend(url, "no-schema", sleep=no_sleep, max_retries=0)
-    resp = asyncio.run(be.complete(req(schema=schema)))  # 400 -> retried without response_format
-    assert resp.text and not be.supports_json_schema and be.stats.schema_fallbacks == 1
+    resp = asyncio.run(be.complete(req(schema=schema)))  # both styles rejected -> no response_format
+    assert resp.text and not be.supports_json_schema and be.stats.schema_fallbacks == 2
+    assert "response_format" not in st.requests[-1]["body"]
+    be = OpenAIHTTPBackend(url, "llama-style", sleep=no_sleep, max_retries=0)
+    resp = asyncio.run(be.complete(req(schema=schema)))  # llama-cpp-python style accepted
+    assert resp.text and be.supports_json_schema and be.stats.schema_fallbacks == 1
+    assert st.requests[-1]["body"]["response_format"] == {"type": "json_object", "schema": schema}
+    asyncio.run(be.complete(req("again", schema=schema)))  # remembered: no second rejection
+    assert be.stats.schema_fallbacks == 1 and be.stats.retries == 0
 
 
 def test_api_key_from_env_never_logged(server, monkeypatch, caplog):

@@ -140,6 +140,13 @@ class DiskCache:
         os.replace(tmp, path)
 
 
+SCHEMA_STYLES: dict[str, Callable[[CompletionRequest], dict[str, Any]]] = {
+    "json_schema": lambda req: {"type": "json_schema", "json_schema": {
+        "name": req.schema_name, "schema": req.json_schema, "strict": True}},
+    "json_object": lambda req: {"type": "json_object", "schema": req.json_schema},
+}
+
+
 def _retryable_status(code: int) -> bool:
     return code == 408 or code == 429 or code >= 500
 
@@ -155,8 +162,11 @@ class OpenAIHTTPBackend:
       timeout_s: per-request timeout.
       max_retries: retries after the first attempt for timeouts, transport errors, 408/429/5xx
         and garbage bodies; exponential backoff with full jitter.
-      json_schema: "auto" sends ``response_format`` with the schema and drops it for good if the
-        server rejects it with 400/422; True always sends it; False never.
+      json_schema: "auto" sends ``response_format`` with the schema, switches style or drops it
+        for good when the server rejects it (an error that names response_format); True always
+        sends it; False never.
+      schema_style: "json_schema" (OpenAI style) or "json_object" (llama-cpp-python style) to
+        fix the response_format shape; None tries them in that order under "auto".
       cache_dir: directory of the on-disk cache, or None for no cache.
     """
 
@@ -166,7 +176,7 @@ class OpenAIHTTPBackend:
     def __init__(self, base_url: str, model: str, api_key_env: str = "OPENAI_API_KEY",
                  max_concurrency: int = 8, timeout_s: float = 120.0, max_retries: int = 10,
                  backoff_base_s: float = 0.5, backoff_max_s: float = 30.0,
-                 json_schema: bool | str = "auto", cache_dir: str | os.PathLike | None = None,
+                 json_schema: bool | str = "auto", schema_style: str | None = None, cache_dir: str | os.PathLike | None = None,
                  rng_seed: int = 0, sleep: Callable[[float], Any] | None = None):
         base = base_url.rstrip("/")
         self.base_url = base if base.endswith("/v1") else base + "/v1"
@@ -181,6 +191,12 @@ class OpenAIHTTPBackend:
             raise ValueError(f"json_schema must be 'auto', True or False, got {json_schema!r}")
         self._schema_mode = json_schema
         self.supports_json_schema = json_schema is not False
+        # How response_format carries the schema: OpenAI / vLLM / SGLang take "json_schema";
+        # llama-cpp-python takes {"type": "json_object", "schema": ...}.  "auto" walks this list
+        # when a server rejects a style.
+        if schema_style is not None and schema_style not in SCHEMA_STYLES:
+            raise ValueError(f"schema_style must be one of {sorted(SCHEMA_STYLES)}, got {schema_style!r}")
+        self._schema_styles = [schema_style] if schema_style else list(SCHEMA_STYLES)
         self.cache = DiskCache(cache_dir) if cache_dir else None
         self.stats = BackendStats()
         self._rng = random.Random(rng_seed)
@@ -217,9 +233,8 @@ class OpenAIHTTPBackend:
             "model": self.model, "messages": list(request.messages), "max_tokens": request.max_tokens,
             "temperature": request.temperature, "top_p": request.top_p, "seed": request.seed,
         }
-        if use_schema and request.json_schema is not None:
-            body["response_format"] = {"type": "json_schema", "json_schema": {
-                "name": request.schema_name, "schema": request.json_schema, "strict": True}}
+        if use_schema and request.json_schema is not None and self._schema_styles:
+            body["response_format"] = SCHEMA_STYLES[self._schema_styles[0]](request)
         return body
 
     def _backoff(self, attempt: int) -> float:
@@ -261,6 +276,8 @@ class OpenAIHTTPBackend:
                 await self._sleep(self._backoff(attempt - 1))
             attempt += 1
             self.stats.requests += 1
+            use_schema = use_schema and self.supports_json_schema  # another call may have switched it off
+            style = self._schema_styles[0] if (use_schema and self._schema_styles) else None
             try:
                 r = await self._client.post(url, json=self._payload(request, use_schema))  # type: ignore[union-attr]
             except httpx.TimeoutException:
@@ -274,14 +291,22 @@ class OpenAIHTTPBackend:
             if r.status_code != 200:
                 self.stats.http_errors += 1
                 last, kind = f"HTTP {r.status_code}: {r.text[:200]!r}", "http"
-                if use_schema and self._schema_mode == "auto" and r.status_code in (400, 422) \
-                        and ("response_format" in r.text or "json_schema" in r.text):
-                    # The server does not do structured output: stop asking for it.
-                    log.warning("server rejected response_format; continuing without JSON schema")
-                    self.supports_json_schema = False
-                    self.stats.schema_fallbacks += 1
-                    use_schema = False
-                    attempt -= 1  # not the server's fault; do not spend a retry
+                if use_schema and self._schema_mode == "auto" and r.status_code in (400, 422, 500) \
+                        and "response_format" in r.text:
+                    # This server wants another response_format style (or none at all).
+                    if self._schema_styles and self._schema_styles[0] == style:
+                        # Only the first call to see this style rejected switches (calls race).
+                        self.stats.schema_fallbacks += 1
+                        self._schema_styles.pop(0)
+                    rejected = style
+                    if not self._schema_styles:
+                        log.warning("server rejected every response_format style; continuing without JSON schema")
+                        self.supports_json_schema = False
+                        use_schema = False
+                    else:
+                        log.warning("server rejected response_format style %r; trying %r", rejected,
+                                    self._schema_styles[0])
+                    attempt -= 1  # not a transient fault; do not spend a retry
                     continue
                 if _retryable_status(r.status_code):
                     continue

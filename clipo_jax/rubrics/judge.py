@@ -161,7 +161,7 @@ class PairwiseJudge:
         cfg = self.config
         messages = build_pairwise_messages(query, response_a, response_b, general, domain, cfg.prompt,
                                            intent=intent, reference=reference)
-        schema = judgment_schema(1, cfg.prompt.max_criteria)
+        schema = judgment_schema(1, cfg.prompt.max_criteria, compact_chars=cfg.prompt.compact_chars)
         out = DirectionResult(score=0.0, criteria=None, parse_ok=False)
         self.counters.directions += 1
         for attempt in range(cfg.parse_attempts):

@@ -51,8 +51,25 @@ CRITERION_SCHEMA: dict[str, Any] = {
 }
 
 
-def judgment_schema(min_criteria: int = 1, max_criteria: int = 15, with_intent: bool = True) -> dict[str, Any]:
-    """JSON schema of one judged direction (sent as ``response_format`` when supported)."""
+def _bounded(schema: Any, max_chars: int, max_items: int) -> Any:
+    """Copy of ``schema`` with maxLength on strings and a tighter maxItems on lists, so that
+    constrained decoding cannot spend the token budget before reaching the criteria."""
+    if isinstance(schema, dict):
+        out = {k: _bounded(v, max_chars, max_items) for k, v in schema.items()}
+        if out.get("type") == "string" and "enum" not in out:
+            out["maxLength"] = max_chars
+        if out.get("type") == "array" and "minItems" not in out:
+            out["maxItems"] = min(out.get("maxItems", max_items), max_items)
+        return out
+    return schema
+
+
+def judgment_schema(min_criteria: int = 1, max_criteria: int = 15, with_intent: bool = True,
+                    compact_chars: int = 0) -> dict[str, Any]:
+    """JSON schema of one judged direction (sent as ``response_format`` when supported).
+
+    ``compact_chars`` > 0 bounds every free-text field to that many characters and the analysis
+    lists to 3 items (cheap RL rewards, small judges, tests)."""
     props: dict[str, Any] = {}
     required = []
     if with_intent:
@@ -62,7 +79,8 @@ def judgment_schema(min_criteria: int = 1, max_criteria: int = 15, with_intent: 
     props["criteria"] = {"type": "array", "items": CRITERION_SCHEMA,
                          "minItems": min_criteria, "maxItems": max_criteria}
     required += ["differences", "criteria"]
-    return {"type": "object", "properties": props, "required": required}
+    schema = {"type": "object", "properties": props, "required": required}
+    return _bounded(schema, compact_chars, 3) if compact_chars > 0 else schema
 
 
 JUDGMENT_SCHEMA = judgment_schema()
@@ -191,6 +209,7 @@ class PromptConfig:
     max_response_chars: int = 6000  # per response; head + tail kept
     max_query_chars: int = 6000
     include_reference: bool = False  # show the ground truth to the judge when known
+    compact_chars: int = 0  # > 0: bound free-text fields in the answer schema (see judgment_schema)
 
 
 def build_pairwise_messages(query: str, response_a: str, response_b: str,
