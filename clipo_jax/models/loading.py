@@ -123,10 +123,11 @@ def params_from_hf_tensors(cfg: ModelConfig, get: Callable[[str], np.ndarray], s
       t = np.asarray(get(name), dtype=np.float32)
     except KeyError:
       raise ModelError(f"{source}: missing tensor {name!r}") from None
+    stored = tuple(reversed(want_shape)) if transpose else tuple(want_shape)  # as in the file
+    if tuple(t.shape) != stored:
+      raise ModelError(f"{source}: tensor {name!r} has shape {tuple(t.shape)}, expected {stored}")
     if transpose:
       t = t.T
-    if tuple(t.shape) != tuple(want_shape):
-      raise ModelError(f"{source}: tensor {name!r} has shape {tuple(t.shape)}, expected {tuple(want_shape)}")
     if not np.all(np.isfinite(t)):
       raise ModelError(f"{source}: tensor {name!r} contains NaN or inf")
     return t + offset if offset else t
