@@ -53,9 +53,34 @@ class Similarity:
     max_at_self: bool = False
 
 
-def _dot(a: Array, b: Array) -> Array:
+def _einsum_dot(a: Array, b: Array) -> Array:
     # HIGHEST: at temperature 0.05 a bf16/TF32 dot error of 1e-2 becomes 0.2 in the logits.
     return jnp.einsum("...nd,...md->...nm", a, b, precision=jax.lax.Precision.HIGHEST)
+
+
+@jax.custom_vjp
+def _gram(x: Array) -> Array:
+    """x [..., n, D] -> x x^T [..., n, n]."""
+    return _einsum_dot(x, x)
+
+
+def _gram_fwd(x):
+    return _einsum_dot(x, x), x
+
+
+def _gram_bwd(x, g):
+    # d/dx sum(g * x x^T) = (g + g^T) x: one batched matmul instead of autodiff's two (with
+    # transposes); 3-10x faster for the [P, G, G] blocks on XLA CPU.
+    g = g + jnp.swapaxes(g, -1, -2)
+    return (jnp.einsum("...nm,...md->...nd", g, x, precision=jax.lax.Precision.HIGHEST),)
+
+
+_gram.defvjp(_gram_fwd, _gram_bwd)
+
+
+def _dot(a: Array, b: Array) -> Array:
+    """a [..., n, D], b [..., m, D] -> a b^T [..., n, m] in full float32 precision."""
+    return _gram(a) if a is b else _einsum_dot(a, b)
 
 
 def cosine_similarity(a: Array, b: Array) -> Array:
