@@ -66,6 +66,11 @@ register_reward("math")(math_reward)
 register_reward("choice")(choice_reward)
 register_reward("gsm8k")(gsm8k_reward)
 
+from clipo_jax.rewards.synthetic import REWARDS as _SYNTHETIC_REWARDS  # noqa: E402
+
+for _name, _fn in _SYNTHETIC_REWARDS.items():
+    register_reward(_name)(_fn)
+
 
 @register_reward("rgym")
 def rgym_reward(response: str, ground_truth: str, *, meta: dict | None = None, **row) -> float:

@@ -1,0 +1,86 @@
+"""Tasks: what the trainer needs from a problem source, behind one small interface.
+
+A task supplies a tokenizer, a training pool of rows, named test sets, optional SFT pairs,
+and a grader. Rows are dicts {prompt, ground_truth, reward_fn, source, index}. Add a task by
+writing a builder and registering it in TASKS.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from typing import Any, Callable
+
+from clipo_jax.rewards import get_reward
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Task:
+  name: str
+  tokenizer: Any
+  train_rows: list[dict]
+  test_sets: dict[str, list[dict]]
+  sft_pairs: list[tuple[str, str]]
+  chat: bool = False  # render prompts with the tokenizer's chat template
+  grade_keys: tuple[str, ...] = ("outcome",)
+  grader: Callable[[dict, str], dict] | None = None
+
+  def encode_prompt(self, row: dict) -> list[int]:
+    if self.chat:
+      return self.tokenizer.encode_chat([{"role": "user", "content": row["prompt"]}])
+    return self.tokenizer.encode(row["prompt"], add_bos=self.tokenizer.bos_id is not None)
+
+  def reward(self, row: dict, response: str) -> float:
+    return float(get_reward(row["reward_fn"])(response, row["ground_truth"]))
+
+  def grade(self, row: dict, response: str) -> dict[str, float]:
+    """Eval metrics of one response (at least 'outcome')."""
+    if self.grader is not None:
+      return {k: float(v) for k, v in self.grader(row, response).items()}
+    return {"outcome": self.reward(row, response)}
+
+
+def build_synthetic(cfg, workdir: str) -> Task:
+  """The embedded arithmetic task with its own SentencePiece tokenizer (trained into workdir)."""
+  from clipo_jax.data import synthetic
+  from clipo_jax.models.tokenizer import load_tokenizer
+  from clipo_jax.rewards import synthetic as synthetic_reward  # registers "synthetic"
+
+  tok_dir = os.path.join(workdir, "tokenizer")
+  model_path = os.path.join(tok_dir, "synthetic_sp.model")
+  if not os.path.exists(model_path):
+    model_path = synthetic.train_task_tokenizer(tok_dir, vocab_size=cfg.get("vocab_size", 512), seed=cfg.seed)
+  tok = load_tokenizer(model_path)
+  train = synthetic.generate_problems(synthetic.IN_DIST, cfg.train_size, seed=cfg.seed)
+  # training must not contain test problems (disjoint by the math, not the wording)
+  tests = synthetic.test_sets(cfg.seed + 1000, cfg.test_size)
+  test_keys = synthetic.problem_keys(tests)
+  train = [p for p in train if p.key not in test_keys]
+  sft_problems = synthetic.generate_problems(synthetic.IN_DIST, cfg.sft_size, seed=cfg.seed + 7)
+  sft_problems = [p for p in sft_problems if p.key not in test_keys]
+  grader = lambda row, response: synthetic_reward.check_solution(row["ground_truth"], response)
+  return Task(
+      name="synthetic", tokenizer=tok, train_rows=synthetic.dataset_rows(train, "train"),
+      test_sets={k: synthetic.dataset_rows(v, k) for k, v in tests.items()},
+      sft_pairs=synthetic.sft_traces(sft_problems, cfg.lucky_share, seed=cfg.seed),
+      grade_keys=("outcome", "process", "lucky"), grader=grader)
+
+
+TASKS: dict[str, Callable[[Any, str], Task]] = {"synthetic": build_synthetic}
+
+
+def register_task(name: str):
+  def deco(fn):
+    if name in TASKS:
+      raise ValueError(f"task {name!r} already registered")
+    TASKS[name] = fn
+    return fn
+  return deco
+
+
+def build_task(cfg, workdir: str) -> Task:
+  if cfg.name not in TASKS:
+    raise ValueError(f"unknown task {cfg.name!r}; valid: {sorted(TASKS)}")
+  return TASKS[cfg.name](cfg, workdir)
