@@ -20,9 +20,12 @@ CORE = [
     "json-repair",
     "jsonschema",
     "httpx",
+    "protobuf",  # building SentencePiece models from a GGUF vocabulary
+    "regex",
 ]
 EXTRAS = {
-    "test": ["pytest", "pytest-timeout", "hypothesis"],
+    "test": ["pytest", "pytest-timeout", "hypothesis", "jinja2", "pandas"],
+    "rgym": ["reasoning-gym"],
     # HF transformers is only the independent oracle for parity tests and benchmarks.
     "hf": ["torch==2.13.0", "transformers", "accelerate"],
     "judge": ["llama-cpp-python[server]"],
