@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import json
+import logging
 import os
 import platform
 import random
@@ -121,6 +122,7 @@ async def calls_per_s(url: str, model: str, concurrency: int, n_calls: int, max_
 
 def main(argv):
     del argv
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request otherwise
     results = []
     jit_ps, pad_ps, py_ps = bench_aggregation(FLAGS.pairs, FLAGS.criteria)
     rows = [("aggregate_scores (jit, arrays on device)", jit_ps, py_ps),

@@ -157,6 +157,7 @@ async def run(rows: list[dict], out_dir: str) -> dict:
 
 def main(argv):
     del argv
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request otherwise
     for name in ("input", "base_url", "model", "output_dir"):
         if not getattr(FLAGS, name):
             raise app.UsageError(f"--{name} is required")
