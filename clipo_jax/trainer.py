@@ -236,7 +236,7 @@ def run(config, workdir: str) -> dict:
     print(f"resumed from step {latest}")
   else:
     if config.sft.steps > 0:
-      params = run_sft(config, task, cfg, params, shard, workdir)
+      params = cached_sft(config, task, cfg, params, shard, workdir)
     state = new_state(params)
     ref_params = jax.tree.map(jnp.copy, params)
     head = head_init()
@@ -481,3 +481,30 @@ def run_sft(config, task: tasks.Task, cfg: ModelConfig, params, shard, workdir: 
       log.write(json.dumps({"step": i, "loss": loss}) + "\n")
   log.close()
   return state.params
+
+
+def sft_cache_dir(config, workdir: str) -> str:
+  """Where the SFT result lives: keyed by everything that determines it, so runs that differ
+  only in their RL settings (e.g. GRPO vs GRPO+CLIPO on one seed) share one warm start."""
+  import hashlib
+  key = json.dumps({"model": config.model.to_dict(), "sft": {k: v for k, v in config.sft.to_dict().items()
+                                                             if k != "cache_dir"},
+                    "task": config.task.to_dict(), "seed": config.seed}, sort_keys=True)
+  digest = hashlib.sha1(key.encode()).hexdigest()[:12]
+  root = config.sft.get("cache_dir") or os.path.join(workdir, "sft")
+  return os.path.abspath(os.path.join(root, digest))
+
+
+def cached_sft(config, task: tasks.Task, cfg: ModelConfig, params, shard, workdir: str):
+  """run_sft, or restore its result if this exact SFT was already done (see sft_cache_dir)."""
+  import orbax.checkpoint as ocp
+  path = sft_cache_dir(config, workdir)
+  ckptr = ocp.StandardCheckpointer()
+  if os.path.exists(os.path.join(path, "params")):
+    print(f"SFT: reusing {path}")
+    return ckptr.restore(os.path.join(path, "params"), jax.tree.map(ocp.utils.to_shape_dtype_struct, params))
+  params = run_sft(config, task, cfg, params, shard, workdir)
+  os.makedirs(path, exist_ok=True)
+  ckptr.save(os.path.join(path, "params"), params)
+  ckptr.wait_until_finished()
+  return params

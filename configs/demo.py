@@ -28,7 +28,7 @@ def get_config(arg=None):
     c.model.update(d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=16, d_ff=64)
 
   c.sft = ml_collections.ConfigDict(dict(steps=600, batch_size=32, lr=3e-3, warmup_steps=30,
-                                         weight_decay=0.0, max_len=128))
+                                         weight_decay=0.0, max_len=128, cache_dir=""))
 
   c.rl = ml_collections.ConfigDict(dict(
       steps=60, prompts_per_step=16, group_size=8, max_new_tokens=48, max_prompt_len=80,
