@@ -19,7 +19,6 @@ import dataclasses
 import functools
 import json
 import os
-import resource
 import secrets
 import shutil
 import subprocess
@@ -65,6 +64,11 @@ def _hook(event, args):
                 raise SandboxViolation(f"sandbox: {event} outside the temporary directory")
 
 payload = json.loads(sys.stdin.read())
+import resource
+# Limits are set here, in the fresh interpreter, rather than with preexec_fn: forking a
+# multithreaded parent (JAX) and running Python before exec can deadlock.
+for _name, _value in payload["rlimits"].items():
+    resource.setrlimit(getattr(resource, _name), (_value, _value))
 _out = sys.stdout
 sys.addaudithook(_hook)
 result = {"nonce": payload["nonce"]}
@@ -112,16 +116,10 @@ def network_namespace_available() -> bool:
         return False
 
 
-def _limit(limits: SandboxLimits):
-    def apply():
-        mem = limits.memory_mb * 1024 * 1024
-        resource.setrlimit(resource.RLIMIT_AS, (mem, mem))
-        resource.setrlimit(resource.RLIMIT_CPU, (limits.cpu_s, limits.cpu_s + 1))
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limits.max_output_bytes, limits.max_output_bytes))
-        resource.setrlimit(resource.RLIMIT_NOFILE, (limits.max_open_files, limits.max_open_files))
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-        os.setsid()
-    return apply
+def _rlimits(limits: SandboxLimits) -> dict[str, int]:
+    return {"RLIMIT_AS": limits.memory_mb * 1024 * 1024, "RLIMIT_CPU": limits.cpu_s,
+            "RLIMIT_FSIZE": limits.max_output_bytes, "RLIMIT_NOFILE": limits.max_open_files,
+            "RLIMIT_CORE": 0}
 
 
 def run_checker(code: str, response: str, limits: SandboxLimits = SandboxLimits()) -> CheckerResult:
@@ -135,11 +133,12 @@ def run_checker(code: str, response: str, limits: SandboxLimits = SandboxLimits(
         cmd = [sys.executable, "-I", "-B", boot]
         if network_namespace_available():
             cmd = ["unshare", "-rn", "--"] + cmd
-        stdin_blob = json.dumps({"code": code, "response": response, "nonce": nonce}).encode()
+        stdin_blob = json.dumps({"code": code, "response": response, "nonce": nonce,
+                                 "rlimits": _rlimits(limits)}).encode()
         with open(out_path, "wb") as out:
             try:
                 proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=out, stderr=subprocess.DEVNULL,
-                                        cwd=tmp, env={"PATH": "/usr/bin:/bin"}, preexec_fn=_limit(limits))
+                                        cwd=tmp, env={"PATH": "/usr/bin:/bin"}, start_new_session=True)
             except OSError as e:
                 return CheckerResult(False, None, f"cannot start sandbox: {e}")
             try:
