@@ -135,19 +135,9 @@ def _decode(tok, ids, length, stop_ids) -> str:
 
 def evaluate(task: tasks.Task, sampler: sampling.Sampler, params, scfg: sampling.SamplingConfig, rng,
              batch_size: int = 64) -> dict[str, dict[str, float]]:
-  """Greedy (or scfg) eval on every test set: mean of each grade key per set."""
-  results = {}
-  for name, rows in task.test_sets.items():
-    sums: dict[str, float] = {}
-    for start in range(0, len(rows), batch_size):
-      chunk = rows[start:start + batch_size]
-      out = sampler(params, [task.encode_prompt(r) for r in chunk], jax.random.fold_in(rng, start), scfg)
-      for i, row in enumerate(chunk):
-        grades = task.grade(row, _decode(task.tokenizer, out.tokens[i], out.lengths[i], scfg.stop_ids))
-        for k, v in grades.items():
-          sums[k] = sums.get(k, 0.0) + v
-    results[name] = {k: v / len(rows) for k, v in sums.items()}
-  return results
+  """The shared evaluation (clipo_jax.evaluation) as the trainer uses it."""
+  from clipo_jax import evaluation
+  return evaluation.evaluate(task, sampler, params, scfg, rng, batch_size=batch_size)
 
 
 def format_eval(before: dict | None, after: dict, keys, before_only: bool = False) -> str:
@@ -192,7 +182,9 @@ def run(config, workdir: str) -> dict:
   N = rl.max_new_tokens
   rollout_cfg = sampling.SamplingConfig(max_new_tokens=N, temperature=rl.temperature, top_p=rl.top_p,
                                         n_samples=rl.group_size, stop_ids=stop_ids, pad_id=tok.pad_id)
-  eval_cfg = sampling.SamplingConfig(max_new_tokens=config.eval.max_new_tokens, temperature=0.0,
+  eval_cfg = sampling.SamplingConfig(max_new_tokens=config.eval.max_new_tokens,
+                                     temperature=config.eval.get("temperature", 0.0),
+                                     top_p=config.eval.get("top_p", 1.0), n_samples=config.eval.get("n", 1),
                                      stop_ids=stop_ids, pad_id=tok.pad_id)
   sampler = sampling.Sampler(cfg, mesh)
   optimizer = make_optimizer(rl.lr, total_steps=rl.steps, warmup_steps=rl.warmup_steps,
@@ -392,7 +384,8 @@ def run(config, workdir: str) -> dict:
 
     if config.eval.every and (step + 1) % config.eval.every == 0 and step + 1 < rl.steps:
       ev = evaluate(task, sampler, state.params, eval_cfg, jax.random.fold_in(root, 3))
-      writer.write(step + 1, {f"eval/{s}/{k}": v for s, d in ev.items() for k, v in d.items()})
+      writer.write(step + 1, {f"eval/{s}/{k}": v for s, d in ev.items() for k, v in d.items()
+                              if isinstance(v, (int, float))})
     if (step + 1) % config.ckpt.every == 0 or step + 1 == rl.steps:
       save(step + 1, state, ref_params, head,
            {"data_position": data_pos, "consecutive_skips": consecutive_skips, "counters": counters})
@@ -508,3 +501,20 @@ def cached_sft(config, task: tasks.Task, cfg: ModelConfig, params, shard, workdi
   ckptr.save(os.path.join(path, "params"), params)
   ckptr.wait_until_finished()
   return params
+
+
+def restore_params(workdir: str, params_template):
+  """The policy parameters of a run's latest checkpoint (for evaluation)."""
+  import orbax.checkpoint as ocp
+  ckpt_dir = os.path.abspath(os.path.join(workdir, "checkpoints"))
+  manager = ocp.CheckpointManager(ckpt_dir)
+  step = manager.latest_step()
+  if step is None:
+    raise TrainingError(f"{ckpt_dir}: no checkpoint")
+  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+  state = restored.state
+  params = state["params"] if isinstance(state, dict) else state.params
+  try:
+    return jax.tree.map(lambda t, x: jnp.asarray(x, t.dtype), params_template, params)
+  except ValueError as e:
+    raise TrainingError(f"{ckpt_dir} step {step}: parameters do not match the run's model config ({e})") from None
