@@ -386,3 +386,29 @@ def test_tokenizer_is_deterministic_and_in_dist_fits_budget(sp_model, sets, tmp_
     assert syn.token_length_stats(sp, sets["extra_step_2"])["p50"] > stats["p50"]
     with pytest.raises(syn.SyntheticTaskError, match="vocab_size"):
         syn.train_task_tokenizer(tmp_path, vocab_size=100)
+
+
+# ----------------------------------------------------------------------------- presets
+@pytest.mark.parametrize("preset", list(syn.PRESETS))
+def test_presets_give_valid_test_sets(preset):
+    base = syn.PRESETS[preset]
+    sets_ = syn.test_sets(seed=3, n=60, base=base)
+    for name, problems in sets_.items():
+        for p in problems:
+            assert ref_check(p.quantities, p.answer, syn.solution_text(p)) == (True, True)
+            values = [p.quantities[0]] + [s.result for s in p.steps]
+            assert max(values) <= (base.max_value if name != "big_numbers" else base.max_value * 10 + 9)
+    assert min(p.quantities[0] for p in sets_["big_numbers"]) > base.number_range[1]
+    records = syn.sft_records(sets_["in_dist"], lucky_share=0.5, seed=0)
+    assert sum(check_solution(p, r.completion)["lucky"] for r, p in zip(records, sets_["in_dist"])) == 30
+
+
+def test_distractor_avoids_used_values_even_in_a_crowded_range():
+    # Values 1..2 are all used by the chain, so the distractor must come from above the range.
+    cfg = syn.SyntheticTask(num_steps=(4, 4), number_range=(1, 2), ops=("+", "-"), max_value=10, distractor=True)
+    problems = syn.generate_problems(cfg, 40, seed=0)
+    assert any(p.distractors[0] > 2 for p in problems)
+    for p in problems:
+        used = set(p.quantities) | {s.result for s in p.steps}
+        assert p.distractors[0] not in used
+        assert check_solution(p, syn.solution_text(p))["process"]

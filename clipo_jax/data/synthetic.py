@@ -34,6 +34,7 @@ __all__ = [
     "Problem",
     "SFTRecord",
     "TEST_SET_CONFIGS",
+    "PRESETS",
     "generate_problems",
     "test_sets",
     "problem_keys",
@@ -217,7 +218,9 @@ def _draw_problem(rng: random.Random, cfg: SyntheticTask) -> Problem:
     if cfg.distractor:
         used = set(quantities) | {s.result for s in steps}
         lo, hi = cfg.number_range
-        candidates = [d for d in range(lo, hi + 1) if d not in used]
+        # Same range as the quantities; with tiny ranges every value may be taken, then go above.
+        candidates = [d for d in range(lo, hi + 1) if d not in used] or [
+            d for d in range(hi + 1, hi + len(used) + 2) if d not in used]
         d = rng.choice(candidates)
         distractors.append(d)
         clause = rng.choice(DISTRACTOR_TEMPLATES).format(name=name, other=other, d=d, other_obj=other_obj)
@@ -265,6 +268,14 @@ def generate_problems(cfg: SyntheticTask, n: int, seed: int | None = None,
         problems.append(p)
     return problems
 
+
+# Named difficulty presets for the in-distribution set (pass one as ``base`` to test_sets).
+# "standard": 2-digit quantities, results up to 999 -- hard for a tiny model in minutes of CPU.
+# "small": 1-digit quantities, results up to 20 -- learnable by a ~100k-parameter model.
+PRESETS: dict[str, SyntheticTask] = {
+    "standard": SyntheticTask(),
+    "small": SyntheticTask(number_range=(1, 9), mul_range=(2, 3), max_value=20),
+}
 
 IN_DIST = SyntheticTask(name="in_dist")
 # GSM-Symbolic-style shifted test sets: same templates, one thing changed each.
