@@ -366,6 +366,8 @@ def test_tokenizer_round_trip_ids_and_digits(sp_model, sets):
                 ids = sp.encode(text)
                 assert sp.decode(ids) == text
                 assert sp.unk_id() not in ids
+            # Prompt and completion can be encoded separately and concatenated.
+            assert sp.encode(r.prompt) + sp.encode(r.completion) == sp.encode(r.prompt + " " + r.completion)
     # Digits are single pieces: a piece never holds two digits.
     for i in range(sp.get_piece_size()):
         assert sum(ch.isdigit() for ch in sp.id_to_piece(i)) <= 1 or sp.is_byte(i)

@@ -530,3 +530,36 @@ def token_length_stats(sp, problems: Sequence[Problem]) -> dict[str, float]:
         "max": int(lengths.max()),
         "mean": float(lengths.mean()),
     }
+
+
+def _main() -> None:
+    """``python -m clipo_jax.data.synthetic``: train the tokenizer, print examples and length stats."""
+    import argparse
+    import tempfile
+    import time
+
+    import sentencepiece as spm
+
+    parser = argparse.ArgumentParser(description=_main.__doc__)
+    parser.add_argument("--preset", default="standard", choices=sorted(PRESETS))
+    parser.add_argument("--vocab_size", type=int, default=512)
+    parser.add_argument("--n", type=int, default=2000, help="problems per test set")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out_dir", default=None, help="where to keep the .model (default: a temp dir)")
+    args = parser.parse_args()
+    out_dir = args.out_dir or tempfile.mkdtemp(prefix="synthetic_sp_")
+    start = time.perf_counter()
+    path = train_task_tokenizer(out_dir, vocab_size=args.vocab_size, seed=args.seed)
+    print(f"tokenizer: {path} ({time.perf_counter() - start:.2f}s, vocab {args.vocab_size})")
+    sp = spm.SentencePieceProcessor(model_file=path)
+    sets = test_sets(args.seed, args.n, base=PRESETS[args.preset])
+    print(f"{'test set':<14}{'steps':>8}{'p50':>7}{'p99':>7}{'max':>6}   example")
+    for name, problems in sets.items():
+        stats = token_length_stats(sp, problems)
+        steps = sorted({len(p.steps) for p in problems})
+        print(f"{name:<14}{steps[0]:>4}-{steps[-1]:<3}{stats['p50']:>7.0f}{stats['p99']:>7.0f}{stats['max']:>6}"
+              f"   {problems[0].question} => {solution_text(problems[0])}")
+
+
+if __name__ == "__main__":
+    _main()
