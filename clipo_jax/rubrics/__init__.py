@@ -13,3 +13,4 @@ from clipo_jax.rubrics.meta_rubric import (MetaRubric, MetaRubricError, availabl
                                            builtin_meta_rubric, domain_for_query_type,
                                            load_meta_rubric)
 from clipo_jax.rubrics.protocol import JudgeParseError, parse_judgment
+from clipo_jax.rubrics.local_backends import InProcessBackend, LogitJudge, LogitVerdictBackend

@@ -334,10 +334,19 @@ class OpenAIHTTPBackend:
         raise BackendError(f"{url}: giving up after {attempt} attempts; last: {last}", kind=kind)
 
 
-# Registry: name -> factory(**kwargs) -> Backend.  Add the in-process sampler and logit-verdict
-# backends here when they exist.
+def _local_backend(class_name: str) -> Callable[..., Backend]:
+    # Imported on use: the local backends pull in the model code and JAX.
+    def make(**kwargs) -> Backend:
+        from clipo_jax.rubrics import local_backends
+        return getattr(local_backends, class_name)(**kwargs)
+    return make
+
+
+# Registry: name -> factory(**kwargs) -> Backend.
 BACKENDS: dict[str, Callable[..., Backend]] = {
     "openai": OpenAIHTTPBackend,
+    "in-process": _local_backend("InProcessBackend"),   # our sampler (local_backends.py)
+    "logit": _local_backend("LogitVerdictBackend"),     # labels from next-token logits
 }
 
 
