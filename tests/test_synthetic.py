@@ -12,6 +12,7 @@ from clipo_jax.rewards.synthetic import (
     REWARDS,
     SyntheticMetaError,
     check_solution,
+    grade_rates,
     parse_meta,
     synthetic_process_reward,
     synthetic_reward,
@@ -414,3 +415,16 @@ def test_distractor_avoids_used_values_even_in_a_crowded_range():
         used = set(p.quantities) | {s.result for s in p.steps}
         assert p.distractors[0] not in used
         assert check_solution(p, syn.solution_text(p))["process"]
+
+
+def test_grade_rates_are_means_of_the_flags(sets):
+    problems = sets["in_dist"][:40]
+    records = syn.sft_records(problems, lucky_share=0.25, seed=0)
+    texts = [r.completion for r in records]
+    texts[:5] = ["garbage"] * 5  # 5 of the 40 unparsable, nothing right
+    rates = grade_rates([p.to_ground_truth() for p in problems], texts)
+    n_lucky_left = sum(r.lucky for r in records[5:])
+    assert rates == pytest.approx({"outcome": 35 / 40, "process": (35 - n_lucky_left) / 40,
+                                   "lucky": n_lucky_left / 40, "parse_ok": 35 / 40})
+    with pytest.raises(ValueError, match="2 ground truths but 1"):
+        grade_rates([GT, GT], ["x"])

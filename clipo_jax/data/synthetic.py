@@ -133,10 +133,11 @@ class Step:
     result: int
 
     def text(self, result: int | None = None, left: int | None = None) -> str:
-        l = self.left if left is None else left
-        r = self.result if result is None else result
+        """``"left<op>right=result"``; ``result`` / ``left`` override the gold values (lucky traces)."""
+        lhs = self.left if left is None else left
+        value = self.result if result is None else result
         # No spaces inside a step: fewer tokens ("▁9 1 - 8 3 = 8") and still unambiguous.
-        return f"{l}{self.op}{self.right}={r}"
+        return f"{lhs}{self.op}{self.right}={value}"
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 __all__ = [
     "SyntheticMetaError",
@@ -38,6 +38,7 @@ __all__ = [
     "parse_solution",
     "parse_meta",
     "check_solution",
+    "grade_rates",
     "synthetic_reward",
     "synthetic_process_reward",
     "REWARDS",
@@ -163,6 +164,22 @@ def check_solution(problem_or_meta: Any, completion: str) -> dict[str, bool]:
         "lucky": bool(outcome and not process),
         "parse_ok": bool(parsed.parse_ok),
     }
+
+
+def grade_rates(ground_truths: Sequence[Any], completions: Sequence[str]) -> dict[str, float]:
+    """Mean of each ``check_solution`` flag over a set: outcome / process accuracy, lucky rate,
+    parse rate. ``ground_truths[i]`` grades ``completions[i]``."""
+    if len(ground_truths) != len(completions):
+        raise ValueError(f"grade_rates: {len(ground_truths)} ground truths but {len(completions)} completions")
+    keys = ("outcome", "process", "lucky", "parse_ok")
+    if not completions:
+        return {k: 0.0 for k in keys}
+    totals = dict.fromkeys(keys, 0)
+    for gt, text in zip(ground_truths, completions):
+        graded = check_solution(gt, text)
+        for k in keys:
+            totals[k] += graded[k]
+    return {k: totals[k] / len(completions) for k in keys}
 
 
 def synthetic_reward(response: str, ground_truth: str, **meta: Any) -> float:
