@@ -22,7 +22,7 @@ import hashlib
 import json
 import os
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 from clipo_jax.rewards.synthetic import apply_op, check_solution
