@@ -55,12 +55,16 @@ def build_synthetic(cfg, workdir: str) -> Task:
   if not os.path.exists(model_path):
     model_path = synthetic.train_task_tokenizer(tok_dir, vocab_size=cfg.get("vocab_size", 512), seed=cfg.seed)
   tok = load_tokenizer(model_path)
-  train = synthetic.generate_problems(synthetic.IN_DIST, cfg.train_size, seed=cfg.seed)
+  # The in-distribution family; the shifted test sets are derived from it (bigger numbers,
+  # +1/+2 steps, a distractor clause).
+  base = dataclasses.replace(synthetic.IN_DIST, num_steps=tuple(cfg.num_steps), number_range=tuple(cfg.number_range),
+                             mul_range=tuple(cfg.mul_range), max_value=cfg.max_value, ops=tuple(cfg.ops)).validate()
+  train = synthetic.generate_problems(base, cfg.train_size, seed=cfg.seed)
   # training must not contain test problems (disjoint by the math, not the wording)
-  tests = synthetic.test_sets(cfg.seed + 1000, cfg.test_size)
+  tests = synthetic.test_sets(cfg.seed + 1000, cfg.test_size, base=base)
   test_keys = synthetic.problem_keys(tests)
   train = [p for p in train if p.key not in test_keys]
-  sft_problems = synthetic.generate_problems(synthetic.IN_DIST, cfg.sft_size, seed=cfg.seed + 7)
+  sft_problems = synthetic.generate_problems(base, cfg.sft_size, seed=cfg.seed + 7)
   sft_problems = [p for p in sft_problems if p.key not in test_keys]
   grader = lambda row, response: synthetic_reward.check_solution(row["ground_truth"], response)
   return Task(

@@ -16,8 +16,9 @@ def get_config(arg=None):
   a = parse_arg(arg, size="small", clipo=False, algo="grpo", seed=0, steps=0)
   c = ml_collections.ConfigDict()
   c.task = ml_collections.ConfigDict(dict(
-      name="synthetic", seed=0, train_size=20000, test_size=200, sft_size=4000, lucky_share=0.2,
-      vocab_size=512))
+      name="synthetic", seed=0, train_size=20000, test_size=200, sft_size=6000, lucky_share=0.2,
+      vocab_size=512, num_steps=(2, 3), number_range=(2, 19), mul_range=(2, 3), max_value=99,
+      ops=("+", "-", "*")))
   c.model = ml_collections.ConfigDict(dict(
       source="init:custom", d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=32, d_ff=384,
       dtype="float32", max_seq_len=256))
