@@ -96,6 +96,9 @@ def make_optimizer(lr: float, *, total_steps: int, warmup_steps: int = 0, schedu
   return optax.chain(*parts)
 
 
+ADDITIVE_METRICS = ("actor/pg_loss", "actor/kl", "actor/entropy")
+
+
 def _micro_loss(params, mb: RLBatch, denom, *, cfg: ModelConfig, scfg: StepConfig, n_response: int):
   logp, ent = response_logprobs(params, cfg, mb.tokens, mb.valid, n_response, scfg.temperature,
                                 with_entropy=True, remat=scfg.remat)
@@ -137,9 +140,10 @@ def train_step(state: TrainState, batch: RLBatch, *, cfg: ModelConfig, scfg: Ste
   def accumulate(carry, mb):
     g_acc, l_acc, m_acc = carry
     (loss, metrics), g = grad_fn(state.params, mb, denom)
-    # numerators are exact partial sums over micro-batches; ratio metrics are averaged
-    return (jax.tree.map(jnp.add, g_acc, g), l_acc + loss,
-            jax.tree.map(lambda a, b: a + b / M, m_acc, metrics)), None
+    # Loss terms (numerator / global denominator) are exact partial sums over micro-batches;
+    # the other metrics are per-micro-batch ratios and are averaged.
+    merged = {k: m_acc[k] + (v if k in ADDITIVE_METRICS else v / M) for k, v in metrics.items()}
+    return (jax.tree.map(jnp.add, g_acc, g), l_acc + loss, merged), None
 
   zeros_g = jax.tree.map(jnp.zeros_like, state.params)
   _, m_shape = jax.eval_shape(grad_fn, state.params, jax.tree.map(lambda x: x[0], micro), denom)[0]
