@@ -66,7 +66,11 @@ def build_synthetic(cfg, workdir: str) -> Task:
   train = [p for p in train if p.key not in test_keys]
   sft_problems = synthetic.generate_problems(base, cfg.sft_size, seed=cfg.seed + 7)
   sft_problems = [p for p in sft_problems if p.key not in test_keys]
-  grader = lambda row, response: synthetic_reward.check_solution(row["ground_truth"], response)
+  def grader(row, response):
+    # Report process accuracy as "right answer reached by a valid process", so that
+    # outcome = process + lucky for every test set.
+    g = synthetic_reward.check_solution(row["ground_truth"], response)
+    return {"outcome": g["outcome"], "process": g["outcome"] and g["process"], "lucky": g["lucky"]}
   return Task(
       name="synthetic", tokenizer=tok, train_rows=synthetic.dataset_rows(train, "train"),
       test_sets={k: synthetic.dataset_rows(v, k) for k, v in tests.items()},

@@ -17,13 +17,13 @@ def get_config(arg=None):
   c = ml_collections.ConfigDict()
   c.task = ml_collections.ConfigDict(dict(
       name="synthetic", seed=0, train_size=20000, test_size=200, sft_size=6000, lucky_share=0.2,
-      vocab_size=512, num_steps=(2, 3), number_range=(2, 19), mul_range=(2, 3), max_value=99,
+      vocab_size=512, num_steps=(2, 3), number_range=(2, 12), mul_range=(2, 3), max_value=60,
       ops=("+", "-", "*")))
   c.model = ml_collections.ConfigDict(dict(
       source="init:custom", d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=32, d_ff=384,
       dtype="float32", max_seq_len=256))
-  c.sft = common.sft_block(steps=600, batch_size=32, lr=3e-3, max_len=128)
-  c.rl = common.rl_block()
+  c.sft = common.sft_block(steps=1000, batch_size=32, lr=3e-3, max_len=128)
+  c.rl = common.rl_block(steps=80, lr=3e-4)
   common.apply_algo(c.rl, a.algo)
   c.clipo = common.clipo_block(a.clipo, d_out=64)
   c.eval = ml_collections.ConfigDict(dict(every=0, max_new_tokens=64))
