@@ -290,3 +290,44 @@ def test_logit_pass_matches_hf_transformers(logit_backend):
             logits = hf(input_ids=torch.tensor([prompt])).logits[0, -1].numpy()
         ref = np.exp(log_softmax_np(log_softmax_np(logits)[ids]))
         np.testing.assert_allclose([got["probs"][lab] for lab in LABELS], ref, atol=1e-3)
+
+
+SHARDED_SCRIPT = r"""
+import asyncio, numpy as np, jax
+jax.config.update("jax_default_matmul_precision", "highest")
+from clipo_jax.models import load_model
+from clipo_jax.parallel import make_mesh
+from clipo_jax.rubrics import CompletionRequest, InProcessBackend, LogitVerdictBackend
+cfg, params, tok = load_model("smollm2")
+assert len(jax.devices()) == 8
+items = [("What is 2+2?", "4", "5", {"title": "Correct answer", "type": "core"}),
+         ("Say hi.", "hi", "Hello there, friend!", {"title": "Brevity", "type": "highlight"}),
+         ("Name a fruit.", "apple", "car", {"title": "Answers the question", "type": "core"})]
+plain = LogitVerdictBackend(cfg=cfg, params=params, tokenizer=tok)
+sharded = LogitVerdictBackend(cfg=cfg, params=params, tokenizer=tok, mesh=make_mesh(2, 2, 2))
+a = np.array([[c["probs"][k] for k in "ABS"] for c in plain.criterion_labels(items)])
+b = np.array([[c["probs"][k] for k in "ABS"] for c in sharded.criterion_labels(items)])
+assert sharded.compiled_shapes[0][0] % 4 == 0, sharded.compiled_shapes  # batch split over data x fsdp
+np.testing.assert_allclose(a, b, atol=1e-4)
+reqs = [CompletionRequest(messages=[{"role": "user", "content": q}], max_tokens=8) for q, *_ in items]
+async def run(backend):
+    return [r.text for r in await asyncio.gather(*(backend.complete(r) for r in reqs))]
+g1 = asyncio.run(run(InProcessBackend(cfg=cfg, params=params, tokenizer=tok)))
+g2 = asyncio.run(run(InProcessBackend(cfg=cfg, params=params, tokenizer=tok, mesh=make_mesh(2, 2, 2))))
+assert g1 == g2, (g1, g2)
+print("SHARDED_OK", a.tolist())
+"""
+
+
+@pytest.mark.slow
+def test_sharded_backends_match_single_device(tmp_path):
+    """8 simulated CPU devices, mesh (data 2, fsdp 2, tensor 2): same labels and generations."""
+    import subprocess
+    import sys
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
+               PYTHONPATH=repo + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    script = tmp_path / "sharded.py"
+    script.write_text(SHARDED_SCRIPT)
+    out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0 and "SHARDED_OK" in out.stdout, out.stderr[-3000:]
