@@ -346,3 +346,24 @@ def test_review_cli_records_only_on_explicit_decision(server, tmp_path):
 
     bad = run_cli(common + ["--accept", "--reject"])
     assert bad.returncode != 0 and "at most one" in (bad.stderr + bad.stdout)
+
+
+def test_refine_cli_end_to_end(server, tmp_path):
+    url, counts = server
+    pairs_path = write_pairs(tmp_path / "pairs.jsonl")
+    out_dir = tmp_path / "run"
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), JAX_PLATFORMS="cpu")
+    out = subprocess.run([sys.executable, "-m", "experiments.refine_rubrics", f"--input={pairs_path}",
+                          f"--base_url={url}", "--model=scripted", f"--output_dir={out_dir}", "--population=4",
+                          "--generations=2", "--seed=5", "--parse_attempts=1"],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    best = load_meta_rubric(out_dir / "general.toml")  # a valid meta-rubric file
+    summary = json.loads((out_dir / "summary.json").read_text())
+    recs = [json.loads(l) for l in (out_dir / "generations.jsonl").read_text().splitlines()]
+    assert [r["event"] for r in recs] == ["start", "generation", "generation", "generation", "end"]
+    assert summary["best"]["id"] == recs[-1]["best"]["id"]
+    ids = {d.id for d in best.dimensions}
+    assert summary["best"]["heldout"]["accuracy"] == pytest.approx(expected_accuracy(ids, recs[0]["heldout_ids"]))
+    assert summary["best"]["heldout"]["fitness"] >= summary["initial"]["heldout"]["fitness"]
+    assert counts["edit"] == summary["counters"]["llm_proposals"] > 0

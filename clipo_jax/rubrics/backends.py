@@ -2,8 +2,8 @@
 
 ``Backend`` is the contract every judge backend implements: an async ``complete(request) ->
 response`` plus capability flags.  Implemented here: ``OpenAIHTTPBackend`` for any
-OpenAI-compatible server (vLLM, SGLang, llama.cpp, OpenAI).  Planned backends plug in through
-the same contract and the ``BACKENDS`` registry:
+OpenAI-compatible server (vLLM, SGLang, llama.cpp, OpenAI).  The local backends live in
+``local_backends.py`` and plug in through the same contract and the ``BACKENDS`` registry:
 
 * in-process generation with our own sampler (``supports_json_schema`` False unless it grows a
   grammar; ``complete`` runs ``sampling.generate`` in a worker thread);

@@ -8,7 +8,8 @@ General principles — automated evolutionary refinement (``refine``):
   fitness = judge accuracy on labelled preference pairs (ties excluded) minus
   ``length_penalty`` per 1000 characters of the rendered rubric; elitism + tournament
   selection on the training split; the returned variant is the generation champion with the
-  best fitness on a held-out split (guards against overfitting the training pairs).  Every
+  best fitness on a held-out split, the initial rubric included (guards against overfitting
+  the training pairs: the result is never worse than the start on held-out pairs).  Every
   random choice comes from ``random.Random`` seeded by (seed, generation, child) so a run is
   reproducible from its seed with a deterministic judge; each generation is one JSONL record.
 
@@ -572,8 +573,10 @@ class Refiner:
                 children = await asyncio.gather(*(self.make_child(p, gen + 1, i, train)
                                                   for i, p in enumerate(parents)))
                 population = elites + list(children)
-            # The held-out split picks among the champions (ties: earlier, i.e. fewer edits).
-            best = max(enumerate(champions), key=lambda iv: (iv[1].heldout.fitness, -iv[0]))[1]
+            # The held-out split picks among the initial rubric and the champions (ties: earlier,
+            # i.e. fewer edits), so the result is never worse than the start on held-out pairs.
+            candidates = [init] + champions
+            best = max(enumerate(candidates), key=lambda iv: (iv[1].heldout.fitness, -iv[0]))[1]
             emit({"event": "end", "best": best.record(), "initial": init.record(),
                   "counters": self.counters.as_dict(), "wall_s": round(time.perf_counter() - start, 3)})
         finally:
