@@ -23,11 +23,19 @@ ABSL_TRAILER = "Pass --helpshort or --helpfull to see help on flags."
 
 # steps=6 with a checkpoint every 2; the entropy bonus gives a non-zero gradient even when
 # every reward in a group is equal (the tiny model solves nothing), so the params move
-# every step and the resume comparison is not vacuous; max_prompt_len=30 drops ~half the pool.
-RUN_FLAGS = ["--config=configs/demo.py:size=tiny", "--config.progress_bar=False", "--config.rl.steps=6",
-             "--config.ckpt.every=2", "--config.rl.entropy_coef=0.01", "--config.rl.warmup_steps=0",
-             "--config.rl.max_prompt_len=30", "--config.eval.max_new_tokens=4", "--config.task.test_size=2"]
-SEED, STEPS, PROMPTS_PER_STEP, MAX_PROMPT_LEN = 0, 6, 4, 30
+# every step and the resume comparison is not vacuous. rl.max_prompt_len is set to the
+# median prompt length of the pool (see `run_flags`) so about half the prompts are dropped.
+BASE_FLAGS = ["--config=configs/demo.py:size=tiny", "--config.progress_bar=False", "--config.rl.steps=6",
+              "--config.ckpt.every=2", "--config.rl.entropy_coef=0.01", "--config.rl.warmup_steps=0",
+              "--config.eval.max_new_tokens=4", "--config.task.test_size=2"]
+SEED, STEPS, PROMPTS_PER_STEP = 0, 6, 4
+
+
+def tiny_task(workdir):
+  sys.path.insert(0, REPO)
+  from configs.demo import get_config
+  from clipo_jax import tasks
+  return tasks.build_task(get_config("size=tiny").task, str(workdir))
 
 
 @pytest.fixture(scope="module")
@@ -83,19 +91,30 @@ def test_config_error_is_one_line_before_compilation(env, tmp_path, override, na
 
 # ----------------------------------------------------------------------------- one full run
 @pytest.fixture(scope="module")
-def full_run(env, tmp_path_factory):
+def max_prompt_len(tmp_path_factory):
+  task = tiny_task(tmp_path_factory.mktemp("task"))
+  return int(np.median([len(task.encode_prompt(r)) for r in task.train_rows]))
+
+
+@pytest.fixture(scope="module")
+def run_flags(max_prompt_len):
+  return BASE_FLAGS + [f"--config.rl.max_prompt_len={max_prompt_len}"]
+
+
+@pytest.fixture(scope="module")
+def full_run(env, run_flags, tmp_path_factory):
   workdir = tmp_path_factory.mktemp("uninterrupted")
-  r = run_train(env, workdir, *RUN_FLAGS, timeout=600)
+  r = run_train(env, workdir, *run_flags, timeout=600)
   assert r.returncode == 0, r.stderr[-3000:]
   return workdir
 
 
-def test_config_json_and_metrics_lines(full_run):
+def test_config_json_and_metrics_lines(full_run, max_prompt_len):
   with open(full_run / "config.json") as f:
     cfg = json.load(f)
   # the resolved config: defaults from configs/demo.py with the command-line overrides applied
   assert cfg["rl"]["steps"] == STEPS and cfg["rl"]["entropy_coef"] == 0.01
-  assert cfg["rl"]["max_prompt_len"] == MAX_PROMPT_LEN and cfg["model"]["d_model"] == 32
+  assert cfg["rl"]["max_prompt_len"] == max_prompt_len and cfg["model"]["d_model"] == 32
   recs = read_metrics(full_run)
   assert [r["step"] for r in recs] == list(range(1, STEPS + 1))
   for r in recs:
@@ -109,14 +128,10 @@ def test_config_json_and_metrics_lines(full_run):
   assert (full_run / "eval_before.json").exists() and (full_run / "eval_after.json").exists()
 
 
-def expected_overlong_drops(workdir, n_steps):
+def expected_overlong_drops(workdir, n_steps, max_len):
   """Independent replay of the data stream: per-epoch permutation of the pool, skip prompts
-  longer than max_prompt_len, take PROMPTS_PER_STEP per step; returns the cumulative drops."""
-  sys.path.insert(0, REPO)
-  from configs.demo import get_config
-  from clipo_jax import tasks
-  cfg = get_config("size=tiny")
-  task = tasks.build_task(cfg.task, str(workdir))  # reuses the tokenizer trained in workdir
+  longer than max_len, take PROMPTS_PER_STEP per step; returns the cumulative drops."""
+  task = tiny_task(workdir)  # reuses the tokenizer trained in workdir
   pool = task.train_rows
   lengths = [len(task.encode_prompt(r)) for r in pool]
   drops, pos, out = 0, 0, []
@@ -126,7 +141,7 @@ def expected_overlong_drops(workdir, n_steps):
       epoch, i = divmod(pos, len(pool))
       idx = np.random.default_rng([SEED, epoch]).permutation(len(pool))[i]
       pos += 1
-      if lengths[idx] > MAX_PROMPT_LEN:
+      if lengths[idx] > max_len:
         drops += 1
       else:
         kept += 1
@@ -134,12 +149,25 @@ def expected_overlong_drops(workdir, n_steps):
   return out, lengths
 
 
-def test_overlong_prompts_are_dropped_and_counted(full_run):
-  expected, lengths = expected_overlong_drops(full_run, STEPS)
-  assert 0 < sum(ln > MAX_PROMPT_LEN for ln in lengths) < len(lengths)
+def test_overlong_prompts_are_dropped_and_counted(full_run, max_prompt_len):
+  expected, lengths = expected_overlong_drops(full_run, STEPS, max_prompt_len)
+  assert 0 < sum(ln > max_prompt_len for ln in lengths) < len(lengths)
   got = [r.get("counters/prompts_dropped_overlong", 0) for r in read_metrics(full_run)]
   assert expected[-1] > 0
   assert got == expected
+
+
+@pytest.mark.slow
+def test_every_prompt_overlong_is_an_error_not_a_hang(env, run_flags, tmp_path):
+  """max_prompt_len below the shortest prompt: the data stream can never fill a step. It must
+  stop with a one-line error naming rl.max_prompt_len (it used to loop over the pool forever)."""
+  workdir = tmp_path / "overlong"
+  try:
+    r = run_train(env, workdir, *run_flags, "--config.rl.max_prompt_len=5", "--config.sft.steps=0", timeout=180)
+  except subprocess.TimeoutExpired:
+    pytest.fail("the trainer hung: no training prompt fits rl.max_prompt_len=5 and next_prompts loops forever")
+  assert r.returncode == 1, r.stderr[-2000:]
+  assert "rl.max_prompt_len" in last_line(r.stderr), r.stderr[-2000:]
 
 
 # ----------------------------------------------------------------------------- kill and resume
@@ -150,10 +178,10 @@ def _finished_checkpoints(ckpt_dir):
 
 
 @pytest.mark.slow
-def test_sigkill_and_resume_reproduces_uninterrupted_run(env, full_run, tmp_path):
+def test_sigkill_and_resume_reproduces_uninterrupted_run(env, run_flags, full_run, tmp_path):
   workdir = tmp_path / "killed"
   metrics = workdir / "metrics.jsonl"
-  proc = subprocess.Popen(train_cmd(workdir, *RUN_FLAGS), cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+  proc = subprocess.Popen(train_cmd(workdir, *run_flags), cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                           stderr=subprocess.PIPE, text=True, start_new_session=True)
   try:
     deadline = time.time() + 300
@@ -174,7 +202,7 @@ def test_sigkill_and_resume_reproduces_uninterrupted_run(env, full_run, tmp_path
   latest = max(_finished_checkpoints(workdir / "checkpoints"))
   assert latest < STEPS and n_before > latest, (latest, n_before)  # lines past the checkpoint exist
 
-  r = run_train(env, workdir, *RUN_FLAGS, timeout=600)
+  r = run_train(env, workdir, *run_flags, timeout=600)
   assert r.returncode == 0, r.stderr[-3000:]
   assert f"resumed from step {latest}" in r.stdout
   resumed, reference = read_metrics(workdir), read_metrics(full_run)
@@ -203,9 +231,9 @@ def check_nan_abort(r, workdir):
   assert recs[1]["actor/skipped"] == 1.0 and recs[1]["counters/nonfinite_skips"] == 1
 
 
-def test_consecutive_nonfinite_steps_abort(env, tmp_path):
+def test_consecutive_nonfinite_steps_abort(env, run_flags, tmp_path):
   workdir = tmp_path / "nan"
-  r = run_train(env, workdir, *RUN_FLAGS, *NAN_FLAGS, "--config.ckpt.every=1000", timeout=600)
+  r = run_train(env, workdir, *run_flags, *NAN_FLAGS, "--config.ckpt.every=1000", timeout=600)
   check_nan_abort(r, workdir)
   assert "Traceback" not in r.stderr
   line = last_line(r.stderr)
@@ -213,15 +241,26 @@ def test_consecutive_nonfinite_steps_abort(env, tmp_path):
 
 
 @pytest.mark.slow
-def test_nonfinite_abort_with_checkpoint_in_flight_is_still_one_line(env, tmp_path):
+def test_nonfinite_abort_with_checkpoint_in_flight_is_still_one_line(env, run_flags, tmp_path):
   """ckpt.every=2: the step-2 checkpoint is being written asynchronously when step 3 aborts.
   The error must still be the last line (the trainer should finish or cancel the pending
   save before exiting); without that, orbax's writer threads print tracebacks after it."""
   workdir = tmp_path / "nan_ckpt"
-  r = run_train(env, workdir, *RUN_FLAGS, *NAN_FLAGS, timeout=600)
+  r = run_train(env, workdir, *run_flags, *NAN_FLAGS, timeout=600)
   check_nan_abort(r, workdir)
   assert "Traceback" not in r.stderr, r.stderr[-3000:]
   assert last_line(r.stderr).startswith("error: 2 consecutive steps"), r.stderr[-2000:]
+
+
+def test_trainer_runs_on_a_two_device_mesh(env, run_flags, tmp_path):
+  """One process, 2 CPU devices: mesh data=2, the state and batches sharded over it."""
+  e = dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  workdir = tmp_path / "two_devices"
+  r = run_train(e, workdir, *run_flags, "--config.rl.steps=2", "--config.sft.steps=0", timeout=600)
+  assert r.returncode == 0, r.stderr[-2000:]
+  recs = read_metrics(workdir)
+  assert [x["step"] for x in recs] == [1, 2]
+  assert all(x["actor/skipped"] == 0.0 and np.isfinite(x["actor/loss"]) for x in recs)
 
 
 # ----------------------------------------------------------------------------- multi-host
