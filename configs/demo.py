@@ -23,7 +23,7 @@ def get_config(arg=None):
       source="init:custom", d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=32, d_ff=384,
       dtype="float32", max_seq_len=256))
   c.sft = common.sft_block(steps=1000, batch_size=32, lr=3e-3, max_len=128)
-  c.rl = common.rl_block(steps=80, lr=3e-4)
+  c.rl = common.rl_block(steps=60, lr=1e-4, prompts_per_step=32)
   common.apply_algo(c.rl, a.algo)
   c.clipo = common.clipo_block(a.clipo, d_out=64)
   c.eval = ml_collections.ConfigDict(dict(every=0, max_new_tokens=64))
