@@ -187,6 +187,7 @@ def run(config, workdir: str) -> dict:
                                      top_p=config.eval.get("top_p", 1.0), n_samples=config.eval.get("n", 1),
                                      stop_ids=stop_ids, pad_id=tok.pad_id)
   sampler = sampling.Sampler(cfg, mesh)
+  prompt_width = sampling.bucket(rl.max_prompt_len, sampler.min_len_bucket)
   optimizer = make_optimizer(rl.lr, total_steps=rl.steps, warmup_steps=rl.warmup_steps,
                              schedule=rl.schedule, weight_decay=rl.weight_decay, grad_clip=rl.grad_clip)
   step_cfg = StepConfig(policy_loss=rl.policy_loss, policy_loss_opts=_policy_opts(rl),
@@ -287,24 +288,26 @@ def run(config, workdir: str) -> dict:
       rows, ids = next_prompts(rl.prompts_per_step)
       out = sampler(state.params, ids, jax.random.fold_in(step_key, round_idx), rollout_cfg)
       texts = [_decode(tok, out.tokens[i], out.lengths[i], stop_ids) for i in range(len(out.lengths))]
-      rewards = np.array([task.reward(rows[i // G], texts[i]) for i in range(len(texts))], np.float32)
-      return {"out": out, "rows": [rows[i // G] for i in range(len(texts))], "texts": texts, "rewards": rewards}
+      fields = dict(out._asdict())
+      fields["rewards"] = np.array([task.reward(rows[i // G], t) for i, t in enumerate(texts)], np.float32)
+      if rl.dynamic_sampling:  # rounds are stacked: give every round the same prompt width
+        fields.update(zip(("prompt_tokens", "prompt_mask"),
+                          _left_pad_to(out.prompt_tokens, out.prompt_mask, prompt_width, tok.pad_id)))
+      return fields
 
     t_roll = time.perf_counter()
-    batch = sample_round(0)
-    rounds = 1
     if rl.dynamic_sampling:
-      kept = _filter_groups(batch, G)
-      while kept["rewards"].size < rl.prompts_per_step * G and rounds <= rl.dynamic_max_rounds:
-        extra = _filter_groups(sample_round(rounds), G)
-        kept = _concat_rounds(kept, extra)
-        rounds += 1
-      counters["dynamic_rounds"] = counters.get("dynamic_rounds", 0) + rounds
-      if kept["rewards"].size >= rl.prompts_per_step * G:
-        batch = _take_rows(kept, rl.prompts_per_step * G)
-      else:  # not enough signal: train on what the first round gave (counted)
-        counters["dynamic_short_batches"] = counters.get("dynamic_short_batches", 0) + 1
-    out, rewards = batch["out"], batch["rewards"]
+      drawn = dapo.dynamic_sample(sample_round, target_groups=rl.prompts_per_step, group_size=G,
+                                  max_rounds=rl.dynamic_max_rounds, on_short="pad")
+      batch, valid_rows, rounds = drawn.batch, drawn.valid, drawn.rounds
+      for k, v in drawn.metrics().items():
+        m_key = f"dynamic_{k}" if not k.startswith("dynamic") else k
+        counters[m_key] = counters.get(m_key, 0) + float(v)
+    else:
+      batch, rounds = sample_round(0), 1
+      valid_rows = np.ones(len(batch["rewards"]), bool)
+    rewards = batch.pop("rewards")
+    out = sampling.SampleOutput(**batch)
     t_reward = time.perf_counter()
     outcome = rewards.copy()
     if rl.overlong_buffer:
@@ -331,11 +334,12 @@ def run(config, workdir: str) -> dict:
         m.update({k: float(v) for k, v in geo.items()})
       m["contrastive/reward_mean"] = float(c_reward.mean())
 
-    adv = np.asarray(adv_lib.compute_advantages(rl.advantage, jnp.asarray(rewards), G))
+    adv = np.asarray(adv_lib.compute_advantages(rl.advantage, jnp.asarray(rewards), G,
+                                                valid=jnp.asarray(valid_rows)))
     t_ref = time.perf_counter()
     tokens = np.concatenate([out.prompt_tokens, out.tokens], 1)
     valid = np.concatenate([out.prompt_mask, out.response_mask], 1)
-    resp_mask = out.response_mask
+    resp_mask = out.response_mask & valid_rows[:, None]  # padding groups (DAPO) carry no loss
     if rl.mask_truncated:
       resp_mask = resp_mask & ~out.truncated[:, None]
     zeros = np.zeros_like(out.logprobs)
@@ -346,8 +350,12 @@ def run(config, workdir: str) -> dict:
     # updates: PPO epochs x mini-batches (whole groups stay together); frozen during CLIPO warmup
     t_update = time.perf_counter()
     frozen = clipo_cfg is not None and step < config.clipo.warmup_steps
+    empty = not resp_mask.any()  # e.g. every group filtered out by dynamic sampling
+    if empty:
+      counters["empty_batches"] = counters.get("empty_batches", 0) + 1
+      logger.warning("step %d: no trainable response after filtering; update skipped", step)
     step_metrics = []
-    if not frozen:
+    if not frozen and not empty:
       rows = len(adv)
       per_mb = rows // rl.mini_batches
       for epoch in range(rl.epochs):
@@ -400,36 +408,12 @@ def run(config, workdir: str) -> dict:
   return {"before": before, "after": after, "last_metrics": last_metrics, "state": state}
 
 
-def _filter_groups(batch: dict, G: int) -> dict:
-  keep = dapo.group_std_filter(batch["rewards"], G)
-  rows = np.repeat(keep, G)
-  return _take_mask(batch, rows)
-
-
-def _take_mask(batch, rows):
-  idx = np.nonzero(rows)[0]
-  return _take_rows(batch, None, idx)
-
-
-def _take_rows(batch, n, idx=None):
-  idx = np.arange(n) if idx is None else idx
-  out = sampling.SampleOutput(*(np.asarray(x)[idx] for x in batch["out"]))
-  return {"out": out, "rows": [batch["rows"][i] for i in idx], "texts": [batch["texts"][i] for i in idx],
-          "rewards": batch["rewards"][idx]}
-
-
-def _concat_rounds(a, b):
-  # prompt lengths may land in different buckets: left-pad both to the longer one
-  Tp = max(a["out"].prompt_tokens.shape[1], b["out"].prompt_tokens.shape[1])
-
-  def pad(o):
-    d = Tp - o.prompt_tokens.shape[1]
-    return o._replace(prompt_tokens=np.pad(o.prompt_tokens, ((0, 0), (d, 0))),
-                      prompt_mask=np.pad(o.prompt_mask, ((0, 0), (d, 0))))
-  oa, ob = pad(a["out"]), pad(b["out"])
-  out = sampling.SampleOutput(*(np.concatenate([x, y]) for x, y in zip(oa, ob)))
-  return {"out": out, "rows": a["rows"] + b["rows"], "texts": a["texts"] + b["texts"],
-          "rewards": np.concatenate([a["rewards"], b["rewards"]])}
+def _left_pad_to(tokens: np.ndarray, mask: np.ndarray, width: int, pad_id: int):
+  """Left-pad [B, T] prompt tokens/mask to [B, width]."""
+  d = width - tokens.shape[1]
+  if d < 0:
+    raise TrainingError(f"prompt width {tokens.shape[1]} exceeds the rollout width {width}")
+  return (np.pad(tokens, ((0, 0), (d, 0)), constant_values=pad_id), np.pad(mask, ((0, 0), (d, 0))))
 
 
 # ============================================================================ SFT
