@@ -149,7 +149,7 @@ def train_step(state: TrainState, batch: RLBatch, *, cfg: ModelConfig, scfg: Ste
   _, m_shape = jax.eval_shape(grad_fn, state.params, jax.tree.map(lambda x: x[0], micro), denom)[0]
   zeros_m = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), m_shape)
   (grads, loss, metrics), _ = jax.lax.scan(accumulate, (zeros_g, jnp.float32(0), zeros_m), micro)
-  grad_norm = optax.global_norm(grads)
+  grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   updates, new_opt = optimizer.update(grads, state.opt_state, state.params)
   new_params = optax.apply_updates(state.params, updates)
@@ -175,4 +175,4 @@ def sft_step(state: TrainState, tokens, valid, loss_mask, *, cfg: ModelConfig,
   loss, grads = jax.value_and_grad(sft_loss)(state.params, cfg, tokens, valid, loss_mask)
   updates, new_opt = optimizer.update(grads, state.opt_state, state.params)
   return TrainState(optax.apply_updates(state.params, updates), new_opt, state.step + 1), {
-      "sft/loss": loss, "sft/grad_norm": optax.global_norm(grads)}
+      "sft/loss": loss, "sft/grad_norm": optax.tree.norm(grads)}
