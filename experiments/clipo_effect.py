@@ -32,20 +32,22 @@ def main(argv):
   del argv
   os.makedirs(FLAGS.root, exist_ok=True)
   variants = [(a, c) for a in FLAGS.algos for c in (False, True)]
-  for seed in FLAGS.seeds:
-    for algo, clipo in variants:
-      workdir = os.path.join(FLAGS.root, run_name(algo, clipo, seed))
-      if FLAGS.summarize_only or os.path.exists(os.path.join(workdir, "eval_after.json")):
-        continue
-      arg = f"algo={algo},seed={seed}" + (",clipo" if clipo else "")
-      cmd = [sys.executable, "-m", "experiments.train", f"--config=configs/demo.py:{arg}", f"--workdir={workdir}",
-             f"--config.sft.cache_dir={os.path.join(FLAGS.root, 'sft_cache')}", "--config.progress_bar=False",
-             *[f"--config.{x}" for x in FLAGS.extra]]
-      print("running", " ".join(cmd), flush=True)
-      with open(workdir + ".log", "w") as log:
-        rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT)
-      if rc:
-        print(f"run {workdir} failed with exit {rc}; see {workdir}.log", flush=True)
+  # algorithm-major order: every seed of the first pair (e.g. GRPO vs GRPO+CLIPO) finishes first
+  for algo in FLAGS.algos:
+    for seed in FLAGS.seeds:
+      for clipo in (False, True):
+        workdir = os.path.join(FLAGS.root, run_name(algo, clipo, seed))
+        if FLAGS.summarize_only or os.path.exists(os.path.join(workdir, "eval_after.json")):
+          continue
+        arg = f"algo={algo},seed={seed}" + (",clipo" if clipo else "")
+        cmd = [sys.executable, "-m", "experiments.train", f"--config=configs/demo.py:{arg}", f"--workdir={workdir}",
+               f"--config.sft.cache_dir={os.path.join(FLAGS.root, 'sft_cache')}", "--config.progress_bar=False",
+               *[f"--config.{x}" for x in FLAGS.extra]]
+        print("running", " ".join(cmd), flush=True)
+        with open(workdir + ".log", "w") as log:
+          rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT)
+        if rc:
+          print(f"run {workdir} failed with exit {rc}; see {workdir}.log", flush=True)
 
   table = {}
   for algo, clipo in variants:
