@@ -9,8 +9,9 @@ tokens, all valid; it is jitted with the state donated, compiled once, then the 
 --repeats runs is reported. Tokens/s counts all B*T positions (the forward and backward pass
 runs over prompt and response alike).
 
-Peak: the median time of a jitted float32 [n, n] @ [n, n] matmul (2 n^3 FLOPs), measured in
-the same process just before the cases.
+Peak: a jitted float32 [n, n] @ [n, n] matmul (2 n^3 FLOPs), median of 3, measured in the
+same process right before every timed step (the shared machine's peak drifts with the load);
+% peak is the median over the timed steps of (step FLOP/s) / (the peak just before it).
 
 FLOPs per step, two counts:
   model:  B*T * (6 * (P_layers + d*V) + 12 * L * T * H * hd)
@@ -19,7 +20,9 @@ FLOPs per step, two counts:
           is QK^T and PV over the full T x T grid (what the einsum computes, no causal skip),
           x3 for forward + backward. Norms, RoPE, softmax and the optimizer are not counted.
   xla:    compiled.cost_analysis()['flops'] of the whole step (includes the recomputed
-          LM-head logits of the checkpointed log-prob chunks, elementwise ops, AdamW).
+          LM-head logits of the checkpointed log-prob chunks, elementwise ops, AdamW),
+          corrected for loops: XLA counts a while-loop body once, so the raw count holds one
+          layer instead of L (see xla_loop_correction; the raw count is printed too).
 Fraction of peak = model FLOPs / step time / peak (MFU-style). The breakdown rows time the
 forward log-probs alone and forward+backward without the optimizer, to show where time goes.
 The last line is the JSON summary.
@@ -73,7 +76,7 @@ def measure_peak(n: int, repeats: int) -> float:
   b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
   mm = jax.jit(jnp.dot)
   mm(a, b).block_until_ready()
-  t = _median_time(lambda: mm(a, b).block_until_ready(), max(repeats, 5))
+  t = _median_time(lambda: mm(a, b).block_until_ready(), repeats)
   return 2 * n ** 3 / t
 
 
@@ -104,6 +107,39 @@ def model_flops_per_token(cfg, T: int) -> float:
   return dense + attn
 
 
+def xla_loop_correction(cfg, B: int, T: int, params) -> float:
+  """FLOPs that cost_analysis misses: it counts a while-loop body once, whatever the trip count.
+
+  The step has two loops over model work: the scan over the L layers (forward and backward
+  bodies) and the lax.map over ceil(T / 128) sequence chunks of the LM head. Missing:
+  (L - 1) x one layer's forward + backward, plus (chunks - 1) x one chunk's LM head; the
+  latter is measured as the count with one chunk of length T minus the count with the
+  step's 128-token chunks (each counted once).
+  """
+  import jax
+  import jax.numpy as jnp
+  from clipo_jax.models import transformer as tr
+  lp = jax.tree.map(lambda x: x[0], params["layers"])
+  x = jnp.zeros((B, T, cfg.d_model), jnp.float32)
+  pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+  theta, window = tr._layer_constants(cfg)
+
+  def layer_out(lp, x):
+    return jnp.sum(tr._block(cfg, lp, x, pos, None, None, pos, theta[0], window[0], 0)[0])
+
+  layer = _flops_of(jax.jit(jax.grad(layer_out, argnums=(0, 1))).lower(lp, x).compile()) or 0.0
+  extra = (cfg.n_layers - 1) * layer
+  if T > 128:
+    tokens = jnp.zeros((B, T), jnp.int32)
+    valid = jnp.ones((B, T), bool)
+
+    def lm(chunk):
+      f = lambda p: jnp.sum(tr.token_logprobs(p, cfg, tokens, valid, tokens, chunk=chunk))
+      return _flops_of(jax.jit(jax.grad(f)).lower(params).compile()) or 0.0
+    extra += lm(T) - lm(128)
+  return extra
+
+
 def _flops_of(compiled) -> float | None:
   ca = compiled.cost_analysis()
   if isinstance(ca, (list, tuple)):
@@ -111,7 +147,7 @@ def _flops_of(compiled) -> float | None:
   return float(ca["flops"]) if ca and "flops" in ca else None
 
 
-def run_case(name: str, repeats: int, peak: float, breakdown: bool) -> dict:
+def run_case(name: str, repeats: int, peak_fn, breakdown: bool) -> dict:
   import functools
   import jax
   import jax.numpy as jnp
@@ -136,20 +172,31 @@ def run_case(name: str, repeats: int, peak: float, breakdown: bool) -> dict:
   t0 = time.perf_counter()
   compiled = step.lower(state, batch).compile()
   compile_s = time.perf_counter() - t0
-  xla_flops = _flops_of(compiled)
+  xla_raw = _flops_of(compiled)
+  xla_flops = xla_raw + xla_loop_correction(cfg, B, T, params) if xla_raw else None
   holder = [state]
 
   def one():
     holder[0], m = compiled(holder[0], batch)
     jax.block_until_ready((holder[0], m))
 
-  t_step = _median_time(one, repeats)
+  # the machine is shared and its matmul peak drifts with the load: time the peak right before
+  # every step and report the median of the per-pair ratios (and of each quantity)
+  one()
+  times, peaks = [], []
+  for _ in range(repeats):
+    peaks.append(peak_fn())
+    t0 = time.perf_counter()
+    one()
+    times.append(time.perf_counter() - t0)
+  t_step, peak = statistics.median(times), statistics.median(peaks)
   tokens_per_step = B * T
   model_flops = model_flops_per_token(cfg, T) * tokens_per_step
-  row = dict(case=name, B=B, T=T, params=n_params, compile_s=compile_s, step_s=t_step,
-             tokens_per_s=tokens_per_step / t_step, model_flops=model_flops, xla_flops=xla_flops,
-             model_flops_per_s=model_flops / t_step, frac_peak=model_flops / t_step / peak,
-             xla_frac_peak=(xla_flops / t_step / peak) if xla_flops else None)
+  frac = statistics.median(model_flops / t / p for t, p in zip(times, peaks))
+  xla_frac = statistics.median(xla_flops / t / p for t, p in zip(times, peaks)) if xla_flops else None
+  row = dict(case=name, B=B, T=T, params=n_params, compile_s=compile_s, step_s=t_step, peak=peak,
+             tokens_per_s=tokens_per_step / t_step, model_flops=model_flops, xla_flops_raw=xla_raw, xla_flops=xla_flops,
+             model_flops_per_s=model_flops / t_step, frac_peak=frac, xla_frac_peak=xla_frac)
   if breakdown:
     p = holder[0].params
     fwd = jax.jit(lambda p: response_logprobs(p, cfg, batch.tokens, batch.valid, N))
@@ -167,39 +214,43 @@ def main(argv):
   import jax
   load = os.getloadavg()
   print(f"jax {jax.__version__} on {_machine()}; load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
-  peak = measure_peak(FLAGS.peak_n, FLAGS.repeats)
+  peak = measure_peak(FLAGS.peak_n, 5)
   print(f"peak: float32 {FLAGS.peak_n}^3 matmul, jit, median: {peak / 1e9:.1f} GFLOP/s")
   rows = []
   for name in [c for c in FLAGS.cases.split(",") if c]:
-    r = run_case(name, FLAGS.repeats, peak, FLAGS.breakdown)
+    r = run_case(name, FLAGS.repeats, lambda: measure_peak(FLAGS.peak_n, 3), FLAGS.breakdown)
     rows.append(r)
     print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}), flush=True)
   print()
-  hdr = (f"{'case':<14}{'B x T':>10}{'params':>9}{'step s':>9}{'tok/s':>9}{'model GF/s':>12}{'% peak':>8}"
-         f"{'XLA GF/s':>10}{'XLA %':>7}{'fwd s':>8}{'fwd+bwd s':>11}{'compile s':>11}")
+  hdr = (f"{'case':<14}{'B x T':>10}{'params':>9}{'model GF':>9}{'step s':>9}{'tok/s':>9}{'model GF/s':>12}{'peak GF/s':>10}{'% peak':>8}"
+         f"{'XLA GF':>8}{'raw GF':>8}{'XLA GF/s':>10}{'XLA %':>7}{'fwd s':>8}{'fwd+bwd s':>11}{'compile s':>11}")
   print(hdr)
   for r in rows:
     xla = r["xla_flops"] / r["step_s"] / 1e9 if r["xla_flops"] else float("nan")
-    print(f"{r['case']:<14}{r['B']:>4} x {r['T']:<4}{r['params'] / 1e6:>8.1f}M{r['step_s']:>9.3f}"
-          f"{r['tokens_per_s']:>9.0f}{r['model_flops_per_s'] / 1e9:>12.1f}{100 * r['frac_peak']:>7.1f}%"
+    print(f"{r['case']:<14}{r['B']:>4} x {r['T']:<4}{r['params'] / 1e6:>8.1f}M{r['model_flops'] / 1e9:>9.1f}{r['step_s']:>9.3f}"
+          f"{r['tokens_per_s']:>9.0f}{r['model_flops_per_s'] / 1e9:>12.1f}{r['peak'] / 1e9:>10.1f}{100 * r['frac_peak']:>7.1f}%"
+          f"{(r['xla_flops'] or float('nan')) / 1e9:>8.1f}{(r['xla_flops_raw'] or float('nan')) / 1e9:>8.1f}"
           f"{xla:>10.1f}{100 * (r['xla_frac_peak'] or float('nan')):>6.1f}%"
           f"{r.get('fwd_s', float('nan')):>8.3f}{r.get('fwd_bwd_s', float('nan')):>11.3f}{r['compile_s']:>11.1f}")
   load_end = os.getloadavg()
-  print(f"load average at the end: {load_end[0]:.2f}")
+  peak_end = measure_peak(FLAGS.peak_n, 5)
+  print(f"load average at the end: {load_end[0]:.2f}; peak at the end {peak_end / 1e9:.1f} GFLOP/s "
+        f"(each case's % peak pairs every timed step with a peak measured just before it)")
   results = [{"case": "peak matmul float32 GFLOP/s", "ours": peak / 1e9, "baseline": None,
               "baseline_name": f"jit {FLAGS.peak_n}^3 matmul", "ratio": None, "unit": "GFLOP/s"}]
   for r in rows:
     results.append({"case": f"{r['case']} train step tokens/s (B={r['B']}, T={r['T']})", "ours": r["tokens_per_s"],
                     "baseline": None, "baseline_name": "", "ratio": None, "unit": "tokens/s"})
     results.append({"case": f"{r['case']} train step model FLOP/s vs matmul peak", "ours": r["model_flops_per_s"] / 1e9,
-                    "baseline": peak / 1e9, "baseline_name": "measured float32 matmul peak",
+                    "baseline": r["peak"] / 1e9, "baseline_name": "measured float32 matmul peak",
                     "ratio": r["frac_peak"], "unit": "GFLOP/s"})
     if r["xla_flops"]:
       results.append({"case": f"{r['case']} train step XLA-counted FLOP/s vs matmul peak",
-                      "ours": r["xla_flops"] / r["step_s"] / 1e9, "baseline": peak / 1e9,
+                      "ours": r["xla_flops"] / r["step_s"] / 1e9, "baseline": r["peak"] / 1e9,
                       "baseline_name": "measured float32 matmul peak", "ratio": r["xla_frac_peak"],
                       "unit": "GFLOP/s"})
   print(json.dumps({"bench": "train_step", "machine": _machine(), "load_avg": [load[0], load_end[0]],
+                    "peak_gflops_start_end": [peak / 1e9, peak_end / 1e9],
                     "results": results}))
 
 
