@@ -119,7 +119,8 @@ def _act(cfg: ModelConfig, x):
 class KVCache(NamedTuple):
   """Per-layer keys/values plus the position of every slot (-1 = empty).
 
-  k, v: [L, B, S, K, hd]; pos: [B, S] int32.
+  k, v: [L, B, K, S, hd] (head-major so attention reads each head's keys contiguously with no
+  transpose); pos: [B, S] int32.
   """
   k: jax.Array
   v: jax.Array
@@ -127,33 +128,44 @@ class KVCache(NamedTuple):
 
   @staticmethod
   def logical_axes():
-    kv = ("layers", "batch", "cache_seq", "kv_head", "head_dim")
+    kv = ("layers", "batch", "kv_head", "cache_seq", "head_dim")
     return KVCache(k=kv, v=kv, pos=("batch", "cache_seq"))
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> KVCache:
   dtype = jnp.dtype(dtype or cfg.dtype)
-  shape = (cfg.n_layers, batch, length, cfg.n_kv_heads, cfg.head_dim)
+  shape = (cfg.n_layers, batch, cfg.n_kv_heads, length, cfg.head_dim)
   return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.full((batch, length), -1, jnp.int32))
 
 
-def _attention(cfg: ModelConfig, q, k, v, q_pos, k_pos, window):
-  """q: [B, T, H, hd]; k, v: [B, S, K, hd]; q_pos [B, T]; k_pos [B, S] (-1 = invalid)."""
+def _attention(cfg: ModelConfig, q, segments, q_pos, window):
+  """q: [B, T, H, hd]; segments: (k [B, K, S, hd], v [B, K, S, hd], k_pos [B, S] (-1 = invalid)) pairs
+  attended jointly (one softmax over all their keys), e.g. the read-only cache and the new tokens."""
   B, T, H, hd = q.shape
-  K = k.shape[2]
+  K = segments[0][0].shape[1]
   q = q.reshape(B, T, K, H // K, hd)
-  logits = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * cfg.scale
-  if cfg.attn_logit_softcap is not None:
-    logits = jnp.tanh(logits / cfg.attn_logit_softcap) * cfg.attn_logit_softcap
   qp = q_pos[:, None, None, :, None]
-  kp = k_pos[:, None, None, None, :]
-  allowed = (kp >= 0) & (kp <= qp) & ((qp - kp) < window)
-  logits = jnp.where(allowed, logits, -1e30)
+  all_logits, all_allowed = [], []
+  for k, _, k_pos in segments:
+    logits = jnp.einsum("btkgd,bksd->bkgts", q, k, preferred_element_type=jnp.float32) * cfg.scale
+    if cfg.attn_logit_softcap is not None:
+      logits = jnp.tanh(logits / cfg.attn_logit_softcap) * cfg.attn_logit_softcap
+    kp = k_pos[:, None, None, None, :]
+    allowed = (kp >= 0) & (kp <= qp) & ((qp - kp) < window)
+    all_logits.append(jnp.where(allowed, logits, -1e30))
+    all_allowed.append(allowed)
+  logits = jnp.concatenate(all_logits, axis=-1)
+  allowed = jnp.concatenate(all_allowed, axis=-1)
   probs = jax.nn.softmax(logits, axis=-1)
   # Fully-masked query rows (padding) would average garbage; zero them explicitly.
   probs = jnp.where(jnp.any(allowed, axis=-1, keepdims=True), probs, 0.0)
-  out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v)
-  return out.reshape(B, T, H * hd)
+  out, start = 0.0, 0
+  for k, v, _ in segments:
+    S = k.shape[2]
+    # [b,k] batches of a plain [g*t, s] @ [s, d] matmul; the small output is transposed after
+    out = out + jnp.einsum("bkgts,bksd->bkgtd", probs[..., start:start + S].astype(v.dtype), v)
+    start += S
+  return out.transpose(0, 3, 1, 2, 4).reshape(B, T, H * hd)
 
 
 def _layer_constants(cfg: ModelConfig):
@@ -165,9 +177,10 @@ def _layer_constants(cfg: ModelConfig):
   return jnp.asarray(theta, jnp.float32), jnp.asarray(window, jnp.int32)
 
 
-def _block(cfg: ModelConfig, lp: Params, x, q_pos, k_ctx, v_ctx, k_pos, theta, window,
-           write_index):
-  """One transformer layer. If k_ctx is given (a cache layer), new K/V are written into it."""
+def _block(cfg: ModelConfig, lp: Params, x, q_pos, new_pos, k_ctx, v_ctx, ctx_pos, theta, window):
+  """One transformer layer over new tokens x [B, T, D] (RoPE positions q_pos, key positions
+  new_pos with -1 = padding). k_ctx/v_ctx [B, K, S, hd]: a read-only cache layer (or None) that
+  the new tokens attend to besides themselves. Returns x and the new tokens' k, v [B, K, T, hd]."""
   dt = jnp.dtype(cfg.dtype)
   B, T, _ = x.shape
   h = rms_norm(x, lp["attn_norm"], cfg.norm_eps)
@@ -178,18 +191,16 @@ def _block(cfg: ModelConfig, lp: Params, x, q_pos, k_ctx, v_ctx, k_pos, theta, w
     q, k, v = q + lp["bq"].astype(dt), k + lp["bk"].astype(dt), v + lp["bv"].astype(dt)
   q = q.reshape(B, T, cfg.n_heads, cfg.head_dim)
   k = k.reshape(B, T, cfg.n_kv_heads, cfg.head_dim)
-  v = v.reshape(B, T, cfg.n_kv_heads, cfg.head_dim)
+  v = v.reshape(B, T, cfg.n_kv_heads, cfg.head_dim).swapaxes(1, 2)
   if cfg.qk_norm:
     q = rms_norm(q, lp["q_norm"], cfg.norm_eps)
     k = rms_norm(k, lp["k_norm"], cfg.norm_eps)
   q = rope(q, q_pos, theta)
-  k = rope(k, q_pos, theta)
-  if k_ctx is None:
-    k_all, v_all = k, v
-  else:
-    k_all = jax.lax.dynamic_update_slice(k_ctx, k.astype(k_ctx.dtype), (0, write_index, 0, 0))
-    v_all = jax.lax.dynamic_update_slice(v_ctx, v.astype(v_ctx.dtype), (0, write_index, 0, 0))
-  attn = _attention(cfg, q, k_all.astype(dt), v_all.astype(dt), q_pos, k_pos, window)
+  k = rope(k, q_pos, theta).swapaxes(1, 2)  # [B, K, T, hd]
+  segments = [(k, v, new_pos)]
+  if k_ctx is not None:
+    segments.insert(0, (k_ctx.astype(dt), v_ctx.astype(dt), ctx_pos))
+  attn = _attention(cfg, q, segments, q_pos, window)
   attn = jnp.einsum("bth,hd->btd", attn, lp["wo"].astype(dt))
   if cfg.post_norms:
     attn = rms_norm(attn, lp["post_attn_norm"], cfg.norm_eps)
@@ -201,7 +212,7 @@ def _block(cfg: ModelConfig, lp: Params, x, q_pos, k_ctx, v_ctx, k_pos, theta, w
   if cfg.post_norms:
     mlp = rms_norm(mlp, lp["post_mlp_norm"], cfg.norm_eps)
   x = constrain(x + mlp, ("batch", "seq", "act_embed"))
-  return x, k_all, v_all
+  return x, k, v
 
 
 def positions_from_mask(valid: jax.Array) -> jax.Array:
@@ -234,13 +245,16 @@ def forward(params: Params, cfg: ModelConfig, tokens: jax.Array, valid: jax.Arra
   thetas, windows = _layer_constants(cfg)
 
   if cache is None:
-    k_pos = q_pos_masked
+    ctx_pos = None
   else:
-    k_pos = jax.lax.dynamic_update_slice(cache.pos, q_pos_masked, (0, write_index))
+    # The cache is read-only inside the layer scan (slots being written now count as empty);
+    # the new keys/values come out of the scan as [L, B, K, T, hd] and are written once below,
+    # in place, instead of copying every layer's whole cache slice through the scan.
+    ctx_pos = jax.lax.dynamic_update_slice(cache.pos, jnp.full(tokens.shape, -1, jnp.int32), (0, write_index))
 
   def body(x, layer):
     lp, theta, window, k_c, v_c = layer
-    x, k_new, v_new = _block(cfg, lp, x, positions, k_c, v_c, k_pos, theta, window, write_index)
+    x, k_new, v_new = _block(cfg, lp, x, positions, q_pos_masked, k_c, v_c, ctx_pos, theta, window)
     return x, ((k_new, v_new) if cache is not None else None)
 
   if remat:
@@ -251,7 +265,12 @@ def forward(params: Params, cfg: ModelConfig, tokens: jax.Array, valid: jax.Arra
     xs = (params["layers"], thetas, windows, cache.k, cache.v)
   x, new_kv = jax.lax.scan(body, x, xs)
   hidden = rms_norm(x, params["final_norm"], cfg.norm_eps)
-  new_cache = None if cache is None else KVCache(new_kv[0], new_kv[1], k_pos)
+  new_cache = None
+  if cache is not None:
+    at = (0, 0, 0, write_index, 0)
+    new_cache = KVCache(jax.lax.dynamic_update_slice(cache.k, new_kv[0].astype(cache.k.dtype), at),
+                        jax.lax.dynamic_update_slice(cache.v, new_kv[1].astype(cache.v.dtype), at),
+                        jax.lax.dynamic_update_slice(cache.pos, q_pos_masked, (0, write_index)))
   return hidden, new_cache
 
 
