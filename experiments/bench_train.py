@@ -119,20 +119,17 @@ def xla_loop_correction(cfg, B: int, T: int, params) -> float:
   import jax
   import jax.numpy as jnp
   from clipo_jax.models import transformer as tr
-  lp = jax.tree.map(lambda x: x[0], params["layers"])
-  x = jnp.zeros((B, T, cfg.d_model), jnp.float32)
-  pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-  theta, window = tr._layer_constants(cfg)
-
-  def layer_out(lp, x):
-    return jnp.sum(tr._block(cfg, lp, x, pos, None, None, pos, theta[0], window[0], 0)[0])
-
-  layer = _flops_of(jax.jit(jax.grad(layer_out, argnums=(0, 1))).lower(lp, x).compile()) or 0.0
+  tokens = jnp.zeros((B, T), jnp.int32)
+  valid = jnp.ones((B, T), bool)
+  # one layer's forward + backward: the whole decoder with n_layers=1 (its embedding gather and
+  # final norm are a few B*T*d FLOPs on top, negligible)
+  cfg1 = cfg.replace(n_layers=1)
+  p1 = jax.tree.map(lambda x: x[:1], params["layers"])
+  p1 = dict(params, layers=p1)
+  hidden_sum = lambda p: jnp.sum(tr.forward(p, cfg1, tokens, valid)[0])
+  layer = _flops_of(jax.jit(jax.grad(hidden_sum)).lower(p1).compile()) or 0.0
   extra = (cfg.n_layers - 1) * layer
   if T > 128:
-    tokens = jnp.zeros((B, T), jnp.int32)
-    valid = jnp.ones((B, T), bool)
-
     def lm(chunk):
       f = lambda p: jnp.sum(tr.token_logprobs(p, cfg, tokens, valid, tokens, chunk=chunk))
       return _flops_of(jax.jit(jax.grad(f)).lower(params).compile()) or 0.0
