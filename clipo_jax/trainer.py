@@ -17,6 +17,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from clipo_jax import contrastive, parallel, sampling, tasks
 from clipo_jax.models import ModelConfig, PRESETS, load_model, transformer
@@ -201,8 +202,16 @@ def run(config, workdir: str) -> dict:
   manager = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(
       max_to_keep=config.ckpt.keep, create=True))
 
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
   def new_state(p):
-    return TrainState(p, jax.jit(optimizer.init)(p), jnp.zeros((), jnp.int32))
+    # every leaf on the mesh: moments sharded like their params, counts replicated (a plain
+    # jit(optimizer.init) leaves outputs that do not depend on p on one device)
+    p_sh = jax.tree.map(lambda x: x.sharding, p)
+    opt_sh = optax.tree_map_params(optimizer, lambda _, sh: sh, jax.eval_shape(optimizer.init, p), p_sh,
+                                   transform_non_params=lambda _: replicated)
+    opt_state = jax.jit(optimizer.init, out_shardings=opt_sh)(p)
+    return TrainState(p, opt_state, jax.jit(lambda: jnp.zeros((), jnp.int32), out_shardings=replicated)())
 
   def head_init():
     if clipo_cfg is None:  # orbax refuses empty trees: keep the slot with a placeholder
@@ -263,7 +272,10 @@ def run(config, workdir: str) -> dict:
     """Deterministic stream over the training pool (reshuffled every epoch); drops overlong."""
     nonlocal data_pos
     rows, ids = [], []
+    misses = 0
     while len(rows) < n:
+      if misses > len(pool):  # a whole pass without one prompt that fits
+        raise TrainingError(f"no training prompt fits config.rl.max_prompt_len={rl.max_prompt_len}")
       epoch, i = divmod(data_pos, len(pool))
       order = np.random.default_rng([seed, epoch]).permutation(len(pool))
       row = pool[order[i]]
@@ -271,7 +283,9 @@ def run(config, workdir: str) -> dict:
       p = task.encode_prompt(row)
       if len(p) > rl.max_prompt_len:
         counters["prompts_dropped_overlong"] = counters.get("prompts_dropped_overlong", 0) + 1
+        misses += 1
         continue
+      misses = 0
       rows.append(row)
       ids.append(p)
     return rows, ids
@@ -369,6 +383,8 @@ def run(config, workdir: str) -> dict:
       counters["nonfinite_skips"] = counters.get("nonfinite_skips", 0) + int(skipped)
       consecutive_skips = consecutive_skips + 1 if skipped == len(step_metrics) else 0
       if consecutive_skips >= rl.max_consecutive_skips:
+        manager.wait_until_finished()  # an in-flight async save must finish before we exit
+        writer.close()
         raise TrainingError(f"{consecutive_skips} consecutive steps had a NaN/inf loss or gradient "
                             f"(step {step}); aborting — lower rl.lr or check the reward")
     t_end = time.perf_counter()

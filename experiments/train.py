@@ -21,6 +21,19 @@ flags.DEFINE_integer("process_id", None, "this process's id (multi-host)")
 flags.mark_flags_as_required(["config"])
 
 
+def _parse_flags(argv):
+  """absl parsing with one-line errors (ml_collections raises AttributeError for --config.<unknown>)."""
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    sys.exit(f"error: {e}")
+  except (AttributeError, KeyError) as e:
+    key = str(e).strip("\"'")
+    flag = next((a.split("=")[0] for a in argv if a.startswith("--config.") and a.split("=")[0].endswith("." + key)),
+                "--config.*")
+    sys.exit(f"error: {flag}: unknown config key {key!r}")
+
+
 def main(argv):
   del argv
   logging.getLogger("absl").setLevel(logging.WARNING)
@@ -33,4 +46,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)
