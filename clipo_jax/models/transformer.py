@@ -168,6 +168,12 @@ def _attention(cfg: ModelConfig, q, segments, q_pos, window):
   return out.transpose(0, 3, 1, 2, 4).reshape(B, T, H * hd)
 
 
+def _dense(x, w):
+  """[..., D] @ [D, F] as one 2-D matmul: XLA:CPU computes the weight gradient of the 3-D einsum
+  (contracting batch and seq together) ~1.5-2x slower than the same product on [B*T, D]."""
+  return (x.reshape(-1, x.shape[-1]) @ w).reshape(x.shape[:-1] + (w.shape[-1],))
+
+
 def _layer_constants(cfg: ModelConfig):
   """Per-layer RoPE base and attention window as arrays scanned with the weights."""
   big = np.iinfo(np.int32).max
@@ -184,9 +190,9 @@ def _block(cfg: ModelConfig, lp: Params, x, q_pos, new_pos, k_ctx, v_ctx, ctx_po
   dt = jnp.dtype(cfg.dtype)
   B, T, _ = x.shape
   h = rms_norm(x, lp["attn_norm"], cfg.norm_eps)
-  q = jnp.einsum("btd,dh->bth", h, lp["wq"].astype(dt))
-  k = jnp.einsum("btd,dh->bth", h, lp["wk"].astype(dt))
-  v = jnp.einsum("btd,dh->bth", h, lp["wv"].astype(dt))
+  q = _dense(h, lp["wq"].astype(dt))
+  k = _dense(h, lp["wk"].astype(dt))
+  v = _dense(h, lp["wv"].astype(dt))
   if cfg.qkv_bias:
     q, k, v = q + lp["bq"].astype(dt), k + lp["bk"].astype(dt), v + lp["bv"].astype(dt)
   q = q.reshape(B, T, cfg.n_heads, cfg.head_dim)
@@ -201,14 +207,14 @@ def _block(cfg: ModelConfig, lp: Params, x, q_pos, new_pos, k_ctx, v_ctx, ctx_po
   if k_ctx is not None:
     segments.insert(0, (k_ctx.astype(dt), v_ctx.astype(dt), ctx_pos))
   attn = _attention(cfg, q, segments, q_pos, window)
-  attn = jnp.einsum("bth,hd->btd", attn, lp["wo"].astype(dt))
+  attn = _dense(attn, lp["wo"].astype(dt))
   if cfg.post_norms:
     attn = rms_norm(attn, lp["post_attn_norm"], cfg.norm_eps)
   x = x + attn
   h = rms_norm(x, lp["mlp_norm"], cfg.norm_eps)
-  gate = jnp.einsum("btd,df->btf", h, lp["w_gate"].astype(dt))
-  up = jnp.einsum("btd,df->btf", h, lp["w_up"].astype(dt))
-  mlp = jnp.einsum("btf,fd->btd", _act(cfg, gate) * up, lp["w_down"].astype(dt))
+  gate = _dense(h, lp["w_gate"].astype(dt))
+  up = _dense(h, lp["w_up"].astype(dt))
+  mlp = _dense(_act(cfg, gate) * up, lp["w_down"].astype(dt))
   if cfg.post_norms:
     mlp = rms_norm(mlp, lp["post_mlp_norm"], cfg.norm_eps)
   x = constrain(x + mlp, ("batch", "seq", "act_embed"))
