@@ -30,7 +30,8 @@ def demo_notebook(workdir: str) -> nbformat.NotebookNode:
       "import numpy as np\nk = 5\nsmooth = np.convolve(reward, np.ones(k) / k, mode='valid')\n"
       "fig, ax = plt.subplots(figsize=(6, 3))\nax.plot(steps, reward, alpha=0.3, label='per step')\n"
       "ax.plot(steps[k - 1:], smooth, label=f'{k}-step mean')\nax.set_xlabel('RL step'); ax.set_ylabel('outcome reward')\n"
-      "ax.legend(); fig.tight_layout(); fig.savefig(os.path.join(WORKDIR, 'reward_curve.png')); plt.show()"))
+      "ax.legend(); fig.tight_layout(); png = os.path.join(WORKDIR, 'reward_curve.png'); fig.savefig(png)\n"
+      "from IPython.display import Image\nImage(filename=png)"))
   c.append(nbformat.v4.new_code_cell(
       "before = json.load(open(os.path.join(WORKDIR, 'eval_before.json')))\n"
       "after = json.load(open(os.path.join(WORKDIR, 'eval_after.json')))\n"
