@@ -72,18 +72,18 @@ def main(argv):
     sys.exit("no finished runs")
   sets = list(next(iter(table.values()))[0])
   keys = ("outcome", "process", "lucky")
-  lines = ["| method | seeds | " + " | ".join(f"{s} {k}" for s in sets for k in keys) + " |",
-           "|---|---|" + "---|" * (len(sets) * len(keys))]
-  summary = {}
-  for name, evals in table.items():
-    cells = []
-    summary[name] = {}
-    for s in sets:
-      for k in keys:
+  summary = {name: {} for name in table}
+  lines = []
+  for k in keys:  # one table per metric: methods x test sets, mean ± std over seeds (in %)
+    lines += ["", f"**{k}** (% of problems, greedy, mean ± std over seeds)", "",
+              "| method | seeds | " + " | ".join(sets) + " |", "|---|---|" + "---|" * len(sets)]
+    for name, evals in table.items():
+      cells = []
+      for s in sets:
         vals = np.array([e[s][k] for e in evals]) * 100
         summary[name][f"{s}/{k}"] = {"mean": float(vals.mean()), "std": float(vals.std()), "values": vals.tolist()}
         cells.append(f"{vals.mean():.1f} ± {vals.std():.1f}")
-    lines.append(f"| {name} | {len(evals)} | " + " | ".join(cells) + " |")
+      lines.append(f"| {name} | {len(evals)} | " + " | ".join(cells) + " |")
   md = "\n".join(lines)
   print(md)
   with open(os.path.join(FLAGS.root, "summary.md"), "w") as f:
