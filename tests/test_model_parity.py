@@ -83,3 +83,35 @@ def test_token_logprobs_consistent_with_logits(tiny_pair):
   logits, _ = transformer.forward_logits(params, cfg, tokens, valid)
   ref = np.take_along_axis(np.asarray(jax.nn.log_softmax(logits)), np.asarray(targets)[..., None], -1)[..., 0]
   np.testing.assert_allclose(np.asarray(lp), ref, atol=1e-5)
+
+
+def test_sharded_safetensors_index_loads(tmp_path):
+  torch.manual_seed(1)
+  model = _hf_tiny("qwen2").float().eval()
+  model.save_pretrained(tmp_path, max_shard_size="50KB")  # many shards + model.safetensors.index.json
+  assert (tmp_path / "model.safetensors.index.json").exists()
+  assert len(list(tmp_path.glob("model-*.safetensors"))) > 1
+  cfg, params = loading.load_hf_dir(str(tmp_path))
+  tokens = np.arange(10)[None] % cfg.vocab_size
+  with torch.no_grad():
+    ref = model(input_ids=torch.tensor(tokens)).logits.numpy()
+  logits, _ = transformer.forward_logits(params, cfg, jnp.asarray(tokens), jnp.ones((1, 10), bool))
+  assert np.abs(np.asarray(logits) - ref).max() < 1e-4
+
+
+def test_nnx_module_splits_into_pure_state(tiny_pair):
+  from flax import nnx
+  _, _, cfg, params = tiny_pair
+  model = transformer.Transformer(cfg, params=params)
+  graphdef, state = nnx.split(model)
+  tokens = jnp.asarray([[1, 2, 3, 4]])
+  valid = jnp.ones((1, 4), bool)
+
+  @jax.jit
+  def apply(state, tokens, valid):  # the jit boundary sees only the pytree
+    return nnx.merge(graphdef, state)(tokens, valid)[0]
+
+  want, _ = transformer.forward_logits(params, cfg, tokens, valid)
+  np.testing.assert_allclose(np.asarray(apply(state, tokens, valid)), np.asarray(want), atol=1e-5)
+  axes = [p.get_metadata().get("logical_axes") for p in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, nnx.Variable))]
+  assert ("layers", "embed", "heads") in axes
