@@ -28,6 +28,7 @@ import sys
 import time
 
 from absl import app, flags
+from experiments.bench_common import cores as _cores, machine as _machine
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("tracks", "I,II", "comma list of tracks to run: I, II")
@@ -38,22 +39,6 @@ flags.DEFINE_bool("skip_torch", False, "skip the PyTorch baselines")
 # prompts, group size, hidden, d_out
 TRACKS = {"I": (512, 16, 2048, 512), "II": (128, 16, 3584, 2048)}
 TAU, EPS = 0.05, 1e-8
-
-
-def _cores() -> int:
-    return len(os.sched_getaffinity(0))
-
-
-def _machine() -> str:
-    model = platform.processor() or "cpu"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{model}, {_cores()} cores"
 
 
 def _rss_mib() -> float:

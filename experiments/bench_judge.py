@@ -30,6 +30,7 @@ from absl import app, flags
 
 from clipo_jax.rubrics import CompletionRequest, OpenAIHTTPBackend, score_comparison
 from clipo_jax.rubrics.aggregation import aggregate_scores, pad_criteria
+from experiments.bench_common import machine
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("pairs", 4096, "Pairs in the aggregation batch.")
@@ -39,18 +40,6 @@ flags.DEFINE_string("model", "smollm2", "Model name for the server.")
 flags.DEFINE_list("concurrency", ["1", "8", "32"], "Concurrency levels for the HTTP backend.")
 flags.DEFINE_integer("calls", 32, "Calls per concurrency level.")
 flags.DEFINE_integer("max_tokens", 8, "New tokens per benchmark call.")
-
-
-def machine() -> str:
-    model = platform.processor() or "cpu"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{model}, {os.cpu_count()} cores, jax {jax.__version__} {jax.default_backend()}"
 
 
 def bench_aggregation(n_pairs: int, n_crit: int):

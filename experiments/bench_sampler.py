@@ -37,6 +37,7 @@ import sys
 import time
 
 from absl import app, flags
+from experiments.bench_common import cores as _cores, machine as _machine
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("batches", ["1", "8", "32"], "batch sizes to measure")
@@ -54,22 +55,6 @@ MARK = "@@bench@@ "  # worker replies start with this; anything else on stdout i
 
 
 # --------------------------------------------------------------------------- helpers
-def _cores() -> int:
-  return len(os.sched_getaffinity(0))
-
-
-def _machine() -> str:
-  model = platform.processor() or "cpu"
-  try:
-    for line in open("/proc/cpuinfo"):
-      if line.startswith("model name"):
-        model = line.split(":", 1)[1].strip()
-        break
-  except OSError:
-    pass
-  return f"{model}, {_cores()} cores"
-
-
 def _status_kib(field: str) -> int:
   for line in open("/proc/self/status"):
     if line.startswith(field + ":"):

@@ -34,28 +34,13 @@ import statistics
 import time
 
 from absl import app, flags
+from experiments.bench_common import cores as _cores, machine as _machine
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("cases", "demo,smollm2_135m", "comma list: demo, smollm2_135m")
 flags.DEFINE_integer("repeats", 3, "timed runs per measurement (median)")
 flags.DEFINE_integer("peak_n", 2048, "matmul size for the peak measurement")
 flags.DEFINE_bool("breakdown", True, "also time forward-only and forward+backward")
-
-
-def _cores() -> int:
-  return len(os.sched_getaffinity(0))
-
-
-def _machine() -> str:
-  model = platform.processor() or "cpu"
-  try:
-    for line in open("/proc/cpuinfo"):
-      if line.startswith("model name"):
-        model = line.split(":", 1)[1].strip()
-        break
-  except OSError:
-    pass
-  return f"{model}, {_cores()} cores"
 
 
 def _median_time(fn, repeats):
