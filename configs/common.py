@@ -60,3 +60,29 @@ def finish(c: ml_collections.ConfigDict, seed: int = 0) -> ml_collections.Config
     if key not in c:
       c[key] = ml_collections.ConfigDict(value)
   return c
+
+
+def paper_track(a, *, train_file: str, tests, steps: int, prompts: int, max_new_tokens: int,
+                mini_batches: int, d_out: int, warmup: int, eval_every: int) -> ml_collections.ConfigDict:
+  """A CLIPO paper track (spec section 7): shared hyper-parameters, track-specific sizes.
+
+  `a` is the parsed arg of the track config (model, data, baseline, algo, seed, fixed_head, loss,
+  level, tau, lam).
+  """
+  c = ml_collections.ConfigDict()
+  c.task = ml_collections.ConfigDict(dict(
+      name="dataset", tokenizer=a.model, train=f"clipo:{a.data}/train/{train_file}",
+      tests=",".join(f"{n}=clipo:{a.data}/test/{n}.parquet" for n in tests), train_limit=0, test_limit=0))
+  c.model = ml_collections.ConfigDict(dict(source=a.model, dtype="bfloat16"))
+  c.sft = sft_block()
+  c.rl = rl_block(steps=steps, prompts_per_step=prompts, group_size=16, max_prompt_len=512,
+                  max_new_tokens=max_new_tokens, lr=1e-6, warmup_steps=0, schedule="constant",
+                  weight_decay=0.01, grad_clip=1.0, eps_low=0.2, eps_high=0.2, dual_clip=3.0,
+                  aggregation="token_mean", kl_coef=0.001, kl_estimator="k3", epochs=1,
+                  mini_batches=mini_batches, micro_batches=64, remat=True, temperature=1.0, top_p=1.0)
+  apply_algo(c.rl, a.algo)
+  c.clipo = clipo_block(not a.baseline, d_out=d_out, warmup_steps=warmup, fixed_head=a.fixed_head,
+                        loss_type=a.loss, level=a.level, temperature=a.tau, lam=a.lam, log_geometry=False)
+  c.eval = ml_collections.ConfigDict(dict(every=eval_every, max_new_tokens=max_new_tokens))
+  c.ckpt = ml_collections.ConfigDict(dict(every=eval_every, keep=3))
+  return finish(c, a.seed)
