@@ -362,7 +362,8 @@ def test_signal_deadline_restores_outer_handler():
 # ---------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def pool():
-    p = VerifierPool(num_workers=1, timeout=0.5, hard_grace=0.5)
+    # generous limits: on a loaded 2-core machine even "3" == "3" through sympy can take > 0.5 s
+    p = VerifierPool(num_workers=1, timeout=2.0, hard_grace=1.0)
     yield p
     p.close()
 
@@ -402,7 +403,7 @@ def test_pool_hard_kills_a_frozen_worker(pool):
     os.kill(worker.proc.pid, signal.SIGSTOP)
     t = time.monotonic()
     assert pool.decide([("x+1", "1+x")]) == [(0.0, "hard_kills")]
-    assert time.monotonic() - t < 5.0
+    assert time.monotonic() - t < 8.0
     assert worker.proc.poll() is not None  # the frozen worker is gone
     assert pool.decide([("x+1", "1+x"), ("x", "y")]) == [(1.0, "verifier_calls"),
                                                          (0.0, "verifier_calls")]
@@ -413,7 +414,7 @@ def test_pool_soft_timeout_on_slow_sympy(pool):
     t = time.monotonic()
     (reward, status), = pool.decide([("10^{10^{7}}", "5")])
     assert reward == 0.0 and status in ("timeouts", "hard_kills", "verifier_calls")
-    assert time.monotonic() - t < 5.0
+    assert time.monotonic() - t < 8.0
 
 
 # ---------------------------------------------------------------------------------------------
