@@ -261,6 +261,10 @@ def run(config, workdir: str) -> dict:
                      in_shardings=(state_shardings, None), out_shardings=(state_shardings, None),
                      donate_argnums=0)
   jit_logp = jax.jit(lambda p, t, v: response_logprobs(p, cfg, t, v, N, step_cfg.temperature))
+  def shard_batch(tree):
+    """Host arrays -> device arrays split over the mesh's batch axes (data parallelism)."""
+    return jax.tree.map(lambda x: jax.device_put(x, parallel.batch_sharding(mesh, x.ndim, x.shape[0])), tree)
+
   counters = dict(meta.get("counters", {}))
   consecutive_skips = int(meta.get("consecutive_skips", 0))
   data_pos = int(meta["data_position"])
@@ -377,7 +381,7 @@ def run(config, workdir: str) -> dict:
         order = (perm[:, None] * G + np.arange(G)).reshape(-1)
         for mb in range(rl.mini_batches):
           idx = order[mb * per_mb:(mb + 1) * per_mb]
-          state, sm = jit_step(state, jax.tree.map(lambda x: jnp.asarray(x[idx]), full))
+          state, sm = jit_step(state, shard_batch(jax.tree.map(lambda x: x[idx], full)))
           step_metrics.append(jax.device_get(sm))
       skipped = sum(float(s["actor/skipped"]) for s in step_metrics)
       counters["nonfinite_skips"] = counters.get("nonfinite_skips", 0) + int(skipped)
