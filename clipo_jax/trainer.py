@@ -416,7 +416,7 @@ def run(config, workdir: str) -> dict:
                               if isinstance(v, (int, float))})
     if (step + 1) % config.ckpt.every == 0 or step + 1 == rl.steps:
       save(step + 1, state, ref_params, head,
-           {"data_position": data_pos, "consecutive_skips": consecutive_skips, "counters": counters})
+           {"data_position": data_pos, "consecutive_skips": consecutive_skips, "counters": dict(counters)})  # a copy: the save is async
   manager.wait_until_finished()
   writer.close()
 
