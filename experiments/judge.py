@@ -16,14 +16,14 @@ import asyncio
 import json
 import logging
 import os
-import random
 import sys
 import time
 
 from absl import app, flags
 
-from clipo_jax.rubrics import JudgeConfig, OpenAIHTTPBackend, PairInput, PairwiseJudge
+from clipo_jax.rubrics import JudgeConfig, OpenAIHTTPBackend, PairwiseJudge
 from clipo_jax.rubrics.judge import PairResult, summarise
+from clipo_jax.rubrics.pairs import RowError, read_pair_rows, to_pair
 from clipo_jax.rubrics.protocol import PromptConfig
 
 FLAGS = flags.FLAGS
@@ -49,41 +49,6 @@ flags.DEFINE_integer("max_criteria", 15, "Criteria asked for, at most.")
 flags.DEFINE_string("api_key_env", "OPENAI_API_KEY", "Environment variable holding the API key.")
 flags.DEFINE_string("cache_dir", None, "Completion cache (default DIR/cache; 'none' disables).")
 flags.DEFINE_integer("seed", 0, "Seed for decoding and for the A/B presentation order.")
-
-
-class RowError(ValueError):
-    pass
-
-
-def read_rows(path: str, limit: int) -> list[dict]:
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise RowError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            for key in ("prompt", "chosen", "rejected"):
-                if not isinstance(row.get(key), str):
-                    raise RowError(f"{path}:{lineno}: field '{key}' must be a string")
-            row.setdefault("question_id", f"row{lineno}")
-            rows.append(row)
-            if limit and len(rows) >= limit:
-                break
-    return rows
-
-
-def to_pair(row: dict, seed: int) -> tuple[PairInput, str]:
-    """Chosen shown first or second by a per-pair seeded coin; returns (pair, correct verdict)."""
-    swap = random.Random(f"{seed}:{row['question_id']}").random() < 0.5
-    first, second = (row["rejected"], row["chosen"]) if swap else (row["chosen"], row["rejected"])
-    constraints = row.get("constraints") if isinstance(row.get("constraints"), list) else None
-    pair = PairInput(row["prompt"], first, second, query_type=row.get("query_type"),
-                     ground_truth=row.get("ground_truth") or None, constraints=constraints,
-                     pair_id=str(row["question_id"]))
-    return pair, ("second" if swap else "first")
 
 
 def result_from_dict(d: dict) -> PairResult:
@@ -163,7 +128,7 @@ def main(argv):
             raise app.UsageError(f"--{name} is required")
     os.makedirs(FLAGS.output_dir, exist_ok=True)
     try:
-        rows = read_rows(FLAGS.input, FLAGS.limit)
+        rows = read_pair_rows(FLAGS.input, FLAGS.limit)
     except (RowError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

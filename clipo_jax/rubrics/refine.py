@@ -63,32 +63,14 @@ def load_preference_pairs(path: str | os.PathLike, limit: int = 0, seed: int = 0
     ``query_type``, ``ground_truth``.  The chosen response is shown first or second by a coin
     seeded per pair, so a position-biased judge cannot score well.
     """
-    out: list[tuple[PairInput, str]] = []
+    from clipo_jax.rubrics.pairs import RowError, read_pair_rows, to_pair
     try:
-        f = open(path, encoding="utf-8")
+        rows = read_pair_rows(path, limit)
     except OSError as e:
         raise RefineError(f"{path}: cannot read pairs file: {e.strerror}") from None
-    with f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise RefineError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise RefineError(f"{path}:{lineno}: a row must be a JSON object")
-            for key in ("prompt", "chosen", "rejected"):
-                if not isinstance(row.get(key), str):
-                    raise RefineError(f"{path}:{lineno}: field '{key}' must be a string")
-            qid = str(row.get("question_id", f"row{lineno}"))
-            swap = random.Random(f"{seed}:{qid}").random() < 0.5
-            first, second = (row["rejected"], row["chosen"]) if swap else (row["chosen"], row["rejected"])
-            out.append((PairInput(row["prompt"], first, second, query_type=row.get("query_type"),
-                                  ground_truth=row.get("ground_truth") or None, pair_id=qid),
-                        "second" if swap else "first"))
-            if limit and len(out) >= limit:
-                break
+    except RowError as e:
+        raise RefineError(str(e)) from None
+    out = [to_pair(row, seed) for row in rows]
     ids = [p.pair_id for p, _ in out]
     if len(set(ids)) != len(ids):
         raise RefineError(f"{path}: duplicate question_id values")
