@@ -48,8 +48,7 @@ def evaluate(task, sampler: sampling.Sampler, params, scfg: sampling.SamplingCon
         grades, texts = [], []
         for s in range(n):
           r = i * n + s
-          ids = [int(t) for t in out.tokens[r, :out.lengths[r]] if int(t) not in scfg.stop_ids]
-          text = task.tokenizer.decode(ids)
+          text = sampling.response_text(task.tokenizer, out, r, scfg.stop_ids)
           texts.append(text)
           grades.append(task.grade(row, text))
         mean = {k: float(np.mean([g[k] for g in grades])) for k in grades[0]}

@@ -156,6 +156,12 @@ def generate(params: Params, prompt_tokens: jax.Array, prompt_mask: jax.Array, r
                       out.logprobs, pooled, truncated)
 
 
+def response_text(tokenizer, out: SampleOutput, row: int, stop_ids) -> str:
+  """Decoded response of one row: its generated tokens without the stop token(s)."""
+  ids = [int(t) for t in out.tokens[row, :int(out.lengths[row])] if int(t) not in stop_ids]
+  return tokenizer.decode(ids)
+
+
 def bucket(n: int, minimum: int = 8) -> int:
   """Next power of two >= max(n, minimum): bounds the number of compiled shapes."""
   return max(minimum, 1 << max(0, int(np.ceil(np.log2(max(n, 1))))))

@@ -7,7 +7,6 @@ same command on the same workdir resumes and reproduces an uninterrupted run.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -130,10 +129,6 @@ def build_model(config, vocab_size: int, rng) -> tuple[ModelConfig, Any]:
 
 
 # ============================================================================ rollout helpers
-def _decode(tok, ids, length, stop_ids) -> str:
-  return tok.decode([int(t) for t in ids[:length] if int(t) not in stop_ids])
-
-
 def evaluate(task: tasks.Task, sampler: sampling.Sampler, params, scfg: sampling.SamplingConfig, rng,
              batch_size: int = 64) -> dict[str, dict[str, float]]:
   """The shared evaluation (clipo_jax.evaluation) as the trainer uses it."""
@@ -305,7 +300,7 @@ def run(config, workdir: str) -> dict:
     def sample_round(round_idx):
       rows, ids = next_prompts(rl.prompts_per_step)
       out = sampler(state.params, ids, jax.random.fold_in(step_key, round_idx), rollout_cfg)
-      texts = [_decode(tok, out.tokens[i], out.lengths[i], stop_ids) for i in range(len(out.lengths))]
+      texts = [sampling.response_text(tok, out, i, stop_ids) for i in range(len(out.lengths))]
       fields = dict(out._asdict())
       fields["rewards"] = np.array([task.reward(rows[i // G], t) for i, t in enumerate(texts)], np.float32)
       if rl.dynamic_sampling:  # rounds are stacked: give every round the same prompt width

@@ -40,9 +40,7 @@ def main(argv):
       max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature or 0.0,
       top_k=FLAGS.top_k, top_p=FLAGS.top_p, stop_ids=tuple(tok.stop_ids), pad_id=tok.pad_id)
   out = sampling.Sampler(cfg)(params, [ids], jax.random.key(FLAGS.seed), scfg)
-  n = int(out.lengths[0])
-  text_ids = [int(t) for t in out.tokens[0, :n] if int(t) not in tok.stop_ids]
-  print(tok.decode(text_ids))
+  print(sampling.response_text(tok, out, 0, tok.stop_ids))
 
 
 if __name__ == "__main__":
