@@ -183,7 +183,7 @@ def run(config, workdir: str) -> dict:
                                      top_p=config.eval.get("top_p", 1.0), n_samples=config.eval.get("n", 1),
                                      stop_ids=stop_ids, pad_id=tok.pad_id)
   sampler = sampling.Sampler(cfg, mesh)
-  prompt_width = sampling.bucket(rl.max_prompt_len, sampler.min_len_bucket)
+  prompt_width = sampler.length_bucket(rl.max_prompt_len)
   optimizer = make_optimizer(rl.lr, total_steps=rl.steps, warmup_steps=rl.warmup_steps,
                              schedule=rl.schedule, weight_decay=rl.weight_decay, grad_clip=rl.grad_clip)
   step_cfg = StepConfig(policy_loss=rl.policy_loss, policy_loss_opts=_policy_opts(rl),

@@ -159,7 +159,7 @@ def _worker_ours(batch: int) -> None:
     return {"n_params": n_params, "weight_bytes": weight_bytes, "n_layers": cfg.n_layers,
             "kv_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim,
             "prompt_lens": [len(p) for p in prompts],
-            "prompt_bucket": sampling.bucket(max(map(len, prompts)), state["sampler"].min_len_bucket),
+            "prompt_bucket": state["sampler"].length_bucket(max(map(len, prompts))),
             "jax": jax.__version__, "jax_devices": str(jax.devices())}
 
   def run(n):
@@ -180,7 +180,7 @@ def _memory_analysis_mib(state, scfg):
   import jax
   from clipo_jax import sampling
   sampler, prompts = state["sampler"], state["prompts"]
-  length = sampling.bucket(max(map(len, prompts)), sampler.min_len_bucket)
+  length = sampler.length_bucket(max(map(len, prompts)))
   tokens, mask = sampling.left_pad(prompts, length, scfg.pad_id, sampling.bucket(len(prompts), 1))
   try:
     ma = sampler._fn(scfg).lower(state["params"], tokens, mask, jax.random.key(0)).compile().memory_analysis()

@@ -146,3 +146,51 @@ def test_one_compilation_per_bucket():
   s(params, [[1], [2], [3]], jax.random.key(1), scfg)  # batch bucket 4
   s(params, [[1], [2], [3], [4]], jax.random.key(1), scfg)  # still batch bucket 4
   assert sampling.TRACE_COUNT["generate"] - before == 3
+
+
+@pytest.mark.parametrize("scfg", [
+    sampling.SamplingConfig(max_new_tokens=9, temperature=0.0),
+    sampling.SamplingConfig(max_new_tokens=9, temperature=0.8, top_k=20, top_p=0.9, n_samples=2, stop_ids=(3,)),
+])
+def test_unrolled_layers_match_layer_scan(model, scfg):
+  """The unrolled decode loop (per-layer weight and cache buffers) is the same computation as
+  the layer scan: same tokens, log-probs and pooled hidden states."""
+  cfg, params = model
+  prompts = [[5, 9, 17, 3, 44, 2, 8], [7, 1], [100, 101, 102, 103]]
+  a = sampling.Sampler(cfg, unroll_layers=True)(params, prompts, jax.random.key(3), scfg)
+  b = sampling.Sampler(cfg, unroll_layers=False)(params, prompts, jax.random.key(3), scfg)
+  np.testing.assert_array_equal(a.tokens, b.tokens)
+  np.testing.assert_array_equal(a.response_mask, b.response_mask)
+  np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)
+  np.testing.assert_allclose(a.pooled_hidden, b.pooled_hidden, atol=1e-5)
+
+
+def test_unstacked_layers_need_a_per_layer_cache(model):
+  cfg, params = model
+  tokens, valid = jnp.ones((1, 4), jnp.int32), jnp.ones((1, 4), bool)
+  with pytest.raises(ValueError, match="per-layer KV cache"):
+    transformer.forward(transformer.unstack_layers(params), cfg, tokens, valid,
+                        cache=transformer.init_cache(cfg, 1, 8))
+  with pytest.raises(ValueError, match="unstacked layers"):
+    transformer.forward(params, cfg, tokens, valid, cache=transformer.init_cache(cfg, 1, 8, per_layer=True))
+
+
+def test_argmax_last_matches_numpy():
+  rng = np.random.default_rng(0)
+  x = rng.integers(-3, 4, size=(64, 50)).astype(np.float32)  # many ties: the first index wins
+  x[5, 7] = np.inf
+  x[9, :] = -np.inf
+  x[11, 30] = np.nan  # numpy: a NaN is the maximum
+  np.testing.assert_array_equal(np.asarray(sampling.argmax_last(jnp.asarray(x))), np.argmax(x, axis=-1))
+
+
+@pytest.mark.parametrize("minimum,steps", [(1, 1), (16, 1), (16, 4), (8, 3)])
+def test_bucket_grid(minimum, steps):
+  sizes = [sampling.bucket(n, minimum, steps) for n in range(1, 1100)]
+  assert all(b >= max(n, minimum) for n, b in zip(range(1, 1100), sizes))
+  assert sizes == sorted(sizes)  # monotone, so bucket(longest) bounds every shorter batch
+  for n, b in zip(range(1, 1100), sizes):
+    top = 1 << (max(n, minimum) - 1).bit_length()
+    assert b <= top and (b - max(n, minimum)) < max(1, -(-(top // 2) // steps))  # waste < one grid step
+  distinct = sorted(set(s for s in sizes if 256 < s <= 512))
+  assert len(distinct) == steps  # compilations per octave

@@ -13,6 +13,7 @@ Parameter tree (L = n_layers, D = d_model, H/K = query/kv heads, hd = head_dim, 
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -119,23 +120,56 @@ def _act(cfg: ModelConfig, x):
 class KVCache(NamedTuple):
   """Per-layer keys/values plus the position of every slot (-1 = empty).
 
-  k, v: [L, B, K, S, hd] (head-major so attention reads each head's keys contiguously with no
-  transpose); pos: [B, S] int32.
+  k, v: [L, B, K, S, hd] stacked over layers (head-major so attention reads each head's keys
+  contiguously with no transpose), or, for the unrolled layer loop (`unstack_layers`), tuples of
+  L per-layer [B, K, S, hd] buffers; pos: [B, S] int32.
   """
-  k: jax.Array
-  v: jax.Array
+  k: Any
+  v: Any
   pos: jax.Array
 
   @staticmethod
-  def logical_axes():
-    kv = ("layers", "batch", "kv_head", "cache_seq", "head_dim")
-    return KVCache(k=kv, v=kv, pos=("batch", "cache_seq"))
+  def logical_axes(per_layer: bool = False):
+    kv = ("batch", "kv_head", "cache_seq", "head_dim")
+    return KVCache(k=kv if per_layer else ("layers",) + kv, v=kv if per_layer else ("layers",) + kv,
+                   pos=("batch", "cache_seq"))
 
 
-def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> KVCache:
+def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None, per_layer: bool = False) -> KVCache:
   dtype = jnp.dtype(dtype or cfg.dtype)
+  pos = jnp.full((batch, length), -1, jnp.int32)
+  if per_layer:
+    shape = (batch, cfg.n_kv_heads, length, cfg.head_dim)
+    return KVCache(tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layers)),
+                   tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layers)), pos)
   shape = (cfg.n_layers, batch, cfg.n_kv_heads, length, cfg.head_dim)
-  return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.full((batch, length), -1, jnp.int32))
+  return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), pos)
+
+
+def extend_cache(cache: KVCache, n: int) -> KVCache:
+  """The cache with n more empty slots at the end (e.g. a prompt-length prefill cache made room
+  for the decode steps: the prefill then attends over the prompt only, not the empty slots)."""
+  def pad(x):
+    if isinstance(x, (list, tuple)):
+      return tuple(pad(a) for a in x)
+    return jnp.pad(x, [(0, 0)] * (x.ndim - 2) + [(0, n), (0, 0)])
+  return KVCache(pad(cache.k), pad(cache.v), jnp.pad(cache.pos, ((0, 0), (0, n)), constant_values=-1))
+
+
+def unstack_layers(params: Params) -> Params:
+  """The same parameters with `layers` as a list of L per-layer dicts instead of [L, ...] stacks.
+
+  `forward` then runs the layers as an unrolled Python loop over separate buffers. XLA:CPU
+  copies every dynamic slice a layer scan takes (each layer's weights, and its K/V cache slice
+  when the cache is stacked), which was ~40% of a SmolLM2 decode step at batch 32; the
+  unrolled loop reads the buffers in place. Costs one copy of the layer weights and a compile
+  time that grows with depth, so the sampler uses it for decoding and the trainer keeps the scan.
+  """
+  layers = params["layers"]
+  if isinstance(layers, (list, tuple)):
+    return params
+  n = jax.tree.leaves(layers)[0].shape[0]
+  return {**params, "layers": [jax.tree.map(lambda a: a[l], layers) for l in range(n)]}
 
 
 def _attention(cfg: ModelConfig, q, segments, q_pos, window):
@@ -174,19 +208,21 @@ def _dense(x, w):
   return (x.reshape(-1, x.shape[-1]) @ w).reshape(x.shape[:-1] + (w.shape[-1],))
 
 
-def _layer_constants(cfg: ModelConfig):
-  """Per-layer RoPE base and attention window as arrays scanned with the weights."""
-  big = np.iinfo(np.int32).max
+def _layer_constants(cfg: ModelConfig) -> tuple[list[float], list[int]]:
+  """Per-layer RoPE base and attention window (global layers: unbounded)."""
+  big = int(np.iinfo(np.int32).max)
   theta = [cfg.rope_theta if cfg.layer_is_global(l) else (cfg.rope_local_theta or cfg.rope_theta)
            for l in range(cfg.n_layers)]
   window = [big if cfg.layer_is_global(l) else cfg.sliding_window for l in range(cfg.n_layers)]
-  return jnp.asarray(theta, jnp.float32), jnp.asarray(window, jnp.int32)
+  return theta, window
 
 
-def _block(cfg: ModelConfig, lp: Params, x, q_pos, new_pos, k_ctx, v_ctx, ctx_pos, theta, window):
-  """One transformer layer over new tokens x [B, T, D] (RoPE positions q_pos, key positions
-  new_pos with -1 = padding). k_ctx/v_ctx [B, K, S, hd]: a read-only cache layer (or None) that
-  the new tokens attend to besides themselves. Returns x and the new tokens' k, v [B, K, T, hd]."""
+def _block(cfg: ModelConfig, lp: Params, x, q_pos, theta, window, key_values):
+  """One transformer layer over new tokens x [B, T, D] at RoPE positions q_pos.
+
+  key_values(k, v) takes the new tokens' keys and values [B, K, T, hd] and returns (segments,
+  out): the (k, v, key positions) segments to attend to (see `_attention`) and whatever the
+  caller wants back (e.g. the updated cache layer). Returns (x, out)."""
   dt = jnp.dtype(cfg.dtype)
   B, T, _ = x.shape
   h = rms_norm(x, lp["attn_norm"], cfg.norm_eps)
@@ -203,10 +239,8 @@ def _block(cfg: ModelConfig, lp: Params, x, q_pos, new_pos, k_ctx, v_ctx, ctx_po
     k = rms_norm(k, lp["k_norm"], cfg.norm_eps)
   q = rope(q, q_pos, theta)
   k = rope(k, q_pos, theta).swapaxes(1, 2)  # [B, K, T, hd]
-  segments = [(k, v, new_pos)]
-  if k_ctx is not None:
-    segments.insert(0, (k_ctx.astype(dt), v_ctx.astype(dt), ctx_pos))
-  attn = _attention(cfg, q, segments, q_pos, window)
+  segments, out = key_values(k, v)
+  attn = _attention(cfg, q, [(sk.astype(dt), sv.astype(dt), sp) for sk, sv, sp in segments], q_pos, window)
   attn = _dense(attn, lp["wo"].astype(dt))
   if cfg.post_norms:
     attn = rms_norm(attn, lp["post_attn_norm"], cfg.norm_eps)
@@ -218,7 +252,7 @@ def _block(cfg: ModelConfig, lp: Params, x, q_pos, new_pos, k_ctx, v_ctx, ctx_po
   if cfg.post_norms:
     mlp = rms_norm(mlp, lp["post_mlp_norm"], cfg.norm_eps)
   x = constrain(x + mlp, ("batch", "seq", "act_embed"))
-  return x, k, v
+  return x, out
 
 
 def positions_from_mask(valid: jax.Array) -> jax.Array:
@@ -248,35 +282,60 @@ def forward(params: Params, cfg: ModelConfig, tokens: jax.Array, valid: jax.Arra
     x = x * jnp.asarray(cfg.d_model ** 0.5, dt)
   x = constrain(x, ("batch", "seq", "act_embed"))
   q_pos_masked = jnp.where(valid, positions, -1)
-  thetas, windows = _layer_constants(cfg)
 
-  if cache is None:
-    ctx_pos = None
-  else:
-    # The cache is read-only inside the layer scan (slots being written now count as empty);
-    # the new keys/values come out of the scan as [L, B, K, T, hd] and are written once below,
-    # in place, instead of copying every layer's whole cache slice through the scan.
-    ctx_pos = jax.lax.dynamic_update_slice(cache.pos, jnp.full(tokens.shape, -1, jnp.int32), (0, write_index))
-
-  def body(x, layer):
-    lp, theta, window, k_c, v_c = layer
-    x, k_new, v_new = _block(cfg, lp, x, positions, q_pos_masked, k_c, v_c, ctx_pos, theta, window)
-    return x, ((k_new, v_new) if cache is not None else None)
-
+  block = functools.partial(_block, cfg)
   if remat:
-    body = jax.checkpoint(body, prevent_cse=False)
-  if cache is None:
-    xs = (params["layers"], thetas, windows, None, None)
+    block = jax.checkpoint(block, prevent_cse=False, static_argnums=(5,))
+  at = (0, 0, write_index, 0)
+  new_pos = None if cache is None else jax.lax.dynamic_update_slice(cache.pos, q_pos_masked, (0, write_index))
+
+  if isinstance(params["layers"], (list, tuple)):  # unrolled over per-layer buffers
+    if cache is not None and not isinstance(cache.k, (list, tuple)):
+      raise ValueError("forward: unstacked layers need a per-layer KV cache (init_cache(per_layer=True))")
+    ks, vs = [], []
+    for l, (lp, theta, window) in enumerate(zip(params["layers"], *_layer_constants(cfg))):
+      if cache is None:
+        kv = lambda k, v: ([(k, v, q_pos_masked)], None)
+      else:
+        # write this layer's new keys/values first and attend over the updated buffer: nothing
+        # reads the old buffer after the write, so XLA updates it in place (no per-step copy)
+        def kv(k, v, k_c=cache.k[l], v_c=cache.v[l]):
+          k_c = jax.lax.dynamic_update_slice(k_c, k.astype(k_c.dtype), at)
+          v_c = jax.lax.dynamic_update_slice(v_c, v.astype(v_c.dtype), at)
+          return [(k_c, v_c, new_pos)], (k_c, v_c)
+      x, out = block(lp, x, positions, theta, window, kv)
+      if cache is not None:
+        ks.append(out[0])
+        vs.append(out[1])
+    new_k, new_v = tuple(ks), tuple(vs)
   else:
-    xs = (params["layers"], thetas, windows, cache.k, cache.v)
-  x, new_kv = jax.lax.scan(body, x, xs)
+    if cache is not None and isinstance(cache.k, (list, tuple)):
+      raise ValueError("forward: a per-layer KV cache needs unstacked layers (unstack_layers)")
+    thetas, windows = _layer_constants(cfg)
+    thetas, windows = jnp.asarray(thetas, jnp.float32), jnp.asarray(windows, jnp.int32)
+    if cache is not None:
+      # The stacked cache is read-only inside the layer scan (slots being written now count as
+      # empty); the new keys/values come out of the scan as [L, B, K, T, hd] and are written once
+      # below, in place, instead of copying every layer's whole cache slice through the scan.
+      ctx_pos = jax.lax.dynamic_update_slice(cache.pos, jnp.full(tokens.shape, -1, jnp.int32), (0, write_index))
+
+    def body(x, layer):
+      lp, theta, window, k_c, v_c = layer
+      if cache is None:
+        kv = lambda k, v: ([(k, v, q_pos_masked)], None)
+      else:
+        kv = lambda k, v: ([(k_c, v_c, ctx_pos), (k, v, q_pos_masked)], (k, v))
+      return block(lp, x, positions, theta, window, kv)
+
+    ctx = (None, None) if cache is None else (cache.k, cache.v)
+    x, new_kv = jax.lax.scan(body, x, (params["layers"], thetas, windows) + ctx)
+    if cache is not None:
+      new_k = jax.lax.dynamic_update_slice(cache.k, new_kv[0].astype(cache.k.dtype), (0,) + at)
+      new_v = jax.lax.dynamic_update_slice(cache.v, new_kv[1].astype(cache.v.dtype), (0,) + at)
   hidden = rms_norm(x, params["final_norm"], cfg.norm_eps)
   new_cache = None
   if cache is not None:
-    at = (0, 0, 0, write_index, 0)
-    new_cache = KVCache(jax.lax.dynamic_update_slice(cache.k, new_kv[0].astype(cache.k.dtype), at),
-                        jax.lax.dynamic_update_slice(cache.v, new_kv[1].astype(cache.v.dtype), at),
-                        jax.lax.dynamic_update_slice(cache.pos, q_pos_masked, (0, write_index)))
+    new_cache = KVCache(new_k, new_v, new_pos)
   return hidden, new_cache
 
 
