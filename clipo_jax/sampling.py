@@ -8,9 +8,10 @@ tokens it returns, at no extra forward pass:
   * CLIPO's representation: the masked mean over generated tokens of the final hidden
     state (after the final norm) that the LM head read to produce each token.
 
-`Sampler` wraps it for host code: buckets batch and prompt length to powers of two so the
-number of compilations is bounded (one per (batch bucket, length bucket)), shards the
-batch over the mesh, and strips padding rows.
+`Sampler` wraps it for host code: buckets the batch to powers of two and the prompt length to
+a quarter-octave grid so the number of compilations is bounded (one per (batch bucket, length
+bucket)), shards the batch over the mesh, picks the layer loop (unrolled on CPU, see
+`generate`), and strips padding rows.
 """
 from __future__ import annotations
 
