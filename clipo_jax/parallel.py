@@ -106,7 +106,58 @@ def tree_shardings(mesh: Mesh, axes_tree, shapes_tree):
 
 
 def shard_tree(tree, mesh: Mesh, axes_tree):
-  return jax.device_put(tree, tree_shardings(mesh, axes_tree, tree))
+  return put_global(tree, tree_shardings(mesh, axes_tree, tree))
+
+
+# ---------------------------------------------------------------------------- multi-process
+# The trainer's host-side work (data, rewards, advantages) is deterministic and runs the same on
+# every process; device arrays span the devices of all processes. These helpers move values
+# across that boundary and are plain device_put / np.asarray in a single process.
+def put_global(tree, shardings):
+  """Values that are the same on every process (numpy, or process-local jax arrays) -> global
+  arrays with the given shardings (a matching tree, or one sharding for every leaf). With
+  several processes each one fills only its own devices' shards, so nothing crosses hosts."""
+  if jax.process_count() == 1:
+    return jax.device_put(tree, shardings)
+  if isinstance(shardings, jax.sharding.Sharding):
+    shardings = jax.tree.map(lambda _: shardings, tree)
+
+  def one(x, sharding):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      return jax.device_put(x, sharding)  # already global: a resharding
+    if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+      # typed PRNG keys have no numpy form: move the raw key data (replicated keys only)
+      data = one(jax.random.key_data(x), NamedSharding(sharding.mesh, P()))
+      return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+  return jax.tree.map(one, tree, shardings)
+
+
+def to_host(tree):
+  """Device arrays -> numpy on every process (an all-gather across processes where a value is
+  split over devices that this process cannot address)."""
+  from jax.experimental import multihost_utils
+
+  def one(x):
+    if not isinstance(x, jax.Array) or x.is_fully_addressable or x.is_fully_replicated:
+      return np.asarray(x)
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+  return jax.tree.map(one, tree)
+
+
+def is_primary() -> bool:
+  """Process 0: the one that writes logs, metrics and other run files."""
+  return jax.process_index() == 0
+
+
+def barrier(name: str) -> None:
+  """Every process waits here until all have arrived (no-op in a single process)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
 
 
 _CURRENT_MESH: list[Mesh] = []

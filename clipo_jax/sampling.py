@@ -261,9 +261,10 @@ class Sampler:
     tokens, mask = left_pad(prompts, length, scfg.pad_id, rows)
     with parallel.use_mesh(self.mesh):
       if self.mesh is not None:
-        tokens = jax.device_put(tokens, parallel.batch_sharding(self.mesh, 2, rows) if rows % self.min_batch_bucket == 0
-                                else parallel.named_sharding(self.mesh, None))
-        mask = jax.device_put(mask, tokens.sharding)
+        sharding = (parallel.batch_sharding(self.mesh, 2, rows) if rows % self.min_batch_bucket == 0
+                    else parallel.named_sharding(self.mesh, None))
+        tokens, mask = parallel.put_global((tokens, mask), sharding)
+        rng = parallel.put_global(rng, parallel.named_sharding(self.mesh, None))
       out = self._fn(scfg)(params, tokens, mask, rng)
     keep = P * scfg.n_samples
-    return SampleOutput(*(np.asarray(x)[:keep] for x in out))
+    return SampleOutput(*(x[:keep] for x in parallel.to_host(tuple(out))))

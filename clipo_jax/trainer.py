@@ -78,8 +78,12 @@ class MetricsWriter:
   """metrics.jsonl (one object per step) + TensorBoard. On resume, lines past the restored
   step are dropped so the file reads like an uninterrupted run."""
 
-  def __init__(self, workdir: str, resume_step: int | None):
+  def __init__(self, workdir: str, resume_step: int | None, enabled: bool = True):
     self.path = os.path.join(workdir, "metrics.jsonl")
+    self.enabled = enabled
+    self.tb = None
+    if not enabled:  # another process writes them
+      return
     if os.path.exists(self.path):
       keep = []
       with open(self.path) as f:
@@ -92,7 +96,6 @@ class MetricsWriter:
             keep.append(line if line.endswith("\n") else line + "\n")
       with open(self.path, "w") as f:
         f.writelines(keep)
-    self.tb = None
     try:
       from tensorboardX import SummaryWriter
       self.tb = SummaryWriter(os.path.join(workdir, "tb"))
@@ -100,6 +103,8 @@ class MetricsWriter:
       logger.warning("tensorboardX not installed: TensorBoard logging off")
 
   def write(self, step: int, metrics: dict[str, float]) -> None:
+    if not self.enabled:
+      return
     rec = {"step": step, **{k: float(v) for k, v in metrics.items()}}
     with open(self.path, "a") as f:
       f.write(json.dumps(rec) + "\n")
@@ -159,14 +164,20 @@ def run(config, workdir: str) -> dict:
 
   validate_config(config)
   os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config.to_json_best_effort(indent=2))
+  primary = parallel.is_primary()  # with several processes, process 0 writes the run's files
+  if primary:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
   rl, seed = config.rl, config.seed
   root = jax.random.key(seed)
   mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
 
   # ---------------------------------------------------------------- task, model, optimizer
+  if not primary:  # process 0 builds the task first: it may train a tokenizer into workdir
+    parallel.barrier("task")
   task = tasks.build_task(config.task, workdir)
+  if primary:
+    parallel.barrier("task")
   tok = task.tokenizer
   cfg, params = build_model(config, tok.vocab_size, jax.random.fold_in(root, 1))
   from clipo_jax.models.tokenizer import check_vocab
@@ -198,6 +209,7 @@ def run(config, workdir: str) -> dict:
       max_to_keep=config.ckpt.keep, create=True))
 
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  replicate = lambda tree: parallel.put_global(tree, replicated)  # host/local values -> every device
 
   def new_state(p):
     # every leaf on the mesh: moments sharded like their params, counts replicated (a plain
@@ -210,8 +222,8 @@ def run(config, workdir: str) -> dict:
 
   def head_init():
     if clipo_cfg is None:  # orbax refuses empty trees: keep the slot with a placeholder
-      return {"unused": jnp.zeros((), jnp.int32)}
-    return contrastive.init_head_state(jax.random.fold_in(root, 2), cfg.d_model, clipo_cfg)
+      return replicate({"unused": jnp.zeros((), jnp.int32)})
+    return replicate(contrastive.init_head_state(jax.random.fold_in(root, 2), cfg.d_model, clipo_cfg))
 
   def save(step, state, ref_params, head, meta):
     manager.save(step, args=ocp.args.Composite(
@@ -220,6 +232,7 @@ def run(config, workdir: str) -> dict:
 
   # ---------------------------------------------------------------- resume or SFT warm start
   latest = manager.latest_step()
+  parallel.barrier("resume_check")  # no process may see a checkpoint another one is writing now
   eval_before_path = os.path.join(workdir, "eval_before.json")
   if latest is not None:
     abstract = lambda t: jax.tree.map(ocp.utils.to_shape_dtype_struct, t)
@@ -245,11 +258,13 @@ def run(config, workdir: str) -> dict:
       before = json.load(f)
   else:
     before = evaluate(task, sampler, ref_params, eval_cfg, jax.random.fold_in(root, 3))
-    with open(eval_before_path, "w") as f:
-      json.dump(before, f, indent=1)
-    print("eval before RL:\n" + format_eval(None, before, task.grade_keys, before_only=True))
+    if primary:
+      with open(eval_before_path, "w") as f:
+        json.dump(before, f, indent=1)
+      print("eval before RL:\n" + format_eval(None, before, task.grade_keys, before_only=True))
+  parallel.barrier("eval_before")  # every process has read or computed `before`
 
-  writer = MetricsWriter(workdir, manager.latest_step())
+  writer = MetricsWriter(workdir, manager.latest_step(), enabled=primary)
   # explicit state shardings in and out: the donated state keeps one layout, so no recompiles
   state_shardings = jax.tree.map(lambda x: x.sharding, state)
   jit_step = jax.jit(lambda s, b: train_step(s, b, cfg=cfg, scfg=step_cfg, optimizer=optimizer),
@@ -257,8 +272,9 @@ def run(config, workdir: str) -> dict:
                      donate_argnums=0)
   jit_logp = jax.jit(lambda p, t, v: response_logprobs(p, cfg, t, v, N, step_cfg.temperature))
   def shard_batch(tree):
-    """Host arrays -> device arrays split over the mesh's batch axes (data parallelism)."""
-    return jax.tree.map(lambda x: jax.device_put(x, parallel.batch_sharding(mesh, x.ndim, x.shape[0])), tree)
+    """Host arrays -> device arrays split over the mesh's batch axes (data parallelism); with
+    several processes each one places only its own rows."""
+    return parallel.put_global(tree, jax.tree.map(lambda x: parallel.batch_sharding(mesh, x.ndim, x.shape[0]), tree))
 
   counters = dict(meta.get("counters", {}))
   consecutive_skips = int(meta.get("consecutive_skips", 0))
@@ -332,18 +348,17 @@ def run(config, workdir: str) -> dict:
     if clipo_cfg is not None:
       labels = (outcome > 0.5).astype(np.int32)
       group_ids = np.repeat(np.arange(len(rewards) // G), G)
-      pooled = jnp.asarray(out.pooled_hidden)
+      pooled, labels_d, group_ids_d, lengths_d = replicate((out.pooled_hidden, labels, group_ids, out.lengths))
       head, per_sample, c_loss, c_metrics = contrastive.head_step(
-          head, pooled, jnp.asarray(labels), jnp.asarray(group_ids), jax.random.fold_in(step_key, 77), clipo_cfg)
-      c_reward = np.asarray(contrastive.contrastive_reward(per_sample, jnp.asarray(labels), lam=config.clipo.lam,
+          head, pooled, labels_d, group_ids_d, replicate(jax.random.fold_in(step_key, 77)), clipo_cfg)
+      c_reward = np.asarray(contrastive.contrastive_reward(per_sample, labels_d, lam=config.clipo.lam,
                                                            c0=config.clipo.c0, clip_min=config.clipo.clip_min))
       rewards = rewards + c_reward
       m.update({k: float(v) for k, v in c_metrics.items()})
       if config.clipo.log_geometry:
         z = contrastive.head_apply(head.params, pooled, clipo_cfg.head)
-        geo = contrastive.contrastive_metrics(pooled, z, jnp.asarray(labels), jnp.asarray(group_ids),
-                                              jnp.asarray(out.lengths), per_sample, jnp.asarray(c_reward),
-                                              group_size=G)
+        geo = contrastive.contrastive_metrics(pooled, z, labels_d, group_ids_d, lengths_d, per_sample,
+                                              replicate(c_reward), group_size=G)
         m.update({k: float(v) for k, v in geo.items()})
       m["contrastive/reward_mean"] = float(c_reward.mean())
 
@@ -356,8 +371,8 @@ def run(config, workdir: str) -> dict:
     if rl.mask_truncated:
       resp_mask = resp_mask & ~out.truncated[:, None]
     zeros = np.zeros_like(out.logprobs)
-    ref_logp = np.asarray(jit_logp(ref_params, tokens, valid)) if rl.kl_coef else zeros
-    old_logp = np.asarray(jit_logp(state.params, tokens, valid)) if step_cfg.use_old_logp else zeros
+    ref_logp = parallel.to_host(jit_logp(ref_params, *shard_batch((tokens, valid)))) if rl.kl_coef else zeros
+    old_logp = parallel.to_host(jit_logp(state.params, *shard_batch((tokens, valid)))) if step_cfg.use_old_logp else zeros
     full = RLBatch(tokens, valid, resp_mask, adv.astype(np.float32), old_logp, ref_logp, out.logprobs)
 
     # updates: PPO epochs x mini-batches (whole groups stay together); frozen during CLIPO warmup
@@ -377,7 +392,7 @@ def run(config, workdir: str) -> dict:
         for mb in range(rl.mini_batches):
           idx = order[mb * per_mb:(mb + 1) * per_mb]
           state, sm = jit_step(state, shard_batch(jax.tree.map(lambda x: x[idx], full)))
-          step_metrics.append(jax.device_get(sm))
+          step_metrics.append(parallel.to_host(sm))
       skipped = sum(float(s["actor/skipped"]) for s in step_metrics)
       counters["nonfinite_skips"] = counters.get("nonfinite_skips", 0) + int(skipped)
       consecutive_skips = consecutive_skips + 1 if skipped == len(step_metrics) else 0
@@ -417,8 +432,9 @@ def run(config, workdir: str) -> dict:
 
   # ---------------------------------------------------------------- final eval
   after = evaluate(task, sampler, state.params, eval_cfg, jax.random.fold_in(root, 3))
-  with open(os.path.join(workdir, "eval_after.json"), "w") as f:
-    json.dump(after, f, indent=1)
+  if primary:
+    with open(os.path.join(workdir, "eval_after.json"), "w") as f:
+      json.dump(after, f, indent=1)
   print("\nevaluation before -> after RL (greedy):\n" + format_eval(before, after, task.grade_keys))
   return {"before": before, "after": after, "last_metrics": last_metrics, "state": state}
 
@@ -459,19 +475,31 @@ def run_sft(config, task: tasks.Task, cfg: ModelConfig, params, shard, workdir: 
     tokens[i, :len(x)], valid[i, :len(x)], lmask[i, :len(x)] = x, True, mk
   opt = make_optimizer(s.lr, total_steps=s.steps, warmup_steps=s.warmup_steps, schedule="cosine",
                        weight_decay=s.weight_decay, grad_clip=1.0, min_lr_ratio=0.1)
-  state = TrainState(params, jax.jit(opt.init)(params), jnp.zeros((), jnp.int32))
+  # batches and the step counter go on the params' mesh (with several processes: only this
+  # process's rows of each batch)
+  p_sharding = jax.tree.leaves(params)[0].sharding
+  mesh = p_sharding.mesh if isinstance(p_sharding, jax.sharding.NamedSharding) else None
+  if mesh is None:
+    put_batch = lambda *xs: xs
+    step0 = jnp.zeros((), jnp.int32)
+  else:
+    put_batch = lambda *xs: parallel.put_global(xs, parallel.batch_sharding(mesh, 2, s.batch_size))
+    step0 = parallel.put_global(np.zeros((), np.int32), parallel.named_sharding(mesh, None))
+  state = TrainState(params, jax.jit(opt.init)(params), step0)
   step_fn = jax.jit(lambda st, t, v, l: sft_step(st, t, v, l, cfg=cfg, optimizer=opt), donate_argnums=0)
   rng = np.random.default_rng(config.seed)
   bar = tqdm(range(s.steps), desc="sft", disable=not config.progress_bar)
-  log = open(os.path.join(workdir, "sft_metrics.jsonl"), "w")
+  log = open(os.path.join(workdir, "sft_metrics.jsonl"), "w") if parallel.is_primary() else None
   for i in bar:
     idx = rng.choice(len(seqs), s.batch_size, replace=False)
-    state, m = step_fn(state, tokens[idx], valid[idx], lmask[idx])
+    state, m = step_fn(state, *put_batch(tokens[idx], valid[idx], lmask[idx]))
     if i % 20 == 0 or i == s.steps - 1:
-      loss = float(m["sft/loss"])
+      loss = float(parallel.to_host(m["sft/loss"]))
       bar.set_postfix(loss=f"{loss:.3f}")
-      log.write(json.dumps({"step": i, "loss": loss}) + "\n")
-  log.close()
+      if log is not None:
+        log.write(json.dumps({"step": i, "loss": loss}) + "\n")
+  if log is not None:
+    log.close()
   return state.params
 
 

@@ -311,3 +311,33 @@ def test_two_process_train_step_matches_single_process(env, tmp_path):
     for m in multi:  # different reduction order across devices: float32 rounding only
       np.testing.assert_allclose(m[key], single[key], rtol=1e-4, atol=2e-5, err_msg=key)
     np.testing.assert_array_equal(multi[0][key], multi[1][key], err_msg=key)  # replicated
+
+
+def test_two_process_trainer_matches_one_process_on_two_devices(env, run_flags, tmp_path):
+  """The whole trainer (SFT, rollouts, CLIPO reward, updates, eval, checkpoints) as 2 CPU
+  processes x 1 device on 127.0.0.1 (gloo) against 1 process x 2 devices: the same mesh shape,
+  so the same metrics; process 0 alone writes the run files."""
+  flags = ["--config=configs/demo.py:size=tiny,clipo", *(f for f in run_flags if not f.startswith("--config=")),
+           "--config.rl.steps=2",
+           "--config.ckpt.every=1", "--config.mesh.data=2"]
+  e = dict(env)
+  e.pop("JAX_COMPILATION_CACHE_DIR")  # gloo programs are not in the single-process cache
+  multi, single = tmp_path / "multi", tmp_path / "single"
+  port = _free_port()
+  _run_workers([train_cmd(multi, *flags, f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+                          f"--process_id={i}") for i in range(2)],
+               dict(e, JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo", XLA_FLAGS="--xla_force_host_platform_device_count=1"),
+               timeout=900)
+  r = run_train(dict(e, XLA_FLAGS="--xla_force_host_platform_device_count=2"), single, *flags, timeout=600)
+  assert r.returncode == 0, r.stderr[-2000:]
+  got, want = read_metrics(multi), read_metrics(single)
+  assert [x["step"] for x in got] == [x["step"] for x in want] == [1, 2]  # one writer, no duplicate lines
+  for g, w in zip(got, want):
+    g, w = comparable(g), comparable(w)
+    assert g.keys() == w.keys()
+    for k in w:  # different collectives (gloo vs in-process): float32 rounding only
+      np.testing.assert_allclose(g[k], w[k], rtol=1e-3, atol=1e-5, err_msg=k)
+  assert "contrastive/reward_mean" in want[0]  # the CLIPO head ran, replicated over processes
+  with open(multi / "eval_after.json") as f, open(single / "eval_after.json") as g:
+    assert json.load(f) == json.load(g)
+  assert sorted(os.listdir(multi / "checkpoints")) == sorted(os.listdir(single / "checkpoints"))
