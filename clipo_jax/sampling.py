@@ -97,8 +97,11 @@ def argmax_last(x: jax.Array) -> jax.Array:
 def sample_token(rng, logits: jax.Array, scfg: SamplingConfig):
   """-> (token [B], log-prob [B] under the temperature-scaled, untruncated distribution)."""
   if scfg.temperature == 0.0:
+    # the argmax's log-prob is max - logsumexp: one shared max, no [B, V] log-softmax written
+    top = jnp.max(logits, axis=-1)
     token = argmax_last(logits)
-    logp = jax.nn.log_softmax(logits, axis=-1)
+    lse = top + jnp.log(jnp.sum(jnp.exp(logits - top[:, None]), axis=-1))
+    return token.astype(jnp.int32), top - lse
   else:
     scaled = logits / scfg.temperature
     logp = jax.nn.log_softmax(scaled, axis=-1)
