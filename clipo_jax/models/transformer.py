@@ -163,7 +163,8 @@ def unstack_layers(params: Params) -> Params:
   copies every dynamic slice a layer scan takes (each layer's weights, and its K/V cache slice
   when the cache is stacked), which was ~40% of a SmolLM2 decode step at batch 32; the
   unrolled loop reads the buffers in place. Costs one copy of the layer weights and a compile
-  time that grows with depth, so the sampler uses it for decoding and the trainer keeps the scan.
+  time that grows with depth, so the sampler uses it on CPU (`Sampler(unroll_layers=...)`) and
+  the trainer keeps the scan.
   """
   layers = params["layers"]
   if isinstance(layers, (list, tuple)):
@@ -269,7 +270,9 @@ def forward(params: Params, cfg: ModelConfig, tokens: jax.Array, valid: jax.Arra
     tokens: [B, T] int token ids; valid: [B, T] bool (False = padding).
     positions: [B, T] RoPE positions; default from `valid` (cumulative count).
     cache: optional KVCache of length S; the T new keys/values are written at slots
-      [write_index, write_index + T) and attention runs over the whole cache.
+      [write_index, write_index + T) and attention runs over the whole cache. Stacked params
+      run as a layer scan with a stacked cache; `unstack_layers` params as an unrolled loop
+      with a per-layer cache (`init_cache(per_layer=True)`).
   Returns:
     hidden [B, T, D] after the final norm (what the LM head reads), and the new cache (or None).
   """
