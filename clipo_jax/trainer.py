@@ -183,8 +183,7 @@ def run(config, workdir: str) -> dict:
   from clipo_jax.models.tokenizer import check_vocab
   check_vocab(tok, cfg.vocab_size, config.model.source)
   axes = transformer.param_logical_axes(cfg)
-  shard = lambda tree: parallel.shard_tree(tree, mesh, axes)
-  params = shard(params)
+  params = parallel.shard_tree(params, mesh, axes)
   stop_ids = tuple(tok.stop_ids)
   N = rl.max_new_tokens
   rollout_cfg = sampling.SamplingConfig(max_new_tokens=N, temperature=rl.temperature, top_p=rl.top_p,
@@ -246,7 +245,7 @@ def run(config, workdir: str) -> dict:
     print(f"resumed from step {latest}")
   else:
     if config.sft.steps > 0:
-      params = cached_sft(config, task, cfg, params, shard, workdir)
+      params = cached_sft(config, task, cfg, params, mesh, workdir)
     state = new_state(params)
     ref_params = jax.tree.map(jnp.copy, params)
     head = head_init()
@@ -371,8 +370,10 @@ def run(config, workdir: str) -> dict:
     if rl.mask_truncated:
       resp_mask = resp_mask & ~out.truncated[:, None]
     zeros = np.zeros_like(out.logprobs)
-    ref_logp = parallel.to_host(jit_logp(ref_params, *shard_batch((tokens, valid)))) if rl.kl_coef else zeros
-    old_logp = parallel.to_host(jit_logp(state.params, *shard_batch((tokens, valid)))) if step_cfg.use_old_logp else zeros
+    if rl.kl_coef or step_cfg.use_old_logp:
+      tokens_d, valid_d = shard_batch((tokens, valid))  # placed once for both passes
+    ref_logp = parallel.to_host(jit_logp(ref_params, tokens_d, valid_d)) if rl.kl_coef else zeros
+    old_logp = parallel.to_host(jit_logp(state.params, tokens_d, valid_d)) if step_cfg.use_old_logp else zeros
     full = RLBatch(tokens, valid, resp_mask, adv.astype(np.float32), old_logp, ref_logp, out.logprobs)
 
     # updates: PPO epochs x mini-batches (whole groups stay together); frozen during CLIPO warmup
@@ -448,7 +449,7 @@ def _left_pad_to(tokens: np.ndarray, mask: np.ndarray, width: int, pad_id: int):
 
 
 # ============================================================================ SFT
-def run_sft(config, task: tasks.Task, cfg: ModelConfig, params, shard, workdir: str):
+def run_sft(config, task: tasks.Task, cfg: ModelConfig, params, mesh, workdir: str):
   """Supervised warm start on the task's (prompt, completion) pairs; loss on completion tokens."""
   from tqdm import tqdm
   s = config.sft
@@ -475,16 +476,10 @@ def run_sft(config, task: tasks.Task, cfg: ModelConfig, params, shard, workdir: 
     tokens[i, :len(x)], valid[i, :len(x)], lmask[i, :len(x)] = x, True, mk
   opt = make_optimizer(s.lr, total_steps=s.steps, warmup_steps=s.warmup_steps, schedule="cosine",
                        weight_decay=s.weight_decay, grad_clip=1.0, min_lr_ratio=0.1)
-  # batches and the step counter go on the params' mesh (with several processes: only this
-  # process's rows of each batch)
-  p_sharding = jax.tree.leaves(params)[0].sharding
-  mesh = p_sharding.mesh if isinstance(p_sharding, jax.sharding.NamedSharding) else None
-  if mesh is None:
-    put_batch = lambda *xs: xs
-    step0 = jnp.zeros((), jnp.int32)
-  else:
-    put_batch = lambda *xs: parallel.put_global(xs, parallel.batch_sharding(mesh, 2, s.batch_size))
-    step0 = parallel.put_global(np.zeros((), np.int32), parallel.named_sharding(mesh, None))
+  # batches and the step counter go on the mesh (with several processes: only this process's
+  # rows of each batch)
+  put_batch = lambda *xs: parallel.put_global(xs, parallel.batch_sharding(mesh, 2, s.batch_size))
+  step0 = parallel.put_global(np.zeros((), np.int32), parallel.named_sharding(mesh, None))
   state = TrainState(params, jax.jit(opt.init)(params), step0)
   step_fn = jax.jit(lambda st, t, v, l: sft_step(st, t, v, l, cfg=cfg, optimizer=opt), donate_argnums=0)
   rng = np.random.default_rng(config.seed)
@@ -515,7 +510,7 @@ def sft_cache_dir(config, workdir: str) -> str:
   return os.path.abspath(os.path.join(root, digest))
 
 
-def cached_sft(config, task: tasks.Task, cfg: ModelConfig, params, shard, workdir: str):
+def cached_sft(config, task: tasks.Task, cfg: ModelConfig, params, mesh, workdir: str):
   """run_sft, or restore its result if this exact SFT was already done (see sft_cache_dir)."""
   import orbax.checkpoint as ocp
   path = sft_cache_dir(config, workdir)
@@ -523,7 +518,7 @@ def cached_sft(config, task: tasks.Task, cfg: ModelConfig, params, shard, workdi
   if os.path.exists(os.path.join(path, "params")):
     print(f"SFT: reusing {path}")
     return ckptr.restore(os.path.join(path, "params"), jax.tree.map(ocp.utils.to_shape_dtype_struct, params))
-  params = run_sft(config, task, cfg, params, shard, workdir)
+  params = run_sft(config, task, cfg, params, mesh, workdir)
   os.makedirs(path, exist_ok=True)
   ckptr.save(os.path.join(path, "params"), params)
   ckptr.wait_until_finished()

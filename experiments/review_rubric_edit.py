@@ -21,23 +21,17 @@ import os
 
 from absl import app, flags
 
+from experiments import judge_backend_flags
 from clipo_jax.rubrics import JudgeConfig
 from clipo_jax.rubrics.protocol import PromptConfig
 from clipo_jax.rubrics.refine import build_judge, load_preference_pairs, review_edit, write_review_record
 
 FLAGS = flags.FLAGS
+judge_backend_flags.define()
 flags.DEFINE_string("old", None, "Current meta-rubric file.")
 flags.DEFINE_string("new", None, "Proposed meta-rubric file (same name).")
 flags.DEFINE_string("input", None, "JudgeBench-format JSONL of labelled pairs.")
-flags.DEFINE_integer("limit", 0, "Use only the first N rows (0 = all).")
-flags.DEFINE_enum("backend", "openai", ["openai", "in-process", "logit"], "Judge backend.")
-flags.DEFINE_string("base_url", None, "openai backend: server URL.")
-flags.DEFINE_string("model", None, "openai: model name; in-process / logit: checkpoint path or 'smollm2'.")
 flags.DEFINE_string("cache_dir", os.path.expanduser("~/.cache/clipo_jax/judge"), "Judge-call cache ('none' disables).")
-flags.DEFINE_integer("workers", 8, "Concurrent HTTP calls / local batch size.")
-flags.DEFINE_integer("max_tokens", 4096, "Max new tokens per judge call.")
-flags.DEFINE_integer("parse_attempts", 3, "Attempts per direction on unparseable output.")
-flags.DEFINE_integer("compact_chars", 0, "> 0: bound free-text answer fields.")
 flags.DEFINE_bool("ground_truth", False, "Let the verifiable path decide pairs with a ground truth.")
 flags.DEFINE_integer("seed", 0, "Seed of the judge and of the A/B presentation order.")
 flags.DEFINE_bool("accept", False, "Record that a person accepts the edit.")
@@ -50,12 +44,7 @@ flags.DEFINE_string("json_out", None, "Also write the full report as JSON here."
 
 async def run():
     cache_dir = None if FLAGS.cache_dir == "none" else FLAGS.cache_dir
-    if FLAGS.backend == "openai":
-        if not FLAGS.base_url or not FLAGS.model:
-            raise app.UsageError("--backend=openai needs --base_url and --model")
-        kw = dict(base_url=FLAGS.base_url, model=FLAGS.model, max_concurrency=FLAGS.workers, cache_dir=cache_dir)
-    else:
-        kw = dict(model=FLAGS.model or "smollm2", cache_dir=cache_dir, max_batch=FLAGS.workers)
+    kw = judge_backend_flags.backend_kwargs(FLAGS.backend, FLAGS.model, FLAGS.base_url, cache_dir, FLAGS.workers)
     cfg = JudgeConfig(max_tokens=FLAGS.max_tokens, parse_attempts=FLAGS.parse_attempts, seed=FLAGS.seed,
                       use_ground_truth=FLAGS.ground_truth, prompt=PromptConfig(compact_chars=FLAGS.compact_chars))
     judge, backend = build_judge(FLAGS.backend, cfg, **kw)

@@ -34,8 +34,8 @@ def main(argv):
     task = tasks.build_task(config.task, FLAGS.workdir)
     root = jax.random.key(config.seed)
     cfg, params = trainer.build_model(config, task.tokenizer.vocab_size, jax.random.fold_in(root, 1))
-    shard = lambda t: parallel.shard_tree(t, mesh, transformer.param_logical_axes(cfg))
-    params = trainer.cached_sft(config, task, cfg, shard(params), shard, FLAGS.workdir)
+    params = parallel.shard_tree(params, mesh, transformer.param_logical_axes(cfg))
+    params = trainer.cached_sft(config, task, cfg, params, mesh, FLAGS.workdir)
   except (trainer.TrainingError, ValueError) as e:
     sys.exit(f"error: {e}")
   tok = task.tokenizer
