@@ -111,7 +111,7 @@ def sample_token(rng, logits: jax.Array, scfg: SamplingConfig):
   return token.astype(jnp.int32), jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0]
 
 
-TRACE_COUNT = {"generate": 0}  # incremented at trace time only: counts compilations
+TRACE_COUNT = {"generate": 0, "prefill": 0, "decode": 0}  # incremented at trace time only: counts compilations
 
 
 def _constrain_cache(cache: KVCache) -> KVCache:
@@ -120,30 +120,60 @@ def _constrain_cache(cache: KVCache) -> KVCache:
                    for c, ax in zip(cache, KVCache.logical_axes(per_layer))))
 
 
-def generate(params: Params, prompt_tokens: jax.Array, prompt_mask: jax.Array, rng: jax.Array,
-             *, cfg: ModelConfig, scfg: SamplingConfig, unroll_layers: bool = False) -> SampleOutput:
-  """Sample n_samples continuations of each left-padded prompt.
-
-  prompt_tokens: [P, Tp] int32, left-padded; prompt_mask: [P, Tp] bool.
-  unroll_layers: run the layers as an unrolled loop over per-layer weight and KV-cache buffers
-    (`transformer.unstack_layers`) instead of a layer scan: same results; on CPU each decode step
-    no longer copies every layer's weights and cache slice, for one copy of the weights per call
-    and a longer compile.
-  """
-  TRACE_COUNT["generate"] += 1
-  n, N = scfg.n_samples, scfg.max_new_tokens
-  prompt_tokens = jnp.repeat(prompt_tokens, n, axis=0)
-  prompt_mask = jnp.repeat(prompt_mask.astype(bool), n, axis=0)
+def prefill(params: Params, prompt_tokens: jax.Array, prompt_mask: jax.Array, *, cfg: ModelConfig,
+            unroll_layers: bool = False) -> tuple[KVCache, jax.Array]:
+  """Run left-padded prompts [B, Tp] through the model into a prompt-length KV cache (attention
+  over the prompt only). -> (cache with Tp slots, final hidden state of each row's last token
+  [B, D] float32: what the LM head reads for the first new token)."""
+  TRACE_COUNT["prefill"] += 1
   prompt_tokens = parallel.constrain(prompt_tokens, ("batch", None))
-  prompt_mask = parallel.constrain(prompt_mask, ("batch", None))
+  prompt_mask = parallel.constrain(prompt_mask.astype(bool), ("batch", None))
   B, Tp = prompt_tokens.shape
   if unroll_layers:
     params = unstack_layers(params)
-  # prefill into a prompt-length cache (attention over the prompt only), then add N empty slots
   cache = _constrain_cache(init_cache(cfg, B, Tp, per_layer=unroll_layers))
   hidden, cache = forward(params, cfg, prompt_tokens, prompt_mask, cache=cache, write_index=0)
-  cache = _constrain_cache(extend_cache(cache, N))
-  h = hidden[:, -1].astype(jnp.float32)  # left padding: the last column is every row's last token
+  # left padding: the last column is every row's last token
+  return _constrain_cache(cache), hidden[:, -1].astype(jnp.float32)
+
+
+def cache_growth_sizes(prompt_len: int, n_new: int, steps_per_octave: int) -> list[int]:
+  """Cache lengths the decode loop runs at: it starts with room for the first few tokens and
+  grows the cache (one copy) at each point of the `bucket` grid, up to prompt_len + n_new, so
+  attention reads only slots that are or will soon be filled; steps_per_octave = 0: one phase
+  at the full length. Each size is one more compiled copy of the decode step."""
+  total = prompt_len + n_new
+  if steps_per_octave <= 0:
+    return [total]
+  sizes, size = [], prompt_len
+  while size < total:
+    size = min(bucket(size + 1, 1, steps_per_octave), total)
+    sizes.append(size)
+  return sizes
+
+
+def decode(params: Params, cache: KVCache, last_hidden: jax.Array, prompt_tokens: jax.Array,
+           prompt_mask: jax.Array, rng: jax.Array, *, cfg: ModelConfig, scfg: SamplingConfig,
+           unroll_layers: bool = False, cache_steps_per_octave: int = 0) -> SampleOutput:
+  """Sample n_samples continuations of each prefilled prompt (`prefill`'s cache and last hidden
+  state, one row per prompt: the prompt is run once and its cache repeated for its samples).
+
+  cache_steps_per_octave: grow the cache in phases (`cache_growth_sizes`) instead of allocating
+    prompt + max_new_tokens slots up front: the attention of early steps reads fewer empty slots.
+  """
+  TRACE_COUNT["decode"] += 1
+  n, N = scfg.n_samples, scfg.max_new_tokens
+  rep = lambda x: parallel.constrain(jnp.repeat(x, n, axis=0), ("batch",) + (None,) * (x.ndim - 1))
+  prompt_tokens, prompt_mask = rep(prompt_tokens), rep(prompt_mask.astype(bool))
+  h = rep(last_hidden)
+  if n > 1:  # batch axis: 0 of per-layer [B, K, S, hd] buffers and pos [B, S], 1 of stacked [L, B, ...]
+    per_layer = isinstance(cache.k, tuple)
+    kv = lambda c: tuple(jnp.repeat(x, n, axis=0) for x in c) if per_layer else jnp.repeat(c, n, axis=1)
+    cache = KVCache(kv(cache.k), kv(cache.v), jnp.repeat(cache.pos, n, axis=0))
+  cache = _constrain_cache(cache)
+  if unroll_layers:
+    params = unstack_layers(params)
+  B, Tp = prompt_tokens.shape
   next_pos = jnp.sum(prompt_mask, axis=-1).astype(jnp.int32)
   stop_ids = jnp.asarray(scfg.stop_ids or (-1,), jnp.int32)
 
@@ -155,9 +185,6 @@ def generate(params: Params, prompt_tokens: jax.Array, prompt_mask: jax.Array, r
     tokens: jax.Array
     logprobs: jax.Array
     pooled: jax.Array
-
-  def cond(c: Carry):
-    return (c.i < N) & ~jnp.all(c.done)
 
   def body(c: Carry):
     logits = logits_from_hidden(params, cfg, c.h)
@@ -172,9 +199,13 @@ def generate(params: Params, prompt_tokens: jax.Array, prompt_mask: jax.Array, r
                             positions=(next_pos + c.i)[:, None], cache=c.cache, write_index=Tp + c.i)
     return Carry(c.i + 1, cache, hidden[:, 0].astype(jnp.float32), done, tokens, logprobs, pooled)
 
-  init = Carry(jnp.int32(0), cache, h, jnp.zeros((B,), bool), jnp.full((B, N), scfg.pad_id, jnp.int32),
-               jnp.zeros((B, N), jnp.float32), jnp.zeros((B, h.shape[-1]), jnp.float32))
-  out = jax.lax.while_loop(cond, body, init)
+  c = Carry(jnp.int32(0), cache, h, jnp.zeros((B,), bool), jnp.full((B, N), scfg.pad_id, jnp.int32),
+            jnp.zeros((B, N), jnp.float32), jnp.zeros((B, h.shape[-1]), jnp.float32))
+  for size in cache_growth_sizes(Tp, N, cache_steps_per_octave):
+    # a phase's last step writes slot size - 1; later phases skip at once when every row is done
+    c = c._replace(cache=_constrain_cache(extend_cache(c.cache, size - c.cache.pos.shape[1])))
+    c = jax.lax.while_loop(lambda c, end=size - Tp: (c.i < end) & ~jnp.all(c.done), body, c)
+  out = c
   # Response mask: every step before (and including) the first stop token.
   is_stop = jnp.isin(out.tokens, stop_ids) & (jnp.arange(N)[None] < out.i)
   before_stop = jnp.cumsum(is_stop, axis=-1) - is_stop  # stops strictly before t
@@ -184,6 +215,26 @@ def generate(params: Params, prompt_tokens: jax.Array, prompt_mask: jax.Array, r
   truncated = ~jnp.any(is_stop, axis=-1)
   return SampleOutput(prompt_tokens, prompt_mask, out.tokens, response_mask, lengths,
                       out.logprobs, pooled, truncated)
+
+
+def generate(params: Params, prompt_tokens: jax.Array, prompt_mask: jax.Array, rng: jax.Array,
+             *, cfg: ModelConfig, scfg: SamplingConfig, unroll_layers: bool = False,
+             cache_steps_per_octave: int = 0) -> SampleOutput:
+  """Sample n_samples continuations of each left-padded prompt: `prefill` then `decode`.
+
+  prompt_tokens: [P, Tp] int32, left-padded; prompt_mask: [P, Tp] bool.
+  unroll_layers: run the layers as an unrolled loop over per-layer weight and KV-cache buffers
+    (`transformer.unstack_layers`) instead of a layer scan: same results; on CPU each decode step
+    no longer copies every layer's weights and cache slice, for one copy of the weights per call
+    and a longer compile.
+  cache_steps_per_octave: see `decode`.
+  """
+  TRACE_COUNT["generate"] += 1
+  if unroll_layers:
+    params = unstack_layers(params)  # once, for both parts
+  cache, h = prefill(params, prompt_tokens, prompt_mask, cfg=cfg, unroll_layers=unroll_layers)
+  return decode(params, cache, h, prompt_tokens, prompt_mask, rng, cfg=cfg, scfg=scfg,
+                unroll_layers=unroll_layers, cache_steps_per_octave=cache_steps_per_octave)
 
 
 def response_text(tokenizer, out: SampleOutput, row: int, stop_ids) -> str:
@@ -225,18 +276,37 @@ class Sampler:
   """Host-side driver: bucketing, sharding, one compiled function per shape bucket."""
 
   def __init__(self, cfg: ModelConfig, mesh=None, min_len_bucket: int = 16, min_batch_bucket: int = 1,
-               unroll_layers: bool | None = None, len_steps_per_octave: int = 4):
+               unroll_layers: bool | None = None, len_steps_per_octave: int = 4,
+               cache_steps_per_octave: int = 4, prefill_group_rows: int = 8):
     """Prompts are left-padded to `length_bucket` (`bucket` with len_steps_per_octave) and the
-    batch to a power of two. unroll_layers: see `generate`; None = on for the CPU backend, where
-    the layer scan's per-step weight and cache copies cost most (SmolLM2-135M, batch 32:
-    67 -> 49 ms per decode step)."""
+    batch to a power of two.
+
+    unroll_layers: see `generate`; None = on for the CPU backend, where the layer scan's per-step
+      weight and cache copies cost most (SmolLM2-135M, batch 32: 67 -> 49 ms per decode step).
+    cache_steps_per_octave: the decode loop grows its KV cache in phases (`cache_growth_sizes`);
+      0 = one phase at the full length. More phases read fewer empty slots, each one compiles
+      another copy of the decode step.
+    prefill_group_rows: batches of at least twice this many prompts are prefilled in groups of
+      this many rows sorted by prompt length, each padded to its own length bucket instead of
+      the longest prompt's (0 = one group). The decode step then runs over the whole batch.
+    """
+    if prefill_group_rows < 0 or cache_steps_per_octave < 0:
+      raise ValueError(f"Sampler: prefill_group_rows ({prefill_group_rows}) and cache_steps_per_octave "
+                       f"({cache_steps_per_octave}) must be >= 0")
     self.cfg = cfg
     self.mesh = mesh
     self.len_steps_per_octave = len_steps_per_octave
+    self.cache_steps_per_octave = cache_steps_per_octave
     self.unroll_layers = jax.default_backend() == "cpu" if unroll_layers is None else unroll_layers
     self.min_len_bucket = min_len_bucket
     batch_devices = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
     self.min_batch_bucket = max(min_batch_bucket, batch_devices)
+    # a group's rows split over the batch devices like the whole batch does
+    self.prefill_group_rows = (-(-prefill_group_rows // batch_devices) * batch_devices
+                               if prefill_group_rows else 0)
+    self._prefill = jax.jit(lambda p, t, m: prefill(p, t, m, cfg=cfg, unroll_layers=self.unroll_layers))
+    self._left_extend = jax.jit(lambda c, n: extend_cache(c, 0, before=n), static_argnums=1)
+    self._unstack = jax.jit(unstack_layers)
     self._fns: dict = {}
 
   def length_bucket(self, n: int) -> int:
@@ -244,11 +314,30 @@ class Sampler:
     return bucket(n, self.min_len_bucket, self.len_steps_per_octave)
 
   def _fn(self, scfg: SamplingConfig):
+    """The jitted decode: (params, group caches, group last hiddens, row order or None, tokens,
+    mask, rng) -> SampleOutput; the groups are concatenated and put back in row order first."""
     if scfg not in self._fns:
-      fn = jax.jit(lambda p, t, m, r: generate(p, t, m, r, cfg=self.cfg, scfg=scfg,
-                                               unroll_layers=self.unroll_layers))
-      self._fns[scfg] = fn
+      def fn(params, caches, hiddens, inverse, tokens, mask, rng):
+        cache = jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=xs[0].ndim - 4 if xs[0].ndim >= 4 else 0),
+                             *caches) if len(caches) > 1 else caches[0]
+        h = jnp.concatenate(hiddens, axis=0)
+        if inverse is not None:
+          take = lambda x: jnp.take(x, inverse, axis=x.ndim - 4 if x.ndim >= 4 else 0)
+          cache, h = jax.tree.map(take, cache), h[inverse]
+        return decode(params, cache, h, tokens, mask, rng, cfg=self.cfg, scfg=scfg,
+                      unroll_layers=self.unroll_layers, cache_steps_per_octave=self.cache_steps_per_octave)
+      self._fns[scfg] = jax.jit(fn)
     return self._fns[scfg]
+
+  def row_groups(self, lengths: Sequence[int], rows: int) -> list[np.ndarray]:
+    """Row indices of each prefill group: the prompts by length (stable), then the padding rows
+    (indices >= len(lengths)), in groups of prefill_group_rows; one group of all rows in order
+    when the batch is too small to split."""
+    g = self.prefill_group_rows
+    if not g or rows < 2 * g or rows % g:
+      return [np.arange(rows)]
+    order = np.concatenate([np.argsort(np.asarray(lengths), kind="stable"), np.arange(len(lengths), rows)])
+    return np.split(order, rows // g)
 
   def __call__(self, params: Params, prompts: Sequence[Sequence[int]], rng: jax.Array,
                scfg: SamplingConfig) -> SampleOutput:
@@ -262,12 +351,31 @@ class Sampler:
     while (rows * scfg.n_samples) % self.min_batch_bucket:
       rows *= 2
     tokens, mask = left_pad(prompts, length, scfg.pad_id, rows)
+    groups = self.row_groups([len(p) for p in prompts], rows)
     with parallel.use_mesh(self.mesh):
+      put = lambda tree, n_rows: tree
       if self.mesh is not None:
-        sharding = (parallel.batch_sharding(self.mesh, 2, rows) if rows % self.min_batch_bucket == 0
-                    else parallel.named_sharding(self.mesh, None))
-        tokens, mask = parallel.put_global((tokens, mask), sharding)
+        def put(tree, n_rows):
+          sharding = (parallel.batch_sharding(self.mesh, 2, n_rows) if n_rows % self.min_batch_bucket == 0
+                      else parallel.named_sharding(self.mesh, None))
+          return parallel.put_global(tree, sharding)
         rng = parallel.put_global(rng, parallel.named_sharding(self.mesh, None))
-      out = self._fn(scfg)(params, tokens, mask, rng)
+      if self.unroll_layers:  # one per-layer copy of the weights for every prefill group and the decode
+        params = self._unstack(params)
+      caches, hiddens = [], []
+      for idx in groups:
+        if len(groups) == 1:
+          g_tokens, g_mask = tokens, mask
+        else:  # the group's own length bucket; its cache is then left-extended to the batch's
+          real = [prompts[i] for i in idx if i < P]
+          g_tokens, g_mask = left_pad(real, self.length_bucket(max(len(p) for p in real)), scfg.pad_id, len(idx))
+        cache, h = self._prefill(params, *put((g_tokens, g_mask), len(idx)))
+        if g_tokens.shape[1] < length:
+          cache = self._left_extend(cache, length - g_tokens.shape[1])
+        caches.append(cache)
+        hiddens.append(h)
+      inverse = None if len(groups) == 1 else np.argsort(np.concatenate(groups))
+      tokens, mask = put((tokens, mask), rows)
+      out = self._fn(scfg)(params, tuple(caches), tuple(hiddens), inverse, tokens, mask, rng)
     keep = P * scfg.n_samples
     return SampleOutput(*(x[:keep] for x in parallel.to_host(tuple(out))))

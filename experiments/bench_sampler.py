@@ -51,6 +51,8 @@ flags.DEFINE_bool("hf_omp_passive", True, "run HF with OMP_WAIT_POLICY=PASSIVE (
 flags.DEFINE_string("model", "smollm2", "model name or path (GGUF) for both sides")
 flags.DEFINE_enum("unroll_layers", "auto", ["auto", "true", "false"],
                   "ours: Sampler(unroll_layers=...); auto = unrolled on CPU, layer scan elsewhere")
+flags.DEFINE_integer("prefill_group_rows", None, "ours: Sampler(prefill_group_rows=...); default: the Sampler's")
+flags.DEFINE_integer("cache_steps_per_octave", None, "ours: Sampler(cache_steps_per_octave=...); default: the Sampler's")
 flags.DEFINE_string("worker", None, "internal: 'ours', 'hf' or 'bandwidth'")
 flags.DEFINE_integer("batch", 1, "internal: the worker's batch size")
 
@@ -138,8 +140,10 @@ def _worker_ours(batch: int) -> None:
     cfg, params, tok = load_model(FLAGS.model)
     params = jax.device_put(params)
     prompts = gsm8k_chat_prompts(tok, batch, FLAGS.max_prompt_len)
+    knobs = {k: getattr(FLAGS, k) for k in ("prefill_group_rows", "cache_steps_per_octave")
+             if getattr(FLAGS, k) is not None}
     state.update(cfg=cfg, params=params, tok=tok, prompts=prompts, sampler=sampling.Sampler(
-        cfg, unroll_layers={"auto": None, "true": True, "false": False}[FLAGS.unroll_layers]))
+        cfg, unroll_layers={"auto": None, "true": True, "false": False}[FLAGS.unroll_layers], **knobs))
     n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
     weight_bytes = sum(p.nbytes for p in jax.tree.leaves(params))
     return {"n_params": n_params, "weight_bytes": weight_bytes, "n_layers": cfg.n_layers,
@@ -147,7 +151,9 @@ def _worker_ours(batch: int) -> None:
             "prompt_lens": [len(p) for p in prompts],
             "prompt_bucket": state["sampler"].length_bucket(max(map(len, prompts))),
             "jax": jax.__version__, "jax_devices": str(jax.devices()),
-            "unroll_layers": state["sampler"].unroll_layers}
+            "unroll_layers": state["sampler"].unroll_layers,
+            "prefill_group_rows": state["sampler"].prefill_group_rows,
+            "cache_steps_per_octave": state["sampler"].cache_steps_per_octave}
 
   def run(n):
     scfg = sampling.SamplingConfig(max_new_tokens=n, temperature=0.0, stop_ids=(),
@@ -163,14 +169,18 @@ def _worker_ours(batch: int) -> None:
 
 
 def _memory_analysis_mib(state, scfg):
-  """Arguments + outputs + temporaries XLA plans for the compiled generate (None if unknown)."""
+  """Arguments + outputs + temporaries XLA plans for `generate` (prefill + decode as one jit)
+  with the sampler's settings and one prefill group (None if unknown)."""
   import jax
   from clipo_jax import sampling
   sampler, prompts = state["sampler"], state["prompts"]
   length = sampler.length_bucket(max(map(len, prompts)))
   tokens, mask = sampling.left_pad(prompts, length, scfg.pad_id, sampling.bucket(len(prompts), 1))
   try:
-    ma = sampler._fn(scfg).lower(state["params"], tokens, mask, jax.random.key(0)).compile().memory_analysis()
+    fn = jax.jit(lambda p, t, m, r: sampling.generate(
+        p, t, m, r, cfg=state["cfg"], scfg=scfg, unroll_layers=sampler.unroll_layers,
+        cache_steps_per_octave=sampler.cache_steps_per_octave))
+    ma = fn.lower(state["params"], tokens, mask, jax.random.key(0)).compile().memory_analysis()
     return (ma.argument_size_in_bytes + ma.output_size_in_bytes + ma.temp_size_in_bytes
             - ma.alias_size_in_bytes) / 2**20
   except Exception:  # memory_analysis is optional per backend
@@ -220,6 +230,8 @@ class Worker:
     cmd = [sys.executable, "-m", "experiments.bench_sampler", f"--worker={kind}", f"--batch={batch}",
            f"--model={FLAGS.model}", f"--max_prompt_len={FLAGS.max_prompt_len}",
            f"--unroll_layers={FLAGS.unroll_layers}"]
+    cmd += [f"--{k}={getattr(FLAGS, k)}" for k in ("prefill_group_rows", "cache_steps_per_octave")
+            if getattr(FLAGS, k) is not None]
     self.kind = kind
     self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                                  env={**os.environ, **(env or {})}, bufsize=1)
@@ -277,7 +289,8 @@ def measure_batch(batch: int, n_new: int, repeats: int, bandwidth_gbs: float) ->
   step_bytes = f["weight_bytes"] + cache_bytes
   out = {"batch": batch, "load_before": load_before, "load_after": os.getloadavg()[0],
          "prompt_lens": f["prompt_lens"], "prompt_bucket": f["prompt_bucket"], "step_bytes": step_bytes,
-         "unroll_layers": f["unroll_layers"]}
+         "unroll_layers": f["unroll_layers"], "prefill_group_rows": f["prefill_group_rows"],
+         "cache_steps_per_octave": f["cache_steps_per_octave"]}
   for s in sides:
     full = statistics.median(res[s]["full"])
     pre = statistics.median(res[s]["prefill"])
@@ -321,7 +334,8 @@ def main(argv):
     r = measure_batch(b, n_new, repeats, bandwidth)
     rows.append(r)
     print(f"batch {b}: done (load {r['load_before']:.1f} -> {r['load_after']:.1f}; prompt lens "
-          f"{min(r['prompt_lens'])}-{max(r['prompt_lens'])}, our bucket {r['prompt_bucket']}, unrolled layers: {r['unroll_layers']})", flush=True)
+          f"{min(r['prompt_lens'])}-{max(r['prompt_lens'])}, our bucket {r['prompt_bucket']}, unrolled layers: {r['unroll_layers']}, "
+          f"prefill group rows {r['prefill_group_rows']}, cache steps per octave {r['cache_steps_per_octave']})", flush=True)
     if "hf" in r and r["ours"]["first_tokens"] != r["hf"]["first_tokens"]:
       print(f"  note: first greedy tokens differ (ours {r['ours']['first_tokens']}, HF "
             f"{r['hf']['first_tokens']}): float32 ties/rounding, not a speed issue", flush=True)

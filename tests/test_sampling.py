@@ -133,19 +133,95 @@ def test_top_p_filter_against_numpy():
 
 
 def test_one_compilation_per_bucket():
+  """The prefill compiles once per (rows, length bucket) and the decode loop once per (batch
+  bucket, length bucket), whatever the prompts inside the buckets."""
   cfg = PRESETS["tiny_llama"]
   params = transformer.init_params(cfg, jax.random.key(0))
   s = sampling.Sampler(cfg)
   scfg = sampling.SamplingConfig(max_new_tokens=4, temperature=0.0)
-  before = sampling.TRACE_COUNT["generate"]
+  count = lambda: (sampling.TRACE_COUNT["prefill"], sampling.TRACE_COUNT["decode"])
+  p0, d0 = count()
   s(params, [[1, 2, 3]], jax.random.key(0), scfg)  # length bucket 16, batch 1
   s(params, [[1, 2, 3, 4, 5, 6, 7, 8, 9]], jax.random.key(0), scfg)  # same buckets
   s(params, [[1] * 15], jax.random.key(1), scfg)
-  assert sampling.TRACE_COUNT["generate"] - before == 1
-  s(params, [[1] * 17], jax.random.key(1), scfg)  # length bucket 32
+  assert count() == (p0 + 1, d0 + 1)
+  s(params, [[1] * 17], jax.random.key(1), scfg)  # length bucket 20
   s(params, [[1], [2], [3]], jax.random.key(1), scfg)  # batch bucket 4
   s(params, [[1], [2], [3], [4]], jax.random.key(1), scfg)  # still batch bucket 4
-  assert sampling.TRACE_COUNT["generate"] - before == 3
+  assert count() == (p0 + 3, d0 + 3)
+
+
+def test_grouped_prefill_compiles_per_group_shape():
+  cfg = PRESETS["tiny_llama"]
+  params = transformer.init_params(cfg, jax.random.key(0))
+  s = sampling.Sampler(cfg, prefill_group_rows=2)
+  scfg = sampling.SamplingConfig(max_new_tokens=3, temperature=0.0)
+  count = lambda: (sampling.TRACE_COUNT["prefill"], sampling.TRACE_COUNT["decode"])
+  p0, d0 = count()
+  s(params, [[1] * 3, [2] * 20, [3] * 5, [4] * 18], jax.random.key(0), scfg)  # groups at 16 and 20
+  assert count() == (p0 + 2, d0 + 1)
+  s(params, [[5] * 19, [6] * 2, [7] * 17, [8] * 9], jax.random.key(0), scfg)  # the same group shapes
+  assert count() == (p0 + 2, d0 + 1)
+  s(params, [[5] * 19, [6] * 17, [7] * 17, [8] * 18], jax.random.key(0), scfg)  # both groups at 20
+  assert count() == (p0 + 2, d0 + 1)
+
+
+def _assert_same_samples(a, b, atol=1e-4):
+  np.testing.assert_array_equal(a.tokens, b.tokens)
+  np.testing.assert_array_equal(a.response_mask, b.response_mask)
+  np.testing.assert_array_equal(a.prompt_tokens, b.prompt_tokens)
+  np.testing.assert_array_equal(a.prompt_mask, b.prompt_mask)
+  np.testing.assert_allclose(a.logprobs, b.logprobs, atol=atol)
+  np.testing.assert_allclose(a.pooled_hidden, b.pooled_hidden, atol=atol)
+
+
+PROMPTS_8 = [[5, 9, 17, 3, 44, 2, 8] * 3, [7, 1], [100, 101, 102, 103], [4] * 18, [9, 8, 7, 6, 5],
+             [11] * 30, [3, 1, 4, 1, 5, 9, 2, 6], [2, 7]]
+
+
+@pytest.mark.parametrize("scfg", [
+    sampling.SamplingConfig(max_new_tokens=40, temperature=0.0),
+    sampling.SamplingConfig(max_new_tokens=40, temperature=0.9, top_k=30, n_samples=3, stop_ids=(3, 5)),
+])
+def test_grouped_prefill_and_cache_growth_change_nothing(model, scfg):
+  """Length-sorted prefill groups (each at its own length bucket, caches moved back to row order)
+  and a decode cache grown in phases give the same samples as one prefill over the whole batch
+  and a full-length cache from the start."""
+  cfg, params = model
+  plain = sampling.Sampler(cfg, prefill_group_rows=0, cache_steps_per_octave=0)
+  ref = plain(params, PROMPTS_8, jax.random.key(7), scfg)
+  for kw in ({"prefill_group_rows": 2}, {"cache_steps_per_octave": 4}, {"prefill_group_rows": 4, "cache_steps_per_octave": 1}):
+    s = sampling.Sampler(cfg, **kw)
+    if "prefill_group_rows" in kw:
+      assert len(s.row_groups([len(p) for p in PROMPTS_8], 8)) == 8 // kw["prefill_group_rows"]
+    _assert_same_samples(s(params, PROMPTS_8, jax.random.key(7), scfg), ref)
+  # the pure generate() (one jit: prefill + decode) is the same computation again
+  tokens, mask = sampling.left_pad(PROMPTS_8, plain.length_bucket(30), scfg.pad_id)
+  gen = jax.jit(lambda p, t, m, r: sampling.generate(p, t, m, r, cfg=cfg, scfg=scfg, cache_steps_per_octave=2))
+  _assert_same_samples(jax.tree.map(np.asarray, gen(params, tokens, mask, jax.random.key(7))), ref)
+
+
+def test_row_groups_sort_by_length_and_keep_padding_rows_last():
+  s = sampling.Sampler(PRESETS["tiny_llama"], prefill_group_rows=2)
+  groups = s.row_groups([5, 1, 9, 3, 7], 8)
+  np.testing.assert_array_equal(np.concatenate(groups), [1, 3, 0, 4, 2, 5, 6, 7])
+  assert [len(g) for g in groups] == [2, 2, 2, 2]
+  assert len(s.row_groups([5, 1, 9], 2)) == 1  # fewer than two groups' worth of rows
+  assert len(sampling.Sampler(PRESETS["tiny_llama"], prefill_group_rows=0).row_groups([1] * 64, 64)) == 1
+  with pytest.raises(ValueError, match="prefill_group_rows"):
+    sampling.Sampler(PRESETS["tiny_llama"], prefill_group_rows=-1)
+
+
+@pytest.mark.parametrize("prompt_len,n_new,steps", [(112, 128, 2), (112, 128, 4), (16, 7, 1), (100, 1000, 0), (5, 1, 3)])
+def test_cache_growth_sizes(prompt_len, n_new, steps):
+  sizes = sampling.cache_growth_sizes(prompt_len, n_new, steps)
+  assert sizes[-1] == prompt_len + n_new and sizes == sorted(set(sizes)) and sizes[0] > prompt_len
+  if steps == 0:
+    assert sizes == [prompt_len + n_new]
+  else:  # each size but the last is on the bucket grid; about `steps` phases per octave
+    assert all(sampling.bucket(x, 1, steps) == x for x in sizes[:-1])
+    octaves = np.log2((prompt_len + n_new) / prompt_len)
+    assert len(sizes) <= steps * np.ceil(octaves) + 1
 
 
 @pytest.mark.parametrize("scfg", [

@@ -146,14 +146,15 @@ def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None, per_layer:
   return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), pos)
 
 
-def extend_cache(cache: KVCache, n: int) -> KVCache:
+def extend_cache(cache: KVCache, n: int, before: int = 0) -> KVCache:
   """The cache with n more empty slots at the end (e.g. a prompt-length prefill cache made room
-  for the decode steps: the prefill then attends over the prompt only, not the empty slots)."""
+  for the decode steps: the prefill then attends over the prompt only, not the empty slots) and
+  `before` at the start (a left-padded prompt's cache moved to a longer padded length)."""
   def pad(x):
     if isinstance(x, (list, tuple)):
       return tuple(pad(a) for a in x)
-    return jnp.pad(x, [(0, 0)] * (x.ndim - 2) + [(0, n), (0, 0)])
-  return KVCache(pad(cache.k), pad(cache.v), jnp.pad(cache.pos, ((0, 0), (0, n)), constant_values=-1))
+    return jnp.pad(x, [(0, 0)] * (x.ndim - 2) + [(before, n), (0, 0)])
+  return KVCache(pad(cache.k), pad(cache.v), jnp.pad(cache.pos, ((0, 0), (before, n)), constant_values=-1))
 
 
 def unstack_layers(params: Params) -> Params:
