@@ -39,5 +39,14 @@ for name in sys.argv[1:]:
   np.testing.assert_array_equal(a.tokens, b.tokens)
   np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-4)
   np.testing.assert_allclose(a.pooled_hidden, b.pooled_hidden, atol=1e-4)
-  print(f"{name}: forward max diff {diff:.2e}; sampler tokens identical")
+  # length-sorted prefill groups (4 rows each: one row per batch device) on the mesh
+  prompts8 = prompts + [[3] * 14, [8, 2], [6] * 9, [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17]]
+  grouped = sampling.Sampler(cfg, mesh, prefill_group_rows=4)
+  assert len(grouped.row_groups([len(p) for p in prompts8], 8)) == 2
+  a = sampling.Sampler(cfg, prefill_group_rows=0)(params, prompts8, jax.random.key(2), scfg)
+  b = grouped(sharded, prompts8, jax.random.key(2), scfg)
+  np.testing.assert_array_equal(a.tokens, b.tokens)
+  np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-4)
+  np.testing.assert_allclose(a.pooled_hidden, b.pooled_hidden, atol=1e-4)
+  print(f"{name}: forward max diff {diff:.2e}; sampler tokens identical (also with prefill groups)")
 print("SHARDING OK")
