@@ -1,17 +1,20 @@
 """Jit-compiled generation with a KV cache.
 
-`generate` (pure, jittable) runs a prefill over left-padded prompts and a `while_loop` of
-single-token decode steps that stops early when every row has hit a stop token. Besides
-tokens it returns, at no extra forward pass:
+`prefill` (pure, jittable) runs left-padded prompts into a prompt-length cache; `decode` runs
+`while_loop`s of single-token steps that stop early when every row has hit a stop token,
+growing the cache in phases so early steps attend over fewer empty slots; `generate` is the
+two in one function. Each prompt is prefilled once and its cache repeated for its n samples.
+Besides tokens the decode returns, at no extra forward pass:
   * the per-token log-probs of the sampled tokens under the temperature-scaled policy
     (before top-k / top-p truncation: the same distribution the trainer recomputes), and
   * CLIPO's representation: the masked mean over generated tokens of the final hidden
     state (after the final norm) that the LM head read to produce each token.
 
-`Sampler` wraps it for host code: buckets the batch to powers of two and the prompt length to
-a quarter-octave grid so the number of compilations is bounded (one per (batch bucket, length
-bucket)), shards the batch over the mesh, picks the layer loop (unrolled on CPU, see
-`generate`), and strips padding rows.
+`Sampler` wraps them for host code: buckets the batch to powers of two and the prompt length to
+a quarter-octave grid so the number of compilations is bounded (prefill: one per (rows, length
+bucket); decode: one per (batch bucket, length bucket)), prefills large batches in
+length-sorted row groups each at its own length bucket, shards the batch over the mesh, picks
+the layer loop (unrolled on CPU, see `generate`), and strips padding rows.
 """
 from __future__ import annotations
 

@@ -22,7 +22,8 @@ from other jobs on the machine hits both alike; medians are reported with the lo
     for both sides; machine bandwidth = the best of a jitted sum over a 1 GiB float32 array
     (read) and a numpy copy of 512 MiB (read + write), best of 5 each, measured in this run.
   * peak memory = the worker's peak RSS during the timed calls (VmHWM, reset via
-    /proc/self/clear_refs after loading and warmup), minus nothing: it includes the weights;
+    /proc/self/clear_refs after loading, warmup and a glibc malloc_trim, same for both sides),
+    minus nothing: it includes the weights;
     for ours also XLA's memory_analysis of the compiled generate (arguments + outputs + temps).
 HF runs with torch.set_num_threads(<cores>) and, by default, OMP_WAIT_POLICY=PASSIVE: on a
 machine shared with other jobs, torch's spinning OpenMP threads otherwise slow HF down several
@@ -68,7 +69,14 @@ def _status_kib(field: str) -> int:
 
 
 def _reset_peak_rss() -> bool:
-  """Linux: writing 5 to clear_refs resets VmHWM (peak RSS) to the current RSS."""
+  """Linux: writing 5 to clear_refs resets VmHWM (peak RSS) to the current RSS. glibc's
+  malloc_trim first hands back the heap that loading and compiling freed but malloc kept
+  (hundreds of MiB after our compiles), so the peak is the timed calls' working set."""
+  try:
+    import ctypes
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+  except (OSError, AttributeError):
+    pass
   try:
     with open("/proc/self/clear_refs", "w") as f:
       f.write("5")
