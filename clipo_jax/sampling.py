@@ -169,10 +169,8 @@ def decode(params: Params, cache: KVCache, last_hidden: jax.Array, prompt_tokens
   rep = lambda x: parallel.constrain(jnp.repeat(x, n, axis=0), ("batch",) + (None,) * (x.ndim - 1))
   prompt_tokens, prompt_mask = rep(prompt_tokens), rep(prompt_mask.astype(bool))
   h = rep(last_hidden)
-  if n > 1:  # batch axis: 0 of per-layer [B, K, S, hd] buffers and pos [B, S], 1 of stacked [L, B, ...]
-    per_layer = isinstance(cache.k, tuple)
-    kv = lambda c: tuple(jnp.repeat(x, n, axis=0) for x in c) if per_layer else jnp.repeat(c, n, axis=1)
-    cache = KVCache(kv(cache.k), kv(cache.v), jnp.repeat(cache.pos, n, axis=0))
+  if n > 1:
+    cache = jax.tree.map(lambda x, axis: jnp.repeat(x, n, axis=axis), cache, cache.batch_axes())
   cache = _constrain_cache(cache)
   if unroll_layers:
     params = unstack_layers(params)
@@ -321,12 +319,12 @@ class Sampler:
     mask, rng) -> SampleOutput; the groups are concatenated and put back in row order first."""
     if scfg not in self._fns:
       def fn(params, caches, hiddens, inverse, tokens, mask, rng):
-        cache = jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=xs[0].ndim - 4 if xs[0].ndim >= 4 else 0),
-                             *caches) if len(caches) > 1 else caches[0]
+        axes = caches[0].batch_axes()
+        cache = jax.tree.map(lambda axis, *xs: jnp.concatenate(xs, axis=axis), axes, *caches)
         h = jnp.concatenate(hiddens, axis=0)
         if inverse is not None:
-          take = lambda x: jnp.take(x, inverse, axis=x.ndim - 4 if x.ndim >= 4 else 0)
-          cache, h = jax.tree.map(take, cache), h[inverse]
+          cache = jax.tree.map(lambda x, axis: jnp.take(x, inverse, axis=axis), cache, axes)
+          h = h[inverse]
         return decode(params, cache, h, tokens, mask, rng, cfg=self.cfg, scfg=scfg,
                       unroll_layers=self.unroll_layers, cache_steps_per_octave=self.cache_steps_per_octave)
       self._fns[scfg] = jax.jit(fn)

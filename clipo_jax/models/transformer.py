@@ -134,6 +134,13 @@ class KVCache(NamedTuple):
     return KVCache(k=kv if per_layer else ("layers",) + kv, v=kv if per_layer else ("layers",) + kv,
                    pos=("batch", "cache_seq"))
 
+  def batch_axes(self) -> "KVCache":
+    """The batch axis of every buffer, in the cache's own structure (0 for per-layer [B, K, S, hd]
+    buffers and pos [B, S], 1 for stacked [L, B, ...]): for jax.tree.map over rows."""
+    per_layer = isinstance(self.k, tuple)
+    kv = tuple(0 for _ in self.k) if per_layer else 1
+    return KVCache(kv, kv, 0)
+
 
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None, per_layer: bool = False) -> KVCache:
   dtype = jnp.dtype(dtype or cfg.dtype)
