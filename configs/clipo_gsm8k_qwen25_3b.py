@@ -1,4 +1,4 @@
-r"""CLIPO paper Track I: Qwen2.5-3B-Instruct, GSM8K train, GRPO + CLIPO (spec section 7).
+r"""CLIPO paper Track I: Qwen2.5-3B-Instruct, GSM8K train, GRPO + CLIPO (arXiv 2603.10101, training tracks).
 
   python -m experiments.train --config=configs/clipo_gsm8k_qwen25_3b.py:model=/ckpt/Qwen2.5-3B-Instruct,data=/data/clipo \
       --workdir=/runs/track1_clipo
@@ -8,16 +8,46 @@ parquet directory (train/, test/). Args: baseline (GRPO without CLIPO), algo=...
 loss=infonce|supcon_in|supcon_out|soft_nn, level=group|cross|batch, tau=0.05, lam=0.2.
 Mesh: --config.mesh.fsdp=8 etc. on a GPU/TPU slice.
 """
+
 from clipo_jax.configlib import parse_arg
 from configs import common
 
-TRACK_I_TESTS = ("gsm8k", "gsm_symbolic", "gsm_p1", "gsm_p2", "theoremqa_x2", "mmlu2k", "truthfulqa_x2",
-                 "commonsense_qa")
+TRACK_I_TESTS = (
+    "gsm8k",
+    "gsm_symbolic",
+    "gsm_p1",
+    "gsm_p2",
+    "theoremqa_x2",
+    "mmlu2k",
+    "truthfulqa_x2",
+    "commonsense_qa",
+)
 
 
 def get_config(arg=None):
-  a = parse_arg(arg, model="", data="", baseline=False, algo="grpo", seed=0, fixed_head=False,
-                loss="infonce", level="group", tau=0.05, lam=0.2)
-  # 7,473 prompts / 512 per step = 14 steps per epoch, 6 epochs
-  return common.paper_track(a, train_file="gsm8k.parquet", tests=TRACK_I_TESTS, steps=84, prompts=512,
-                            max_new_tokens=2048, mini_batches=2, d_out=512, warmup=14, eval_every=7)
+    a = parse_arg(
+        arg,
+        model="",
+        data="",
+        baseline=False,
+        algo="grpo",
+        seed=0,
+        fixed_head=False,
+        loss="infonce",
+        level="group",
+        tau=0.05,
+        lam=0.2,
+    )
+    # 7,473 prompts / 512 per step = 14 steps per epoch, 6 epochs
+    return common.paper_track(
+        a,
+        train_file="gsm8k.parquet",
+        tests=TRACK_I_TESTS,
+        steps=84,
+        prompts=512,
+        max_new_tokens=2048,
+        mini_batches=2,
+        d_out=512,
+        warmup=14,
+        eval_every=7,
+    )

@@ -6,6 +6,7 @@ Args (after the colon): size=tiny|small, clipo (add the CLIPO reward),
 algo=grpo|dapo|dr_grpo|gspo|gmpo|rloo|reinforce_pp, seed=N, steps=N; e.g.
 --config=configs/demo.py:clipo,algo=dapo,seed=1. Override anything else with --config.rl.lr=3e-5.
 """
+
 import ml_collections
 
 from clipo_jax.configlib import parse_arg
@@ -13,29 +14,51 @@ from configs import common
 
 
 def get_config(arg=None):
-  a = parse_arg(arg, size="small", clipo=False, algo="grpo", seed=0, steps=0)
-  c = ml_collections.ConfigDict()
-  c.task = ml_collections.ConfigDict(dict(
-      name="synthetic", seed=0, train_size=20000, test_size=200, sft_size=6000, lucky_share=0.2,
-      vocab_size=512, num_steps=(2, 3), number_range=(2, 12), mul_range=(2, 3), max_value=60,
-      ops=("+", "-", "*")))
-  c.model = ml_collections.ConfigDict(dict(
-      source="init:custom", d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=32, d_ff=384,
-      dtype="float32", max_seq_len=256))
-  c.sft = common.sft_block(steps=1000, batch_size=32, lr=3e-3, max_len=128)
-  c.rl = common.rl_block(steps=60, lr=1e-4, prompts_per_step=32)
-  common.apply_algo(c.rl, a.algo)
-  c.clipo = common.clipo_block(a.clipo, d_out=64)
-  c.eval = ml_collections.ConfigDict(dict(every=0, max_new_tokens=64))
-  if a.size == "tiny":  # for tests: seconds, learns nothing useful
-    c.model.update(d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=16, d_ff=64)
-    c.task.update(train_size=500, test_size=8, sft_size=200)
-    c.sft.update(steps=5, batch_size=8)
-    c.rl.update(steps=4, prompts_per_step=4, group_size=4, max_new_tokens=16, mini_batches=1)
-    c.eval.update(max_new_tokens=16)
-    c.ckpt = ml_collections.ConfigDict(dict(every=2, keep=2))
-  elif a.size != "small":
-    raise ValueError(f"unknown size {a.size!r}; valid: tiny, small")
-  if a.steps:
-    c.rl.steps = a.steps
-  return common.finish(c, a.seed)
+    a = parse_arg(arg, size="small", clipo=False, algo="grpo", seed=0, steps=0)
+    c = ml_collections.ConfigDict()
+    c.task = ml_collections.ConfigDict(
+        dict(
+            name="synthetic",
+            seed=0,
+            train_size=20000,
+            test_size=200,
+            sft_size=6000,
+            lucky_share=0.2,
+            vocab_size=512,
+            num_steps=(2, 3),
+            number_range=(2, 12),
+            mul_range=(2, 3),
+            max_value=60,
+            ops=("+", "-", "*"),
+        )
+    )
+    c.model = ml_collections.ConfigDict(
+        dict(
+            source="init:custom",
+            d_model=128,
+            n_layers=4,
+            n_heads=4,
+            n_kv_heads=2,
+            head_dim=32,
+            d_ff=384,
+            dtype="float32",
+            max_seq_len=256,
+        )
+    )
+    c.sft = common.sft_block(steps=1000, batch_size=32, lr=3e-3, max_len=128)
+    c.rl = common.rl_block(steps=60, lr=1e-4, prompts_per_step=32)
+    common.apply_algo(c.rl, a.algo)
+    c.clipo = common.clipo_block(a.clipo, d_out=64)
+    c.eval = ml_collections.ConfigDict(dict(every=0, max_new_tokens=64))
+    if a.size == "tiny":  # for tests: seconds, learns nothing useful
+        c.model.update(d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=16, d_ff=64)
+        c.task.update(train_size=500, test_size=8, sft_size=200)
+        c.sft.update(steps=5, batch_size=8)
+        c.rl.update(steps=4, prompts_per_step=4, group_size=4, max_new_tokens=16, mini_batches=1)
+        c.eval.update(max_new_tokens=16)
+        c.ckpt = ml_collections.ConfigDict(dict(every=2, keep=2))
+    elif a.size != "small":
+        raise ValueError(f"unknown size {a.size!r}; valid: tiny, small")
+    if a.steps:
+        c.rl.steps = a.steps
+    return common.finish(c, a.seed)

@@ -18,9 +18,9 @@ case also the peak-RSS delta of the subprocess (ru_maxrss after the runs minus t
 before the first call), which includes allocator overheads.
 The last line is the JSON summary (ratio = torch_time / our_time, bigger is better).
 """
+
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -28,7 +28,9 @@ import sys
 import time
 
 from absl import app, flags
-from experiments.bench_common import cores as _cores, machine as _machine
+
+from experiments.bench_common import cores as _cores
+from experiments.bench_common import machine as _machine
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("tracks", "I,II", "comma list of tracks to run: I, II")
@@ -65,6 +67,7 @@ def _time(fn, repeats):
 
 def _inputs(track, seed=0):
     import numpy as np
+
     p, g, hidden, d = TRACKS[track]
     rng = np.random.default_rng(seed)
     b = p * g
@@ -79,14 +82,15 @@ def _inputs(track, seed=0):
 # ------------------------------------------------------------------------------ JAX workers
 def _jax_mem_mib(compiled) -> float:
     m = compiled.memory_analysis()
-    return (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
-            - m.alias_size_in_bytes) / 2**20
+    return (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes) / 2**20
 
 
 def _worker_jax_loss(track, dense):
     import jax
     import jax.numpy as jnp
+
     from clipo_jax import contrastive as C
+
     z, labels, group_ids, _ = _inputs(track)
     g = TRACKS[track][1]
     z, labels, group_ids = map(jnp.asarray, (z, labels, group_ids))
@@ -104,7 +108,9 @@ def _worker_jax_loss(track, dense):
 def _worker_jax_step(track):
     import jax
     import jax.numpy as jnp
+
     from clipo_jax import contrastive as C
+
     _, labels, group_ids, pooled = _inputs(track)
     p, g, hidden, d = TRACKS[track]
     labels, group_ids, pooled = map(jnp.asarray, (labels, group_ids, pooled))
@@ -127,6 +133,7 @@ def _worker_jax_floor(track):
     import jax
     import jax.numpy as jnp
     import numpy as np
+
     _, _, _, pooled = _inputs(track)
     p, g, hidden, d = TRACKS[track]
     w = jnp.asarray(np.random.default_rng(1).normal(size=(hidden, d)).astype(np.float32))
@@ -143,6 +150,7 @@ def torch_clipo_loss(z, labels, group_ids, tau=TAU, eps=EPS):
     """Plain PyTorch port of the reference's BxB computation (InfoNCE, group level, cosine,
     masked_label 0, skip_trivial): z [B, d] unit-norm -> (per_sample [B], batch_loss)."""
     import torch
+
     b = z.shape[0]
     s = z @ z.T
     logits = (s - s.max(dim=1, keepdim=True).values.detach()) / tau
@@ -163,6 +171,7 @@ def torch_clipo_loss(z, labels, group_ids, tau=TAU, eps=EPS):
 
 def _worker_torch_loss(track):
     import torch
+
     torch.set_num_threads(_cores())
     z, labels, group_ids, _ = _inputs(track)
     z0 = torch.from_numpy(z)
@@ -180,13 +189,13 @@ def _worker_torch_loss(track):
 
 def _worker_torch_step(track):
     import torch
+
     torch.set_num_threads(_cores())
     _, labels, group_ids, pooled = _inputs(track)
     p, g, hidden, d = TRACKS[track]
     torch.manual_seed(0)
     head = torch.nn.Linear(hidden, d, bias=False)
-    opt = torch.optim.AdamW(head.parameters(), lr=1e-3, betas=(0.9, 0.999), eps=1e-8,
-                            weight_decay=0.01)
+    opt = torch.optim.AdamW(head.parameters(), lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
     x = torch.from_numpy(pooled)
     labels, group_ids = torch.from_numpy(labels), torch.from_numpy(group_ids)
 
@@ -204,6 +213,7 @@ def _worker_torch_step(track):
 
 def _worker_torch_floor(track):
     import torch
+
     torch.set_num_threads(_cores())
     _, _, _, pooled = _inputs(track)
     p, g, hidden, d = TRACKS[track]
@@ -226,10 +236,16 @@ WORKERS = {
 
 
 def _spawn(what, track):
-    cmd = [sys.executable, "-m", "experiments.bench_contrastive", f"--worker={what}:{track}",
-           f"--repeats={FLAGS.repeats}"]
-    res = subprocess.run(cmd, capture_output=True, text=True, cwd=os.path.dirname(
-        os.path.dirname(os.path.abspath(__file__))))
+    cmd = [
+        sys.executable,
+        "-m",
+        "experiments.bench_contrastive",
+        f"--worker={what}:{track}",
+        f"--repeats={FLAGS.repeats}",
+    ]
+    res = subprocess.run(
+        cmd, capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    )
     if res.returncode != 0:
         sys.stderr.write(res.stderr[-3000:])
         raise RuntimeError(f"worker {what}:{track} failed (rc {res.returncode})")
@@ -262,8 +278,10 @@ def main(argv):
         v = res.get((n, t), {}).get(key)
         return "-" if v is None else f"{v:,.0f}"
 
-    print(f"\nCLIPO contrastive bench on {_machine()} (JAX {__import__('jax').__version__}, "
-          f"float32, median of {FLAGS.repeats})")
+    print(
+        f"\nCLIPO contrastive bench on {_machine()} (JAX {__import__('jax').__version__}, "
+        f"float32, median of {FLAGS.repeats})"
+    )
     print(f"{'case':<34}{'time ms':>12}{'XLA MiB':>10}{'RSS d MiB':>11}")
     for t in tracks:
         p, g, hidden, d = TRACKS[t]
@@ -281,27 +299,47 @@ def main(argv):
         base = not FLAGS.skip_torch
         for kind in ("loss", "step"):
             ours, tb = ms(f"{kind}_ours", t), ms(f"{kind}_torch", t) if base else None
-            results.append({"case": f"{kind} track {t}", "ours": round(ours, 3),
-                            "baseline": round(tb, 3) if base else None,
-                            "baseline_name": "PyTorch eager BxB reference port (CPU fp32)",
-                            "ratio": round(tb / ours, 2) if base else None, "unit": "ms"})
-        results.append({"case": f"step track {t} vs matmul floor", "ours": round(ms("step_ours", t), 3),
-                        "baseline": round(ms("floor_jax", t), 3),
-                        "baseline_name": "jit x@W + x^T@dz alone",
-                        "ratio": round(ms("floor_jax", t) / ms("step_ours", t), 3), "unit": "ms"})
-        results.append({"case": f"loss track {t} memory", "ours": round(res["loss_ours", t]["xla_mib"], 1),
-                        "baseline": round(res["loss_dense", t]["xla_mib"], 1),
-                        "baseline_name": "our dense BxB formulation, XLA memory_analysis",
-                        "ratio": round(res["loss_dense", t]["xla_mib"] / res["loss_ours", t]["xla_mib"], 1),
-                        "unit": "MiB"})
+            results.append(
+                {
+                    "case": f"{kind} track {t}",
+                    "ours": round(ours, 3),
+                    "baseline": round(tb, 3) if base else None,
+                    "baseline_name": "PyTorch eager BxB reference port (CPU fp32)",
+                    "ratio": round(tb / ours, 2) if base else None,
+                    "unit": "ms",
+                }
+            )
+        results.append(
+            {
+                "case": f"step track {t} vs matmul floor",
+                "ours": round(ms("step_ours", t), 3),
+                "baseline": round(ms("floor_jax", t), 3),
+                "baseline_name": "jit x@W + x^T@dz alone",
+                "ratio": round(ms("floor_jax", t) / ms("step_ours", t), 3),
+                "unit": "ms",
+            }
+        )
+        results.append(
+            {
+                "case": f"loss track {t} memory",
+                "ours": round(res["loss_ours", t]["xla_mib"], 1),
+                "baseline": round(res["loss_dense", t]["xla_mib"], 1),
+                "baseline_name": "our dense BxB formulation, XLA memory_analysis",
+                "ratio": round(res["loss_dense", t]["xla_mib"] / res["loss_ours", t]["xla_mib"], 1),
+                "unit": "MiB",
+            }
+        )
         if base:
-            results.append({"case": f"loss track {t} peak RSS delta",
-                            "ours": round(res["loss_ours", t]["rss_mib"], 1),
-                            "baseline": round(res["loss_torch", t]["rss_mib"], 1),
-                            "baseline_name": "PyTorch BxB, peak RSS delta in a subprocess",
-                            "ratio": round(res["loss_torch", t]["rss_mib"]
-                                           / max(res["loss_ours", t]["rss_mib"], 1.0), 1),
-                            "unit": "MiB"})
+            results.append(
+                {
+                    "case": f"loss track {t} peak RSS delta",
+                    "ours": round(res["loss_ours", t]["rss_mib"], 1),
+                    "baseline": round(res["loss_torch", t]["rss_mib"], 1),
+                    "baseline_name": "PyTorch BxB, peak RSS delta in a subprocess",
+                    "ratio": round(res["loss_torch", t]["rss_mib"] / max(res["loss_ours", t]["rss_mib"], 1.0), 1),
+                    "unit": "MiB",
+                }
+            )
     print(json.dumps({"bench": "contrastive", "machine": _machine(), "results": results}))
 
 

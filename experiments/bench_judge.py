@@ -9,6 +9,7 @@ r"""Throughput of the OpenRS judge pieces.
    cache off), ratio vs concurrency 1.  Skipped (null) when no server can be had.
 Prints a table, then the benchmark JSON line last.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -16,7 +17,6 @@ import importlib.util
 import json
 import logging
 import os
-import platform
 import random
 import socket
 import subprocess
@@ -45,9 +45,17 @@ flags.DEFINE_integer("max_tokens", 8, "New tokens per benchmark call.")
 def bench_aggregation(n_pairs: int, n_crit: int):
     rng = random.Random(0)
     types = ["core", "important", "highlight", "critical"]
-    batch = [[{"type": rng.choice(types[:3]) if rng.random() > 0.05 else "critical",
-               "label": rng.choice("ABS"), "score": rng.randint(-2, 2)} for _ in range(n_crit)]
-             for _ in range(n_pairs)]
+    batch = [
+        [
+            {
+                "type": rng.choice(types[:3]) if rng.random() > 0.05 else "critical",
+                "label": rng.choice("ABS"),
+                "score": rng.randint(-2, 2),
+            }
+            for _ in range(n_crit)
+        ]
+        for _ in range(n_pairs)
+    ]
     arrays = pad_criteria(batch)
     dev = {k: jax.device_put(v) for k, v in arrays.items()}
     aggregate_scores(**dev).block_until_ready()  # compile
@@ -83,9 +91,25 @@ def start_llama_server():
         return None, None
     gguf = os.path.join(list(spec.submodule_search_locations)[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", gguf, "--host", "127.0.0.1",
-                             "--port", str(port), "--n_ctx", "2048", "--model_alias", "smollm2"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "llama_cpp.server",
+            "--model",
+            gguf,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--n_ctx",
+            "2048",
+            "--model_alias",
+            "smollm2",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     url = f"http://127.0.0.1:{port}/v1"
     for _ in range(360):
         try:
@@ -99,8 +123,12 @@ def start_llama_server():
 
 async def calls_per_s(url: str, model: str, concurrency: int, n_calls: int, max_tokens: int) -> tuple[float, int]:
     be = OpenAIHTTPBackend(url, model, max_concurrency=concurrency, timeout_s=300, json_schema=False)
-    reqs = [CompletionRequest(messages=[{"role": "user", "content": f"Say one word about the number {i}."}],
-                              max_tokens=max_tokens, seed=i) for i in range(n_calls)]
+    reqs = [
+        CompletionRequest(
+            messages=[{"role": "user", "content": f"Say one word about the number {i}."}], max_tokens=max_tokens, seed=i
+        )
+        for i in range(n_calls)
+    ]
     await be.complete(reqs[0])  # warm the connection and the server
     t = time.perf_counter()
     await asyncio.gather(*(be.complete(r) for r in reqs[1:]))
@@ -114,32 +142,60 @@ def main(argv):
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request otherwise
     results = []
     jit_ps, pad_ps, py_ps = bench_aggregation(FLAGS.pairs, FLAGS.criteria)
-    rows = [("aggregate_scores (jit, arrays on device)", jit_ps, py_ps),
-            ("pad_criteria + aggregate_scores (from dicts)", pad_ps, py_ps)]
+    rows = [
+        ("aggregate_scores (jit, arrays on device)", jit_ps, py_ps),
+        ("pad_criteria + aggregate_scores (from dicts)", pad_ps, py_ps),
+    ]
     print(f"{'case':58s} {'ours':>14s} {'baseline':>14s} {'ratio':>8s}")
     for case, ours, base in rows:
-        print(f"{case + f' [{FLAGS.pairs}x{FLAGS.criteria}]':58s} {ours:14,.0f} {base:14,.0f} {ours / base:8.1f}  pairs/s")
-        results.append({"case": f"{case}, {FLAGS.pairs} pairs x {FLAGS.criteria} criteria", "ours": ours,
-                        "baseline": base, "baseline_name": "plain Python score_comparison loop",
-                        "ratio": ours / base, "unit": "pairs/s"})
+        print(
+            f"{case + f' [{FLAGS.pairs}x{FLAGS.criteria}]':58s} {ours:14,.0f} {base:14,.0f} {ours / base:8.1f}  pairs/s"
+        )
+        results.append(
+            {
+                "case": f"{case}, {FLAGS.pairs} pairs x {FLAGS.criteria} criteria",
+                "ours": ours,
+                "baseline": base,
+                "baseline_name": "plain Python score_comparison loop",
+                "ratio": ours / base,
+                "unit": "pairs/s",
+            }
+        )
     proc, url = (None, FLAGS.base_url) if FLAGS.base_url else start_llama_server()
     try:
         if url is None:
             print("no OpenAI-compatible server (install llama-cpp-python or pass --base_url): HTTP cases skipped")
             for c in FLAGS.concurrency:
-                results.append({"case": f"judge calls via OpenAI HTTP backend, concurrency {c}", "ours": None,
-                                "baseline": None, "baseline_name": "concurrency 1", "ratio": None, "unit": "calls/s"})
+                results.append(
+                    {
+                        "case": f"judge calls via OpenAI HTTP backend, concurrency {c}",
+                        "ours": None,
+                        "baseline": None,
+                        "baseline_name": "concurrency 1",
+                        "ratio": None,
+                        "unit": "calls/s",
+                    }
+                )
         else:
             base = None
             for c in map(int, FLAGS.concurrency):
                 rate, failures = asyncio.run(calls_per_s(url, FLAGS.model, c, FLAGS.calls, FLAGS.max_tokens))
                 base = base or rate
-                print(f"{f'HTTP backend calls, concurrency {c} ({FLAGS.max_tokens} new tokens)':58s} {rate:14.2f} "
-                      f"{base:14.2f} {rate / base:8.2f}  calls/s  failures={failures}")
-                results.append({"case": f"judge calls via OpenAI HTTP backend ({FLAGS.model}, {FLAGS.max_tokens} new "
-                                        f"tokens), concurrency {c}", "ours": rate, "baseline": base,
-                                "baseline_name": "same backend at concurrency 1", "ratio": rate / base,
-                                "unit": "calls/s"})
+                print(
+                    f"{f'HTTP backend calls, concurrency {c} ({FLAGS.max_tokens} new tokens)':58s} {rate:14.2f} "
+                    f"{base:14.2f} {rate / base:8.2f}  calls/s  failures={failures}"
+                )
+                results.append(
+                    {
+                        "case": f"judge calls via OpenAI HTTP backend ({FLAGS.model}, {FLAGS.max_tokens} new "
+                        f"tokens), concurrency {c}",
+                        "ours": rate,
+                        "baseline": base,
+                        "baseline_name": "same backend at concurrency 1",
+                        "ratio": rate / base,
+                        "unit": "calls/s",
+                    }
+                )
     finally:
         if proc is not None:
             proc.terminate()

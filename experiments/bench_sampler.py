@@ -30,16 +30,19 @@ machine shared with other jobs, torch's spinning OpenMP threads otherwise slow H
 times (see --hf_omp_passive). JAX uses all cores by default.
 The last line is the JSON summary (ratio = ours / HF tokens/s; bigger is better).
 """
+
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
 
 from absl import app, flags
-from experiments.bench_common import cores as _cores, gsm8k_chat_prompts, machine as _machine
+
+from experiments.bench_common import cores as _cores
+from experiments.bench_common import gsm8k_chat_prompts
+from experiments.bench_common import machine as _machine
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("batches", ["1", "8", "32"], "batch sizes to measure")
@@ -50,10 +53,16 @@ flags.DEFINE_bool("quick", False, "smoke run: batches 1,4, 8 new tokens, 1 repea
 flags.DEFINE_bool("skip_hf", False, "measure ours only")
 flags.DEFINE_bool("hf_omp_passive", True, "run HF with OMP_WAIT_POLICY=PASSIVE (see docstring)")
 flags.DEFINE_string("model", "smollm2", "model name or path (GGUF) for both sides")
-flags.DEFINE_enum("unroll_layers", "auto", ["auto", "true", "false"],
-                  "ours: Sampler(unroll_layers=...); auto = unrolled on CPU, layer scan elsewhere")
+flags.DEFINE_enum(
+    "unroll_layers",
+    "auto",
+    ["auto", "true", "false"],
+    "ours: Sampler(unroll_layers=...); auto = unrolled on CPU, layer scan elsewhere",
+)
 flags.DEFINE_integer("prefill_group_rows", None, "ours: Sampler(prefill_group_rows=...); default: the Sampler's")
-flags.DEFINE_integer("cache_steps_per_octave", None, "ours: Sampler(cache_steps_per_octave=...); default: the Sampler's")
+flags.DEFINE_integer(
+    "cache_steps_per_octave", None, "ours: Sampler(cache_steps_per_octave=...); default: the Sampler's"
+)
 flags.DEFINE_string("worker", None, "internal: 'ours', 'hf' or 'bandwidth'")
 flags.DEFINE_integer("batch", 1, "internal: the worker's batch size")
 
@@ -62,335 +71,451 @@ MARK = "@@bench@@ "  # worker replies start with this; anything else on stdout i
 
 # --------------------------------------------------------------------------- helpers
 def _status_kib(field: str) -> int:
-  for line in open("/proc/self/status"):
-    if line.startswith(field + ":"):
-      return int(line.split()[1])
-  raise RuntimeError(f"/proc/self/status has no {field}")
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
 
 
 def _reset_peak_rss() -> bool:
-  """Linux: writing 5 to clear_refs resets VmHWM (peak RSS) to the current RSS. glibc's
-  malloc_trim first hands back the heap that loading and compiling freed but malloc kept
-  (hundreds of MiB after our compiles), so the peak is the timed calls' working set."""
-  try:
-    import ctypes
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-  except (OSError, AttributeError):
-    pass
-  try:
-    with open("/proc/self/clear_refs", "w") as f:
-      f.write("5")
-    return True
-  except OSError:
-    return False
+    """Linux: writing 5 to clear_refs resets VmHWM (peak RSS) to the current RSS. glibc's
+    malloc_trim first hands back the heap that loading and compiling freed but malloc kept
+    (hundreds of MiB after our compiles), so the peak is the timed calls' working set."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
 
 
 def _reply(obj) -> None:
-  sys.stdout.write(MARK + json.dumps(obj) + "\n")
-  sys.stdout.flush()
+    sys.stdout.write(MARK + json.dumps(obj) + "\n")
+    sys.stdout.flush()
 
 
 # --------------------------------------------------------------------------- workers
 def _worker_bandwidth() -> None:
-  import jax
-  import jax.numpy as jnp
-  import numpy as np
-  x = jnp.ones((1 << 28,), jnp.float32)  # 1 GiB
-  total = jax.jit(jnp.sum)
-  total(x).block_until_ready()
-  reads = []
-  for _ in range(5):
-    t = time.perf_counter()
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    x = jnp.ones((1 << 28,), jnp.float32)  # 1 GiB
+    total = jax.jit(jnp.sum)
     total(x).block_until_ready()
-    reads.append(x.nbytes / (time.perf_counter() - t) / 1e9)
-  del x
-  a = np.ones(1 << 27, np.float32)  # 512 MiB
-  b = np.empty_like(a)
-  np.copyto(b, a)
-  copies = []
-  for _ in range(5):
-    t = time.perf_counter()
+    reads = []
+    for _ in range(5):
+        t = time.perf_counter()
+        total(x).block_until_ready()
+        reads.append(x.nbytes / (time.perf_counter() - t) / 1e9)
+    del x
+    a = np.ones(1 << 27, np.float32)  # 512 MiB
+    b = np.empty_like(a)
     np.copyto(b, a)
-    copies.append(2 * a.nbytes / (time.perf_counter() - t) / 1e9)
-  # the best of 5: other jobs on the machine only ever make a run slower
-  _reply({"read_gbs": max(reads), "copy_gbs": max(copies)})
+    copies = []
+    for _ in range(5):
+        t = time.perf_counter()
+        np.copyto(b, a)
+        copies.append(2 * a.nbytes / (time.perf_counter() - t) / 1e9)
+    # the best of 5: other jobs on the machine only ever make a run slower
+    _reply({"read_gbs": max(reads), "copy_gbs": max(copies)})
 
 
 def _serve(setup, run) -> None:
-  """Command loop: 'run N' -> one generate with N new tokens, timed; 'reset' -> reset peak RSS;
-  'stats' -> memory figures and exit. setup() returns a dict of facts sent first."""
-  facts = setup()
-  facts["rss_loaded_mib"] = _status_kib("VmRSS") / 1024
-  _reply(facts)
-  for line in sys.stdin:
-    cmd = line.split()
-    if not cmd:
-      continue
-    if cmd[0] == "run":
-      t = time.perf_counter()
-      extra = run(int(cmd[1]))
-      _reply({"s": time.perf_counter() - t, **(extra or {})})
-    elif cmd[0] == "reset":
-      _reply({"reset": _reset_peak_rss(), "rss_mib": _status_kib("VmRSS") / 1024})
-    elif cmd[0] == "stats":
-      _reply({"peak_rss_mib": _status_kib("VmHWM") / 1024, "rss_mib": _status_kib("VmRSS") / 1024})
-      return
+    """Command loop: 'run N' -> one generate with N new tokens, timed; 'reset' -> reset peak RSS;
+    'stats' -> memory figures and exit. setup() returns a dict of facts sent first."""
+    facts = setup()
+    facts["rss_loaded_mib"] = _status_kib("VmRSS") / 1024
+    _reply(facts)
+    for line in sys.stdin:
+        cmd = line.split()
+        if not cmd:
+            continue
+        if cmd[0] == "run":
+            t = time.perf_counter()
+            extra = run(int(cmd[1]))
+            _reply({"s": time.perf_counter() - t, **(extra or {})})
+        elif cmd[0] == "reset":
+            _reply({"reset": _reset_peak_rss(), "rss_mib": _status_kib("VmRSS") / 1024})
+        elif cmd[0] == "stats":
+            _reply({"peak_rss_mib": _status_kib("VmHWM") / 1024, "rss_mib": _status_kib("VmRSS") / 1024})
+            return
 
 
 def _worker_ours(batch: int) -> None:
-  import jax
-  import numpy as np
-  from clipo_jax import sampling
-  from clipo_jax.models import load_model
-  state = {}
+    import jax
+    import numpy as np
 
-  def setup():
-    cfg, params, tok = load_model(FLAGS.model)
-    params = jax.device_put(params)
-    prompts = gsm8k_chat_prompts(tok, batch, FLAGS.max_prompt_len)
-    knobs = {k: getattr(FLAGS, k) for k in ("prefill_group_rows", "cache_steps_per_octave")
-             if getattr(FLAGS, k) is not None}
-    state.update(cfg=cfg, params=params, tok=tok, prompts=prompts, sampler=sampling.Sampler(
-        cfg, unroll_layers={"auto": None, "true": True, "false": False}[FLAGS.unroll_layers], **knobs))
-    n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
-    weight_bytes = sum(p.nbytes for p in jax.tree.leaves(params))
-    return {"n_params": n_params, "weight_bytes": weight_bytes, "n_layers": cfg.n_layers,
-            "kv_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim,
+    from clipo_jax import sampling
+    from clipo_jax.models import load_model
+
+    state = {}
+
+    def setup():
+        cfg, params, tok = load_model(FLAGS.model)
+        params = jax.device_put(params)
+        prompts = gsm8k_chat_prompts(tok, batch, FLAGS.max_prompt_len)
+        knobs = {
+            k: getattr(FLAGS, k)
+            for k in ("prefill_group_rows", "cache_steps_per_octave")
+            if getattr(FLAGS, k) is not None
+        }
+        state.update(
+            cfg=cfg,
+            params=params,
+            tok=tok,
+            prompts=prompts,
+            sampler=sampling.Sampler(
+                cfg, unroll_layers={"auto": None, "true": True, "false": False}[FLAGS.unroll_layers], **knobs
+            ),
+        )
+        n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
+        weight_bytes = sum(p.nbytes for p in jax.tree.leaves(params))
+        return {
+            "n_params": n_params,
+            "weight_bytes": weight_bytes,
+            "n_layers": cfg.n_layers,
+            "kv_heads": cfg.n_kv_heads,
+            "head_dim": cfg.head_dim,
             "prompt_lens": [len(p) for p in prompts],
             "prompt_bucket": state["sampler"].length_bucket(max(map(len, prompts))),
-            "jax": jax.__version__, "jax_devices": str(jax.devices()),
+            "jax": jax.__version__,
+            "jax_devices": str(jax.devices()),
             "unroll_layers": state["sampler"].unroll_layers,
             "prefill_group_rows": state["sampler"].prefill_group_rows,
-            "cache_steps_per_octave": state["sampler"].cache_steps_per_octave}
+            "cache_steps_per_octave": state["sampler"].cache_steps_per_octave,
+        }
 
-  def run(n):
-    scfg = sampling.SamplingConfig(max_new_tokens=n, temperature=0.0, stop_ids=(),
-                                   pad_id=state["tok"].pad_id)
-    out = state["sampler"](state["params"], state["prompts"], jax.random.key(0), scfg)
-    extra = {"min_len": int(out.lengths.min()), "first_tokens": out.tokens[0, :8].tolist()}
-    if n not in state:  # first call with this shape: XLA's memory plan of the compiled generate
-      state[n] = True
-      extra["memory_analysis_mib"] = _memory_analysis_mib(state, scfg)
-    return extra
+    def run(n):
+        scfg = sampling.SamplingConfig(max_new_tokens=n, temperature=0.0, stop_ids=(), pad_id=state["tok"].pad_id)
+        out = state["sampler"](state["params"], state["prompts"], jax.random.key(0), scfg)
+        extra = {"min_len": int(out.lengths.min()), "first_tokens": out.tokens[0, :8].tolist()}
+        if n not in state:  # first call with this shape: XLA's memory plan of the compiled generate
+            state[n] = True
+            extra["memory_analysis_mib"] = _memory_analysis_mib(state, scfg)
+        return extra
 
-  _serve(setup, run)
+    _serve(setup, run)
 
 
 def _memory_analysis_mib(state, scfg):
-  """Arguments + outputs + temporaries XLA plans for `generate` (prefill + decode as one jit)
-  with the sampler's settings and one prefill group (None if unknown)."""
-  import jax
-  from clipo_jax import sampling
-  sampler, prompts = state["sampler"], state["prompts"]
-  length = sampler.length_bucket(max(map(len, prompts)))
-  tokens, mask = sampling.left_pad(prompts, length, scfg.pad_id, sampling.bucket(len(prompts), 1))
-  try:
-    fn = jax.jit(lambda p, t, m, r: sampling.generate(
-        p, t, m, r, cfg=state["cfg"], scfg=scfg, unroll_layers=sampler.unroll_layers,
-        cache_steps_per_octave=sampler.cache_steps_per_octave))
-    ma = fn.lower(state["params"], tokens, mask, jax.random.key(0)).compile().memory_analysis()
-    return (ma.argument_size_in_bytes + ma.output_size_in_bytes + ma.temp_size_in_bytes
-            - ma.alias_size_in_bytes) / 2**20
-  except Exception:  # memory_analysis is optional per backend
-    return None
+    """Arguments + outputs + temporaries XLA plans for `generate` (prefill + decode as one jit)
+    with the sampler's settings and one prefill group (None if unknown)."""
+    import jax
+
+    from clipo_jax import sampling
+
+    sampler, prompts = state["sampler"], state["prompts"]
+    length = sampler.length_bucket(max(map(len, prompts)))
+    tokens, mask = sampling.left_pad(prompts, length, scfg.pad_id, sampling.bucket(len(prompts), 1))
+    try:
+        fn = jax.jit(
+            lambda p, t, m, r: sampling.generate(
+                p,
+                t,
+                m,
+                r,
+                cfg=state["cfg"],
+                scfg=scfg,
+                unroll_layers=sampler.unroll_layers,
+                cache_steps_per_octave=sampler.cache_steps_per_octave,
+            )
+        )
+        ma = fn.lower(state["params"], tokens, mask, jax.random.key(0)).compile().memory_analysis()
+        return (
+            ma.argument_size_in_bytes + ma.output_size_in_bytes + ma.temp_size_in_bytes - ma.alias_size_in_bytes
+        ) / 2**20
+    except Exception:  # memory_analysis is optional per backend
+        return None
 
 
 def _worker_hf(batch: int) -> None:
-  import torch
-  import transformers
-  from clipo_jax.models import resolve_model_path
-  from clipo_jax.models.tokenizer import load_tokenizer
-  state = {}
+    import torch
+    import transformers
 
-  def setup():
-    torch.set_num_threads(_cores())
-    path = resolve_model_path(FLAGS.model)
-    tok = load_tokenizer(path)
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32).eval()
-    prompts = gsm8k_chat_prompts(tok, batch, FLAGS.max_prompt_len)
-    T = max(map(len, prompts))
-    ids = torch.full((batch, T), tok.pad_id, dtype=torch.long)
-    mask = torch.zeros((batch, T), dtype=torch.long)
-    for i, p in enumerate(prompts):  # left padding, as generate wants for decoder-only models
-      ids[i, T - len(p):] = torch.tensor(p)
-      mask[i, T - len(p):] = 1
-    state.update(model=model, ids=ids, mask=mask, pad=tok.pad_id)
-    return {"torch": torch.__version__, "transformers": transformers.__version__,
-            "threads": torch.get_num_threads(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
-            "n_params": sum(p.numel() for p in model.parameters())}
+    from clipo_jax.models import resolve_model_path
+    from clipo_jax.models.tokenizer import load_tokenizer
 
-  def run(n):
-    with torch.inference_mode():
-      out = state["model"].generate(input_ids=state["ids"], attention_mask=state["mask"], do_sample=False,
-                                    max_new_tokens=n, min_new_tokens=n, pad_token_id=state["pad"])
-    new = out[:, state["ids"].shape[1]:]
-    return {"min_len": int(new.shape[1]), "first_tokens": new[0, :8].tolist()}
+    state = {}
 
-  _serve(setup, run)
+    def setup():
+        torch.set_num_threads(_cores())
+        path = resolve_model_path(FLAGS.model)
+        tok = load_tokenizer(path)
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32
+        ).eval()
+        prompts = gsm8k_chat_prompts(tok, batch, FLAGS.max_prompt_len)
+        T = max(map(len, prompts))
+        ids = torch.full((batch, T), tok.pad_id, dtype=torch.long)
+        mask = torch.zeros((batch, T), dtype=torch.long)
+        for i, p in enumerate(prompts):  # left padding, as generate wants for decoder-only models
+            ids[i, T - len(p) :] = torch.tensor(p)
+            mask[i, T - len(p) :] = 1
+        state.update(model=model, ids=ids, mask=mask, pad=tok.pad_id)
+        return {
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "threads": torch.get_num_threads(),
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+            "n_params": sum(p.numel() for p in model.parameters()),
+        }
+
+    def run(n):
+        with torch.inference_mode():
+            out = state["model"].generate(
+                input_ids=state["ids"],
+                attention_mask=state["mask"],
+                do_sample=False,
+                max_new_tokens=n,
+                min_new_tokens=n,
+                pad_token_id=state["pad"],
+            )
+        new = out[:, state["ids"].shape[1] :]
+        return {"min_len": int(new.shape[1]), "first_tokens": new[0, :8].tolist()}
+
+    _serve(setup, run)
 
 
 # --------------------------------------------------------------------------- driver
 class Worker:
-  """A worker subprocess speaking the MARK-prefixed JSON line protocol."""
+    """A worker subprocess speaking the MARK-prefixed JSON line protocol."""
 
-  def __init__(self, kind: str, batch: int, env=None):
-    cmd = [sys.executable, "-m", "experiments.bench_sampler", f"--worker={kind}", f"--batch={batch}",
-           f"--model={FLAGS.model}", f"--max_prompt_len={FLAGS.max_prompt_len}",
-           f"--unroll_layers={FLAGS.unroll_layers}"]
-    cmd += [f"--{k}={getattr(FLAGS, k)}" for k in ("prefill_group_rows", "cache_steps_per_octave")
-            if getattr(FLAGS, k) is not None]
-    self.kind = kind
-    self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                                 env={**os.environ, **(env or {})}, bufsize=1)
+    def __init__(self, kind: str, batch: int, env=None):
+        cmd = [
+            sys.executable,
+            "-m",
+            "experiments.bench_sampler",
+            f"--worker={kind}",
+            f"--batch={batch}",
+            f"--model={FLAGS.model}",
+            f"--max_prompt_len={FLAGS.max_prompt_len}",
+            f"--unroll_layers={FLAGS.unroll_layers}",
+        ]
+        cmd += [
+            f"--{k}={getattr(FLAGS, k)}"
+            for k in ("prefill_group_rows", "cache_steps_per_octave")
+            if getattr(FLAGS, k) is not None
+        ]
+        self.kind = kind
+        self.proc = subprocess.Popen(
+            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env={**os.environ, **(env or {})}, bufsize=1
+        )
 
-  def read(self) -> dict:
-    for line in self.proc.stdout:
-      if line.startswith(MARK):
-        return json.loads(line[len(MARK):])
-    raise RuntimeError(f"{self.kind} worker exited with code {self.proc.wait()} (see stderr above)")
+    def read(self) -> dict:
+        for line in self.proc.stdout:
+            if line.startswith(MARK):
+                return json.loads(line[len(MARK) :])
+        raise RuntimeError(f"{self.kind} worker exited with code {self.proc.wait()} (see stderr above)")
 
-  def ask(self, cmd: str) -> dict:
-    self.proc.stdin.write(cmd + "\n")
-    self.proc.stdin.flush()
-    return self.read()
+    def ask(self, cmd: str) -> dict:
+        self.proc.stdin.write(cmd + "\n")
+        self.proc.stdin.flush()
+        return self.read()
 
-  def close(self) -> dict:
-    stats = self.ask("stats")
-    self.proc.wait(timeout=120)
-    return stats
+    def close(self) -> dict:
+        stats = self.ask("stats")
+        self.proc.wait(timeout=120)
+        return stats
 
 
 def _fmt(x, spec=".1f"):
-  return "-" if x is None else format(x, spec)
+    return "-" if x is None else format(x, spec)
 
 
 def measure_batch(batch: int, n_new: int, repeats: int, bandwidth_gbs: float) -> dict:
-  load_before = os.getloadavg()[0]
-  sides = ["ours"] + ([] if FLAGS.skip_hf else ["hf"])
-  env = {"hf": {"OMP_WAIT_POLICY": "PASSIVE"} if FLAGS.hf_omp_passive else {}, "ours": {}}
-  workers = {s: Worker(s, batch, env[s]) for s in sides}
-  facts = {s: w.read() for s, w in workers.items()}
-  res = {s: {"full": [], "prefill": [], "first": {}} for s in sides}
-  try:
-    for s, w in workers.items():  # warmup (compiles ours) for both shapes, then reset peak RSS
-      for n in (1, n_new):
-        r = w.ask(f"run {n}")
-        res[s]["first"][n] = r
-        if r["min_len"] != n:
-          raise RuntimeError(f"{s} produced {r['min_len']} tokens instead of {n} at batch {batch}")
-      res[s]["reset"] = w.ask("reset")
-    for _ in range(repeats):  # interleaved: ours then HF, repeatedly
-      for s, w in workers.items():
-        res[s]["full"].append(w.ask(f"run {n_new}")["s"])
-        res[s]["prefill"].append(w.ask("run 1")["s"])
-  finally:
-    for s, w in workers.items():
-      try:
-        res[s]["stats"] = w.close()
-      except Exception as e:  # a crashed worker: report, do not hang
-        res[s]["stats"] = {"error": str(e)}
-        w.proc.kill()
-  f = facts["ours"]
-  padded = max(f["prompt_lens"])
-  cache_bytes = 2 * f["n_layers"] * batch * f["kv_heads"] * f["head_dim"] * 4 * (padded + n_new / 2)
-  step_bytes = f["weight_bytes"] + cache_bytes
-  out = {"batch": batch, "load_before": load_before, "load_after": os.getloadavg()[0],
-         "prompt_lens": f["prompt_lens"], "prompt_bucket": f["prompt_bucket"], "step_bytes": step_bytes,
-         "unroll_layers": f["unroll_layers"], "prefill_group_rows": f["prefill_group_rows"],
-         "cache_steps_per_octave": f["cache_steps_per_octave"]}
-  for s in sides:
-    full = statistics.median(res[s]["full"])
-    pre = statistics.median(res[s]["prefill"])
-    step = (full - pre) / max(n_new - 1, 1)
-    out[s] = {"tok_s": batch * n_new / full, "full_s": full, "prefill_s": pre, "step_ms": step * 1e3,
-              "bw_frac": step_bytes / step / (bandwidth_gbs * 1e9) if step > 0 else None,
-              "peak_rss_mib": res[s]["stats"].get("peak_rss_mib"),
-              "rss_loaded_mib": facts[s]["rss_loaded_mib"], "runs_s": res[s]["full"],
-              "first_tokens": res[s]["first"][n_new]["first_tokens"],
-              "xla_mib": res[s]["first"][n_new].get("memory_analysis_mib"),
-              "peak_reset": res[s]["reset"]["reset"]}
-  out["facts"] = facts
-  return out
+    load_before = os.getloadavg()[0]
+    sides = ["ours"] + ([] if FLAGS.skip_hf else ["hf"])
+    env = {"hf": {"OMP_WAIT_POLICY": "PASSIVE"} if FLAGS.hf_omp_passive else {}, "ours": {}}
+    workers = {s: Worker(s, batch, env[s]) for s in sides}
+    facts = {s: w.read() for s, w in workers.items()}
+    res = {s: {"full": [], "prefill": [], "first": {}} for s in sides}
+    try:
+        for s, w in workers.items():  # warmup (compiles ours) for both shapes, then reset peak RSS
+            for n in (1, n_new):
+                r = w.ask(f"run {n}")
+                res[s]["first"][n] = r
+                if r["min_len"] != n:
+                    raise RuntimeError(f"{s} produced {r['min_len']} tokens instead of {n} at batch {batch}")
+            res[s]["reset"] = w.ask("reset")
+        for _ in range(repeats):  # interleaved: ours then HF, repeatedly
+            for s, w in workers.items():
+                res[s]["full"].append(w.ask(f"run {n_new}")["s"])
+                res[s]["prefill"].append(w.ask("run 1")["s"])
+    finally:
+        for s, w in workers.items():
+            try:
+                res[s]["stats"] = w.close()
+            except Exception as e:  # a crashed worker: report, do not hang
+                res[s]["stats"] = {"error": str(e)}
+                w.proc.kill()
+    f = facts["ours"]
+    padded = max(f["prompt_lens"])
+    cache_bytes = 2 * f["n_layers"] * batch * f["kv_heads"] * f["head_dim"] * 4 * (padded + n_new / 2)
+    step_bytes = f["weight_bytes"] + cache_bytes
+    out = {
+        "batch": batch,
+        "load_before": load_before,
+        "load_after": os.getloadavg()[0],
+        "prompt_lens": f["prompt_lens"],
+        "prompt_bucket": f["prompt_bucket"],
+        "step_bytes": step_bytes,
+        "unroll_layers": f["unroll_layers"],
+        "prefill_group_rows": f["prefill_group_rows"],
+        "cache_steps_per_octave": f["cache_steps_per_octave"],
+    }
+    for s in sides:
+        full = statistics.median(res[s]["full"])
+        pre = statistics.median(res[s]["prefill"])
+        step = (full - pre) / max(n_new - 1, 1)
+        out[s] = {
+            "tok_s": batch * n_new / full,
+            "full_s": full,
+            "prefill_s": pre,
+            "step_ms": step * 1e3,
+            "bw_frac": step_bytes / step / (bandwidth_gbs * 1e9) if step > 0 else None,
+            "peak_rss_mib": res[s]["stats"].get("peak_rss_mib"),
+            "rss_loaded_mib": facts[s]["rss_loaded_mib"],
+            "runs_s": res[s]["full"],
+            "first_tokens": res[s]["first"][n_new]["first_tokens"],
+            "xla_mib": res[s]["first"][n_new].get("memory_analysis_mib"),
+            "peak_reset": res[s]["reset"]["reset"],
+        }
+    out["facts"] = facts
+    return out
 
 
 def main(argv):
-  del argv
-  if FLAGS.worker == "bandwidth":
-    return _worker_bandwidth()
-  if FLAGS.worker == "ours":
-    return _worker_ours(FLAGS.batch)
-  if FLAGS.worker == "hf":
-    return _worker_hf(FLAGS.batch)
-  if FLAGS.worker is not None:
-    raise SystemExit(f"--worker must be ours, hf or bandwidth, got {FLAGS.worker!r}")
-  batches = [int(b) for b in (["1", "4"] if FLAGS.quick else FLAGS.batches)]
-  n_new = 8 if FLAGS.quick else FLAGS.new_tokens
-  repeats = 1 if FLAGS.quick else FLAGS.repeats
-  if n_new < 2:
-    raise SystemExit("--new_tokens must be >= 2 (the decode step is t(N) - t(1) over N - 1)")
-  machine = _machine()
-  print(f"machine: {machine}; load average at start: {os.getloadavg()}", flush=True)
-  bw_worker = Worker("bandwidth", 1)
-  bw = bw_worker.read()
-  bw_worker.proc.wait()
-  bandwidth = max(bw["read_gbs"], bw["copy_gbs"])
-  print(f"memory bandwidth: jitted 1 GiB sum {bw['read_gbs']:.1f} GB/s, numpy 512 MiB copy "
-        f"{bw['copy_gbs']:.1f} GB/s (read+write) -> using {bandwidth:.1f} GB/s", flush=True)
-  rows = []
-  for b in batches:
-    r = measure_batch(b, n_new, repeats, bandwidth)
-    rows.append(r)
-    print(f"batch {b}: done (load {r['load_before']:.1f} -> {r['load_after']:.1f}; prompt lens "
-          f"{min(r['prompt_lens'])}-{max(r['prompt_lens'])}, our bucket {r['prompt_bucket']}, unrolled layers: {r['unroll_layers']}, "
-          f"prefill group rows {r['prefill_group_rows']}, cache steps per octave {r['cache_steps_per_octave']})", flush=True)
-    if "hf" in r and r["ours"]["first_tokens"] != r["hf"]["first_tokens"]:
-      print(f"  note: first greedy tokens differ (ours {r['ours']['first_tokens']}, HF "
-            f"{r['hf']['first_tokens']}): float32 ties/rounding, not a speed issue", flush=True)
+    del argv
+    if FLAGS.worker == "bandwidth":
+        return _worker_bandwidth()
+    if FLAGS.worker == "ours":
+        return _worker_ours(FLAGS.batch)
+    if FLAGS.worker == "hf":
+        return _worker_hf(FLAGS.batch)
+    if FLAGS.worker is not None:
+        raise SystemExit(f"--worker must be ours, hf or bandwidth, got {FLAGS.worker!r}")
+    batches = [int(b) for b in (["1", "4"] if FLAGS.quick else FLAGS.batches)]
+    n_new = 8 if FLAGS.quick else FLAGS.new_tokens
+    repeats = 1 if FLAGS.quick else FLAGS.repeats
+    if n_new < 2:
+        raise SystemExit("--new_tokens must be >= 2 (the decode step is t(N) - t(1) over N - 1)")
+    machine = _machine()
+    print(f"machine: {machine}; load average at start: {os.getloadavg()}", flush=True)
+    bw_worker = Worker("bandwidth", 1)
+    bw = bw_worker.read()
+    bw_worker.proc.wait()
+    bandwidth = max(bw["read_gbs"], bw["copy_gbs"])
+    print(
+        f"memory bandwidth: jitted 1 GiB sum {bw['read_gbs']:.1f} GB/s, numpy 512 MiB copy "
+        f"{bw['copy_gbs']:.1f} GB/s (read+write) -> using {bandwidth:.1f} GB/s",
+        flush=True,
+    )
+    rows = []
+    for b in batches:
+        r = measure_batch(b, n_new, repeats, bandwidth)
+        rows.append(r)
+        print(
+            f"batch {b}: done (load {r['load_before']:.1f} -> {r['load_after']:.1f}; prompt lens "
+            f"{min(r['prompt_lens'])}-{max(r['prompt_lens'])}, our bucket {r['prompt_bucket']}, unrolled layers: {r['unroll_layers']}, "
+            f"prefill group rows {r['prefill_group_rows']}, cache steps per octave {r['cache_steps_per_octave']})",
+            flush=True,
+        )
+        if "hf" in r and r["ours"]["first_tokens"] != r["hf"]["first_tokens"]:
+            print(
+                f"  note: first greedy tokens differ (ours {r['ours']['first_tokens']}, HF "
+                f"{r['hf']['first_tokens']}): float32 ties/rounding, not a speed issue",
+                flush=True,
+            )
 
-  f = rows[0]["facts"]
-  print(f"\nSmolLM2-135M float32 ({f['ours']['n_params'] / 1e6:.1f}M params, "
+    f = rows[0]["facts"]
+    print(
+        f"\nSmolLM2-135M float32 ({f['ours']['n_params'] / 1e6:.1f}M params, "
         f"{f['ours']['weight_bytes'] / 2**20:.0f} MiB), greedy, {n_new} new tokens, median of {repeats}; "
-        f"jax {f['ours']['jax']}" + ("" if FLAGS.skip_hf else
-        f", torch {f['hf']['torch']} ({f['hf']['threads']} threads, OMP_WAIT_POLICY="
-        f"{f['hf']['omp_wait_policy']}), transformers {f['hf']['transformers']}"))
-  head = (f"{'batch':>5} | {'side':<4} | {'tok/s':>7} | {'ratio':>5} | {'prefill s':>9} | {'step ms':>7} | "
-          f"{'BW frac':>7} | {'peak RSS MiB':>12} | {'XLA plan MiB':>12} | {'load':>9}")
-  print(head)
-  print("-" * len(head))
-  results = []
-  for r in rows:
-    ours, hf = r["ours"], r.get("hf")
-    ratio = ours["tok_s"] / hf["tok_s"] if hf else None
-    for name, s in (("ours", ours), ("HF", hf)):
-      if s is None:
-        continue
-      print(f"{r['batch']:>5} | {name:<4} | {s['tok_s']:>7.1f} | {_fmt(ratio if name == 'ours' else None, '.2f'):>5} | "
-            f"{s['prefill_s']:>9.3f} | {s['step_ms']:>7.1f} | {_fmt(s['bw_frac'], '.2f'):>7} | "
-            f"{_fmt(s['peak_rss_mib'], '.0f'):>12} | {_fmt(s['xla_mib'], '.0f'):>12} | "
-            f"{r['load_before']:>4.1f}-{r['load_after']:<4.1f}")
-    base = "HF transformers generate (torch CPU, KV cache)"
-    results.append({"case": f"tokens/s batch {r['batch']}", "ours": round(ours["tok_s"], 2),
-                    "baseline": round(hf["tok_s"], 2) if hf else None, "baseline_name": base,
-                    "ratio": round(ratio, 3) if ratio else None, "unit": "tokens/s"})
-    results.append({"case": f"decode bandwidth fraction batch {r['batch']}",
-                    "ours": round(ours["bw_frac"], 3) if ours["bw_frac"] else None,
-                    "baseline": round(hf["bw_frac"], 3) if hf and hf["bw_frac"] else None,
-                    "baseline_name": base,
-                    "ratio": round(ours["bw_frac"] / hf["bw_frac"], 3) if hf and hf["bw_frac"] and ours["bw_frac"] else None,
-                    "unit": "fraction of measured memory bandwidth"})
-    results.append({"case": f"peak RSS batch {r['batch']}", "ours": round(ours["peak_rss_mib"], 1),
-                    "baseline": round(hf["peak_rss_mib"], 1) if hf else None, "baseline_name": base,
-                    "ratio": round(hf["peak_rss_mib"] / ours["peak_rss_mib"], 3) if hf else None,
-                    "unit": "MiB (ratio = HF / ours)"})
-  print(f"bytes per decode step = weights {f['ours']['weight_bytes'] / 2**20:.0f} MiB + K/V cache at "
+        f"jax {f['ours']['jax']}"
+        + (
+            ""
+            if FLAGS.skip_hf
+            else f", torch {f['hf']['torch']} ({f['hf']['threads']} threads, OMP_WAIT_POLICY="
+            f"{f['hf']['omp_wait_policy']}), transformers {f['hf']['transformers']}"
+        )
+    )
+    head = (
+        f"{'batch':>5} | {'side':<4} | {'tok/s':>7} | {'ratio':>5} | {'prefill s':>9} | {'step ms':>7} | "
+        f"{'BW frac':>7} | {'peak RSS MiB':>12} | {'XLA plan MiB':>12} | {'load':>9}"
+    )
+    print(head)
+    print("-" * len(head))
+    results = []
+    for r in rows:
+        ours, hf = r["ours"], r.get("hf")
+        ratio = ours["tok_s"] / hf["tok_s"] if hf else None
+        for name, s in (("ours", ours), ("HF", hf)):
+            if s is None:
+                continue
+            print(
+                f"{r['batch']:>5} | {name:<4} | {s['tok_s']:>7.1f} | {_fmt(ratio if name == 'ours' else None, '.2f'):>5} | "
+                f"{s['prefill_s']:>9.3f} | {s['step_ms']:>7.1f} | {_fmt(s['bw_frac'], '.2f'):>7} | "
+                f"{_fmt(s['peak_rss_mib'], '.0f'):>12} | {_fmt(s['xla_mib'], '.0f'):>12} | "
+                f"{r['load_before']:>4.1f}-{r['load_after']:<4.1f}"
+            )
+        base = "HF transformers generate (torch CPU, KV cache)"
+        results.append(
+            {
+                "case": f"tokens/s batch {r['batch']}",
+                "ours": round(ours["tok_s"], 2),
+                "baseline": round(hf["tok_s"], 2) if hf else None,
+                "baseline_name": base,
+                "ratio": round(ratio, 3) if ratio else None,
+                "unit": "tokens/s",
+            }
+        )
+        results.append(
+            {
+                "case": f"decode bandwidth fraction batch {r['batch']}",
+                "ours": round(ours["bw_frac"], 3) if ours["bw_frac"] else None,
+                "baseline": round(hf["bw_frac"], 3) if hf and hf["bw_frac"] else None,
+                "baseline_name": base,
+                "ratio": round(ours["bw_frac"] / hf["bw_frac"], 3)
+                if hf and hf["bw_frac"] and ours["bw_frac"]
+                else None,
+                "unit": "fraction of measured memory bandwidth",
+            }
+        )
+        results.append(
+            {
+                "case": f"peak RSS batch {r['batch']}",
+                "ours": round(ours["peak_rss_mib"], 1),
+                "baseline": round(hf["peak_rss_mib"], 1) if hf else None,
+                "baseline_name": base,
+                "ratio": round(hf["peak_rss_mib"] / ours["peak_rss_mib"], 3) if hf else None,
+                "unit": "MiB (ratio = HF / ours)",
+            }
+        )
+    print(
+        f"bytes per decode step = weights {f['ours']['weight_bytes'] / 2**20:.0f} MiB + K/V cache at "
         f"(padded prompt + {n_new}/2) positions; step = (t({n_new}) - t(1)) / {n_new - 1}; machine "
         f"bandwidth {bandwidth:.1f} GB/s. Peak RSS: per worker process during the timed calls "
-        f"(VmHWM reset after load + warmup), weights included.")
-  results.append({"case": "memory bandwidth", "ours": round(bandwidth, 2), "baseline": None,
-                  "baseline_name": "", "ratio": None, "unit": "GB/s"})
-  print(json.dumps({"bench": "sampler", "machine": machine, "results": results}))
+        f"(VmHWM reset after load + warmup), weights included."
+    )
+    results.append(
+        {
+            "case": "memory bandwidth",
+            "ours": round(bandwidth, 2),
+            "baseline": None,
+            "baseline_name": "",
+            "ratio": None,
+            "unit": "GB/s",
+        }
+    )
+    print(json.dumps({"bench": "sampler", "machine": machine, "results": results}))
 
 
 if __name__ == "__main__":
-  app.run(main)
+    app.run(main)

@@ -8,6 +8,7 @@ comparison isolates the RL phase. Finished runs are skipped, an interrupted one 
 writes (<root>/summary.md, <root>/summary.json) mean ± std over seeds of outcome accuracy, process
 accuracy and lucky rate on every test set, after RL, plus the SFT starting point.
 """
+
 import json
 import os
 import subprocess
@@ -25,72 +26,88 @@ flags.DEFINE_bool("summarize_only", False, "only aggregate finished runs")
 
 
 def run_name(algo, clipo, seed):
-  return f"{algo}{'+clipo' if clipo else ''}_seed{seed}"
+    return f"{algo}{'+clipo' if clipo else ''}_seed{seed}"
 
 
 def main(argv):
-  del argv
-  os.makedirs(FLAGS.root, exist_ok=True)
-  variants = [(a, c) for a in FLAGS.algos for c in (False, True)]
-  # algorithm-major order: every seed of the first pair (e.g. GRPO vs GRPO+CLIPO) finishes first
-  for algo in FLAGS.algos:
-    for seed in FLAGS.seeds:
-      for clipo in (False, True):
-        workdir = os.path.join(FLAGS.root, run_name(algo, clipo, seed))
-        if FLAGS.summarize_only or os.path.exists(os.path.join(workdir, "eval_after.json")):
-          continue
-        arg = f"algo={algo},seed={seed}" + (",clipo" if clipo else "")
-        cmd = [sys.executable, "-m", "experiments.train", f"--config=configs/demo.py:{arg}", f"--workdir={workdir}",
-               f"--config.sft.cache_dir={os.path.join(FLAGS.root, 'sft_cache')}", "--config.progress_bar=False",
-               *[f"--config.{x}" for x in FLAGS.extra]]
-        print("running", " ".join(cmd), flush=True)
-        with open(workdir + ".log", "w") as log:
-          rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT)
-        if rc:
-          print(f"run {workdir} failed with exit {rc}; see {workdir}.log", flush=True)
+    del argv
+    os.makedirs(FLAGS.root, exist_ok=True)
+    variants = [(a, c) for a in FLAGS.algos for c in (False, True)]
+    # algorithm-major order: every seed of the first pair (e.g. GRPO vs GRPO+CLIPO) finishes first
+    for algo in FLAGS.algos:
+        for seed in FLAGS.seeds:
+            for clipo in (False, True):
+                workdir = os.path.join(FLAGS.root, run_name(algo, clipo, seed))
+                if FLAGS.summarize_only or os.path.exists(os.path.join(workdir, "eval_after.json")):
+                    continue
+                arg = f"algo={algo},seed={seed}" + (",clipo" if clipo else "")
+                cmd = [
+                    sys.executable,
+                    "-m",
+                    "experiments.train",
+                    f"--config=configs/demo.py:{arg}",
+                    f"--workdir={workdir}",
+                    f"--config.sft.cache_dir={os.path.join(FLAGS.root, 'sft_cache')}",
+                    "--config.progress_bar=False",
+                    *[f"--config.{x}" for x in FLAGS.extra],
+                ]
+                print("running", " ".join(cmd), flush=True)
+                with open(workdir + ".log", "w") as log:
+                    rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT)
+                if rc:
+                    print(f"run {workdir} failed with exit {rc}; see {workdir}.log", flush=True)
 
-  table = {}
-  for algo, clipo in variants:
-    name = run_name(algo, clipo, "")[:-len("_seed")]
-    evals = []
+    table = {}
+    for algo, clipo in variants:
+        name = run_name(algo, clipo, "")[: -len("_seed")]
+        evals = []
+        for seed in FLAGS.seeds:
+            path = os.path.join(FLAGS.root, run_name(algo, clipo, seed), "eval_after.json")
+            if os.path.exists(path):
+                with open(path) as f:
+                    evals.append(json.load(f))
+        if evals:
+            table[name] = evals
+    sft = []
     for seed in FLAGS.seeds:
-      path = os.path.join(FLAGS.root, run_name(algo, clipo, seed), "eval_after.json")
-      if os.path.exists(path):
-        with open(path) as f:
-          evals.append(json.load(f))
-    if evals:
-      table[name] = evals
-  sft = []
-  for seed in FLAGS.seeds:
-    path = os.path.join(FLAGS.root, run_name(FLAGS.algos[0], False, seed), "eval_before.json")
-    if os.path.exists(path):
-      with open(path) as f:
-        sft.append(json.load(f))
-  if sft:
-    table = {"SFT (start)": sft, **table}
-  if not table:
-    sys.exit("no finished runs")
-  sets = list(next(iter(table.values()))[0])
-  keys = ("outcome", "process", "lucky")
-  summary = {name: {} for name in table}
-  lines = []
-  for k in keys:  # one table per metric: methods x test sets, mean ± std over seeds (in %)
-    lines += ["", f"**{k}** (% of problems, greedy, mean ± std over seeds)", "",
-              "| method | seeds | " + " | ".join(sets) + " |", "|---|---|" + "---|" * len(sets)]
-    for name, evals in table.items():
-      cells = []
-      for s in sets:
-        vals = np.array([e[s][k] for e in evals]) * 100
-        summary[name][f"{s}/{k}"] = {"mean": float(vals.mean()), "std": float(vals.std()), "values": vals.tolist()}
-        cells.append(f"{vals.mean():.1f} ± {vals.std():.1f}")
-      lines.append(f"| {name} | {len(evals)} | " + " | ".join(cells) + " |")
-  md = "\n".join(lines)
-  print(md)
-  with open(os.path.join(FLAGS.root, "summary.md"), "w") as f:
-    f.write(md + "\n")
-  with open(os.path.join(FLAGS.root, "summary.json"), "w") as f:
-    json.dump(summary, f, indent=1)
+        path = os.path.join(FLAGS.root, run_name(FLAGS.algos[0], False, seed), "eval_before.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                sft.append(json.load(f))
+    if sft:
+        table = {"SFT (start)": sft, **table}
+    if not table:
+        sys.exit("no finished runs")
+    sets = list(next(iter(table.values()))[0])
+    keys = ("outcome", "process", "lucky")
+    summary = {name: {} for name in table}
+    lines = []
+    for k in keys:  # one table per metric: methods x test sets, mean ± std over seeds (in %)
+        lines += [
+            "",
+            f"**{k}** (% of problems, greedy, mean ± std over seeds)",
+            "",
+            "| method | seeds | " + " | ".join(sets) + " |",
+            "|---|---|" + "---|" * len(sets),
+        ]
+        for name, evals in table.items():
+            cells = []
+            for s in sets:
+                vals = np.array([e[s][k] for e in evals]) * 100
+                summary[name][f"{s}/{k}"] = {
+                    "mean": float(vals.mean()),
+                    "std": float(vals.std()),
+                    "values": vals.tolist(),
+                }
+                cells.append(f"{vals.mean():.1f} ± {vals.std():.1f}")
+            lines.append(f"| {name} | {len(evals)} | " + " | ".join(cells) + " |")
+    md = "\n".join(lines)
+    print(md)
+    with open(os.path.join(FLAGS.root, "summary.md"), "w") as f:
+        f.write(md + "\n")
+    with open(os.path.join(FLAGS.root, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
 
 
 if __name__ == "__main__":
-  app.run(main)
+    app.run(main)

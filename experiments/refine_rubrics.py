@@ -1,4 +1,4 @@
-r"""Evolutionary refinement of the general principles (OpenRS spec §7) over labelled pairs.
+r"""Evolutionary refinement of the general principles (OpenRS paper, arXiv 2602.14069: meta-rubric refinement) over labelled pairs.
 
     python -m experiments.refine_rubrics --input=/work/shared/data/judgebench/gpt.jsonl --limit=60 \
         --backend=openai --base_url=http://127.0.0.1:8080/v1 --model=qwen3 \
@@ -12,6 +12,7 @@ Writes ``DIR/generations.jsonl`` (one record per generation: every variant's tra
 the champion's held-out fitness, counters), ``DIR/general.toml`` (the best variant, a valid
 meta-rubric file) and ``DIR/summary.json``.  Judge calls are cached under ``DIR/cache``.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -21,12 +22,11 @@ import os
 
 from absl import app, flags
 
-from experiments import judge_backend_flags
-from clipo_jax.rubrics import JudgeConfig, load_meta_rubric, builtin_meta_rubric
+from clipo_jax.rubrics import JudgeConfig, builtin_meta_rubric, load_meta_rubric
 from clipo_jax.rubrics.backends import make_backend
 from clipo_jax.rubrics.protocol import PromptConfig
-from clipo_jax.rubrics.refine import (RefineConfig, build_judge, load_preference_pairs, refine,
-                                      write_meta_rubric)
+from clipo_jax.rubrics.refine import RefineConfig, build_judge, load_preference_pairs, refine, write_meta_rubric
+from experiments import judge_backend_flags
 
 FLAGS = flags.FLAGS
 judge_backend_flags.define()
@@ -35,10 +35,16 @@ flags.DEFINE_string("output_dir", None, "Where generations.jsonl, general.toml, 
 flags.DEFINE_string("initial", None, "Initial meta-rubric file (default: the shipped general.toml).")
 flags.DEFINE_string("cache_dir", None, "Judge-call cache (default DIR/cache; 'none' disables).")
 flags.DEFINE_integer("max_response_chars", 6000, "Per-response character budget in the prompt.")
-flags.DEFINE_bool("ground_truth", False, "Let the verifiable path decide pairs with a ground truth "
-                  "(off: every pair measures the rubric).")
-flags.DEFINE_string("proposer_base_url", None, "Separate OpenAI-compatible server proposing edits "
-                    "(default: the judge backend proposes).")
+flags.DEFINE_bool(
+    "ground_truth",
+    False,
+    "Let the verifiable path decide pairs with a ground truth (off: every pair measures the rubric).",
+)
+flags.DEFINE_string(
+    "proposer_base_url",
+    None,
+    "Separate OpenAI-compatible server proposing edits (default: the judge backend proposes).",
+)
 flags.DEFINE_string("proposer_model", None, "Model name on the proposer server.")
 flags.DEFINE_enum("mutation", "auto", ["auto", "llm", "programmatic"], "Where edits come from.")
 flags.DEFINE_integer("population", 8, "Variants per generation.")
@@ -53,33 +59,59 @@ flags.DEFINE_integer("seed", 0, "Seed of the split, the edits, the selection and
 async def run(out_dir: str) -> dict:
     cache_dir = None if FLAGS.cache_dir == "none" else (FLAGS.cache_dir or os.path.join(out_dir, "cache"))
     pairs = load_preference_pairs(FLAGS.input, FLAGS.limit, FLAGS.seed)
-    judge_cfg = JudgeConfig(max_tokens=FLAGS.max_tokens, parse_attempts=FLAGS.parse_attempts, seed=FLAGS.seed,
-                            use_ground_truth=FLAGS.ground_truth,
-                            prompt=PromptConfig(compact_chars=FLAGS.compact_chars,
-                                                max_response_chars=FLAGS.max_response_chars))
-    judge, backend = build_judge(FLAGS.backend, judge_cfg,
-                                 **judge_backend_flags.backend_kwargs(FLAGS.backend, FLAGS.model, FLAGS.base_url,
-                                                                      cache_dir, FLAGS.workers, FLAGS.seed))
+    judge_cfg = JudgeConfig(
+        max_tokens=FLAGS.max_tokens,
+        parse_attempts=FLAGS.parse_attempts,
+        seed=FLAGS.seed,
+        use_ground_truth=FLAGS.ground_truth,
+        prompt=PromptConfig(compact_chars=FLAGS.compact_chars, max_response_chars=FLAGS.max_response_chars),
+    )
+    judge, backend = build_judge(
+        FLAGS.backend,
+        judge_cfg,
+        **judge_backend_flags.backend_kwargs(
+            FLAGS.backend, FLAGS.model, FLAGS.base_url, cache_dir, FLAGS.workers, FLAGS.seed
+        ),
+    )
     proposer = backend
     if FLAGS.proposer_base_url:
-        proposer = make_backend("openai", **judge_backend_flags.backend_kwargs(
-            "openai", FLAGS.proposer_model, FLAGS.proposer_base_url, cache_dir, FLAGS.workers, FLAGS.seed))
+        proposer = make_backend(
+            "openai",
+            **judge_backend_flags.backend_kwargs(
+                "openai", FLAGS.proposer_model, FLAGS.proposer_base_url, cache_dir, FLAGS.workers, FLAGS.seed
+            ),
+        )
     initial = load_meta_rubric(FLAGS.initial) if FLAGS.initial else builtin_meta_rubric("general")
-    cfg = RefineConfig(population=FLAGS.population, generations=FLAGS.generations, elite=FLAGS.elite,
-                       tournament=FLAGS.tournament, length_penalty=FLAGS.length_penalty,
-                       heldout_fraction=FLAGS.heldout_fraction, seed=FLAGS.seed, mutation=FLAGS.mutation)
+    cfg = RefineConfig(
+        population=FLAGS.population,
+        generations=FLAGS.generations,
+        elite=FLAGS.elite,
+        tournament=FLAGS.tournament,
+        length_penalty=FLAGS.length_penalty,
+        heldout_fraction=FLAGS.heldout_fraction,
+        seed=FLAGS.seed,
+        mutation=FLAGS.mutation,
+    )
     try:
-        result = await refine(judge, initial, pairs, cfg, proposer=proposer,
-                              log_path=os.path.join(out_dir, "generations.jsonl"))
+        result = await refine(
+            judge, initial, pairs, cfg, proposer=proposer, log_path=os.path.join(out_dir, "generations.jsonl")
+        )
     finally:
         await backend.aclose()
         if proposer is not backend:
             await proposer.aclose()
     path = write_meta_rubric(result.best.rubric, out_dir)
-    return {"input": FLAGS.input, "n_pairs": len(pairs), "n_train": len(result.train_ids),
-            "n_heldout": len(result.heldout_ids), "best_file": str(path), "initial": result.initial.record(),
-            "best": result.best.record(), "counters": result.counters.as_dict(),
-            "backend": getattr(backend, "stats").as_dict() if hasattr(backend, "stats") else None}
+    return {
+        "input": FLAGS.input,
+        "n_pairs": len(pairs),
+        "n_train": len(result.train_ids),
+        "n_heldout": len(result.heldout_ids),
+        "best_file": str(path),
+        "initial": result.initial.record(),
+        "best": result.best.record(),
+        "counters": result.counters.as_dict(),
+        "backend": getattr(backend, "stats").as_dict() if hasattr(backend, "stats") else None,
+    }
 
 
 def main(argv):
@@ -92,10 +124,14 @@ def main(argv):
     with open(os.path.join(FLAGS.output_dir, "summary.json"), "w", encoding="utf-8") as f:
         json.dump(summary, f, indent=2)
     init, best = summary["initial"], summary["best"]
-    print(f"initial  train fitness {init['train']['fitness']:.4f}  heldout {init['heldout']['fitness']:.4f}  "
-          f"({init['length_chars']} chars)")
-    print(f"best     train fitness {best['train']['fitness']:.4f}  heldout {best['heldout']['fitness']:.4f}  "
-          f"({best['length_chars']} chars, {best['mutation']})")
+    print(
+        f"initial  train fitness {init['train']['fitness']:.4f}  heldout {init['heldout']['fitness']:.4f}  "
+        f"({init['length_chars']} chars)"
+    )
+    print(
+        f"best     train fitness {best['train']['fitness']:.4f}  heldout {best['heldout']['fitness']:.4f}  "
+        f"({best['length_chars']} chars, {best['mutation']})"
+    )
     print(f"wrote {summary['best_file']}")
 
 

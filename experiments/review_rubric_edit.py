@@ -1,4 +1,4 @@
-r"""Review a proposed edit of a meta-rubric file (OpenRS spec §7, domain principles).
+r"""Review a proposed edit of a meta-rubric file (OpenRS paper, arXiv 2602.14069: meta-rubric refinement, domain principles).
 
     python -m experiments.review_rubric_edit --old=clipo_jax/rubrics/meta_rubrics/math.toml \
         --new=/tmp/edit/math.toml --input=/work/shared/data/judgebench/gpt.jsonl \
@@ -11,6 +11,7 @@ recorded unless a person passes ``--accept`` or ``--reject``; then one JSON line
 reviewer, file hashes, the flips) is appended to ``--record``.  The files are never modified:
 commit the accepted edit to version control as usual.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -21,10 +22,10 @@ import os
 
 from absl import app, flags
 
-from experiments import judge_backend_flags
 from clipo_jax.rubrics import JudgeConfig
 from clipo_jax.rubrics.protocol import PromptConfig
 from clipo_jax.rubrics.refine import build_judge, load_preference_pairs, review_edit, write_review_record
+from experiments import judge_backend_flags
 
 FLAGS = flags.FLAGS
 judge_backend_flags.define()
@@ -45,8 +46,13 @@ flags.DEFINE_string("json_out", None, "Also write the full report as JSON here."
 async def run():
     cache_dir = None if FLAGS.cache_dir == "none" else FLAGS.cache_dir
     kw = judge_backend_flags.backend_kwargs(FLAGS.backend, FLAGS.model, FLAGS.base_url, cache_dir, FLAGS.workers)
-    cfg = JudgeConfig(max_tokens=FLAGS.max_tokens, parse_attempts=FLAGS.parse_attempts, seed=FLAGS.seed,
-                      use_ground_truth=FLAGS.ground_truth, prompt=PromptConfig(compact_chars=FLAGS.compact_chars))
+    cfg = JudgeConfig(
+        max_tokens=FLAGS.max_tokens,
+        parse_attempts=FLAGS.parse_attempts,
+        seed=FLAGS.seed,
+        use_ground_truth=FLAGS.ground_truth,
+        prompt=PromptConfig(compact_chars=FLAGS.compact_chars),
+    )
     judge, backend = build_judge(FLAGS.backend, cfg, **kw)
     pairs = load_preference_pairs(FLAGS.input, FLAGS.limit, FLAGS.seed)
     try:
@@ -64,8 +70,10 @@ def main(argv):
         raise app.UsageError("pass at most one of --accept / --reject")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     report = asyncio.run(run())
-    print(f"{report.n_pairs} pairs; accuracy (ties excluded) {report.old.accuracy:.4f} -> {report.new.accuracy:.4f}; "
-          f"same {report.old.same} -> {report.new.same}; {len(report.flips)} verdicts flip")
+    print(
+        f"{report.n_pairs} pairs; accuracy (ties excluded) {report.old.accuracy:.4f} -> {report.new.accuracy:.4f}; "
+        f"same {report.old.same} -> {report.new.same}; {len(report.flips)} verdicts flip"
+    )
     if report.flips:
         width = max(len(f.pair_id) for f in report.flips)
         print(f"{'pair':<{width}}  {'label':<6}  {'old':<6}  {'new':<6}  effect")

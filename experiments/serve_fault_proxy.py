@@ -15,6 +15,7 @@ POST gets the fault ``pattern[N % len(pattern)]``:
 
 GET requests (e.g. /v1/models) are always forwarded.  Counts per fault are kept in ``.counts``.
 """
+
 from __future__ import annotations
 
 import http.server
@@ -112,6 +113,7 @@ class FaultProxy:
 
 def main():
     from absl import app, flags
+
     flags.DEFINE_string("upstream", None, "Upstream server base URL.", required=True)
     flags.DEFINE_integer("port", 8081, "Port on 127.0.0.1.")
     flags.DEFINE_list("pattern", ["ok"], f"Fault cycle, entries from {FAULTS}.")

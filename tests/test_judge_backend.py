@@ -4,6 +4,7 @@ The server speaks the OpenAI chat-completions format; its behaviour is picked by
 ``model`` field so one server covers the healthy path and every fault: HTTP 500s, timeouts,
 garbage bodies, unparseable judgments, servers without ``response_format`` support.
 """
+
 import asyncio
 import http.server
 import json
@@ -14,8 +15,15 @@ import time
 
 import pytest
 
-from clipo_jax.rubrics import (BackendError, CompletionRequest, JudgeConfig, OpenAIHTTPBackend,
-                               PairInput, PairwiseJudge, summarise)
+from clipo_jax.rubrics import (
+    BackendError,
+    CompletionRequest,
+    JudgeConfig,
+    OpenAIHTTPBackend,
+    PairInput,
+    PairwiseJudge,
+    summarise,
+)
 from clipo_jax.rubrics.backends import Backend
 
 
@@ -24,10 +32,21 @@ def judgment_for(user_text: str) -> dict:
     a = re.search(r"<response_a>\n(.*?)\n</response_a>", user_text, re.DOTALL).group(1)
     b = re.search(r"<response_b>\n(.*?)\n</response_b>", user_text, re.DOTALL).group(1)
     label = "A" if "GOOD" in a and "GOOD" not in b else ("B" if "GOOD" in b and "GOOD" not in a else "S")
-    return {"intent": {"task": "t", "explicit_requirements": [], "implicit_requirements": []},
-            "differences": ["d"],
-            "criteria": [{"id": "c1", "title": "quality", "type": "core", "evidence": "e", "reason": "r",
-                          "label": label, "score": 0 if label == "S" else 2}]}
+    return {
+        "intent": {"task": "t", "explicit_requirements": [], "implicit_requirements": []},
+        "differences": ["d"],
+        "criteria": [
+            {
+                "id": "c1",
+                "title": "quality",
+                "type": "core",
+                "evidence": "e",
+                "reason": "r",
+                "label": label,
+                "score": 0 if label == "S" else 2,
+            }
+        ],
+    }
 
 
 class State:
@@ -81,16 +100,20 @@ class Handler(http.server.BaseHTTPRequestHandler):
             if model == "junk-json":
                 content = "I think A is better, no JSON here"
             elif model == "junk-then-ok" and body.get("seed", 0) == 0:
-                content = "```json\n{\"criteria\": [{\"label\": \"Q\"}]}\n```"
+                content = '```json\n{"criteria": [{"label": "Q"}]}\n```'
             elif user.startswith("Analyse the following user query"):
                 content = json.dumps({"task": "t", "explicit_requirements": ["x"], "implicit_requirements": []})
             elif "<response_a>" in user:
                 content = "Let me think.\n```json\n" + json.dumps(judgment_for(user)) + "\n```"
             else:
                 content = json.dumps({"echo": user[:20]})
-            self._send(200, {"choices": [{"message": {"role": "assistant", "content": content},
-                                          "finish_reason": "stop"}],
-                             "usage": {"prompt_tokens": 10, "completion_tokens": 5}})
+            self._send(
+                200,
+                {
+                    "choices": [{"message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
+                    "usage": {"prompt_tokens": 10, "completion_tokens": 5},
+                },
+            )
         finally:
             with st.lock:
                 st.inflight -= 1
@@ -112,12 +135,12 @@ def server():
 def no_sleep(_):
     async def _s():
         return None
+
     return _s()
 
 
 def req(text="hi", schema=None, seed=0):
-    return CompletionRequest(messages=[{"role": "user", "content": text}], max_tokens=16, seed=seed,
-                             json_schema=schema)
+    return CompletionRequest(messages=[{"role": "user", "content": text}], max_tokens=16, seed=seed, json_schema=schema)
 
 
 def test_backend_satisfies_protocol():
@@ -209,9 +232,11 @@ def test_api_key_from_env_never_logged(server, monkeypatch, caplog):
 
 # ---- the judge over the same server ------------------------------------------------------------
 
-PAIRS = [PairInput("Say something good.", "GOOD answer", "bad answer", query_type="chat"),
-         PairInput("Say something good.", "meh", "GOOD one", query_type="chat"),
-         PairInput("Say something.", "same", "same", query_type="zzz-unknown")]
+PAIRS = [
+    PairInput("Say something good.", "GOOD answer", "bad answer", query_type="chat"),
+    PairInput("Say something good.", "meh", "GOOD one", query_type="chat"),
+    PairInput("Say something.", "same", "same", query_type="zzz-unknown"),
+]
 
 
 def test_judge_end_to_end_over_http(server):
@@ -255,7 +280,9 @@ def test_two_stage_intent_is_answer_blind_and_shared(server):
     url, st = server
     judge = PairwiseJudge(OpenAIHTTPBackend(url, "slow-ok"), JudgeConfig(protocol="two_stage"))
     asyncio.run(judge.judge_pairs(PAIRS[:2]))  # same query twice
-    intent_calls = [r for r in st.requests if r["body"].get("response_format", {}).get("json_schema", {}).get("name") == "intent"]
+    intent_calls = [
+        r for r in st.requests if r["body"].get("response_format", {}).get("json_schema", {}).get("name") == "intent"
+    ]
     assert len(intent_calls) == 1
     assert "GOOD" not in intent_calls[0]["body"]["messages"][-1]["content"]
 
@@ -263,8 +290,9 @@ def test_two_stage_intent_is_answer_blind_and_shared(server):
 def test_ground_truth_path_decides_without_llm(server):
     url, st = server
     judge = PairwiseJudge(OpenAIHTTPBackend(url, "slow-ok"), JudgeConfig())
-    pair = PairInput("Pick one.\n(A) x\n(B) y", "The answer is BBBBB", "AAAAA", query_type="mmlu-pro-law",
-                     ground_truth="B")
+    pair = PairInput(
+        "Pick one.\n(A) x\n(B) y", "The answer is BBBBB", "AAAAA", query_type="mmlu-pro-law", ground_truth="B"
+    )
     res = asyncio.run(judge.judge_pair(pair))
     assert res.verdict == "first" and res.path == "ground_truth" and st.requests == []
     pair = PairInput("Pick one.", "BBBBB", "BBBBB", query_type="mmlu-pro-law", ground_truth="B")
@@ -275,7 +303,11 @@ def test_ground_truth_path_decides_without_llm(server):
 def test_constraint_path(server):
     url, st = server
     judge = PairwiseJudge(OpenAIHTTPBackend(url, "slow-ok"), JudgeConfig())
-    pair = PairInput("Answer in at most 3 words.", "one two three four five", "just three words",
-                     constraints=[{"type": "word_count", "max": 3}])
+    pair = PairInput(
+        "Answer in at most 3 words.",
+        "one two three four five",
+        "just three words",
+        constraints=[{"type": "word_count", "max": 3}],
+    )
     res = asyncio.run(judge.judge_pair(pair))
     assert res.verdict == "second" and res.path == "constraints"

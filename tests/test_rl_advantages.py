@@ -1,4 +1,5 @@
 """Advantage estimators vs plain-Python references written here from the spec."""
+
 import functools
 import math
 

@@ -1,4 +1,5 @@
 """DAPO extras: group std filter, dynamic sampling loop, overlong shaping, truncation mask."""
+
 import jax.numpy as jnp
 import numpy as np
 import pytest

@@ -3,6 +3,7 @@
 Gradients are checked against central finite differences of the float64 numpy
 reference (or against analytic numpy gradients where the loss is a gradient trick).
 """
+
 import functools
 from decimal import Decimal, getcontext
 

@@ -1,18 +1,26 @@
-"""Aggregation (spec §3-§4) against an independent plain-Python reference."""
+"""Aggregation (OpenRS paper, arXiv 2602.14069: criterion aggregation to A/B swap debiasing and verdict) against an independent plain-Python reference."""
+
 import random
 
 import numpy as np
 import pytest
 
 from clipo_jax.rubrics import score_comparison, verdict
-from clipo_jax.rubrics.aggregation import (FIRST, SAME, SECOND, CriterionError, aggregate_scores,
-                                           batch_verdicts, pad_criteria)
+from clipo_jax.rubrics.aggregation import (
+    FIRST,
+    SAME,
+    SECOND,
+    CriterionError,
+    aggregate_scores,
+    batch_verdicts,
+    pad_criteria,
+)
 
 WEIGHT = {"core": 5, "important": 2, "highlight": 1}
 
 
 def reference_score(criteria):
-    """Spec §3 written out literally, independently of the library code."""
+    """OpenRS paper: criterion aggregation written out literally, independently of the library code."""
     if criteria is None:
         return 0.0
     kept = [c for c in criteria if int(c["score"]) != 0]
@@ -40,29 +48,43 @@ def reference_verdict(f, b, m):
 def random_criteria(rng, n_max=12, types=("core", "important", "highlight", "critical", "weird")):
     if rng.random() < 0.1:
         return None
-    return [{"type": rng.choice(types), "label": rng.choice("ABS"), "score": rng.randint(-2, 2)}
-            for _ in range(rng.randint(0, n_max))]
+    return [
+        {"type": rng.choice(types), "label": rng.choice("ABS"), "score": rng.randint(-2, 2)}
+        for _ in range(rng.randint(0, n_max))
+    ]
 
 
 def test_hand_built_cases():
     # Label decides the sign, not the score's sign: label B with score +2 is a B win.
     assert score_comparison([{"type": "core", "label": "B", "score": 2}]) == pytest.approx(-2, abs=1e-5)
     # Weighted mean: core A 2 (w5), highlight B 1 (w1) -> (10 - 1) / 6.
-    assert score_comparison([{"type": "core", "label": "A", "score": 2},
-                             {"type": "highlight", "label": "B", "score": -1}]) == pytest.approx(1.5, abs=1e-5)
+    assert score_comparison(
+        [{"type": "core", "label": "A", "score": 2}, {"type": "highlight", "label": "B", "score": -1}]
+    ) == pytest.approx(1.5, abs=1e-5)
     # A critical labelled S vetoes everything else and contributes 0.
-    assert score_comparison([{"type": "core", "label": "A", "score": 2},
-                             {"type": "critical", "label": "S", "score": 1}]) == 0.0
+    assert (
+        score_comparison([{"type": "core", "label": "A", "score": 2}, {"type": "critical", "label": "S", "score": 1}])
+        == 0.0
+    )
     # Critical sum is plain (not normalised).
-    assert score_comparison([{"type": "critical", "label": "B", "score": 2},
-                             {"type": "critical", "label": "B", "score": 1},
-                             {"type": "core", "label": "A", "score": 2}]) == -3.0
+    assert (
+        score_comparison(
+            [
+                {"type": "critical", "label": "B", "score": 2},
+                {"type": "critical", "label": "B", "score": 1},
+                {"type": "core", "label": "A", "score": 2},
+            ]
+        )
+        == -3.0
+    )
     # Score 0 is skipped, even for a critical item (no veto then).
-    assert score_comparison([{"type": "critical", "label": "B", "score": 0},
-                             {"type": "important", "label": "A", "score": 1}]) == pytest.approx(1, abs=1e-5)
+    assert score_comparison(
+        [{"type": "critical", "label": "B", "score": 0}, {"type": "important", "label": "A", "score": 1}]
+    ) == pytest.approx(1, abs=1e-5)
     # Unknown type weighs like important.
-    assert score_comparison([{"type": "??", "label": "A", "score": 2},
-                             {"type": "highlight", "label": "B", "score": 2}]) == pytest.approx(2 * (2 - 1) / 3, abs=1e-5)
+    assert score_comparison(
+        [{"type": "??", "label": "A", "score": 2}, {"type": "highlight", "label": "B", "score": 2}]
+    ) == pytest.approx(2 * (2 - 1) / 3, abs=1e-5)
     assert score_comparison(None) == 0.0
     assert score_comparison([]) == 0.0
 

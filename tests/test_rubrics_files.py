@@ -1,20 +1,46 @@
 """Meta-rubric files, routing and the judge-output parser."""
+
 import json
 import logging
 import os
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from clipo_jax.rubrics.meta_rubric import (DIMENSION_TYPES, MetaRubricError, available_domains,
-                                           builtin_meta_rubric, builtin_router, domain_for_query_type,
-                                           load_meta_rubric, parse_meta_rubric, parse_routing)
-from clipo_jax.rubrics.protocol import (JUDGMENT_SCHEMA, JudgeParseError, PromptConfig,
-                                        build_intent_messages, build_pairwise_messages,
-                                        extract_json_text, parse_judgment, truncate_middle)
+from clipo_jax.rubrics.meta_rubric import (
+    DIMENSION_TYPES,
+    MetaRubricError,
+    available_domains,
+    builtin_meta_rubric,
+    builtin_router,
+    domain_for_query_type,
+    load_meta_rubric,
+    parse_meta_rubric,
+    parse_routing,
+)
+from clipo_jax.rubrics.protocol import (
+    JudgeParseError,
+    PromptConfig,
+    build_intent_messages,
+    build_pairwise_messages,
+    extract_json_text,
+    parse_judgment,
+    truncate_middle,
+)
 
-REQUIRED_DOMAINS = {"math", "code", "factual_qa", "reasoning", "creative_writing", "dialogue", "safety",
-                    "instruction_following", "translation", "summarisation"}
+REQUIRED_DOMAINS = {
+    "math",
+    "code",
+    "factual_qa",
+    "reasoning",
+    "creative_writing",
+    "dialogue",
+    "safety",
+    "instruction_following",
+    "translation",
+    "summarisation",
+}
 
 
 def test_shipped_files_load_from_any_cwd(tmp_path, monkeypatch):
@@ -27,25 +53,42 @@ def test_shipped_files_load_from_any_cwd(tmp_path, monkeypatch):
         assert mr.name == name and len(mr.dimensions) >= 3
         assert all(d.type in DIMENSION_TYPES and d.items for d in mr.dimensions)
         # Critical only for factuality / harmfulness / alignment.
-        assert all(d.critical_scope in ("factuality", "harmfulness", "alignment")
-                   for d in mr.dimensions if d.type == "critical")
+        assert all(
+            d.critical_scope in ("factuality", "harmfulness", "alignment")
+            for d in mr.dimensions
+            if d.type == "critical"
+        )
         # Round trip through the serialiser used by refinement.
         assert parse_meta_rubric(mr.to_toml(), expect_name=name).dimensions == mr.dimensions
 
 
 def test_judgebench_query_types_route():
-    rows = [json.loads(line) for line in open("/work/shared/data/judgebench/gpt.jsonl")] \
-        if os.path.exists("/work/shared/data/judgebench/gpt.jsonl") else []
+    rows = (
+        [json.loads(line) for line in open("/work/shared/data/judgebench/gpt.jsonl")]
+        if os.path.exists("/work/shared/data/judgebench/gpt.jsonl")
+        else []
+    )
     types = {r["query_type"] for r in rows} or {"livebench-math"}
-    expected = {"livebench-math": "math", "livebench-reasoning": "reasoning", "livecodebench": "code",
-                "mmlu-pro-math": "math", "mmlu-pro-law": "factual_qa", "mmlu-pro-computer science": "factual_qa"}
+    expected = {
+        "livebench-math": "math",
+        "livebench-reasoning": "reasoning",
+        "livecodebench": "code",
+        "mmlu-pro-math": "math",
+        "mmlu-pro-law": "factual_qa",
+        "mmlu-pro-computer science": "factual_qa",
+    }
     for qt in types:
         assert domain_for_query_type(qt) != "general", qt
     for qt, dom in expected.items():
         assert domain_for_query_type(qt) == dom
-    for qt, dom in {"IFEval": "instruction_following", "wmt-translation": "translation",
-                    "cnn-summarization": "summarisation", "poetry": "creative_writing",
-                    "harmful-request": "safety", "multi-turn-chat": "dialogue"}.items():
+    for qt, dom in {
+        "IFEval": "instruction_following",
+        "wmt-translation": "translation",
+        "cnn-summarization": "summarisation",
+        "poetry": "creative_writing",
+        "harmful-request": "safety",
+        "multi-turn-chat": "dialogue",
+    }.items():
         assert domain_for_query_type(qt) == dom
 
 
@@ -55,7 +98,7 @@ def test_fallback_is_logged(caplog):
     assert "some-new-benchmark-xyz" in caplog.text and "falling back" in caplog.text
 
 
-GOOD = '''name = "x"
+GOOD = """name = "x"
 title = "X"
 description = "d"
 
@@ -71,7 +114,7 @@ title = "B"
 type = "critical"
 critical_scope = "factuality"
 items = ["two"]
-'''
+"""
 
 
 def test_valid_file_and_errors_name_file_line_field(tmp_path):
@@ -80,11 +123,11 @@ def test_valid_file_and_errors_name_file_line_field(tmp_path):
     assert [d.id for d in load_meta_rubric(p).dimensions] == ["a", "b"]
     cases = [
         (GOOD.replace('type = "core"', 'type = "major"'), 8, "dimension[0].type"),
-        (GOOD.replace('critical_scope = "factuality"\n', ''), 11, "dimension[1].critical_scope"),
-        (GOOD.replace('items = ["two"]', 'items = []'), 16, "dimension[1].items"),
+        (GOOD.replace('critical_scope = "factuality"\n', ""), 11, "dimension[1].critical_scope"),
+        (GOOD.replace('items = ["two"]', "items = []"), 16, "dimension[1].items"),
         (GOOD.replace('id = "b"', 'id = "a"'), 12, "dimension[1].id"),
         (GOOD.replace('name = "x"', 'name = "y"'), 1, "name"),
-        (GOOD.replace('title = "X"\n', ''), 1, "title"),
+        (GOOD.replace('title = "X"\n', ""), 1, "title"),
         (GOOD.replace('type = "core"', 'type = "core"\nweight = 3'), 9, "dimension[0].weight"),
     ]
     for text, line, field in cases:
@@ -102,14 +145,16 @@ def test_valid_file_and_errors_name_file_line_field(tmp_path):
 
 def test_routing_validation():
     with pytest.raises(MetaRubricError, match=r"<r>:3: field 'route\[0\].domain'"):
-        parse_routing('fallback = "general"\n[[route]]\ndomain = "nope"\npattern = "x"\n', "<r>",
-                      known_domains=["general"])
+        parse_routing(
+            'fallback = "general"\n[[route]]\ndomain = "nope"\npattern = "x"\n', "<r>", known_domains=["general"]
+        )
     with pytest.raises(MetaRubricError, match="invalid regular expression"):
         parse_routing('[[route]]\npattern = "("\ndomain = "general"\n', "<r>", known_domains=["general"])
     assert builtin_router().fallback == "general"
 
 
 # ---- prompts and parsing -----------------------------------------------------------------------
+
 
 def test_prompt_contains_principles_and_both_responses():
     general, math = builtin_meta_rubric("general"), builtin_meta_rubric("math")
@@ -128,13 +173,15 @@ def test_truncate_keeps_head_and_tail():
     assert t.startswith("H" * 20) and t.endswith("T" * 10) and "70 characters omitted" in t
 
 
-VALID = {"intent": {"task": "t", "explicit_requirements": [], "implicit_requirements": []},
-         "differences": [], "criteria": [{"id": "c", "title": "t", "type": "core", "evidence": "e",
-                                          "reason": "r", "label": "A", "score": 2}]}
+VALID = {
+    "intent": {"task": "t", "explicit_requirements": [], "implicit_requirements": []},
+    "differences": [],
+    "criteria": [{"id": "c", "title": "t", "type": "core", "evidence": "e", "reason": "r", "label": "A", "score": 2}],
+}
 
 
 def test_parse_last_fenced_block_and_repair():
-    text = "draft:\n```json\n{\"criteria\": []}\n```\nfinal:\n```json\n" + json.dumps(VALID) + "\n```"
+    text = 'draft:\n```json\n{"criteria": []}\n```\nfinal:\n```json\n' + json.dumps(VALID) + "\n```"
     assert parse_judgment(text)["criteria"][0]["label"] == "A"
     broken = json.dumps(VALID)[:-2]  # truncated: missing closing braces
     assert parse_judgment("```json\n" + broken)["criteria"][0]["score"] == 2
@@ -145,10 +192,13 @@ def test_parse_last_fenced_block_and_repair():
 
 
 def test_parse_failures_are_typed():
-    for bad, match in [("", "empty"), ("no json at all", "not a JSON object"),
-                       (json.dumps({**VALID, "criteria": [{**VALID["criteria"][0], "label": "X"}]}), "criteria/0/label"),
-                       (json.dumps({**VALID, "criteria": [{**VALID["criteria"][0], "score": 3}]}), "criteria/0/score"),
-                       (json.dumps({"differences": []}), "required")]:
+    for bad, match in [
+        ("", "empty"),
+        ("no json at all", "not a JSON object"),
+        (json.dumps({**VALID, "criteria": [{**VALID["criteria"][0], "label": "X"}]}), "criteria/0/label"),
+        (json.dumps({**VALID, "criteria": [{**VALID["criteria"][0], "score": 3}]}), "criteria/0/score"),
+        (json.dumps({"differences": []}), "required"),
+    ]:
         with pytest.raises(JudgeParseError, match=match):
             parse_judgment(bad)
 

@@ -1,4 +1,5 @@
-"""Group rewards for RL (spec §6) and the judge CLI, against the local canned HTTP server."""
+"""Group rewards for RL (OpenRS paper, arXiv 2602.14069: OpenRS as an RL reward) and the judge CLI, against the local canned HTTP server."""
+
 import asyncio
 import json
 import os
@@ -7,11 +8,10 @@ import sys
 
 import numpy as np
 import pytest
+from test_judge_backend import server  # noqa: F401  (the real local HTTP server fixture)
 
 from clipo_jax.rubrics import JudgeConfig, OpenAIHTTPBackend, PairwiseJudge
-from clipo_jax.rubrics.group_rewards import (GroupRewardConfig, fit_bradley_terry, group_rewards,
-                                             pairwise_rewards)
-from test_judge_backend import server  # noqa: F401  (the real local HTTP server fixture)
+from clipo_jax.rubrics.group_rewards import GroupRewardConfig, fit_bradley_terry, group_rewards, pairwise_rewards
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -86,14 +86,23 @@ def test_group_rewards_pvr_terms(server):  # noqa: F811
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "experiments.judge", *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "experiments.judge", *args], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
 
 
 def test_cli_end_to_end_and_resume(server, tmp_path):  # noqa: F811
     url, st = server
-    rows = [{"question_id": f"q{i}", "query_type": "chat", "prompt": f"question {i}",
-             "chosen": f"GOOD {i}", "rejected": f"bad {i}"} for i in range(4)]
+    rows = [
+        {
+            "question_id": f"q{i}",
+            "query_type": "chat",
+            "prompt": f"question {i}",
+            "chosen": f"GOOD {i}",
+            "rejected": f"bad {i}",
+        }
+        for i in range(4)
+    ]
     inp = tmp_path / "in.jsonl"
     inp.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     out = tmp_path / "out"
@@ -115,6 +124,8 @@ def test_cli_end_to_end_and_resume(server, tmp_path):  # noqa: F811
 
 def test_cli_bad_row_names_file_and_line(tmp_path):
     inp = tmp_path / "bad.jsonl"
-    inp.write_text(json.dumps({"prompt": "p", "chosen": "c", "rejected": "r"}) + "\n" + json.dumps({"prompt": "p"}) + "\n")
+    inp.write_text(
+        json.dumps({"prompt": "p", "chosen": "c", "rejected": "r"}) + "\n" + json.dumps({"prompt": "p"}) + "\n"
+    )
     r = run_cli(f"--input={inp}", "--base_url=http://127.0.0.1:9", "--model=m", f"--output_dir={tmp_path}/o")
     assert r.returncode == 2 and f"{inp}:2: field 'chosen'" in r.stderr

@@ -7,20 +7,29 @@ greedy output equals the unbatched sampler's, max_tokens / usage are honoured, a
 independent one-prompt-at-a-time computation (our unpadded forward + a numpy log-softmax; HF
 transformers as the oracle in the slow test), sum to 1, and compile once per bucket.
 """
+
 import asyncio
 import os
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import jax
-import jax.numpy as jnp
-
 from clipo_jax import sampling
 from clipo_jax.models import load_model, resolve_model_path, transformer
-from clipo_jax.rubrics import (CompletionRequest, InProcessBackend, JudgeConfig, LogitJudge,
-                               LogitVerdictBackend, PairInput, PairwiseJudge, make_backend,
-                               score_comparison, summarise)
+from clipo_jax.rubrics import (
+    CompletionRequest,
+    InProcessBackend,
+    JudgeConfig,
+    LogitJudge,
+    LogitVerdictBackend,
+    PairInput,
+    PairwiseJudge,
+    make_backend,
+    score_comparison,
+    summarise,
+)
 from clipo_jax.rubrics.local_backends import LABELS, LocalBackendError, MicroBatcher, criterion_messages
 from clipo_jax.rubrics.meta_rubric import parse_meta_rubric
 from clipo_jax.rubrics.protocol import PromptConfig
@@ -76,7 +85,7 @@ def test_concurrent_requests_batched_and_equal_unbatched(model):
         assert r.prompt_tokens == len(ids)
         assert 1 <= r.completion_tokens <= 12
         alone = sampling.Sampler(cfg)(params, [ids], jax.random.key(0), scfg)
-        toks = [int(t) for t in alone.tokens[0, :int(alone.lengths[0])]][:12]
+        toks = [int(t) for t in alone.tokens[0, : int(alone.lengths[0])]][:12]
         stopped = toks[-1] in tok.stop_ids
         assert r.text == tok.decode(toks[:-1] if stopped else toks)
         assert r.finish_reason == ("stop" if stopped else "length")
@@ -91,6 +100,7 @@ def test_too_long_prompt_is_a_backend_error_not_a_crash(model):
     backend = InProcessBackend(cfg=cfg, params=params, tokenizer=tok)
     req = CompletionRequest(messages=msgs("hi"), max_tokens=cfg.max_seq_len)
     from clipo_jax.rubrics import BackendError
+
     with pytest.raises(BackendError, match="max_seq_len") as e:
         asyncio.run(backend.complete(req))
     assert e.value.kind == "too_long" and backend.stats.failures == 1 and backend.stats.sampler_calls == 0
@@ -99,8 +109,10 @@ def test_too_long_prompt_is_a_backend_error_not_a_crash(model):
 def test_judge_pair_counts_parse_failures(model, tmp_path):
     cfg, params, tok = model
     backend = InProcessBackend(cfg=cfg, params=params, tokenizer=tok, cache_dir=str(tmp_path / "cache"))
-    judge = PairwiseJudge(backend, JudgeConfig(max_tokens=24, parse_attempts=1,
-                                               prompt=PromptConfig(max_response_chars=200, compact_chars=40)))
+    judge = PairwiseJudge(
+        backend,
+        JudgeConfig(max_tokens=24, parse_attempts=1, prompt=PromptConfig(max_response_chars=200, compact_chars=40)),
+    )
     pair = PairInput("Name a primary colour.", "Red.", "Banana.", pair_id="p0")
     res = asyncio.run(judge.judge_pair(pair))
     dirs = [res.forward, res.backward]
@@ -149,7 +161,9 @@ def test_label_token_ids(logit_backend, model):
     expected = tuple(tok.encode(f"Answer: {c}")[-1] for c in LABELS)
     assert logit_backend.label_token_ids(LABELS) == expected
     assert [tok.id_to_token(i) for i in expected] == ["ĠA", "ĠB", "ĠS"]
-    nl = LogitVerdictBackend(cfg=logit_backend.cfg, params=logit_backend.params, tokenizer=tok, answer_prefix="Answer:\n")
+    nl = LogitVerdictBackend(
+        cfg=logit_backend.cfg, params=logit_backend.params, tokenizer=tok, answer_prefix="Answer:\n"
+    )
     assert nl.label_token_ids(LABELS) == tuple(tok.encode(c)[0] for c in LABELS)  # bare "A" after a newline
     with pytest.raises(LocalBackendError, match="share a first token"):
         logit_backend.label_token_ids(("A", "A"))
@@ -166,8 +180,12 @@ def reference_choice_logprobs(cfg, params, prompt, choice_ids):
 
 CRITERIA = [
     ("What is 2+2?", "4", "5", {"title": "Final answer is correct", "type": "core"}),
-    ("Write a haiku about rain.", "Rain taps the window\nsoft grey light on the old street\npuddles hold the sky.",
-     "Rain is wet.", {"title": "Follows the requested form", "type": "core", "items": ["Three lines, 5-7-5."]}),
+    (
+        "Write a haiku about rain.",
+        "Rain taps the window\nsoft grey light on the old street\npuddles hold the sky.",
+        "Rain is wet.",
+        {"title": "Follows the requested form", "type": "core", "items": ["Three lines, 5-7-5."]},
+    ),
     ("Translate 'chat' from French.", "cat", "chat", {"title": "Accurate translation", "type": "important"}),
 ]
 
@@ -215,11 +233,11 @@ def test_compiles_once_per_bucket(model):
     def prompts(n, lo, hi):
         return [list(rng.integers(100, 40000, size=int(rng.integers(lo, hi)))) for _ in range(n)]
 
-    b.label_logprobs(prompts(3, 17, 30), ids)   # (4, 32)
-    b.label_logprobs(prompts(4, 20, 32), ids)   # (4, 32) again
-    b.label_logprobs(prompts(2, 3, 16), ids)    # (2, 16)
-    b.label_logprobs(prompts(3, 10, 16), ids)   # (4, 16)
-    b.label_logprobs(prompts(4, 5, 9), ids)     # (4, 16) again
+    b.label_logprobs(prompts(3, 17, 30), ids)  # (4, 32)
+    b.label_logprobs(prompts(4, 20, 32), ids)  # (4, 32) again
+    b.label_logprobs(prompts(2, 3, 16), ids)  # (2, 16)
+    b.label_logprobs(prompts(3, 10, 16), ids)  # (4, 16)
+    b.label_logprobs(prompts(4, 5, 9), ids)  # (4, 16) again
     assert b.compiled_shapes == [(4, 32), (2, 16), (4, 16)]
     assert b.compile_count == 3 and b.stats.forward_calls == 5
 
@@ -268,8 +286,9 @@ def test_logit_judge_pair(logit_backend):
     assert res.forward.score == score_comparison(res.forward.criteria)
     assert res.backward.score == score_comparison(res.backward.criteria)
     # The same direction labelled by the plain helper agrees.
-    again = asyncio.run(logit_backend.fill_criterion_labels("What is 2+2?", "4", "5",
-                                                            [d.to_dict() for d in general.dimensions]))
+    again = asyncio.run(
+        logit_backend.fill_criterion_labels("What is 2+2?", "4", "5", [d.to_dict() for d in general.dimensions])
+    )
     assert [c["label"] for c in again] == [c["label"] for c in res.forward.criteria]
 
 
@@ -280,7 +299,8 @@ def test_logit_pass_matches_hf_transformers(logit_backend):
     path = resolve_model_path("smollm2")
     torch.set_num_threads(2)
     hf = transformers.AutoModelForCausalLM.from_pretrained(
-        os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32).eval()
+        os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32
+    ).eval()
     b = logit_backend
     out = b.criterion_labels(CRITERIA)
     ids = list(b.label_token_ids(LABELS))
@@ -324,9 +344,14 @@ def test_sharded_backends_match_single_device(tmp_path):
     """8 simulated CPU devices, mesh (data 2, fsdp 2, tensor 2): same labels and generations."""
     import subprocess
     import sys
+
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
-               PYTHONPATH=repo + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(
+        os.environ,
+        XLA_FLAGS="--xla_force_host_platform_device_count=8",
+        JAX_PLATFORMS="cpu",
+        PYTHONPATH=repo + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    )
     script = tmp_path / "sharded.py"
     script.write_text(SHARDED_SCRIPT)
     out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=900)

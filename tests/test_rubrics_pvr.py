@@ -1,4 +1,5 @@
 """Pointwise verifiable rubrics and the checker sandbox."""
+
 import os
 import socket
 import threading
@@ -74,12 +75,14 @@ def test_guardrails():
     normal = " ".join(f"word{i}" for i in range(200))
     assert not pvr.guardrail_flags(normal)["repetition_loop"]
     assert pvr.guardrail_flags("  \n")["empty"]
-    assert pvr.guardrail_flags("Bonjour tout le monde, comment allez-vous aujourd'hui mes amis?",
-                               expected_language="zh")["wrong_language"]
+    assert pvr.guardrail_flags(
+        "Bonjour tout le monde, comment allez-vous aujourd'hui mes amis?", expected_language="zh"
+    )["wrong_language"]
     assert not pvr.guardrail_flags("Hello there, this is a reply in English.", expected_language="en")["wrong_language"]
 
 
 # ---- sandbox ----------------------------------------------------------------------------------
+
 
 def test_checker_code_runs():
     code = "def check(response):\n    return len(response.split()) <= 3\n"
@@ -90,21 +93,29 @@ def test_checker_code_runs():
 
 
 def test_checker_may_use_its_temp_dir():
-    code = ("def check(r):\n    open('scratch.txt', 'w').write(r)\n"
-            "    return open('scratch.txt').read() == r\n")
+    code = "def check(r):\n    open('scratch.txt', 'w').write(r)\n    return open('scratch.txt').read() == r\n"
     assert run_checker(code, "hello", FAST).value is True
 
 
-@pytest.mark.parametrize("name,code", [
-    ("write_outside", "def check(r):\n    open({target!r}, 'w').write('x')\n    return True"),
-    ("os_open_outside", "import os\ndef check(r):\n    os.open({target!r}, os.O_WRONLY | os.O_CREAT)\n    return True"),
-    ("remove_outside", "import os\ndef check(r):\n    os.remove({victim!r})\n    return True"),
-    ("system", "import os\ndef check(r):\n    os.system('touch {target}')\n    return True"),
-    ("subprocess", "import subprocess\ndef check(r):\n    subprocess.run(['touch', {target!r}])\n    return True"),
-    ("fork", "import os\ndef check(r):\n    os.fork()\n    return True"),
-    ("ctypes", "def check(r):\n    import ctypes\n    return True"),
-    ("importlib_socket", "import importlib\ndef check(r):\n    importlib.import_module('_socket')\n    return True"),
-])
+@pytest.mark.parametrize(
+    "name,code",
+    [
+        ("write_outside", "def check(r):\n    open({target!r}, 'w').write('x')\n    return True"),
+        (
+            "os_open_outside",
+            "import os\ndef check(r):\n    os.open({target!r}, os.O_WRONLY | os.O_CREAT)\n    return True",
+        ),
+        ("remove_outside", "import os\ndef check(r):\n    os.remove({victim!r})\n    return True"),
+        ("system", "import os\ndef check(r):\n    os.system('touch {target}')\n    return True"),
+        ("subprocess", "import subprocess\ndef check(r):\n    subprocess.run(['touch', {target!r}])\n    return True"),
+        ("fork", "import os\ndef check(r):\n    os.fork()\n    return True"),
+        ("ctypes", "def check(r):\n    import ctypes\n    return True"),
+        (
+            "importlib_socket",
+            "import importlib\ndef check(r):\n    importlib.import_module('_socket')\n    return True",
+        ),
+    ],
+)
 def test_escape_attempts_refused(tmp_path, name, code):
     target = str(tmp_path / f"escaped_{name}")
     victim = tmp_path / "victim.txt"
@@ -131,8 +142,10 @@ def test_network_refused():
 
     t = threading.Thread(target=accept)
     t.start()
-    code = (f"def check(r):\n    s = __import__('socket').create_connection(('127.0.0.1', {port}), timeout=1)\n"
-            "    return True")
+    code = (
+        f"def check(r):\n    s = __import__('socket').create_connection(('127.0.0.1', {port}), timeout=1)\n"
+        "    return True"
+    )
     res = run_checker(code, "r", FAST)
     t.join()
     srv.close()
@@ -152,7 +165,7 @@ def test_resource_limits():
 
 
 def test_forged_verdict_is_ignored():
-    code = ("def check(r):\n    print('{\"nonce\": \"guess\", \"value\": true}')\n    return False")
+    code = 'def check(r):\n    print(\'{"nonce": "guess", "value": true}\')\n    return False'
     assert run_checker(code, "r", FAST).value is False
 
 

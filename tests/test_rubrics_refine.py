@@ -1,4 +1,4 @@
-"""Meta-rubric refinement (§7) against a real local OpenAI-compatible HTTP server.
+"""Meta-rubric refinement (OpenRS paper, arXiv 2602.14069: meta-rubric refinement) against a real local OpenAI-compatible HTTP server.
 
 The server is the LLM stand-in with a scripted, deterministic policy:
 * judging: each query names the dimension it needs ("needs=<id>"); when the principles in the
@@ -8,6 +8,7 @@ The server is the LLM stand-in with a scripted, deterministic policy:
   missing, asked for ``delete_dimension`` it deletes a dimension no pair needs, anything else
   gets prose (unusable, so the refiner must fall back to a programmatic mutation and count it).
 """
+
 import http.server
 import json
 import os
@@ -19,11 +20,25 @@ import threading
 import pytest
 
 from clipo_jax.rubrics import JudgeConfig, OpenAIHTTPBackend, PairwiseJudge
-from clipo_jax.rubrics.meta_rubric import (Dimension, MetaRubricError, builtin_meta_rubric, load_meta_rubric,
-                                           parse_meta_rubric)
-from clipo_jax.rubrics.refine import (MUTATIONS, MutationPool, RefineConfig, RefineError, apply_edit,
-                                      compute_fitness, load_preference_pairs, programmatic_mutation, refine,
-                                      review_edit, rubric_length, write_meta_rubric)
+from clipo_jax.rubrics.meta_rubric import (
+    MetaRubricError,
+    builtin_meta_rubric,
+    load_meta_rubric,
+    parse_meta_rubric,
+)
+from clipo_jax.rubrics.refine import (
+    MUTATIONS,
+    MutationPool,
+    RefineConfig,
+    RefineError,
+    apply_edit,
+    compute_fitness,
+    load_preference_pairs,
+    programmatic_mutation,
+    refine,
+    review_edit,
+    write_meta_rubric,
+)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Needed dimensions: two already in general.toml, three only in domain files.
@@ -45,10 +60,13 @@ def judge_answer(user: str) -> dict:
         label = "A" if "GOOD" in a else "B"
     else:
         label = "A" if len(a) > len(b) else "B"
-    return {"intent": {"task": "t", "explicit_requirements": [], "implicit_requirements": []},
-            "differences": ["d"],
-            "criteria": [{"id": need, "title": need, "type": "core", "evidence": "e", "reason": "r",
-                          "label": label, "score": 2}]}
+    return {
+        "intent": {"task": "t", "explicit_requirements": [], "implicit_requirements": []},
+        "differences": ["d"],
+        "criteria": [
+            {"id": need, "title": need, "type": "core", "evidence": "e", "reason": "r", "label": label, "score": 2}
+        ],
+    }
 
 
 def edit_answer(user: str) -> str:
@@ -83,9 +101,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
             content, kind = "{}", "other"
         with self.lock:
             self.counts[kind] = self.counts.get(kind, 0) + 1
-        data = json.dumps({"choices": [{"message": {"role": "assistant", "content": content},
-                                        "finish_reason": "stop"}],
-                           "usage": {"prompt_tokens": 1, "completion_tokens": 1}}).encode()
+        data = json.dumps(
+            {
+                "choices": [{"message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": 1, "completion_tokens": 1},
+            }
+        ).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
@@ -108,8 +129,17 @@ def server():
 def write_pairs(path, needs=NEEDS):
     with open(path, "w") as f:
         for i, need in enumerate(needs):
-            f.write(json.dumps({"question_id": f"q{i:02d}", "prompt": f"Task {i} (needs={need})",
-                                "chosen": f"GOOD answer {i}", "rejected": f"BAD answer {i} " + "padding " * 8}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "question_id": f"q{i:02d}",
+                        "prompt": f"Task {i} (needs={need})",
+                        "chosen": f"GOOD answer {i}",
+                        "rejected": f"BAD answer {i} " + "padding " * 8,
+                    }
+                )
+                + "\n"
+            )
     return path
 
 
@@ -144,6 +174,7 @@ async def _refine(url, pairs_path, log_path, cfg):
 
 def test_refinement_improves_and_is_reproducible(server, tmp_path):
     import asyncio
+
     url, counts = server
     pairs_path = write_pairs(tmp_path / "pairs.jsonl")
     cfg = RefineConfig(population=6, generations=4, elite=2, seed=3, length_penalty=0.02)
@@ -189,6 +220,7 @@ def test_refinement_improves_and_is_reproducible(server, tmp_path):
 
 def test_programmatic_only_needs_no_proposer(server, tmp_path):
     import asyncio
+
     url, counts = server
     pairs_path = write_pairs(tmp_path / "pairs.jsonl")
     cfg = RefineConfig(population=4, generations=2, seed=1, mutation="programmatic")
@@ -197,7 +229,8 @@ def test_programmatic_only_needs_no_proposer(server, tmp_path):
     assert r.counters.programmatic == (cfg.population - 1) + cfg.generations * (cfg.population - cfg.elite)
     with pytest.raises(RefineError, match="needs a proposer"):
         RefineConfig(mutation="llm") and __import__("clipo_jax.rubrics.refine", fromlist=["Refiner"]).Refiner(
-            None, RefineConfig(mutation="llm"))
+            None, RefineConfig(mutation="llm")
+        )
 
 
 def test_compute_fitness_reference():
@@ -213,6 +246,7 @@ def test_compute_fitness_reference():
 
 def test_programmatic_mutations_keep_files_valid():
     import random
+
     pool = MutationPool.from_domains()
     for seed in range(30):
         rng = random.Random(seed)
@@ -244,15 +278,23 @@ def test_apply_edit_ops_and_errors():
     with pytest.raises(RefineError, match="schema"):
         apply_edit(g, {"op": "explode"})
     with pytest.raises(MetaRubricError, match="duplicate id 'clarity'"):
-        apply_edit(g, {"op": "add_dimension", "dimension": {"id": "clarity", "title": "t", "type": "core", "items": ["x"]}})
+        apply_edit(
+            g, {"op": "add_dimension", "dimension": {"id": "clarity", "title": "t", "type": "core", "items": ["x"]}}
+        )
     with pytest.raises(MetaRubricError, match="critical_scope"):
-        apply_edit(g, {"op": "add_dimension", "dimension": {"id": "z", "title": "t", "type": "critical", "items": ["x"]}})
+        apply_edit(
+            g, {"op": "add_dimension", "dimension": {"id": "z", "title": "t", "type": "critical", "items": ["x"]}}
+        )
 
 
 def test_load_preference_pairs_errors(tmp_path):
     p = tmp_path / "bad.jsonl"
-    p.write_text(json.dumps({"prompt": "q", "chosen": "a", "rejected": "b"}) + "\n" +
-                 json.dumps({"prompt": "q", "chosen": 3, "rejected": "b"}) + "\n")
+    p.write_text(
+        json.dumps({"prompt": "q", "chosen": "a", "rejected": "b"})
+        + "\n"
+        + json.dumps({"prompt": "q", "chosen": 3, "rejected": "b"})
+        + "\n"
+    )
     with pytest.raises(RefineError, match=r"bad.jsonl:2: field 'chosen' must be a string"):
         load_preference_pairs(p)
     p.write_text("{oops\n")
@@ -262,7 +304,7 @@ def test_load_preference_pairs_errors(tmp_path):
     firsts = [l for _, l in pairs]
     assert set(firsts) == {"first", "second"}  # the chosen side is shuffled
     for pair, label in pairs:
-        assert ("GOOD" in (pair.first if label == "first" else pair.second))
+        assert "GOOD" in (pair.first if label == "first" else pair.second)
 
 
 # ---------------------------------------------------------------------------------------- review
@@ -284,13 +326,16 @@ REVIEW_NEEDS = ["concision", "notation", "final_answer", "completeness", "fluenc
 
 
 def expected_flips():
-    old_ids = {d.id for d in builtin_meta_rubric("general").dimensions} | {d.id for d in builtin_meta_rubric("math").dimensions}
+    old_ids = {d.id for d in builtin_meta_rubric("general").dimensions} | {
+        d.id for d in builtin_meta_rubric("math").dimensions
+    }
     new_ids = (old_ids - {"notation"}) | {"concision"}
     return {f"q{i:02d}" for i, n in enumerate(REVIEW_NEEDS) if (n in old_ids) != (n in new_ids)}
 
 
 def test_review_edit_lists_exactly_the_flips(server, tmp_path):
     import asyncio
+
     url, counts = server
     old, new = domain_edit(tmp_path)
     pairs = load_preference_pairs(write_pairs(tmp_path / "pairs.jsonl", REVIEW_NEEDS))
@@ -306,16 +351,26 @@ def test_review_edit_lists_exactly_the_flips(server, tmp_path):
     assert {f.pair_id for f in report.flips} == expected_flips() == {"q00", "q01", "q05", "q06"}
     effects = {f.pair_id: f.effect for f in report.flips}
     assert effects == {"q00": "fixed", "q05": "fixed", "q01": "broken", "q06": "broken"}
-    assert report.old.accuracy == pytest.approx(expected_accuracy(
-        {d.id for d in builtin_meta_rubric("general").dimensions} | {"final_answer", "derivation_validity",
-                                                                      "method_choice", "notation"},
-        [f"q{i:02d}" for i in range(len(REVIEW_NEEDS))], REVIEW_NEEDS))
+    assert report.old.accuracy == pytest.approx(
+        expected_accuracy(
+            {d.id for d in builtin_meta_rubric("general").dimensions}
+            | {"final_answer", "derivation_validity", "method_choice", "notation"},
+            [f"q{i:02d}" for i in range(len(REVIEW_NEEDS))],
+            REVIEW_NEEDS,
+        )
+    )
 
 
 def run_cli(args):
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), JAX_PLATFORMS="cpu")
-    return subprocess.run([sys.executable, "-m", "experiments.review_rubric_edit", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "experiments.review_rubric_edit", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_review_cli_records_only_on_explicit_decision(server, tmp_path):
@@ -323,8 +378,16 @@ def test_review_cli_records_only_on_explicit_decision(server, tmp_path):
     old, new = domain_edit(tmp_path)
     pairs_path = write_pairs(tmp_path / "pairs.jsonl", REVIEW_NEEDS)
     record = tmp_path / "reviews.jsonl"
-    common = [f"--old={old}", f"--new={new}", f"--input={pairs_path}", f"--base_url={url}", "--model=scripted",
-              f"--cache_dir={tmp_path / 'cache'}", f"--record={record}", "--parse_attempts=1"]
+    common = [
+        f"--old={old}",
+        f"--new={new}",
+        f"--input={pairs_path}",
+        f"--base_url={url}",
+        "--model=scripted",
+        f"--cache_dir={tmp_path / 'cache'}",
+        f"--record={record}",
+        "--parse_attempts=1",
+    ]
     out = run_cli(common + [f"--json_out={tmp_path / 'report.json'}"])
     assert out.returncode == 0, out.stderr[-2000:]
     flipped = expected_flips()
@@ -342,6 +405,7 @@ def test_review_cli_records_only_on_explicit_decision(server, tmp_path):
     assert len(recs) == 1 and recs[0]["decision"] == "accept" and recs[0]["reviewer"] == "alice"
     assert {f["pair_id"] for f in recs[0]["flips"]} == flipped
     import hashlib
+
     assert recs[0]["new_sha256"] == hashlib.sha256(new.read_bytes()).hexdigest()
 
     bad = run_cli(common + ["--accept", "--reject"])
@@ -353,10 +417,26 @@ def test_refine_cli_end_to_end(server, tmp_path):
     pairs_path = write_pairs(tmp_path / "pairs.jsonl")
     out_dir = tmp_path / "run"
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), JAX_PLATFORMS="cpu")
-    out = subprocess.run([sys.executable, "-m", "experiments.refine_rubrics", f"--input={pairs_path}",
-                          f"--base_url={url}", "--model=scripted", f"--output_dir={out_dir}", "--population=4",
-                          "--generations=2", "--seed=5", "--parse_attempts=1"],
-                         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "experiments.refine_rubrics",
+            f"--input={pairs_path}",
+            f"--base_url={url}",
+            "--model=scripted",
+            f"--output_dir={out_dir}",
+            "--population=4",
+            "--generations=2",
+            "--seed=5",
+            "--parse_attempts=1",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     best = load_meta_rubric(out_dir / "general.toml")  # a valid meta-rubric file
     summary = json.loads((out_dir / "summary.json").read_text())

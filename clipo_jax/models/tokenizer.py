@@ -67,6 +67,7 @@ _BOS_FALLBACK_NAMES = ("<s>", "<bos>", "<|begin_of_text|>")
 # Chat templates: explicit Python renderers, picked by name.
 # ---------------------------------------------------------------------------------------------
 
+
 def _check_messages(messages: Sequence[Mapping[str, Any]]) -> None:
     if not isinstance(messages, Sequence) or isinstance(messages, (str, bytes)):
         raise TokenizerError(f"chat messages must be a list of dicts, got {type(messages).__name__}")
@@ -169,7 +170,9 @@ def detect_chat_template(template: str | None, vocab: Iterable[str] = ()) -> tup
     return "plain", None
 
 
-def render_chat(name: str, messages, add_generation_prompt: bool = True, default_system: str | None = None, **kw) -> str:
+def render_chat(
+    name: str, messages, add_generation_prompt: bool = True, default_system: str | None = None, **kw
+) -> str:
     """Render `messages` with the `CHAT_TEMPLATES[name]` format."""
     if name not in CHAT_TEMPLATES:
         raise TokenizerError(f"unknown chat template {name!r}; known: {sorted(CHAT_TEMPLATES)}")
@@ -180,6 +183,7 @@ def render_chat(name: str, messages, add_generation_prompt: bool = True, default
 # ---------------------------------------------------------------------------------------------
 # The interface.
 # ---------------------------------------------------------------------------------------------
+
 
 class Tokenizer(abc.ABC):
     """Text <-> ids. `source` names the file it came from (used in every error message).
@@ -264,7 +268,9 @@ class Tokenizer(abc.ABC):
             ids = [self._bos_id] + ids
         return ids
 
-    def encode_batch(self, texts: Sequence[str], add_bos: bool = False, *, parse_special: bool = True) -> list[list[int]]:
+    def encode_batch(
+        self, texts: Sequence[str], add_bos: bool = False, *, parse_special: bool = True
+    ) -> list[list[int]]:
         """Encode each text; ragged `[batch][seq_i]` (pad later with `pad_id`)."""
         return [self.encode(t, add_bos, parse_special=parse_special) for t in texts]
 
@@ -291,13 +297,16 @@ class Tokenizer(abc.ABC):
         return self.encode(text, add_bos=add_bos)
 
     def __repr__(self) -> str:
-        return (f"{type(self).__name__}(source={self.source!r}, vocab_size={self.vocab_size}, bos={self._bos_id}, "
-                f"eos={self._eos_id}, pad={self.pad_id}, chat_template={self.chat_template!r})")
+        return (
+            f"{type(self).__name__}(source={self.source!r}, vocab_size={self.vocab_size}, bos={self._bos_id}, "
+            f"eos={self._eos_id}, pad={self.pad_id}, chat_template={self.chat_template!r})"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
 # Backend (a): SentencePiece.
 # ---------------------------------------------------------------------------------------------
+
 
 class SentencePieceTokenizer(Tokenizer):
     """A `sentencepiece` processor. Control pieces (`<bos>`, `<start_of_turn>`, ...) written in the
@@ -355,7 +364,7 @@ class SentencePieceTokenizer(Tokenizer):
         start = 0
         for match in self._special_re.finditer(text):
             if match.start() > start:
-                ids.extend(self.sp.encode(text[start:match.start()]))
+                ids.extend(self.sp.encode(text[start : match.start()]))
             ids.append(self._piece_to_control[match.group()])
             start = match.end()
         if start < len(text):
@@ -414,7 +423,10 @@ def train_sentencepiece(
         model_type=model_type,
         user_defined_symbols=list(user_defined_symbols),
         control_symbols=list(control_symbols),
-        unk_id=unk_id, bos_id=bos_id, eos_id=eos_id, pad_id=pad_id,
+        unk_id=unk_id,
+        bos_id=bos_id,
+        eos_id=eos_id,
+        pad_id=pad_id,
         add_dummy_prefix=add_dummy_prefix,
         byte_fallback=byte_fallback,
         character_coverage=1.0,
@@ -441,6 +453,7 @@ def train_sentencepiece(
 # Backend (b): HF `tokenizers`.
 # ---------------------------------------------------------------------------------------------
 
+
 class HFTokenizer(Tokenizer):
     """A `tokenizers.Tokenizer` (tokenizer.json, or a BPE rebuilt from GGUF). Its post-processor is
     never used: BOS is added by `encode(add_bos=True)` only."""
@@ -460,8 +473,11 @@ class HFTokenizer(Tokenizer):
             n = len(raw) - len(raw.translate(None, self.missing_bytes))
             if n:
                 if self.dropped_bytes == 0:
-                    logger.warning("%s: dropping bytes that have no token (e.g. in %.40r); counted in dropped_bytes",
-                                   self.source, text)
+                    logger.warning(
+                        "%s: dropping bytes that have no token (e.g. in %.40r); counted in dropped_bytes",
+                        self.source,
+                        text,
+                    )
                 self.dropped_bytes += n
 
     @property
@@ -487,7 +503,9 @@ class HFTokenizer(Tokenizer):
         tk = self.tk if parse_special else self._plain_tokenizer()
         return tk.encode(text, add_special_tokens=False).ids
 
-    def encode_batch(self, texts: Sequence[str], add_bos: bool = False, *, parse_special: bool = True) -> list[list[int]]:
+    def encode_batch(
+        self, texts: Sequence[str], add_bos: bool = False, *, parse_special: bool = True
+    ) -> list[list[int]]:
         # The Rust batch encoder runs in parallel threads.
         if add_bos and self._bos_id is None:
             raise TokenizerError(f"{self.source}: add_bos=True but this tokenizer has no BOS token")
@@ -529,9 +547,16 @@ class HFTokenizer(Tokenizer):
         bos_id = token_id("bos_token", _BOS_FALLBACK_NAMES if not config else ())
         pad_id = token_id("pad_token", ())
         name, default_system = _resolve_template(chat_template, config.get("chat_template"), vocab, path)
-        return cls(tk, source=str(path), bos_id=bos_id, eos_id=eos_id, pad_id=pad_id,
-                   add_bos_token=bool(config.get("add_bos_token", False)) and bos_id is not None,
-                   chat_template=name, default_system=default_system)
+        return cls(
+            tk,
+            source=str(path),
+            bos_id=bos_id,
+            eos_id=eos_id,
+            pad_id=pad_id,
+            add_bos_token=bool(config.get("add_bos_token", False)) and bos_id is not None,
+            chat_template=name,
+            default_system=default_system,
+        )
 
 
 def _token_content(value) -> str | None:
@@ -575,10 +600,14 @@ def _resolve_template(explicit: str | None, template: str | None, vocab: Iterabl
 # ---------------------------------------------------------------------------------------------
 
 _GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
-_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
-                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 
 # tokenizer.ggml.pre -> (list of split regexes applied in turn, ignore_merges). Llama 3 looks a word
 # up whole before merging (ignore_merges), as its tokenizer.json and llama.cpp do. Unknown names
@@ -600,8 +629,19 @@ _NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
 
 
 # GGUF value type -> numpy dtype for fixed-size scalars (the `gguf` package's GGUFValueType numbers).
-_GGUF_SCALARS = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "<u1",
-                 10: "<u8", 11: "<i8", 12: "<f8"}
+_GGUF_SCALARS = {
+    0: "<u1",
+    1: "<i1",
+    2: "<u2",
+    3: "<i2",
+    4: "<u4",
+    5: "<i4",
+    6: "<f4",
+    7: "<u1",
+    10: "<u8",
+    11: "<i8",
+    12: "<f8",
+}
 _GGUF_STRING, _GGUF_ARRAY, _GGUF_BOOL = 8, 9, 7
 
 
@@ -621,7 +661,7 @@ def read_gguf_metadata(path: str, prefixes: Sequence[str] = ("tokenizer.", "gene
             data = f.read(24)
             if len(data) < 24 or data[:4] != b"GGUF":
                 raise TokenizerError(f"{path}: not a valid GGUF file (shorter than a header or no GGUF magic)")
-            version, n_tensors, n_kv = np.frombuffer(data[4:8], "<u4")[0], *np.frombuffer(data[8:24], "<u8")
+            version, _n_tensors, n_kv = np.frombuffer(data[4:8], "<u4")[0], *np.frombuffer(data[8:24], "<u8")
             if version not in (2, 3):
                 return _read_gguf_metadata_slow(path, prefixes)
             buf = memoryview(np.memmap(path, dtype=np.uint8, mode="r"))
@@ -631,14 +671,14 @@ def read_gguf_metadata(path: str, prefixes: Sequence[str] = ("tokenizer.", "gene
 
     def u64() -> int:
         nonlocal pos
-        value = int.from_bytes(buf[pos:pos + 8], "little")
+        value = int.from_bytes(buf[pos : pos + 8], "little")
         pos += 8
         return value
 
     def string() -> str:
         nonlocal pos
         n = u64()
-        value = str(buf[pos:pos + n], "utf-8", errors="replace")
+        value = str(buf[pos : pos + n], "utf-8", errors="replace")
         pos += n
         return value
 
@@ -648,16 +688,16 @@ def read_gguf_metadata(path: str, prefixes: Sequence[str] = ("tokenizer.", "gene
             return string()
         if vtype in _GGUF_SCALARS:
             dtype = np.dtype(_GGUF_SCALARS[vtype])
-            x = np.frombuffer(buf[pos:pos + dtype.itemsize], dtype)[0]
+            x = np.frombuffer(buf[pos : pos + dtype.itemsize], dtype)[0]
             pos += dtype.itemsize
             return bool(x) if vtype == _GGUF_BOOL else x.item()
         if vtype == _GGUF_ARRAY:
-            etype = int.from_bytes(buf[pos:pos + 4], "little")
+            etype = int.from_bytes(buf[pos : pos + 4], "little")
             pos += 4
             n = u64()
             if etype in _GGUF_SCALARS:
                 dtype = np.dtype(_GGUF_SCALARS[etype])
-                arr = np.frombuffer(buf[pos:pos + n * dtype.itemsize], dtype) if keep else None
+                arr = np.frombuffer(buf[pos : pos + n * dtype.itemsize], dtype) if keep else None
                 pos += n * dtype.itemsize
                 if arr is None:
                     return None
@@ -669,7 +709,7 @@ def read_gguf_metadata(path: str, prefixes: Sequence[str] = ("tokenizer.", "gene
     try:
         for _ in range(n_kv):
             key = string()
-            vtype = int.from_bytes(buf[pos:pos + 4], "little")
+            vtype = int.from_bytes(buf[pos : pos + 4], "little")
             pos += 4
             keep = key.startswith(tuple(prefixes))
             parsed = value(vtype, keep)
@@ -716,7 +756,8 @@ def byte_level_alphabet() -> dict[int, str]:
 
 def _gguf_byte_level_bpe(meta: dict, path: str):
     """GPT-2 style byte-level BPE from GGUF tokens + merges, split as llama.cpp does for `ggml.pre`."""
-    from tokenizers import AddedToken, Regex, Tokenizer as TkTokenizer, decoders, models, pre_tokenizers
+    from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as TkTokenizer
 
     tokens: list[str] = meta["ggml.tokens"]
     if "ggml.merges" not in meta:
@@ -747,10 +788,12 @@ def _gguf_byte_level_bpe(meta: dict, path: str):
     # Control tokens are matched whole in text and skipped by decode(skip_special_tokens=True);
     # user-defined ones are matched whole but kept, as llama.cpp does.
     types = meta.get("ggml.token_type") or [_NORMAL] * len(tokens)
-    tk.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                           for t, ty in zip(tokens, types) if ty == _CONTROL])
-    tk.add_tokens([AddedToken(t, special=False, normalized=False)
-                   for t, ty in zip(tokens, types) if ty == _USER_DEFINED])
+    tk.add_special_tokens(
+        [AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if ty == _CONTROL]
+    )
+    tk.add_tokens(
+        [AddedToken(t, special=False, normalized=False) for t, ty in zip(tokens, types) if ty == _USER_DEFINED]
+    )
     if tk.get_vocab_size(with_added_tokens=True) != len(tokens):
         raise TokenizerError(f"{path}: rebuilt vocabulary has {tk.get_vocab_size()} ids, GGUF lists {len(tokens)}")
     # Bytes without a token would vanish silently in BPE; HFTokenizer counts them.
@@ -771,7 +814,9 @@ def _gguf_sentencepiece(meta: dict, path: str):
     scores = meta.get("ggml.scores") or [0.0] * len(tokens)
     types = meta.get("ggml.token_type") or [_NORMAL] * len(tokens)
     if not len(tokens) == len(scores) == len(types):
-        raise TokenizerError(f"{path}: tokens/scores/token_type lengths differ ({len(tokens)}/{len(scores)}/{len(types)})")
+        raise TokenizerError(
+            f"{path}: tokens/scores/token_type lengths differ ({len(tokens)}/{len(scores)}/{len(types)})"
+        )
     existing = set(tokens)
     proto = pb.ModelProto()
     for token, score, ty in zip(tokens, scores, types):
@@ -798,7 +843,12 @@ def _gguf_sentencepiece(meta: dict, path: str):
     spec.model_type = pb.TrainerSpec.BPE
     spec.vocab_size = len(tokens)
     spec.unk_id, spec.bos_id, spec.eos_id, spec.pad_id = unk, special("bos"), special("eos"), special("padding")
-    for name, idx in (("unk_piece", unk), ("bos_piece", spec.bos_id), ("eos_piece", spec.eos_id), ("pad_piece", spec.pad_id)):
+    for name, idx in (
+        ("unk_piece", unk),
+        ("bos_piece", spec.bos_id),
+        ("eos_piece", spec.eos_id),
+        ("pad_piece", spec.pad_id),
+    ):
         if idx >= 0:
             setattr(spec, name, tokens[idx])
     spec.byte_fallback = any(ty == _BYTE for ty in types)
@@ -811,7 +861,9 @@ def _gguf_sentencepiece(meta: dict, path: str):
     try:
         processor.LoadFromSerializedProto(proto.SerializeToString())
     except Exception as e:
-        raise TokenizerError(f"{path}: cannot build a SentencePiece model from the GGUF vocabulary ({_one_line(e)})") from None
+        raise TokenizerError(
+            f"{path}: cannot build a SentencePiece model from the GGUF vocabulary ({_one_line(e)})"
+        ) from None
     return processor
 
 
@@ -827,7 +879,9 @@ def load_gguf_tokenizer(path: str, chat_template: str | None = None) -> Tokenize
     pad = meta.get("ggml.padding_token_id")
     for key, value in (("eos", eos), ("bos", bos), ("padding", pad)):
         if value is not None and not 0 <= value < len(tokens):
-            raise TokenizerError(f"{path}: tokenizer.ggml.{key}_token_id={value} outside the vocabulary of {len(tokens)}")
+            raise TokenizerError(
+                f"{path}: tokenizer.ggml.{key}_token_id={value} outside the vocabulary of {len(tokens)}"
+            )
     name, default_system = _resolve_template(chat_template, meta.get("chat_template"), tokens, path)
     if model == "gpt2":
         backend, missing = _gguf_byte_level_bpe(meta, path)
@@ -839,14 +893,23 @@ def load_gguf_tokenizer(path: str, chat_template: str | None = None) -> Tokenize
         add_bos_default = True  # llama.cpp adds BOS to SentencePiece vocabularies unless told otherwise
     else:
         raise TokenizerError(f"{path}: unsupported tokenizer.ggml.model {model!r} (supported: 'gpt2', 'llama')")
-    return cls(backend, source=str(path), bos_id=bos, eos_id=eos, pad_id=pad,
-               add_bos_token=bool(meta.get("ggml.add_bos_token", add_bos_default)) and bos is not None,
-               chat_template=name, default_system=default_system, **kw)
+    return cls(
+        backend,
+        source=str(path),
+        bos_id=bos,
+        eos_id=eos,
+        pad_id=pad,
+        add_bos_token=bool(meta.get("ggml.add_bos_token", add_bos_default)) and bos is not None,
+        chat_template=name,
+        default_system=default_system,
+        **kw,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 # Loading and checks.
 # ---------------------------------------------------------------------------------------------
+
 
 def load_tokenizer(path: str | os.PathLike, chat_template: str | None = None) -> Tokenizer:
     """Load a tokenizer from a `.model` (SentencePiece), a `tokenizer.json`, a `.gguf` file, or a
@@ -874,7 +937,8 @@ def load_tokenizer(path: str | os.PathLike, chat_template: str | None = None) ->
         config = _read_tokenizer_config(os.path.dirname(os.path.abspath(path)))
         tok = SentencePieceTokenizer.from_file(path)
         name, default_system = _resolve_template(
-            chat_template, config.get("chat_template"), (tok.id_to_token(i) for i in range(tok.vocab_size)), path)
+            chat_template, config.get("chat_template"), (tok.id_to_token(i) for i in range(tok.vocab_size)), path
+        )
         tok.chat_template, tok.default_system = name, default_system
         # SentencePiece models are trained with BOS in front (llama.cpp's default for them too).
         tok.add_bos_token = bool(config.get("add_bos_token", True)) and tok.bos_id is not None

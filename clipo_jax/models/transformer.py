@@ -11,6 +11,7 @@ Parameter tree (L = n_layers, D = d_model, H/K = query/kv heads, hd = head_dim, 
           (bq [L, H*hd], bk/bv [L, K*hd]), (q_norm/k_norm [L, hd]), (post_attn_norm [L, D]),
           mlp_norm [L, D], (post_mlp_norm [L, D]), w_gate/w_up [L, D, F], w_down [L, F, D]
 """
+
 from __future__ import annotations
 
 import functools
@@ -29,398 +30,434 @@ Params = dict[str, Any]
 
 # --------------------------------------------------------------------------- parameters
 def param_logical_axes(cfg: ModelConfig) -> Params:
-  """Logical axis names for every parameter (mapped to the mesh by parallel.LOGICAL_RULES)."""
-  layers = {
-      "attn_norm": ("layers", "norm"),
-      "wq": ("layers", "embed", "heads"),
-      "wk": ("layers", "embed", "kv_heads"),
-      "wv": ("layers", "embed", "kv_heads"),
-      "wo": ("layers", "heads", "embed"),
-      "mlp_norm": ("layers", "norm"),
-      "w_gate": ("layers", "embed", "mlp"),
-      "w_up": ("layers", "embed", "mlp"),
-      "w_down": ("layers", "mlp", "embed"),
-  }
-  if cfg.qkv_bias:
-    layers.update(bq=("layers", "heads"), bk=("layers", "kv_heads"), bv=("layers", "kv_heads"))
-  if cfg.qk_norm:
-    layers.update(q_norm=("layers", "head_dim"), k_norm=("layers", "head_dim"))
-  if cfg.post_norms:
-    layers.update(post_attn_norm=("layers", "norm"), post_mlp_norm=("layers", "norm"))
-  axes = {"embed": ("vocab", "embed"), "final_norm": ("norm",), "layers": layers}
-  if not cfg.tie_embeddings:
-    axes["lm_head"] = ("embed", "vocab")
-  return axes
+    """Logical axis names for every parameter (mapped to the mesh by parallel.LOGICAL_RULES)."""
+    layers = {
+        "attn_norm": ("layers", "norm"),
+        "wq": ("layers", "embed", "heads"),
+        "wk": ("layers", "embed", "kv_heads"),
+        "wv": ("layers", "embed", "kv_heads"),
+        "wo": ("layers", "heads", "embed"),
+        "mlp_norm": ("layers", "norm"),
+        "w_gate": ("layers", "embed", "mlp"),
+        "w_up": ("layers", "embed", "mlp"),
+        "w_down": ("layers", "mlp", "embed"),
+    }
+    if cfg.qkv_bias:
+        layers.update(bq=("layers", "heads"), bk=("layers", "kv_heads"), bv=("layers", "kv_heads"))
+    if cfg.qk_norm:
+        layers.update(q_norm=("layers", "head_dim"), k_norm=("layers", "head_dim"))
+    if cfg.post_norms:
+        layers.update(post_attn_norm=("layers", "norm"), post_mlp_norm=("layers", "norm"))
+    axes = {"embed": ("vocab", "embed"), "final_norm": ("norm",), "layers": layers}
+    if not cfg.tie_embeddings:
+        axes["lm_head"] = ("embed", "vocab")
+    return axes
 
 
 def param_shapes(cfg: ModelConfig) -> Params:
-  L, D, F, hd = cfg.n_layers, cfg.d_model, cfg.d_ff, cfg.head_dim
-  Hq, Hk = cfg.n_heads * hd, cfg.n_kv_heads * hd
-  layers = {
-      "attn_norm": (L, D), "wq": (L, D, Hq), "wk": (L, D, Hk), "wv": (L, D, Hk), "wo": (L, Hq, D),
-      "mlp_norm": (L, D), "w_gate": (L, D, F), "w_up": (L, D, F), "w_down": (L, F, D),
-  }
-  if cfg.qkv_bias:
-    layers.update(bq=(L, Hq), bk=(L, Hk), bv=(L, Hk))
-  if cfg.qk_norm:
-    layers.update(q_norm=(L, hd), k_norm=(L, hd))
-  if cfg.post_norms:
-    layers.update(post_attn_norm=(L, D), post_mlp_norm=(L, D))
-  shapes = {"embed": (cfg.vocab_size, D), "final_norm": (D,), "layers": layers}
-  if not cfg.tie_embeddings:
-    shapes["lm_head"] = (D, cfg.vocab_size)
-  return shapes
+    L, D, F, hd = cfg.n_layers, cfg.d_model, cfg.d_ff, cfg.head_dim
+    Hq, Hk = cfg.n_heads * hd, cfg.n_kv_heads * hd
+    layers = {
+        "attn_norm": (L, D),
+        "wq": (L, D, Hq),
+        "wk": (L, D, Hk),
+        "wv": (L, D, Hk),
+        "wo": (L, Hq, D),
+        "mlp_norm": (L, D),
+        "w_gate": (L, D, F),
+        "w_up": (L, D, F),
+        "w_down": (L, F, D),
+    }
+    if cfg.qkv_bias:
+        layers.update(bq=(L, Hq), bk=(L, Hk), bv=(L, Hk))
+    if cfg.qk_norm:
+        layers.update(q_norm=(L, hd), k_norm=(L, hd))
+    if cfg.post_norms:
+        layers.update(post_attn_norm=(L, D), post_mlp_norm=(L, D))
+    shapes = {"embed": (cfg.vocab_size, D), "final_norm": (D,), "layers": layers}
+    if not cfg.tie_embeddings:
+        shapes["lm_head"] = (D, cfg.vocab_size)
+    return shapes
 
 
 def init_params(cfg: ModelConfig, rng: jax.Array, std: float = 0.02) -> Params:
-  """Random init: normal(std) matrices, unit norm scales, small random biases."""
-  shapes = param_shapes(cfg)
-  flat, treedef = jax.tree.flatten_with_path(shapes, is_leaf=lambda x: isinstance(x, tuple))
-  keys = jax.random.split(rng, len(flat))
-  dtype = jnp.dtype(cfg.param_dtype)
-  leaves = []
-  for (path, shape), key in zip(flat, keys):
-    name = path[-1].key
-    if name.endswith("norm"):
-      leaves.append(jnp.ones(shape, dtype))
-    elif name in ("bq", "bk", "bv"):
-      leaves.append(std * jax.random.normal(key, shape, dtype))
-    else:
-      leaves.append(std * jax.random.normal(key, shape, dtype))
-  return jax.tree.unflatten(treedef, leaves)
+    """Random init: normal(std) matrices, unit norm scales, small random biases."""
+    shapes = param_shapes(cfg)
+    flat, treedef = jax.tree.flatten_with_path(shapes, is_leaf=lambda x: isinstance(x, tuple))
+    keys = jax.random.split(rng, len(flat))
+    dtype = jnp.dtype(cfg.param_dtype)
+    leaves = []
+    for (path, shape), key in zip(flat, keys):
+        name = path[-1].key
+        if name.endswith("norm"):
+            leaves.append(jnp.ones(shape, dtype))
+        elif name in ("bq", "bk", "bv"):
+            leaves.append(std * jax.random.normal(key, shape, dtype))
+        else:
+            leaves.append(std * jax.random.normal(key, shape, dtype))
+    return jax.tree.unflatten(treedef, leaves)
 
 
 # --------------------------------------------------------------------------- building blocks
 def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
-  """RMSNorm in float32 (both reference families normalise in float32)."""
-  x32 = x.astype(jnp.float32)
-  y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-  return (y * scale.astype(jnp.float32)).astype(x.dtype)
+    """RMSNorm in float32 (both reference families normalise in float32)."""
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return (y * scale.astype(jnp.float32)).astype(x.dtype)
 
 
 def rope(x: jax.Array, positions: jax.Array, theta: jax.Array | float) -> jax.Array:
-  """Rotary embedding, half-split ("rotate_half") layout. x: [B, T, N, hd]; positions: [B, T]."""
-  hd = x.shape[-1]
-  inv_freq = 1.0 / (theta ** (jnp.arange(0, hd, 2, dtype=jnp.float32) / hd))
-  ang = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, hd/2]
-  cos = jnp.cos(ang)[:, :, None, :]
-  sin = jnp.sin(ang)[:, :, None, :]
-  x32 = x.astype(jnp.float32)
-  x1, x2 = x32[..., : hd // 2], x32[..., hd // 2:]
-  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-  return out.astype(x.dtype)
+    """Rotary embedding, half-split ("rotate_half") layout. x: [B, T, N, hd]; positions: [B, T]."""
+    hd = x.shape[-1]
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, hd, 2, dtype=jnp.float32) / hd))
+    ang = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, hd/2]
+    cos = jnp.cos(ang)[:, :, None, :]
+    sin = jnp.sin(ang)[:, :, None, :]
+    x32 = x.astype(jnp.float32)
+    x1, x2 = x32[..., : hd // 2], x32[..., hd // 2 :]
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
 
 
 def _act(cfg: ModelConfig, x):
-  if cfg.activation == "silu":
-    return jax.nn.silu(x)
-  return jax.nn.gelu(x, approximate=True)
+    if cfg.activation == "silu":
+        return jax.nn.silu(x)
+    return jax.nn.gelu(x, approximate=True)
 
 
 class KVCache(NamedTuple):
-  """Per-layer keys/values plus the position of every slot (-1 = empty).
+    """Per-layer keys/values plus the position of every slot (-1 = empty).
 
-  k, v: [L, B, K, S, hd] stacked over layers (head-major so attention reads each head's keys
-  contiguously with no transpose), or, for the unrolled layer loop (`unstack_layers`), tuples of
-  L per-layer [B, K, S, hd] buffers; pos: [B, S] int32.
-  """
-  k: Any
-  v: Any
-  pos: jax.Array
+    k, v: [L, B, K, S, hd] stacked over layers (head-major so attention reads each head's keys
+    contiguously with no transpose), or, for the unrolled layer loop (`unstack_layers`), tuples of
+    L per-layer [B, K, S, hd] buffers; pos: [B, S] int32.
+    """
 
-  @staticmethod
-  def logical_axes(per_layer: bool = False):
-    kv = ("batch", "kv_head", "cache_seq", "head_dim")
-    return KVCache(k=kv if per_layer else ("layers",) + kv, v=kv if per_layer else ("layers",) + kv,
-                   pos=("batch", "cache_seq"))
+    k: Any
+    v: Any
+    pos: jax.Array
 
-  def batch_axes(self) -> "KVCache":
-    """The batch axis of every buffer, in the cache's own structure (0 for per-layer [B, K, S, hd]
-    buffers and pos [B, S], 1 for stacked [L, B, ...]): for jax.tree.map over rows."""
-    per_layer = isinstance(self.k, tuple)
-    kv = tuple(0 for _ in self.k) if per_layer else 1
-    return KVCache(kv, kv, 0)
+    @staticmethod
+    def logical_axes(per_layer: bool = False):
+        kv = ("batch", "kv_head", "cache_seq", "head_dim")
+        return KVCache(
+            k=kv if per_layer else ("layers",) + kv, v=kv if per_layer else ("layers",) + kv, pos=("batch", "cache_seq")
+        )
+
+    def batch_axes(self) -> "KVCache":
+        """The batch axis of every buffer, in the cache's own structure (0 for per-layer [B, K, S, hd]
+        buffers and pos [B, S], 1 for stacked [L, B, ...]): for jax.tree.map over rows."""
+        per_layer = isinstance(self.k, tuple)
+        kv = tuple(0 for _ in self.k) if per_layer else 1
+        return KVCache(kv, kv, 0)
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None, per_layer: bool = False) -> KVCache:
-  dtype = jnp.dtype(dtype or cfg.dtype)
-  pos = jnp.full((batch, length), -1, jnp.int32)
-  if per_layer:
-    shape = (batch, cfg.n_kv_heads, length, cfg.head_dim)
-    return KVCache(tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layers)),
-                   tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layers)), pos)
-  shape = (cfg.n_layers, batch, cfg.n_kv_heads, length, cfg.head_dim)
-  return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), pos)
+    dtype = jnp.dtype(dtype or cfg.dtype)
+    pos = jnp.full((batch, length), -1, jnp.int32)
+    if per_layer:
+        shape = (batch, cfg.n_kv_heads, length, cfg.head_dim)
+        return KVCache(
+            tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layers)),
+            tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layers)),
+            pos,
+        )
+    shape = (cfg.n_layers, batch, cfg.n_kv_heads, length, cfg.head_dim)
+    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), pos)
 
 
 def extend_cache(cache: KVCache, n: int, before: int = 0) -> KVCache:
-  """The cache with n more empty slots at the end (e.g. a prompt-length prefill cache made room
-  for the decode steps: the prefill then attends over the prompt only, not the empty slots) and
-  `before` at the start (a left-padded prompt's cache moved to a longer padded length)."""
-  def pad(x):
-    if isinstance(x, (list, tuple)):
-      return tuple(pad(a) for a in x)
-    return jnp.pad(x, [(0, 0)] * (x.ndim - 2) + [(before, n), (0, 0)])
-  return KVCache(pad(cache.k), pad(cache.v), jnp.pad(cache.pos, ((0, 0), (before, n)), constant_values=-1))
+    """The cache with n more empty slots at the end (e.g. a prompt-length prefill cache made room
+    for the decode steps: the prefill then attends over the prompt only, not the empty slots) and
+    `before` at the start (a left-padded prompt's cache moved to a longer padded length)."""
+
+    def pad(x):
+        if isinstance(x, (list, tuple)):
+            return tuple(pad(a) for a in x)
+        return jnp.pad(x, [(0, 0)] * (x.ndim - 2) + [(before, n), (0, 0)])
+
+    return KVCache(pad(cache.k), pad(cache.v), jnp.pad(cache.pos, ((0, 0), (before, n)), constant_values=-1))
 
 
 def unstack_layers(params: Params) -> Params:
-  """The same parameters with `layers` as a list of L per-layer dicts instead of [L, ...] stacks.
+    """The same parameters with `layers` as a list of L per-layer dicts instead of [L, ...] stacks.
 
-  `forward` then runs the layers as an unrolled Python loop over separate buffers. XLA:CPU
-  copies every dynamic slice a layer scan takes (each layer's weights, and its K/V cache slice
-  when the cache is stacked), which was ~40% of a SmolLM2 decode step at batch 32; the
-  unrolled loop reads the buffers in place. Costs one copy of the layer weights and a compile
-  time that grows with depth, so the sampler uses it on CPU (`Sampler(unroll_layers=...)`) and
-  the trainer keeps the scan.
-  """
-  layers = params["layers"]
-  if isinstance(layers, (list, tuple)):
-    return params
-  n = jax.tree.leaves(layers)[0].shape[0]
-  return {**params, "layers": [jax.tree.map(lambda a: a[l], layers) for l in range(n)]}
+    `forward` then runs the layers as an unrolled Python loop over separate buffers. XLA:CPU
+    copies every dynamic slice a layer scan takes (each layer's weights, and its K/V cache slice
+    when the cache is stacked), which was ~40% of a SmolLM2 decode step at batch 32; the
+    unrolled loop reads the buffers in place. Costs one copy of the layer weights and a compile
+    time that grows with depth, so the sampler uses it on CPU (`Sampler(unroll_layers=...)`) and
+    the trainer keeps the scan.
+    """
+    layers = params["layers"]
+    if isinstance(layers, (list, tuple)):
+        return params
+    n = jax.tree.leaves(layers)[0].shape[0]
+    return {**params, "layers": [jax.tree.map(lambda a: a[l], layers) for l in range(n)]}
 
 
 def _attention(cfg: ModelConfig, q, segments, q_pos, window):
-  """q: [B, T, H, hd]; segments: (k [B, K, S, hd], v [B, K, S, hd], k_pos [B, S] (-1 = invalid)) pairs
-  attended jointly (one softmax over all their keys), e.g. the read-only cache and the new tokens."""
-  B, T, H, hd = q.shape
-  K = segments[0][0].shape[1]
-  q = q.reshape(B, T, K, H // K, hd)
-  qp = q_pos[:, None, None, :, None]
-  all_logits, all_allowed = [], []
-  for k, _, k_pos in segments:
-    logits = jnp.einsum("btkgd,bksd->bkgts", q, k, preferred_element_type=jnp.float32) * cfg.scale
-    if cfg.attn_logit_softcap is not None:
-      logits = jnp.tanh(logits / cfg.attn_logit_softcap) * cfg.attn_logit_softcap
-    kp = k_pos[:, None, None, None, :]
-    allowed = (kp >= 0) & (kp <= qp) & ((qp - kp) < window)
-    all_logits.append(jnp.where(allowed, logits, -1e30))
-    all_allowed.append(allowed)
-  logits = jnp.concatenate(all_logits, axis=-1)
-  allowed = jnp.concatenate(all_allowed, axis=-1)
-  probs = jax.nn.softmax(logits, axis=-1)
-  # Fully-masked query rows (padding) would average garbage; zero them explicitly.
-  probs = jnp.where(jnp.any(allowed, axis=-1, keepdims=True), probs, 0.0)
-  out, start = 0.0, 0
-  for k, v, _ in segments:
-    S = k.shape[2]
-    # [b,k] batches of a plain [g*t, s] @ [s, d] matmul; the small output is transposed after
-    out = out + jnp.einsum("bkgts,bksd->bkgtd", probs[..., start:start + S].astype(v.dtype), v)
-    start += S
-  return out.transpose(0, 3, 1, 2, 4).reshape(B, T, H * hd)
+    """q: [B, T, H, hd]; segments: (k [B, K, S, hd], v [B, K, S, hd], k_pos [B, S] (-1 = invalid)) pairs
+    attended jointly (one softmax over all their keys), e.g. the read-only cache and the new tokens."""
+    B, T, H, hd = q.shape
+    K = segments[0][0].shape[1]
+    q = q.reshape(B, T, K, H // K, hd)
+    qp = q_pos[:, None, None, :, None]
+    all_logits, all_allowed = [], []
+    for k, _, k_pos in segments:
+        logits = jnp.einsum("btkgd,bksd->bkgts", q, k, preferred_element_type=jnp.float32) * cfg.scale
+        if cfg.attn_logit_softcap is not None:
+            logits = jnp.tanh(logits / cfg.attn_logit_softcap) * cfg.attn_logit_softcap
+        kp = k_pos[:, None, None, None, :]
+        allowed = (kp >= 0) & (kp <= qp) & ((qp - kp) < window)
+        all_logits.append(jnp.where(allowed, logits, -1e30))
+        all_allowed.append(allowed)
+    logits = jnp.concatenate(all_logits, axis=-1)
+    allowed = jnp.concatenate(all_allowed, axis=-1)
+    probs = jax.nn.softmax(logits, axis=-1)
+    # Fully-masked query rows (padding) would average garbage; zero them explicitly.
+    probs = jnp.where(jnp.any(allowed, axis=-1, keepdims=True), probs, 0.0)
+    out, start = 0.0, 0
+    for k, v, _ in segments:
+        S = k.shape[2]
+        # [b,k] batches of a plain [g*t, s] @ [s, d] matmul; the small output is transposed after
+        out = out + jnp.einsum("bkgts,bksd->bkgtd", probs[..., start : start + S].astype(v.dtype), v)
+        start += S
+    return out.transpose(0, 3, 1, 2, 4).reshape(B, T, H * hd)
 
 
 def _dense(x, w):
-  """[..., D] @ [D, F] as one 2-D matmul: XLA:CPU computes the weight gradient of the 3-D einsum
-  (contracting batch and seq together) ~1.5-2x slower than the same product on [B*T, D]."""
-  return (x.reshape(-1, x.shape[-1]) @ w).reshape(x.shape[:-1] + (w.shape[-1],))
+    """[..., D] @ [D, F] as one 2-D matmul: XLA:CPU computes the weight gradient of the 3-D einsum
+    (contracting batch and seq together) ~1.5-2x slower than the same product on [B*T, D]."""
+    return (x.reshape(-1, x.shape[-1]) @ w).reshape(x.shape[:-1] + (w.shape[-1],))
 
 
 def _layer_constants(cfg: ModelConfig) -> tuple[list[float], list[int]]:
-  """Per-layer RoPE base and attention window (global layers: unbounded)."""
-  big = int(np.iinfo(np.int32).max)
-  theta = [cfg.rope_theta if cfg.layer_is_global(l) else (cfg.rope_local_theta or cfg.rope_theta)
-           for l in range(cfg.n_layers)]
-  window = [big if cfg.layer_is_global(l) else cfg.sliding_window for l in range(cfg.n_layers)]
-  return theta, window
+    """Per-layer RoPE base and attention window (global layers: unbounded)."""
+    big = int(np.iinfo(np.int32).max)
+    theta = [
+        cfg.rope_theta if cfg.layer_is_global(l) else (cfg.rope_local_theta or cfg.rope_theta)
+        for l in range(cfg.n_layers)
+    ]
+    window = [big if cfg.layer_is_global(l) else cfg.sliding_window for l in range(cfg.n_layers)]
+    return theta, window
 
 
 def _block(cfg: ModelConfig, lp: Params, x, q_pos, theta, window, key_values):
-  """One transformer layer over new tokens x [B, T, D] at RoPE positions q_pos.
+    """One transformer layer over new tokens x [B, T, D] at RoPE positions q_pos.
 
-  key_values(k, v) takes the new tokens' keys and values [B, K, T, hd] and returns (segments,
-  out): the (k, v, key positions) segments to attend to (see `_attention`) and whatever the
-  caller wants back (e.g. the updated cache layer). Returns (x, out)."""
-  dt = jnp.dtype(cfg.dtype)
-  B, T, _ = x.shape
-  h = rms_norm(x, lp["attn_norm"], cfg.norm_eps)
-  q = _dense(h, lp["wq"].astype(dt))
-  k = _dense(h, lp["wk"].astype(dt))
-  v = _dense(h, lp["wv"].astype(dt))
-  if cfg.qkv_bias:
-    q, k, v = q + lp["bq"].astype(dt), k + lp["bk"].astype(dt), v + lp["bv"].astype(dt)
-  q = q.reshape(B, T, cfg.n_heads, cfg.head_dim)
-  k = k.reshape(B, T, cfg.n_kv_heads, cfg.head_dim)
-  v = v.reshape(B, T, cfg.n_kv_heads, cfg.head_dim).swapaxes(1, 2)
-  if cfg.qk_norm:
-    q = rms_norm(q, lp["q_norm"], cfg.norm_eps)
-    k = rms_norm(k, lp["k_norm"], cfg.norm_eps)
-  q = rope(q, q_pos, theta)
-  k = rope(k, q_pos, theta).swapaxes(1, 2)  # [B, K, T, hd]
-  segments, out = key_values(k, v)
-  attn = _attention(cfg, q, [(sk.astype(dt), sv.astype(dt), sp) for sk, sv, sp in segments], q_pos, window)
-  attn = _dense(attn, lp["wo"].astype(dt))
-  if cfg.post_norms:
-    attn = rms_norm(attn, lp["post_attn_norm"], cfg.norm_eps)
-  x = x + attn
-  h = rms_norm(x, lp["mlp_norm"], cfg.norm_eps)
-  gate = _dense(h, lp["w_gate"].astype(dt))
-  up = _dense(h, lp["w_up"].astype(dt))
-  mlp = _dense(_act(cfg, gate) * up, lp["w_down"].astype(dt))
-  if cfg.post_norms:
-    mlp = rms_norm(mlp, lp["post_mlp_norm"], cfg.norm_eps)
-  x = constrain(x + mlp, ("batch", "seq", "act_embed"))
-  return x, out
+    key_values(k, v) takes the new tokens' keys and values [B, K, T, hd] and returns (segments,
+    out): the (k, v, key positions) segments to attend to (see `_attention`) and whatever the
+    caller wants back (e.g. the updated cache layer). Returns (x, out)."""
+    dt = jnp.dtype(cfg.dtype)
+    B, T, _ = x.shape
+    h = rms_norm(x, lp["attn_norm"], cfg.norm_eps)
+    q = _dense(h, lp["wq"].astype(dt))
+    k = _dense(h, lp["wk"].astype(dt))
+    v = _dense(h, lp["wv"].astype(dt))
+    if cfg.qkv_bias:
+        q, k, v = q + lp["bq"].astype(dt), k + lp["bk"].astype(dt), v + lp["bv"].astype(dt)
+    q = q.reshape(B, T, cfg.n_heads, cfg.head_dim)
+    k = k.reshape(B, T, cfg.n_kv_heads, cfg.head_dim)
+    v = v.reshape(B, T, cfg.n_kv_heads, cfg.head_dim).swapaxes(1, 2)
+    if cfg.qk_norm:
+        q = rms_norm(q, lp["q_norm"], cfg.norm_eps)
+        k = rms_norm(k, lp["k_norm"], cfg.norm_eps)
+    q = rope(q, q_pos, theta)
+    k = rope(k, q_pos, theta).swapaxes(1, 2)  # [B, K, T, hd]
+    segments, out = key_values(k, v)
+    attn = _attention(cfg, q, [(sk.astype(dt), sv.astype(dt), sp) for sk, sv, sp in segments], q_pos, window)
+    attn = _dense(attn, lp["wo"].astype(dt))
+    if cfg.post_norms:
+        attn = rms_norm(attn, lp["post_attn_norm"], cfg.norm_eps)
+    x = x + attn
+    h = rms_norm(x, lp["mlp_norm"], cfg.norm_eps)
+    gate = _dense(h, lp["w_gate"].astype(dt))
+    up = _dense(h, lp["w_up"].astype(dt))
+    mlp = _dense(_act(cfg, gate) * up, lp["w_down"].astype(dt))
+    if cfg.post_norms:
+        mlp = rms_norm(mlp, lp["post_mlp_norm"], cfg.norm_eps)
+    x = constrain(x + mlp, ("batch", "seq", "act_embed"))
+    return x, out
 
 
 def positions_from_mask(valid: jax.Array) -> jax.Array:
-  """Left- or right-padded [B, T] validity mask -> RoPE positions (0 at the first valid token)."""
-  return jnp.maximum(jnp.cumsum(valid.astype(jnp.int32), axis=-1) - 1, 0)
+    """Left- or right-padded [B, T] validity mask -> RoPE positions (0 at the first valid token)."""
+    return jnp.maximum(jnp.cumsum(valid.astype(jnp.int32), axis=-1) - 1, 0)
 
 
-def forward(params: Params, cfg: ModelConfig, tokens: jax.Array, valid: jax.Array,
-            positions: jax.Array | None = None, cache: KVCache | None = None,
-            write_index: jax.Array | int = 0, remat: bool = False):
-  """Run the decoder.
+def forward(
+    params: Params,
+    cfg: ModelConfig,
+    tokens: jax.Array,
+    valid: jax.Array,
+    positions: jax.Array | None = None,
+    cache: KVCache | None = None,
+    write_index: jax.Array | int = 0,
+    remat: bool = False,
+):
+    """Run the decoder.
 
-  Args:
-    tokens: [B, T] int token ids; valid: [B, T] bool (False = padding).
-    positions: [B, T] RoPE positions; default from `valid` (cumulative count).
-    cache: optional KVCache of length S; the T new keys/values are written at slots
-      [write_index, write_index + T) and attention runs over the whole cache. Stacked params
-      run as a layer scan with a stacked cache; `unstack_layers` params as an unrolled loop
-      with a per-layer cache (`init_cache(per_layer=True)`).
-  Returns:
-    hidden [B, T, D] after the final norm (what the LM head reads), and the new cache (or None).
-  """
-  dt = jnp.dtype(cfg.dtype)
-  if positions is None:
-    positions = positions_from_mask(valid)
-  positions = positions.astype(jnp.int32)
-  x = jnp.take(params["embed"], tokens, axis=0).astype(dt)
-  if cfg.embed_scale:
-    x = x * jnp.asarray(cfg.d_model ** 0.5, dt)
-  x = constrain(x, ("batch", "seq", "act_embed"))
-  q_pos_masked = jnp.where(valid, positions, -1)
+    Args:
+      tokens: [B, T] int token ids; valid: [B, T] bool (False = padding).
+      positions: [B, T] RoPE positions; default from `valid` (cumulative count).
+      cache: optional KVCache of length S; the T new keys/values are written at slots
+        [write_index, write_index + T) and attention runs over the whole cache. Stacked params
+        run as a layer scan with a stacked cache; `unstack_layers` params as an unrolled loop
+        with a per-layer cache (`init_cache(per_layer=True)`).
+    Returns:
+      hidden [B, T, D] after the final norm (what the LM head reads), and the new cache (or None).
+    """
+    dt = jnp.dtype(cfg.dtype)
+    if positions is None:
+        positions = positions_from_mask(valid)
+    positions = positions.astype(jnp.int32)
+    x = jnp.take(params["embed"], tokens, axis=0).astype(dt)
+    if cfg.embed_scale:
+        x = x * jnp.asarray(cfg.d_model**0.5, dt)
+    x = constrain(x, ("batch", "seq", "act_embed"))
+    q_pos_masked = jnp.where(valid, positions, -1)
 
-  block = functools.partial(_block, cfg)
-  if remat:
-    block = jax.checkpoint(block, prevent_cse=False, static_argnums=(5,))
-  at = (0, 0, write_index, 0)
-  new_pos = None if cache is None else jax.lax.dynamic_update_slice(cache.pos, q_pos_masked, (0, write_index))
+    block = functools.partial(_block, cfg)
+    if remat:
+        block = jax.checkpoint(block, prevent_cse=False, static_argnums=(5,))
+    at = (0, 0, write_index, 0)
+    new_pos = None if cache is None else jax.lax.dynamic_update_slice(cache.pos, q_pos_masked, (0, write_index))
 
-  if isinstance(params["layers"], (list, tuple)):  # unrolled over per-layer buffers
-    if cache is not None and not isinstance(cache.k, (list, tuple)):
-      raise ValueError("forward: unstacked layers need a per-layer KV cache (init_cache(per_layer=True))")
-    ks, vs = [], []
-    for l, (lp, theta, window) in enumerate(zip(params["layers"], *_layer_constants(cfg))):
-      if cache is None:
-        kv = lambda k, v: ([(k, v, q_pos_masked)], None)
-      else:
-        # write this layer's new keys/values first and attend over the updated buffer: nothing
-        # reads the old buffer after the write, so XLA updates it in place (no per-step copy)
-        def kv(k, v, k_c=cache.k[l], v_c=cache.v[l]):
-          k_c = jax.lax.dynamic_update_slice(k_c, k.astype(k_c.dtype), at)
-          v_c = jax.lax.dynamic_update_slice(v_c, v.astype(v_c.dtype), at)
-          return [(k_c, v_c, new_pos)], (k_c, v_c)
-      x, out = block(lp, x, positions, theta, window, kv)
-      if cache is not None:
-        ks.append(out[0])
-        vs.append(out[1])
-    new_k, new_v = tuple(ks), tuple(vs)
-  else:
-    if cache is not None and isinstance(cache.k, (list, tuple)):
-      raise ValueError("forward: a per-layer KV cache needs unstacked layers (unstack_layers)")
-    thetas, windows = _layer_constants(cfg)
-    thetas, windows = jnp.asarray(thetas, jnp.float32), jnp.asarray(windows, jnp.int32)
+    if isinstance(params["layers"], (list, tuple)):  # unrolled over per-layer buffers
+        if cache is not None and not isinstance(cache.k, (list, tuple)):
+            raise ValueError("forward: unstacked layers need a per-layer KV cache (init_cache(per_layer=True))")
+        ks, vs = [], []
+        for l, (lp, theta, window) in enumerate(zip(params["layers"], *_layer_constants(cfg))):
+            if cache is None:
+                kv = lambda k, v: ([(k, v, q_pos_masked)], None)
+            else:
+                # write this layer's new keys/values first and attend over the updated buffer: nothing
+                # reads the old buffer after the write, so XLA updates it in place (no per-step copy)
+                def kv(k, v, k_c=cache.k[l], v_c=cache.v[l]):
+                    k_c = jax.lax.dynamic_update_slice(k_c, k.astype(k_c.dtype), at)
+                    v_c = jax.lax.dynamic_update_slice(v_c, v.astype(v_c.dtype), at)
+                    return [(k_c, v_c, new_pos)], (k_c, v_c)
+
+            x, out = block(lp, x, positions, theta, window, kv)
+            if cache is not None:
+                ks.append(out[0])
+                vs.append(out[1])
+        new_k, new_v = tuple(ks), tuple(vs)
+    else:
+        if cache is not None and isinstance(cache.k, (list, tuple)):
+            raise ValueError("forward: a per-layer KV cache needs unstacked layers (unstack_layers)")
+        thetas, windows = _layer_constants(cfg)
+        thetas, windows = jnp.asarray(thetas, jnp.float32), jnp.asarray(windows, jnp.int32)
+        if cache is not None:
+            # The stacked cache is read-only inside the layer scan (slots being written now count as
+            # empty); the new keys/values come out of the scan as [L, B, K, T, hd] and are written once
+            # below, in place, instead of copying every layer's whole cache slice through the scan.
+            ctx_pos = jax.lax.dynamic_update_slice(cache.pos, jnp.full(tokens.shape, -1, jnp.int32), (0, write_index))
+
+        def body(x, layer):
+            lp, theta, window, k_c, v_c = layer
+            if cache is None:
+                kv = lambda k, v: ([(k, v, q_pos_masked)], None)
+            else:
+                kv = lambda k, v: ([(k_c, v_c, ctx_pos), (k, v, q_pos_masked)], (k, v))
+            return block(lp, x, positions, theta, window, kv)
+
+        ctx = (None, None) if cache is None else (cache.k, cache.v)
+        x, new_kv = jax.lax.scan(body, x, (params["layers"], thetas, windows) + ctx)
+        if cache is not None:
+            new_k = jax.lax.dynamic_update_slice(cache.k, new_kv[0].astype(cache.k.dtype), (0,) + at)
+            new_v = jax.lax.dynamic_update_slice(cache.v, new_kv[1].astype(cache.v.dtype), (0,) + at)
+    hidden = rms_norm(x, params["final_norm"], cfg.norm_eps)
+    new_cache = None
     if cache is not None:
-      # The stacked cache is read-only inside the layer scan (slots being written now count as
-      # empty); the new keys/values come out of the scan as [L, B, K, T, hd] and are written once
-      # below, in place, instead of copying every layer's whole cache slice through the scan.
-      ctx_pos = jax.lax.dynamic_update_slice(cache.pos, jnp.full(tokens.shape, -1, jnp.int32), (0, write_index))
-
-    def body(x, layer):
-      lp, theta, window, k_c, v_c = layer
-      if cache is None:
-        kv = lambda k, v: ([(k, v, q_pos_masked)], None)
-      else:
-        kv = lambda k, v: ([(k_c, v_c, ctx_pos), (k, v, q_pos_masked)], (k, v))
-      return block(lp, x, positions, theta, window, kv)
-
-    ctx = (None, None) if cache is None else (cache.k, cache.v)
-    x, new_kv = jax.lax.scan(body, x, (params["layers"], thetas, windows) + ctx)
-    if cache is not None:
-      new_k = jax.lax.dynamic_update_slice(cache.k, new_kv[0].astype(cache.k.dtype), (0,) + at)
-      new_v = jax.lax.dynamic_update_slice(cache.v, new_kv[1].astype(cache.v.dtype), (0,) + at)
-  hidden = rms_norm(x, params["final_norm"], cfg.norm_eps)
-  new_cache = None
-  if cache is not None:
-    new_cache = KVCache(new_k, new_v, new_pos)
-  return hidden, new_cache
+        new_cache = KVCache(new_k, new_v, new_pos)
+    return hidden, new_cache
 
 
 def logits_from_hidden(params: Params, cfg: ModelConfig, hidden: jax.Array) -> jax.Array:
-  """[..., D] -> float32 logits [..., V]."""
-  dt = jnp.dtype(cfg.dtype)
-  w = params["embed"].T if cfg.tie_embeddings else params["lm_head"]
-  logits = jnp.einsum("...d,dv->...v", hidden.astype(dt), w.astype(dt),
-                      preferred_element_type=jnp.float32)
-  if cfg.final_logit_softcap is not None:
-    logits = jnp.tanh(logits / cfg.final_logit_softcap) * cfg.final_logit_softcap
-  return logits
+    """[..., D] -> float32 logits [..., V]."""
+    dt = jnp.dtype(cfg.dtype)
+    w = params["embed"].T if cfg.tie_embeddings else params["lm_head"]
+    logits = jnp.einsum("...d,dv->...v", hidden.astype(dt), w.astype(dt), preferred_element_type=jnp.float32)
+    if cfg.final_logit_softcap is not None:
+        logits = jnp.tanh(logits / cfg.final_logit_softcap) * cfg.final_logit_softcap
+    return logits
 
 
 def forward_logits(params: Params, cfg: ModelConfig, tokens, valid, positions=None):
-  """Convenience: logits [B, T, V] float32 and final hidden [B, T, D]."""
-  hidden, _ = forward(params, cfg, tokens, valid, positions)
-  return logits_from_hidden(params, cfg, hidden), hidden
+    """Convenience: logits [B, T, V] float32 and final hidden [B, T, D]."""
+    hidden, _ = forward(params, cfg, tokens, valid, positions)
+    return logits_from_hidden(params, cfg, hidden), hidden
 
 
-def token_logprobs(params: Params, cfg: ModelConfig, tokens: jax.Array, valid: jax.Array,
-                   targets: jax.Array, temperature: float = 1.0, with_entropy: bool = False,
-                   remat: bool = False, chunk: int = 128):
-  """log p(targets[b, t] | tokens[b, :t+1]) in float32, [B, T] (and token entropy if asked).
+def token_logprobs(
+    params: Params,
+    cfg: ModelConfig,
+    tokens: jax.Array,
+    valid: jax.Array,
+    targets: jax.Array,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+    remat: bool = False,
+    chunk: int = 128,
+):
+    """log p(targets[b, t] | tokens[b, :t+1]) in float32, [B, T] (and token entropy if asked).
 
-  The [B, T, V] logits are produced chunk by chunk over the sequence so peak memory is
-  [B, chunk, V], not [B, T, V] (a 49k-150k vocabulary dominates memory otherwise).
-  """
-  hidden, _ = forward(params, cfg, tokens, valid, remat=remat)
-  B, T, D = hidden.shape
-  c = min(chunk, T)
-  pad = (-T) % c
-  h = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
-  tg = jnp.pad(targets, ((0, 0), (0, pad)))
-  n = (T + pad) // c
-  h = h.reshape(B, n, c, D).swapaxes(0, 1)
-  tg = tg.reshape(B, n, c).swapaxes(0, 1)
+    The [B, T, V] logits are produced chunk by chunk over the sequence so peak memory is
+    [B, chunk, V], not [B, T, V] (a 49k-150k vocabulary dominates memory otherwise).
+    """
+    hidden, _ = forward(params, cfg, tokens, valid, remat=remat)
+    B, T, D = hidden.shape
+    c = min(chunk, T)
+    pad = (-T) % c
+    h = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+    tg = jnp.pad(targets, ((0, 0), (0, pad)))
+    n = (T + pad) // c
+    h = h.reshape(B, n, c, D).swapaxes(0, 1)
+    tg = tg.reshape(B, n, c).swapaxes(0, 1)
 
-  @jax.checkpoint
-  def one(args):
-    hc, tc = args
-    logits = logits_from_hidden(params, cfg, hc) / temperature
-    logp_all = jax.nn.log_softmax(logits, axis=-1)
-    lp = jnp.take_along_axis(logp_all, tc[..., None], axis=-1)[..., 0]
-    ent = -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1)
-    return lp, ent
+    @jax.checkpoint
+    def one(args):
+        hc, tc = args
+        logits = logits_from_hidden(params, cfg, hc) / temperature
+        logp_all = jax.nn.log_softmax(logits, axis=-1)
+        lp = jnp.take_along_axis(logp_all, tc[..., None], axis=-1)[..., 0]
+        ent = -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1)
+        return lp, ent
 
-  lp, ent = jax.lax.map(one, (h, tg))
-  lp = lp.swapaxes(0, 1).reshape(B, -1)[:, :T]
-  ent = ent.swapaxes(0, 1).reshape(B, -1)[:, :T]
-  if with_entropy:
-    return lp, ent, hidden
-  return lp
+    lp, ent = jax.lax.map(one, (h, tg))
+    lp = lp.swapaxes(0, 1).reshape(B, -1)[:, :T]
+    ent = ent.swapaxes(0, 1).reshape(B, -1)[:, :T]
+    if with_entropy:
+        return lp, ent, hidden
+    return lp
 
 
 # --------------------------------------------------------------------------- NNX module
 class Transformer(nnx.Module):
-  """NNX container for the parameters; the math is in the pure functions above.
+    """NNX container for the parameters; the math is in the pure functions above.
 
-  `graphdef, state = nnx.split(model)` gives a pytree for jit; `model.params()` gives the
-  plain dict the pure functions take. Each nnx.Param carries its logical axes as metadata.
-  """
+    `graphdef, state = nnx.split(model)` gives a pytree for jit; `model.params()` gives the
+    plain dict the pure functions take. Each nnx.Param carries its logical axes as metadata.
+    """
 
-  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs | None = None, params: Params | None = None):
-    self.cfg = cfg
-    if params is None:
-      params = init_params(cfg, (rngs or nnx.Rngs(0)).params())
-    axes = param_logical_axes(cfg)
-    self.weights = nnx.data(jax.tree.map(
-        lambda p, ax: nnx.Param(p, logical_axes=ax), params, axes,
-        is_leaf=lambda x: isinstance(x, tuple) and all(isinstance(a, str) for a in x)))
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs | None = None, params: Params | None = None):
+        self.cfg = cfg
+        if params is None:
+            params = init_params(cfg, (rngs or nnx.Rngs(0)).params())
+        axes = param_logical_axes(cfg)
+        self.weights = nnx.data(
+            jax.tree.map(
+                lambda p, ax: nnx.Param(p, logical_axes=ax),
+                params,
+                axes,
+                is_leaf=lambda x: isinstance(x, tuple) and all(isinstance(a, str) for a in x),
+            )
+        )
 
-  def params(self) -> Params:
-    return jax.tree.map(lambda p: p[...], self.weights, is_leaf=lambda x: isinstance(x, nnx.Param))
+    def params(self) -> Params:
+        return jax.tree.map(lambda p: p[...], self.weights, is_leaf=lambda x: isinstance(x, nnx.Param))
 
-  def __call__(self, tokens, valid, positions=None):
-    return forward_logits(self.params(), self.cfg, tokens, valid, positions)
+    def __call__(self, tokens, valid, positions=None):
+        return forward_logits(self.params(), self.cfg, tokens, valid, positions)

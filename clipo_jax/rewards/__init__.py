@@ -35,8 +35,9 @@ def register_reward(name: str) -> Callable[[RewardFn], RewardFn]:
 
     def deco(fn: RewardFn) -> RewardFn:
         if name in _REGISTRY and _REGISTRY[name] is not fn:
-            raise ValueError(f"reward {name!r} is already registered ({_REGISTRY[name].__module__}."
-                             f"{_REGISTRY[name].__qualname__})")
+            raise ValueError(
+                f"reward {name!r} is already registered ({_REGISTRY[name].__module__}.{_REGISTRY[name].__qualname__})"
+            )
         _REGISTRY[name] = fn
         return fn
 
@@ -48,8 +49,7 @@ def get_reward(name: str) -> RewardFn:
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise UnknownRewardError(
-            f"unknown reward {name!r}; valid: {', '.join(sorted(_REGISTRY))}") from None
+        raise UnknownRewardError(f"unknown reward {name!r}; valid: {', '.join(sorted(_REGISTRY))}") from None
 
 
 def list_rewards() -> list[str]:
@@ -59,8 +59,16 @@ def list_rewards() -> list[str]:
 # Imported after the registry exists: these modules only need names defined above.
 from clipo_jax.rewards.choice import choice_reward, extract_choice  # noqa: E402
 from clipo_jax.rewards.math import (  # noqa: E402
-    VerifierPool, batch_math_reward, extract_answer, gsm8k_reward, last_boxed, math_reward,
-    reset_reward_stats, reward_stats, shutdown_pools)
+    VerifierPool,
+    batch_math_reward,
+    extract_answer,
+    gsm8k_reward,
+    last_boxed,
+    math_reward,
+    reset_reward_stats,
+    reward_stats,
+    shutdown_pools,
+)
 
 register_reward("math")(math_reward)
 register_reward("choice")(choice_reward)
@@ -85,8 +93,9 @@ def rgym_reward(response: str, ground_truth: str, *, meta: dict | None = None, *
     import reasoning_gym  # optional dependency, imported on use
 
     if not meta or "rgym_name" not in meta or "rgym_entry" not in meta:
-        raise ValueError("rgym reward: row meta lacks 'rgym_name'/'rgym_entry' (examples must "
-                         "come from reasoning_gym_examples)")
+        raise ValueError(
+            "rgym reward: row meta lacks 'rgym_name'/'rgym_entry' (examples must come from reasoning_gym_examples)"
+        )
     ans = extract_answer(response)
     if ans is None:
         from clipo_jax.rewards.math import strip_thinking
@@ -101,8 +110,21 @@ def rgym_reward(response: str, ground_truth: str, *, meta: dict | None = None, *
 
 
 __all__ = [
-    "RewardFn", "UnknownRewardError", "VerifierPool", "batch_math_reward", "choice_reward",
-    "extract_answer", "extract_choice", "get_reward", "gsm8k_reward", "last_boxed",
-    "list_rewards", "math_reward", "register_reward", "reset_reward_stats", "reward_stats",
-    "rgym_reward", "shutdown_pools",
+    "RewardFn",
+    "UnknownRewardError",
+    "VerifierPool",
+    "batch_math_reward",
+    "choice_reward",
+    "extract_answer",
+    "extract_choice",
+    "get_reward",
+    "gsm8k_reward",
+    "last_boxed",
+    "list_rewards",
+    "math_reward",
+    "register_reward",
+    "reset_reward_stats",
+    "reward_stats",
+    "rgym_reward",
+    "shutdown_pools",
 ]

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import re
 
-from clipo_jax.rewards.math import (MAX_BOX_CHARS, _record, _FAST, _NO_ANSWER, clean_answer,
-                                    last_boxed, strip_thinking)
+from clipo_jax.rewards.math import _FAST, _NO_ANSWER, MAX_BOX_CHARS, _record, clean_answer, last_boxed, strip_thinking
 
 # Letter at the start of the box content: "B", "(B)", "B.", "B)", "B: text", "B text".
 _BOX_LETTER_RE = re.compile(r"^\(?\s*([A-Z])\s*(?:\)|\.|:|\s|$)")
 _ANSWER_IS_RE = re.compile(
-    r"answer(?:\s+is)?\s*(?:option\s*)?[:\s]\s*\**\s*\(?\s*\$?\s*(?:\\boxed\{)?\s*([A-Z])\b(?![',])",
-    re.IGNORECASE)
+    r"answer(?:\s+is)?\s*(?:option\s*)?[:\s]\s*\**\s*\(?\s*\$?\s*(?:\\boxed\{)?\s*([A-Z])\b(?![',])", re.IGNORECASE
+)
 _LINE_LETTER_RE = re.compile(r"^\**\(?\s*([A-Z])\s*\)?\.?\**$")
 
 

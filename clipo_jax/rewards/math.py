@@ -39,10 +39,10 @@ import dataclasses
 import json
 import logging
 import os
-import select
-import subprocess
 import re
+import select
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -110,8 +110,14 @@ def reset_reward_stats() -> None:
 
 # Status codes returned by the decision functions; each maps to one STATS field.
 _FAST, _VERIFIED, _PREFILTERED, _TIMEOUT, _HARD_KILL, _PARSE_FAIL, _NO_ANSWER = (
-    "fast_path", "verifier_calls", "prefiltered", "timeouts", "hard_kills", "parse_failures",
-    "no_answer")
+    "fast_path",
+    "verifier_calls",
+    "prefiltered",
+    "timeouts",
+    "hard_kills",
+    "parse_failures",
+    "no_answer",
+)
 
 
 def _record(status: str) -> None:
@@ -131,7 +137,7 @@ def strip_thinking(text: str) -> str | None:
     """Text after the last ``</think>``; None if a ``<think>`` block was never closed."""
     end = text.rfind("</think>")
     if end >= 0:
-        return text[end + len("</think>"):]
+        return text[end + len("</think>") :]
     if "<think>" in text:
         return None
     return text
@@ -179,10 +185,10 @@ def last_boxed(text: str) -> str | None:
         if k < len(text) and text[k] == "{":
             close = _match_braces(text, k)
             if close is not None:
-                return text[k + 1:close]
+                return text[k + 1 : close]
             continue
         if k > j:  # "\boxed 5": the token up to whitespace or '$'
-            m = re.match(r"[^\s$]+", text[k:k + MAX_BOX_CHARS])
+            m = re.match(r"[^\s$]+", text[k : k + MAX_BOX_CHARS])
             if m:
                 return m.group(0)
     return None
@@ -222,16 +228,15 @@ def reduce_ground_truth(ground_truth: str) -> str:
 # ----------------------------------------------------------------------------------------------
 # Normalisation (what math-verify does not cover, and what lets us skip sympy)
 # ----------------------------------------------------------------------------------------------
-_TEXT_CMDS = ("\\text", "\\textbf", "\\textit", "\\mathrm", "\\mathbf", "\\mbox", "\\textnormal",
-              "\\operatorname")
+_TEXT_CMDS = ("\\text", "\\textbf", "\\textit", "\\mathrm", "\\mathbf", "\\mbox", "\\textnormal", "\\operatorname")
 _UNIT_WORDS = (
     "cm|mm|km|m|meters?|metres?|centimeters?|inches|inch|in|feet|foot|ft|yards?|miles?|mi|"
     "kg|g|grams?|kilograms?|pounds?|lbs?|lb|oz|ounces?|liters?|litres?|l|ml|gallons?|"
     "seconds?|secs?|s|minutes?|mins?|hours?|hrs?|h|days?|weeks?|months?|years?|"
     "dollars?|cents?|euros?|degrees?|units?|sq|square|cubic|percent|mph|people|students|apples|"
-    "points?|pages?|cookies|books|marbles|eggs|boxes|times")
-_UNIT_TAIL_RE = re.compile(
-    r"^(?P<num>[-+]?[\d.,/]+)\s*(?:(?:" + _UNIT_WORDS + r")\b[\s\w.^{}]*)$", re.IGNORECASE)
+    "points?|pages?|cookies|books|marbles|eggs|boxes|times"
+)
+_UNIT_TAIL_RE = re.compile(r"^(?P<num>[-+]?[\d.,/]+)\s*(?:(?:" + _UNIT_WORDS + r")\b[\s\w.^{}]*)$", re.IGNORECASE)
 _FRAC_SHORT_RE = re.compile(r"\\frac\s*(\d)\s*(\d)")
 _FRAC_HALF_SHORT_RE = re.compile(r"\\frac\s*\{([^{}]*)\}\s*(\d)")
 _FRAC_HALF_SHORT2_RE = re.compile(r"\\frac\s*(\d)\s*\{")
@@ -258,7 +263,7 @@ def _unwrap_text(s: str) -> str:
             close = _match_braces(s, i + len(cmd))
             if close is None:
                 break
-            s = s[:i] + s[i + len(cmd) + 1:close] + s[close + 1:]
+            s = s[:i] + s[i + len(cmd) + 1 : close] + s[close + 1 :]
             start = i
     return s
 
@@ -269,7 +274,7 @@ def clean_answer(s: str) -> str:
     # Outer math delimiters.
     for a, b in (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]")):
         if s.startswith(a) and s.endswith(b) and len(s) >= len(a) + len(b):
-            s = s[len(a):len(s) - len(b)].strip()
+            s = s[len(a) : len(s) - len(b)].strip()
     s = s.replace("\\left", "").replace("\\right", "")
     # Spacing commands; the look-behind keeps a row break "\\\\ " intact.
     s = _SPACING_RE.sub(lambda m: "" if m.group(0) == "\\!" else " ", s).replace("~", " ")
@@ -326,7 +331,7 @@ def to_number(s: str) -> Fraction | None:
 
 def numbers_equal(a: Fraction, b: Fraction) -> bool:
     """Exact, or equal to 1e-9 relative (decimal renderings of the same value)."""
-    return a == b or abs(a - b) <= Fraction(1, 10 ** 9) * max(1, abs(b))
+    return a == b or abs(a - b) <= Fraction(1, 10**9) * max(1, abs(b))
 
 
 def _as_letter(s: str) -> str | None:
@@ -358,8 +363,8 @@ def _operand_after(s: str, i: int) -> str:
             elif s[j] in "})":
                 depth -= 1
                 if depth == 0:
-                    return s[i + 1:j]
-        return s[i + 1:]
+                    return s[i + 1 : j]
+        return s[i + 1 :]
     m = re.match(r"\d+(\.\d+)?|\\?[A-Za-z]+|.", s[i:])
     return m.group(0) if m else ""
 
@@ -386,12 +391,11 @@ def hostile_reason(s: str) -> str | None:
         if re.fullmatch(r"[-+]?\d+(\.\d+)?", op):
             if abs(float(op)) > MAX_EXPONENT:
                 return f"exponent {op[:20]} larger than {MAX_EXPONENT}"
-        elif ("^" in op or "**" in op) and not re.search(r"[a-zA-Z]", op.replace("\\left", "")
-                                                             .replace("\\right", "")):
+        elif ("^" in op or "**" in op) and not re.search(r"[a-zA-Z]", op.replace("\\left", "").replace("\\right", "")):
             return "numeric exponent tower"
         # A power applied to a power, (a^b)^c, multiplies the exponents.
-        after = m.end() + len(op) + (2 if s[m.end():m.end() + 1] in "{(" else 0)
-        rest = re.match(r"(?:[\s)}\]]|\\right)*(\^|\*\*)\s*", s[after:after + 64])
+        after = m.end() + len(op) + (2 if s[m.end() : m.end() + 1] in "{(" else 0)
+        rest = re.match(r"(?:[\s)}\]]|\\right)*(\^|\*\*)\s*", s[after : after + 64])
         if rest:
             op2 = _operand_after(s, after + rest.end()).replace(" ", "")
             e1, e2 = _numeric_value(op), _numeric_value(op2)
@@ -506,8 +510,9 @@ except Exception:  # pragma: no cover - math-verify missing: the import error su
     pass
 
 
-def math_reward(response: str, ground_truth: str, *, timeout: float = DEFAULT_TIMEOUT_S,
-                isolate: bool = True, **row) -> float:
+def math_reward(
+    response: str, ground_truth: str, *, timeout: float = DEFAULT_TIMEOUT_S, isolate: bool = True, **row
+) -> float:
     """1.0 if the response's final answer equals the ground truth, else 0.0.
 
     ``response``: model output (``<think>..</think>`` allowed, answer in ``\\boxed{}``).
@@ -540,8 +545,7 @@ def gsm8k_reward(response: str, ground_truth: str, **row) -> float:
     text = strip_thinking(response)
     pred = extract_answer(response) if text is not None else None
     if pred is None and text is not None:
-        m = re.findall(r"answer is[:\s]*\$?\s*([-+]?[\d,]*\.?\d+)", text[-MAX_BOX_CHARS:],
-                       flags=re.IGNORECASE)
+        m = re.findall(r"answer is[:\s]*\$?\s*([-+]?[\d,]*\.?\d+)", text[-MAX_BOX_CHARS:], flags=re.IGNORECASE)
         pred = m[-1] if m else None
     if pred is None:
         _record(_NO_ANSWER)
@@ -589,14 +593,14 @@ class _Worker:
         code = f"from clipo_jax.rewards.math import _worker_stdio; _worker_stdio({timeout!r})"
         # A plain subprocess, not multiprocessing: no re-import of the caller's __main__ and no
         # fork of a process that may hold JAX threads.
-        self.proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, env=env, bufsize=0)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, bufsize=0
+        )
         self._buf = b""
         line = self.read_line(startup_timeout)
         if line != "ready":
             self.kill()
-            raise RuntimeError(f"math verifier worker did not start within {startup_timeout:.0f}s"
-                               f" (got {line!r})")
+            raise RuntimeError(f"math verifier worker did not start within {startup_timeout:.0f}s (got {line!r})")
 
     def fileno(self) -> int:
         return self.proc.stdout.fileno()
@@ -647,8 +651,13 @@ class VerifierPool:
     Workers start lazily (about 1-2 s each: the sympy import) and are reused across calls.
     """
 
-    def __init__(self, num_workers: int = 2, timeout: float = DEFAULT_TIMEOUT_S,
-                 hard_grace: float = 2.0, startup_timeout: float = 120.0):
+    def __init__(
+        self,
+        num_workers: int = 2,
+        timeout: float = DEFAULT_TIMEOUT_S,
+        hard_grace: float = 2.0,
+        startup_timeout: float = 120.0,
+    ):
         if num_workers < 1:
             raise ValueError(f"VerifierPool: num_workers must be >= 1, got {num_workers}")
         self.num_workers, self.timeout, self.hard_grace = num_workers, timeout, hard_grace
@@ -705,8 +714,9 @@ class VerifierPool:
                 now = time.monotonic()
                 for i, (k, deadline) in list(busy.items()):
                     if now >= deadline:
-                        logger.warning("math verifier worker %d overran %.1fs; killed", i,
-                                       self.timeout + self.hard_grace)
+                        logger.warning(
+                            "math verifier worker %d overran %.1fs; killed", i, self.timeout + self.hard_grace
+                        )
                         results[k] = (0.0, _HARD_KILL)
                         self._kill(i)
                         del busy[i]
@@ -738,8 +748,9 @@ def shutdown_pools() -> None:
         _POOLS.clear()
 
 
-def batch_math_reward(responses: Sequence[str], ground_truths: Sequence[str], *,
-                      num_workers: int = 2, timeout: float = DEFAULT_TIMEOUT_S) -> list[float]:
+def batch_math_reward(
+    responses: Sequence[str], ground_truths: Sequence[str], *, num_workers: int = 2, timeout: float = DEFAULT_TIMEOUT_S
+) -> list[float]:
     """``[math_reward(r, g) for r, g in zip(...)]`` with hard deadlines, ``[batch]`` floats.
 
     The fast path runs in this process; only pairs that need sympy go to ``num_workers``
@@ -747,8 +758,7 @@ def batch_math_reward(responses: Sequence[str], ground_truths: Sequence[str], *,
     ``num_workers=0`` everything runs in this process (signal deadline; main thread only).
     """
     if len(responses) != len(ground_truths):
-        raise ValueError(f"batch_math_reward: {len(responses)} responses but "
-                         f"{len(ground_truths)} ground truths")
+        raise ValueError(f"batch_math_reward: {len(responses)} responses but {len(ground_truths)} ground truths")
     rewards: list[float | None] = []
     statuses: list[str] = []
     pending: list[tuple[int, str, str]] = []
@@ -763,8 +773,9 @@ def batch_math_reward(responses: Sequence[str], ground_truths: Sequence[str], *,
     if pending:
         if num_workers <= 0:
             if not _on_main_thread():
-                raise RuntimeError("batch_math_reward(num_workers=0) needs the main thread "
-                                   "(signal deadline); use num_workers >= 1")
+                raise RuntimeError(
+                    "batch_math_reward(num_workers=0) needs the main thread (signal deadline); use num_workers >= 1"
+                )
             decided = [_decide_in_process(p, g, timeout) for _, p, g in pending]
         else:
             decided = _shared_pool(num_workers, timeout).decide([(p, g) for _, p, g in pending])
@@ -776,8 +787,23 @@ def batch_math_reward(responses: Sequence[str], ground_truths: Sequence[str], *,
 
 
 __all__ = [
-    "DEFAULT_TIMEOUT_S", "RewardStats", "STATS", "VerifierPool", "answer_key",
-    "batch_math_reward", "clean_answer", "extract_answer", "fast_decision", "gsm8k_reward",
-    "hostile_reason", "last_boxed", "math_reward", "reduce_ground_truth", "reset_reward_stats",
-    "reward_stats", "shutdown_pools", "strip_thinking", "to_number",
+    "DEFAULT_TIMEOUT_S",
+    "RewardStats",
+    "STATS",
+    "VerifierPool",
+    "answer_key",
+    "batch_math_reward",
+    "clean_answer",
+    "extract_answer",
+    "fast_decision",
+    "gsm8k_reward",
+    "hostile_reason",
+    "last_boxed",
+    "math_reward",
+    "reduce_ground_truth",
+    "reset_reward_stats",
+    "reward_stats",
+    "shutdown_pools",
+    "strip_thinking",
+    "to_number",
 ]

@@ -24,6 +24,7 @@ q = problem quantities in order of appearance, d = distractor numbers, a = gold 
 ``clipo_jax.data.synthetic.Problem`` (anything with ``to_ground_truth()``) or the decoded dict
 are accepted as well. This module does not import the data module (the data module imports it).
 """
+
 from __future__ import annotations
 
 import json
@@ -75,9 +76,7 @@ class ParsedSolution:
 
 
 def _as_int_list(value: Any, field: str) -> tuple[int, ...]:
-    if not isinstance(value, (list, tuple)) or not all(
-        isinstance(v, int) and not isinstance(v, bool) for v in value
-    ):
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
         raise SyntheticMetaError(f"synthetic ground_truth field {field!r} must be a list of ints, got {value!r}")
     return tuple(value)
 
@@ -92,7 +91,9 @@ def parse_meta(problem_or_meta: Any) -> SyntheticMeta:
         try:
             problem_or_meta = json.loads(problem_or_meta)
         except json.JSONDecodeError as e:
-            raise SyntheticMetaError(f"synthetic ground_truth is not JSON ({e.msg}): {problem_or_meta[:80]!r}") from None
+            raise SyntheticMetaError(
+                f"synthetic ground_truth is not JSON ({e.msg}): {problem_or_meta[:80]!r}"
+            ) from None
     if not isinstance(problem_or_meta, Mapping):
         raise SyntheticMetaError(f"synthetic ground_truth must be a JSON object, got {type(problem_or_meta).__name__}")
     for field in ("q", "a"):

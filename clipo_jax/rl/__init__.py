@@ -3,6 +3,7 @@
 Each family is a small string -> function registry; see advantages.py and losses.py for
 how to add one.
 """
+
 from clipo_jax.rl.advantages import (
     ADVANTAGE_ESTIMATORS,
     UnknownNameError,

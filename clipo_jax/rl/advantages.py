@@ -12,6 +12,7 @@ advantage 0, so they never move the gradient.
 Extend by writing ``fn(rewards[P, G], valid[P, G], **opts) -> [P, G]`` and decorating
 it with ``@register_advantage("name")``.
 """
+
 from __future__ import annotations
 
 from typing import Callable

@@ -3,6 +3,7 @@
 Dynamic sampling runs on the host between rollout rounds (numpy); the mask helper is
 plain array arithmetic and works on numpy or jax arrays.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -197,7 +198,9 @@ def overlong_penalty(lengths, max_len: int, cache_len: int) -> np.ndarray:
       cache_len: L_c, the width of the soft window (0 < cache_len <= max_len).
     """
     if not 0 < cache_len <= max_len:
-        raise ValueError(f"overlong shaping needs 0 < cache_len <= max_len, got cache_len={cache_len}, max_len={max_len}")
+        raise ValueError(
+            f"overlong shaping needs 0 < cache_len <= max_len, got cache_len={cache_len}, max_len={max_len}"
+        )
     lengths = np.asarray(lengths, dtype=np.float64)
     if np.any(lengths < 0):
         raise ValueError(f"negative response length at row {int(np.flatnonzero(lengths < 0)[0])}")

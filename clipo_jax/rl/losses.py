@@ -19,6 +19,7 @@ Sequence-level losses (gspo, gmpo) return per-token terms too. They are built so
 every aggregation here weights the tokens of one response equally, so under
 ``token_mean`` the same losses weight each response by its length instead.
 """
+
 from __future__ import annotations
 
 from typing import Callable, Sequence
@@ -91,9 +92,7 @@ def _log_ratio(logp, old_logp, mask):
 
 def _seq_mean(x, mask):
     """Per-response mean over its tokens, ``[batch, 1]``; empty responses give 0."""
-    return jnp.where(mask > 0, x, 0.0).sum(axis=1, keepdims=True) / jnp.maximum(
-        mask.sum(axis=1, keepdims=True), 1.0
-    )
+    return jnp.where(mask > 0, x, 0.0).sum(axis=1, keepdims=True) / jnp.maximum(mask.sum(axis=1, keepdims=True), 1.0)
 
 
 def _ppo_k3(log_ratio, mask):

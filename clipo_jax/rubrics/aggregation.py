@@ -1,6 +1,6 @@
 """OpenRS aggregation: criterion-wise judgments -> one A-side score -> a verdict.
 
-Two entry points over the same rule (spec §3-§4):
+Two entry points over the same rule (OpenRS paper, arXiv 2602.14069: criterion aggregation to A/B swap debiasing and verdict):
 
 * ``score_comparison(criteria)`` / ``verdict(f, b, m)`` — plain Python, one pair at a time.
 * ``aggregate_scores(types, labels, scores, mask, parse_ok)`` and ``batch_verdicts`` — jitted and
@@ -14,6 +14,7 @@ result is the plain sum of the critical values (a critical labelled S adds 0 but
 Otherwise ``sum(w * v) / (sum(w) + 1e-6)`` with weights core 5, important 2, highlight 1; an
 unknown type counts as important. A failed parse scores 0 (a tie) and is counted by the caller.
 """
+
 from __future__ import annotations
 
 from typing import Any, Iterable, Mapping, Sequence
@@ -38,7 +39,7 @@ class CriterionError(ValueError):
 
 
 def type_code(type_name: Any) -> int:
-    """Unknown or missing types count as ``important`` (spec §3)."""
+    """Unknown or missing types count as ``important`` (OpenRS paper, arXiv 2602.14069: criterion aggregation)."""
     return TYPE_CODES.get(str(type_name).strip().lower(), TYPE_CODES["important"])
 
 
@@ -88,7 +89,7 @@ def score_comparison(criteria: Sequence[Mapping[str, Any]] | None) -> float:
 
 
 def verdict(forward: float, backward: float, min_score: float = 0.0) -> str:
-    """Bi-directional verdict (spec §4).
+    """Bi-directional verdict (OpenRS paper, arXiv 2602.14069: A/B swap debiasing and verdict).
 
     ``forward`` is the A-side score with A = first response, ``backward`` the A-side score with
     A = second response.  Returns "first", "second" or "same".
@@ -107,8 +108,9 @@ def verdict(forward: float, backward: float, min_score: float = 0.0) -> str:
 
 
 @jax.jit
-def aggregate_scores(types: jax.Array, labels: jax.Array, scores: jax.Array, mask: jax.Array,
-                     parse_ok: jax.Array) -> jax.Array:
+def aggregate_scores(
+    types: jax.Array, labels: jax.Array, scores: jax.Array, mask: jax.Array, parse_ok: jax.Array
+) -> jax.Array:
     """A-side score of many judged directions at once.
 
     Args:
@@ -135,16 +137,16 @@ def aggregate_scores(types: jax.Array, labels: jax.Array, scores: jax.Array, mas
 
 
 @jax.jit
-def batch_verdicts(forward: jax.Array, backward: jax.Array, min_score: float | jax.Array = 0.0
-                   ) -> jax.Array:
+def batch_verdicts(forward: jax.Array, backward: jax.Array, min_score: float | jax.Array = 0.0) -> jax.Array:
     """Vectorised ``verdict``: int32 [pairs] with FIRST (+1), SAME (0), SECOND (-1)."""
     first = (forward > min_score) & (backward <= -min_score)
     second = (forward <= -min_score) & (backward > min_score)
     return jnp.where(first, FIRST, jnp.where(second, SECOND, SAME)).astype(jnp.int32)
 
 
-def pad_criteria(batch: Iterable[Sequence[Mapping[str, Any]] | None], max_criteria: int | None = None
-                 ) -> dict[str, np.ndarray]:
+def pad_criteria(
+    batch: Iterable[Sequence[Mapping[str, Any]] | None], max_criteria: int | None = None
+) -> dict[str, np.ndarray]:
     """Turns a list of criterion lists (None = parse failure) into padded numpy arrays.
 
     The criteria axis is padded to a power of two (at least 16) so that jit compiles once per

@@ -12,6 +12,7 @@ OpenAI-compatible server (vLLM, SGLang, llama.cpp, OpenAI).  The local backends 
 
 Failures after all retries raise ``BackendError``; the judge turns that into a counted tie.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -41,6 +42,7 @@ class BackendError(RuntimeError):
 @dataclasses.dataclass(frozen=True)
 class CompletionRequest:
     """One chat completion.  ``json_schema`` asks for schema-constrained output when supported."""
+
     messages: tuple[dict[str, str], ...] | list[dict[str, str]]
     max_tokens: int = 2048
     temperature: float = 0.0
@@ -51,9 +53,15 @@ class CompletionRequest:
 
     def cache_key(self, model: str, use_schema: bool) -> str:
         """Content hash of everything that determines the answer."""
-        payload = {"model": model, "messages": list(self.messages), "max_tokens": self.max_tokens,
-                   "temperature": self.temperature, "top_p": self.top_p, "seed": self.seed,
-                   "schema": self.json_schema if use_schema else None}
+        payload = {
+            "model": model,
+            "messages": list(self.messages),
+            "max_tokens": self.max_tokens,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "seed": self.seed,
+            "schema": self.json_schema if use_schema else None,
+        }
         blob = json.dumps(payload, sort_keys=True, ensure_ascii=False).encode()
         return hashlib.sha256(blob).hexdigest()
 
@@ -72,16 +80,16 @@ class CompletionResponse:
 @runtime_checkable
 class Backend(Protocol):
     """The judge backend contract."""
+
     name: str
     supports_json_schema: bool  # honours CompletionRequest.json_schema (constrained decoding)
-    supports_logprobs: bool     # can return token log-probabilities (needed by a logit verdict)
+    supports_logprobs: bool  # can return token log-probabilities (needed by a logit verdict)
 
     async def complete(self, request: CompletionRequest) -> CompletionResponse:
         """Returns the completion or raises BackendError; must be safe to call concurrently."""
         ...
 
-    async def aclose(self) -> None:
-        ...
+    async def aclose(self) -> None: ...
 
 
 @runtime_checkable
@@ -95,14 +103,14 @@ class LogitBackend(Backend, Protocol):
 
 @dataclasses.dataclass
 class BackendStats:
-    requests: int = 0        # HTTP requests sent (retries included)
-    completed: int = 0       # successful completions returned (cache hits included)
+    requests: int = 0  # HTTP requests sent (retries included)
+    completed: int = 0  # successful completions returned (cache hits included)
     cache_hits: int = 0
     retries: int = 0
     timeouts: int = 0
     http_errors: int = 0
-    garbage: int = 0         # bodies that are not an OpenAI completion
-    failures: int = 0        # calls that raised BackendError
+    garbage: int = 0  # bodies that are not an OpenAI completion
+    failures: int = 0  # calls that raised BackendError
     prompt_tokens: int = 0
     completion_tokens: int = 0
     schema_fallbacks: int = 0
@@ -141,8 +149,10 @@ class DiskCache:
 
 
 SCHEMA_STYLES: dict[str, Callable[[CompletionRequest], dict[str, Any]]] = {
-    "json_schema": lambda req: {"type": "json_schema", "json_schema": {
-        "name": req.schema_name, "schema": req.json_schema, "strict": True}},
+    "json_schema": lambda req: {
+        "type": "json_schema",
+        "json_schema": {"name": req.schema_name, "schema": req.json_schema, "strict": True},
+    },
     "json_object": lambda req: {"type": "json_object", "schema": req.json_schema},
 }
 
@@ -173,11 +183,22 @@ class OpenAIHTTPBackend:
     name = "openai"
     supports_logprobs = True
 
-    def __init__(self, base_url: str, model: str, api_key_env: str = "OPENAI_API_KEY",
-                 max_concurrency: int = 8, timeout_s: float = 120.0, max_retries: int = 10,
-                 backoff_base_s: float = 0.5, backoff_max_s: float = 30.0,
-                 json_schema: bool | str = "auto", schema_style: str | None = None, cache_dir: str | os.PathLike | None = None,
-                 rng_seed: int = 0, sleep: Callable[[float], Any] | None = None):
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        api_key_env: str = "OPENAI_API_KEY",
+        max_concurrency: int = 8,
+        timeout_s: float = 120.0,
+        max_retries: int = 10,
+        backoff_base_s: float = 0.5,
+        backoff_max_s: float = 30.0,
+        json_schema: bool | str = "auto",
+        schema_style: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        rng_seed: int = 0,
+        sleep: Callable[[float], Any] | None = None,
+    ):
         base = base_url.rstrip("/")
         self.base_url = base if base.endswith("/v1") else base + "/v1"
         self.model = model
@@ -214,8 +235,7 @@ class OpenAIHTTPBackend:
         loop = asyncio.get_running_loop()
         if self._client is None or self._loop is not loop:
             headers = {"Authorization": f"Bearer {self._api_key}"} if self._api_key else {}
-            limits = httpx.Limits(max_connections=self.max_concurrency,
-                                  max_keepalive_connections=self.max_concurrency)
+            limits = httpx.Limits(max_connections=self.max_concurrency, max_keepalive_connections=self.max_concurrency)
             self._client = httpx.AsyncClient(headers=headers, limits=limits, timeout=self.timeout_s)
             self._sem = asyncio.Semaphore(self.max_concurrency)
             self._loop = loop
@@ -230,15 +250,19 @@ class OpenAIHTTPBackend:
 
     def _payload(self, request: CompletionRequest, use_schema: bool) -> dict[str, Any]:
         body: dict[str, Any] = {
-            "model": self.model, "messages": list(request.messages), "max_tokens": request.max_tokens,
-            "temperature": request.temperature, "top_p": request.top_p, "seed": request.seed,
+            "model": self.model,
+            "messages": list(request.messages),
+            "max_tokens": request.max_tokens,
+            "temperature": request.temperature,
+            "top_p": request.top_p,
+            "seed": request.seed,
         }
         if use_schema and request.json_schema is not None and self._schema_styles:
             body["response_format"] = SCHEMA_STYLES[self._schema_styles[0]](request)
         return body
 
     def _backoff(self, attempt: int) -> float:
-        return self._rng.uniform(0, min(self.backoff_max_s, self.backoff_base_s * 2 ** attempt))
+        return self._rng.uniform(0, min(self.backoff_max_s, self.backoff_base_s * 2**attempt))
 
     async def complete(self, request: CompletionRequest) -> CompletionResponse:
         self._ensure_client()
@@ -247,9 +271,13 @@ class OpenAIHTTPBackend:
         if self.cache is not None and (hit := self.cache.get(key)) is not None:
             self.stats.cache_hits += 1
             self.stats.completed += 1
-            return CompletionResponse(text=hit["text"], prompt_tokens=hit.get("prompt_tokens", 0),
-                                      completion_tokens=hit.get("completion_tokens", 0),
-                                      finish_reason=hit.get("finish_reason"), cached=True)
+            return CompletionResponse(
+                text=hit["text"],
+                prompt_tokens=hit.get("prompt_tokens", 0),
+                completion_tokens=hit.get("completion_tokens", 0),
+                finish_reason=hit.get("finish_reason"),
+                cached=True,
+            )
         assert self._sem is not None
         async with self._sem:
             self._inflight += 1
@@ -259,9 +287,15 @@ class OpenAIHTTPBackend:
             finally:
                 self._inflight -= 1
         if self.cache is not None:
-            self.cache.put(key, {"text": response.text, "prompt_tokens": response.prompt_tokens,
-                                 "completion_tokens": response.completion_tokens,
-                                 "finish_reason": response.finish_reason})
+            self.cache.put(
+                key,
+                {
+                    "text": response.text,
+                    "prompt_tokens": response.prompt_tokens,
+                    "completion_tokens": response.completion_tokens,
+                    "finish_reason": response.finish_reason,
+                },
+            )
         return response
 
     async def _complete_with_retries(self, request: CompletionRequest, use_schema: bool) -> CompletionResponse:
@@ -291,8 +325,12 @@ class OpenAIHTTPBackend:
             if r.status_code != 200:
                 self.stats.http_errors += 1
                 last, kind = f"HTTP {r.status_code}: {r.text[:200]!r}", "http"
-                if use_schema and self._schema_mode == "auto" and r.status_code in (400, 422, 500) \
-                        and "response_format" in r.text:
+                if (
+                    use_schema
+                    and self._schema_mode == "auto"
+                    and r.status_code in (400, 422, 500)
+                    and "response_format" in r.text
+                ):
                     # This server wants another response_format style (or none at all).
                     if self._schema_styles and self._schema_styles[0] == style:
                         # Only the first call to see this style rejected switches (calls race).
@@ -304,8 +342,9 @@ class OpenAIHTTPBackend:
                         self.supports_json_schema = False
                         use_schema = False
                     else:
-                        log.warning("server rejected response_format style %r; trying %r", rejected,
-                                    self._schema_styles[0])
+                        log.warning(
+                            "server rejected response_format style %r; trying %r", rejected, self._schema_styles[0]
+                        )
                     attempt -= 1  # not a transient fault; do not spend a retry
                     continue
                 if _retryable_status(r.status_code):
@@ -326,10 +365,14 @@ class OpenAIHTTPBackend:
             self.stats.completed += 1
             self.stats.prompt_tokens += int(usage.get("prompt_tokens") or 0)
             self.stats.completion_tokens += int(usage.get("completion_tokens") or 0)
-            return CompletionResponse(text=text, prompt_tokens=int(usage.get("prompt_tokens") or 0),
-                                      completion_tokens=int(usage.get("completion_tokens") or 0),
-                                      finish_reason=choice.get("finish_reason"),
-                                      latency_s=time.perf_counter() - start, attempts=attempt)
+            return CompletionResponse(
+                text=text,
+                prompt_tokens=int(usage.get("prompt_tokens") or 0),
+                completion_tokens=int(usage.get("completion_tokens") or 0),
+                finish_reason=choice.get("finish_reason"),
+                latency_s=time.perf_counter() - start,
+                attempts=attempt,
+            )
         self.stats.failures += 1
         raise BackendError(f"{url}: giving up after {attempt} attempts; last: {last}", kind=kind)
 
@@ -338,15 +381,17 @@ def _local_backend(class_name: str) -> Callable[..., Backend]:
     # Imported on use: the local backends pull in the model code and JAX.
     def make(**kwargs) -> Backend:
         from clipo_jax.rubrics import local_backends
+
         return getattr(local_backends, class_name)(**kwargs)
+
     return make
 
 
 # Registry: name -> factory(**kwargs) -> Backend.
 BACKENDS: dict[str, Callable[..., Backend]] = {
     "openai": OpenAIHTTPBackend,
-    "in-process": _local_backend("InProcessBackend"),   # our sampler (local_backends.py)
-    "logit": _local_backend("LogitVerdictBackend"),     # labels from next-token logits
+    "in-process": _local_backend("InProcessBackend"),  # our sampler (local_backends.py)
+    "logit": _local_backend("LogitVerdictBackend"),  # labels from next-token logits
 }
 
 

@@ -1,4 +1,4 @@
-"""OpenRS as an RL reward: pairwise judgments over a group of rollouts -> one reward each (§6).
+"""OpenRS as an RL reward: pairwise judgments over a group of rollouts -> one reward each (arXiv 2602.14069).
 
 Methods (registry ``GROUP_METHODS``):
 
@@ -13,6 +13,7 @@ PVR terms (ground-truth score, guardrail penalties) are added with configurable 
 ratio means the judge can no longer tell rollouts apart.  Identical responses are "same" without
 a call; all calls of a group go out concurrently through the backend (bounded, cached).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -45,8 +46,8 @@ def fit_bradley_terry(wins: jax.Array, num_iters: int = 50, prior: float = 0.1) 
     g = wins.shape[-1]
     off_diag = 1.0 - jnp.eye(g, dtype=jnp.float32)
     w = (wins.astype(jnp.float32) + 0.5 * prior) * off_diag
-    n = w + jnp.swapaxes(w, -1, -2)               # comparisons per pair
-    total_wins = jnp.sum(w, axis=-1)              # [..., G]
+    n = w + jnp.swapaxes(w, -1, -2)  # comparisons per pair
+    total_wins = jnp.sum(w, axis=-1)  # [..., G]
 
     def step(_, log_p):
         p = jnp.exp(log_p)
@@ -61,23 +62,23 @@ def fit_bradley_terry(wins: jax.Array, num_iters: int = 50, prior: float = 0.1) 
 @dataclasses.dataclass(frozen=True)
 class GroupRewardConfig:
     method: str = "anchor"
-    anchor_index: int | None = 0         # None: a random anchor drawn from ``seed``
-    max_pairs: int | None = None         # bradley_terry: sample this many pairs (None = all)
+    anchor_index: int | None = 0  # None: a random anchor drawn from ``seed``
+    max_pairs: int | None = None  # bradley_terry: sample this many pairs (None = all)
     bt_iters: int = 50
     seed: int = 0
-    ground_truth_weight: float = 0.0     # reward += w * (+1 / 0 / -1 ground-truth score)
-    guardrail_weight: float = 0.0        # reward -= w * (number of guardrail flags raised)
+    ground_truth_weight: float = 0.0  # reward += w * (+1 / 0 / -1 ground-truth score)
+    guardrail_weight: float = 0.0  # reward -= w * (number of guardrail flags raised)
     expected_language: str | None = None
 
 
 @dataclasses.dataclass
 class GroupRewardResult:
-    rewards: np.ndarray                  # float32 [G]
-    pairwise: np.ndarray                 # float32 [G] the pairwise part alone
+    rewards: np.ndarray  # float32 [G]
+    pairwise: np.ndarray  # float32 [G] the pairwise part alone
     same_ratio: float
     n_pairs_judged: int
     n_pairs_deduplicated: int
-    pairs: list[tuple[int, int, str]]    # (i, j, verdict of i vs j)
+    pairs: list[tuple[int, int, str]]  # (i, j, verdict of i vs j)
 
 
 def _pairs_for(method: str, g: int, cfg: GroupRewardConfig) -> list[tuple[int, int]]:
@@ -93,8 +94,7 @@ def _pairs_for(method: str, g: int, cfg: GroupRewardConfig) -> list[tuple[int, i
     return allp
 
 
-def pairwise_rewards(method: str, g: int, pairs: Sequence[tuple[int, int, str]], cfg: GroupRewardConfig
-                     ) -> np.ndarray:
+def pairwise_rewards(method: str, g: int, pairs: Sequence[tuple[int, int, str]], cfg: GroupRewardConfig) -> np.ndarray:
     """Turns (i, j, verdict of i vs j) triples into per-response rewards [G]."""
     wins = np.zeros((g, g), np.float32)
     for i, j, v in pairs:
@@ -122,9 +122,14 @@ def pairwise_rewards(method: str, g: int, pairs: Sequence[tuple[int, int, str]],
 GROUP_METHODS: dict[str, Callable[..., Any]] = {m: pairwise_rewards for m in ("anchor", "round_robin", "bradley_terry")}
 
 
-async def group_rewards(judge: PairwiseJudge, query: str, responses: Sequence[str],
-                        config: GroupRewardConfig = GroupRewardConfig(), query_type: str | None = None,
-                        ground_truth: str | None = None) -> GroupRewardResult:
+async def group_rewards(
+    judge: PairwiseJudge,
+    query: str,
+    responses: Sequence[str],
+    config: GroupRewardConfig = GroupRewardConfig(),
+    query_type: str | None = None,
+    ground_truth: str | None = None,
+) -> GroupRewardResult:
     """Rewards for one group of G rollouts of ``query``."""
     if config.method not in GROUP_METHODS:
         raise ValueError(f"unknown group reward method {config.method!r} (known: {sorted(GROUP_METHODS)})")
@@ -137,8 +142,14 @@ async def group_rewards(judge: PairwiseJudge, query: str, responses: Sequence[st
             dedup += 1
         else:
             todo.append((i, j))
-    judged = await asyncio.gather(*(judge.judge_pair(PairInput(query, responses[i], responses[j], query_type=query_type,
-                                                               ground_truth=ground_truth)) for i, j in todo))
+    judged = await asyncio.gather(
+        *(
+            judge.judge_pair(
+                PairInput(query, responses[i], responses[j], query_type=query_type, ground_truth=ground_truth)
+            )
+            for i, j in todo
+        )
+    )
     for (i, j), r in zip(todo, judged):
         results[(i, j)] = r.verdict
     triples = [(i, j, results[(i, j)]) for i, j in index]
@@ -151,5 +162,11 @@ async def group_rewards(judge: PairwiseJudge, query: str, responses: Sequence[st
         flags = [sum(pvr.guardrail_flags(r, config.expected_language).values()) for r in responses]
         rewards -= config.guardrail_weight * np.array(flags, np.float32)
     same = sum(v == "same" for _, _, v in triples)
-    return GroupRewardResult(rewards=rewards, pairwise=pair_part, same_ratio=same / max(len(triples), 1),
-                             n_pairs_judged=len(todo), n_pairs_deduplicated=dedup, pairs=triples)
+    return GroupRewardResult(
+        rewards=rewards,
+        pairwise=pair_part,
+        same_ratio=same / max(len(triples), 1),
+        n_pairs_judged=len(todo),
+        n_pairs_deduplicated=dedup,
+        pairs=triples,
+    )

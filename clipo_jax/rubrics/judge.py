@@ -1,4 +1,4 @@
-"""The OpenRS pairwise judge: paths by query kind (spec §5), both orders (§4), counted failures.
+"""The OpenRS pairwise judge (arXiv 2602.14069): paths by query kind, both orders (A/B swap), counted failures.
 
     judge = PairwiseJudge(OpenAIHTTPBackend(base_url, model), JudgeConfig())
     result = await judge.judge_pair(PairInput(query, first, second, query_type="livebench-math",
@@ -8,6 +8,7 @@
 A call that fails for good, or output that still does not parse after the retries, scores 0 for
 that direction (a tie) and is counted in ``judge.counters``; it never raises.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -20,17 +21,26 @@ from clipo_jax.rubrics import pvr
 from clipo_jax.rubrics.aggregation import score_comparison, verdict
 from clipo_jax.rubrics.backends import Backend, BackendError, CompletionRequest
 from clipo_jax.rubrics.meta_rubric import MetaRubric, builtin_meta_rubric, domain_for_query_type
-from clipo_jax.rubrics.protocol import (INTENT_SCHEMA, JudgeParseError, PromptConfig,
-                                        build_intent_messages, build_pairwise_messages,
-                                        judgment_schema, parse_judgment)
+from clipo_jax.rubrics.protocol import (
+    INTENT_SCHEMA,
+    JudgeParseError,
+    PromptConfig,
+    build_intent_messages,
+    build_pairwise_messages,
+    judgment_schema,
+    parse_judgment,
+)
 
 log = logging.getLogger(__name__)
 
 # Domains whose ground truth is checked programmatically, and how the answer is extracted.
 GROUND_TRUTH_KIND = {"math": "math", "factual_qa": "auto", "reasoning": "bold"}
 
-LLM_CHECK_SCHEMA = {"type": "object", "properties": {
-    "verdict": {"type": "string", "enum": ["correct", "partial", "wrong"]}}, "required": ["verdict"]}
+LLM_CHECK_SCHEMA = {
+    "type": "object",
+    "properties": {"verdict": {"type": "string", "enum": ["correct", "partial", "wrong"]}},
+    "required": ["verdict"],
+}
 LLM_CHECK_PROMPT = """Reference answer: {reference}
 
 Candidate response (only its final answer matters):
@@ -44,17 +54,17 @@ Does the candidate's final answer match the reference answer? Reply with JSON: \
 
 @dataclasses.dataclass(frozen=True)
 class JudgeConfig:
-    protocol: str = "single"          # "single": one call per direction; "two_stage": an
-                                      # answer-blind intent call first, shared by both orders
+    protocol: str = "single"  # "single": one call per direction; "two_stage": an
+    # answer-blind intent call first, shared by both orders
     max_tokens: int = 4096
     intent_max_tokens: int = 512
-    parse_attempts: int = 5           # attempts per direction on unparseable output
-    min_score: float = 0.0            # verdict threshold m
+    parse_attempts: int = 5  # attempts per direction on unparseable output
+    min_score: float = 0.0  # verdict threshold m
     seed: int = 0
     temperature: float = 0.0
     use_json_schema: bool = True
-    use_ground_truth: bool = True     # §5 verifiable path when a ground truth is given
-    llm_answer_check: bool = True     # LLM fallback when no answer can be extracted
+    use_ground_truth: bool = True  # paths by query kind: verifiable path when a ground truth is given
+    llm_answer_check: bool = True  # LLM fallback when no answer can be extracted
     prompt: PromptConfig = PromptConfig()
 
     def __post_init__(self):
@@ -73,9 +83,9 @@ class PairInput:
     ground_truth: str | None = None
     constraints: list[dict[str, Any]] | None = None
     pair_id: str | None = None
-    domain: str | None = None           # overrides routing when set
+    domain: str | None = None  # overrides routing when set
     meta_rubric: MetaRubric | None = None  # overrides the domain file (refinement / review)
-    general: MetaRubric | None = None      # overrides general.toml (refinement)
+    general: MetaRubric | None = None  # overrides general.toml (refinement)
 
 
 @dataclasses.dataclass
@@ -83,8 +93,8 @@ class DirectionResult:
     score: float
     criteria: list[dict[str, Any]] | None
     parse_ok: bool
-    error: str | None = None          # parse / backend error of the last attempt
-    error_kind: str | None = None     # "parse" | "timeout" | "http" | "garbage" | ...
+    error: str | None = None  # parse / backend error of the last attempt
+    error_kind: str | None = None  # "parse" | "timeout" | "http" | "garbage" | ...
     attempts: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -92,8 +102,8 @@ class DirectionResult:
 
 @dataclasses.dataclass
 class PairResult:
-    verdict: str                      # "first" | "second" | "same"
-    path: str                         # "ground_truth" | "constraints" | "pairwise"
+    verdict: str  # "first" | "second" | "same"
+    path: str  # "ground_truth" | "constraints" | "pairwise"
     domain: str
     forward: DirectionResult | None = None
     backward: DirectionResult | None = None
@@ -109,9 +119,9 @@ class PairResult:
 class JudgeCounters:
     pairs: int = 0
     directions: int = 0
-    parse_failures: int = 0           # directions that never parsed (scored as ties)
+    parse_failures: int = 0  # directions that never parsed (scored as ties)
     parse_retries: int = 0
-    backend_failures: int = 0         # directions whose call failed for good (ties)
+    backend_failures: int = 0  # directions whose call failed for good (ties)
     intent_failures: int = 0
     llm_answer_checks: int = 0
     path_ground_truth: int = 0
@@ -131,9 +141,15 @@ class PairwiseJudge:
 
     # -- helpers ---------------------------------------------------------------------------
     def _request(self, messages, max_tokens, schema, seed, name="judgment") -> CompletionRequest:
-        return CompletionRequest(messages=messages, max_tokens=max_tokens, temperature=self.config.temperature,
-                                 top_p=1.0, seed=seed, schema_name=name,
-                                 json_schema=schema if self.config.use_json_schema else None)
+        return CompletionRequest(
+            messages=messages,
+            max_tokens=max_tokens,
+            temperature=self.config.temperature,
+            top_p=1.0,
+            seed=seed,
+            schema_name=name,
+            json_schema=schema if self.config.use_json_schema else None,
+        )
 
     async def _intent(self, query: str) -> dict[str, Any] | None:
         """Answer-blind intent analysis, computed once per distinct query (deduplicated)."""
@@ -143,8 +159,13 @@ class PairwiseJudge:
 
     async def _intent_call(self, query: str) -> dict[str, Any] | None:
         for attempt in range(self.config.parse_attempts):
-            req = self._request(build_intent_messages(query, self.config.prompt), self.config.intent_max_tokens,
-                                INTENT_SCHEMA, self.config.seed + attempt, "intent")
+            req = self._request(
+                build_intent_messages(query, self.config.prompt),
+                self.config.intent_max_tokens,
+                INTENT_SCHEMA,
+                self.config.seed + attempt,
+                "intent",
+            )
             try:
                 resp = await self.backend.complete(req)
                 return parse_judgment(resp.text, INTENT_SCHEMA)
@@ -154,13 +175,21 @@ class PairwiseJudge:
         log.warning("intent analysis failed (%s); judging without it", last)
         return None
 
-    async def judge_direction(self, query: str, response_a: str, response_b: str, general: MetaRubric,
-                              domain: MetaRubric | None, intent: dict[str, Any] | None = None,
-                              reference: str | None = None) -> DirectionResult:
+    async def judge_direction(
+        self,
+        query: str,
+        response_a: str,
+        response_b: str,
+        general: MetaRubric,
+        domain: MetaRubric | None,
+        intent: dict[str, Any] | None = None,
+        reference: str | None = None,
+    ) -> DirectionResult:
         """One order: A-side score of ``response_a`` vs ``response_b``."""
         cfg = self.config
-        messages = build_pairwise_messages(query, response_a, response_b, general, domain, cfg.prompt,
-                                           intent=intent, reference=reference)
+        messages = build_pairwise_messages(
+            query, response_a, response_b, general, domain, cfg.prompt, intent=intent, reference=reference
+        )
         schema = judgment_schema(1, cfg.prompt.max_criteria, compact_chars=cfg.prompt.compact_chars)
         out = DirectionResult(score=0.0, criteria=None, parse_ok=False)
         self.counters.directions += 1
@@ -193,8 +222,14 @@ class PairwiseJudge:
 
     async def _llm_answer_check(self, response: str, reference: str) -> int:
         self.counters.llm_answer_checks += 1
-        msgs = [{"role": "user", "content": LLM_CHECK_PROMPT.format(
-            reference=reference, response=pvr.extract_math_answer(response) or response[-2000:])}]
+        msgs = [
+            {
+                "role": "user",
+                "content": LLM_CHECK_PROMPT.format(
+                    reference=reference, response=pvr.extract_math_answer(response) or response[-2000:]
+                ),
+            }
+        ]
         try:
             resp = await self.backend.complete(self._request(msgs, 64, LLM_CHECK_SCHEMA, self.config.seed, "check"))
             v = parse_judgment(resp.text, LLM_CHECK_SCHEMA)["verdict"]
@@ -230,8 +265,7 @@ class PairwiseJudge:
             pointwise["ground_truth"] = [s1, s2]
             if s1 != s2:
                 self.counters.path_ground_truth += 1
-                return PairResult("first" if s1 > s2 else "second", "ground_truth", domain_name,
-                                  pointwise=pointwise)
+                return PairResult("first" if s1 > s2 else "second", "ground_truth", domain_name, pointwise=pointwise)
         if pair.constraints:
             p1 = pvr.constraints_pass(pair.first, pair.constraints)
             p2 = pvr.constraints_pass(pair.second, pair.constraints)
@@ -246,13 +280,23 @@ class PairwiseJudge:
         reference = pair.ground_truth if cfg.prompt.include_reference else None
         fwd, bwd = await asyncio.gather(
             self.judge_direction(pair.query, pair.first, pair.second, general, domain, intent, reference),
-            self.judge_direction(pair.query, pair.second, pair.first, general, domain, intent, reference))
-        return PairResult(verdict(fwd.score, bwd.score, cfg.min_score), "pairwise", domain_name,
-                          forward=fwd, backward=bwd, pointwise=pointwise or None)
+            self.judge_direction(pair.query, pair.second, pair.first, general, domain, intent, reference),
+        )
+        return PairResult(
+            verdict(fwd.score, bwd.score, cfg.min_score),
+            "pairwise",
+            domain_name,
+            forward=fwd,
+            backward=bwd,
+            pointwise=pointwise or None,
+        )
 
-    async def judge_pairs(self, pairs: Sequence[PairInput], max_pairs_in_flight: int = 64,
-                          on_result: Callable[[int, PairResult], Awaitable[None] | None] | None = None
-                          ) -> list[PairResult]:
+    async def judge_pairs(
+        self,
+        pairs: Sequence[PairInput],
+        max_pairs_in_flight: int = 64,
+        on_result: Callable[[int, PairResult], Awaitable[None] | None] | None = None,
+    ) -> list[PairResult]:
         """Judges many pairs concurrently (the backend bounds the in-flight calls); ``on_result``
         is called as each pair finishes (e.g. to append it to a JSONL file)."""
         sem = asyncio.Semaphore(max_pairs_in_flight)
@@ -287,7 +331,9 @@ def summarise(results: Sequence[PairResult], labels: Sequence[str] | None = None
         "n_pairs": n,
         "accuracy": wins / (wins + losses) if wins + losses else 0.0,
         "accuracy_ties_as_wrong": wins / n if n else 0.0,
-        "wins": wins, "losses": losses, "same": same,
+        "wins": wins,
+        "losses": losses,
+        "same": same,
         "same_ratio": same / n if n else 0.0,
         "n_directions": len(dirs),
         "parse_failure_rate": parse_fail / len(dirs) if dirs else 0.0,

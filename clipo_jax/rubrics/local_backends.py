@@ -19,6 +19,7 @@ Label tokens: a label is the first token of ``tokenize(prompt_text + label_text)
 prompt's own tokens, so " A" after "Answer:" and "A" after a newline are both handled; two labels
 that share their first token are an error.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -36,7 +37,7 @@ from clipo_jax import parallel, sampling
 from clipo_jax.models import transformer
 from clipo_jax.rubrics.aggregation import score_comparison, verdict
 from clipo_jax.rubrics.backends import BackendError, CompletionRequest, CompletionResponse, DiskCache
-from clipo_jax.rubrics.meta_rubric import MetaRubric, builtin_meta_rubric, domain_for_query_type
+from clipo_jax.rubrics.meta_rubric import builtin_meta_rubric, domain_for_query_type
 from clipo_jax.rubrics.protocol import SYSTEM_PROMPT, truncate_middle
 
 log = logging.getLogger(__name__)
@@ -59,8 +60,7 @@ class MicroBatcher:
     items arriving meanwhile form the next batch.
     """
 
-    def __init__(self, run_batch: Callable[[list[Any]], list[Any]], max_batch: int = 16,
-                 window_s: float = 0.005):
+    def __init__(self, run_batch: Callable[[list[Any]], list[Any]], max_batch: int = 16, window_s: float = 0.005):
         if max_batch < 1:
             raise LocalBackendError(f"max_batch must be >= 1, got {max_batch}")
         self.run_batch = run_batch
@@ -68,7 +68,7 @@ class MicroBatcher:
         self.window_s = float(window_s)
         self._pending: list[tuple[Any, asyncio.Future]] = []
         self._worker: asyncio.Task | None = None
-        self.batch_sizes: list[int] = []   # one entry per run_batch call
+        self.batch_sizes: list[int] = []  # one entry per run_batch call
 
     async def submit(self, item: Any) -> Any:
         loop = asyncio.get_running_loop()
@@ -82,8 +82,8 @@ class MicroBatcher:
         while self._pending:
             if len(self._pending) < self.max_batch:
                 await asyncio.sleep(self.window_s)  # let concurrent callers join this batch
-            batch = self._pending[:self.max_batch]
-            self._pending = self._pending[self.max_batch:]
+            batch = self._pending[: self.max_batch]
+            self._pending = self._pending[self.max_batch :]
             self.batch_sizes.append(len(batch))
             try:
                 results = await asyncio.to_thread(self.run_batch, [item for item, _ in batch])
@@ -108,12 +108,12 @@ class MicroBatcher:
 
 @dataclasses.dataclass
 class LocalStats:
-    requests: int = 0           # complete / choice_logprobs calls received
+    requests: int = 0  # complete / choice_logprobs calls received
     completed: int = 0
     cache_hits: int = 0
-    failures: int = 0           # calls that raised BackendError (e.g. prompt too long)
-    sampler_calls: int = 0      # Sampler invocations (one per batch group)
-    forward_calls: int = 0      # batched logit passes
+    failures: int = 0  # calls that raised BackendError (e.g. prompt too long)
+    sampler_calls: int = 0  # Sampler invocations (one per batch group)
+    forward_calls: int = 0  # batched logit passes
     prompt_tokens: int = 0
     completion_tokens: int = 0
 
@@ -145,11 +145,22 @@ class InProcessBackend:
     supports_json_schema = False
     supports_logprobs = False
 
-    def __init__(self, model: str = "smollm2", *, cfg=None, params=None, tokenizer=None, mesh=None,
-                 max_batch: int = 16, batch_window_s: float = 0.005, cache_dir: str | None = None,
-                 min_len_bucket: int = 16):
+    def __init__(
+        self,
+        model: str = "smollm2",
+        *,
+        cfg=None,
+        params=None,
+        tokenizer=None,
+        mesh=None,
+        max_batch: int = 16,
+        batch_window_s: float = 0.005,
+        cache_dir: str | None = None,
+        min_len_bucket: int = 16,
+    ):
         if params is None or cfg is None or tokenizer is None:
             from clipo_jax.models import load_model
+
             cfg, params, tokenizer = load_model(model)
         self.model = model
         self.cfg = cfg
@@ -165,7 +176,9 @@ class InProcessBackend:
         self._gen_batcher = MicroBatcher(self._generate_batch, max_batch, batch_window_s)
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(model={self.model!r}, mesh={None if self.mesh is None else dict(self.mesh.shape)})"
+        return (
+            f"{type(self).__name__}(model={self.model!r}, mesh={None if self.mesh is None else dict(self.mesh.shape)})"
+        )
 
     async def aclose(self) -> None:
         return None
@@ -177,8 +190,11 @@ class InProcessBackend:
 
     def _check_length(self, n_prompt: int, n_new: int) -> BackendError | None:
         if n_prompt + n_new > self.cfg.max_seq_len:
-            return BackendError(f"{self.model}: prompt of {n_prompt} tokens + max_tokens {n_new} exceeds the "
-                                f"model's max_seq_len {self.cfg.max_seq_len}", kind="too_long")
+            return BackendError(
+                f"{self.model}: prompt of {n_prompt} tokens + max_tokens {n_new} exceeds the "
+                f"model's max_seq_len {self.cfg.max_seq_len}",
+                kind="too_long",
+            )
         return None
 
     def _generate_batch(self, requests: list[CompletionRequest]) -> list[CompletionResponse | Exception]:
@@ -197,20 +213,28 @@ class InProcessBackend:
         for (temperature, top_p, seed), members in groups.items():
             n_new = _max_new_bucket(max(requests[i].max_tokens for i, _ in members))
             n_new = min(n_new, self.cfg.max_seq_len - max(len(ids) for _, ids in members))
-            scfg = sampling.SamplingConfig(max_new_tokens=n_new, temperature=temperature, top_p=top_p,
-                                           stop_ids=tuple(self.tokenizer.stop_ids), pad_id=self.tokenizer.pad_id)
+            scfg = sampling.SamplingConfig(
+                max_new_tokens=n_new,
+                temperature=temperature,
+                top_p=top_p,
+                stop_ids=tuple(self.tokenizer.stop_ids),
+                pad_id=self.tokenizer.pad_id,
+            )
             out = self.sampler(self.params, [ids for _, ids in members], jax.random.key(seed or 0), scfg)
             self.stats.sampler_calls += 1
             stop = set(self.tokenizer.stop_ids)
             for row, (i, ids) in enumerate(members):
                 limit = requests[i].max_tokens
-                toks = [int(t) for t in out.tokens[row, :int(out.lengths[row])]][:limit]
+                toks = [int(t) for t in out.tokens[row, : int(out.lengths[row])]][:limit]
                 stopped = bool(toks) and toks[-1] in stop
                 text_ids = toks[:-1] if stopped else toks
                 results[i] = CompletionResponse(
-                    text=self.tokenizer.decode(text_ids), prompt_tokens=len(ids), completion_tokens=len(toks),
+                    text=self.tokenizer.decode(text_ids),
+                    prompt_tokens=len(ids),
+                    completion_tokens=len(toks),
                     finish_reason="stop" if stopped else "length",
-                    latency_s=time.perf_counter() - start)
+                    latency_s=time.perf_counter() - start,
+                )
         return results  # type: ignore[return-value]
 
     async def complete(self, request: CompletionRequest) -> CompletionResponse:
@@ -220,9 +244,13 @@ class InProcessBackend:
         if self.cache is not None and (hit := self.cache.get(key)) is not None:
             self.stats.cache_hits += 1
             self.stats.completed += 1
-            return CompletionResponse(text=hit["text"], prompt_tokens=hit.get("prompt_tokens", 0),
-                                      completion_tokens=hit.get("completion_tokens", 0),
-                                      finish_reason=hit.get("finish_reason"), cached=True)
+            return CompletionResponse(
+                text=hit["text"],
+                prompt_tokens=hit.get("prompt_tokens", 0),
+                completion_tokens=hit.get("completion_tokens", 0),
+                finish_reason=hit.get("finish_reason"),
+                cached=True,
+            )
         try:
             resp = await self._gen_batcher.submit(request)
         except BackendError:
@@ -232,8 +260,15 @@ class InProcessBackend:
         self.stats.prompt_tokens += resp.prompt_tokens
         self.stats.completion_tokens += resp.completion_tokens
         if self.cache is not None:
-            self.cache.put(key, {"text": resp.text, "prompt_tokens": resp.prompt_tokens,
-                                 "completion_tokens": resp.completion_tokens, "finish_reason": resp.finish_reason})
+            self.cache.put(
+                key,
+                {
+                    "text": resp.text,
+                    "prompt_tokens": resp.prompt_tokens,
+                    "completion_tokens": resp.completion_tokens,
+                    "finish_reason": resp.finish_reason,
+                },
+            )
         return resp
 
     @property
@@ -246,8 +281,9 @@ class InProcessBackend:
 # ----------------------------------------------------------------------------------------------
 
 
-def last_token_choice_logprobs(params, tokens: jax.Array, valid: jax.Array, choice_ids: jax.Array, *, cfg
-                               ) -> tuple[jax.Array, jax.Array]:
+def last_token_choice_logprobs(
+    params, tokens: jax.Array, valid: jax.Array, choice_ids: jax.Array, *, cfg
+) -> tuple[jax.Array, jax.Array]:
     """Next-token log-probabilities of candidate tokens after left-padded prompts.
 
     Args:
@@ -259,7 +295,7 @@ def last_token_choice_logprobs(params, tokens: jax.Array, valid: jax.Array, choi
       under the full-vocabulary softmax, [batch, choices]), both float32.
     """
     hidden, _ = transformer.forward(params, cfg, tokens, valid)
-    logits = transformer.logits_from_hidden(params, cfg, hidden[:, -1])   # [batch, vocab] float32
+    logits = transformer.logits_from_hidden(params, cfg, hidden[:, -1])  # [batch, vocab] float32
     full = jax.nn.log_softmax(logits, axis=-1)
     picked = jnp.take_along_axis(full, choice_ids, axis=-1)
     return jax.nn.log_softmax(picked, axis=-1), picked
@@ -290,15 +326,20 @@ Which response is better on this criterion? Answer with one letter: A (Response 
 B (Response B is better) or S (they are the same)."""
 
 
-def criterion_messages(query: str, response_a: str, response_b: str, criterion: dict[str, Any],
-                       max_chars: int = 3000) -> list[dict[str, str]]:
+def criterion_messages(
+    query: str, response_a: str, response_b: str, criterion: dict[str, Any], max_chars: int = 3000
+) -> list[dict[str, str]]:
     """Chat messages asking for one criterion's label (the answer prefix is added by the backend)."""
     items = criterion.get("items") or ()
     items_text = "".join(f"\n- {it}" for it in items)
     content = CRITERION_TEMPLATE.format(
-        query=truncate_middle(query, max_chars), response_a=truncate_middle(response_a, max_chars),
-        response_b=truncate_middle(response_b, max_chars), type=criterion.get("type", "important"),
-        title=criterion.get("title") or criterion.get("id", "criterion"), items=items_text)
+        query=truncate_middle(query, max_chars),
+        response_a=truncate_middle(response_a, max_chars),
+        response_b=truncate_middle(response_b, max_chars),
+        type=criterion.get("type", "important"),
+        title=criterion.get("title") or criterion.get("id", "criterion"),
+        items=items_text,
+    )
     return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": content}]
 
 
@@ -321,7 +362,7 @@ class LogitVerdictBackend(InProcessBackend):
         self.answer_prefix = answer_prefix
         batch_devices = 1 if self.mesh is None else self.mesh.shape["data"] * self.mesh.shape["fsdp"]
         self.min_batch_bucket = max(int(min_batch_bucket), batch_devices)
-        self.compile_count = 0            # incremented at trace time: one per (batch, length) bucket
+        self.compile_count = 0  # incremented at trace time: one per (batch, length) bucket
         self.compiled_shapes: list[tuple[int, int]] = []
 
         def fn(params, tokens, valid, choice_ids):
@@ -330,8 +371,9 @@ class LogitVerdictBackend(InProcessBackend):
             return last_token_choice_logprobs(params, tokens, valid, choice_ids, cfg=self.cfg)
 
         self._logit_fn = jax.jit(fn)
-        self._logit_batcher = MicroBatcher(self._choice_batch, kw.get("max_batch", 16) * 4,
-                                           kw.get("batch_window_s", 0.005))
+        self._logit_batcher = MicroBatcher(
+            self._choice_batch, kw.get("max_batch", 16) * 4, kw.get("batch_window_s", 0.005)
+        )
 
     # -- prompts and label tokens -----------------------------------------------------------
     def prompt_text(self, messages: Sequence[dict[str, str]]) -> str:
@@ -370,9 +412,11 @@ class LogitVerdictBackend(InProcessBackend):
             if not isinstance(c, str) or not c.strip():
                 raise LocalBackendError(f"choice {c!r} must be a non-empty string")
             full = self._encode_text(context + separator + c)
-            if full[:len(base)] != base or len(full) == len(base):
-                raise LocalBackendError(f"label {c!r} merges with the answer prefix {self.answer_prefix!r} when "
-                                        "tokenised; end the prefix differently")
+            if full[: len(base)] != base or len(full) == len(base):
+                raise LocalBackendError(
+                    f"label {c!r} merges with the answer prefix {self.answer_prefix!r} when "
+                    "tokenised; end the prefix differently"
+                )
             out.append(full[len(base)])
         if len(set(out)) != len(out):
             names = [self.tokenizer.id_to_token(i) for i in out]
@@ -380,8 +424,9 @@ class LogitVerdictBackend(InProcessBackend):
         return tuple(out)
 
     # -- the batched logit pass -------------------------------------------------------------
-    def label_logprobs(self, prompts: Sequence[Sequence[int]], choice_ids: np.ndarray | Sequence[Sequence[int]]
-                       ) -> tuple[np.ndarray, np.ndarray]:
+    def label_logprobs(
+        self, prompts: Sequence[Sequence[int]], choice_ids: np.ndarray | Sequence[Sequence[int]]
+    ) -> tuple[np.ndarray, np.ndarray]:
         """One jitted forward pass over all ``prompts``.
 
         Args:
@@ -441,15 +486,18 @@ class LogitVerdictBackend(InProcessBackend):
         prompt = self.encode_prompt(request.messages)
         if len(prompt) > self.cfg.max_seq_len:
             self.stats.failures += 1
-            raise BackendError(f"{self.model}: prompt of {len(prompt)} tokens exceeds max_seq_len "
-                               f"{self.cfg.max_seq_len}", kind="too_long")
+            raise BackendError(
+                f"{self.model}: prompt of {len(prompt)} tokens exceeds max_seq_len {self.cfg.max_seq_len}",
+                kind="too_long",
+            )
         logp = await self._logit_batcher.submit((prompt, ids))
         self.stats.completed += 1
         return {c: float(v) for c, v in zip(choices, logp)}
 
     # -- criteria ---------------------------------------------------------------------------
-    def criterion_labels(self, items: Sequence[tuple[str, str, str, dict[str, Any]]], strong: float = 0.8,
-                         max_chars: int = 3000) -> list[dict[str, Any]]:
+    def criterion_labels(
+        self, items: Sequence[tuple[str, str, str, dict[str, Any]]], strong: float = 0.8, max_chars: int = 3000
+    ) -> list[dict[str, Any]]:
         """Labels many criteria in ONE forward pass.
 
         Args:
@@ -468,12 +516,12 @@ class LogitVerdictBackend(InProcessBackend):
             k = int(np.argmax(p))
             label = LABELS[k]
             score = 0 if label == "S" else (2 if p[k] >= strong else 1)
-            out.append({**crit, "label": label, "score": score,
-                        "probs": {lab: float(x) for lab, x in zip(LABELS, p)}})
+            out.append({**crit, "label": label, "score": score, "probs": {lab: float(x) for lab, x in zip(LABELS, p)}})
         return out
 
-    async def fill_criterion_labels(self, query: str, response_a: str, response_b: str,
-                                    criteria: Sequence[dict[str, Any]], strong: float = 0.8) -> list[dict[str, Any]]:
+    async def fill_criterion_labels(
+        self, query: str, response_a: str, response_b: str, criteria: Sequence[dict[str, Any]], strong: float = 0.8
+    ) -> list[dict[str, Any]]:
         """Async helper: the criteria of one direction with ``label`` / ``score`` / ``probs`` filled,
         ready for ``score_comparison``.  The pass runs in a worker thread."""
         items = [(query, response_a, response_b, dict(c)) for c in criteria]
@@ -483,12 +531,13 @@ class LogitVerdictBackend(InProcessBackend):
 
 class LogitJudge:
     """A generation-free judge: the meta-rubric's dimensions (general + domain) are the criteria,
-    each labelled by ``LogitVerdictBackend.criterion_labels``; both orders; §3-§4 aggregation.
+    each labelled by ``LogitVerdictBackend.criterion_labels``; both orders; criterion aggregation to A/B swap debiasing and verdict aggregation.
     Same ``judge_pair`` / ``judge_pairs`` interface and ``PairResult`` as ``PairwiseJudge`` (the
     pairwise path only: no ground-truth or constraint shortcuts)."""
 
-    def __init__(self, backend: LogitVerdictBackend, min_score: float = 0.0, strong: float = 0.8,
-                 max_pairs_per_pass: int = 8):
+    def __init__(
+        self, backend: LogitVerdictBackend, min_score: float = 0.0, strong: float = 0.8, max_pairs_per_pass: int = 8
+    ):
         self.backend = backend
         self.min_score = min_score
         self.strong = strong
@@ -503,9 +552,10 @@ class LogitJudge:
 
     def judge_pairs_sync(self, pairs: Sequence[Any]) -> list[Any]:
         from clipo_jax.rubrics.judge import DirectionResult, PairResult
+
         results = []
         for start in range(0, len(pairs), self.max_pairs_per_pass):
-            chunk = pairs[start:start + self.max_pairs_per_pass]
+            chunk = pairs[start : start + self.max_pairs_per_pass]
             items, spans = [], []
             for p in chunk:
                 domain_name, crits = self._criteria(p)
@@ -515,11 +565,18 @@ class LogitJudge:
                 spans.append((domain_name, lo, len(crits)))
             labelled = self.backend.criterion_labels(items, self.strong)
             for p, (domain_name, lo, k) in zip(chunk, spans):
-                fwd, bwd = labelled[lo:lo + k], labelled[lo + k:lo + 2 * k]
+                fwd, bwd = labelled[lo : lo + k], labelled[lo + k : lo + 2 * k]
                 f, b = score_comparison(fwd), score_comparison(bwd)
-                results.append(PairResult(verdict(f, b, self.min_score), "pairwise", domain_name,
-                                          forward=DirectionResult(f, fwd, True), backward=DirectionResult(b, bwd, True),
-                                          pair_id=p.pair_id))
+                results.append(
+                    PairResult(
+                        verdict(f, b, self.min_score),
+                        "pairwise",
+                        domain_name,
+                        forward=DirectionResult(f, fwd, True),
+                        backward=DirectionResult(b, bwd, True),
+                        pair_id=p.pair_id,
+                    )
+                )
         return results
 
     async def judge_pairs(self, pairs: Sequence[Any], **_) -> list[Any]:

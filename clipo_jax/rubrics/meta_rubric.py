@@ -10,7 +10,7 @@ File format (TOML, one file per domain, ``<name>.toml``)::
     title = "Final answer is correct"  # required
     type = "critical"                  # required; core | important | highlight | critical
     critical_scope = "factuality"      # required iff type = critical: factuality | harmfulness
-                                       #   | alignment (the only flaws allowed to veto, spec §1)
+                                       #   | alignment (the only flaws allowed to veto, OpenRS paper: the rubric pieces)
     items = ["...", "..."]             # required; non-empty list of sub-item strings
 
 ``general.toml`` holds the principles that apply everywhere; ``routing.toml`` maps query types
@@ -20,6 +20,7 @@ A malformed file raises ``MetaRubricError`` naming the file, the line and the fi
 Files are read with ``importlib.resources`` (package data), never relative to the working
 directory.  ``load_meta_rubric(path)`` loads any other file, e.g. an edited copy under review.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -78,10 +79,11 @@ class MetaRubric:
 
     def to_toml(self) -> str:
         """Serialises back to the file format (used by refinement to write variants)."""
+
         def q(s: str) -> str:
             return '"' + s.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
-        out = [f"name = {q(self.name)}", f"title = {q(self.title)}",
-               f"description = {q(self.description)}", ""]
+
+        out = [f"name = {q(self.name)}", f"title = {q(self.title)}", f"description = {q(self.description)}", ""]
         for d in self.dimensions:
             out += ["[[dimension]]", f"id = {q(d.id)}", f"title = {q(d.title)}", f"type = {q(d.type)}"]
             if d.critical_scope:
@@ -168,8 +170,7 @@ def parse_meta_rubric(text: str, source: str = "<string>", expect_name: str | No
         elif scope is not None:
             fail(i, "critical_scope", "only allowed when type = 'critical'")
         items = d.get("items")
-        if (not isinstance(items, list) or not items
-                or not all(isinstance(x, str) and x.strip() for x in items)):
+        if not isinstance(items, list) or not items or not all(isinstance(x, str) and x.strip() for x in items):
             fail(i, "items", "required non-empty list of non-empty strings")
         dims.append(Dimension(did, dtitle, dtype, tuple(x.strip() for x in items), scope))
     return MetaRubric(name, title, description, tuple(dims), source)
@@ -191,8 +192,7 @@ def _data_files():
 
 def available_domains() -> list[str]:
     """Names of the shipped meta-rubrics (general included, routing.toml excluded)."""
-    return sorted(p.name[:-5] for p in _data_files().iterdir()
-                  if p.name.endswith(".toml") and p.name != "routing.toml")
+    return sorted(p.name[:-5] for p in _data_files().iterdir() if p.name.endswith(".toml") and p.name != "routing.toml")
 
 
 @functools.lru_cache(maxsize=None)
@@ -201,13 +201,13 @@ def builtin_meta_rubric(name: str) -> MetaRubric:
     res = _data_files().joinpath(f"{name}.toml")
     if not res.is_file():
         raise MetaRubricError(f"unknown meta-rubric domain {name!r} (available: {available_domains()})")
-    return parse_meta_rubric(res.read_text(encoding="utf-8"), f"{PACKAGE}/{DATA_DIR}/{name}.toml",
-                             expect_name=name)
+    return parse_meta_rubric(res.read_text(encoding="utf-8"), f"{PACKAGE}/{DATA_DIR}/{name}.toml", expect_name=name)
 
 
 @dataclasses.dataclass(frozen=True)
 class Router:
     """Ordered (regex -> domain) rules over query types, first match wins."""
+
     rules: tuple[tuple[re.Pattern, str], ...]
     fallback: str = "general"
     source: str = "<memory>"
@@ -257,8 +257,9 @@ def parse_routing(text: str, source: str = "<string>", known_domains: list[str] 
 @functools.lru_cache(maxsize=1)
 def builtin_router() -> Router:
     res = _data_files().joinpath("routing.toml")
-    return parse_routing(res.read_text(encoding="utf-8"), f"{PACKAGE}/{DATA_DIR}/routing.toml",
-                         known_domains=available_domains())
+    return parse_routing(
+        res.read_text(encoding="utf-8"), f"{PACKAGE}/{DATA_DIR}/routing.toml", known_domains=available_domains()
+    )
 
 
 def domain_for_query_type(query_type: str | None) -> str:

@@ -1,4 +1,5 @@
 """Labelled preference pairs in the JudgeBench JSONL format (prompt, chosen, rejected, ...)."""
+
 from __future__ import annotations
 
 import json
@@ -41,7 +42,13 @@ def to_pair(row: dict, seed: int) -> tuple[PairInput, str]:
     swap = random.Random(f"{seed}:{row['question_id']}").random() < 0.5
     first, second = (row["rejected"], row["chosen"]) if swap else (row["chosen"], row["rejected"])
     constraints = row.get("constraints") if isinstance(row.get("constraints"), list) else None
-    pair = PairInput(row["prompt"], first, second, query_type=row.get("query_type"),
-                     ground_truth=row.get("ground_truth") or None, constraints=constraints,
-                     pair_id=str(row["question_id"]))
+    pair = PairInput(
+        row["prompt"],
+        first,
+        second,
+        query_type=row.get("query_type"),
+        ground_truth=row.get("ground_truth") or None,
+        constraints=constraints,
+        pair_id=str(row["question_id"]),
+    )
     return pair, ("second" if swap else "first")

@@ -1,6 +1,6 @@
 """The Pairwise Adaptive Meta-Rubric (PAMR) protocol: prompts, answer schema and parsing.
 
-One judged direction asks the model for one JSON object (spec §1-§2):
+One judged direction asks the model for one JSON object (OpenRS paper, arXiv 2602.14069: the rubric pieces to per-criterion judge output):
 
 1. ``intent`` — an analysis of the query written *before* looking at the answers (the prompt
    orders it first and, in the two-stage protocol, it is produced by a separate call that never
@@ -12,6 +12,7 @@ One judged direction asks the model for one JSON object (spec §1-§2):
 Parsing takes the last fenced JSON block (or the outermost braces), repairs it with
 ``json_repair`` and validates it against ``JUDGMENT_SCHEMA``; ``JudgeParseError`` otherwise.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -64,8 +65,9 @@ def _bounded(schema: Any, max_chars: int, max_items: int) -> Any:
     return schema
 
 
-def judgment_schema(min_criteria: int = 1, max_criteria: int = 15, with_intent: bool = True,
-                    compact_chars: int = 0) -> dict[str, Any]:
+def judgment_schema(
+    min_criteria: int = 1, max_criteria: int = 15, with_intent: bool = True, compact_chars: int = 0
+) -> dict[str, Any]:
     """JSON schema of one judged direction (sent as ``response_format`` when supported).
 
     ``compact_chars`` > 0 bounds every free-text field to that many characters and the analysis
@@ -76,8 +78,7 @@ def judgment_schema(min_criteria: int = 1, max_criteria: int = 15, with_intent: 
         props["intent"] = INTENT_SCHEMA
         required.append("intent")
     props["differences"] = {"type": "array", "items": {"type": "string"}, "maxItems": 8}
-    props["criteria"] = {"type": "array", "items": CRITERION_SCHEMA,
-                         "minItems": min_criteria, "maxItems": max_criteria}
+    props["criteria"] = {"type": "array", "items": CRITERION_SCHEMA, "minItems": min_criteria, "maxItems": max_criteria}
     required += ["differences", "criteria"]
     schema = {"type": "object", "properties": props, "required": required}
     return _bounded(schema, compact_chars, 3) if compact_chars > 0 else schema
@@ -212,18 +213,25 @@ class PromptConfig:
     compact_chars: int = 0  # > 0: bound free-text fields in the answer schema (see judgment_schema)
 
 
-def build_pairwise_messages(query: str, response_a: str, response_b: str,
-                            general: MetaRubric, domain: MetaRubric | None,
-                            config: PromptConfig = PromptConfig(),
-                            intent: dict[str, Any] | None = None,
-                            reference: str | None = None) -> list[dict[str, str]]:
+def build_pairwise_messages(
+    query: str,
+    response_a: str,
+    response_b: str,
+    general: MetaRubric,
+    domain: MetaRubric | None,
+    config: PromptConfig = PromptConfig(),
+    intent: dict[str, Any] | None = None,
+    reference: str | None = None,
+) -> list[dict[str, str]]:
     """Chat messages for one judged direction (A is shown first)."""
     principles = general.render() + ("\n\n" + domain.render() if domain is not None else "")
     if intent is not None:
         intent_note = " (already done, given below; copy it into the 'intent' key)"
-        query_block = truncate_middle(query, config.max_query_chars) + \
-            "\n</query>\n\n# Intent analysis (made from the query alone)\n<intent>\n" + \
-            json.dumps(intent, ensure_ascii=False)
+        query_block = (
+            truncate_middle(query, config.max_query_chars)
+            + "\n</query>\n\n# Intent analysis (made from the query alone)\n<intent>\n"
+            + json.dumps(intent, ensure_ascii=False)
+        )
         query_block = query_block + "\n</intent>"
         # Close tags are already inside; strip the template's own closing tag by formatting below.
         body = PAIRWISE_TEMPLATE.replace("<query>\n{query}\n</query>", "<query>\n{query}")
@@ -235,15 +243,22 @@ def build_pairwise_messages(query: str, response_a: str, response_b: str,
     if reference and config.include_reference:
         ref = f"\n# Reference answer (known to be correct)\n<reference>\n{reference}\n</reference>\n"
     content = body.format(
-        principles=principles, intent_note=intent_note,
-        min_criteria=config.min_criteria, max_criteria=config.max_criteria,
-        keys='"intent", "differences", "criteria"', query=query_block, reference=ref,
+        principles=principles,
+        intent_note=intent_note,
+        min_criteria=config.min_criteria,
+        max_criteria=config.max_criteria,
+        keys='"intent", "differences", "criteria"',
+        query=query_block,
+        reference=ref,
         response_a=truncate_middle(response_a, config.max_response_chars),
-        response_b=truncate_middle(response_b, config.max_response_chars))
+        response_b=truncate_middle(response_b, config.max_response_chars),
+    )
     return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": content}]
 
 
 def build_intent_messages(query: str, config: PromptConfig = PromptConfig()) -> list[dict[str, str]]:
     """Chat messages for the answer-blind intent analysis (two-stage protocol)."""
-    return [{"role": "system", "content": SYSTEM_PROMPT},
-            {"role": "user", "content": INTENT_TEMPLATE.format(query=truncate_middle(query, config.max_query_chars))}]
+    return [
+        {"role": "system", "content": SYSTEM_PROMPT},
+        {"role": "user", "content": INTENT_TEMPLATE.format(query=truncate_middle(query, config.max_query_chars))},
+    ]

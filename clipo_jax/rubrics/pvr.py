@@ -1,4 +1,4 @@
-"""Pointwise Verifiable Rubrics: checks applied to one response at a time (spec §1, §5).
+"""Pointwise Verifiable Rubrics: checks applied to one response at a time (OpenRS paper, arXiv 2602.14069: the rubric pieces; paths by query kind).
 
 * ``ground_truth_score(response, ground_truth, kind)`` -> +1 / 0 / -1, or None when no final
   answer can be extracted (the judge then asks the LLM, see ``PairwiseJudge``).
@@ -9,6 +9,7 @@
 * ``guardrail_flags(response, expected_language=None)`` -> dict of degenerate-output flags
   (empty, repetition loop, wrong language) used as penalties.
 """
+
 from __future__ import annotations
 
 import json
@@ -46,7 +47,7 @@ def _last_boxed(text: str) -> str | None:
         elif text[j] == "}":
             depth -= 1
             if depth == 0:
-                return text[i + 1:j]
+                return text[i + 1 : j]
     return None
 
 
@@ -182,12 +183,50 @@ def _json_format(r: str, c: dict) -> bool:
 
 
 # Scripts used as a cheap language check (no language-ID model needed for the common cases).
-_SCRIPT_OF = {"en": "latin", "fr": "latin", "de": "latin", "es": "latin", "it": "latin",
-              "pt": "latin", "ru": "cyrillic", "uk": "cyrillic", "zh": "han", "ja": "japanese",
-              "ko": "hangul", "ar": "arabic", "he": "hebrew", "hi": "devanagari", "el": "greek",
-              "th": "thai"}
-_EN_STOPWORDS = {"the", "and", "is", "of", "to", "in", "a", "that", "it", "for", "on", "with", "as",
-                 "are", "this", "be", "was", "you", "not", "or", "by", "have", "an", "at"}
+_SCRIPT_OF = {
+    "en": "latin",
+    "fr": "latin",
+    "de": "latin",
+    "es": "latin",
+    "it": "latin",
+    "pt": "latin",
+    "ru": "cyrillic",
+    "uk": "cyrillic",
+    "zh": "han",
+    "ja": "japanese",
+    "ko": "hangul",
+    "ar": "arabic",
+    "he": "hebrew",
+    "hi": "devanagari",
+    "el": "greek",
+    "th": "thai",
+}
+_EN_STOPWORDS = {
+    "the",
+    "and",
+    "is",
+    "of",
+    "to",
+    "in",
+    "a",
+    "that",
+    "it",
+    "for",
+    "on",
+    "with",
+    "as",
+    "are",
+    "this",
+    "be",
+    "was",
+    "you",
+    "not",
+    "or",
+    "by",
+    "have",
+    "an",
+    "at",
+}
 
 
 def script_histogram(text: str) -> dict[str, int]:
@@ -243,8 +282,9 @@ CONSTRAINTS: dict[str, ConstraintFn] = {
     "bullet_count": lambda r, c: _cmp(len(bullets(r)), c),
     "keywords_include": lambda r, c: all(k.lower() in r.lower() for k in _param(c, "keywords")),
     "keywords_exclude": lambda r, c: not any(k.lower() in r.lower() for k in _param(c, "keywords")),
-    "keyword_count": lambda r, c: _cmp(len(re.findall(r"\b" + re.escape(_param(c, "keyword")) + r"\b", r,
-                                                      flags=re.IGNORECASE)), c),
+    "keyword_count": lambda r, c: _cmp(
+        len(re.findall(r"\b" + re.escape(_param(c, "keyword")) + r"\b", r, flags=re.IGNORECASE)), c
+    ),
     "json_format": _json_format,
     "all_lowercase": lambda r, c: r == r.lower(),
     "all_uppercase": lambda r, c: r == r.upper(),
@@ -278,7 +318,7 @@ def repetition_loop(text: str, ngram: int = 8, max_share: float = 0.3, min_words
     toks = text.split()
     if len(toks) < min_words:
         return False
-    grams = [tuple(toks[i:i + ngram]) for i in range(len(toks) - ngram + 1)]
+    grams = [tuple(toks[i : i + ngram]) for i in range(len(toks) - ngram + 1)]
     counts: dict[tuple, int] = {}
     for g in grams:
         counts[g] = counts.get(g, 0) + 1
@@ -290,6 +330,7 @@ def guardrail_flags(response: str, expected_language: str | None = None) -> dict
     return {
         "empty": not response.strip(),
         "repetition_loop": repetition_loop(response),
-        "wrong_language": bool(expected_language) and bool(response.strip())
-                          and not detect_language_ok(response, expected_language),
+        "wrong_language": bool(expected_language)
+        and bool(response.strip())
+        and not detect_language_ok(response, expected_language),
     }

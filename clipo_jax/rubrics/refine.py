@@ -1,4 +1,4 @@
-"""Meta-rubric refinement (spec §7).
+"""Meta-rubric refinement (OpenRS paper, arXiv 2602.14069: meta-rubric refinement).
 
 General principles — automated evolutionary refinement (``refine``):
   a population of meta-rubric variants; a child is its parent with ONE edit (add / delete /
@@ -21,6 +21,7 @@ Domain principles — human in the loop (``review_edit``):
 The judge is anything with ``async judge_pairs(list[PairInput]) -> list[PairResult]``
 (``PairwiseJudge`` or ``local_backends.LogitJudge``).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -38,9 +39,17 @@ import jsonschema
 
 from clipo_jax.rubrics.backends import Backend, BackendError, CompletionRequest
 from clipo_jax.rubrics.judge import PairInput, PairResult
-from clipo_jax.rubrics.meta_rubric import (CRITICAL_SCOPES, DIMENSION_TYPES, Dimension, MetaRubric,
-                                           MetaRubricError, available_domains, builtin_meta_rubric,
-                                           load_meta_rubric, parse_meta_rubric)
+from clipo_jax.rubrics.meta_rubric import (
+    CRITICAL_SCOPES,
+    DIMENSION_TYPES,
+    Dimension,
+    MetaRubric,
+    MetaRubricError,
+    available_domains,
+    builtin_meta_rubric,
+    load_meta_rubric,
+    parse_meta_rubric,
+)
 from clipo_jax.rubrics.protocol import JudgeParseError, parse_judgment, truncate_middle
 
 log = logging.getLogger(__name__)
@@ -55,8 +64,7 @@ class RefineError(ValueError):
 # ----------------------------------------------------------------------------------------------
 
 
-def load_preference_pairs(path: str | os.PathLike, limit: int = 0, seed: int = 0
-                          ) -> list[tuple[PairInput, str]]:
+def load_preference_pairs(path: str | os.PathLike, limit: int = 0, seed: int = 0) -> list[tuple[PairInput, str]]:
     """JudgeBench-format JSONL -> [(pair, correct verdict)].
 
     Rows need string ``prompt``, ``chosen``, ``rejected``; optional ``question_id``,
@@ -64,6 +72,7 @@ def load_preference_pairs(path: str | os.PathLike, limit: int = 0, seed: int = 0
     seeded per pair, so a position-biased judge cannot score well.
     """
     from clipo_jax.rubrics.pairs import RowError, read_pair_rows, to_pair
+
     try:
         rows = read_pair_rows(path, limit)
     except OSError as e:
@@ -84,13 +93,13 @@ def load_preference_pairs(path: str | os.PathLike, limit: int = 0, seed: int = 0
 
 @dataclasses.dataclass(frozen=True)
 class Fitness:
-    fitness: float          # accuracy - length_penalty * length_chars / 1000
-    accuracy: float         # wins / (wins + losses); 0 when nothing was decided
+    fitness: float  # accuracy - length_penalty * length_chars / 1000
+    accuracy: float  # wins / (wins + losses); 0 when nothing was decided
     wins: int
     losses: int
     same: int
     length_chars: int
-    correct: tuple[bool, ...] = ()   # per pair, in input order (for examples shown to the LLM)
+    correct: tuple[bool, ...] = ()  # per pair, in input order (for examples shown to the LLM)
 
     def as_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -103,14 +112,22 @@ def rubric_length(rubric: MetaRubric) -> int:
     return len(rubric.render())
 
 
-def compute_fitness(verdicts: Sequence[str], labels: Sequence[str], length_chars: int,
-                    length_penalty: float) -> Fitness:
+def compute_fitness(
+    verdicts: Sequence[str], labels: Sequence[str], length_chars: int, length_penalty: float
+) -> Fitness:
     wins = sum(v == l for v, l in zip(verdicts, labels))
     same = sum(v == "same" for v in verdicts)
     losses = len(verdicts) - wins - same
     acc = wins / (wins + losses) if wins + losses else 0.0
-    return Fitness(acc - length_penalty * length_chars / 1000.0, acc, wins, losses, same, length_chars,
-                   tuple(v == l for v, l in zip(verdicts, labels)))
+    return Fitness(
+        acc - length_penalty * length_chars / 1000.0,
+        acc,
+        wins,
+        losses,
+        same,
+        length_chars,
+        tuple(v == l for v, l in zip(verdicts, labels)),
+    )
 
 
 def rubric_id(rubric: MetaRubric) -> str:
@@ -140,6 +157,7 @@ REWRITABLE_TYPES = ("core", "important", "highlight")
 @dataclasses.dataclass(frozen=True)
 class MutationPool:
     """Material for programmatic mutations: candidate dimensions and sub-items."""
+
     dimensions: tuple[Dimension, ...]
     items: tuple[str, ...]
 
@@ -212,7 +230,7 @@ def mutate_delete_item(rubric, rng, pool):
     d = rubric.dimensions[k]
     j = rng.randrange(len(d.items))
     dims = list(rubric.dimensions)
-    dims[k] = dataclasses.replace(d, items=d.items[:j] + d.items[j + 1:])
+    dims[k] = dataclasses.replace(d, items=d.items[:j] + d.items[j + 1 :])
     return _replace_dims(rubric, dims), f"delete item {j} of {d.id}"
 
 
@@ -225,8 +243,9 @@ MUTATIONS: dict[str, Callable[[MetaRubric, random.Random, MutationPool], tuple[M
 }
 
 
-def programmatic_mutation(rubric: MetaRubric, rng: random.Random, pool: MutationPool,
-                          ops: Sequence[str] | None = None) -> tuple[MetaRubric, str]:
+def programmatic_mutation(
+    rubric: MetaRubric, rng: random.Random, pool: MutationPool, ops: Sequence[str] | None = None
+) -> tuple[MetaRubric, str]:
     """Applies the first applicable mutation in a seeded random order."""
     order = list(ops or MUTATIONS)
     rng.shuffle(order)
@@ -246,12 +265,17 @@ EDIT_SCHEMA: dict[str, Any] = {
     "properties": {
         "op": {"type": "string", "enum": list(LLM_OPS)},
         "dimension_id": {"type": "string"},
-        "dimension": {"type": "object", "properties": {
-            "id": {"type": "string"}, "title": {"type": "string"},
-            "type": {"type": "string", "enum": list(DIMENSION_TYPES)},
-            "critical_scope": {"type": "string", "enum": list(CRITICAL_SCOPES)},
-            "items": {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": 6}},
-            "required": ["id", "title", "type", "items"]},
+        "dimension": {
+            "type": "object",
+            "properties": {
+                "id": {"type": "string"},
+                "title": {"type": "string"},
+                "type": {"type": "string", "enum": list(DIMENSION_TYPES)},
+                "critical_scope": {"type": "string", "enum": list(CRITICAL_SCOPES)},
+                "items": {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": 6},
+            },
+            "required": ["id", "title", "type", "items"],
+        },
         "item_index": {"type": "integer", "minimum": 0},
         "item": {"type": "string"},
         "rationale": {"type": "string"},
@@ -280,23 +304,31 @@ Shorter principles are preferred when they judge as well.
 Reply with one JSON object: {{"op": "{op}", ...the keys above..., "rationale": "..."}}."""
 
 
-def build_edit_messages(rubric: MetaRubric, op: str, examples: Sequence[tuple[PairInput, str]],
-                        max_chars: int = 600) -> list[dict[str, str]]:
+def build_edit_messages(
+    rubric: MetaRubric, op: str, examples: Sequence[tuple[PairInput, str]], max_chars: int = 600
+) -> list[dict[str, str]]:
     ex = ""
     if examples:
         parts = ["\n# Pairs the judge currently gets wrong (the better response is marked)"]
         for i, (p, label) in enumerate(examples, 1):
             better, worse = (p.first, p.second) if label == "first" else (p.second, p.first)
-            parts.append(f"## Example {i}\nQuery: {truncate_middle(p.query, max_chars)}\n"
-                         f"Better response: {truncate_middle(better, max_chars)}\n"
-                         f"Worse response: {truncate_middle(worse, max_chars)}")
+            parts.append(
+                f"## Example {i}\nQuery: {truncate_middle(p.query, max_chars)}\n"
+                f"Better response: {truncate_middle(better, max_chars)}\n"
+                f"Worse response: {truncate_middle(worse, max_chars)}"
+            )
         ex = "\n".join(parts) + "\n"
     return [{"role": "user", "content": EDIT_PROMPT.format(op=op, toml=rubric.to_toml(), examples=ex)}]
 
 
 def _dimension_from(obj: dict[str, Any]) -> Dimension:
-    return Dimension(str(obj["id"]).strip(), str(obj["title"]).strip(), str(obj["type"]).strip(),
-                     tuple(str(i).strip() for i in obj["items"]), obj.get("critical_scope"))
+    return Dimension(
+        str(obj["id"]).strip(),
+        str(obj["title"]).strip(),
+        str(obj["type"]).strip(),
+        tuple(str(i).strip() for i in obj["items"]),
+        obj.get("critical_scope"),
+    )
 
 
 def apply_edit(rubric: MetaRubric, edit: dict[str, Any]) -> tuple[MetaRubric, str]:
@@ -344,10 +376,10 @@ def apply_edit(rubric: MetaRubric, edit: dict[str, Any]) -> tuple[MetaRubric, st
             dims[k] = dataclasses.replace(d, items=d.items + (str(need("item")).strip(),))
         elif op == "delete_item":
             j = item_index(d)
-            dims[k] = dataclasses.replace(d, items=d.items[:j] + d.items[j + 1:])
+            dims[k] = dataclasses.replace(d, items=d.items[:j] + d.items[j + 1 :])
         else:  # rewrite_item
             j = item_index(d)
-            dims[k] = dataclasses.replace(d, items=d.items[:j] + (str(need("item")).strip(),) + d.items[j + 1:])
+            dims[k] = dataclasses.replace(d, items=d.items[:j] + (str(need("item")).strip(),) + d.items[j + 1 :])
         desc = f"{op.replace('_', ' ')} of {d.id}"
     if not dims:
         raise RefineError("edit would leave no dimension")
@@ -368,14 +400,14 @@ class RefineConfig:
     generations: int = 6
     elite: int = 2
     tournament: int = 3
-    length_penalty: float = 0.02       # fitness cost per 1000 characters of rendered rubric
+    length_penalty: float = 0.02  # fitness cost per 1000 characters of rendered rubric
     heldout_fraction: float = 0.3
     seed: int = 0
-    mutation: str = "auto"             # "programmatic" | "llm" | "auto" (LLM, programmatic fallback)
-    ops: tuple[str, ...] = LLM_OPS     # edit kinds the LLM is asked for (fallbacks use MUTATIONS)
-    max_examples: int = 3              # wrong pairs shown to the LLM
+    mutation: str = "auto"  # "programmatic" | "llm" | "auto" (LLM, programmatic fallback)
+    ops: tuple[str, ...] = LLM_OPS  # edit kinds the LLM is asked for (fallbacks use MUTATIONS)
+    max_examples: int = 3  # wrong pairs shown to the LLM
     llm_max_tokens: int = 768
-    llm_temperature: float = 0.7       # with a per-call seed: reproducible on seeded servers
+    llm_temperature: float = 0.7  # with a per-call seed: reproducible on seeded servers
     llm_json_schema: bool = True
 
     def __post_init__(self):
@@ -400,15 +432,21 @@ class Variant:
     vid: str
     parent: str | None
     mutation: str
-    source: str                       # "initial" | "llm" | "programmatic"
+    source: str  # "initial" | "llm" | "programmatic"
     generation: int
     train: Fitness | None = None
     heldout: Fitness | None = None
 
     def record(self) -> dict[str, Any]:
-        out = {"id": self.vid, "parent": self.parent, "mutation": self.mutation, "source": self.source,
-               "born": self.generation, "length_chars": rubric_length(self.rubric),
-               "n_dimensions": len(self.rubric.dimensions)}
+        out = {
+            "id": self.vid,
+            "parent": self.parent,
+            "mutation": self.mutation,
+            "source": self.source,
+            "born": self.generation,
+            "length_chars": rubric_length(self.rubric),
+            "n_dimensions": len(self.rubric.dimensions),
+        }
         if self.train is not None:
             out["train"] = self.train.as_dict()
         if self.heldout is not None:
@@ -418,11 +456,11 @@ class Variant:
 
 @dataclasses.dataclass
 class RefineCounters:
-    evaluations: int = 0          # distinct (variant, split) judged
+    evaluations: int = 0  # distinct (variant, split) judged
     memo_hits: int = 0
     llm_proposals: int = 0
     llm_accepted: int = 0
-    llm_fallbacks: int = 0        # proposals unusable (backend error, junk, invalid edit)
+    llm_fallbacks: int = 0  # proposals unusable (backend error, junk, invalid edit)
     programmatic: int = 0
 
     def as_dict(self) -> dict[str, int]:
@@ -433,7 +471,7 @@ class RefineCounters:
 class RefineResult:
     best: Variant
     initial: Variant
-    champions: list[Variant]      # best on train per generation (generation 0 = initial population)
+    champions: list[Variant]  # best on train per generation (generation 0 = initial population)
     counters: RefineCounters
     train_ids: list[str]
     heldout_ids: list[str]
@@ -452,8 +490,13 @@ def split_pairs(pairs: Sequence[tuple[PairInput, str]], heldout_fraction: float,
 class Refiner:
     """Holds the judge, the proposer and the fitness memo of one refinement run."""
 
-    def __init__(self, judge, config: RefineConfig = RefineConfig(), proposer: Backend | None = None,
-                 pool: MutationPool | None = None):
+    def __init__(
+        self,
+        judge,
+        config: RefineConfig = RefineConfig(),
+        proposer: Backend | None = None,
+        pool: MutationPool | None = None,
+    ):
         if config.mutation == "llm" and proposer is None:
             raise RefineError("RefineConfig.mutation='llm' needs a proposer backend")
         self.judge = judge
@@ -469,8 +512,9 @@ class Refiner:
             self.counters.memo_hits += 1
             return self._memo[key]
         results = await judge_under(self.judge, rubric, [p for p, _ in pairs])
-        fit = compute_fitness([r.verdict for r in results], [l for _, l in pairs], rubric_length(rubric),
-                              self.config.length_penalty)
+        fit = compute_fitness(
+            [r.verdict for r in results], [l for _, l in pairs], rubric_length(rubric), self.config.length_penalty
+        )
         self._memo[key] = fit
         self.counters.evaluations += 1
         return fit
@@ -478,9 +522,14 @@ class Refiner:
     async def _llm_edit(self, parent: Variant, op: str, examples, seed: int) -> tuple[MetaRubric, str] | None:
         cfg = self.config
         self.counters.llm_proposals += 1
-        req = CompletionRequest(messages=build_edit_messages(parent.rubric, op, examples),
-                                max_tokens=cfg.llm_max_tokens, temperature=cfg.llm_temperature, seed=seed,
-                                json_schema=EDIT_SCHEMA if cfg.llm_json_schema else None, schema_name="edit")
+        req = CompletionRequest(
+            messages=build_edit_messages(parent.rubric, op, examples),
+            max_tokens=cfg.llm_max_tokens,
+            temperature=cfg.llm_temperature,
+            seed=seed,
+            json_schema=EDIT_SCHEMA if cfg.llm_json_schema else None,
+            schema_name="edit",
+        )
         try:
             resp = await self.proposer.complete(req)  # type: ignore[union-attr]
             edit = parse_judgment(resp.text, EDIT_SCHEMA)
@@ -492,14 +541,15 @@ class Refiner:
         self.counters.llm_accepted += 1
         return out
 
-    async def make_child(self, parent: Variant, generation: int, index: int,
-                         train: Sequence[tuple[PairInput, str]]) -> Variant:
+    async def make_child(
+        self, parent: Variant, generation: int, index: int, train: Sequence[tuple[PairInput, str]]
+    ) -> Variant:
         cfg = self.config
         rng = random.Random(f"child:{cfg.seed}:{generation}:{index}")  # independent of call order
         op = rng.choice(list(cfg.ops))
         wrong = [pair for pair, ok in zip(train, parent.train.correct) if not ok] if parent.train else []
         examples = rng.sample(wrong, min(cfg.max_examples, len(wrong)))
-        llm_seed = rng.randrange(2 ** 31)
+        llm_seed = rng.randrange(2**31)
         out, source = None, "programmatic"
         if self.proposer is not None:
             out = await self._llm_edit(parent, op, examples, llm_seed)
@@ -510,8 +560,9 @@ class Refiner:
         rubric, desc = out
         return Variant(rubric, rubric_id(rubric), parent.vid, desc, source, generation)
 
-    async def run(self, initial: MetaRubric, pairs: Sequence[tuple[PairInput, str]],
-                  log_path: str | os.PathLike | None = None) -> RefineResult:
+    async def run(
+        self, initial: MetaRubric, pairs: Sequence[tuple[PairInput, str]], log_path: str | os.PathLike | None = None
+    ) -> RefineResult:
         cfg = self.config
         train, heldout = split_pairs(pairs, cfg.heldout_fraction, cfg.seed)
         rng = random.Random(f"select:{cfg.seed}")
@@ -527,10 +578,18 @@ class Refiner:
             init = Variant(initial, rubric_id(initial), None, "initial", "initial", 0)
             init.train = await self.fitness(initial, train, "train")
             init.heldout = await self.fitness(initial, heldout, "heldout")
-            emit({"event": "start", "config": dataclasses.asdict(cfg), "initial": init.record(),
-                  "train_ids": [p.pair_id for p, _ in train], "heldout_ids": [p.pair_id for p, _ in heldout]})
-            population = [init] + await asyncio.gather(*(
-                self.make_child(init, 0, i, train) for i in range(cfg.population - 1)))
+            emit(
+                {
+                    "event": "start",
+                    "config": dataclasses.asdict(cfg),
+                    "initial": init.record(),
+                    "train_ids": [p.pair_id for p, _ in train],
+                    "heldout_ids": [p.pair_id for p, _ in heldout],
+                }
+            )
+            population = [init] + await asyncio.gather(
+                *(self.make_child(init, 0, i, train) for i in range(cfg.population - 1))
+            )
             champions: list[Variant] = []
             for gen in range(cfg.generations + 1):
                 fits = await asyncio.gather(*(self.fitness(v.rubric, train, "train") for v in population))
@@ -541,36 +600,62 @@ class Refiner:
                 champ = population[0]
                 champ.heldout = await self.fitness(champ.rubric, heldout, "heldout")
                 champions.append(champ)
-                emit({"event": "generation", "generation": gen, "population": [v.record() for v in population],
-                      "champion": champ.record(), "counters": self.counters.as_dict()})
-                log.info("generation %d: champion %s train %.4f heldout %.4f (%s)", gen, champ.vid,
-                         champ.train.fitness, champ.heldout.fitness, champ.mutation)
+                emit(
+                    {
+                        "event": "generation",
+                        "generation": gen,
+                        "population": [v.record() for v in population],
+                        "champion": champ.record(),
+                        "counters": self.counters.as_dict(),
+                    }
+                )
+                log.info(
+                    "generation %d: champion %s train %.4f heldout %.4f (%s)",
+                    gen,
+                    champ.vid,
+                    champ.train.fitness,
+                    champ.heldout.fitness,
+                    champ.mutation,
+                )
                 if gen == cfg.generations:
                     break
-                elites = population[:cfg.elite]
+                elites = population[: cfg.elite]
                 parents = []
                 for _ in range(cfg.population - cfg.elite):
                     entrants = rng.sample(population, min(cfg.tournament, len(population)))
                     parents.append(min(entrants, key=lambda v: (-v.train.fitness, rubric_length(v.rubric), v.vid)))
-                children = await asyncio.gather(*(self.make_child(p, gen + 1, i, train)
-                                                  for i, p in enumerate(parents)))
+                children = await asyncio.gather(*(self.make_child(p, gen + 1, i, train) for i, p in enumerate(parents)))
                 population = elites + list(children)
             # The held-out split picks among the initial rubric and the champions (ties: earlier,
             # i.e. fewer edits), so the result is never worse than the start on held-out pairs.
             candidates = [init] + champions
             best = max(enumerate(candidates), key=lambda iv: (iv[1].heldout.fitness, -iv[0]))[1]
-            emit({"event": "end", "best": best.record(), "initial": init.record(),
-                  "counters": self.counters.as_dict(), "wall_s": round(time.perf_counter() - start, 3)})
+            emit(
+                {
+                    "event": "end",
+                    "best": best.record(),
+                    "initial": init.record(),
+                    "counters": self.counters.as_dict(),
+                    "wall_s": round(time.perf_counter() - start, 3),
+                }
+            )
         finally:
             if logf is not None:
                 logf.close()
-        return RefineResult(best, init, champions, self.counters,
-                            [p.pair_id for p, _ in train], [p.pair_id for p, _ in heldout])
+        return RefineResult(
+            best, init, champions, self.counters, [p.pair_id for p, _ in train], [p.pair_id for p, _ in heldout]
+        )
 
 
-async def refine(judge, initial: MetaRubric, pairs: Sequence[tuple[PairInput, str]],
-                 config: RefineConfig = RefineConfig(), proposer: Backend | None = None,
-                 log_path: str | os.PathLike | None = None, pool: MutationPool | None = None) -> RefineResult:
+async def refine(
+    judge,
+    initial: MetaRubric,
+    pairs: Sequence[tuple[PairInput, str]],
+    config: RefineConfig = RefineConfig(),
+    proposer: Backend | None = None,
+    log_path: str | os.PathLike | None = None,
+    pool: MutationPool | None = None,
+) -> RefineResult:
     """Evolutionary refinement of ``initial`` (usually the general principles); see module doc."""
     return await Refiner(judge, config, proposer, pool).run(initial, pairs, log_path)
 
@@ -614,18 +699,25 @@ class ReviewReport:
     flips: list[Flip]
 
     def as_dict(self) -> dict[str, Any]:
-        return {"old_path": self.old_path, "new_path": self.new_path, "old_sha256": self.old_sha256,
-                "new_sha256": self.new_sha256, "n_pairs": self.n_pairs, "old": self.old.as_dict(),
-                "new": self.new.as_dict(),
-                "flips": [dict(dataclasses.asdict(f), effect=f.effect) for f in self.flips]}
+        return {
+            "old_path": self.old_path,
+            "new_path": self.new_path,
+            "old_sha256": self.old_sha256,
+            "new_sha256": self.new_sha256,
+            "n_pairs": self.n_pairs,
+            "old": self.old.as_dict(),
+            "new": self.new.as_dict(),
+            "flips": [dict(dataclasses.asdict(f), effect=f.effect) for f in self.flips],
+        }
 
 
 def _sha256(path: str | os.PathLike) -> str:
     return hashlib.sha256(pathlib.Path(path).read_bytes()).hexdigest()
 
 
-async def review_edit(judge, old_path: str | os.PathLike, new_path: str | os.PathLike,
-                      pairs: Sequence[tuple[PairInput, str]]) -> ReviewReport:
+async def review_edit(
+    judge, old_path: str | os.PathLike, new_path: str | os.PathLike, pairs: Sequence[tuple[PairInput, str]]
+) -> ReviewReport:
     """Judges ``pairs`` under the old and the proposed rubric file; lists the flipped verdicts."""
     old, new = load_meta_rubric(old_path), load_meta_rubric(new_path)
     if old.name != new.name:
@@ -633,20 +725,36 @@ async def review_edit(judge, old_path: str | os.PathLike, new_path: str | os.Pat
     plain = [p for p, _ in pairs]
     labels = [l for _, l in pairs]
     before, after = await asyncio.gather(judge_under(judge, old, plain), judge_under(judge, new, plain))
-    flips = [Flip(p.pair_id, l, a.verdict, b.verdict)
-             for p, l, a, b in zip(plain, labels, before, after) if a.verdict != b.verdict]
-    return ReviewReport(str(old_path), str(new_path), _sha256(old_path), _sha256(new_path), len(pairs),
-                        compute_fitness([r.verdict for r in before], labels, rubric_length(old), 0.0),
-                        compute_fitness([r.verdict for r in after], labels, rubric_length(new), 0.0), flips)
+    flips = [
+        Flip(p.pair_id, l, a.verdict, b.verdict)
+        for p, l, a, b in zip(plain, labels, before, after)
+        if a.verdict != b.verdict
+    ]
+    return ReviewReport(
+        str(old_path),
+        str(new_path),
+        _sha256(old_path),
+        _sha256(new_path),
+        len(pairs),
+        compute_fitness([r.verdict for r in before], labels, rubric_length(old), 0.0),
+        compute_fitness([r.verdict for r in after], labels, rubric_length(new), 0.0),
+        flips,
+    )
 
 
-def write_review_record(path: str | os.PathLike, report: ReviewReport, decision: str, reviewer: str,
-                        note: str = "") -> dict[str, Any]:
+def write_review_record(
+    path: str | os.PathLike, report: ReviewReport, decision: str, reviewer: str, note: str = ""
+) -> dict[str, Any]:
     """Appends one JSON line recording a person's decision on an edit."""
     if decision not in ("accept", "reject"):
         raise RefineError(f"decision must be 'accept' or 'reject', got {decision!r}")
-    rec = {"decision": decision, "reviewer": reviewer, "note": note,
-           "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **report.as_dict()}
+    rec = {
+        "decision": decision,
+        "reviewer": reviewer,
+        "note": note,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        **report.as_dict(),
+    }
     with open(path, "a", encoding="utf-8") as f:
         f.write(json.dumps(rec, ensure_ascii=False) + "\n")
     return rec
@@ -662,9 +770,11 @@ def build_judge(backend_name: str, judge_config=None, **backend_kwargs):
     anything else a ``PairwiseJudge`` over that backend."""
     from clipo_jax.rubrics.backends import make_backend
     from clipo_jax.rubrics.judge import JudgeConfig, PairwiseJudge
+
     backend = make_backend(backend_name, **backend_kwargs)
     judge_config = judge_config or JudgeConfig()
     if backend_name == "logit":
         from clipo_jax.rubrics.local_backends import LogitJudge
+
         return LogitJudge(backend, min_score=judge_config.min_score), backend
     return PairwiseJudge(backend, judge_config), backend

@@ -13,6 +13,7 @@ directory) under these layers:
 
 Defense in depth, not a security boundary against a determined attacker with kernel exploits.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -25,7 +26,7 @@ import subprocess
 import sys
 import tempfile
 
-_BOOTSTRAP = r'''
+_BOOTSTRAP = r"""
 import json, os, sys
 _TMP = os.path.realpath(os.getcwd())
 _BLOCKED_EVENTS = ("socket.", "subprocess.", "os.system", "os.exec", "os.posix_spawn", "os.spawn",
@@ -86,7 +87,7 @@ except BaseException as e:
     result["error"] = f"{type(e).__name__}: {e}"[:500]
 _out.write("\n" + json.dumps(result) + "\n")
 _out.flush()
-'''
+"""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,9 +101,9 @@ class SandboxLimits:
 
 @dataclasses.dataclass(frozen=True)
 class CheckerResult:
-    ok: bool                     # ran and returned a value
+    ok: bool  # ran and returned a value
     value: bool | float | None
-    error: str | None = None     # why not ok (timeout, memory, violation, exception...)
+    error: str | None = None  # why not ok (timeout, memory, violation, exception...)
 
 
 @functools.lru_cache(maxsize=1)
@@ -117,9 +118,13 @@ def network_namespace_available() -> bool:
 
 
 def _rlimits(limits: SandboxLimits) -> dict[str, int]:
-    return {"RLIMIT_AS": limits.memory_mb * 1024 * 1024, "RLIMIT_CPU": limits.cpu_s,
-            "RLIMIT_FSIZE": limits.max_output_bytes, "RLIMIT_NOFILE": limits.max_open_files,
-            "RLIMIT_CORE": 0}
+    return {
+        "RLIMIT_AS": limits.memory_mb * 1024 * 1024,
+        "RLIMIT_CPU": limits.cpu_s,
+        "RLIMIT_FSIZE": limits.max_output_bytes,
+        "RLIMIT_NOFILE": limits.max_open_files,
+        "RLIMIT_CORE": 0,
+    }
 
 
 def run_checker(code: str, response: str, limits: SandboxLimits = SandboxLimits()) -> CheckerResult:
@@ -133,12 +138,20 @@ def run_checker(code: str, response: str, limits: SandboxLimits = SandboxLimits(
         cmd = [sys.executable, "-I", "-B", boot]
         if network_namespace_available():
             cmd = ["unshare", "-rn", "--"] + cmd
-        stdin_blob = json.dumps({"code": code, "response": response, "nonce": nonce,
-                                 "rlimits": _rlimits(limits)}).encode()
+        stdin_blob = json.dumps(
+            {"code": code, "response": response, "nonce": nonce, "rlimits": _rlimits(limits)}
+        ).encode()
         with open(out_path, "wb") as out:
             try:
-                proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=out, stderr=subprocess.DEVNULL,
-                                        cwd=tmp, env={"PATH": "/usr/bin:/bin"}, start_new_session=True)
+                proc = subprocess.Popen(
+                    cmd,
+                    stdin=subprocess.PIPE,
+                    stdout=out,
+                    stderr=subprocess.DEVNULL,
+                    cwd=tmp,
+                    env={"PATH": "/usr/bin:/bin"},
+                    start_new_session=True,
+                )
             except OSError as e:
                 return CheckerResult(False, None, f"cannot start sandbox: {e}")
             try:
@@ -162,9 +175,12 @@ def run_checker(code: str, response: str, limits: SandboxLimits = SandboxLimits(
                     return CheckerResult(False, None, obj["error"])
                 return CheckerResult(True, obj.get("value"))
         rc = proc.returncode
-        reason = {-9: "killed (CPU limit or memory)", -24: "CPU time limit", -25: "output size limit",
-                  120: "output size limit (stdout could not be flushed)"}.get(
-            rc, f"exit code {rc}")
+        reason = {
+            -9: "killed (CPU limit or memory)",
+            -24: "CPU time limit",
+            -25: "output size limit",
+            120: "output size limit (stdout could not be flushed)",
+        }.get(rc, f"exit code {rc}")
         if rc == 1 and not text.strip():
             reason = "crashed (likely memory limit)"
         return CheckerResult(False, None, f"checker produced no verdict: {reason}")
