@@ -672,3 +672,29 @@ def contrastive_metrics(
         dense_geometry=dense_geometry,
         prefix=prefix,
     )
+
+
+# ----------------------------------------------------------------------------------------------
+# The trainer's contrastive stage
+# ----------------------------------------------------------------------------------------------
+def clipo_stage(head: HeadState, out, labels, group_size: int, rng, cfg: ContrastiveConfig, opts, place):
+    """One step of CLIPO in the trainer: the head's per-sample losses before its update become
+    the contrastive reward of each correct response, then the head takes its step.
+
+    out: the rollout's SampleOutput (pooled_hidden [B, H], lengths [B]); labels: int [B] (1 =
+    correct); opts: lam, c0, clip_min, log_geometry; place: host arrays -> replicated device
+    arrays. Returns (new head, reward float32 [B] on the host, metrics dict of floats).
+    """
+    group_ids = np.repeat(np.arange(len(labels) // group_size), group_size)
+    pooled, labels_d, group_ids_d, lengths_d = place((out.pooled_hidden, labels, group_ids, out.lengths))
+    head, per_sample, _, c_metrics = head_step(head, pooled, labels_d, group_ids_d, place(rng), cfg)
+    c_reward = np.asarray(contrastive_reward(per_sample, labels_d, lam=opts.lam, c0=opts.c0, clip_min=opts.clip_min))
+    m = {k: float(v) for k, v in c_metrics.items()}
+    if opts.log_geometry:
+        z = head_apply(head.params, pooled, cfg.head)
+        geo = contrastive_metrics(
+            pooled, z, labels_d, group_ids_d, lengths_d, per_sample, place(c_reward), group_size=group_size
+        )
+        m.update({k: float(v) for k, v in geo.items()})
+    m["contrastive/reward_mean"] = float(c_reward.mean())
+    return head, c_reward, m

@@ -97,6 +97,7 @@ def finish(c: ml_collections.ConfigDict, seed: int = 0) -> ml_collections.Config
     c.seed = seed
     c.progress_bar = True
     defaults = {
+        "reward": dict(terms=dict(verifiable=1.0), label_term="verifiable", gate_reward=0.0, correct_threshold=0.5),
         "eval": dict(every=0, max_new_tokens=64),
         "ckpt": dict(every=20, keep=2),
         "mesh": dict(data=-1, fsdp=1, tensor=1),

@@ -23,7 +23,7 @@ def main(argv):
 
     import jax
 
-    from clipo_jax import parallel, sampling, tasks, trainer
+    from clipo_jax import parallel, sampling, sft, tasks, trainer
     from clipo_jax.models import transformer
 
     config = FLAGS.config
@@ -37,7 +37,7 @@ def main(argv):
         root = jax.random.key(config.seed)
         cfg, params = trainer.build_model(config, task.tokenizer.vocab_size, jax.random.fold_in(root, 1))
         params = parallel.shard_tree(params, mesh, transformer.param_logical_axes(cfg))
-        params = trainer.cached_sft(config, task, cfg, params, mesh, FLAGS.workdir)
+        params = sft.cached_sft(config, task, cfg, params, mesh, FLAGS.workdir)
     except (trainer.TrainingError, ValueError) as e:
         sys.exit(f"error: {e}")
     tok = task.tokenizer

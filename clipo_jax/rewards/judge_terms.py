@@ -1,0 +1,355 @@
+"""LLM-judge reward terms: OpenRS pairwise group rewards and pointwise checklist rubrics.
+
+``pairwise_rubric`` judges pairs of responses of the same prompt with the OpenRS pairwise judge
+(adaptive rubric, both orders, aggregation outside the LLM) and turns each group's verdicts into
+rewards with ``rubrics.group_rewards``: ``anchor`` (each response against the greedy decode or a
+chosen sample: +1 / 0 / -1), ``round_robin`` (win rate) or ``bradley_terry`` (centred
+log-strength). Every pair of a step goes out at once (bounded by the backend's concurrency);
+identical responses are "same" without a call; a pair seen before in the run (either order) is
+answered from an in-memory cache; a failed judgment is a tie, counted, and never cached.
+
+``checklist_rubric`` scores each response against the row's own weighted rubric items
+(``row["rubric"]``, Rubrics as Rewards) and normalises the weighted sum to [0, 1]
+(``rubrics.checklist``). A failed judgment gets its group's mean score (neutral for the advantage),
+counted.
+
+Both take a ``judge`` settings block: ``backend`` ("openai": any OpenAI-compatible server, e.g.
+llama.cpp's server, vLLM, SGLang; "in-process": our own sampler on the run's mesh), ``base_url``,
+``model``, ``max_concurrency``, ``timeout_s``, ``max_retries``, ``max_tokens``, ``parse_attempts``.
+A judge that fails every call of ``down_after_steps`` consecutive steps ends the run with a
+one-line ``RewardError`` (resume re-runs from the last checkpoint).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import logging
+import time
+from typing import Any
+
+import numpy as np
+
+from clipo_jax.rewards.stage import RewardBatch, RewardError, RewardTerm, TermOutput, register_reward_term
+
+logger = logging.getLogger(__name__)
+
+JUDGE_DEFAULTS = dict(
+    backend="openai",
+    base_url="",
+    model="",
+    max_concurrency=32,
+    timeout_s=120.0,
+    max_retries=3,
+    max_tokens=1024,
+    parse_attempts=2,
+    protocol="single",
+    temperature=0.0,
+    cache_dir="",
+)
+
+
+def judge_settings(settings: dict) -> dict:
+    s = dict(JUDGE_DEFAULTS)
+    given = dict(settings.get("judge") or {})
+    unknown = sorted(set(given) - set(JUDGE_DEFAULTS))
+    if unknown:
+        raise RewardError(f"judge settings: unknown key(s) {unknown}; valid: {sorted(JUDGE_DEFAULTS)}")
+    s.update(given)
+    if s["backend"] not in ("openai", "in-process"):
+        raise RewardError(f"judge.backend={s['backend']!r}: must be 'openai' or 'in-process'")
+    if s["backend"] == "openai" and (not s["base_url"] or not s["model"]):
+        raise RewardError("judge.backend='openai' needs judge.base_url and judge.model (e.g. --config.reward.judge...)")
+    return s
+
+
+def make_judge_backend(s: dict, context):
+    from clipo_jax.rubrics.backends import make_backend
+
+    if s["backend"] == "openai":
+        return make_backend(
+            "openai",
+            base_url=s["base_url"],
+            model=s["model"],
+            max_concurrency=int(s["max_concurrency"]),
+            timeout_s=float(s["timeout_s"]),
+            max_retries=int(s["max_retries"]),
+            cache_dir=s["cache_dir"] or None,
+            rng_seed=context.seed if context else 0,
+        )
+    return make_backend(
+        "in-process",
+        model=s["model"] or "smollm2",
+        mesh=context.mesh if context else None,
+        max_batch=int(s["max_concurrency"]),
+        cache_dir=s["cache_dir"] or None,
+    )
+
+
+async def check_reachable(backend) -> None:
+    """An OpenAI-compatible server must answer GET /models before the run compiles anything."""
+    url = getattr(backend, "base_url", None)
+    if not url:
+        return
+    import httpx
+
+    try:
+        async with httpx.AsyncClient(timeout=10.0) as client:
+            r = await client.get(url + "/models")
+        if r.status_code >= 500:
+            raise RewardError(f"judge server {url} answers GET /models with HTTP {r.status_code}")
+    except httpx.HTTPError as e:
+        raise RewardError(f"judge server {url} is unreachable ({type(e).__name__}: {e})") from None
+
+
+class _DownDetector:
+    """Counts consecutive steps in which every judge call failed for a backend reason."""
+
+    def __init__(self, name: str, down_after_steps: int):
+        self.name, self.limit, self.streak = name, max(1, int(down_after_steps)), 0
+
+    def update(self, calls: int, backend_failures: int, last_error: str | None) -> None:
+        if calls > 0 and backend_failures == calls:
+            self.streak += 1
+            if self.streak >= self.limit:
+                raise RewardError(
+                    f"reward term {self.name!r}: the judge failed all {calls} calls in {self.streak} consecutive "
+                    f"step(s) (last error: {last_error}); fix the judge and re-run the same command to resume"
+                )
+        elif calls > 0:
+            self.streak = 0
+
+
+@register_reward_term("pairwise_rubric")
+class PairwiseRubricTerm(RewardTerm):
+    """Settings: ``method`` (anchor | round_robin | bradley_terry), ``anchor`` ("greedy": the
+    greedy decode of the prompt, or "sample": response ``anchor_index`` of the group),
+    ``max_pairs`` (bradley_terry: pairs sampled per group, 0 = all), ``bt_iters``,
+    ``query_type`` (routes the meta-rubric when rows carry none), ``ground_truth`` (pass the
+    row's ground truth to the judge's verifiable path), ``cache_size``, ``down_after_steps``,
+    ``judge`` (see module docstring)."""
+
+    def __init__(self, settings=None, context=None):
+        super().__init__(settings, context)
+        from clipo_jax.rubrics.group_rewards import GROUP_METHODS
+        from clipo_jax.rubrics.judge import JudgeConfig, PairwiseJudge
+
+        s = self.settings
+        self.method = s.get("method", "anchor")
+        if self.method not in GROUP_METHODS:
+            raise RewardError(f"pairwise_rubric.method={self.method!r}: valid: {sorted(GROUP_METHODS)}")
+        self.anchor = s.get("anchor", "greedy")
+        if self.anchor not in ("greedy", "sample"):
+            raise RewardError(f"pairwise_rubric.anchor={self.anchor!r}: valid: 'greedy', 'sample'")
+        self.judge_cfg = judge_settings(s)
+        self.backend = make_judge_backend(self.judge_cfg, context)
+        self.judge = PairwiseJudge(
+            self.backend,
+            JudgeConfig(
+                protocol=self.judge_cfg["protocol"],
+                max_tokens=int(self.judge_cfg["max_tokens"]),
+                parse_attempts=int(self.judge_cfg["parse_attempts"]),
+                temperature=float(self.judge_cfg["temperature"]),
+                seed=context.seed if context else 0,
+                use_ground_truth=bool(s.get("ground_truth", False)),
+            ),
+        )
+        self.cache: collections.OrderedDict[tuple, str] = collections.OrderedDict()
+        self.cache_size = int(s.get("cache_size", 100_000))
+        self.down = _DownDetector(self.name, s.get("down_after_steps", 2))
+
+    @property
+    def needs_greedy_anchor(self) -> bool:
+        return self.method == "anchor" and self.anchor == "greedy"
+
+    def check_row(self, row: dict, where: str) -> None:
+        if "prompt" not in row and "messages" not in row:
+            raise RewardError(f"{where}: reward term 'pairwise_rubric' needs 'prompt' or 'messages'")
+
+    async def preflight(self) -> None:
+        await check_reachable(self.backend)
+
+    def _group_pairs(self, g: int, group: int, step: int) -> tuple[list[tuple[int, int]], int]:
+        """(i, j) index pairs of one group; index g is the greedy anchor when there is one."""
+        from clipo_jax.rubrics.group_rewards import GroupRewardConfig, _pairs_for
+
+        if self.needs_greedy_anchor:
+            return [(i, g) for i in range(g)], g + 1
+        max_pairs = int(self.settings.get("max_pairs", 0)) or None
+        cfg = GroupRewardConfig(
+            method=self.method,
+            anchor_index=int(self.settings.get("anchor_index", 0)),
+            max_pairs=max_pairs,
+            seed=hash((self.context.seed if self.context else 0, step, group)) & 0x7FFFFFFF,
+        )
+        return _pairs_for(self.method, g, cfg), g
+
+    async def score(self, batch: RewardBatch) -> TermOutput:
+        from clipo_jax.rubrics.group_rewards import GroupRewardConfig, pairwise_rewards
+        from clipo_jax.rubrics.judge import PairInput
+
+        t0 = time.perf_counter()
+        G = batch.group_size
+        if self.needs_greedy_anchor and batch.anchors is None:
+            raise RewardError("pairwise_rubric with anchor='greedy' needs the rollout's greedy anchors")
+        groups, todo = [], {}  # todo: cache key -> (PairInput, flipped) of unique pairs to judge
+        same_free = cache_hits = duplicates = 0
+        for gi in range(batch.n_groups):
+            texts = list(batch.responses[gi * G : (gi + 1) * G])
+            if self.needs_greedy_anchor:
+                texts.append(batch.anchors[gi])
+            index, n = self._group_pairs(G, gi, batch.step)
+            row = batch.rows[gi]
+            query = batch.prompt(gi)
+            qtype = row.get("query_type") or self.settings.get("query_type") or None
+            gt = row.get("ground_truth") if self.settings.get("ground_truth", False) else None
+            cons = row.get("constraints")
+            cons = cons if cons and all("type" in c for c in cons) else None
+            cons_key = json.dumps(cons, sort_keys=True) if cons else ""
+            keyed = []
+            for i, j in index:
+                a, b = texts[i], texts[j]
+                if a == b:
+                    keyed.append((i, j, None, False))
+                    same_free += 1
+                    continue
+                flipped = b < a
+                key = (query, qtype, gt, cons_key) + ((b, a) if flipped else (a, b))
+                keyed.append((i, j, key, flipped))
+                if key in self.cache:
+                    cache_hits += 1
+                elif key in todo:
+                    duplicates += 1
+                else:
+                    first, second = key[4], key[5]
+                    todo[key] = PairInput(query, first, second, query_type=qtype, ground_truth=gt, constraints=cons)
+            groups.append((keyed, n))
+        keys = list(todo)
+        results = await asyncio.gather(*(self.judge.judge_pair(todo[k]) for k in keys))
+        verdicts, failed_keys = {}, set()
+        parse_fail = backend_fail = 0
+        latency, last_error = 0.0, None
+        for k, r in zip(keys, results):
+            latency += r.wall_s
+            dirs = [d for d in (r.forward, r.backward) if d is not None]
+            kinds = [d.error_kind for d in dirs if d.error_kind]
+            if kinds:
+                failed_keys.add(k)
+                if all(kd == "parse" for kd in kinds):
+                    parse_fail += 1
+                else:
+                    backend_fail += 1
+                    last_error = next((d.error for d in dirs if d.error_kind and d.error_kind != "parse"), None)
+                verdicts[k] = "same"  # a failed judgment is a tie
+            else:
+                verdicts[k] = r.verdict
+                self.cache[k] = r.verdict
+                if len(self.cache) > self.cache_size:
+                    self.cache.popitem(last=False)
+        self.down.update(len(keys), backend_fail, last_error)
+        flip = {"first": "second", "second": "first", "same": "same"}
+        B = len(batch)
+        values = np.zeros(B, np.float32)
+        failed = np.zeros(B, bool)
+        n_same = n_pairs = 0
+        cfg = GroupRewardConfig(method=self.method, bt_iters=int(self.settings.get("bt_iters", 50)))
+        for gi, (keyed, n) in enumerate(groups):
+            triples = []
+            for i, j, key, flipped in keyed:
+                if key is None:
+                    v = "same"
+                else:
+                    v = verdicts[key] if key in verdicts else self.cache[key]
+                    v = flip[v] if flipped else v
+                    if key in failed_keys:
+                        for idx in (i, j):
+                            if idx < G:
+                                failed[gi * G + idx] = True
+                triples.append((i, j, v))
+                n_same += v == "same"
+                n_pairs += 1
+            values[gi * G : (gi + 1) * G] = pairwise_rewards(self.method, n, triples, cfg)[:G]
+        metrics = {
+            "same_ratio": n_same / max(n_pairs, 1),
+            "pairs": float(n_pairs),
+            "calls": float(len(keys)),
+            "cache_hits": float(cache_hits),
+            "duplicates": float(duplicates),
+            "identical_free": float(same_free),
+            "parse_failures": float(parse_fail),
+            "backend_failures": float(backend_fail),
+            "latency_mean_s": latency / max(len(keys), 1),
+            "wall_s": time.perf_counter() - t0,
+        }
+        return TermOutput(values=values, failed=failed, metrics=metrics)
+
+    async def aclose(self) -> None:
+        await self.backend.aclose()
+
+
+@register_reward_term("checklist_rubric")
+class ChecklistRubricTerm(RewardTerm):
+    """Pointwise checklist rubrics (Rubrics as Rewards): rows carry ``rubric`` items
+    ``[{"criterion": str, "weight": float}, ...]``; the score is in [0, 1]. Settings:
+    ``down_after_steps``, ``judge`` (see module docstring)."""
+
+    required_fields = ("rubric",)
+
+    def __init__(self, settings=None, context=None):
+        super().__init__(settings, context)
+        from clipo_jax.rubrics.checklist import ChecklistConfig, ChecklistScorer
+
+        self.judge_cfg = judge_settings(self.settings)
+        self.backend = make_judge_backend(self.judge_cfg, context)
+        self.scorer = ChecklistScorer(
+            self.backend,
+            ChecklistConfig(
+                max_tokens=int(self.judge_cfg["max_tokens"]),
+                parse_attempts=int(self.judge_cfg["parse_attempts"]),
+                temperature=float(self.judge_cfg["temperature"]),
+                max_in_flight=int(self.judge_cfg["max_concurrency"]),
+            ),
+        )
+        self.down = _DownDetector(self.name, self.settings.get("down_after_steps", 2))
+        self._parsed: dict[int, Any] = {}
+
+    def check_row(self, row: dict, where: str) -> None:
+        super().check_row(row, where)
+        from clipo_jax.rubrics.checklist import ChecklistError, parse_rubric
+
+        try:
+            parse_rubric(row["rubric"], where)
+        except ChecklistError as e:
+            raise RewardError(str(e)) from None
+
+    async def preflight(self) -> None:
+        await check_reachable(self.backend)
+
+    async def score(self, batch: RewardBatch) -> TermOutput:
+        from clipo_jax.rubrics.checklist import parse_rubric
+
+        t0 = time.perf_counter()
+        G = batch.group_size
+        items = [parse_rubric(row["rubric"], f"group {g}") for g, row in enumerate(batch.rows)]
+        before = self.scorer.counters.as_dict()
+        requests = [(batch.prompt(i // G), text, items[i // G]) for i, text in enumerate(batch.responses)]
+        results = await self.scorer.score_many(requests)
+        after = self.scorer.counters.as_dict()
+        delta = {k: after[k] - before.get(k, 0) for k in after if isinstance(after[k], (int, float))}
+        scores = np.array([np.nan if r.score is None else r.score for r in results], np.float32)
+        failed = np.isnan(scores)
+        kinds = [r.error_kind for r in results if r.error_kind]
+        backend_fail = sum(k != "parse" for k in kinds)
+        self.down.update(len(results), backend_fail, kinds[-1] if kinds else None)
+        values = scores.reshape(-1, G)
+        with np.errstate(invalid="ignore"):
+            group_mean = np.nanmean(np.where(np.isnan(values), np.nan, values), axis=1, keepdims=True)
+        group_mean = np.nan_to_num(group_mean, nan=0.0)
+        values = np.where(np.isnan(values), group_mean, values).reshape(-1)
+        metrics = {f"judge_{k}": float(v) for k, v in delta.items()}
+        metrics["wall_s"] = time.perf_counter() - t0
+        return TermOutput(values=values.astype(np.float32), failed=failed, metrics=metrics)
+
+    async def aclose(self) -> None:
+        await self.backend.aclose()

@@ -1,0 +1,89 @@
+"""The update stage: advantages -> reference / old log-probs -> PPO epochs of mini-batch steps.
+
+Pure helpers around the jitted ``rl.step.train_step``: ``build_rl_batch`` assembles the
+training arrays from a step's rollouts, ``policy_update`` runs ``epochs x mini_batches`` steps
+with whole groups kept together (the permutation is seeded by (seed, step, epoch), so a resumed
+run repeats it), and ``update_metrics`` averages the steps' metrics.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import numpy as np
+
+from clipo_jax.rl.step import RLBatch
+
+
+def build_rl_batch(
+    out, advantages: np.ndarray, valid_rows: np.ndarray, mask_truncated: bool, old_logp=None, ref_logp=None
+) -> RLBatch:
+    """[B, Tp + N] tokens / validity, the response mask (DAPO padding groups and, optionally,
+    truncated responses carry no loss) and the per-token arrays of the loss."""
+    tokens = np.concatenate([out.prompt_tokens, out.tokens], 1)
+    valid = np.concatenate([out.prompt_mask, out.response_mask], 1)
+    resp_mask = out.response_mask & valid_rows[:, None]
+    if mask_truncated:
+        resp_mask = resp_mask & ~out.truncated[:, None]
+    zeros = np.zeros_like(out.logprobs)
+    return RLBatch(
+        tokens,
+        valid,
+        resp_mask,
+        advantages.astype(np.float32),
+        zeros if old_logp is None else old_logp,
+        zeros if ref_logp is None else ref_logp,
+        out.logprobs,
+    )
+
+
+def sequence_logprobs(logp_fn: Callable, params_by_name: dict, tokens, valid, place: Callable, to_host: Callable):
+    """Log-probs of the responses under each named parameter set (reference, old policy), with
+    the token arrays placed on the mesh once for all passes. Returns {name: [B, N] host array}."""
+    if not params_by_name:
+        return {}
+    tokens_d, valid_d = place((tokens, valid))
+    return {name: to_host(logp_fn(p, tokens_d, valid_d)) for name, p in params_by_name.items()}
+
+
+def policy_update(
+    state,
+    batch: RLBatch,
+    *,
+    step_fn: Callable,
+    place: Callable,
+    to_host: Callable,
+    epochs: int,
+    mini_batches: int,
+    group_size: int,
+    seed: int,
+    step: int,
+):
+    """``epochs`` passes of ``mini_batches`` jitted steps over whole groups. Returns the new state
+    and the list of each step's metrics (host)."""
+    rows = len(batch.advantages)
+    per_mb = rows // mini_batches
+    step_metrics = []
+    for epoch in range(epochs):
+        perm = np.random.default_rng([seed, step, epoch]).permutation(rows // group_size)
+        order = (perm[:, None] * group_size + np.arange(group_size)).reshape(-1)
+        for mb in range(mini_batches):
+            idx = order[mb * per_mb : (mb + 1) * per_mb]
+            state, sm = step_fn(state, place(jax.tree.map(lambda x: x[idx], batch)))
+            step_metrics.append(to_host(sm))
+    return state, step_metrics
+
+
+def update_metrics(step_metrics: list[dict]) -> dict[str, float]:
+    """Mean of each metric over the steps of one update; ``actor/skipped`` is the number of steps
+    whose loss or gradient was not finite (skipped by ``train_step``)."""
+    m: dict[str, float] = {}
+    for sm in step_metrics:
+        for k, v in sm.items():
+            m[k] = m.get(k, 0.0) + float(v) / len(step_metrics)
+    return m
+
+
+def skipped_steps(step_metrics: list[dict]) -> int:
+    return int(sum(float(s["actor/skipped"]) for s in step_metrics))
