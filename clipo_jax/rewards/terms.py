@@ -89,6 +89,14 @@ class PVRTerm(RewardTerm):
             return
         if not isinstance(cons, list) or not all(isinstance(c, dict) and ("type" in c or "id" in c) for c in cons):
             raise RewardError(f"{where}: 'constraints' must be a list of {{'type': ...}} or {{'id': ...}} objects")
+        from clipo_jax.rubrics import pvr
+
+        for c in cons:
+            if c.get("type") not in (None, "code"):  # a dry run finds unknown types and missing parameters
+                try:
+                    pvr.check_constraint("", c)
+                except pvr.ConstraintError as e:
+                    raise RewardError(f"{where}: {e}") from None
 
     async def score(self, batch: RewardBatch) -> TermOutput:
         return await asyncio.to_thread(self._score, batch)

@@ -1,0 +1,188 @@
+"""The trainer's stages one at a time on the tiny demo model: the prompt stream, the rollout
+(greedy anchors, DAPO refills), the CLIPO stage and the update stage."""
+
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+
+from clipo_jax import contrastive, rollout, sampling, tasks, trainer
+from clipo_jax.rl import update
+from clipo_jax.rl.step import StepConfig, make_optimizer, train_step
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from configs.demo import get_config
+
+    config = get_config("size=tiny")
+    task = tasks.build_task(config.task, str(tmp_path_factory.mktemp("tiny")))
+    cfg, params = trainer.build_model(config, task.tokenizer.vocab_size, jax.random.key(0))
+    return config, task, cfg, params
+
+
+def spec_for(task, cfg, G=4, prompts=3, **kw):
+    tok = task.tokenizer
+    scfg = sampling.SamplingConfig(
+        max_new_tokens=8, temperature=1.0, n_samples=G, stop_ids=tuple(tok.stop_ids), pad_id=tok.pad_id
+    )
+    sampler = sampling.Sampler(cfg)
+    return rollout.RolloutSpec(sampler, tok, scfg, prompts, G, sampler.length_bucket(64), **kw)
+
+
+def test_prompt_stream_is_deterministic_resumable_and_counts_overlong(tiny):
+    _, task, _, _ = tiny
+    lengths = [len(task.encode_prompt(r)) for r in task.train_rows]
+    limit = int(np.median(lengths))
+    a = rollout.PromptStream(task.train_rows, task.encode_prompt, limit, seed=3)
+    rows_a, ids_a = a.next(10)
+    assert all(len(p) <= limit for p in ids_a)
+    dropped = a.counters.get("prompts_dropped_overlong", 0)
+    assert dropped == a.position - 10 and dropped > 0
+    more, _ = a.next(5)
+    b = rollout.PromptStream(task.train_rows, task.encode_prompt, limit, seed=3, position=0)
+    assert b.next(10)[0] == rows_a
+    c = rollout.PromptStream(task.train_rows, task.encode_prompt, limit, seed=3, position=a.position - 0)
+    c.position = b.position  # resume where b stopped: the same next rows as a
+    assert c.next(5)[0] == more
+    with pytest.raises(rollout.RolloutError, match="no training prompt fits"):
+        rollout.PromptStream(task.train_rows, task.encode_prompt, 1, seed=0).next(1)
+
+
+def test_rollout_texts_and_greedy_anchors(tiny):
+    _, task, cfg, params = tiny
+    spec = spec_for(task, cfg, greedy_anchor=True)
+    stream = rollout.PromptStream(task.train_rows, task.encode_prompt, 64, seed=0)
+    ro = rollout.rollout(spec, params, stream, jax.random.key(5))
+    B = 3 * 4
+    assert len(ro.texts) == B and len(ro.rows) == 3 and ro.valid.all() and ro.rounds == 1
+    for i in range(B):
+        assert ro.texts[i] == sampling.response_text(task.tokenizer, ro.out, i, spec.config.stop_ids)
+    # the anchors are the greedy decodes of the same prompts
+    ids = [task.encode_prompt(r) for r in ro.rows]
+    greedy = spec.sampler(
+        params, ids, jax.random.key(0), dataclasses.replace(spec.config, temperature=0.0, n_samples=1)
+    )
+    assert ro.anchors == [sampling.response_text(task.tokenizer, greedy, i, spec.config.stop_ids) for i in range(3)]
+    # the same key and stream position give the same rollout
+    again = rollout.rollout(
+        spec, params, rollout.PromptStream(task.train_rows, task.encode_prompt, 64, 0), jax.random.key(5)
+    )
+    assert again.texts == ro.texts
+
+
+def test_dynamic_sampling_keeps_rows_texts_and_rewards_aligned(tiny):
+    _, task, cfg, params = tiny
+    spec = spec_for(task, cfg, dynamic_sampling=True, dynamic_max_rounds=3)
+    stream = rollout.PromptStream(task.train_rows, task.encode_prompt, 64, seed=1)
+    from clipo_jax.rewards.stage import RewardResult
+
+    seen = []
+
+    def score(rows, texts, lengths, truncated, anchors):
+        # reward = odd token count; a group of one prompt in three gets all zeros (no spread)
+        r = (np.asarray(lengths) % 2).astype(np.float32)
+        r[: spec.group_size] = 0.0
+        seen.append((list(rows), list(texts), r.copy()))
+        return RewardResult(r, r, {"x": r * 2}, {"m": float(len(seen))})
+
+    ro = rollout.rollout(spec, params, stream, jax.random.key(2), score=score)
+    G = spec.group_size
+    assert ro.out.tokens.shape[0] == 3 * G and len(ro.texts) == 3 * G and len(ro.rows) == 3
+    by_text = {}
+    for rows, texts, r in seen:
+        for i, t in enumerate(texts):
+            by_text.setdefault((rows[i // G]["prompt"], t), set()).add(float(r[i]))
+    for i, t in enumerate(ro.texts):
+        assert t == sampling.response_text(task.tokenizer, ro.out, i, spec.config.stop_ids)
+        assert float(ro.rewards["rewards"][i]) in by_text[(ro.rows[i // G]["prompt"], t)]
+    np.testing.assert_array_equal(ro.rewards["per_term"]["x"], 2 * ro.rewards["rewards"])
+    kept = ro.valid.reshape(-1, G).all(1)
+    assert (ro.rewards["rewards"].reshape(-1, G)[kept].std(1) > 0).all()
+    assert ro.rounds == len(seen) and ro.metrics["dynamic_sampling/rounds"] == len(seen)
+
+
+def test_clipo_stage_equals_the_head_step_and_reward(tiny):
+    config, task, cfg, params = tiny
+    cc = contrastive.ContrastiveConfig(group_size=4, d_out=8)
+    head = contrastive.init_head_state(jax.random.key(1), cfg.d_model, cc)
+    rng = np.random.default_rng(0)
+    out = sampling.SampleOutput(
+        *[None] * 4,
+        lengths=rng.integers(1, 9, 12),
+        logprobs=None,
+        pooled_hidden=rng.normal(size=(12, cfg.d_model)).astype(np.float32),
+        truncated=None,
+    )
+    labels = np.array([1, 1, 0, 1, 1, 0, 0, 1, 1, 1, 1, 0], np.int32)
+    opts = dataclasses.make_dataclass(
+        "O", [("lam", float), ("c0", float), ("clip_min", float), ("log_geometry", bool)]
+    )(0.2, 0.0, -0.5, True)
+    key = jax.random.key(9)
+    same = jax.tree.map(np.array, head)
+    new_head, reward, m = contrastive.clipo_stage(
+        head, out, labels, 4, key, cc, opts, lambda t: jax.tree.map(jax.numpy.asarray, t)
+    )
+    _, per, _, _ = contrastive.head_step(
+        jax.tree.map(jax.numpy.asarray, same), out.pooled_hidden, labels, np.repeat(np.arange(3), 4), key, cc
+    )
+    want = np.asarray(contrastive.contrastive_reward(per, labels, lam=0.2, c0=0.0, clip_min=-0.5))
+    np.testing.assert_allclose(reward, want, rtol=1e-6)
+    assert (reward[labels == 0] == 0).all() and m["contrastive/reward_mean"] == pytest.approx(float(want.mean()))
+    assert any(k.startswith("clipo/geometry") for k in m)
+
+
+def test_build_rl_batch_masks_padding_and_truncated_rows():
+    out = sampling.SampleOutput(
+        prompt_tokens=np.ones((4, 3), np.int32),
+        prompt_mask=np.ones((4, 3), bool),
+        tokens=np.full((4, 2), 7, np.int32),
+        response_mask=np.array([[1, 1], [1, 0], [1, 1], [1, 1]], bool),
+        lengths=np.array([2, 1, 2, 2]),
+        logprobs=np.full((4, 2), -1.0, np.float32),
+        pooled_hidden=None,
+        truncated=np.array([False, False, True, False]),
+    )
+    valid_rows = np.array([True, True, True, False])
+    b = update.build_rl_batch(out, np.arange(4.0), valid_rows, mask_truncated=True)
+    np.testing.assert_array_equal(b.response_mask, [[1, 1], [1, 0], [0, 0], [0, 0]])
+    assert b.tokens.shape == (4, 5) and b.valid[1].tolist() == [1, 1, 1, 1, 0]
+    assert b.old_logp.sum() == 0 and b.sampler_logp.sum() == -8
+
+
+def test_policy_update_keeps_groups_together_and_repeats_its_order(tiny):
+    config, task, cfg, params = tiny
+    spec = spec_for(task, cfg, G=2, prompts=4)
+    ro = rollout.rollout(
+        spec, params, rollout.PromptStream(task.train_rows, task.encode_prompt, 64, 0), jax.random.key(1)
+    )
+    adv = np.repeat(np.arange(4.0), 2)  # advantage = group id
+    batch = update.build_rl_batch(ro.out, adv, ro.valid, False)
+    opt = make_optimizer(1e-3, total_steps=10)
+    scfg = StepConfig()
+    step = jax.jit(lambda s, b: train_step(s, b, cfg=cfg, scfg=scfg, optimizer=opt))
+    seen = []
+
+    def step_fn(state, b):
+        seen.append(np.asarray(b.advantages))
+        return step(state, b)
+
+    def place(tree):
+        return jax.tree.map(jax.numpy.asarray, tree)
+
+    from clipo_jax.rl.step import TrainState
+
+    state = TrainState(params, opt.init(params), jax.numpy.zeros((), jax.numpy.int32))
+    kw = dict(step_fn=step_fn, place=place, to_host=lambda t: jax.tree.map(np.asarray, t), epochs=2, mini_batches=2)
+    new_state, metrics = update.policy_update(state, batch, group_size=2, seed=0, step=3, **kw)
+    assert len(metrics) == 4 and len(seen) == 4
+    for a in seen:  # each mini-batch holds two whole groups
+        assert len(a) == 4 and (a[0::2] == a[1::2]).all()
+    first = [a.tolist() for a in seen]
+    seen.clear()
+    update.policy_update(state, batch, group_size=2, seed=0, step=3, **kw)
+    assert [a.tolist() for a in seen] == first  # seeded by (seed, step, epoch)
+    m = update.update_metrics(metrics)
+    assert m["actor/pg_loss"] == pytest.approx(np.mean([float(x["actor/pg_loss"]) for x in metrics]))
+    assert update.skipped_steps(metrics) == 0
