@@ -40,6 +40,7 @@ def _parse_flags(argv):
 def main(argv):
     del argv
     logging.getLogger("absl").setLevel(logging.WARNING)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a judge in the loop: one INFO line per request
     from clipo_jax import parallel, trainer
 
     parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)

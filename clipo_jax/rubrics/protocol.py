@@ -16,6 +16,7 @@ Parsing takes the last fenced JSON block (or the outermost braces), repairs it w
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import re
 from typing import Any
@@ -129,12 +130,21 @@ def parse_judgment(text: str, schema: dict[str, Any] | None = None) -> dict[str,
                 c["type"] = c["type"].strip().lower()
             if isinstance(c.get("score"), str) and re.fullmatch(r"[+-]?\d", c["score"].strip()):
                 c["score"] = int(c["score"])
-    try:
-        jsonschema.validate(obj, schema)
-    except jsonschema.ValidationError as e:
+    e = jsonschema.exceptions.best_match(_validator(json.dumps(schema, sort_keys=True)).iter_errors(obj))
+    if e is not None:
         path = "/".join(str(p) for p in e.absolute_path) or "<root>"
-        raise JudgeParseError(f"judge output fails the schema at {path}: {e.message[:200]}") from None
+        raise JudgeParseError(f"judge output fails the schema at {path}: {e.message[:200]}")
     return obj
+
+
+@functools.lru_cache(maxsize=64)
+def _validator(schema_json: str):
+    """A checked, compiled validator per schema: ``jsonschema.validate`` re-checks the schema
+    against its meta-schema on every call (about 0.3 s each), which serialised the judge."""
+    schema = json.loads(schema_json)
+    cls = jsonschema.validators.validator_for(schema)
+    cls.check_schema(schema)
+    return cls(schema)
 
 
 # ----------------------------------------------------------------------------------------------
