@@ -106,7 +106,9 @@ def test_pvr_term_ground_truth_guardrails_and_gate():
 
 
 def judge_cfg(url, model="m", **kw):
-    return {"judge": dict(backend="openai", base_url=url, model=model, max_retries=0, timeout_s=5.0), **kw}
+    # at most 4 in flight: the test server listens with a backlog of 5 connections
+    judge = dict(backend="openai", base_url=url, model=model, max_retries=0, timeout_s=5.0, max_concurrency=4)
+    return {"judge": judge, **kw}
 
 
 def test_pairwise_anchor_sample_round_robin_and_bt_rank_the_good_response(server):  # noqa: F811

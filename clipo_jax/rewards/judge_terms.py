@@ -47,6 +47,10 @@ JUDGE_DEFAULTS = dict(
     protocol="single",
     temperature=0.0,
     cache_dir="",
+    min_criteria=5,  # criteria asked for per direction (a small judge: 1-3)
+    max_criteria=15,
+    compact_chars=0,  # > 0: bound every free-text field of the answer (cheap judging)
+    json_schema="auto",  # send the answer schema as response_format: "auto", True, False
 )
 
 
@@ -77,6 +81,7 @@ def make_judge_backend(s: dict, context):
             max_retries=int(s["max_retries"]),
             cache_dir=s["cache_dir"] or None,
             rng_seed=context.seed if context else 0,
+            json_schema=s["json_schema"],
         )
     return make_backend(
         "in-process",
@@ -88,7 +93,8 @@ def make_judge_backend(s: dict, context):
 
 
 async def check_reachable(backend) -> None:
-    """An OpenAI-compatible server must answer GET /models before the run compiles anything."""
+    """The judge server must answer (any HTTP status: not every server serves GET /models)
+    before the run compiles anything."""
     url = getattr(backend, "base_url", None)
     if not url:
         return
@@ -96,9 +102,7 @@ async def check_reachable(backend) -> None:
 
     try:
         async with httpx.AsyncClient(timeout=10.0) as client:
-            r = await client.get(url + "/models")
-        if r.status_code >= 500:
-            raise RewardError(f"judge server {url} answers GET /models with HTTP {r.status_code}")
+            await client.get(url + "/models")
     except httpx.HTTPError as e:
         raise RewardError(f"judge server {url} is unreachable ({type(e).__name__}: {e})") from None
 
@@ -134,6 +138,7 @@ class PairwiseRubricTerm(RewardTerm):
         super().__init__(settings, context)
         from clipo_jax.rubrics.group_rewards import GROUP_METHODS
         from clipo_jax.rubrics.judge import JudgeConfig, PairwiseJudge
+        from clipo_jax.rubrics.protocol import PromptConfig
 
         s = self.settings
         self.method = s.get("method", "anchor")
@@ -153,6 +158,11 @@ class PairwiseRubricTerm(RewardTerm):
                 temperature=float(self.judge_cfg["temperature"]),
                 seed=context.seed if context else 0,
                 use_ground_truth=bool(s.get("ground_truth", False)),
+                prompt=PromptConfig(
+                    min_criteria=int(self.judge_cfg["min_criteria"]),
+                    max_criteria=int(self.judge_cfg["max_criteria"]),
+                    compact_chars=int(self.judge_cfg["compact_chars"]),
+                ),
             ),
         )
         self.cache: collections.OrderedDict[tuple, str] = collections.OrderedDict()
