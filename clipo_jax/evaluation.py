@@ -3,6 +3,8 @@
 For each test set: generate n samples per problem (greedy when n = 1 and temperature = 0),
 grade every sample with the task's grader, and report per set
   * `<key>`: mean over problems of the mean over samples (mean@n; = accuracy for greedy),
+  * `<name>` for a grader pair `<name>__num` / `<name>__den`: sum of num / sum of den over all
+    problems and samples (a micro average, e.g. followed instructions / all instructions),
   * `pass@k` for k in ks (unbiased estimator of Chen et al. 2021 from n samples, c correct),
   * `n_problems`, and per-source breakdowns when a set mixes sources.
 """
@@ -18,6 +20,8 @@ from tqdm import tqdm
 
 from clipo_jax import sampling
 
+RATIO_NUM, RATIO_DEN = "__num", "__den"
+
 
 def pass_at_k(n: int, c: int, k: int) -> float:
     """Unbiased pass@k = 1 - C(n - c, k) / C(n, k) (0 <= c <= n, k <= n)."""
@@ -26,6 +30,25 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     if n - c < k:
         return 1.0
     return 1.0 - math.prod((n - c - i) / (n - i) for i in range(k))
+
+
+def summarize(per_problem: Sequence[dict[str, float]]) -> dict[str, float]:
+    """Set-level grades from per-problem grades (each the mean over that problem's samples): the
+    mean over problems of every key, except that a pair `<name>__num` / `<name>__den` becomes one
+    ratio `<name>` = sum(num) / sum(den) (every problem has the same number of samples, so this is
+    the ratio of the sums over all samples; nan if the den sum is 0)."""
+    if not per_problem:
+        return {}
+    res = {k: float(np.mean([p[k] for p in per_problem])) for k in per_problem[0]}
+    for num_key in [k for k in res if k.endswith(RATIO_NUM)]:
+        name = num_key[: -len(RATIO_NUM)]
+        if name + RATIO_DEN not in res:
+            continue
+        num = float(sum(p[num_key] for p in per_problem))
+        den = float(sum(p[name + RATIO_DEN] for p in per_problem))
+        del res[num_key], res[name + RATIO_DEN]
+        res[name] = num / den if den else float("nan")
+    return res
 
 
 def evaluate(
@@ -74,7 +97,7 @@ def evaluate(
                             "grades": grades,
                         }
                     )
-        res = {k: float(np.mean([p[k] for p in per_problem])) for k in per_problem[0]} if per_problem else {}
+        res = summarize(per_problem)
         for k in ks:
             res[f"pass@{k}"] = float(np.mean([pass_at_k(n, c, k) for c in correct_counts]))
         res["n_problems"] = len(per_problem)

@@ -157,3 +157,6 @@ def build_task(cfg, workdir: str) -> Task:
     if cfg.name not in TASKS:
         raise ValueError(f"unknown task {cfg.name!r}; valid: {sorted(TASKS)}")
     return TASKS[cfg.name](cfg, workdir)
+
+
+from clipo_jax.data import instruct as _instruct  # noqa: E402,F401  (registers task "instruct", reward "ifeval")

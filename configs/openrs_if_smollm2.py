@@ -40,7 +40,9 @@ def get_config(arg=None):
         seed=0,
     )
     c = ml_collections.ConfigDict()
-    c.task = ml_collections.ConfigDict(dict(name="instruct", tokenizer="smollm2", train_size=2000, seed=0, test_limit=64))
+    c.task = ml_collections.ConfigDict(
+        dict(name="instruct", tokenizer="smollm2", train_size=2000, seed=0, test_limit=64)
+    )
     c.model = ml_collections.ConfigDict(dict(source="smollm2", dtype="float32"))
     c.sft = common.sft_block()
     c.rl = common.rl_block(

@@ -22,7 +22,6 @@ one-line ``RewardError`` (resume re-runs from the last checkpoint).
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import json
 import logging
@@ -61,8 +60,8 @@ def judge_settings(settings: dict) -> dict:
     if unknown:
         raise RewardError(f"judge settings: unknown key(s) {unknown}; valid: {sorted(JUDGE_DEFAULTS)}")
     s.update(given)
-    if s["backend"] not in ("openai", "in-process"):
-        raise RewardError(f"judge.backend={s['backend']!r}: must be 'openai' or 'in-process'")
+    if s["backend"] not in ("openai", "in-process", "logit"):
+        raise RewardError(f"judge.backend={s['backend']!r}: must be 'openai', 'in-process' or 'logit'")
     if s["backend"] == "openai" and (not s["base_url"] or not s["model"]):
         raise RewardError("judge.backend='openai' needs judge.base_url and judge.model (e.g. --config.reward.judge...)")
     return s
@@ -84,7 +83,7 @@ def make_judge_backend(s: dict, context):
             json_schema=s["json_schema"],
         )
     return make_backend(
-        "in-process",
+        s["backend"],
         model=s["model"] or "smollm2",
         mesh=context.mesh if context else None,
         max_batch=int(s["max_concurrency"]),
@@ -147,8 +146,20 @@ class PairwiseRubricTerm(RewardTerm):
         self.anchor = s.get("anchor", "greedy")
         if self.anchor not in ("greedy", "sample"):
             raise RewardError(f"pairwise_rubric.anchor={self.anchor!r}: valid: 'greedy', 'sample'")
+        self.cache: collections.OrderedDict[tuple, str] = collections.OrderedDict()
+        self.cache_size = int(s.get("cache_size", 100_000))
+        self.down = _DownDetector(self.name, s.get("down_after_steps", 2))
         self.judge_cfg = judge_settings(s)
         self.backend = make_judge_backend(self.judge_cfg, context)
+        if self.judge_cfg["backend"] == "logit":  # generation-free: labels from next-token logits
+            from clipo_jax.rubrics.local_backends import LogitJudge
+
+            self.judge = LogitJudge(
+                self.backend,
+                max_pairs_per_pass=int(self.judge_cfg["max_concurrency"]),
+                max_criteria=int(self.judge_cfg["max_criteria"]),
+            )
+            return
         self.judge = PairwiseJudge(
             self.backend,
             JudgeConfig(
@@ -165,9 +176,6 @@ class PairwiseRubricTerm(RewardTerm):
                 ),
             ),
         )
-        self.cache: collections.OrderedDict[tuple, str] = collections.OrderedDict()
-        self.cache_size = int(s.get("cache_size", 100_000))
-        self.down = _DownDetector(self.name, s.get("down_after_steps", 2))
 
     @property
     def needs_greedy_anchor(self) -> bool:
@@ -236,7 +244,7 @@ class PairwiseRubricTerm(RewardTerm):
                     todo[key] = PairInput(query, first, second, query_type=qtype, ground_truth=gt, constraints=cons)
             groups.append((keyed, n))
         keys = list(todo)
-        results = await asyncio.gather(*(self.judge.judge_pair(todo[k]) for k in keys))
+        results = await self.judge.judge_pairs([todo[k] for k in keys], max_pairs_in_flight=max(len(keys), 1))
         verdicts, failed_keys = {}, set()
         parse_fail = backend_fail = 0
         latency, last_error = 0.0, None

@@ -536,18 +536,26 @@ class LogitJudge:
     pairwise path only: no ground-truth or constraint shortcuts)."""
 
     def __init__(
-        self, backend: LogitVerdictBackend, min_score: float = 0.0, strong: float = 0.8, max_pairs_per_pass: int = 8
+        self,
+        backend: LogitVerdictBackend,
+        min_score: float = 0.0,
+        strong: float = 0.8,
+        max_pairs_per_pass: int = 8,
+        max_criteria: int | None = None,
     ):
         self.backend = backend
         self.min_score = min_score
         self.strong = strong
         self.max_pairs_per_pass = max_pairs_per_pass
+        self.max_criteria = max_criteria  # the first k dimensions, domain before general (cost: 2k prompts a pair)
 
     def _criteria(self, pair) -> tuple[str, list[dict[str, Any]]]:
         domain_name = pair.domain or domain_for_query_type(pair.query_type)
         general = pair.general or builtin_meta_rubric("general")
         domain = pair.meta_rubric or (None if domain_name == "general" else builtin_meta_rubric(domain_name))
-        dims = list(general.dimensions) + (list(domain.dimensions) if domain is not None else [])
+        dims = (list(domain.dimensions) if domain is not None else []) + list(general.dimensions)
+        if self.max_criteria:
+            dims = dims[: self.max_criteria]
         return domain_name, [d.to_dict() for d in dims]
 
     def judge_pairs_sync(self, pairs: Sequence[Any]) -> list[Any]:
