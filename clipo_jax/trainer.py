@@ -189,18 +189,22 @@ def evaluate(
 
 
 def format_eval(before: dict | None, after: dict, keys, before_only: bool = False) -> str:
+    n = max([14] + [len(name) + 2 for name in after])  # columns widen for long names and keys
+    w = {k: max(10, len(k) + 2) for k in keys}
     if before_only:
-        lines = [f"{'test set':<14}" + "".join(f"{k:>10}" for k in keys)]
+        lines = [f"{'test set':<{n}}" + "".join(f"{k:>{w[k]}}" for k in keys)]
         lines += [
-            f"{name:<14}" + "".join(f"{d.get(k, float('nan')):>10.3f}" for k in keys) for name, d in after.items()
+            f"{name:<{n}}" + "".join(f"{d.get(k, float('nan')):>{w[k]}.3f}" for k in keys) for name, d in after.items()
         ]
         return "\n".join(lines)
-    lines = [f"{'test set':<14}" + "".join(f"{k + ' before':>16}{k + ' after':>15}" for k in keys)]
+    wb = {k: max(16, len(k) + 9) for k in keys}
+    wa = {k: max(15, len(k) + 8) for k in keys}
+    lines = [f"{'test set':<{n}}" + "".join(f"{k + ' before':>{wb[k]}}{k + ' after':>{wa[k]}}" for k in keys)]
     for name in after:
-        row = f"{name:<14}"
+        row = f"{name:<{n}}"
         for k in keys:
             b = before[name].get(k, float("nan")) if before else float("nan")
-            row += f"{b:>16.3f}{after[name].get(k, float('nan')):>15.3f}"
+            row += f"{b:>{wb[k]}.3f}{after[name].get(k, float('nan')):>{wa[k]}.3f}"
         lines.append(row)
     return "\n".join(lines)
 

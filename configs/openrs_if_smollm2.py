@@ -16,7 +16,7 @@ pairwise rubric reward (each sample judged against the prompt's greedy decode: +
 Evaluation: IFBench test prompts and a held-out IFEval-style set, greedy, prompt-level and
 instruction-level strict accuracy.
 
-Args (after the colon): size=cpu|tiny (tiny: the integration test), judge=openai|in-process,
+Args (after the colon): size=cpu|tiny (tiny: the integration test), judge=openai|in-process|logit,
 method=anchor|round_robin|bradley_terry, pairwise=W (weight of the pairwise term, 0 = off),
 checklist=W, gate (hard constraints as gates), steps=N, seed=N.
 """
@@ -64,7 +64,7 @@ def get_config(arg=None):
     judge = dict(
         backend=a.judge,
         base_url="",
-        model="smollm2" if a.judge == "in-process" else "",
+        model="smollm2" if a.judge != "openai" else "",
         max_concurrency=16,
         timeout_s=600.0,
         max_retries=2,
