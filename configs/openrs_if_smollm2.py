@@ -49,7 +49,7 @@ def get_config(arg=None):
         steps=a.steps,
         prompts_per_step=4,
         group_size=4,
-        max_new_tokens=128,
+        max_new_tokens=96,
         max_prompt_len=192,
         temperature=1.0,
         lr=2e-6,
@@ -71,7 +71,7 @@ def get_config(arg=None):
         max_tokens=256,
         parse_attempts=1,
         min_criteria=1,
-        max_criteria=3,
+        max_criteria=1 if a.judge == "logit" else 3,  # logit: one forward pass per criterion and order
         compact_chars=120,
     )
     c.reward = ml_collections.ConfigDict(
@@ -85,7 +85,7 @@ def get_config(arg=None):
             checklist_rubric=dict(judge=dict(judge)),
         )
     )
-    c.eval = ml_collections.ConfigDict(dict(every=0, max_new_tokens=256))
+    c.eval = ml_collections.ConfigDict(dict(every=0, max_new_tokens=192))
     c.ckpt = ml_collections.ConfigDict(dict(every=5, keep=2))
     if a.size == "tiny":  # the integration test: two steps against the real llama.cpp server
         c.task.update(train_size=64, test_limit=4)

@@ -66,6 +66,9 @@ def llama_server(tmp_path_factory):
         ],
         stdout=log,
         stderr=subprocess.STDOUT,
+        # the trainer shares the cores in the in-loop test: OpenMP threads that spin-wait there
+        # slow the server down by an order of magnitude
+        env=dict(os.environ, OMP_WAIT_POLICY="PASSIVE"),
     )
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 180
@@ -188,3 +191,32 @@ def test_faults_through_proxy_are_counted(llama_server, tmp_path):
     assert s["calls"] == sum(proxy.counts.values())
     # Junk content becomes a counted parse failure / retry, never a crash.
     assert s["judge"]["parse_retries"] + s["judge"]["parse_failures"] >= 1
+
+
+def test_openrs_if_tiny_run(llama_server, tmp_path):
+    """The OpenRS instruction-following config, CPU-sized, with the real llama.cpp judge in the
+    loop: two RL steps, pairwise rubric rewards against the greedy anchors, resumable."""
+    env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
+    cmd = [
+        sys.executable,
+        "-m",
+        "experiments.train",
+        "--config=configs/openrs_if_smollm2.py:size=tiny",
+        f"--workdir={tmp_path}",
+        "--config.progress_bar=False",
+        f"--config.reward.pairwise_rubric.judge.base_url={llama_server}",
+        "--config.reward.pairwise_rubric.judge.model=smollm2",
+    ]
+    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1500)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in rows] == [1, 2]
+    for m in rows:
+        assert m["reward/pairwise_rubric/pairs"] == 4  # 2 prompts x 2 samples vs their greedy decodes
+        assert m["reward/pairwise_rubric/backend_failures"] == 0
+        assert 0 <= m["reward/pairwise_rubric/same_ratio"] <= 1
+        assert 0 <= m["reward/verifiable/mean"] <= 1
+    after = json.loads((tmp_path / "eval_after.json").read_text())
+    assert set(after) == {"ifbench", "ifeval_heldout"}
+    for name in after:
+        assert 0 <= after[name]["prompt_strict"] <= 1 and 0 <= after[name]["instruction_strict"] <= 1
