@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import threading
 from typing import Any, Sequence
 
 import jax
@@ -166,27 +167,36 @@ def barrier(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
-_CURRENT_MESH: list[Mesh] = []
+# Per thread: an in-process judge traces on the reward stage's thread while the trainer traces
+# its own programs on the main thread; neither may see the other's mesh.
+_MESH_STACK = threading.local()
+
+
+def _mesh_stack() -> list[Mesh]:
+    if not hasattr(_MESH_STACK, "stack"):
+        _MESH_STACK.stack = []
+    return _MESH_STACK.stack
 
 
 @contextlib.contextmanager
 def use_mesh(mesh: Mesh | None):
-    """Activation sharding constraints inside model code refer to this mesh."""
+    """Activation sharding constraints inside model code refer to this mesh (in this thread)."""
     if mesh is None:
         yield
         return
-    _CURRENT_MESH.append(mesh)
+    _mesh_stack().append(mesh)
     try:
         yield
     finally:
-        _CURRENT_MESH.pop()
+        _mesh_stack().pop()
 
 
 def constrain(x, axes: Sequence[str | None]):
     """with_sharding_constraint by logical axes; a no-op without an active multi-device mesh."""
-    if not _CURRENT_MESH or _CURRENT_MESH[-1].size == 1:
+    stack = _mesh_stack()
+    if not stack or stack[-1].size == 1:
         return x
-    mesh = _CURRENT_MESH[-1]
+    mesh = stack[-1]
     return jax.lax.with_sharding_constraint(x, named_sharding(mesh, axes, x.shape))
 
 

@@ -165,8 +165,9 @@ def rollout(
     anchors = [rounds[r][2][i // G] for r, i in where[::G]] if spec.greedy_anchor else None
     rewards = {"rewards": batch.pop("rewards"), "outcome": batch.pop("outcome")}
     rewards["per_term"] = {k[len("term/") :]: batch.pop(k) for k in list(batch) if k.startswith("term/")}
-    # metrics of the rounds' reward stages, averaged (counts summed would double-count pairs)
-    names = set().union(*(r[3].metrics for r in rounds))
-    rewards["metrics"] = {k: float(np.mean([r[3].metrics[k] for r in rounds if k in r[3].metrics])) for k in names}
+    # the rounds' reward metrics: counts summed, the rest averaged over every sampled group
+    from clipo_jax.rewards.stage import merge_round_metrics
+
+    rewards["metrics"] = merge_round_metrics([r[3].metrics for r in rounds])
     metrics = {(f"dynamic_{k}" if not k.startswith("dynamic") else k): float(v) for k, v in drawn.metrics().items()}
     return Rollouts(sampling.SampleOutput(**batch), rows, texts, drawn.valid, drawn.rounds, anchors, rewards, metrics)

@@ -242,7 +242,6 @@ class RunContext:
 def setup(config, workdir: str, root) -> tuple[RunContext, Any]:
     """Task, model (initial params), sampler, step configs and the reward stage; fails with a
     one-line error on bad rows or an unreachable judge before anything is compiled."""
-    rl = config.rl
     mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
     primary = parallel.is_primary()
     if not primary:  # process 0 builds the task first: it may train a tokenizer into workdir
@@ -253,8 +252,17 @@ def setup(config, workdir: str, root) -> tuple[RunContext, Any]:
     rewards = reward_stage.RewardStage.from_config(
         reward_config(config), reward_stage.RewardContext(task=task, mesh=mesh, workdir=workdir, seed=config.seed)
     )
-    rewards.check_rows(task.train_rows)
-    rewards.preflight()
+    try:
+        rewards.check_rows(task.train_rows)
+        rewards.preflight()
+        return _setup_model(config, task, mesh, rewards, root)
+    except BaseException:
+        rewards.close()  # judge clients and in-process judge weights
+        raise
+
+
+def _setup_model(config, task, mesh, rewards, root) -> tuple["RunContext", Any]:
+    rl = config.rl
     tok = task.tokenizer
     cfg, params = build_model(config, tok.vocab_size, jax.random.fold_in(root, 1))
     from clipo_jax.models.tokenizer import check_vocab
@@ -414,16 +422,19 @@ def rl_step(ctx: RunContext, step: int, state, ref_params, head, stream: rollout
     # rewards: the label term (the verifier) now, judge terms in the background
     t = time.perf_counter()
     outcome, wait_rewards = start_rewards(ctx, ro, step)
+    timings["reward_start"] = time.perf_counter() - t
     labels = (outcome > ctx.rewards.correct_threshold).astype(np.int32)
 
     # contrastive (CLIPO): the head step needs only the labels, so it overlaps the judge
     m: dict[str, float] = {}
     c_reward = None
+    t_clipo = time.perf_counter()
     if ctx.clipo_cfg is not None:
         head, c_reward, c_metrics = contrastive.clipo_stage(
             head, out, labels, G, jax.random.fold_in(step_key, 77), ctx.clipo_cfg, ctx.config.clipo, ctx.replicate
         )
         m.update(c_metrics)
+    timings["contrastive"] = time.perf_counter() - t_clipo
 
     # reference / old log-probs: also independent of the rewards
     t_ref = time.perf_counter()
@@ -449,7 +460,9 @@ def rl_step(ctx: RunContext, step: int, state, ref_params, head, stream: rollout
         )
     if c_reward is not None:
         rewards = rewards + c_reward
-    timings["reward"] = time.perf_counter() - t - timings["reference"]
+    # what the rewards cost the step: the label term plus the judge time not hidden behind the
+    # contrastive and log-prob work (the judge's own wall time is reward/<term>/wall_s)
+    timings["reward"] = timings["reward_start"] + timings["reward_wait"]
 
     # advantages
     adv = np.asarray(adv_lib.compute_advantages(rl.advantage, jnp.asarray(rewards), G, valid=jnp.asarray(ro.valid)))
@@ -581,48 +594,46 @@ def _run(ctx: RunContext, params, workdir: str, root, tqdm) -> dict:
 
     # ---------------------------------------------------------------- RL loop
     bar = tqdm(range(start, rl.steps), initial=start, total=rl.steps, desc="rl", disable=not config.progress_bar)
-    for step in bar:
-        try:
-            state, head, m, (skipped, n_updates), empty = rl_step(
-                ctx, step, state, ref_params, head, stream, root, counters
-            )
-        except (reward_stage.RewardError, rollout.RolloutError) as e:
-            ckpt.wait()  # an in-flight async save must finish before we exit
-            writer.close()
-            raise TrainingError(f"step {step}: {e}") from None
-        if empty:
-            counters["empty_batches"] = counters.get("empty_batches", 0) + 1
-            logger.warning("step %d: no trainable response after filtering; update skipped", step)
-        if n_updates:
-            counters["nonfinite_skips"] = counters.get("nonfinite_skips", 0) + skipped
-            consecutive_skips = consecutive_skips + 1 if skipped == n_updates else 0
-            if consecutive_skips >= rl.max_consecutive_skips:
-                ckpt.wait()
-                writer.close()
-                raise TrainingError(
-                    f"{consecutive_skips} consecutive steps had a NaN/inf loss or gradient "
-                    f"(step {step}); aborting — lower rl.lr or check the reward"
+    try:
+        for step in bar:
+            try:
+                state, head, m, (skipped, n_updates), empty = rl_step(
+                    ctx, step, state, ref_params, head, stream, root, counters
                 )
-        m.update({f"counters/{k}": v for k, v in counters.items()})
-        last_metrics = m
-        writer.write(step + 1, m)
-        bar.set_postfix(reward=f"{m['reward/outcome_mean']:.3f}", len=f"{m['response/length_mean']:.0f}")
+            except (reward_stage.RewardError, rollout.RolloutError) as e:
+                raise TrainingError(f"step {step}: {e}") from None
+            if empty:
+                counters["empty_batches"] = counters.get("empty_batches", 0) + 1
+                logger.warning("step %d: no trainable response after filtering; update skipped", step)
+            if n_updates:
+                counters["nonfinite_skips"] = counters.get("nonfinite_skips", 0) + skipped
+                consecutive_skips = consecutive_skips + 1 if skipped == n_updates else 0
+                if consecutive_skips >= rl.max_consecutive_skips:
+                    raise TrainingError(
+                        f"{consecutive_skips} consecutive steps had a NaN/inf loss or gradient "
+                        f"(step {step}); aborting — lower rl.lr or check the reward"
+                    )
+            m.update({f"counters/{k}": v for k, v in counters.items()})
+            last_metrics = m
+            writer.write(step + 1, m)
+            bar.set_postfix(reward=f"{m['reward/outcome_mean']:.3f}", len=f"{m['response/length_mean']:.0f}")
 
-        if config.eval.every and (step + 1) % config.eval.every == 0 and step + 1 < rl.steps:
-            ev = evaluate(ctx.task, ctx.sampler, state.params, ctx.eval_cfg, jax.random.fold_in(root, 3))
-            writer.write(
-                step + 1,
-                {f"eval/{s}/{k}": v for s, d in ev.items() for k, v in d.items() if isinstance(v, (int, float))},
-            )
-        if (step + 1) % config.ckpt.every == 0 or step + 1 == rl.steps:
-            meta = {
-                "data_position": stream.position,
-                "consecutive_skips": consecutive_skips,
-                "counters": dict(counters),
-            }
-            ckpt.save(step + 1, state, ref_params, head, meta)  # meta is a copy: the save is async
-    ckpt.wait()
-    writer.close()
+            if config.eval.every and (step + 1) % config.eval.every == 0 and step + 1 < rl.steps:
+                ev = evaluate(ctx.task, ctx.sampler, state.params, ctx.eval_cfg, jax.random.fold_in(root, 3))
+                writer.write(
+                    step + 1,
+                    {f"eval/{s}/{k}": v for s, d in ev.items() for k, v in d.items() if isinstance(v, (int, float))},
+                )
+            if (step + 1) % config.ckpt.every == 0 or step + 1 == rl.steps:
+                meta = {
+                    "data_position": stream.position,
+                    "consecutive_skips": consecutive_skips,
+                    "counters": dict(counters),
+                }
+                ckpt.save(step + 1, state, ref_params, head, meta)  # meta is a copy: the save is async
+    finally:
+        ckpt.wait()  # an in-flight async save must finish, whatever ends the loop
+        writer.close()
 
     # ---------------------------------------------------------------- final eval
     after = evaluate(ctx.task, ctx.sampler, state.params, ctx.eval_cfg, jax.random.fold_in(root, 3))

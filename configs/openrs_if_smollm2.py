@@ -18,7 +18,8 @@ instruction-level strict accuracy.
 
 Args (after the colon): size=cpu|tiny (tiny: the integration test), judge=openai|in-process|logit,
 method=anchor|round_robin|bradley_terry, pairwise=W (weight of the pairwise term, 0 = off),
-checklist=W, gate (hard constraints as gates), steps=N, seed=N.
+gate (hard constraints as gates), steps=N, seed=N. (The rows carry constraints, not rubric items:
+the checklist_rubric term needs a task whose rows have a 'rubric' field.)
 """
 
 import ml_collections
@@ -34,7 +35,6 @@ def get_config(arg=None):
         judge="openai",
         method="anchor",
         pairwise=0.5,
-        checklist=0.0,
         gate=False,
         steps=30,
         seed=0,
@@ -76,13 +76,12 @@ def get_config(arg=None):
     )
     c.reward = ml_collections.ConfigDict(
         dict(
-            terms=dict(verifiable=1.0, pvr=1.0, pairwise_rubric=a.pairwise, checklist_rubric=a.checklist),
+            terms=dict(verifiable=1.0, pvr=1.0, pairwise_rubric=a.pairwise),
             label_term="verifiable",
             gate_reward=0.0,
             correct_threshold=0.999,  # "correct" = every constraint followed
             pvr=dict(ground_truth_weight=0.0, guardrail_weight=1.0, gate_constraints=a.gate),
             pairwise_rubric=dict(method=a.method, anchor="greedy", query_type="instruction_following", judge=judge),
-            checklist_rubric=dict(judge=dict(judge)),
         )
     )
     c.eval = ml_collections.ConfigDict(dict(every=0, max_new_tokens=192))

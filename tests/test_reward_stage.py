@@ -116,7 +116,7 @@ def test_pairwise_anchor_sample_round_robin_and_bt_rank_the_good_response(server
     rows = [{"prompt": "p0"}, {"prompt": "p1"}]
     responses = ["bad a", "GOOD x", "bad b", "bad c", "GOOD y", "so-so"]
     for method in ("anchor", "round_robin", "bradley_terry"):
-        s = judge_cfg(url, method=method, anchor="sample", anchor_index=0)
+        s = judge_cfg(url, model="slow-ok", method=method, anchor="sample", anchor_index=0)  # 0.2 s a call
         stage = RewardStage.from_config(cfg({"pairwise_rubric": 1.0}, pairwise_rubric=s), RewardContext())
         r = stage.compute(batch_of(responses, rows, 3))
         v = r.per_term["pairwise_rubric"].reshape(2, 3)
@@ -147,7 +147,8 @@ def test_pairwise_greedy_anchor_cache_dedup_and_identical_pairs(server):  # noqa
     n_requests = len(state.requests)
     r2 = stage.compute(batch_of(responses, rows, 3, anchors=anchors))  # the next step: all cached
     assert len(state.requests) == n_requests
-    assert r2.metrics["reward/pairwise_rubric/cache_hits"] == 5.0
+    assert r2.metrics["reward/pairwise_rubric/cache_hits"] == 2.0  # the first sight of each pair
+    assert r2.metrics["reward/pairwise_rubric/duplicates"] == 3.0
     np.testing.assert_array_equal(r2.rewards, r.rewards)
     assert m["reward/pairwise_rubric/same_ratio"] == pytest.approx(4 / 6)
     stage.close()
@@ -242,3 +243,77 @@ def test_bad_config_and_rows_are_one_line_errors(terms, blocks, rows, message):
         stage = RewardStage.from_config(cfg(terms, **blocks), RewardContext())
         stage.check_rows(rows)
     assert "\n" not in str(e.value)
+
+
+def test_cache_hits_survive_eviction_within_a_step(server):  # noqa: F811
+    url, _ = server
+    s = judge_cfg(url, method="round_robin", cache_size=2)
+    stage = RewardStage.from_config(cfg({"pairwise_rubric": 1.0}, pairwise_rubric=s), RewardContext())
+    rows = [{"prompt": "q"}]
+    stage.compute(batch_of(["a GOOD", "b", "c"], rows, 3))
+    r = stage.compute(batch_of(["a GOOD", "c", "d"], rows, 3))  # a hit, then inserts evict it
+    v = r.per_term["pairwise_rubric"]
+    assert np.argmax(v) == 0 and r.metrics["reward/pairwise_rubric/cache_hits"] >= 1
+    stage.close()
+
+
+def test_checklist_term_scores_items_and_fails_to_group_mean():
+    import http.server
+    import threading
+
+    from test_rubrics_checklist import Handler, State  # the checklist rule server
+
+    state = State()
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), type("H", (Handler,), {"state": state}))
+    srv.daemon_threads = True
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{srv.server_address[1]}"
+    try:
+        rubric = [{"criterion": "Names Paris", "weight": 3}, {"criterion": "Says Berlin", "weight": -1}]
+        rows = [{"prompt": "capital of France?", "rubric": rubric}]
+        stage = RewardStage.from_config(
+            cfg({"checklist_rubric": 1.0}, checklist_rubric=judge_cfg(url)), RewardContext()
+        )
+        r = stage.compute(batch_of(["It is Paris.", "Paris, not Berlin.", "No idea."], rows, 3))
+        # (3 * sat(Paris) - 1 * sat(Berlin)) / 3, clipped to [0, 1]
+        np.testing.assert_allclose(r.per_term["checklist_rubric"], [1.0, 2 / 3, 0.0], rtol=1e-6)
+        stage.close()
+        stage = RewardStage.from_config(
+            cfg({"checklist_rubric": 1.0}, checklist_rubric=judge_cfg(url, model="down")),
+            RewardContext(),
+        )
+        r = stage.compute(batch_of(["It is Paris.", "Paris.", "No."], rows, 3))
+        assert r.metrics["reward/checklist_rubric/failures"] == 3.0
+        assert r.per_term["checklist_rubric"].tolist() == [0.0, 0.0, 0.0]  # no success: group mean 0
+        stage.close()
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+if "test_broken" not in REWARD_TERMS:
+
+    @register_reward_term("test_broken")
+    class BrokenTerm(RewardTerm):
+        async def score(self, batch):
+            return {}["missing"]  # a bug inside a term
+
+
+def test_a_fault_inside_a_term_is_one_line_naming_it():
+    stage = RewardStage.from_config(cfg({"test_broken": 1.0}), RewardContext())
+    with pytest.raises(RewardError, match=r"reward term 'test_broken': KeyError: 'missing'") as e:
+        stage.compute(batch_of(["x", "y"], [{"prompt": "p"}], 2))
+    assert "\n" not in str(e.value)
+
+
+def test_settings_are_checked_and_round_metrics_merge():
+    from clipo_jax.rewards.stage import merge_round_metrics
+
+    with pytest.raises(RewardError, match=r"config.reward.pvr: unknown setting\(s\) \['guardrail_weigth'\]"):
+        RewardStage.from_config(cfg({"pvr": 1.0}, pvr={"guardrail_weigth": 1.0}), RewardContext())
+    with pytest.raises(RewardError, match=r"num_workers must be >= 1"):
+        RewardStage.from_config(cfg({"verifiable": 1.0}, verifiable={"num_workers": 0}), RewardContext())
+    m = merge_round_metrics(
+        [{"reward/p/calls": 3.0, "reward/p/mean": 0.5}, {"reward/p/calls": 2.0, "reward/p/mean": 0.0}]
+    )
+    assert m == {"reward/p/calls": 5.0, "reward/p/mean": 0.25}

@@ -25,6 +25,7 @@ from __future__ import annotations
 import collections
 import json
 import logging
+import os
 import time
 from typing import Any
 
@@ -70,6 +71,10 @@ def judge_settings(settings: dict) -> dict:
 def make_judge_backend(s: dict, context):
     from clipo_jax.rubrics.backends import make_backend
 
+    if not s["cache_dir"] and context is not None and context.workdir:
+        # completions are cached in the run directory: a resumed run replays what it was told
+        s = dict(s, cache_dir=os.path.join(context.workdir, "judge_cache"))
+
     if s["backend"] == "openai":
         return make_backend(
             "openai",
@@ -102,7 +107,7 @@ async def check_reachable(backend) -> None:
     try:
         async with httpx.AsyncClient(timeout=10.0) as client:
             await client.get(url + "/models")
-    except httpx.HTTPError as e:
+    except (httpx.HTTPError, httpx.InvalidURL, ValueError) as e:
         raise RewardError(f"judge server {url} is unreachable ({type(e).__name__}: {e})") from None
 
 
@@ -126,6 +131,19 @@ class _DownDetector:
 
 @register_reward_term("pairwise_rubric")
 class PairwiseRubricTerm(RewardTerm):
+    settings_keys = (
+        "method",
+        "anchor",
+        "anchor_index",
+        "max_pairs",
+        "bt_iters",
+        "query_type",
+        "ground_truth",
+        "cache_size",
+        "down_after_steps",
+        "judge",
+    )
+
     """Settings: ``method`` (anchor | round_robin | bradley_terry), ``anchor`` ("greedy": the
     greedy decode of the prompt, or "sample": response ``anchor_index`` of the group),
     ``max_pairs`` (bradley_terry: pairs sampled per group, 0 = all), ``bt_iters``,
@@ -211,7 +229,7 @@ class PairwiseRubricTerm(RewardTerm):
         G = batch.group_size
         if self.needs_greedy_anchor and batch.anchors is None:
             raise RewardError("pairwise_rubric with anchor='greedy' needs the rollout's greedy anchors")
-        groups, todo = [], {}  # todo: cache key -> (PairInput, flipped) of unique pairs to judge
+        groups, todo, hits = [], {}, {}  # todo: cache key -> PairInput of the unique pairs to judge
         same_free = cache_hits = duplicates = 0
         for gi in range(batch.n_groups):
             texts = list(batch.responses[gi * G : (gi + 1) * G])
@@ -222,6 +240,7 @@ class PairwiseRubricTerm(RewardTerm):
             query = batch.prompt(gi)
             qtype = row.get("query_type") or self.settings.get("query_type") or None
             gt = row.get("ground_truth") if self.settings.get("ground_truth", False) else None
+            gt = None if gt is None else str(gt)
             cons = row.get("constraints")
             cons = cons if cons and all("type" in c for c in cons) else None
             cons_key = json.dumps(cons, sort_keys=True) if cons else ""
@@ -235,21 +254,24 @@ class PairwiseRubricTerm(RewardTerm):
                 flipped = b < a
                 key = (query, qtype, gt, cons_key) + ((b, a) if flipped else (a, b))
                 keyed.append((i, j, key, flipped))
-                if key in self.cache:
-                    cache_hits += 1
-                elif key in todo:
+                if key in hits or key in todo:
                     duplicates += 1
+                elif key in self.cache:
+                    cache_hits += 1
+                    hits[key] = self.cache[key]  # copied now: inserts below may evict it
+                    self.cache.move_to_end(key)
                 else:
                     first, second = key[4], key[5]
                     todo[key] = PairInput(query, first, second, query_type=qtype, ground_truth=gt, constraints=cons)
             groups.append((keyed, n))
         keys = list(todo)
         results = await self.judge.judge_pairs([todo[k] for k in keys], max_pairs_in_flight=max(len(keys), 1))
-        verdicts, failed_keys = {}, set()
-        parse_fail = backend_fail = 0
+        verdicts, failed_keys = dict(hits), set()
+        parse_fail = backend_fail = llm_calls = 0
         latency, last_error = 0.0, None
         for k, r in zip(keys, results):
             latency += r.wall_s
+            llm_calls += r.path == "pairwise"  # ground-truth / constraint shortcuts never call the LLM
             dirs = [d for d in (r.forward, r.backward) if d is not None]
             kinds = [d.error_kind for d in dirs if d.error_kind]
             if kinds:
@@ -265,12 +287,12 @@ class PairwiseRubricTerm(RewardTerm):
                 self.cache[k] = r.verdict
                 if len(self.cache) > self.cache_size:
                     self.cache.popitem(last=False)
-        self.down.update(len(keys), backend_fail, last_error)
+        self.down.update(llm_calls, backend_fail, last_error)
         flip = {"first": "second", "second": "first", "same": "same"}
         B = len(batch)
         values = np.zeros(B, np.float32)
         failed = np.zeros(B, bool)
-        n_same = n_pairs = 0
+        n_same = n_pairs = n_same_judged = n_judged = 0
         cfg = GroupRewardConfig(method=self.method, bt_iters=int(self.settings.get("bt_iters", 50)))
         for gi, (keyed, n) in enumerate(groups):
             triples = []
@@ -278,8 +300,10 @@ class PairwiseRubricTerm(RewardTerm):
                 if key is None:
                     v = "same"
                 else:
-                    v = verdicts[key] if key in verdicts else self.cache[key]
+                    v = verdicts[key]
                     v = flip[v] if flipped else v
+                    n_same_judged += v == "same"
+                    n_judged += 1
                     if key in failed_keys:
                         for idx in (i, j):
                             if idx < G:
@@ -289,7 +313,8 @@ class PairwiseRubricTerm(RewardTerm):
                 n_pairs += 1
             values[gi * G : (gi + 1) * G] = pairwise_rewards(self.method, n, triples, cfg)[:G]
         metrics = {
-            "same_ratio": n_same / max(n_pairs, 1),
+            "same_ratio": n_same / max(n_pairs, 1),  # identical responses and failed judgments count as same
+            "same_ratio_judged": n_same_judged / max(n_judged, 1),  # pairs with a judge verdict only
             "pairs": float(n_pairs),
             "calls": float(len(keys)),
             "cache_hits": float(cache_hits),
@@ -313,6 +338,7 @@ class ChecklistRubricTerm(RewardTerm):
     ``down_after_steps``, ``judge`` (see module docstring)."""
 
     required_fields = ("rubric",)
+    settings_keys = ("down_after_steps", "judge")
 
     def __init__(self, settings=None, context=None):
         super().__init__(settings, context)
@@ -361,9 +387,11 @@ class ChecklistRubricTerm(RewardTerm):
         backend_fail = sum(k != "parse" for k in kinds)
         self.down.update(len(results), backend_fail, kinds[-1] if kinds else None)
         values = scores.reshape(-1, G)
-        with np.errstate(invalid="ignore"):
-            group_mean = np.nanmean(np.where(np.isnan(values), np.nan, values), axis=1, keepdims=True)
-        group_mean = np.nan_to_num(group_mean, nan=0.0)
+        ok = ~np.isnan(values)
+        count = ok.sum(axis=1, keepdims=True)
+        group_mean = np.where(
+            count > 0, np.where(ok, values, 0.0).sum(axis=1, keepdims=True) / np.maximum(count, 1), 0.0
+        )
         values = np.where(np.isnan(values), group_mean, values).reshape(-1)
         metrics = {f"judge_{k}": float(v) for k, v in delta.items()}
         metrics["wall_s"] = time.perf_counter() - t0

@@ -83,7 +83,7 @@ class RewardBatch:
         row = self.rows[group]
         if "prompt" in row:
             return row["prompt"]
-        return next(m["content"] for m in reversed(row.get("messages", [])) if m.get("role") == "user")
+        return next((m["content"] for m in reversed(row.get("messages", [])) if m.get("role") == "user"), "")
 
 
 @dataclasses.dataclass
@@ -105,10 +105,17 @@ class RewardTerm:
 
     name: str = ""
     required_fields: tuple[str, ...] = ()
+    settings_keys: tuple[str, ...] | None = None  # None: any settings accepted
 
     def __init__(self, settings: Mapping[str, Any] | None = None, context: "RewardContext | None" = None):
         self.settings = dict(settings or {})
         self.context = context
+        if self.settings_keys is not None:
+            unknown = sorted(set(self.settings) - set(self.settings_keys))
+            if unknown:
+                raise RewardError(
+                    f"config.reward.{self.name}: unknown setting(s) {unknown}; valid: {sorted(self.settings_keys)}"
+                )
 
     def check_row(self, row: dict, where: str) -> None:
         missing = [f for f in self.required_fields if f not in row or row[f] is None]
@@ -178,6 +185,30 @@ class _Loop:
                 threading.Thread(target=loop.run_forever, name="reward-stage-loop", daemon=True).start()
                 cls._loop = loop
             return cls._loop
+
+
+# Per-step counts: summed over DAPO rounds (other metrics are averaged).
+COUNT_METRICS = (
+    "calls",
+    "cache_hits",
+    "duplicates",
+    "identical_free",
+    "pairs",
+    "parse_failures",
+    "backend_failures",
+    "failures",
+    "wall_s",
+)
+
+
+def merge_round_metrics(rounds: Sequence[Mapping[str, float]]) -> dict[str, float]:
+    """The reward metrics of several scoring rounds of one step (DAPO refills)."""
+    keys = set().union(*rounds) if rounds else set()
+    out = {}
+    for k in keys:
+        vals = [r[k] for r in rounds if k in r]
+        out[k] = float(np.sum(vals)) if k.rsplit("/", 1)[-1] in COUNT_METRICS else float(np.mean(vals))
+    return out
 
 
 class PendingRewards:
@@ -261,7 +292,7 @@ class RewardStage:
         loop = _Loop.get()
         label_out = None
         if self.label_term:
-            label_out = asyncio.run_coroutine_threadsafe(self.terms[self.label_term].score(batch), loop).result()
+            label_out = asyncio.run_coroutine_threadsafe(self._term(self.label_term, batch), loop).result()
         future = asyncio.run_coroutine_threadsafe(self._score(batch, label_out), loop)
         outcome = None if label_out is None else np.asarray(label_out.values, np.float32)
         return PendingRewards(future, outcome)
@@ -271,10 +302,19 @@ class RewardStage:
 
     async def _score(self, batch: RewardBatch, label_out: TermOutput | None = None) -> RewardResult:
         names = [n for n in self.terms if not (label_out is not None and n == self.label_term)]
-        outputs = dict(zip(names, await asyncio.gather(*(self.terms[n].score(batch) for n in names))))
+        outputs = dict(zip(names, await asyncio.gather(*(self._term(n, batch) for n in names))))
         if label_out is not None:
             outputs[self.label_term] = label_out
         return self.combine({n: outputs[n] for n in self.terms}, batch)
+
+    async def _term(self, name: str, batch: RewardBatch) -> TermOutput:
+        """One term's scores; an unexpected fault becomes a one-line RewardError naming the term."""
+        try:
+            return await self.terms[name].score(batch)
+        except RewardError:
+            raise
+        except Exception as e:
+            raise RewardError(f"reward term {name!r}: {type(e).__name__}: {e}") from e
 
     def combine(self, outputs: Mapping[str, TermOutput], batch: RewardBatch) -> RewardResult:
         """Weighted sum, gates, and the per-term metrics (raw mean, share, failures)."""

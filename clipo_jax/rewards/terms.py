@@ -21,9 +21,15 @@ from clipo_jax.rewards.stage import RewardBatch, RewardError, RewardTerm, TermOu
 @register_reward_term("verifiable")
 class VerifiableTerm(RewardTerm):
     """The task's own per-response verifier. Settings: ``num_workers`` (math verifier pool
-    processes, default 2; 0 = in this process), ``timeout_s`` (per math check)."""
+    processes, default 2, at least 1), ``timeout_s`` (per math check)."""
 
     required_fields = ("reward_fn", "ground_truth")
+    settings_keys = ("num_workers", "timeout_s")
+
+    def __init__(self, settings=None, context=None):
+        super().__init__(settings, context)
+        if int(self.settings.get("num_workers", 2)) < 1:  # the term runs off the main thread
+            raise RewardError("verifiable.num_workers must be >= 1 (math checks run in worker processes)")
 
     def check_row(self, row: dict, where: str) -> None:
         super().check_row(row, where)
@@ -83,6 +89,14 @@ class PVRTerm(RewardTerm):
     ("auto"), ``guardrail_weight`` (1.0, per flag raised), ``expected_language`` (None),
     ``gate_constraints`` (True: a broken hard constraint gates the response)."""
 
+    settings_keys = (
+        "ground_truth_weight",
+        "ground_truth_kind",
+        "guardrail_weight",
+        "expected_language",
+        "gate_constraints",
+    )
+
     def check_row(self, row: dict, where: str) -> None:
         cons = row.get("constraints")
         if cons is None:
@@ -95,8 +109,8 @@ class PVRTerm(RewardTerm):
             if c.get("type") not in (None, "code"):  # a dry run finds unknown types and missing parameters
                 try:
                     pvr.check_constraint("", c)
-                except pvr.ConstraintError as e:
-                    raise RewardError(f"{where}: {e}") from None
+                except Exception as e:  # unknown type, missing or mistyped parameter
+                    raise RewardError(f"{where}: constraint {c}: {type(e).__name__}: {e}") from None
 
     async def score(self, batch: RewardBatch) -> TermOutput:
         return await asyncio.to_thread(self._score, batch)
