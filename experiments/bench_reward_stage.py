@@ -3,7 +3,8 @@ r"""The reward stage's judge calls: concurrent vs one at a time, side by side in
     python -m experiments.bench_reward_stage                # 128 judged pairs, 0.5 s per call
     python -m experiments.bench_reward_stage --pairs=32 --latency_s=0.2
 
-A real OpenAI-compatible HTTP server on 127.0.0.1 answers every judge call after a fixed delay
+A real OpenAI-compatible HTTP server on 127.0.0.1 (a child process, so it does not share the
+client's interpreter lock) answers every judge call after a fixed delay
 (``--latency_s``) with a rule-based judgment (a response containing GOOD wins a core
 criterion). One step's batch holds ``--pairs`` judged pairs (groups of 9 responses, each judged
 against sample 0 with the ``anchor`` method: 8 pairs a group, 2 calls a pair for the two
@@ -36,6 +37,9 @@ FLAGS = flags.FLAGS
 flags.DEFINE_integer("pairs", 128, "Judged pairs in the step (a multiple of 8).")
 flags.DEFINE_float("latency_s", 0.5, "Fixed latency of every judge call.")
 flags.DEFINE_bool("sequential", True, "Also run the one-call-at-a-time stage (pairs x 2 x latency seconds).")
+flags.DEFINE_integer(
+    "serve", 0, "Internal: serve the delayed judge on this port (the bench starts it in a child process)."
+)
 
 
 def judgment(user_text: str) -> dict:
@@ -162,27 +166,42 @@ def main(argv):
     if FLAGS.pairs % 8:
         raise app.UsageError("--pairs must be a multiple of 8 (groups of 9, anchor method)")
     n_groups = FLAGS.pairs // 8
-    DelayedJudge.delay_s = FLAGS.latency_s
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), DelayedJudge)
-    srv.daemon_threads = True
-    srv.request_queue_size = 1024
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{srv.server_address[1]}"
+    if FLAGS.serve:  # the child: serve until killed
+        DelayedJudge.delay_s = FLAGS.latency_s
+        server_cls = type(
+            "Server", (http.server.ThreadingHTTPServer,), {"request_queue_size": 1024, "daemon_threads": True}
+        )
+        server_cls(("127.0.0.1", FLAGS.serve), DelayedJudge).serve_forever()  # backlog: every call of a step
+        return
+    import socket
+    import subprocess
+    import sys
+
+    import httpx
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    child = subprocess.Popen(
+        [sys.executable, "-m", "experiments.bench_reward_stage", f"--serve={port}", f"--latency_s={FLAGS.latency_s}"]
+    )
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(200):
+        try:
+            httpx.get(url + "/v1/models", timeout=1)
+            break
+        except httpx.HTTPError:
+            time.sleep(0.1)
     lat = FLAGS.latency_s
     print(f"machine: {machine()}; judge latency {lat} s per call; {FLAGS.pairs} pairs = {2 * FLAGS.pairs} calls")
 
     conc_s, m = timed_stage(url, 10_000, n_groups)
     calls = int(m["reward/pairwise_rubric/calls"])
-    print(
-        f"concurrent : {conc_s:7.2f} s  ({conc_s / lat:5.2f} x one call latency; max in flight {DelayedJudge.max_inflight})"
-    )
+    print(f"concurrent : {conc_s:7.2f} s  ({conc_s / lat:5.2f} x one call latency)")
     seq_s = None
     if FLAGS.sequential:
-        DelayedJudge.max_inflight = 0
         seq_s, _ = timed_stage(url, 1, n_groups)
-        print(
-            f"sequential : {seq_s:7.2f} s  ({seq_s / lat:5.1f} x one call latency; max in flight {DelayedJudge.max_inflight})"
-        )
+        print(f"sequential : {seq_s:7.2f} s  ({seq_s / lat:5.1f} x one call latency)")
         print(f"speed-up   : {seq_s / conc_s:7.1f} x")
     ov = overlapped_step(url, n_groups)
     print(
@@ -211,7 +230,7 @@ def main(argv):
             }
         )
     )
-    srv.shutdown()
+    child.kill()
 
 
 if __name__ == "__main__":

