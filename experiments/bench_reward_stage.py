@@ -10,7 +10,8 @@ criterion). One step's batch holds ``--pairs`` judged pairs (groups of 9 respons
 against sample 0 with the ``anchor`` method: 8 pairs a group, 2 calls a pair for the two
 orders). Measured, each from a fresh stage (empty cache):
 
-* concurrent: the stage as the trainer runs it (every call of the step in flight at once);
+* concurrent: the stage as the trainer runs it (every call of the step in flight at once),
+  timed on its second step (the first opens the client);
 * sequential: the same stage with the judge limited to one call in flight;
 * overlapped: a trainer-like step that starts the stage, runs the policy's reference
   log-prob pass on the tiny demo model meanwhile, then waits for the rewards.
@@ -48,7 +49,8 @@ def judgment(user_text: str) -> dict:
     label = "A" if "GOOD" in a and "GOOD" not in b else ("B" if "GOOD" in b and "GOOD" not in a else "S")
     crit = {"id": "c1", "title": "quality", "type": "core", "evidence": "e", "reason": "r", "label": label}
     crit["score"] = 0 if label == "S" else 2
-    return {"intent": {"task": "t"}, "differences": ["d"], "criteria": [crit]}
+    intent = {"task": "t", "explicit_requirements": [], "implicit_requirements": []}
+    return {"intent": intent, "differences": ["d"], "criteria": [crit]}
 
 
 class DelayedJudge(http.server.BaseHTTPRequestHandler):
@@ -115,10 +117,13 @@ def make_stage(url: str, concurrency: int):
 
 
 def timed_stage(url: str, concurrency: int, n_groups: int) -> tuple[float, dict]:
+    """The stage's wall time for one step, measured on its second step (fresh responses, so no
+    cache hits): the first step also opens the HTTP client and loads the meta-rubrics."""
     stage = make_stage(url, concurrency)
     try:
+        stage.compute(make_batch(n_groups if concurrency > 1 else 1, step=0))  # warm-up
         t0 = time.perf_counter()
-        result = stage.compute(make_batch(n_groups))
+        result = stage.compute(make_batch(n_groups, step=1))
         return time.perf_counter() - t0, result.metrics
     finally:
         stage.close()
@@ -149,7 +154,7 @@ def overlapped_step(url: str, n_groups: int) -> dict:
     stage = make_stage(url, 10_000)
     try:
         t0 = time.perf_counter()
-        pending = stage.start(make_batch(n_groups, step=1))
+        pending = stage.start(make_batch(n_groups, step=2))
         for _ in range(3):  # ref + old log-probs + (stand-in for) the CLIPO head
             jax.block_until_ready(logp(params, tokens, valid))
         t_policy = time.perf_counter() - t0
@@ -197,6 +202,9 @@ def main(argv):
 
     conc_s, m = timed_stage(url, 10_000, n_groups)
     calls = int(m["reward/pairwise_rubric/calls"])
+    failed = int(m["reward/pairwise_rubric/parse_failures"] + m["reward/pairwise_rubric/backend_failures"])
+    if failed:  # a judgment that does not parse is retried: the timing would count two rounds
+        raise SystemExit(f"{failed} judged pairs failed (parse or backend); the benchmark needs valid judgments")
     print(f"concurrent : {conc_s:7.2f} s  ({conc_s / lat:5.2f} x one call latency)")
     seq_s = None
     if FLAGS.sequential:
