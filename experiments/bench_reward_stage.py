@@ -27,7 +27,6 @@ import http.server
 import json
 import logging
 import re
-import threading
 import time
 
 from absl import app, flags
@@ -55,8 +54,6 @@ def judgment(user_text: str) -> dict:
 
 class DelayedJudge(http.server.BaseHTTPRequestHandler):
     delay_s = 0.5
-    lock = threading.Lock()
-    inflight = max_inflight = calls = 0
 
     def log_message(self, *args):
         pass
@@ -65,19 +62,10 @@ class DelayedJudge(http.server.BaseHTTPRequestHandler):
         self._send({"data": [{"id": "rule-judge"}]})
 
     def do_POST(self):
-        cls = type(self)
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        with cls.lock:
-            cls.inflight += 1
-            cls.calls += 1
-            cls.max_inflight = max(cls.max_inflight, cls.inflight)
-        try:
-            time.sleep(cls.delay_s)
-            content = json.dumps(judgment(body["messages"][-1]["content"]))
-            self._send({"choices": [{"message": {"role": "assistant", "content": content}, "finish_reason": "stop"}]})
-        finally:
-            with cls.lock:
-                cls.inflight -= 1
+        time.sleep(type(self).delay_s)
+        content = json.dumps(judgment(body["messages"][-1]["content"]))
+        self._send({"choices": [{"message": {"role": "assistant", "content": content}, "finish_reason": "stop"}]})
 
     def _send(self, obj):
         data = json.dumps(obj).encode()

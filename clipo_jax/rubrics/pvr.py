@@ -93,7 +93,7 @@ def math_equivalent(response: str, ground_truth: str) -> float | None:
     """1.0 / 0.0 from the project's math verifier; exact normalised-string compare only when
     that module is unavailable.  None when no answer can be extracted by the fallback."""
     try:
-        from clipo_jax.rewards.math import math_reward  # lazy: written by another engineer
+        from clipo_jax.rewards.math import math_reward  # lazy: the math verifier pulls in sympy
     except ImportError:
         math_reward = None
     if math_reward is not None:
