@@ -43,8 +43,7 @@ def test_prompt_stream_is_deterministic_resumable_and_counts_overlong(tiny):
     more, _ = a.next(5)
     b = rollout.PromptStream(task.train_rows, task.encode_prompt, limit, seed=3, position=0)
     assert b.next(10)[0] == rows_a
-    c = rollout.PromptStream(task.train_rows, task.encode_prompt, limit, seed=3, position=a.position - 0)
-    c.position = b.position  # resume where b stopped: the same next rows as a
+    c = rollout.PromptStream(task.train_rows, task.encode_prompt, limit, seed=3, position=b.position)  # resume
     assert c.next(5)[0] == more
     with pytest.raises(rollout.RolloutError, match="no training prompt fits"):
         rollout.PromptStream(task.train_rows, task.encode_prompt, 1, seed=0).next(1)
