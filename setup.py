@@ -20,7 +20,8 @@ CORE = [
     "math-verify",
     "json-repair",
     "jsonschema",
-    "httpx",
+    "aiohttp",  # the OpenAI-compatible judge client
+    "httpx",  # synchronous health checks of judge servers
     "protobuf",  # building SentencePiece models from a GGUF vocabulary
     "regex",
 ]

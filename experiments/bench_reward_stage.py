@@ -3,8 +3,8 @@ r"""The reward stage's judge calls: concurrent vs one at a time, side by side in
     python -m experiments.bench_reward_stage                # 128 judged pairs, 0.5 s per call
     python -m experiments.bench_reward_stage --pairs=32 --latency_s=0.2
 
-A real OpenAI-compatible HTTP server on 127.0.0.1 (a child process, so it does not share the
-client's interpreter lock) answers every judge call after a fixed delay
+An OpenAI-compatible HTTP server on 127.0.0.1 (aiohttp, in a child process so that it does not
+share the client's interpreter lock) answers every judge call after a fixed delay
 (``--latency_s``) with a rule-based judgment (a response containing GOOD wins a core
 criterion). One step's batch holds ``--pairs`` judged pairs (groups of 9 responses, each judged
 against sample 0 with the ``anchor`` method: 8 pairs a group, 2 calls a pair for the two
@@ -23,7 +23,6 @@ a JSON summary.
 
 from __future__ import annotations
 
-import http.server
 import json
 import logging
 import re
@@ -52,28 +51,29 @@ def judgment(user_text: str) -> dict:
     return {"intent": intent, "differences": ["d"], "criteria": [crit]}
 
 
-class DelayedJudge(http.server.BaseHTTPRequestHandler):
-    delay_s = 0.5
+def serve_delayed_judge(port: int, delay_s: float) -> None:
+    """Serve until killed: every chat completion answers after ``delay_s`` seconds.
 
-    def log_message(self, *args):
-        pass
+    An asyncio server (aiohttp), so that, like a real inference server, it costs little CPU per
+    call; the bench measures the client's stage, not a thread-per-request Python server."""
+    import asyncio
 
-    def do_GET(self):
-        self._send({"data": [{"id": "rule-judge"}]})
+    from aiohttp import web
 
-    def do_POST(self):
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        time.sleep(type(self).delay_s)
+    async def models(request):
+        return web.json_response({"data": [{"id": "rule-judge"}]})
+
+    async def chat(request):
+        body = await request.json()
+        await asyncio.sleep(delay_s)
         content = json.dumps(judgment(body["messages"][-1]["content"]))
-        self._send({"choices": [{"message": {"role": "assistant", "content": content}, "finish_reason": "stop"}]})
+        choice = {"message": {"role": "assistant", "content": content}, "finish_reason": "stop"}
+        return web.json_response({"choices": [choice]})
 
-    def _send(self, obj):
-        data = json.dumps(obj).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+    server = web.Application()
+    server.router.add_get("/v1/models", models)
+    server.router.add_post("/v1/chat/completions", chat)
+    web.run_app(server, host="127.0.0.1", port=port, print=None, access_log=None, backlog=4096)
 
 
 def make_batch(n_groups: int, step: int = 0):
@@ -158,13 +158,11 @@ def main(argv):
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request otherwise
     if FLAGS.pairs % 8:
         raise app.UsageError("--pairs must be a multiple of 8 (groups of 9, anchor method)")
+    if FLAGS.latency_s <= 0:
+        raise app.UsageError("--latency_s must be > 0 (the figures are in units of one call's latency)")
     n_groups = FLAGS.pairs // 8
     if FLAGS.serve:  # the child: serve until killed
-        DelayedJudge.delay_s = FLAGS.latency_s
-        server_cls = type(
-            "Server", (http.server.ThreadingHTTPServer,), {"request_queue_size": 1024, "daemon_threads": True}
-        )
-        server_cls(("127.0.0.1", FLAGS.serve), DelayedJudge).serve_forever()  # backlog: every call of a step
+        serve_delayed_judge(FLAGS.serve, FLAGS.latency_s)
         return
     import socket
     import subprocess
@@ -178,55 +176,57 @@ def main(argv):
     child = subprocess.Popen(
         [sys.executable, "-m", "experiments.bench_reward_stage", f"--serve={port}", f"--latency_s={FLAGS.latency_s}"]
     )
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(200):
-        try:
-            httpx.get(url + "/v1/models", timeout=1)
-            break
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    lat = FLAGS.latency_s
-    print(f"machine: {machine()}; judge latency {lat} s per call; {FLAGS.pairs} pairs = {2 * FLAGS.pairs} calls")
+    try:  # the server child goes with the bench, whatever ends it
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(200):
+            try:
+                httpx.get(url + "/v1/models", timeout=1)
+                break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        lat = FLAGS.latency_s
+        print(f"machine: {machine()}; judge latency {lat} s per call; {FLAGS.pairs} pairs = {2 * FLAGS.pairs} calls")
 
-    conc_s, m = timed_stage(url, 10_000, n_groups)
-    calls = int(m["reward/pairwise_rubric/calls"])
-    failed = int(m["reward/pairwise_rubric/parse_failures"] + m["reward/pairwise_rubric/backend_failures"])
-    if failed:  # a judgment that does not parse is retried: the timing would count two rounds
-        raise SystemExit(f"{failed} judged pairs failed (parse or backend); the benchmark needs valid judgments")
-    print(f"concurrent : {conc_s:7.2f} s  ({conc_s / lat:5.2f} x one call latency)")
-    seq_s = None
-    if FLAGS.sequential:
-        seq_s, _ = timed_stage(url, 1, n_groups)
-        print(f"sequential : {seq_s:7.2f} s  ({seq_s / lat:5.1f} x one call latency)")
-        print(f"speed-up   : {seq_s / conc_s:7.1f} x")
-    ov = overlapped_step(url, n_groups)
-    print(
-        f"overlapped step: {ov['step_s']:.2f} s = max(policy {ov['policy_s']:.2f} s, judge {conc_s:.2f} s) "
-        f"rather than their sum {ov['policy_s'] + conc_s:.2f} s"
-    )
-    added = conc_s / lat
-    print(
-        f"target: concurrent stage <= 2 x latency per round of calls: {added:.2f} x -> {'met' if added <= 2 else 'NOT met'}"
-    )
-    print(
-        json.dumps(
-            {
-                "bench": "reward_stage",
-                "machine": machine(),
-                "pairs": FLAGS.pairs,
-                "judge_calls": 2 * calls,
-                "latency_s": lat,
-                "concurrent_s": round(conc_s, 3),
-                "sequential_s": None if seq_s is None else round(seq_s, 3),
-                "ratio": None if seq_s is None else round(seq_s / conc_s, 2),
-                "concurrent_in_latencies": round(added, 3),
-                "overlapped_step_s": round(ov["step_s"], 3),
-                "policy_work_s": round(ov["policy_s"], 3),
-                "target_met": added <= 2,
-            }
+        conc_s, m = timed_stage(url, 10_000, n_groups)
+        calls = int(m["reward/pairwise_rubric/calls"])
+        failed = int(m["reward/pairwise_rubric/parse_failures"] + m["reward/pairwise_rubric/backend_failures"])
+        if failed:  # a judgment that does not parse is retried: the timing would count two rounds
+            raise SystemExit(f"{failed} judged pairs failed (parse or backend); the benchmark needs valid judgments")
+        print(f"concurrent : {conc_s:7.2f} s  ({conc_s / lat:5.2f} x one call latency)")
+        seq_s = None
+        if FLAGS.sequential:
+            seq_s, _ = timed_stage(url, 1, n_groups)
+            print(f"sequential : {seq_s:7.2f} s  ({seq_s / lat:5.1f} x one call latency)")
+            print(f"speed-up   : {seq_s / conc_s:7.1f} x")
+        ov = overlapped_step(url, n_groups)
+        print(
+            f"overlapped step: {ov['step_s']:.2f} s = max(policy {ov['policy_s']:.2f} s, judge {conc_s:.2f} s) "
+            f"rather than their sum {ov['policy_s'] + conc_s:.2f} s"
         )
-    )
-    child.kill()
+        added = conc_s / lat
+        print(
+            f"target: concurrent stage <= 2 x latency per round of calls: {added:.2f} x -> {'met' if added <= 2 else 'NOT met'}"
+        )
+        print(
+            json.dumps(
+                {
+                    "bench": "reward_stage",
+                    "machine": machine(),
+                    "pairs": FLAGS.pairs,
+                    "judge_calls": 2 * calls,
+                    "latency_s": lat,
+                    "concurrent_s": round(conc_s, 3),
+                    "sequential_s": None if seq_s is None else round(seq_s, 3),
+                    "ratio": None if seq_s is None else round(seq_s / conc_s, 2),
+                    "concurrent_in_latencies": round(added, 3),
+                    "overlapped_step_s": round(ov["step_s"], 3),
+                    "policy_work_s": round(ov["policy_s"], 3),
+                    "target_met": added <= 2,
+                }
+            )
+        )
+    finally:
+        child.kill()
 
 
 if __name__ == "__main__":
