@@ -143,6 +143,24 @@ EQUAL = [
     ("y = 2x + 3", "2x+3"),
     ("\\infty", "\\infty"),
     ("e^{2}", "e^2"),
+    # Unit words after a number are dropped ...
+    ("5", "5 dollars"),
+    ("3", "3 meters"),
+    ("3", "3 times"),  # a count ("how many times")
+    ("60", "60 km/h"),
+    ("12", "12 square feet"),
+    ("5", "5 \\text{ m}^{2}"),
+    ("7", "7 sq. ft"),
+    # ... but operator words between two operands are operators: "2 times 3" denotes 6, as
+    # 2 \times 3 does (decided: equal to 6, never to 2).
+    ("6", "2 times 3"),
+    ("6", "2 \\text{ times } 3"),
+    ("8", "2 multiplied by 4"),
+    ("5", "2 plus 3"),
+    ("6", "10 minus 4"),
+    ("3", "6 divided by 2"),
+    ("3", "6 over 2"),
+    ("2", "\\frac{1}{2} times 4"),
 ]
 UNEQUAL = [
     ("25", "26"),
@@ -173,6 +191,26 @@ UNEQUAL = [
     ("\\text{odd}", "even"),
     ("(3,4)", "(3,5)"),
     ("5", ""),
+    # Unit stripping must not eat operators, a second quantity or anything else that changes the value.
+    ("2", "2 times 3"),
+    ("3", "2 times 3"),
+    ("2", "2 Times 3"),
+    ("2", "2 plus 3"),
+    ("6", "6 divided by 2"),
+    ("6", "6 over 2"),
+    ("10", "10 minus 4"),
+    ("2", "2 m times 3"),
+    ("2", "2 dollars minus 1"),
+    ("2", "2 hours 30 minutes"),
+    ("5", "5 dollars 50 cents"),
+    ("5", "5 dollars fifty"),
+    ("3", "3 feet 6 inches"),
+    ("2", "2 hours and a half"),
+    ("2", "2 percent of 50"),
+    ("4", "4 point 5"),
+    ("2", "2 in 3"),
+    ("3", "3 squared"),
+    ("5", "5 million dollars"),
 ]
 
 

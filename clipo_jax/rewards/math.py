@@ -9,7 +9,10 @@ Pipeline for one (response, ground_truth) pair:
    train) or ``#### N`` (GSM8K) is reduced to the answer.
 3. A cheap pure-Python fast path decides most pairs without sympy: normalised strings equal,
    both plain numbers (``025`` = ``25``, ``142.0`` = ``142``, ``1,000`` = ``1000``, ``50\\%`` =
-   ``50``, units / degrees dropped), word answers (``\\text{Evelyn}``), option letters.
+   ``50``, degrees dropped, unit words after a number dropped only when nothing but unit words
+   follows: ``5 dollars`` = ``5``, ``2 hours 30 minutes`` is not ``2``), word answers
+   (``\\text{Evelyn}``), option letters.  Operator words between two operands are read as
+   operators (``2 times 3`` = ``2 \\times 3`` = ``6``, ``6 divided by 2`` = ``3``).
 4. Otherwise ``math_verify.parse`` / ``verify`` (sympy) decides, after a pre-filter that rejects
    input sympy would choke on (long strings, deep nesting, exponent towers, huge factorials),
    under a time limit.
@@ -236,7 +239,35 @@ _UNIT_WORDS = (
     "dollars?|cents?|euros?|degrees?|units?|sq|square|cubic|percent|mph|people|students|apples|"
     "points?|pages?|cookies|books|marbles|eggs|boxes|times"
 )
-_UNIT_TAIL_RE = re.compile(r"^(?P<num>[-+]?[\d.,/]+)\s*(?:(?:" + _UNIT_WORDS + r")\b[\s\w.^{}]*)$", re.IGNORECASE)
+_UNIT_RE = re.compile(r"(?:" + _UNIT_WORDS + r")", re.IGNORECASE)
+# "<number> <unit words>": the unit words are dropped only when they cannot change the value.
+# The tail is letter words (``m^2``, ``sq.``, ``km/h`` allowed), no numbers other than exponents,
+# and none of the words below: operators (``2 times 3``, ``6 divided by 2``), number words and
+# joiners of a second quantity (``2 hours and a half``), ``of`` (``2 percent of x``).
+_UNIT_TAIL_RE = re.compile(r"^(?P<num>[-+]?[\d.,/]+)\s*(?P<tail>[A-Za-z].*)$")
+_UNIT_TOKEN = r"[A-Za-z]+\.?(?:\^\{?-?\d{1,2}\}?)?"
+_UNIT_TAIL_OK_RE = re.compile(_UNIT_TOKEN + r"(?:(?:\s+|\s*/\s*)" + _UNIT_TOKEN + r")*")
+_VALUE_WORDS = frozenset(
+    "times plus minus over divided by multiplied add added subtract subtracted less more fewer than of and "
+    "point mod modulo power root factorial exp log sqrt half halves quarter quarters third thirds dozen dozens "
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
+    "seventeen eighteen nineteen twenty thirty forty fifty sixty seventy eighty ninety hundred hundreds "
+    "thousand thousands million millions billion billions trillion trillions".split()
+)
+# Operator words between two operands read as the operator: "2 times 3" is 2 \times 3 (= 6), as
+# sympy reads the LaTeX; "3 times" alone stays a count (a unit word, dropped).
+_WORD_OPS = (
+    ("multiplied by", "\\times"),
+    ("times", "\\times"),
+    ("plus", "+"),
+    ("minus", "-"),
+    ("divided by", "/"),
+    ("over", "/"),
+)
+_WORD_OP_RE = re.compile(
+    r"(?<=[\d})])\s+(" + "|".join(w.replace(" ", r"\s+") for w, _ in _WORD_OPS) + r")\s+(?=[-+]?[\d(\\])",
+    re.IGNORECASE,
+)
 _FRAC_SHORT_RE = re.compile(r"\\frac\s*(\d)\s*(\d)")
 _FRAC_HALF_SHORT_RE = re.compile(r"\\frac\s*\{([^{}]*)\}\s*(\d)")
 _FRAC_HALF_SHORT2_RE = re.compile(r"\\frac\s*(\d)\s*\{")
@@ -268,6 +299,24 @@ def _unwrap_text(s: str) -> str:
     return s
 
 
+def _word_op(word: str) -> str:
+    key = " ".join(word.lower().split())
+    return next(sym for w, sym in _WORD_OPS if w == key)
+
+
+def _unit_tail_ok(tail: str) -> bool:
+    """True when ``tail`` (what follows the number) is only unit words, so dropping it keeps the value."""
+    tail = tail.strip()
+    if not _UNIT_TAIL_OK_RE.fullmatch(tail):
+        return False
+    toks = [t.lower() for t in re.findall(r"[A-Za-z]+", tail)]
+    if not _UNIT_RE.fullmatch(toks[0]):
+        return False
+    if toks == ["times"]:  # "3 times": a count
+        return True
+    return not any(t in _VALUE_WORDS for t in toks)
+
+
 def clean_answer(s: str) -> str:
     """Semantics-preserving LaTeX cleanup; keeps spaces (``\\pi r`` must not become ``\\pir``)."""
     s = s.strip()
@@ -291,8 +340,9 @@ def clean_answer(s: str) -> str:
     s = _unwrap_text(s)
     s = s.strip().rstrip(".").strip()
     s = _VAR_EQ_RE.sub("", s, count=1)
+    s = _WORD_OP_RE.sub(lambda m: " " + _word_op(m.group(1)) + " ", s)
     m = _UNIT_TAIL_RE.match(s)
-    if m:
+    if m and _unit_tail_ok(m.group("tail")):
         s = m.group("num")
     if _THOUSANDS_RE.match(s.replace(" ", "")):
         s = s.replace(",", "").replace(" ", "")
