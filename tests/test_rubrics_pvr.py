@@ -1,15 +1,8 @@
 """Pointwise verifiable rubrics and the checker sandbox."""
 
-import os
-import socket
-import threading
-
 import pytest
 
 from clipo_jax.rubrics import pvr
-from clipo_jax.rubrics.sandbox import SandboxLimits, network_namespace_available, run_checker
-
-FAST = SandboxLimits(timeout_s=4, cpu_s=2, memory_mb=256, max_output_bytes=4096)
 
 
 def test_ground_truth_choice_bold_math():
@@ -81,93 +74,4 @@ def test_guardrails():
     assert not pvr.guardrail_flags("Hello there, this is a reply in English.", expected_language="en")["wrong_language"]
 
 
-# ---- sandbox ----------------------------------------------------------------------------------
-
-
-def test_checker_code_runs():
-    code = "def check(response):\n    return len(response.split()) <= 3\n"
-    assert run_checker(code, "a b c", FAST).value is True
-    assert run_checker(code, "a b c d", FAST).value is False
-    assert pvr.check_constraint("a b", {"type": "code", "code": code}) is True
-    assert run_checker("x = 1", "r", FAST).error.startswith("NameError")
-
-
-def test_checker_may_use_its_temp_dir():
-    code = "def check(r):\n    open('scratch.txt', 'w').write(r)\n    return open('scratch.txt').read() == r\n"
-    assert run_checker(code, "hello", FAST).value is True
-
-
-@pytest.mark.parametrize(
-    "name,code",
-    [
-        ("write_outside", "def check(r):\n    open({target!r}, 'w').write('x')\n    return True"),
-        (
-            "os_open_outside",
-            "import os\ndef check(r):\n    os.open({target!r}, os.O_WRONLY | os.O_CREAT)\n    return True",
-        ),
-        ("remove_outside", "import os\ndef check(r):\n    os.remove({victim!r})\n    return True"),
-        ("system", "import os\ndef check(r):\n    os.system('touch {target}')\n    return True"),
-        ("subprocess", "import subprocess\ndef check(r):\n    subprocess.run(['touch', {target!r}])\n    return True"),
-        ("fork", "import os\ndef check(r):\n    os.fork()\n    return True"),
-        ("ctypes", "def check(r):\n    import ctypes\n    return True"),
-        (
-            "importlib_socket",
-            "import importlib\ndef check(r):\n    importlib.import_module('_socket')\n    return True",
-        ),
-    ],
-)
-def test_escape_attempts_refused(tmp_path, name, code):
-    target = str(tmp_path / f"escaped_{name}")
-    victim = tmp_path / "victim.txt"
-    victim.write_text("keep me")
-    res = run_checker(code.format(target=target, victim=str(victim)), "r", FAST)
-    assert not res.ok and ("sandbox" in res.error or "not allowed" in res.error), res
-    assert not os.path.exists(target) and victim.read_text() == "keep me"
-
-
-def test_network_refused():
-    # A real listening socket on 127.0.0.1: the checker must not reach it.
-    srv = socket.socket()
-    srv.bind(("127.0.0.1", 0))
-    srv.listen(1)
-    port = srv.getsockname()[1]
-    accepted = []
-    srv.settimeout(3)
-
-    def accept():
-        try:
-            accepted.append(srv.accept())
-        except OSError:
-            pass
-
-    t = threading.Thread(target=accept)
-    t.start()
-    code = (
-        f"def check(r):\n    s = __import__('socket').create_connection(('127.0.0.1', {port}), timeout=1)\n"
-        "    return True"
-    )
-    res = run_checker(code, "r", FAST)
-    t.join()
-    srv.close()
-    assert not res.ok and not accepted
-    assert "socket" in res.error
-
-
-def test_resource_limits():
-    res = run_checker("def check(r):\n    while True:\n        pass", "r", FAST)
-    assert not res.ok and ("CPU" in res.error or "timeout" in res.error)
-    res = run_checker("def check(r):\n    x = bytearray(1024 ** 3)\n    return True", "r", FAST)
-    assert not res.ok and "Memory" in res.error
-    res = run_checker("def check(r):\n    print('x' * 100000)\n    return True", "r", FAST)
-    assert not res.ok and "output" in res.error
-    res = run_checker("import time\ndef check(r):\n    time.sleep(30)", "r", SandboxLimits(timeout_s=1))
-    assert not res.ok and "timeout" in res.error
-
-
-def test_forged_verdict_is_ignored():
-    code = 'def check(r):\n    print(\'{"nonce": "guess", "value": true}\')\n    return False'
-    assert run_checker(code, "r", FAST).value is False
-
-
-def test_reports_network_namespace():
-    assert isinstance(network_namespace_available(), bool)
+# The checker sandbox is tested, attacked, in tests/test_sandbox.py.

@@ -71,13 +71,13 @@ class VerifiableTerm(RewardTerm):
         return TermOutput(values=await asyncio.to_thread(self.score_sync, batch))
 
 
-def constraint_ok(response: str, constraint: dict[str, Any]) -> bool:
+def constraint_ok(response: str, constraint: dict[str, Any], sandbox_limits=None) -> bool:
     """One hard constraint: OpenRS's programmatic types (``{"type": ...}``) or an
     instruction-following checker (``{"id": ..., "kwargs": ...}``)."""
     if "type" in constraint:
         from clipo_jax.rubrics import pvr
 
-        return bool(pvr.check_constraint(response, constraint))
+        return bool(pvr.check_constraint(response, constraint, sandbox_limits))
     from clipo_jax.data import instruct
 
     return bool(instruct.check_constraint(response, constraint))
@@ -87,7 +87,8 @@ def constraint_ok(response: str, constraint: dict[str, Any]) -> bool:
 class PVRTerm(RewardTerm):
     """Pointwise verifiable rubrics. Settings: ``ground_truth_weight`` (1.0), ``ground_truth_kind``
     ("auto"), ``guardrail_weight`` (1.0, per flag raised), ``expected_language`` (None),
-    ``gate_constraints`` (True: a broken hard constraint gates the response)."""
+    ``gate_constraints`` (True: a broken hard constraint gates the response), ``sandbox`` (limits
+    of the checker sandbox for ``code`` constraints: ``SandboxLimits`` fields; rows cannot set them)."""
 
     settings_keys = (
         "ground_truth_weight",
@@ -95,7 +96,17 @@ class PVRTerm(RewardTerm):
         "guardrail_weight",
         "expected_language",
         "gate_constraints",
+        "sandbox",
     )
+
+    def __init__(self, settings=None, context=None):
+        super().__init__(settings, context)
+        from clipo_jax.rubrics.sandbox import SandboxLimits
+
+        try:
+            self.sandbox_limits = SandboxLimits(**dict(self.settings.get("sandbox") or {}))
+        except (TypeError, ValueError) as e:
+            raise RewardError(f"config.reward.pvr.sandbox: {e}") from None
 
     def check_row(self, row: dict, where: str) -> None:
         cons = row.get("constraints")
@@ -106,6 +117,8 @@ class PVRTerm(RewardTerm):
         from clipo_jax.rubrics import pvr
 
         for c in cons:
+            if c.get("type") == "code" and ("limits" in c or not isinstance(c.get("code"), str)):
+                raise RewardError(f"{where}: a 'code' constraint needs a 'code' string and cannot set 'limits'")
             if c.get("type") not in (None, "code"):  # a dry run finds unknown types and missing parameters
                 try:
                     pvr.check_constraint("", c)
@@ -142,7 +155,7 @@ class PVRTerm(RewardTerm):
             cons = row.get("constraints")
             if gate_on and cons:
                 try:
-                    gate[i] = not all(constraint_ok(text, c) for c in cons)
+                    gate[i] = not all(constraint_ok(text, c, self.sandbox_limits) for c in cons)
                 except Exception:
                     gate[i], failed[i] = True, True
         metrics = {"guardrail_flags_mean": float(n_flags.mean())}

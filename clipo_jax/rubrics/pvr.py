@@ -265,13 +265,14 @@ def detect_language_ok(text: str, language: str, min_share: float = 0.8) -> bool
     return True
 
 
-def _code_checker(r: str, c: dict) -> bool:
-    limits = SandboxLimits(**c.get("limits", {}))
-    result = run_checker(_param(c, "code"), r, limits)
+def _code_checker(r: str, c: dict, limits: SandboxLimits | None = None) -> bool:
+    if "limits" in c:
+        raise ConstraintError("a constraint row cannot set sandbox limits; the operator's config sets them")
+    result = run_checker(_param(c, "code"), r, limits or SandboxLimits())
     if not result.ok:
         log.warning("sandboxed checker failed (%s); counting the constraint as not met", result.error)
         return False
-    return bool(result.value)
+    return result.value is True
 
 
 ConstraintFn = Callable[[str, dict], bool]
@@ -296,10 +297,13 @@ CONSTRAINTS: dict[str, ConstraintFn] = {
 }
 
 
-def check_constraint(response: str, constraint: dict[str, Any]) -> bool:
+def check_constraint(response: str, constraint: dict[str, Any], sandbox_limits: SandboxLimits | None = None) -> bool:
+    """One constraint. ``sandbox_limits`` (the operator's) bound a ``code`` constraint's checker."""
     ctype = constraint.get("type")
     if ctype not in CONSTRAINTS:
         raise ConstraintError(f"unknown constraint type {ctype!r} (known: {sorted(CONSTRAINTS)})")
+    if ctype == "code":
+        return _code_checker(response, constraint, sandbox_limits)
     return bool(CONSTRAINTS[ctype](response, constraint))
 
 
