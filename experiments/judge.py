@@ -5,15 +5,25 @@ r"""Runs the OpenRS judge over a JudgeBench-format JSONL file.
         --workers=8 --limit=20
 
 Writes ``DIR/verdicts.jsonl`` (one line per pair, appended as each pair finishes, so ``--resume``
-loses nothing) and ``DIR/summary.json`` (accuracy with ties excluded, Same ratio, parse-failure
-rate, calls, tokens, wall time).  Rows need ``prompt``, ``chosen``, ``rejected``; optional
-``question_id``, ``query_type``, ``ground_truth``, ``constraints``.  Row order is shuffled per pair
-(seeded) so that "chosen" is not always shown first; the label is kept accordingly.
+loses nothing; rewritten to one line per pair at the end of a run) and ``DIR/summary.json``
+(accuracy with ties excluded, Same ratio, parse-failure rate, calls, tokens, wall time, invalid
+rows).  Rows need ``prompt``, ``chosen``, ``rejected``; optional ``question_id``, ``query_type``,
+``ground_truth``, ``constraints`` (see ``clipo_jax.rubrics.pairs``).  Row order is shuffled per
+pair (seeded) so that "chosen" is not always shown first; the label is kept accordingly.
+
+Every row is validated when read: an invalid row (not UTF-8, not JSON, a missing or mistyped
+field, a malformed constraint) is reported as ``file:line: reason`` on stderr, skipped, and listed
+in ``summary.json`` (``invalid_rows``); the run goes on with the rest.  Duplicate ``question_id``
+values (both lines named), an empty file, or a file without a valid row stop the run before any
+call (exit status 2).  ``--resume`` keeps the pairs already judged and judges again those whose
+previous attempt failed (a backend call that failed for good, output that never parsed, a failed
+LLM answer check), with fresh decoding seeds so that a cached bad completion is not reused.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -23,8 +33,8 @@ import time
 from absl import app, flags
 
 from clipo_jax.rubrics import JudgeConfig, OpenAIHTTPBackend, PairwiseJudge
-from clipo_jax.rubrics.judge import PairResult, summarise
-from clipo_jax.rubrics.pairs import RowError, read_pair_rows, to_pair
+from clipo_jax.rubrics.judge import DirectionResult, JudgeCounters, PairResult, summarise
+from clipo_jax.rubrics.pairs import InvalidRow, RowError, scan_pair_rows, to_pair
 from clipo_jax.rubrics.protocol import PromptConfig
 
 FLAGS = flags.FLAGS
@@ -32,9 +42,9 @@ flags.DEFINE_string("input", None, "JudgeBench-format JSONL file.")
 flags.DEFINE_string("base_url", None, "OpenAI-compatible server, e.g. http://127.0.0.1:8080/v1.")
 flags.DEFINE_string("model", None, "Model name sent to the server.")
 flags.DEFINE_string("output_dir", None, "Where verdicts.jsonl and summary.json go.")
-flags.DEFINE_bool("resume", False, "Skip pairs already in DIR/verdicts.jsonl.")
+flags.DEFINE_bool("resume", False, "Keep pairs judged in DIR/verdicts.jsonl; judge failed ones again.")
 flags.DEFINE_integer("workers", 8, "Concurrent judge calls (bounded).")
-flags.DEFINE_integer("limit", 0, "Judge only the first N rows (0 = all).")
+flags.DEFINE_integer("limit", 0, "Judge only the first N valid rows (0 = all).")
 flags.DEFINE_integer("max_tokens", 4096, "Max new tokens per judge call.")
 flags.DEFINE_float("timeout_s", 300.0, "Per-call timeout in seconds.")
 flags.DEFINE_integer("max_retries", 10, "Retries per call for timeouts / HTTP errors / garbage.")
@@ -53,8 +63,6 @@ flags.DEFINE_integer("seed", 0, "Seed for decoding and for the A/B presentation 
 
 
 def result_from_dict(d: dict) -> PairResult:
-    from clipo_jax.rubrics.judge import DirectionResult
-
     return PairResult(
         verdict=d["verdict"],
         path=d["path"],
@@ -67,17 +75,25 @@ def result_from_dict(d: dict) -> PairResult:
     )
 
 
-async def run(rows: list[dict], out_dir: str) -> dict:
+def load_verdicts(path: str) -> dict[str, dict]:
+    """pair_id -> the last usable record of ``path`` (a later line replaces an earlier one)."""
+    done: dict[str, dict] = {}
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for lineno, line in enumerate(f, start=1):
+            try:
+                rec = json.loads(line)
+                result_from_dict(rec)  # every field the summary needs is there
+                done[str(rec["pair_id"])] = rec
+            except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+                logging.warning("%s:%d: unusable verdict line skipped (killed mid-write?)", path, lineno)
+    return done
+
+
+async def run(rows: list[dict], out_dir: str, invalid: list[InvalidRow] = (), n_lines: int | None = None) -> dict:
     verdict_path = os.path.join(out_dir, "verdicts.jsonl")
     done: dict[str, dict] = {}
     if FLAGS.resume and os.path.exists(verdict_path):
-        with open(verdict_path, encoding="utf-8") as f:
-            for line in f:
-                try:
-                    rec = json.loads(line)
-                    done[rec["pair_id"]] = rec
-                except (json.JSONDecodeError, KeyError):
-                    logging.warning("skipping a truncated line in %s", verdict_path)  # killed mid-write
+        done = load_verdicts(verdict_path)
     elif os.path.exists(verdict_path):
         os.remove(verdict_path)
     cache_dir = None if FLAGS.cache_dir == "none" else (FLAGS.cache_dir or os.path.join(out_dir, "cache"))
@@ -107,40 +123,83 @@ async def run(rows: list[dict], out_dir: str) -> dict:
             compact_chars=FLAGS.compact_chars,
         ),
     )
-    judge = PairwiseJudge(backend, config)
+    # Round r of a pair (r = the times it was judged before and failed) decodes with seeds from
+    # seed + r * parse_attempts on, so a retry asks anew instead of reading the cached failure.
+    judges: dict[int, PairwiseJudge] = {}
+
+    def judge_for(round_: int) -> PairwiseJudge:
+        if round_ not in judges:
+            judges[round_] = PairwiseJudge(
+                backend, dataclasses.replace(config, seed=FLAGS.seed + round_ * FLAGS.parse_attempts)
+            )
+        return judges[round_]
+
     pairs, labels = zip(*(to_pair(r, FLAGS.seed) for r in rows)) if rows else ((), ())
-    todo = [i for i, p in enumerate(pairs) if p.pair_id not in done]
-    logging.info("%d pairs, %d already done, %d to judge", len(pairs), len(pairs) - len(todo), len(todo))
+    todo: list[tuple[int, int]] = []  # (pair index, round)
+    retried = 0
+    for i, p in enumerate(pairs):
+        rec = done.get(p.pair_id)
+        if rec is None:
+            todo.append((i, 0))
+        elif result_from_dict(rec).failed:
+            todo.append((i, int(rec.get("round", 0)) + 1))
+            retried += 1
+    logging.info(
+        "%d pairs: %d already judged, %d to judge (%d again after a failed attempt)",
+        len(pairs),
+        len(pairs) - len(todo),
+        len(todo),
+        retried,
+    )
     start = time.perf_counter()
     out = open(verdict_path, "a", encoding="utf-8")
+    sem = asyncio.Semaphore(max(FLAGS.workers, 1) * 2)
 
-    def write(j: int, res: PairResult):
-        i = todo[j]
+    async def one(i: int, round_: int) -> None:
+        async with sem:
+            res = await judge_for(round_).judge_pair(pairs[i])
         rec = res.to_dict()
-        rec.update(label=labels[i], correct=res.verdict == labels[i], query_type=pairs[i].query_type)
+        rec.update(label=labels[i], correct=res.verdict == labels[i], query_type=pairs[i].query_type, round=round_)
         out.write(json.dumps(rec, ensure_ascii=False) + "\n")
         out.flush()  # appended as each pair finishes: resume loses nothing
-        done[res.pair_id] = rec
+        done[pairs[i].pair_id] = rec
 
+    completed = False
     try:
-        await judge.judge_pairs(
-            [pairs[i] for i in todo], max_pairs_in_flight=max(FLAGS.workers, 1) * 2, on_result=write
-        )
+        await asyncio.gather(*(one(i, r) for i, r in todo))
+        completed = True
     finally:
         out.close()
         await backend.aclose()
     wall = time.perf_counter() - start
+    if completed:  # one line per pair: this input's pairs in order, then any others kept
+        ids = [p.pair_id for p in pairs]
+        id_set = set(ids)
+        order = ids + [k for k in done if k not in id_set]
+        tmp = verdict_path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            for k in order:
+                f.write(json.dumps(done[k], ensure_ascii=False) + "\n")
+        os.replace(tmp, verdict_path)
     results = [result_from_dict(done[p.pair_id]) for p in pairs]
     summary = summarise(results, labels)
+    counters = JudgeCounters()
+    for j in judges.values():
+        for k, v in j.counters.as_dict().items():
+            setattr(counters, k, getattr(counters, k) + v)
     summary.update(
         input=FLAGS.input,
         model=FLAGS.model,
         protocol=FLAGS.protocol,
         wall_s=wall,
         judged_this_run=len(todo),
+        retried_failures=retried,
+        n_rows_read=n_lines if n_lines is not None else len(rows) + len(invalid),
+        n_invalid_rows=len(invalid),
+        invalid_rows=[r.to_dict() for r in invalid],
         calls=backend.stats.requests,
         backend=backend.stats.as_dict(),
-        judge=judge.counters.as_dict(),
+        judge=counters.as_dict(),
         pairs_per_s=len(todo) / wall if wall > 0 else 0.0,
     )
     by_type: dict[str, list] = {}
@@ -154,17 +213,20 @@ async def run(rows: list[dict], out_dir: str) -> dict:
 
 def main(argv):
     del argv
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request otherwise
     for name in ("input", "base_url", "model", "output_dir"):
         if not getattr(FLAGS, name):
             raise app.UsageError(f"--{name} is required")
     os.makedirs(FLAGS.output_dir, exist_ok=True)
     try:
-        rows = read_pair_rows(FLAGS.input, FLAGS.limit)
+        scan = scan_pair_rows(FLAGS.input, FLAGS.limit)
     except (RowError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    s = asyncio.run(run(rows, FLAGS.output_dir))
+    for r in scan.invalid[:20]:
+        print(f"warning: {scan.path}:{r.line}: {r.reason} (row skipped)", file=sys.stderr)
+    if len(scan.invalid) > 20:
+        print(f"warning: {len(scan.invalid) - 20} more invalid rows skipped", file=sys.stderr)
+    s = asyncio.run(run(scan.rows, FLAGS.output_dir, scan.invalid, scan.n_lines))
     print(
         f"pairs {s['n_pairs']}  accuracy (ties excluded) {s['accuracy']:.3f}  same ratio {s['same_ratio']:.3f}  "
         f"parse failures {s['parse_failure_rate']:.3f}  backend failures {s['backend_failure_rate']:.3f}"
@@ -173,6 +235,11 @@ def main(argv):
         f"calls {s['calls']}  prompt tokens {s['backend']['prompt_tokens']}  completion tokens "
         f"{s['backend']['completion_tokens']}  wall {s['wall_s']:.1f}s  paths {s['paths']}"
     )
+    if s["n_invalid_rows"] or s["failed_pairs"]:
+        print(
+            f"invalid rows skipped {s['n_invalid_rows']} (listed in summary.json)  "
+            f"pairs with a failed attempt {s['failed_pairs']} (--resume judges them again)"
+        )
 
 
 if __name__ == "__main__":

@@ -6,7 +6,11 @@
     result.verdict  # "first" | "second" | "same"
 
 A call that fails for good, or output that still does not parse after the retries, scores 0 for
-that direction (a tie) and is counted in ``judge.counters``; it never raises.
+that direction (a tie) and is counted in ``judge.counters``; it never raises.  ``PairResult.failed``
+says whether a pair's verdict rests on such a failure (worth judging again).  An unexpected
+error inside one pair (a bug, a broken constraint) makes that pair a counted tie on the ``error``
+path, never the end of a batch.  Ground-truth and constraint checks (sympy, a sandboxed
+subprocess per ``code`` constraint) run in worker threads, off the event loop.
 """
 
 from __future__ import annotations
@@ -103,7 +107,7 @@ class DirectionResult:
 @dataclasses.dataclass
 class PairResult:
     verdict: str  # "first" | "second" | "same"
-    path: str  # "ground_truth" | "constraints" | "pairwise"
+    path: str  # "ground_truth" | "constraints" | "pairwise" | "error" (the judge raised)
     domain: str
     forward: DirectionResult | None = None
     backward: DirectionResult | None = None
@@ -113,6 +117,17 @@ class PairResult:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @property
+    def failed(self) -> bool:
+        """True when the verdict rests on a failure rather than a judgment: a direction whose
+        call failed for good or whose output never parsed, an LLM answer check that failed, or
+        an error inside the pair."""
+        if self.path == "error":
+            return True
+        if any(d is not None and not d.parse_ok for d in (self.forward, self.backward)):
+            return True
+        return bool(self.pointwise and any(self.pointwise.get("answer_check_failed") or ()))
 
 
 @dataclasses.dataclass
@@ -124,6 +139,9 @@ class JudgeCounters:
     backend_failures: int = 0  # directions whose call failed for good (ties)
     intent_failures: int = 0
     llm_answer_checks: int = 0
+    llm_answer_check_failures: int = 0
+    constraint_errors: int = 0  # constraint checks that raised (malformed constraint): path skipped
+    pair_errors: int = 0  # pairs that raised inside the judge: a tie on the "error" path
     path_ground_truth: int = 0
     path_constraints: int = 0
     path_pairwise: int = 0
@@ -220,7 +238,8 @@ class PairwiseJudge:
         self.counters.parse_failures += 1
         return out
 
-    async def _llm_answer_check(self, response: str, reference: str) -> int:
+    async def _llm_answer_check(self, response: str, reference: str) -> int | None:
+        """+1 / 0 / -1 from the LLM; None when the call or its parse failed."""
         self.counters.llm_answer_checks += 1
         msgs = [
             {
@@ -234,25 +253,57 @@ class PairwiseJudge:
             resp = await self.backend.complete(self._request(msgs, 64, LLM_CHECK_SCHEMA, self.config.seed, "check"))
             v = parse_judgment(resp.text, LLM_CHECK_SCHEMA)["verdict"]
         except (BackendError, JudgeParseError):
-            return -1  # unverifiable counts as missing
+            self.counters.llm_answer_check_failures += 1
+            return None
         return {"correct": 1, "partial": 0, "wrong": -1}[v]
 
-    async def _ground_truth_scores(self, pair: PairInput, domain: str) -> tuple[int, int]:
+    async def _ground_truth_scores(self, pair: PairInput, domain: str) -> tuple[int, int, list[bool]]:
+        """Scores of both responses (sympy runs in a worker thread), and which LLM answer checks
+        failed (such a response scores -1, unverifiable counts as missing)."""
         kind = GROUND_TRUTH_KIND[domain]
-        scores = []
+        scores, check_failed = [], []
         for resp in (pair.first, pair.second):
-            s = pvr.ground_truth_score(resp, pair.ground_truth, kind)
+            s = await asyncio.to_thread(pvr.ground_truth_score, resp, pair.ground_truth, kind)
+            failed = False
             if s is None:
                 s = await self._llm_answer_check(resp, pair.ground_truth) if self.config.llm_answer_check else -1
+                if s is None:
+                    s, failed = -1, True
             scores.append(s)
-        return scores[0], scores[1]
+            check_failed.append(failed)
+        return scores[0], scores[1], check_failed
+
+    async def _constraints_pass(self, pair: PairInput) -> tuple[bool, bool] | None:
+        """Whether each response passes all hard constraints, both checked at once in worker
+        threads (a ``code`` constraint runs a sandboxed subprocess); None if a check raised."""
+        try:
+            p1, p2 = await asyncio.gather(
+                asyncio.to_thread(pvr.constraints_pass, pair.first, pair.constraints),
+                asyncio.to_thread(pvr.constraints_pass, pair.second, pair.constraints),
+            )
+        except Exception as e:  # noqa: BLE001 - a malformed constraint: judge without it
+            self.counters.constraint_errors += 1
+            log.warning(
+                "pair %s: constraint check failed (%s: %s); judging without constraints",
+                pair.pair_id,
+                type(e).__name__,
+                e,
+            )
+            return None
+        return p1, p2
 
     # -- main entry ------------------------------------------------------------------------
     async def judge_pair(self, pair: PairInput) -> PairResult:
         start = time.perf_counter()
         self.counters.pairs += 1
-        domain_name = pair.domain or domain_for_query_type(pair.query_type)
-        result = await self._judge_pair(pair, domain_name)
+        domain_name = "general"
+        try:
+            domain_name = pair.domain or domain_for_query_type(pair.query_type)
+            result = await self._judge_pair(pair, domain_name)
+        except Exception as e:  # noqa: BLE001 - one pair never ends a batch
+            self.counters.pair_errors += 1
+            log.exception("pair %s: the judge raised; counted as a tie on the 'error' path", pair.pair_id)
+            result = PairResult("same", "error", domain_name, pointwise={"error": f"{type(e).__name__}: {e}"})
         result.pair_id = pair.pair_id
         result.wall_s = time.perf_counter() - start
         return result
@@ -261,14 +312,16 @@ class PairwiseJudge:
         cfg = self.config
         pointwise: dict[str, Any] = {}
         if cfg.use_ground_truth and pair.ground_truth not in (None, "") and domain_name in GROUND_TRUTH_KIND:
-            s1, s2 = await self._ground_truth_scores(pair, domain_name)
+            s1, s2, check_failed = await self._ground_truth_scores(pair, domain_name)
             pointwise["ground_truth"] = [s1, s2]
+            if any(check_failed):
+                pointwise["answer_check_failed"] = check_failed
             if s1 != s2:
                 self.counters.path_ground_truth += 1
                 return PairResult("first" if s1 > s2 else "second", "ground_truth", domain_name, pointwise=pointwise)
-        if pair.constraints:
-            p1 = pvr.constraints_pass(pair.first, pair.constraints)
-            p2 = pvr.constraints_pass(pair.second, pair.constraints)
+        passes = await self._constraints_pass(pair) if pair.constraints else None
+        if passes is not None:
+            p1, p2 = passes
             pointwise["constraints"] = [p1, p2]
             if p1 != p2:
                 self.counters.path_constraints += 1
@@ -338,7 +391,8 @@ def summarise(results: Sequence[PairResult], labels: Sequence[str] | None = None
         "n_directions": len(dirs),
         "parse_failure_rate": parse_fail / len(dirs) if dirs else 0.0,
         "backend_failure_rate": backend_fail / len(dirs) if dirs else 0.0,
-        "paths": {p: sum(r.path == p for r in results) for p in ("ground_truth", "constraints", "pairwise")},
+        "paths": {p: sum(r.path == p for r in results) for p in ("ground_truth", "constraints", "pairwise", "error")},
+        "failed_pairs": sum(r.failed for r in results),
         "prompt_tokens": sum(d.prompt_tokens for d in dirs),
         "completion_tokens": sum(d.completion_tokens for d in dirs),
     }
