@@ -41,3 +41,50 @@ def test_readme_policy_loss_example_registers_and_trains(tmp_path):
         state, batch, cfg=cfg, scfg=StepConfig(policy_loss="clipped_reinforce", use_old_logp=False), optimizer=opt
     )
     assert float(m["actor/skipped"]) == 0.0 and int(new.step) == 1
+
+
+def _readme_block(marker: str) -> str:
+    readme = open("README.md").read()
+    inside = r"(?:(?!```).)*?"  # one code block: never across a closing fence
+    return re.search(r"```python\n(" + inside + re.escape(marker) + inside + r")```", readme, re.S).group(1)
+
+
+def test_readme_contrastive_loss_example_matches_numpy():
+    ns = {}
+    exec(compile(_readme_block('C.register_loss("hard_positive"'), "README-example", "exec"), ns)
+    from clipo_jax import contrastive as C
+
+    assert "hard_positive" in C.LOSSES
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(5, 7)).astype(np.float32)
+    pos = rng.random((5, 7)) > 0.5
+    pos[4] = False  # an anchor without a positive
+    log_den = np.log(np.exp(logits).sum(-1))
+    rows = C.AnchorRows(
+        jnp.asarray(logits),
+        jnp.asarray(pos),
+        jnp.asarray(pos.sum(-1)),
+        jnp.asarray(log_den),
+        jnp.zeros(5, jnp.float32),
+    )
+    got = np.asarray(ns["hard_positive"](rows))
+    want = [log_den[i] - logits[i][pos[i]].min() if pos[i].any() else 0.0 for i in range(5)]
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def test_readme_reward_term_example_scores_a_batch():
+    exec(compile(_readme_block('@register_reward_term("brevity")'), "README-example", "exec"), {})
+    import ml_collections
+
+    from clipo_jax.rewards.stage import REWARD_TERMS, RewardBatch, RewardContext, RewardStage
+
+    assert "brevity" in REWARD_TERMS
+    stage = RewardStage.from_config(ml_collections.ConfigDict({"terms": {"brevity": 0.5}}), RewardContext())
+    try:
+        lengths = np.array([100, 300, 50, 0])
+        batch = RewardBatch([{"prompt": "a"}, {"prompt": "b"}], ["w"] * 4, lengths, np.zeros(4, bool), 2)
+        result = stage.compute(batch)
+        np.testing.assert_allclose(result.rewards, -0.5 * lengths / 1000.0, rtol=1e-6)
+        assert "reward/brevity/mean" in result.metrics
+    finally:
+        stage.close()
