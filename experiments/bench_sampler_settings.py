@@ -4,7 +4,7 @@ r"""Our sampler under different settings, side by side in one process.
   python -m experiments.bench_sampler_settings --compare=layer_loop # unrolled loop vs layer scan
   python -m experiments.bench_sampler_settings --batch=8 --repeats=5
 
---compare=phases: one prefill group and a full-length cache (the session-2 sampler), prefill
+--compare=phases: one prefill group and a full-length cache (the sampler before length-sorted prefill groups and phased caches), prefill
 groups of 8 only, cache phases (4 per octave) only, and both (the default `Sampler`).
 --compare=layer_loop: the unrolled loop over per-layer weight and cache buffers
 (`unroll_layers=True`, the CPU default) vs the layer scan (`unroll_layers=False`).

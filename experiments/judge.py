@@ -1,6 +1,6 @@
 r"""Runs the OpenRS judge over a JudgeBench-format JSONL file.
 
-    python -m experiments.judge --input=/work/shared/data/judgebench/gpt.jsonl \
+    python -m experiments.judge --input=DATA/judgebench/gpt.jsonl \
         --base_url=http://127.0.0.1:8080/v1 --model=smollm2 --output_dir=/tmp/judge_run \
         --workers=8 --limit=20
 
