@@ -1,0 +1,278 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+# ---
+
+# %% [markdown]
+# # CLIPO: the contrastive losses, the head step, and the effect on the embedded task
+#
+# CLIPO (arXiv 2603.10101) maps each rollout's pooled final hidden state to a unit-norm embedding
+# with a small head, scores it with a supervised contrastive loss over its rollout group, and adds
+# `c_i = max(c0 - lam * L_i * [y_i = 1], clip_min)` to the outcome reward of correct rollouts.
+# This notebook
+#
+# 1. evaluates the four loss types of `clipo_jax/contrastive.py` on toy embeddings and checks them
+#    against a plain numpy transcription of the formulas, including two cases with a closed form;
+# 2. runs the online head update (`head_step`) on toy pooled states;
+# 3. plots the recorded GRPO vs GRPO+CLIPO study (3 seeds) with error bars.
+#
+# Runs on CPU in well under a minute; `NOTEBOOK_SIZE` changes nothing here.
+
+# %%
+import json
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import matplotlib.pyplot as plt
+import numpy as np
+
+from clipo_jax import contrastive as C
+
+ROOT = next(p for p in [pathlib.Path.cwd(), *pathlib.Path.cwd().parents] if (p / "clipo_jax").is_dir())
+TAU, EPS = 0.05, 1e-8  # the default temperature and the reference's eps
+print("loss types:", sorted(C.LOSSES), " similarities:", sorted(C.SIMILARITIES))
+
+# %% [markdown]
+# ## A numpy reference, written from the formulas
+#
+# For anchor `i` in a group: `s_ij` cosine similarity, logits `l_ij = (s_ij - max_k s_ik) / tau`
+# (the row max includes `i` itself), `A(i)` = the group minus `i`, `P(i)` = same label minus `i`,
+# `S_i = sum_{a in A(i)} exp(l_ia)`. Then
+#
+# | loss | `L_i` |
+# |---|---|
+# | soft_nn | `-[log(sum_P exp l_ip + eps) - log(S_i + eps)]` |
+# | supcon_in | soft_nn `+ log(|P| + eps)` |
+# | supcon_out | `-(1/(|P|+eps)) sum_P [l_ip - log(S_i + eps)]` |
+# | infonce | `-[l_{i p_i} - log(S_i + eps)]` for one positive `p_i` drawn per anchor |
+#
+# Anchors with label 0 (incorrect) are masked, as are anchors without a positive or a negative.
+# InfoNCE draws its positive at random: the reference takes the drawn positive as an argument.
+
+
+# %%
+def numpy_loss(z, labels, loss_type, tau=TAU, picked=None):
+    """Per-anchor loss of one group (loops, float64); picked[i] = InfoNCE's positive for anchor i."""
+    z = np.asarray(z, np.float64)
+    z = z / np.linalg.norm(z, axis=1, keepdims=True)
+    s = z @ z.T
+    n = len(z)
+    out = np.zeros(n)
+    for i in range(n):
+        logits = (s[i] - s[i].max()) / tau
+        others = [j for j in range(n) if j != i]
+        pos = [j for j in others if labels[j] == labels[i]]
+        neg = [j for j in others if labels[j] != labels[i]]
+        if labels[i] == 0 or not pos or not neg:
+            continue
+        log_s = np.log(np.exp(logits[others]).sum() + EPS)
+        soft_nn = -(np.log(np.exp(logits[pos]).sum() + EPS) - log_s)
+        if loss_type == "soft_nn":
+            out[i] = soft_nn
+        elif loss_type == "supcon_in":
+            out[i] = soft_nn + np.log(len(pos) + EPS)
+        elif loss_type == "supcon_out":
+            out[i] = -np.sum(logits[pos] - log_s) / (len(pos) + EPS)
+        elif loss_type == "infonce":
+            out[i] = -(logits[picked[i]] - log_s)
+    return out
+
+
+def library_loss(z, labels, loss_type, seed=0):
+    groups = np.zeros(len(z), np.int32)
+    per, batch = C.contrastive_loss(
+        jnp.asarray(z, jnp.float32),
+        jnp.asarray(labels),
+        jnp.asarray(groups),
+        loss_type=loss_type,
+        rng=jax.random.key(seed),
+    )
+    return np.asarray(per), float(batch)
+
+
+# %% [markdown]
+# ## Closed-form case 1: identical positives
+#
+# A group of 16: the 8 correct rollouts share one embedding, the 8 incorrect ones are orthogonal to
+# it and to each other. For a correct anchor the 7 positives have logit 0 and the 8 negatives
+# `-1/tau = -20`, so `S = 7 + 8 e^-20` and InfoNCE = SupCon-out = SupCon-in `= log S ~ log 7`,
+# while Soft-NN `= log(S + eps) - log(7 + eps) ~ 0`: all positives are already as close as possible.
+
+# %%
+z1 = np.zeros((16, 16), np.float32)
+z1[:8, 0] = 1.0
+for i in range(8, 16):
+    z1[i, i] = 1.0
+y1 = np.array([1] * 8 + [0] * 8)
+
+S = 7 + 8 * np.exp(-1 / TAU)
+expected = {
+    "infonce": np.log(S + EPS),
+    "supcon_out": np.log(S + EPS),
+    "soft_nn": np.log(S + EPS) - np.log(7 + EPS),
+}
+expected["supcon_in"] = expected["soft_nn"] + np.log(7 + EPS)  # soft_nn + log |P|
+print(f"{'loss':<11}{'closed form':>14}{'library':>12}{'numpy ref':>12}   (correct anchors; log 7 = {np.log(7):.6f})")
+for name, want in expected.items():
+    per, _ = library_loss(z1, y1, name)
+    ref = numpy_loss(z1, y1, name, picked=[1] * 8 + [None] * 8)
+    print(f"{name:<11}{want:>14.6f}{per[:8].mean():>12.6f}{ref[:8].mean():>12.6f}")
+    np.testing.assert_allclose(per[:8], want, atol=1e-5)
+    np.testing.assert_allclose(ref[:8], want, atol=1e-9)
+    assert np.all(per[8:] == 0), "incorrect anchors are masked"
+
+# %% [markdown]
+# ## Closed-form case 2: everything orthogonal, where eps matters
+#
+# Now all 16 embeddings are mutually orthogonal. Every other rollout has logit `-20`, so
+# `S = 15 e^-20 ~ 3.1e-8`, the same order as `eps = 1e-8`. InfoNCE is
+# `20 + log(15 e^-20 + eps) ~ 2.988`, not the `log 15 ~ 2.708` one gets without eps. The library
+# follows the reference code's eps placement exactly, so it reproduces 2.988.
+
+# %%
+z2 = np.eye(16, dtype=np.float32)
+want = 1 / TAU + np.log(15 * np.exp(-1 / TAU) + EPS)
+per, _ = library_loss(z2, y1, "infonce")
+print(f"closed form {want:.6f}   library {per[:8].mean():.6f}   log 15 = {np.log(15):.6f}")
+np.testing.assert_allclose(per[:8], want, atol=1e-4)
+assert abs(want - 2.988) < 1e-3
+
+# %% [markdown]
+# ## Random embeddings: the library against the numpy reference
+#
+# Two groups of 8 random 6-dimensional embeddings with mixed labels. Group level (the default)
+# is computed blockwise in the library, one `[G, G]` block per prompt, never a `B x B` matrix.
+
+# %%
+rng = np.random.default_rng(0)
+z = rng.normal(size=(16, 6)).astype(np.float32)
+labels = np.array([1, 1, 0, 1, 0, 0, 1, 1, 0, 1, 1, 1, 0, 0, 0, 1])
+groups = np.repeat(np.arange(2), 8)
+zn = z / np.linalg.norm(z, axis=1, keepdims=True)
+print(f"{'loss':<11}{'max |library - numpy|':>22}{'batch loss':>12}")
+key = jax.random.key(1)
+# InfoNCE's draw, replayed: one randint per anchor gives the rank of its positive among P(i) in column order
+n_pos = np.array(
+    [sum(labels[j] == labels[i] for j in range(8 * (i // 8), 8 * (i // 8) + 8) if j != i) for i in range(16)]
+)
+rank = np.asarray(jax.random.randint(key, (16,), 0, np.maximum(n_pos, 1)))
+for name in ("infonce", "supcon_in", "supcon_out", "soft_nn"):
+    per, batch = C.contrastive_loss(zn, labels, groups, loss_type=name, rng=key)
+    per = np.asarray(per)
+    ref = np.zeros(16)
+    for g in range(2):
+        sl, lab = slice(8 * g, 8 * g + 8), labels[8 * g : 8 * g + 8]
+        picked = {}
+        for i in range(8):
+            pos = [j for j in range(8) if j != i and lab[j] == lab[i]]
+            picked[i] = pos[rank[8 * g + i]] if pos else None
+        ref[sl] = numpy_loss(zn[sl], lab, name, picked=picked)
+    diff = np.abs(per - ref).max()
+    print(f"{name:<11}{diff:>22.2e}{float(batch):>12.4f}")
+    assert diff < 1e-4, (name, diff)
+
+# %% [markdown]
+# ## The reward
+#
+# Correct rollouts get `c_i = max(c0 - lam * L_i, clip_min)` (defaults `c0 = 0`, `lam = 0.2`,
+# `clip_min = -0.5`); incorrect ones get `c0 = 0`. A correct rollout far from its peers (large
+# `L_i`) earns less than one inside the cluster of correct answers.
+
+# %%
+per, _ = C.contrastive_loss(zn, labels, groups, loss_type="infonce", rng=jax.random.key(1))
+reward = np.asarray(C.contrastive_reward(per, labels))
+np.testing.assert_allclose(reward, np.maximum(-0.2 * np.asarray(per) * (labels == 1), -0.5), rtol=1e-6)
+for name, arr in (("label", labels), ("L_i", np.asarray(per).round(3)), ("c_i", reward.round(3))):
+    print(f"{name:<6}", arr[:8])
+
+# %% [markdown]
+# ## The head step
+#
+# The head (linear, `hidden -> d_out`, then L2 normalisation) is trained online with AdamW on the
+# contrastive loss of each batch. `head_step` returns the per-sample losses *before* its update:
+# those drive the reward of that batch. Here toy pooled states (hidden 32) carry a weak "correct"
+# direction plus noise; over a few dozen steps the head learns to pull correct rollouts together,
+# and the loss falls.
+
+# %%
+G, P, H = 8, 4, 32
+cfg = C.ContrastiveConfig(group_size=G, d_out=16, lr=1e-2)
+state = C.init_head_state(jax.random.key(0), hidden=H, cfg=cfg)
+direction = rng.normal(size=H)
+losses = []
+for step in range(60):
+    lab = rng.integers(0, 2, size=P * G)
+    pooled = rng.normal(size=(P * G, H)) + 1.5 * lab[:, None] * direction
+    gid = np.repeat(np.arange(P), G)
+    state, per_sample, loss, metrics = C.head_step(
+        state, jnp.asarray(pooled, jnp.float32), jnp.asarray(lab), jnp.asarray(gid), jax.random.key(step), cfg
+    )
+    losses.append(float(loss))
+print(f"head step {int(state.step)}: batch loss first 5 {np.mean(losses[:5]):.3f} -> last 5 {np.mean(losses[-5:]):.3f}")
+print({k: round(float(v), 3) for k, v in metrics.items()})
+assert np.mean(losses[-5:]) < np.mean(losses[:5])
+fig, ax = plt.subplots(figsize=(5, 2.5))
+ax.plot(losses)
+ax.set_xlabel("head step")
+ax.set_ylabel("InfoNCE batch loss")
+fig.tight_layout()
+plt.show()
+
+# %% [markdown]
+# ## GRPO vs GRPO+CLIPO on the embedded task (recorded study)
+#
+# `python -m experiments.clipo_effect --root=D --seeds=0,1,2 --algos=grpo` (and `--algos=dapo
+# --extra=rl.steps=30`) trains each method from the same SFT start per seed and writes the greedy
+# evaluation on the five 200-problem test sets, mean and std over seeds, to
+# `docs/clipo_effect_summary.json`. The study takes hours on CPU, so this notebook reads that file.
+# Error bars are one standard deviation over the 3 seeds.
+
+# %%
+summary = json.loads((ROOT / "docs" / "clipo_effect_summary.json").read_text())
+methods = list(summary)
+sets = ["in_dist", "big_numbers", "extra_step_1", "extra_step_2", "distractor"]
+print(f"outcome accuracy, % (mean ± std over seeds, n = {len(summary['grpo']['in_dist/outcome']['values'])})")
+print(f"{'method':<14}" + "".join(f"{s:>15}" for s in sets))
+for m in methods:
+    cells = [summary[m][f"{s}/outcome"] for s in sets]
+    print(f"{m:<14}" + "".join(f"{c['mean']:>8.1f} ± {c['std']:<4.1f}" for c in cells))
+    for c in cells:  # the summary's mean and std are those of its per-seed values (population std)
+        assert abs(np.mean(c["values"]) - c["mean"]) < 1e-9 and abs(np.std(c["values"]) - c["std"]) < 1e-9
+
+fig, axes = plt.subplots(1, 2, figsize=(9, 3))
+for ax, metric in zip(axes, ("outcome", "process")):
+    width = 0.8 / len(methods)
+    for k, m in enumerate(methods):
+        means = [summary[m][f"{s}/{metric}"]["mean"] for s in sets]
+        stds = [summary[m][f"{s}/{metric}"]["std"] for s in sets]
+        ax.bar(np.arange(len(sets)) + k * width, means, width, yerr=stds, capsize=2, label=m)
+    ax.set_xticks(np.arange(len(sets)) + 0.4 - width / 2)
+    ax.set_xticklabels(sets, rotation=30, fontsize=8)
+    ax.set_ylabel(f"{metric} accuracy (%)")
+axes[0].legend(fontsize=7)
+fig.tight_layout()
+plt.show()
+
+# %% [markdown]
+# Each +CLIPO variant against its base method: the difference of the means, and that difference in
+# units of the combined seed spread `sqrt(std_a^2 + std_b^2)`. With 3 seeds, only ratios well above 1
+# would indicate an effect (README, "CLIPO's effect on the embedded task", says what the setup can and
+# cannot show).
+
+# %%
+ratios = []
+print(f"{'comparison':<20}{'test set':<14}{'diff (points)':>14}{'diff / spread':>15}")
+for base in ("grpo", "dapo"):
+    for s in sets:
+        a, b = summary[base][f"{s}/outcome"], summary[base + "+clipo"][f"{s}/outcome"]
+        d = b["mean"] - a["mean"]
+        spread = np.hypot(a["std"], b["std"])
+        ratio = abs(d) / spread if spread else 0.0
+        ratios.append(ratio)
+        print(f"{base + ' -> +clipo':<20}{s:<14}{d:>+14.1f}{ratio:>15.2f}")
+print(f"largest |diff| / spread: {max(ratios):.2f}")
