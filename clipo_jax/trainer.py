@@ -29,6 +29,7 @@ import numpy as np
 import optax
 
 from clipo_jax import contrastive, parallel, rollout, sampling, tasks
+from clipo_jax.checkpoints import CheckpointError, RunCheckpoints, newest_good_step  # noqa: F401  (re-exported)
 from clipo_jax.models import PRESETS, ModelConfig, load_model, transformer
 from clipo_jax.rewards import stage as reward_stage
 from clipo_jax.rl import advantages as adv_lib
@@ -44,8 +45,161 @@ class TrainingError(RuntimeError):
 
 
 # ============================================================================ config checks
+# Every number the trainer reads: (dotted key, kind, rule, text, required). kind "int" is an
+# integer (not a bool); "float" is any finite int or float; "lr" is "float" that also lets +inf
+# through (see _number_error). Optional keys (required=False) are checked when set.
+def _ge(lo):
+    return lambda v: v >= lo
+
+
+_POS, _NONNEG = (lambda v: v > 0), _ge(0)  # noqa: E731
+_ANY = lambda v: True  # noqa: E731
+_UNIT = lambda v: 0 <= v <= 1  # noqa: E731
+_OPEN_UNIT = lambda v: 0 < v <= 1  # noqa: E731
+NUMBER_RULES = [
+    ("seed", "int", _NONNEG, ">= 0", True),
+    ("rl.steps", "int", _NONNEG, ">= 0", True),
+    ("rl.prompts_per_step", "int", _ge(1), ">= 1", True),
+    ("rl.group_size", "int", _ge(1), ">= 1", True),
+    ("rl.max_new_tokens", "int", _ge(1), ">= 1", True),
+    ("rl.max_prompt_len", "int", _ge(1), ">= 1", True),
+    ("rl.temperature", "float", _POS, "> 0", True),
+    ("rl.top_p", "float", _OPEN_UNIT, "in (0, 1]", True),
+    ("rl.lr", "lr", _POS, "> 0", True),
+    ("rl.warmup_steps", "int", _NONNEG, ">= 0", True),
+    ("rl.weight_decay", "float", _NONNEG, ">= 0", True),
+    ("rl.grad_clip", "float", _NONNEG, ">= 0 (0 = no clipping)", True),
+    ("rl.eps_low", "float", lambda v: 0 <= v < 1, "in [0, 1)", True),
+    ("rl.eps_high", "float", _NONNEG, ">= 0", True),
+    ("rl.dual_clip", "float", lambda v: v == 0 or v > 1, "0 (off) or > 1", True),
+    ("rl.kl_coef", "float", _NONNEG, ">= 0", True),
+    ("rl.kl_clamp", "float", _NONNEG, ">= 0 (0 = no clamp)", True),
+    ("rl.entropy_coef", "float", _NONNEG, ">= 0", True),
+    ("rl.epochs", "int", _ge(1), ">= 1", True),
+    ("rl.mini_batches", "int", _ge(1), ">= 1", True),
+    ("rl.micro_batches", "int", _ge(1), ">= 1", True),
+    ("rl.tis_cap", "float", _NONNEG, ">= 0 (0 = off)", True),
+    ("rl.dynamic_max_rounds", "int", _ge(1), ">= 1", True),
+    ("rl.overlong_buffer", "int", _NONNEG, ">= 0", True),
+    ("rl.max_consecutive_skips", "int", _ge(1), ">= 1", True),
+    ("sft.steps", "int", _NONNEG, ">= 0", True),
+    ("sft.batch_size", "int", _ge(1), ">= 1", True),
+    ("sft.lr", "float", _POS, "> 0", True),
+    ("sft.warmup_steps", "int", _NONNEG, ">= 0", True),
+    ("sft.weight_decay", "float", _NONNEG, ">= 0", True),
+    ("sft.max_len", "int", _ge(1), ">= 1", True),
+    ("clipo.temperature", "float", _POS, "> 0", True),
+    ("clipo.masked_label", "int", _ANY, "", True),
+    ("clipo.d_out", "int", _ge(1), ">= 1", True),
+    ("clipo.lr", "float", _POS, "> 0", True),
+    ("clipo.weight_decay", "float", _NONNEG, ">= 0", True),
+    ("clipo.lam", "float", _NONNEG, ">= 0", True),
+    ("clipo.c0", "float", _ANY, "", True),
+    ("clipo.clip_min", "float", _ANY, "", True),
+    ("clipo.warmup_steps", "int", _NONNEG, ">= 0", True),
+    ("eval.every", "int", _NONNEG, ">= 0 (0 = only before and after)", True),
+    ("eval.max_new_tokens", "int", _ge(1), ">= 1", True),
+    ("eval.temperature", "float", _NONNEG, ">= 0 (0 = greedy)", False),
+    ("eval.top_p", "float", _OPEN_UNIT, "in (0, 1]", False),
+    ("eval.n", "int", _ge(1), ">= 1", False),
+    ("ckpt.every", "int", _ge(1), ">= 1", True),
+    ("ckpt.keep", "int", _ge(1), ">= 1", True),
+    ("mesh.data", "int", lambda v: v == -1 or v >= 1, "-1 (the remaining devices) or >= 1", True),
+    ("mesh.fsdp", "int", lambda v: v == -1 or v >= 1, "-1 (the remaining devices) or >= 1", True),
+    ("mesh.tensor", "int", lambda v: v == -1 or v >= 1, "-1 (the remaining devices) or >= 1", True),
+    ("model.d_model", "int", _ge(1), ">= 1", False),
+    ("model.n_layers", "int", _ge(1), ">= 1", False),
+    ("model.n_heads", "int", _ge(1), ">= 1", False),
+    ("model.n_kv_heads", "int", _ge(1), ">= 1", False),
+    ("model.head_dim", "int", _ge(1), ">= 1", False),
+    ("model.d_ff", "int", _ge(1), ">= 1", False),
+    ("model.max_seq_len", "int", _ge(1), ">= 1", False),
+    ("reward.gate_reward", "float", _ANY, "", False),
+    ("reward.correct_threshold", "float", _ANY, "", False),
+    ("task.train_size", "int", _ge(1), ">= 1", False),
+    ("task.test_size", "int", _ge(1), ">= 1", False),
+    ("task.sft_size", "int", _NONNEG, ">= 0", False),
+    ("task.lucky_share", "float", _UNIT, "in [0, 1]", False),
+    ("task.vocab_size", "int", _ge(1), ">= 1", False),
+    ("task.max_value", "int", _ge(1), ">= 1", False),
+    ("task.train_limit", "int", _NONNEG, ">= 0 (0 = all)", False),
+    ("task.test_limit", "int", _NONNEG, ">= 0 (0 = all)", False),
+]
+_MISSING = object()
+
+
+def _lookup(config, key: str):
+    node = config
+    for part in key.split("."):
+        if not hasattr(node, "keys") or part not in node:
+            return _MISSING
+        node = node[part]
+    return node
+
+
+def _number_error(key: str, value, kind: str, rule, text: str) -> str | None:
+    import math
+
+    if kind == "int":
+        ok = isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+        what = "an integer"
+    else:
+        ok = isinstance(value, (int, float, np.number)) and not isinstance(value, bool)
+        # rl.lr=+inf is the one non-finite number let through: its first update makes the params
+        # non-finite, every later update is skipped and rl.max_consecutive_skips aborts the run
+        # (the trainer tests reach that abort this way); NaN and -inf are refused
+        ok = ok and (math.isfinite(value) or (kind == "lr" and value == math.inf))
+        what = "a finite number"
+    if not ok or not rule(value):
+        return f"config.{key}={value!r} must be {what}" + (f" {text}" if text else "")
+    return None
+
+
+def _check_numbers(config) -> None:
+    for key, kind, rule, text, required in NUMBER_RULES:
+        value = _lookup(config, key)
+        if value is _MISSING:
+            if required:
+                raise TrainingError(f"config.{key} is missing (it must be {text or 'set'})")
+            continue
+        if value is None and not required:
+            continue
+        err = _number_error(key, value, kind, rule, text)
+        if err:
+            raise TrainingError(err)
+    m = config.model
+    if m.get("n_heads") and m.get("n_kv_heads") and m.n_heads % m.n_kv_heads:
+        raise TrainingError(
+            f"config.model.n_heads={m.n_heads} is not a multiple of config.model.n_kv_heads={m.n_kv_heads}"
+        )
+    rl = config.rl
+    if rl.overlong_buffer >= rl.max_new_tokens:
+        raise TrainingError(
+            f"config.rl.overlong_buffer={rl.overlong_buffer} must be < config.rl.max_new_tokens={rl.max_new_tokens}"
+        )
+    for name, weight in dict(reward_config(config).terms).items():
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not np.isfinite(weight):
+            raise TrainingError(f"config.reward.terms.{name}={weight!r} must be a finite number")
+
+
+def check_workdir(workdir: str) -> None:
+    """The run directory exists (created here) and takes a file; else one line naming it."""
+    import tempfile
+
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise TrainingError(f"--workdir={workdir} exists and is not a directory")
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        with tempfile.TemporaryFile(dir=workdir):
+            pass
+    except OSError as e:
+        raise TrainingError(f"--workdir={workdir} is not a writable directory ({e.strerror or e})") from None
+
+
 def validate_config(config) -> None:
-    """Fail before any compilation on unknown registry names and impossible shapes."""
+    """Fail before any compilation on unknown registry names, impossible shapes and numbers out
+    of range (NUMBER_RULES)."""
+    _check_numbers(config)
     rl = config.rl
     checks = [
         ("rl.advantage", rl.advantage, adv_lib.ADVANTAGE_ESTIMATORS),
@@ -170,7 +324,9 @@ def build_model(config, vocab_size: int, rng) -> tuple[ModelConfig, Any]:
             raise TrainingError(f"config.model.source={m.source!r}: unknown preset; valid: {sorted(PRESETS)} or custom")
         base = PRESETS.get(preset, ModelConfig())
         overrides = {
-            k: m[k] for k in ("d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff") if k in m and m[k]
+            k: m[k]
+            for k in ("d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff")
+            if m.get(k) is not None
         }
         cfg = base.replace(vocab_size=vocab_size, dtype=m.dtype, max_seq_len=m.get("max_seq_len", 512), **overrides)
         return cfg, transformer.init_params(cfg, rng)
@@ -315,50 +471,6 @@ def _setup_model(config, task, mesh, rewards, root) -> tuple["RunContext", Any]:
     clipo_cfg = contrastive.ContrastiveConfig(**_clipo_static(config)) if config.clipo.enabled else None
     ctx = RunContext(config, task, cfg, mesh, sampler, spec, eval_cfg, step_cfg, clipo_cfg, rewards)
     return ctx, params
-
-
-class RunCheckpoints:
-    """The run's orbax checkpoints: policy state, reference params, CLIPO head, JSON meta."""
-
-    def __init__(self, workdir: str, keep: int):
-        import orbax.checkpoint as ocp
-
-        self.ocp = ocp
-        self.dir = os.path.abspath(os.path.join(workdir, "checkpoints"))
-        self.manager = ocp.CheckpointManager(
-            self.dir, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
-        )
-
-    def latest_step(self):
-        return self.manager.latest_step()
-
-    def save(self, step, state, ref_params, head, meta):
-        a = self.ocp.args
-        self.manager.save(
-            step,
-            args=a.Composite(
-                state=a.StandardSave(state),
-                ref=a.StandardSave(ref_params),
-                head=a.StandardSave(head),
-                meta=a.JsonSave(meta),
-            ),
-        )
-
-    def restore(self, step, state_t, ref_t, head_t):
-        a, abstract = self.ocp.args, lambda t: jax.tree.map(self.ocp.utils.to_shape_dtype_struct, t)
-        r = self.manager.restore(
-            step,
-            args=a.Composite(
-                state=a.StandardRestore(abstract(state_t)),
-                ref=a.StandardRestore(abstract(ref_t)),
-                head=a.StandardRestore(abstract(head_t)),
-                meta=a.JsonRestore(),
-            ),
-        )
-        return r.state, r.ref, r.head, r.meta
-
-    def wait(self):
-        self.manager.wait_until_finished()
 
 
 def new_train_state(params, optimizer, mesh) -> TrainState:
@@ -520,7 +632,7 @@ def run(config, workdir: str) -> dict:
     from tqdm import tqdm
 
     validate_config(config)
-    os.makedirs(workdir, exist_ok=True)
+    check_workdir(workdir)
     primary = parallel.is_primary()  # with several processes, process 0 writes the run's files
     if primary:
         with open(os.path.join(workdir, "config.json"), "w") as f:
@@ -555,9 +667,12 @@ def _run(ctx: RunContext, params, workdir: str, root, tqdm) -> dict:
     latest = ckpt.latest_step()
     parallel.barrier("resume_check")  # no process may see a checkpoint another one is writing now
     if latest is not None:
-        state, ref_params, head, meta = ckpt.restore(
-            latest, new_train_state(params, optimizer, ctx.mesh), params, head_init()
-        )
+        try:
+            state, ref_params, head, meta = ckpt.restore(
+                latest, new_train_state(params, optimizer, ctx.mesh), params, head_init()
+            )
+        except CheckpointError as e:
+            raise TrainingError(str(e)) from None
         logger.info("resumed from %s step %d", ckpt.dir, latest)
         print(f"resumed from step {latest}")
     else:
@@ -615,6 +730,7 @@ def _run(ctx: RunContext, params, workdir: str, root, tqdm) -> dict:
                     )
             m.update({f"counters/{k}": v for k, v in counters.items()})
             last_metrics = m
+            ckpt.commit()  # the previous save is final, with its manifest, before this step's line
             writer.write(step + 1, m)
             bar.set_postfix(reward=f"{m['reward/outcome_mean']:.3f}", len=f"{m['response/length_mean']:.0f}")
 
@@ -661,14 +777,14 @@ def evaluate_before(ctx: RunContext, ref_params, workdir: str, root) -> dict:
 
 
 def restore_params(workdir: str, params_template):
-    """The policy parameters of a run's latest checkpoint (for evaluation)."""
+    """The policy parameters of a run's newest checkpoint that verifies (for evaluation)."""
     import orbax.checkpoint as ocp
 
     ckpt_dir = os.path.abspath(os.path.join(workdir, "checkpoints"))
-    manager = ocp.CheckpointManager(ckpt_dir)
-    step = manager.latest_step()
+    step = newest_good_step(ckpt_dir)  # verified against its manifest; bad newer steps are logged
     if step is None:
-        raise TrainingError(f"{ckpt_dir}: no checkpoint")
+        raise TrainingError(f"{ckpt_dir}: no checkpoint that verifies against its manifest")
+    manager = ocp.CheckpointManager(ckpt_dir)
     restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
     state = restored.state
     params = state["params"] if isinstance(state, dict) else state.params

@@ -1,0 +1,242 @@
+"""The run's orbax checkpoints, each step verified by a sha256 manifest.
+
+Layout: ``<workdir>/checkpoints/<step>/`` is one orbax step (items ``state``, ``ref``, ``head``,
+``meta``) plus ``sha256_manifest.json``: the size and sha256 of every other file in the step
+directory. The manifest is written after the (asynchronous) orbax save has finished and its step
+directory has its final name (``commit``), so a step with a manifest is a complete step.
+
+At start-up the newest step is verified against its manifest (every file present, same size,
+same sha256) and its meta is checked for the fields and types the trainer reads. A step that
+fails (no manifest, e.g. a save cut short; a missing, truncated or changed file; bad meta) is
+reported in one warning line naming the step and the file, moved to
+``<workdir>/checkpoints.rejected/<step>`` and the next older step is tried; with no good step
+the run starts fresh.
+
+Retention: orbax itself deletes nothing (``max_to_keep=None``); after each manifest is written
+the newest ``keep`` manifested steps are kept and older step directories are deleted, so a step
+still being written (or one that never got its manifest) never pushes the last good steps out.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+
+import jax
+
+from clipo_jax import parallel
+
+logger = logging.getLogger(__name__)
+
+MANIFEST = "sha256_manifest.json"
+REJECTED = "checkpoints.rejected"
+
+
+class CheckpointError(RuntimeError):
+    """A one-line error about the run's checkpoints."""
+
+
+# ------------------------------------------------------------------------------- manifests
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _step_files(step_dir: str) -> list[str]:
+    """Every file under step_dir except the manifest, as sorted relative paths."""
+    out = []
+    for root, _, files in os.walk(step_dir):
+        for name in files:
+            rel = os.path.relpath(os.path.join(root, name), step_dir)
+            if rel != MANIFEST:
+                out.append(rel)
+    return sorted(out)
+
+
+def write_manifest(step_dir: str) -> None:
+    """{relative path: [size, sha256]} of every file in step_dir, written atomically."""
+    files = {
+        rel: [os.path.getsize(os.path.join(step_dir, rel)), _sha256(os.path.join(step_dir, rel))]
+        for rel in _step_files(step_dir)
+    }
+    tmp = os.path.join(step_dir, MANIFEST + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump({"files": files}, f, indent=0, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, os.path.join(step_dir, MANIFEST))
+
+
+def verify_step(step_dir: str) -> str | None:
+    """None if step_dir matches its manifest and its meta is usable; else the problem, naming the file."""
+    path = os.path.join(step_dir, MANIFEST)
+    if not os.path.isfile(path):
+        return f"no {MANIFEST} (the save did not complete)"
+    try:
+        with open(path) as f:
+            want = json.load(f)["files"]
+        want = {str(k): (int(v[0]), str(v[1])) for k, v in want.items()}
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
+        return f"{MANIFEST}: unreadable ({type(e).__name__})"
+    have = set(_step_files(step_dir))
+    missing = sorted(set(want) - have)
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        return f"{missing[0]}{more}: missing"
+    extra = sorted(have - set(want))
+    if extra:
+        return f"{extra[0]}: not in {MANIFEST}"
+    for rel, (size, digest) in sorted(want.items()):
+        full = os.path.join(step_dir, rel)
+        try:
+            got_size = os.path.getsize(full)
+            if got_size != size:
+                return f"{rel}: {got_size} bytes, {size} in {MANIFEST} (truncated or overwritten)"
+            if _sha256(full) != digest:
+                return f"{rel}: sha256 differs from {MANIFEST}"
+        except OSError as e:
+            return f"{rel}: unreadable ({e.strerror or type(e).__name__})"
+    return check_meta(step_dir)
+
+
+def check_meta(step_dir: str) -> str | None:
+    """The JSON meta item holds the fields the trainer resumes from, with their types."""
+    rel = os.path.join("meta", "metadata")
+    try:
+        with open(os.path.join(step_dir, rel)) as f:
+            meta = json.load(f)
+    except (OSError, ValueError) as e:
+        return f"{rel}: unreadable ({type(e).__name__})"
+    if not isinstance(meta, dict):
+        return f"{rel}: not a JSON object"
+    for key in ("data_position", "consecutive_skips"):
+        v = meta.get(key)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            return f"{rel}: {key}={v!r} is not an integer >= 0"
+    counters = meta.get("counters", {})
+    if not isinstance(counters, dict) or not all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in counters.values()
+    ):
+        return f"{rel}: counters={counters!r} is not a mapping of numbers"
+    return None
+
+
+def step_dirs(ckpt_dir: str) -> list[int]:
+    """The step numbers with a final (not orbax-temporary) directory, ascending."""
+    if not os.path.isdir(ckpt_dir):
+        return []
+    return sorted(int(d) for d in os.listdir(ckpt_dir) if d.isdigit() and os.path.isdir(os.path.join(ckpt_dir, d)))
+
+
+def newest_good_step(ckpt_dir: str, reject: bool = False) -> int | None:
+    """The newest step that verifies; each bad newer step is logged in one line and, with
+    reject=True, moved to the sibling checkpoints.rejected/ directory."""
+    for step in reversed(step_dirs(ckpt_dir)):
+        step_dir = os.path.join(ckpt_dir, str(step))
+        problem = verify_step(step_dir)
+        if problem is None:
+            return step
+        where = ""
+        if reject:
+            where = f"; moved to {_reject(ckpt_dir, step)}"
+        logger.warning("checkpoint step %d in %s is unusable: %s%s", step, ckpt_dir, problem, where)
+    return None
+
+
+def _reject(ckpt_dir: str, step: int) -> str:
+    target_root = os.path.join(os.path.dirname(ckpt_dir), REJECTED)
+    os.makedirs(target_root, exist_ok=True)
+    target, n = os.path.join(target_root, str(step)), 1
+    while os.path.exists(target):
+        target, n = os.path.join(target_root, f"{step}.{n}"), n + 1
+    os.replace(os.path.join(ckpt_dir, str(step)), target)
+    return target
+
+
+# ------------------------------------------------------------------------------- the manager
+class RunCheckpoints:
+    """Policy state, reference params, CLIPO head and JSON meta per step (orbax, async saves).
+
+    Process 0 verifies, writes manifests, rejects and deletes; every process saves and restores.
+    """
+
+    def __init__(self, workdir: str, keep: int):
+        import orbax.checkpoint as ocp
+
+        self.ocp = ocp
+        self.keep = int(keep)
+        self.dir = os.path.abspath(os.path.join(workdir, "checkpoints"))
+        self.primary = parallel.is_primary()
+        self.pending: int | None = None  # saved, manifest not yet written
+        if self.primary:
+            had_steps = bool(step_dirs(self.dir))
+            if newest_good_step(self.dir, reject=True) is None and had_steps:
+                logger.warning("no usable checkpoint in %s; starting fresh", self.dir)
+        parallel.barrier("checkpoints_verified")  # no process lists steps before the bad ones are gone
+        self.manager = ocp.CheckpointManager(
+            self.dir, options=ocp.CheckpointManagerOptions(max_to_keep=None, create=True)
+        )
+
+    def latest_step(self):
+        return self.manager.latest_step()
+
+    def save(self, step, state, ref_params, head, meta):
+        self.commit()
+        a = self.ocp.args
+        self.manager.save(
+            step,
+            args=a.Composite(
+                state=a.StandardSave(state),
+                ref=a.StandardSave(ref_params),
+                head=a.StandardSave(head),
+                meta=a.JsonSave(meta),
+            ),
+        )
+        self.pending = step
+
+    def commit(self):
+        """Wait for the in-flight save, write its manifest, delete steps past `keep` good ones."""
+        self.manager.wait_until_finished()
+        if self.pending is None:
+            return
+        step, self.pending = self.pending, None
+        if not self.primary:
+            return
+        write_manifest(os.path.join(self.dir, str(step)))
+        steps = step_dirs(self.dir)
+        good = [s for s in steps if os.path.isfile(os.path.join(self.dir, str(s), MANIFEST))]
+        if len(good) > self.keep:
+            oldest_kept = good[-self.keep]
+            for s in steps:
+                if s < oldest_kept:
+                    shutil.rmtree(os.path.join(self.dir, str(s)), ignore_errors=True)
+            self.manager.reload()
+
+    def restore(self, step, state_t, ref_t, head_t):
+        a, abstract = self.ocp.args, lambda t: jax.tree.map(self.ocp.utils.to_shape_dtype_struct, t)
+        try:
+            r = self.manager.restore(
+                step,
+                args=a.Composite(
+                    state=a.StandardRestore(abstract(state_t)),
+                    ref=a.StandardRestore(abstract(ref_t)),
+                    head=a.StandardRestore(abstract(head_t)),
+                    meta=a.JsonRestore(),
+                ),
+            )
+        except Exception as e:  # the files match their manifest: the run's config differs
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+            raise CheckpointError(
+                f"checkpoint step {step} in {self.dir} does not fit this run's config "
+                f"(model, optimizer or CLIPO head changed?): {type(e).__name__}: {first}"
+            ) from None
+        return r.state, r.ref, r.head, r.meta
+
+    def wait(self):
+        self.commit()
