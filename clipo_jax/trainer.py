@@ -46,8 +46,8 @@ class TrainingError(RuntimeError):
 
 # ============================================================================ config checks
 # Every number the trainer reads: (dotted key, kind, rule, text, required). kind "int" is an
-# integer (not a bool); "float" is any finite int or float; "lr" is "float" that also lets +inf
-# through (see _number_error). Optional keys (required=False) are checked when set.
+# integer (not a bool); "float" is any finite int or float. Optional keys (required=False) are
+# checked when set.
 def _ge(lo):
     return lambda v: v >= lo
 
@@ -65,7 +65,7 @@ NUMBER_RULES = [
     ("rl.max_prompt_len", "int", _ge(1), ">= 1", True),
     ("rl.temperature", "float", _POS, "> 0", True),
     ("rl.top_p", "float", _OPEN_UNIT, "in (0, 1]", True),
-    ("rl.lr", "lr", _POS, "> 0", True),
+    ("rl.lr", "float", _POS, "> 0", True),
     ("rl.warmup_steps", "int", _NONNEG, ">= 0", True),
     ("rl.weight_decay", "float", _NONNEG, ">= 0", True),
     ("rl.grad_clip", "float", _NONNEG, ">= 0 (0 = no clipping)", True),
@@ -145,10 +145,7 @@ def _number_error(key: str, value, kind: str, rule, text: str) -> str | None:
         what = "an integer"
     else:
         ok = isinstance(value, (int, float, np.number)) and not isinstance(value, bool)
-        # rl.lr=+inf is the one non-finite number let through: its first update makes the params
-        # non-finite, every later update is skipped and rl.max_consecutive_skips aborts the run
-        # (the trainer tests reach that abort this way); NaN and -inf are refused
-        ok = ok and (math.isfinite(value) or (kind == "lr" and value == math.inf))
+        ok = ok and math.isfinite(value)
         what = "a finite number"
     if not ok or not rule(value):
         return f"config.{key}={value!r} must be {what}" + (f" {text}" if text else "")

@@ -237,11 +237,17 @@ def test_sigkill_and_resume_reproduces_uninterrupted_run(env, run_flags, full_ru
 
 
 # ----------------------------------------------------------------------------- NaN abort
-# rl.lr=inf: the first update is computed from a finite loss and gradient (so it is applied)
-# and turns the params into inf/NaN; every later loss is NaN, each update is skipped, and the
-# 2nd consecutive skip aborts. (A finite lr such as 1e30 does not work: RMSNorm makes the
-# model scale-invariant, the huge params saturate to a uniform policy with finite loss.)
-NAN_FLAGS = ["--config.rl.lr=inf", "--config.rl.max_consecutive_skips=2", "--config.sft.steps=0"]
+# lr = weight decay = 1e38 (finite, so the config checks accept them): the first update is
+# computed from a finite loss and gradient (so it is applied) and overflows the params to inf;
+# every later loss is NaN, each update is skipped, and the 2nd consecutive skip aborts. (A huge
+# lr alone does not work: RMSNorm makes the model scale-invariant, the huge params saturate to a
+# uniform policy with a finite loss; the decoupled weight decay term lr * wd * param overflows.)
+NAN_FLAGS = [
+    "--config.rl.lr=1e38",
+    "--config.rl.weight_decay=1e38",
+    "--config.rl.max_consecutive_skips=2",
+    "--config.sft.steps=0",
+]
 
 
 def check_nan_abort(r, workdir):
