@@ -1,11 +1,11 @@
 r"""CLIPO's effect on the embedded task: GRPO vs GRPO+CLIPO and DAPO vs DAPO+CLIPO over seeds.
 
-  python -m experiments.clipo_effect --root=/tmp/clipo_effect --seeds=0,1,2
+  python -m experiments.clipo_effect --root=RUNS --seeds=0,1,2
 
 Every (algo, clipo, seed) run is `python -m experiments.train --config=configs/demo.py:algo=A[,clipo],seed=S`
 with the same budget; runs of one seed share the SFT warm start (config.sft.cache_dir), so the
 comparison isolates the RL phase. Finished runs are skipped, an interrupted one resumes. Prints and
-writes (<root>/summary.md, <root>/summary.json) mean ± std over seeds of outcome accuracy, process
+writes (<root>/summary.md, <root>/summary.json, and the machine and versions in <root>/environment.json) mean ± std over seeds of outcome accuracy, process
 accuracy and lucky rate on every test set, after RL, plus the SFT starting point.
 """
 
@@ -23,6 +23,15 @@ flags.DEFINE_list("seeds", ["0", "1", "2"], "seeds")
 flags.DEFINE_list("algos", ["grpo", "dapo"], "base algorithms")
 flags.DEFINE_list("extra", [], "extra --config.* overrides passed to every run")
 flags.DEFINE_bool("summarize_only", False, "only aggregate finished runs")
+
+
+def environment() -> dict:
+    from importlib.metadata import version
+
+    from experiments.bench_common import machine
+
+    libs = {p: version(p) for p in ("jax", "jaxlib", "flax", "optax", "numpy")}
+    return {"machine": machine(), "versions": libs, "seeds": FLAGS.seeds, "algos": FLAGS.algos, "extra": FLAGS.extra}
 
 
 def run_name(algo, clipo, seed):
@@ -107,6 +116,8 @@ def main(argv):
         f.write(md + "\n")
     with open(os.path.join(FLAGS.root, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
+    with open(os.path.join(FLAGS.root, "environment.json"), "w") as f:  # what the numbers depend on
+        json.dump(environment(), f, indent=1)
 
 
 if __name__ == "__main__":
