@@ -82,7 +82,8 @@ def test_judgebench_query_types_route():
         "IFEval": "instruction_following",
         "wmt-translation": "translation",
         "cnn-summarization": "summarisation",
-        "poetry": "creative_writing",
+        "poetry": "poetry",
+        "short-story": "creative_writing",
         "harmful-request": "safety",
         "multi-turn-chat": "dialogue",
     }.items():
