@@ -18,7 +18,7 @@ def define() -> None:
 def backend_kwargs(
     name: str, model: str | None, base_url: str | None, cache_dir: str | None, workers: int, rng_seed: int = 0
 ) -> dict:
-    """Keyword arguments of rubrics.backends.make_backend / refine.build_judge for backend `name`."""
+    """Keyword arguments of rubrics.registry.make_backend / registry.build_judge for backend `name`."""
     if name == "openai":
         if not base_url or not model:
             raise app.UsageError("--backend=openai needs --base_url and --model")

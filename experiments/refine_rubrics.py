@@ -23,9 +23,9 @@ import os
 from absl import app, flags
 
 from clipo_jax.rubrics import JudgeConfig, builtin_meta_rubric, load_meta_rubric
-from clipo_jax.rubrics.backends import make_backend
 from clipo_jax.rubrics.protocol import PromptConfig
 from clipo_jax.rubrics.refine import RefineConfig, build_judge, load_preference_pairs, refine, write_meta_rubric
+from clipo_jax.rubrics.registry import make_backend
 from experiments import judge_backend_flags
 
 FLAGS = flags.FLAGS

@@ -69,7 +69,7 @@ def judge_settings(settings: dict) -> dict:
 
 
 def make_judge_backend(s: dict, context):
-    from clipo_jax.rubrics.backends import make_backend
+    from clipo_jax.rubrics.registry import make_backend
 
     if not s["cache_dir"] and context is not None and context.workdir:
         # completions are cached in the run directory: a resumed run replays what it was told
@@ -170,7 +170,7 @@ class PairwiseRubricTerm(RewardTerm):
         self.judge_cfg = judge_settings(s)
         self.backend = make_judge_backend(self.judge_cfg, context)
         if self.judge_cfg["backend"] == "logit":  # generation-free: labels from next-token logits
-            from clipo_jax.rubrics.local_backends import LogitJudge
+            from clipo_jax.rubrics.logit_judge import LogitJudge
 
             self.judge = LogitJudge(
                 self.backend,

@@ -1,104 +1,42 @@
-"""Judge backends behind one interface.
+"""The HTTP judge backend: ``OpenAIHTTPBackend`` for any OpenAI-compatible server (vLLM, SGLang,
+llama.cpp, OpenAI).
 
-``Backend`` is the contract every judge backend implements: an async ``complete(request) ->
-response`` plus capability flags.  Implemented here: ``OpenAIHTTPBackend`` for any
-OpenAI-compatible server (vLLM, SGLang, llama.cpp, OpenAI).  The local backends live in
-``local_backends.py`` and plug in through the same contract and the ``BACKENDS`` registry:
+``Backend`` (in ``types.py``, re-exported here) is the contract every judge backend implements:
+an async ``complete(request) -> response`` plus capability flags.  The local backends live in
+``local_backends.py``; ``registry.py`` maps backend names to factories (``BACKENDS``,
+``make_backend``).  Local backends:
 
 * in-process generation with our own sampler (``supports_json_schema`` False unless it grows a
   grammar; ``complete`` runs ``sampling.generate`` in a worker thread);
 * a logit verdict backend, which additionally implements ``LogitBackend.choice_logprobs`` to read
   the verdict off the next-token distribution instead of parsing generated JSON.
 
-Failures after all retries raise ``BackendError``; the judge turns that into a counted tie.
+Failures after all retries raise ``BackendError``; the judge turns that into an ``"error"`` verdict.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-import hashlib
 import json
 import logging
 import os
-import pathlib
 import random
 import time
-from typing import Any, Callable, Protocol, Sequence, runtime_checkable
+from typing import Any, Callable
 
 import aiohttp
 
+from clipo_jax.rubrics.cache import DiskCache
+from clipo_jax.rubrics.types import (  # noqa: F401 - re-exported for callers that import them from here
+    Backend,
+    BackendError,
+    CompletionRequest,
+    CompletionResponse,
+    LogitBackend,
+)
+
 log = logging.getLogger(__name__)
-
-
-class BackendError(RuntimeError):
-    """A judge call failed for good (after retries); ``kind`` says why (timeout / http / garbage)."""
-
-    def __init__(self, message: str, kind: str = "error"):
-        super().__init__(message)
-        self.kind = kind
-
-
-@dataclasses.dataclass(frozen=True)
-class CompletionRequest:
-    """One chat completion.  ``json_schema`` asks for schema-constrained output when supported."""
-
-    messages: tuple[dict[str, str], ...] | list[dict[str, str]]
-    max_tokens: int = 2048
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int = 0
-    json_schema: dict[str, Any] | None = None
-    schema_name: str = "judgment"
-
-    def cache_key(self, model: str, use_schema: bool) -> str:
-        """Content hash of everything that determines the answer."""
-        payload = {
-            "model": model,
-            "messages": list(self.messages),
-            "max_tokens": self.max_tokens,
-            "temperature": self.temperature,
-            "top_p": self.top_p,
-            "seed": self.seed,
-            "schema": self.json_schema if use_schema else None,
-        }
-        blob = json.dumps(payload, sort_keys=True, ensure_ascii=False).encode()
-        return hashlib.sha256(blob).hexdigest()
-
-
-@dataclasses.dataclass
-class CompletionResponse:
-    text: str
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    finish_reason: str | None = None
-    cached: bool = False
-    latency_s: float = 0.0
-    attempts: int = 1
-
-
-@runtime_checkable
-class Backend(Protocol):
-    """The judge backend contract."""
-
-    name: str
-    supports_json_schema: bool  # honours CompletionRequest.json_schema (constrained decoding)
-    supports_logprobs: bool  # can return token log-probabilities (needed by a logit verdict)
-
-    async def complete(self, request: CompletionRequest) -> CompletionResponse:
-        """Returns the completion or raises BackendError; must be safe to call concurrently."""
-        ...
-
-    async def aclose(self) -> None: ...
-
-
-@runtime_checkable
-class LogitBackend(Backend, Protocol):
-    """Extra contract for a logit-verdict backend (not implemented here)."""
-
-    async def choice_logprobs(self, request: CompletionRequest, choices: Sequence[str]) -> dict[str, float]:
-        """Log-probability of each single-token choice (e.g. "A", "B", "S") as the next token."""
-        ...
 
 
 @dataclasses.dataclass
@@ -117,35 +55,6 @@ class BackendStats:
 
     def as_dict(self) -> dict[str, int]:
         return dataclasses.asdict(self)
-
-
-class DiskCache:
-    """Completion cache on disk, one JSON file per content hash (safe across processes:
-    writes go to a temporary file then ``os.replace``)."""
-
-    def __init__(self, directory: str | os.PathLike):
-        self.dir = pathlib.Path(directory)
-        self.dir.mkdir(parents=True, exist_ok=True)
-
-    def _path(self, key: str) -> pathlib.Path:
-        return self.dir / key[:2] / f"{key}.json"
-
-    def get(self, key: str) -> dict[str, Any] | None:
-        path = self._path(key)
-        try:
-            return json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            return None
-        except (OSError, json.JSONDecodeError) as e:
-            log.warning("ignoring unreadable cache entry %s: %s", path, e)
-            return None
-
-    def put(self, key: str, value: dict[str, Any]) -> None:
-        path = self._path(key)
-        path.parent.mkdir(exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.{random.getrandbits(32)}.tmp")
-        tmp.write_text(json.dumps(value, ensure_ascii=False), encoding="utf-8")
-        os.replace(tmp, path)
 
 
 SCHEMA_STYLES: dict[str, Callable[[CompletionRequest], dict[str, Any]]] = {
@@ -383,27 +292,3 @@ class OpenAIHTTPBackend:
             )
         self.stats.failures += 1
         raise BackendError(f"{url}: giving up after {attempt} attempts; last: {last}", kind=kind)
-
-
-def _local_backend(class_name: str) -> Callable[..., Backend]:
-    # Imported on use: the local backends pull in the model code and JAX.
-    def make(**kwargs) -> Backend:
-        from clipo_jax.rubrics import local_backends
-
-        return getattr(local_backends, class_name)(**kwargs)
-
-    return make
-
-
-# Registry: name -> factory(**kwargs) -> Backend.
-BACKENDS: dict[str, Callable[..., Backend]] = {
-    "openai": OpenAIHTTPBackend,
-    "in-process": _local_backend("InProcessBackend"),  # our sampler (local_backends.py)
-    "logit": _local_backend("LogitVerdictBackend"),  # labels from next-token logits
-}
-
-
-def make_backend(name: str, **kwargs) -> Backend:
-    if name not in BACKENDS:
-        raise ValueError(f"unknown judge backend {name!r} (available: {sorted(BACKENDS)})")
-    return BACKENDS[name](**kwargs)

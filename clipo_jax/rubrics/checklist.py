@@ -43,8 +43,8 @@ from typing import Any, Iterable, Sequence
 
 import json_repair
 
-from clipo_jax.rubrics.backends import Backend, BackendError, CompletionRequest
 from clipo_jax.rubrics.protocol import JudgeParseError, extract_json_text, truncate_middle
+from clipo_jax.rubrics.types import Backend, BackendError, CompletionRequest
 
 # Item kinds.  "pitfall" is the only kind with a negative weight; the others are labels (RaR's
 # essential / important / optional tiers, or plain "criterion") and do not change the arithmetic.

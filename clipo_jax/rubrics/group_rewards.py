@@ -28,7 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from clipo_jax.rubrics import pvr
-from clipo_jax.rubrics.judge import PairInput, PairwiseJudge
+from clipo_jax.rubrics.judge import PairwiseJudge
+from clipo_jax.rubrics.types import PairInput
 
 
 @functools.partial(jax.jit, static_argnames=("num_iters",))

@@ -23,7 +23,6 @@ from typing import Any, Awaitable, Callable, Sequence
 
 from clipo_jax.rubrics import pvr
 from clipo_jax.rubrics.aggregation import score_comparison, verdict
-from clipo_jax.rubrics.backends import Backend, BackendError, CompletionRequest
 from clipo_jax.rubrics.meta_rubric import MetaRubric, builtin_meta_rubric, domain_for_query_type
 from clipo_jax.rubrics.protocol import (
     INTENT_SCHEMA,
@@ -33,6 +32,14 @@ from clipo_jax.rubrics.protocol import (
     build_pairwise_messages,
     judgment_schema,
     parse_judgment,
+)
+from clipo_jax.rubrics.types import (  # noqa: F401 - the pair types are re-exported from here
+    Backend,
+    BackendError,
+    CompletionRequest,
+    DirectionResult,
+    PairInput,
+    PairResult,
 )
 
 log = logging.getLogger(__name__)
@@ -76,58 +83,6 @@ class JudgeConfig:
             raise ValueError(f"JudgeConfig.protocol must be 'single' or 'two_stage', got {self.protocol!r}")
         if self.parse_attempts < 1:
             raise ValueError("JudgeConfig.parse_attempts must be >= 1")
-
-
-@dataclasses.dataclass
-class PairInput:
-    query: str
-    first: str
-    second: str
-    query_type: str | None = None
-    ground_truth: str | None = None
-    constraints: list[dict[str, Any]] | None = None
-    pair_id: str | None = None
-    domain: str | None = None  # overrides routing when set
-    meta_rubric: MetaRubric | None = None  # overrides the domain file (refinement / review)
-    general: MetaRubric | None = None  # overrides general.toml (refinement)
-
-
-@dataclasses.dataclass
-class DirectionResult:
-    score: float
-    criteria: list[dict[str, Any]] | None
-    parse_ok: bool
-    error: str | None = None  # parse / backend error of the last attempt
-    error_kind: str | None = None  # "parse" | "timeout" | "http" | "garbage" | ...
-    attempts: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-
-
-@dataclasses.dataclass
-class PairResult:
-    verdict: str  # "first" | "second" | "same"
-    path: str  # "ground_truth" | "constraints" | "pairwise" | "error" (the judge raised)
-    domain: str
-    forward: DirectionResult | None = None
-    backward: DirectionResult | None = None
-    pointwise: dict[str, Any] | None = None
-    pair_id: str | None = None
-    wall_s: float = 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @property
-    def failed(self) -> bool:
-        """True when the verdict rests on a failure rather than a judgment: a direction whose
-        call failed for good or whose output never parsed, an LLM answer check that failed, or
-        an error inside the pair."""
-        if self.path == "error":
-            return True
-        if any(d is not None and not d.parse_ok for d in (self.forward, self.backward)):
-            return True
-        return bool(self.pointwise and any(self.pointwise.get("answer_check_failed") or ()))
 
 
 @dataclasses.dataclass

@@ -12,8 +12,8 @@
   jitted forward pass gives the last-position logits for every prompt; a log-softmax over the
   candidate label tokens gives per-label probabilities.  ``choice_logprobs`` is the
   ``LogitBackend`` contract; ``criterion_labels`` / ``fill_criterion_labels`` label a whole list
-  of criteria in one pass; ``LogitJudge`` judges pairs with the meta-rubric's dimensions as the
-  criteria, without any free-form generation.
+  of criteria in one pass.  ``LogitJudge`` (``logit_judge.py``, re-exported here) judges pairs
+  with the meta-rubric's dimensions as the criteria, without any free-form generation.
 
 Label tokens: a label is the first token of ``tokenize(prompt_text + label_text)`` after the
 prompt's own tokens, so " A" after "Answer:" and "A" after a newline are both handled; two labels
@@ -35,10 +35,10 @@ import numpy as np
 
 from clipo_jax import parallel, sampling
 from clipo_jax.models import transformer
-from clipo_jax.rubrics.aggregation import score_comparison, verdict
-from clipo_jax.rubrics.backends import BackendError, CompletionRequest, CompletionResponse, DiskCache
-from clipo_jax.rubrics.meta_rubric import builtin_meta_rubric, domain_for_query_type
+from clipo_jax.rubrics.cache import DiskCache
+from clipo_jax.rubrics.logit_judge import LogitJudge  # noqa: F401 - re-exported next to its backend
 from clipo_jax.rubrics.protocol import SYSTEM_PROMPT, truncate_middle
+from clipo_jax.rubrics.types import BackendError, CompletionRequest, CompletionResponse
 
 log = logging.getLogger(__name__)
 
@@ -527,68 +527,3 @@ class LogitVerdictBackend(InProcessBackend):
         items = [(query, response_a, response_b, dict(c)) for c in criteria]
         self.stats.requests += 1
         return await asyncio.to_thread(self.criterion_labels, items, strong)
-
-
-class LogitJudge:
-    """A generation-free judge: the meta-rubric's dimensions (general + domain) are the criteria,
-    each labelled by ``LogitVerdictBackend.criterion_labels``; both orders; criterion aggregation to A/B swap debiasing and verdict aggregation.
-    Same ``judge_pair`` / ``judge_pairs`` interface and ``PairResult`` as ``PairwiseJudge`` (the
-    pairwise path only: no ground-truth or constraint shortcuts)."""
-
-    def __init__(
-        self,
-        backend: LogitVerdictBackend,
-        min_score: float = 0.0,
-        strong: float = 0.8,
-        max_pairs_per_pass: int = 8,
-        max_criteria: int | None = None,
-    ):
-        self.backend = backend
-        self.min_score = min_score
-        self.strong = strong
-        self.max_pairs_per_pass = max_pairs_per_pass
-        self.max_criteria = max_criteria  # the first k dimensions, domain before general (cost: 2k prompts a pair)
-
-    def _criteria(self, pair) -> tuple[str, list[dict[str, Any]]]:
-        domain_name = pair.domain or domain_for_query_type(pair.query_type)
-        general = pair.general or builtin_meta_rubric("general")
-        domain = pair.meta_rubric or (None if domain_name == "general" else builtin_meta_rubric(domain_name))
-        dims = (list(domain.dimensions) if domain is not None else []) + list(general.dimensions)
-        if self.max_criteria:
-            dims = dims[: self.max_criteria]
-        return domain_name, [d.to_dict() for d in dims]
-
-    def judge_pairs_sync(self, pairs: Sequence[Any]) -> list[Any]:
-        from clipo_jax.rubrics.judge import DirectionResult, PairResult
-
-        results = []
-        for start in range(0, len(pairs), self.max_pairs_per_pass):
-            chunk = pairs[start : start + self.max_pairs_per_pass]
-            items, spans = [], []
-            for p in chunk:
-                domain_name, crits = self._criteria(p)
-                lo = len(items)
-                items += [(p.query, p.first, p.second, c) for c in crits]
-                items += [(p.query, p.second, p.first, c) for c in crits]
-                spans.append((domain_name, lo, len(crits)))
-            labelled = self.backend.criterion_labels(items, self.strong)
-            for p, (domain_name, lo, k) in zip(chunk, spans):
-                fwd, bwd = labelled[lo : lo + k], labelled[lo + k : lo + 2 * k]
-                f, b = score_comparison(fwd), score_comparison(bwd)
-                results.append(
-                    PairResult(
-                        verdict(f, b, self.min_score),
-                        "pairwise",
-                        domain_name,
-                        forward=DirectionResult(f, fwd, True),
-                        backward=DirectionResult(b, bwd, True),
-                        pair_id=p.pair_id,
-                    )
-                )
-        return results
-
-    async def judge_pairs(self, pairs: Sequence[Any], **_) -> list[Any]:
-        return await asyncio.to_thread(self.judge_pairs_sync, list(pairs))
-
-    async def judge_pair(self, pair) -> Any:
-        return (await self.judge_pairs([pair]))[0]

@@ -20,7 +20,7 @@ import os
 import random
 from typing import Any
 
-from clipo_jax.rubrics.judge import PairInput
+from clipo_jax.rubrics.types import PairInput
 
 MAX_CODE_CHARS = 100_000  # a 'code' constraint's checker source
 

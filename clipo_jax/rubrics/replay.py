@@ -22,7 +22,7 @@ import json
 import os
 import threading
 
-from clipo_jax.rubrics.backends import Backend, BackendError, CompletionRequest, CompletionResponse
+from clipo_jax.rubrics.types import Backend, BackendError, CompletionRequest, CompletionResponse
 
 
 def request_key(request: CompletionRequest) -> str:

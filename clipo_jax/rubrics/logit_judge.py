@@ -1,0 +1,83 @@
+"""The logit-verdict judge: a pair judged without free-form generation.
+
+Each dimension of the routed meta-rubric (domain first, then general) is one criterion; a
+``local_backends.LogitVerdictBackend`` labels every criterion of both orders from its next-token
+distribution over "A" / "B" / "S" in one batched forward pass; the labels are aggregated
+(``score_comparison``) and the two orders give the verdict (``verdict``), as in ``PairwiseJudge``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, Any, Sequence
+
+from clipo_jax.rubrics.aggregation import score_comparison, verdict
+from clipo_jax.rubrics.meta_rubric import builtin_meta_rubric, domain_for_query_type
+from clipo_jax.rubrics.types import DirectionResult, PairInput, PairResult
+
+if TYPE_CHECKING:  # annotations only: the backend module imports this one
+    from clipo_jax.rubrics.local_backends import LogitVerdictBackend
+
+
+class LogitJudge:
+    """A generation-free judge: the meta-rubric's dimensions (general + domain) are the criteria,
+    each labelled by ``LogitVerdictBackend.criterion_labels``; both orders (A/B swap), criterion
+    aggregation and the verdict as in ``PairwiseJudge``.
+    Same ``judge_pair`` / ``judge_pairs`` interface and ``PairResult`` as ``PairwiseJudge`` (the
+    pairwise path only: no ground-truth or constraint shortcuts)."""
+
+    def __init__(
+        self,
+        backend: LogitVerdictBackend,
+        min_score: float = 0.0,
+        strong: float = 0.8,
+        max_pairs_per_pass: int = 8,
+        max_criteria: int | None = None,
+    ):
+        self.backend = backend
+        self.min_score = min_score
+        self.strong = strong
+        self.max_pairs_per_pass = max_pairs_per_pass
+        self.max_criteria = max_criteria  # the first k dimensions, domain before general (cost: 2k prompts a pair)
+
+    def _criteria(self, pair: PairInput) -> tuple[str, list[dict[str, Any]]]:
+        domain_name = pair.domain or domain_for_query_type(pair.query_type)
+        general = pair.general or builtin_meta_rubric("general")
+        domain = pair.meta_rubric or (None if domain_name == "general" else builtin_meta_rubric(domain_name))
+        dims = (list(domain.dimensions) if domain is not None else []) + list(general.dimensions)
+        if self.max_criteria:
+            dims = dims[: self.max_criteria]
+        return domain_name, [d.to_dict() for d in dims]
+
+    def judge_pairs_sync(self, pairs: Sequence[PairInput]) -> list[PairResult]:
+        results = []
+        for start in range(0, len(pairs), self.max_pairs_per_pass):
+            chunk = pairs[start : start + self.max_pairs_per_pass]
+            items, spans = [], []
+            for p in chunk:
+                domain_name, crits = self._criteria(p)
+                lo = len(items)
+                items += [(p.query, p.first, p.second, c) for c in crits]
+                items += [(p.query, p.second, p.first, c) for c in crits]
+                spans.append((domain_name, lo, len(crits)))
+            labelled = self.backend.criterion_labels(items, self.strong)
+            for p, (domain_name, lo, k) in zip(chunk, spans):
+                fwd, bwd = labelled[lo : lo + k], labelled[lo + k : lo + 2 * k]
+                f, b = score_comparison(fwd), score_comparison(bwd)
+                results.append(
+                    PairResult(
+                        verdict(f, b, self.min_score),
+                        "pairwise",
+                        domain_name,
+                        forward=DirectionResult(f, fwd, True),
+                        backward=DirectionResult(b, bwd, True),
+                        pair_id=p.pair_id,
+                    )
+                )
+        return results
+
+    async def judge_pairs(self, pairs: Sequence[PairInput], **_) -> list[PairResult]:
+        return await asyncio.to_thread(self.judge_pairs_sync, list(pairs))
+
+    async def judge_pair(self, pair: PairInput) -> PairResult:
+        return (await self.judge_pairs([pair]))[0]
