@@ -6,8 +6,14 @@ r"""Runs the OpenRS judge over a JudgeBench-format JSONL file.
 
 Writes ``DIR/verdicts.jsonl`` (one line per pair, appended as each pair finishes, so ``--resume``
 loses nothing; rewritten to one line per pair at the end of a run) and ``DIR/summary.json``
-(accuracy with ties excluded, Same ratio, parse-failure rate, calls, tokens, wall time, invalid
-rows).  Rows need ``prompt``, ``chosen``, ``rejected``; optional ``question_id``, ``query_type``,
+(accuracy with ties excluded, with and without errors, the error rate, Same ratio, parse-failure
+rate, calls, tokens, wall time, invalid rows).
+
+A pair with a direction whose call failed for good or whose output never parsed has the verdict
+``"error"``. ``--error_policy`` says what an error counts as in the headline numbers:
+``exclude`` (the default; JudgeBench and PPE: left out) or ``tie`` (RewardBench v2: a tie).
+``summary.json`` always has ``accuracy_without_errors``, ``accuracy_with_errors`` (an error counted
+as a wrong verdict), ``errors`` and ``error_rate``.  Rows need ``prompt``, ``chosen``, ``rejected``; optional ``question_id``, ``query_type``,
 ``ground_truth``, ``constraints`` (see ``clipo_jax.rubrics.pairs``).  Row order is shuffled per
 pair (seeded) so that "chosen" is not always shown first; the label is kept accordingly.
 
@@ -36,6 +42,7 @@ from clipo_jax.rubrics import JudgeConfig, OpenAIHTTPBackend, PairwiseJudge
 from clipo_jax.rubrics.judge import DirectionResult, JudgeCounters, PairResult, summarise
 from clipo_jax.rubrics.pairs import InvalidRow, RowError, scan_pair_rows, to_pair
 from clipo_jax.rubrics.protocol import PromptConfig
+from clipo_jax.rubrics.types import DEFAULT_JUDGE_MAX_TOKENS, ERROR_POLICIES
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("input", None, "JudgeBench-format JSONL file.")
@@ -45,11 +52,17 @@ flags.DEFINE_string("output_dir", None, "Where verdicts.jsonl and summary.json g
 flags.DEFINE_bool("resume", False, "Keep pairs judged in DIR/verdicts.jsonl; judge failed ones again.")
 flags.DEFINE_integer("workers", 8, "Concurrent judge calls (bounded).")
 flags.DEFINE_integer("limit", 0, "Judge only the first N valid rows (0 = all).")
-flags.DEFINE_integer("max_tokens", 4096, "Max new tokens per judge call.")
+flags.DEFINE_integer("max_tokens", DEFAULT_JUDGE_MAX_TOKENS, "Max new tokens per judgment (the release's 8192).")
 flags.DEFINE_float("timeout_s", 300.0, "Per-call timeout in seconds.")
 flags.DEFINE_integer("max_retries", 10, "Retries per call for timeouts / HTTP errors / garbage.")
 flags.DEFINE_integer("parse_attempts", 5, "Attempts per direction on unparseable output.")
 flags.DEFINE_float("min_score", 0.0, "Verdict threshold m.")
+flags.DEFINE_enum(
+    "error_policy",
+    "exclude",
+    list(ERROR_POLICIES),
+    "What a failed pair ('error' verdict) counts as: exclude (JudgeBench, PPE) or tie (RewardBench v2).",
+)
 flags.DEFINE_enum("protocol", "single", ["single", "two_stage"], "Judge protocol.")
 flags.DEFINE_bool("json_schema", True, "Ask for JSON-schema constrained output when supported.")
 flags.DEFINE_bool("ground_truth", True, "Use the verifiable ground-truth path when a row has one.")
@@ -63,7 +76,7 @@ flags.DEFINE_integer("seed", 0, "Seed for decoding and for the A/B presentation 
 
 
 def result_from_dict(d: dict) -> PairResult:
-    return PairResult(
+    res = PairResult(
         verdict=d["verdict"],
         path=d["path"],
         domain=d["domain"],
@@ -73,6 +86,10 @@ def result_from_dict(d: dict) -> PairResult:
         pair_id=d.get("pair_id"),
         wall_s=d.get("wall_s", 0.0),
     )
+    # A record whose pair raised or has a failed direction is an error whatever verdict it holds.
+    if res.path == "error" or any(x is not None and not x.parse_ok for x in (res.forward, res.backward)):
+        res.verdict = "error"
+    return res
 
 
 def load_verdicts(path: str) -> dict[str, dict]:
@@ -182,7 +199,7 @@ async def run(rows: list[dict], out_dir: str, invalid: list[InvalidRow] = (), n_
                 f.write(json.dumps(done[k], ensure_ascii=False) + "\n")
         os.replace(tmp, verdict_path)
     results = [result_from_dict(done[p.pair_id]) for p in pairs]
-    summary = summarise(results, labels)
+    summary = summarise(results, labels, error_policy=FLAGS.error_policy)
     counters = JudgeCounters()
     for j in judges.values():
         for k, v in j.counters.as_dict().items():
@@ -191,6 +208,7 @@ async def run(rows: list[dict], out_dir: str, invalid: list[InvalidRow] = (), n_
         input=FLAGS.input,
         model=FLAGS.model,
         protocol=FLAGS.protocol,
+        max_tokens=FLAGS.max_tokens,
         wall_s=wall,
         judged_this_run=len(todo),
         retried_failures=retried,
@@ -205,7 +223,10 @@ async def run(rows: list[dict], out_dir: str, invalid: list[InvalidRow] = (), n_
     by_type: dict[str, list] = {}
     for r, l, p in zip(results, labels, pairs):
         by_type.setdefault((p.query_type or "none").split("-")[0], []).append((r, l))
-    summary["by_source"] = {k: summarise([r for r, _ in v], [l for _, l in v])["accuracy"] for k, v in by_type.items()}
+    summary["by_source"] = {
+        k: summarise([r for r, _ in v], [l for _, l in v], error_policy=FLAGS.error_policy)["accuracy"]
+        for k, v in by_type.items()
+    }
     with open(os.path.join(out_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     return summary
@@ -228,8 +249,13 @@ def main(argv):
         print(f"warning: {len(scan.invalid) - 20} more invalid rows skipped", file=sys.stderr)
     s = asyncio.run(run(scan.rows, FLAGS.output_dir, scan.invalid, scan.n_lines))
     print(
-        f"pairs {s['n_pairs']}  accuracy (ties excluded) {s['accuracy']:.3f}  same ratio {s['same_ratio']:.3f}  "
-        f"parse failures {s['parse_failure_rate']:.3f}  backend failures {s['backend_failure_rate']:.3f}"
+        f"pairs {s['n_pairs']}  accuracy (ties excluded, errors as {s['error_policy']}) {s['accuracy']:.3f}  "
+        f"with errors as wrong {s['accuracy_with_errors']:.3f}  same ratio {s['same_ratio']:.3f}  "
+        f"errors {s['errors']} (rate {s['error_rate']:.3f})"
+    )
+    print(
+        f"parse failures {s['parse_failure_rate']:.3f}  backend failures {s['backend_failure_rate']:.3f} "
+        "(per direction)"
     )
     print(
         f"calls {s['calls']}  prompt tokens {s['backend']['prompt_tokens']}  completion tokens "

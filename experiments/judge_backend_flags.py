@@ -3,6 +3,8 @@ review_rubric_edit), and the backend keyword arguments they map to."""
 
 from absl import app, flags
 
+from clipo_jax.rubrics.types import DEFAULT_JUDGE_MAX_TOKENS
+
 
 def define() -> None:
     flags.DEFINE_integer("limit", 0, "Use only the first N rows (0 = all).")
@@ -10,7 +12,7 @@ def define() -> None:
     flags.DEFINE_string("base_url", None, "openai backend: server URL.")
     flags.DEFINE_string("model", None, "openai: model name; in-process / logit: checkpoint path or 'smollm2'.")
     flags.DEFINE_integer("workers", 8, "Concurrent HTTP calls / local batch size.")
-    flags.DEFINE_integer("max_tokens", 4096, "Max new tokens per judge call.")
+    flags.DEFINE_integer("max_tokens", DEFAULT_JUDGE_MAX_TOKENS, "Max new tokens per judgment (the release's 8192).")
     flags.DEFINE_integer("parse_attempts", 3, "Attempts per direction on unparseable output.")
     flags.DEFINE_integer("compact_chars", 0, "> 0: bound free-text answer fields.")
 

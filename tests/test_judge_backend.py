@@ -254,19 +254,22 @@ def test_judge_end_to_end_over_http(server):
     assert sum("<response_b>\nGOOD answer" in u for u in users) == 1
 
 
-def test_judge_counts_failures_as_ties(server):
+def test_judge_counts_failures_as_errors(server):
     url, st = server
     be = OpenAIHTTPBackend(url, "junk-json", sleep=no_sleep)
     judge = PairwiseJudge(be, JudgeConfig(parse_attempts=2))
     res = asyncio.run(judge.judge_pairs(PAIRS[:2]))
-    assert all(r.verdict == "same" for r in res)
+    assert all(r.verdict == "error" for r in res)
     assert judge.counters.parse_failures == 4 and judge.counters.parse_retries == 4
-    assert summarise(res)["parse_failure_rate"] == 1.0
+    assert judge.counters.error_pairs == 2
+    s = summarise(res)
+    assert s["parse_failure_rate"] == 1.0 and s["errors"] == 2 and s["error_rate"] == 1.0
     be = OpenAIHTTPBackend(url, "garbage", sleep=no_sleep, max_retries=1)
     judge = PairwiseJudge(be, JudgeConfig())
     res = asyncio.run(judge.judge_pairs(PAIRS[:1]))
-    assert res[0].verdict == "same" and judge.counters.backend_failures == 2
+    assert res[0].verdict == "error" and judge.counters.backend_failures == 2
     assert summarise(res)["backend_failure_rate"] == 1.0
+    assert summarise(res, error_policy="tie")["same"] == 1  # a tie under the "tie" policy
 
 
 def test_judge_parse_retry_uses_new_seed(server):

@@ -249,7 +249,8 @@ def test_resume_retries_parse_failures_past_the_cache(server, tmp_path, capsys):
     code, _, stderr = run_main(capsys, *args)
     assert code == 0, stderr
     first = read_summary(out)
-    assert first["parse_failure_rate"] == 1.0 and first["failed_pairs"] == 2 and first["same"] == 2
+    assert first["parse_failure_rate"] == 1.0 and first["failed_pairs"] == 2 and first["errors"] == 2
+    assert first["error_rate"] == 1.0 and first["same"] == 0  # errors are left out by default
     assert {r["body"]["seed"] for r in st.requests} == {0}
 
     code, _, stderr = run_main(capsys, *args, "--resume")
@@ -324,7 +325,7 @@ def test_one_bad_pair_never_ends_the_batch(server):  # noqa: F811
     ]
     results = asyncio.run(judge.judge_pairs(pairs))
     assert results[0].verdict == "first" and not results[0].failed
-    assert results[1].path == "error" and results[1].verdict == "same" and results[1].failed
+    assert results[1].path == "error" and results[1].verdict == "error" and results[1].failed
     assert "AttributeError" in results[1].pointwise["error"]
     # A constraint that cannot be checked is skipped; the pair is judged pairwise.
     assert results[2].path == "pairwise" and results[2].verdict == "first"

@@ -98,12 +98,28 @@ def test_concurrent_requests_batched_and_equal_unbatched(model):
 def test_too_long_prompt_is_a_backend_error_not_a_crash(model):
     cfg, params, tok = model
     backend = InProcessBackend(cfg=cfg, params=params, tokenizer=tok)
-    req = CompletionRequest(messages=msgs("hi"), max_tokens=cfg.max_seq_len)
+    long_text = "word " * (cfg.max_seq_len + 16)  # more tokens than the context holds
+    req = CompletionRequest(messages=msgs(long_text), max_tokens=16)
     from clipo_jax.rubrics import BackendError
 
     with pytest.raises(BackendError, match="max_seq_len") as e:
         asyncio.run(backend.complete(req))
     assert e.value.kind == "too_long" and backend.stats.failures == 1 and backend.stats.sampler_calls == 0
+
+
+def test_max_tokens_beyond_the_context_is_cut_to_what_it_leaves(model):
+    """The default judgment budget (8192 new tokens) exceeds what a small model's context leaves
+    after a prompt: the in-process backend generates at most that much instead of failing."""
+    cfg, params, tok = model
+    backend = InProcessBackend(cfg=cfg, params=params, tokenizer=tok)
+    assert backend.new_token_budget(100, 8192) == min(8192, cfg.max_seq_len - 100)
+    assert backend.new_token_budget(100, 12) == 12
+    assert backend.new_token_budget(cfg.max_seq_len, 12).kind == "too_long"
+    assert JudgeConfig().max_tokens == 8192
+    req = CompletionRequest(messages=msgs("Say hi."), max_tokens=JudgeConfig().max_tokens)
+    resp = asyncio.run(backend.complete(req))
+    assert 1 <= resp.completion_tokens <= cfg.max_seq_len - resp.prompt_tokens
+    assert backend.stats.failures == 0 and backend.stats.sampler_calls == 1
 
 
 def test_judge_pair_counts_parse_failures(model, tmp_path):

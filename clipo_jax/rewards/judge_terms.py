@@ -6,7 +6,10 @@ rewards with ``rubrics.group_rewards``: ``anchor`` (each response against the gr
 chosen sample: +1 / 0 / -1), ``round_robin`` (win rate) or ``bradley_terry`` (centred
 log-strength). Every pair of a step goes out at once (bounded by the backend's concurrency);
 identical responses are "same" without a call; a pair seen before in the run (either order) is
-answered from an in-memory cache; a failed judgment is a tie, counted, and never cached.
+answered from an in-memory cache. A failed judgment (a direction whose call failed for good or
+whose output never parsed: an ``"error"`` verdict) is counted, never cached, marks both responses
+as failed, and counts as the term's ``error_policy`` says: ``"tie"`` (the default: a same) or
+``"exclude"`` (the comparison is left out of the group's rewards).
 
 ``checklist_rubric`` scores each response against the row's own weighted rubric items
 (``row["rubric"]``, Rubrics as Rewards) and normalises the weighted sum to [0, 1]
@@ -15,7 +18,9 @@ counted.
 
 Both take a ``judge`` settings block: ``backend`` ("openai": any OpenAI-compatible server, e.g.
 llama.cpp's server, vLLM, SGLang; "in-process": our own sampler on the run's mesh), ``base_url``,
-``model``, ``max_concurrency``, ``timeout_s``, ``max_retries``, ``max_tokens``, ``parse_attempts``.
+``model``, ``max_concurrency``, ``timeout_s``, ``max_retries``, ``max_tokens`` (new tokens per
+judgment; default ``DEFAULT_JUDGE_MAX_TOKENS`` = 8192, the release's budget: set it smaller for a
+small judge on a CPU), ``parse_attempts``.
 A judge that fails every call of ``down_after_steps`` consecutive steps ends the run with a
 one-line ``RewardError`` (resume re-runs from the last checkpoint).
 """
@@ -32,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from clipo_jax.rewards.stage import RewardBatch, RewardError, RewardTerm, TermOutput, register_reward_term
+from clipo_jax.rubrics.types import DEFAULT_JUDGE_MAX_TOKENS, ERROR_POLICIES, apply_error_policy
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +48,7 @@ JUDGE_DEFAULTS = dict(
     max_concurrency=32,
     timeout_s=120.0,
     max_retries=3,
-    max_tokens=1024,
+    max_tokens=DEFAULT_JUDGE_MAX_TOKENS,
     parse_attempts=2,
     protocol="single",
     temperature=0.0,
@@ -141,6 +147,7 @@ class PairwiseRubricTerm(RewardTerm):
         "ground_truth",
         "cache_size",
         "down_after_steps",
+        "error_policy",
         "judge",
     )
 
@@ -149,7 +156,8 @@ class PairwiseRubricTerm(RewardTerm):
     ``max_pairs`` (bradley_terry: pairs sampled per group, 0 = all), ``bt_iters``,
     ``query_type`` (routes the meta-rubric when rows carry none), ``ground_truth`` (pass the
     row's ground truth to the judge's verifiable path), ``cache_size``, ``down_after_steps``,
-    ``judge`` (see module docstring)."""
+    ``error_policy`` ("tie" or "exclude": what a failed judgment counts as), ``judge`` (see module
+    docstring)."""
 
     def __init__(self, settings=None, context=None):
         super().__init__(settings, context)
@@ -166,6 +174,9 @@ class PairwiseRubricTerm(RewardTerm):
             raise RewardError(f"pairwise_rubric.anchor={self.anchor!r}: valid: 'greedy', 'sample'")
         self.cache: collections.OrderedDict[tuple, str] = collections.OrderedDict()
         self.cache_size = int(s.get("cache_size", 100_000))
+        self.error_policy = s.get("error_policy", "tie")
+        if self.error_policy not in ERROR_POLICIES:
+            raise RewardError(f"pairwise_rubric.error_policy={self.error_policy!r}: valid: {list(ERROR_POLICIES)}")
         self.down = _DownDetector(self.name, s.get("down_after_steps", 2))
         self.judge_cfg = judge_settings(s)
         self.backend = make_judge_backend(self.judge_cfg, context)
@@ -267,33 +278,35 @@ class PairwiseRubricTerm(RewardTerm):
         keys = list(todo)
         results = await self.judge.judge_pairs([todo[k] for k in keys], max_pairs_in_flight=max(len(keys), 1))
         verdicts, failed_keys = dict(hits), set()
-        parse_fail = backend_fail = llm_calls = 0
+        parse_fail = backend_fail = n_errors = llm_calls = 0
         latency, last_error = 0.0, None
         for k, r in zip(keys, results):
             latency += r.wall_s
             llm_calls += r.path == "pairwise"  # ground-truth / constraint shortcuts never call the LLM
-            dirs = [d for d in (r.forward, r.backward) if d is not None]
-            kinds = [d.error_kind for d in dirs if d.error_kind]
-            if kinds:
+            verdicts[k] = r.verdict
+            if r.verdict == "error":  # a failed judgment: counted, never cached
                 failed_keys.add(k)
-                if all(kd == "parse" for kd in kinds):
+                n_errors += 1
+                dirs = [d for d in (r.forward, r.backward) if d is not None]
+                kinds = [d.error_kind for d in dirs if d.error_kind]
+                if kinds and all(kd == "parse" for kd in kinds):
                     parse_fail += 1
-                else:
+                elif kinds:
                     backend_fail += 1
                     last_error = next((d.error for d in dirs if d.error_kind and d.error_kind != "parse"), None)
-                verdicts[k] = "same"  # a failed judgment is a tie
             else:
-                verdicts[k] = r.verdict
                 self.cache[k] = r.verdict
                 if len(self.cache) > self.cache_size:
                     self.cache.popitem(last=False)
         self.down.update(llm_calls, backend_fail, last_error)
-        flip = {"first": "second", "second": "first", "same": "same"}
+        flip = {"first": "second", "second": "first", "same": "same", "error": "error"}
         B = len(batch)
         values = np.zeros(B, np.float32)
         failed = np.zeros(B, bool)
         n_same = n_pairs = n_same_judged = n_judged = 0
-        cfg = GroupRewardConfig(method=self.method, bt_iters=int(self.settings.get("bt_iters", 50)))
+        cfg = GroupRewardConfig(
+            method=self.method, bt_iters=int(self.settings.get("bt_iters", 50)), error_policy=self.error_policy
+        )
         for gi, (keyed, n) in enumerate(groups):
             triples = []
             for i, j, key, flipped in keyed:
@@ -302,18 +315,22 @@ class PairwiseRubricTerm(RewardTerm):
                 else:
                     v = verdicts[key]
                     v = flip[v] if flipped else v
-                    n_same_judged += v == "same"
-                    n_judged += 1
                     if key in failed_keys:
                         for idx in (i, j):
                             if idx < G:
                                 failed[gi * G + idx] = True
                 triples.append((i, j, v))
-                n_same += v == "same"
+                counted = apply_error_policy(v, self.error_policy)
+                if counted is None:  # an error left out under the "exclude" policy
+                    continue
+                n_same += counted == "same"
                 n_pairs += 1
+                if key is not None:
+                    n_same_judged += counted == "same"
+                    n_judged += 1
             values[gi * G : (gi + 1) * G] = pairwise_rewards(self.method, n, triples, cfg)[:G]
         metrics = {
-            "same_ratio": n_same / max(n_pairs, 1),  # identical responses and failed judgments count as same
+            "same_ratio": n_same / max(n_pairs, 1),  # identical responses count as same (errors: by policy)
             "same_ratio_judged": n_same_judged / max(n_judged, 1),  # pairs with a judge verdict only
             "pairs": float(n_pairs),
             "calls": float(len(keys)),
@@ -322,6 +339,7 @@ class PairwiseRubricTerm(RewardTerm):
             "identical_free": float(same_free),
             "parse_failures": float(parse_fail),
             "backend_failures": float(backend_fail),
+            "errors": float(n_errors),  # pairs judged this step whose judgment failed
             "latency_mean_s": latency / max(len(keys), 1),
             "wall_s": time.perf_counter() - t0,
         }

@@ -44,7 +44,7 @@ from typing import Any, Iterable, Sequence
 import json_repair
 
 from clipo_jax.rubrics.protocol import JudgeParseError, extract_json_text, truncate_middle
-from clipo_jax.rubrics.types import Backend, BackendError, CompletionRequest
+from clipo_jax.rubrics.types import DEFAULT_JUDGE_MAX_TOKENS, Backend, BackendError, CompletionRequest
 
 # Item kinds.  "pitfall" is the only kind with a negative weight; the others are labels (RaR's
 # essential / important / optional tiers, or plain "criterion") and do not change the arithmetic.
@@ -275,7 +275,7 @@ def parse_checklist_answer(text: str, n_items: int) -> list[bool]:
 
 @dataclasses.dataclass(frozen=True)
 class ChecklistConfig:
-    max_tokens: int = 1024
+    max_tokens: int = DEFAULT_JUDGE_MAX_TOKENS  # new tokens per judgment (the release's 8192)
     parse_attempts: int = 3  # judge calls per request on unparseable / incomplete output
     max_in_flight: int = 64  # requests being judged at once (the backend has its own bound too)
     seed: int = 0  # attempt k uses seed + k (temperature-0 output is otherwise identical and cached)

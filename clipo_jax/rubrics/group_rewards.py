@@ -8,6 +8,10 @@ Methods (registry ``GROUP_METHODS``):
 * ``bradley_terry``: all pairs (or ``max_pairs`` sampled ones); reward = centred log-strength
   fitted by jit-compiled minorise-maximise iterations (``fit_bradley_terry``).
 
+A pair whose judgment failed (verdict ``"error"``) counts as the config's ``error_policy`` says:
+``"tie"`` (the default: a "same", half a win each way) or ``"exclude"`` (the comparison is left
+out: no win, no loss, not played).
+
 PVR terms (ground-truth score, guardrail penalties) are added with configurable weights.  The
 "Same" ratio (share of judged pairs that came out "same") is returned for logging: a rising
 ratio means the judge can no longer tell rollouts apart.  Identical responses are "same" without
@@ -29,7 +33,7 @@ import numpy as np
 
 from clipo_jax.rubrics import pvr
 from clipo_jax.rubrics.judge import PairwiseJudge
-from clipo_jax.rubrics.types import PairInput
+from clipo_jax.rubrics.types import PairInput, apply_error_policy, check_error_policy
 
 
 @functools.partial(jax.jit, static_argnames=("num_iters",))
@@ -70,16 +74,21 @@ class GroupRewardConfig:
     ground_truth_weight: float = 0.0  # reward += w * (+1 / 0 / -1 ground-truth score)
     guardrail_weight: float = 0.0  # reward -= w * (number of guardrail flags raised)
     expected_language: str | None = None
+    error_policy: str = "tie"  # an "error" verdict: "tie" (a same) or "exclude" (left out)
+
+    def __post_init__(self):
+        check_error_policy(self.error_policy, "GroupRewardConfig.error_policy")
 
 
 @dataclasses.dataclass
 class GroupRewardResult:
     rewards: np.ndarray  # float32 [G]
     pairwise: np.ndarray  # float32 [G] the pairwise part alone
-    same_ratio: float
+    same_ratio: float  # "same" among the pairs counted (errors are "same" under the "tie" policy)
     n_pairs_judged: int
     n_pairs_deduplicated: int
-    pairs: list[tuple[int, int, str]]  # (i, j, verdict of i vs j)
+    pairs: list[tuple[int, int, str]]  # (i, j, verdict of i vs j), "error" included
+    n_errors: int = 0  # pairs whose judgment failed
 
 
 def _pairs_for(method: str, g: int, cfg: GroupRewardConfig) -> list[tuple[int, int]]:
@@ -96,7 +105,10 @@ def _pairs_for(method: str, g: int, cfg: GroupRewardConfig) -> list[tuple[int, i
 
 
 def pairwise_rewards(method: str, g: int, pairs: Sequence[tuple[int, int, str]], cfg: GroupRewardConfig) -> np.ndarray:
-    """Turns (i, j, verdict of i vs j) triples into per-response rewards [G]."""
+    """Turns (i, j, verdict of i vs j) triples into per-response rewards [G]; an ``"error"``
+    verdict counts as ``cfg.error_policy`` says (a tie, or left out)."""
+    pairs = [(i, j, apply_error_policy(v, cfg.error_policy)) for i, j, v in pairs]
+    pairs = [(i, j, v) for i, j, v in pairs if v is not None]
     wins = np.zeros((g, g), np.float32)
     for i, j, v in pairs:
         if v == "first":
@@ -162,12 +174,14 @@ async def group_rewards(
     if config.guardrail_weight:
         flags = [sum(pvr.guardrail_flags(r, config.expected_language).values()) for r in responses]
         rewards -= config.guardrail_weight * np.array(flags, np.float32)
-    same = sum(v == "same" for _, _, v in triples)
+    counted = [apply_error_policy(v, config.error_policy) for _, _, v in triples]
+    counted = [v for v in counted if v is not None]
     return GroupRewardResult(
         rewards=rewards,
         pairwise=pair_part,
-        same_ratio=same / max(len(triples), 1),
+        same_ratio=sum(v == "same" for v in counted) / max(len(counted), 1),
         n_pairs_judged=len(todo),
         n_pairs_deduplicated=dedup,
         pairs=triples,
+        n_errors=sum(v == "error" for _, _, v in triples),
     )

@@ -1,16 +1,21 @@
-"""The OpenRS pairwise judge (arXiv 2602.14069): paths by query kind, both orders (A/B swap), counted failures.
+"""The OpenRS pairwise judge (arXiv 2602.14069): paths by query kind, both orders (A/B swap), failures as errors.
 
     judge = PairwiseJudge(OpenAIHTTPBackend(base_url, model), JudgeConfig())
     result = await judge.judge_pair(PairInput(query, first, second, query_type="livebench-math",
                                               ground_truth="42"))
-    result.verdict  # "first" | "second" | "same"
+    result.verdict  # "first" | "second" | "same" | "error"
 
-A call that fails for good, or output that still does not parse after the retries, scores 0 for
-that direction (a tie) and is counted in ``judge.counters``; it never raises.  ``PairResult.failed``
-says whether a pair's verdict rests on such a failure (worth judging again).  An unexpected
-error inside one pair (a bug, a broken constraint) makes that pair a counted tie on the ``error``
-path, never the end of a batch.  Ground-truth and constraint checks (sympy, a sandboxed
-subprocess per ``code`` constraint) run in worker threads, off the event loop.
+A direction whose call fails for good, or whose output still does not parse after the retries,
+makes the pair an ``"error"`` verdict: the other direction alone never decides it.  An unexpected
+error inside one pair (a bug, a bad query type) is an ``"error"`` too, on the ``error`` path,
+never the end of a batch.  Both are counted in ``judge.counters`` and never raise.  What an error
+counts as is the consumer's choice (``types.apply_error_policy``): ``summarise`` leaves errors out
+of accuracy under ``error_policy="exclude"`` (JudgeBench, PPE) and counts them as ties under
+``"tie"``; RL group rewards count them as ties by default.  An LLM answer check that fails on the
+ground-truth path does not decide the pair either: the pair goes on to the next path.
+``PairResult.failed`` says whether a pair is worth judging again.  Ground-truth and constraint
+checks (sympy, a sandboxed subprocess per ``code`` constraint) run in worker threads, off the
+event loop.
 """
 
 from __future__ import annotations
@@ -34,12 +39,15 @@ from clipo_jax.rubrics.protocol import (
     parse_judgment,
 )
 from clipo_jax.rubrics.types import (  # noqa: F401 - the pair types are re-exported from here
+    DEFAULT_JUDGE_MAX_TOKENS,
     Backend,
     BackendError,
     CompletionRequest,
     DirectionResult,
     PairInput,
     PairResult,
+    apply_error_policy,
+    check_error_policy,
 )
 
 log = logging.getLogger(__name__)
@@ -67,7 +75,7 @@ Does the candidate's final answer match the reference answer? Reply with JSON: \
 class JudgeConfig:
     protocol: str = "single"  # "single": one call per direction; "two_stage": an
     # answer-blind intent call first, shared by both orders
-    max_tokens: int = 4096
+    max_tokens: int = DEFAULT_JUDGE_MAX_TOKENS  # new tokens per judgment (the release's 8192)
     intent_max_tokens: int = 512
     parse_attempts: int = 5  # attempts per direction on unparseable output
     min_score: float = 0.0  # verdict threshold m
@@ -83,20 +91,23 @@ class JudgeConfig:
             raise ValueError(f"JudgeConfig.protocol must be 'single' or 'two_stage', got {self.protocol!r}")
         if self.parse_attempts < 1:
             raise ValueError("JudgeConfig.parse_attempts must be >= 1")
+        if self.max_tokens < 1 or self.intent_max_tokens < 1:
+            raise ValueError("JudgeConfig.max_tokens and intent_max_tokens must be >= 1")
 
 
 @dataclasses.dataclass
 class JudgeCounters:
     pairs: int = 0
     directions: int = 0
-    parse_failures: int = 0  # directions that never parsed (scored as ties)
+    parse_failures: int = 0  # directions that never parsed
     parse_retries: int = 0
-    backend_failures: int = 0  # directions whose call failed for good (ties)
+    backend_failures: int = 0  # directions whose call failed for good
     intent_failures: int = 0
     llm_answer_checks: int = 0
     llm_answer_check_failures: int = 0
     constraint_errors: int = 0  # constraint checks that raised (malformed constraint): path skipped
-    pair_errors: int = 0  # pairs that raised inside the judge: a tie on the "error" path
+    pair_errors: int = 0  # pairs that raised inside the judge: an "error" on the "error" path
+    error_pairs: int = 0  # pairs whose verdict is "error" (a failed direction, or pair_errors)
     path_ground_truth: int = 0
     path_constraints: int = 0
     path_pairwise: int = 0
@@ -173,7 +184,7 @@ class PairwiseJudge:
             try:
                 resp = await self.backend.complete(req)
             except BackendError as e:
-                # The backend already retried with backoff; this direction is a counted tie.
+                # The backend already retried with backoff; this direction failed for good.
                 out.error, out.error_kind = str(e), e.kind
                 self.counters.backend_failures += 1
                 return out
@@ -257,8 +268,10 @@ class PairwiseJudge:
             result = await self._judge_pair(pair, domain_name)
         except Exception as e:  # noqa: BLE001 - one pair never ends a batch
             self.counters.pair_errors += 1
-            log.exception("pair %s: the judge raised; counted as a tie on the 'error' path", pair.pair_id)
-            result = PairResult("same", "error", domain_name, pointwise={"error": f"{type(e).__name__}: {e}"})
+            log.exception("pair %s: the judge raised; an 'error' verdict on the 'error' path", pair.pair_id)
+            result = PairResult("error", "error", domain_name, pointwise={"error": f"{type(e).__name__}: {e}"})
+        if result.verdict == "error":
+            self.counters.error_pairs += 1
         result.pair_id = pair.pair_id
         result.wall_s = time.perf_counter() - start
         return result
@@ -270,8 +283,9 @@ class PairwiseJudge:
             s1, s2, check_failed = await self._ground_truth_scores(pair, domain_name)
             pointwise["ground_truth"] = [s1, s2]
             if any(check_failed):
+                # A failed LLM check is no score: the next path decides (as in the release).
                 pointwise["answer_check_failed"] = check_failed
-            if s1 != s2:
+            elif s1 != s2:
                 self.counters.path_ground_truth += 1
                 return PairResult("first" if s1 > s2 else "second", "ground_truth", domain_name, pointwise=pointwise)
         passes = await self._constraints_pass(pair) if pair.constraints else None
@@ -290,8 +304,10 @@ class PairwiseJudge:
             self.judge_direction(pair.query, pair.first, pair.second, general, domain, intent, reference),
             self.judge_direction(pair.query, pair.second, pair.first, general, domain, intent, reference),
         )
+        # Both orders or nothing: a failed direction is an error, not a 0 that lets the other decide.
+        v = verdict(fwd.score, bwd.score, cfg.min_score) if fwd.parse_ok and bwd.parse_ok else "error"
         return PairResult(
-            verdict(fwd.score, bwd.score, cfg.min_score),
+            v,
             "pairwise",
             domain_name,
             forward=fwd,
@@ -323,26 +339,44 @@ class PairwiseJudge:
         return results  # type: ignore[return-value]
 
 
-def summarise(results: Sequence[PairResult], labels: Sequence[str] | None = None) -> dict[str, Any]:
+def summarise(
+    results: Sequence[PairResult], labels: Sequence[str] | None = None, error_policy: str = "exclude"
+) -> dict[str, Any]:
     """Accuracy with ties excluded (wins / (wins + losses), as the paper reports), the Same
-    ratio and the parse-failure rate over directions judged.  ``labels`` are the correct
-    verdicts ("first" / "second"); JudgeBench pairs are (chosen, rejected) so all "first"."""
+    ratio, the error rate and the failure rates over directions judged.  ``labels`` are the
+    correct verdicts ("first" / "second"); JudgeBench pairs are (chosen, rejected) so all "first".
+
+    ``error_policy`` says what an ``"error"`` verdict counts as: ``"exclude"`` (JudgeBench, PPE)
+    leaves it out of every pair count; ``"tie"`` (RewardBench v2) counts it as "same".  Whatever
+    the policy, ``accuracy_without_errors`` leaves errors out and ``accuracy_with_errors`` counts
+    each as a wrong verdict (wins / (wins + losses + errors)); ``error_rate`` = errors / pairs."""
+    check_error_policy(error_policy)
     n = len(results)
     labels = list(labels) if labels is not None else ["first"] * n
-    wins = sum(r.verdict == l for r, l in zip(results, labels))
-    same = sum(r.verdict == "same" for r in results)
-    losses = n - wins - same
+    counted = [(apply_error_policy(r.verdict, error_policy), l) for r, l in zip(results, labels)]
+    counted = [(v, l) for v, l in counted if v is not None]
+    errors = sum(r.verdict == "error" for r in results)
+    wins = sum(v == l for v, l in counted)
+    same = sum(v == "same" for v, _ in counted)
+    losses = len(counted) - wins - same
     dirs = [d for r in results for d in (r.forward, r.backward) if d is not None]
     parse_fail = sum((not d.parse_ok) and d.error_kind == "parse" for d in dirs)
     backend_fail = sum((not d.parse_ok) and d.error_kind not in (None, "parse") for d in dirs)
+    n_counted = len(counted)
     return {
         "n_pairs": n,
+        "error_policy": error_policy,
+        "n_counted": n_counted,  # pairs the policy counts (errors left out under "exclude")
         "accuracy": wins / (wins + losses) if wins + losses else 0.0,
-        "accuracy_ties_as_wrong": wins / n if n else 0.0,
+        "accuracy_without_errors": wins / (wins + losses) if wins + losses else 0.0,
+        "accuracy_with_errors": wins / (wins + losses + errors) if wins + losses + errors else 0.0,
+        "accuracy_ties_as_wrong": wins / n_counted if n_counted else 0.0,
         "wins": wins,
         "losses": losses,
         "same": same,
-        "same_ratio": same / n if n else 0.0,
+        "same_ratio": same / n_counted if n_counted else 0.0,
+        "errors": errors,
+        "error_rate": errors / n if n else 0.0,
         "n_directions": len(dirs),
         "parse_failure_rate": parse_fail / len(dirs) if dirs else 0.0,
         "backend_failure_rate": backend_fail / len(dirs) if dirs else 0.0,

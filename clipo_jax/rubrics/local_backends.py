@@ -188,30 +188,37 @@ class InProcessBackend:
         """Chat-templated prompt ids of a request, ``[seq]``."""
         return self.tokenizer.encode_chat(list(request.messages), add_generation_prompt=True)
 
-    def _check_length(self, n_prompt: int, n_new: int) -> BackendError | None:
-        if n_prompt + n_new > self.cfg.max_seq_len:
+    def new_token_budget(self, n_prompt: int, max_tokens: int) -> int | BackendError:
+        """New tokens a request may generate: ``max_tokens`` is an upper bound, cut to what the
+        model's context leaves after the prompt (as a server does; the answer then ends with
+        ``finish_reason="length"``).  A prompt that leaves no room is a ``too_long`` error."""
+        room = self.cfg.max_seq_len - n_prompt
+        if room < 1:
             return BackendError(
-                f"{self.model}: prompt of {n_prompt} tokens + max_tokens {n_new} exceeds the "
-                f"model's max_seq_len {self.cfg.max_seq_len}",
+                f"{self.model}: prompt of {n_prompt} tokens leaves no room in the model's max_seq_len "
+                f"{self.cfg.max_seq_len}",
                 kind="too_long",
             )
-        return None
+        return max(1, min(int(max_tokens), room))
 
     def _generate_batch(self, requests: list[CompletionRequest]) -> list[CompletionResponse | Exception]:
         """Runs in a worker thread: one Sampler call per (temperature, top_p, seed) group."""
         start = time.perf_counter()
         results: list[CompletionResponse | Exception | None] = [None] * len(requests)
         groups: dict[tuple, list[tuple[int, list[int]]]] = {}
+        budget: dict[int, int] = {}
         for i, req in enumerate(requests):
             ids = self.prompt_ids(req)
-            if (err := self._check_length(len(ids), req.max_tokens)) is not None:
-                results[i] = err
+            b = self.new_token_budget(len(ids), req.max_tokens)
+            if isinstance(b, BackendError):
+                results[i] = b
                 continue
+            budget[i] = b
             # Greedy decoding ignores the seed, so greedy requests with different seeds share a call.
             key = (float(req.temperature), float(req.top_p), None if req.temperature == 0 else int(req.seed))
             groups.setdefault(key, []).append((i, ids))
         for (temperature, top_p, seed), members in groups.items():
-            n_new = _max_new_bucket(max(requests[i].max_tokens for i, _ in members))
+            n_new = _max_new_bucket(max(budget[i] for i, _ in members))
             n_new = min(n_new, self.cfg.max_seq_len - max(len(ids) for _, ids in members))
             scfg = sampling.SamplingConfig(
                 max_new_tokens=n_new,
@@ -224,7 +231,7 @@ class InProcessBackend:
             self.stats.sampler_calls += 1
             stop = set(self.tokenizer.stop_ids)
             for row, (i, ids) in enumerate(members):
-                limit = requests[i].max_tokens
+                limit = budget[i]
                 toks = [int(t) for t in out.tokens[row, : int(out.lengths[row])]][:limit]
                 stopped = bool(toks) and toks[-1] in stop
                 text_ids = toks[:-1] if stopped else toks

@@ -58,6 +58,7 @@ class Fitness:
     same: int
     length_chars: int
     correct: tuple[bool, ...] = ()  # per pair, in input order (for examples shown to the LLM)
+    errors: int = 0  # pairs whose judgment failed ("error" verdicts): left out, as in JudgeBench
 
     def as_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -73,9 +74,11 @@ def rubric_length(rubric: MetaRubric) -> int:
 def compute_fitness(
     verdicts: Sequence[str], labels: Sequence[str], length_chars: int, length_penalty: float
 ) -> Fitness:
+    """Accuracy with ties and errors left out (the ``"exclude"`` error policy)."""
     wins = sum(v == l for v, l in zip(verdicts, labels))
     same = sum(v == "same" for v in verdicts)
-    losses = len(verdicts) - wins - same
+    errors = sum(v == "error" for v in verdicts)
+    losses = len(verdicts) - wins - same - errors
     acc = wins / (wins + losses) if wins + losses else 0.0
     return Fitness(
         acc - length_penalty * length_chars / 1000.0,
@@ -85,6 +88,7 @@ def compute_fitness(
         same,
         length_chars,
         tuple(v == l for v, l in zip(verdicts, labels)),
+        errors,
     )
 
 
