@@ -39,6 +39,7 @@ EXTRAS = {
         "ruff==0.17.6",
         "if-verifiable==0.1.2",
         "nltk==3.10.4",
+        "jupytext",  # tests/test_notebooks.py reads the notebooks' percent-format sources
     ],
     "rgym": ["reasoning-gym"],
     # HF transformers is only the independent oracle for parity tests and benchmarks.
