@@ -32,6 +32,7 @@
 # %%
 import asyncio
 import concurrent.futures
+import dataclasses
 import os
 import pathlib
 
@@ -46,6 +47,7 @@ from clipo_jax.rubrics import (
     batch_verdicts,
     builtin_meta_rubric,
     domain_for_query_type,
+    load_meta_rubric,
     pad_criteria,
     pvr,
     score_comparison,
@@ -116,10 +118,23 @@ for p, label in zip(pairs, labels):
 #
 # The query type is routed to a domain (`meta_rubrics/routing.toml`); the prompt carries the general
 # principles plus the domain's. Each dimension has a type (core / important / highlight / critical).
+# The recorded transcript is keyed by the exact prompt, so this notebook judges with a snapshot of the
+# two meta-rubric files stored next to it (`notebooks/data/meta_rubrics/`), passed to the judge per
+# pair (`PairInput.general`, `PairInput.meta_rubric`: the same override a meta-rubric under review
+# uses); edits to the built-in files do not invalidate the transcript. The cell says whether the
+# snapshot still equals the built-in files.
 
 # %%
 domain_name = domain_for_query_type(pairs[0].query_type)
-general, domain = builtin_meta_rubric("general"), builtin_meta_rubric(domain_name)
+snapshot = ROOT / "notebooks" / "data" / "meta_rubrics"
+general = load_meta_rubric(snapshot / "general.toml")
+domain = load_meta_rubric(snapshot / f"{domain_name}.toml")
+assert all(domain_for_query_type(p.query_type) == domain_name for p in pairs)
+for rubric in (general, domain):
+    builtin = builtin_meta_rubric(rubric.name)
+    same = rubric.render() == builtin.render()  # what the prompt carries
+    print(f"snapshot {rubric.name}.toml {'equals' if same else 'differs from'} the built-in file")
+pairs = [dataclasses.replace(p, general=general, meta_rubric=domain) for p in pairs]
 print(f"{pairs[0].query_type} -> domain {domain_name!r}\n")
 for rubric in (general, domain):
     print(f"{rubric.title} ({rubric.name}): {len(rubric.dimensions)} dimensions")
@@ -220,22 +235,29 @@ for i, d in enumerate(directions):
 #
 # `first` when the forward score is > m and the backward score <= -m (A wins in one order and loses
 # in the other), `second` symmetrically, else `same` (threshold m = `min_score` = 0). A judge that
-# prefers position A in both orders therefore gives `same`, not a win.
+# prefers position A in both orders therefore gives `same`, not a win. A direction whose output never
+# parsed (or whose call failed for good) makes the pair an `error`: the other direction alone never
+# decides it. Summaries then either leave errors out (`error_policy="exclude"`, as JudgeBench reports)
+# or count them as ties (`"tie"`).
 
 # %%
 fwd, bwd = batched[0::2], batched[1::2]
 names = {1: "first", 0: "same", -1: "second"}
 vectorised = [names[int(v)] for v in batch_verdicts(jnp.asarray(fwd), jnp.asarray(bwd))]
 for p, r, label, f, b, v in zip(pairs, results, labels, fwd, bwd, vectorised):
-    assert r.verdict == verdict(r.forward.score, r.backward.score) == v
+    if r.forward.parse_ok and r.backward.parse_ok:
+        assert r.verdict == verdict(r.forward.score, r.backward.score) == v
+    else:
+        assert r.verdict == "error"
     print(f"{p.query_type:<20} forward {f:+.2f} backward {b:+.2f} -> {r.verdict:<7} (correct: {label})")
-s = summarise(results, labels)
-print({k: s[k] for k in ("n_pairs", "wins", "losses", "same", "accuracy", "parse_failure_rate")})
+for policy in ("exclude", "tie"):
+    s = summarise(results, labels, error_policy=policy)
+    print(policy, {k: s[k] for k in ("n_pairs", "n_counted", "wins", "losses", "same", "accuracy", "error_rate")})
 
 # %% [markdown]
-# The verifiable path above decided all three pairs correctly from the ground truth; the rubric path
-# with a 135M judge does not (it favours position A, writes one or two shallow criteria and sometimes
-# breaks the schema, which counts as a tie). The pipeline and its arithmetic are what this notebook
-# demonstrates; judge accuracy needs a capable model behind `OPENRS_JUDGE_URL`, e.g. the JudgeBench
-# run `python -m experiments.judge --input=tests/data/judgebench/gpt_sample.jsonl --base_url=URL
-# --model=NAME --output_dir=DIR`.
+# The verifiable path above decided all three pairs correctly from the ground truth. The rubric path
+# with a 135M judge does not: its criteria are shallow, its labels do not follow the evidence, and
+# its output sometimes breaks the schema (an error verdict). The pipeline and its arithmetic are
+# what this notebook demonstrates; judge accuracy needs a capable model behind `OPENRS_JUDGE_URL`,
+# e.g. the JudgeBench run `python -m experiments.judge --input=tests/data/judgebench/gpt_sample.jsonl
+# --base_url=URL --model=NAME --output_dir=DIR`.
