@@ -146,7 +146,12 @@ def test_cli_judgebench_end_to_end(llama_server, tmp_path):
     assert 0 <= s["accuracy"] <= 1 and 0 <= s["same_ratio"] <= 1 and 0 <= s["parse_failure_rate"] <= 1
     assert s["backend"]["completion_tokens"] > 0 and s["calls"] >= 6
     lines = [json.loads(l) for l in (out / "verdicts.jsonl").read_text().splitlines()]
-    assert len(lines) == 3 and all(l["verdict"] in ("first", "second", "same") for l in lines)
+    assert len(lines) == 3 and all(l["verdict"] in ("first", "second", "same", "error") for l in lines)
+    # A pair is an error exactly when one of its directions never parsed (or failed for good).
+    assert all(
+        (l["verdict"] == "error") == (not (l["forward"]["parse_ok"] and l["backward"]["parse_ok"])) for l in lines
+    )
+    assert s["errors"] == sum(l["verdict"] == "error" for l in lines) and s["error_rate"] == s["errors"] / 3
     # With constrained decoding at least some directions parse into real criteria.
     parsed = [d for l in lines for d in (l["forward"], l["backward"]) if d["parse_ok"]]
     assert parsed and all(isinstance(d["criteria"], list) for d in parsed)

@@ -132,8 +132,9 @@ def test_judge_pair_counts_parse_failures(model, tmp_path):
     pair = PairInput("Name a primary colour.", "Red.", "Banana.", pair_id="p0")
     res = asyncio.run(judge.judge_pair(pair))
     dirs = [res.forward, res.backward]
-    assert res.verdict in ("first", "second", "same") and res.path == "pairwise"
     failed = sum(not d.parse_ok for d in dirs)
+    assert res.path == "pairwise" and res.verdict in ("first", "second", "same", "error")
+    assert (res.verdict == "error") == (failed > 0)  # a junk direction makes the pair an error
     assert judge.counters.directions == 2
     assert judge.counters.parse_failures == failed  # every junk answer is counted
     assert all(d.error_kind == "parse" for d in dirs if not d.parse_ok)
