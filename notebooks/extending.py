@@ -196,9 +196,9 @@ def train(config, label):
     config.progress_bar = False
     if SIZE == "full":
         config.rl.update(steps=20, prompts_per_step=8)
-    workdir = tempfile.mkdtemp(prefix=f"clipo_extending_{label}_")
-    trainer.run(config, workdir)
-    return [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    with tempfile.TemporaryDirectory(prefix=f"clipo_extending_{label}_") as workdir:
+        trainer.run(config, workdir)
+        return [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
 
 
 c1 = demo.get_config("size=tiny")

@@ -147,3 +147,13 @@ cols = task.grade_keys
 print(f"{'test set':<14}" + "".join(f"{c + ' before -> after':>28}" for c in cols))
 for name in after:
     print(f"{name:<14}" + "".join(f"{100 * before[name][c]:>18.1f} -> {100 * after[name][c]:<6.1f}" for c in cols))
+
+# %% [markdown]
+# The run directory is a temporary one unless `QUICKSTART_WORKDIR` names a directory to keep (then a
+# second execution resumes from its last checkpoint; a finished run is only evaluated again).
+
+# %%
+if not os.environ.get("QUICKSTART_WORKDIR"):
+    import shutil
+
+    shutil.rmtree(workdir)
