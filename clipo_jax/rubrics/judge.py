@@ -13,9 +13,16 @@ counts as is the consumer's choice (``types.apply_error_policy``): ``summarise``
 of accuracy under ``error_policy="exclude"`` (JudgeBench, PPE) and counts them as ties under
 ``"tie"``; RL group rewards count them as ties by default.  An LLM answer check that fails on the
 ground-truth path does not decide the pair either: the pair goes on to the next path.
-``PairResult.failed`` says whether a pair is worth judging again.  Ground-truth and constraint
-checks (sympy, a sandboxed subprocess per ``code`` constraint) run in worker threads, off the
-event loop.
+``PairResult.failed`` says whether a pair is worth judging again.
+
+Ground truth, any domain: programmatic first (the math verifier, a choice letter, an exact
+match; ``GROUND_TRUTH_KIND`` / ``pvr.ground_truth_score``), then the LLM compares the response
+with the ground truth (code included); a pair the check leaves undecided goes on.  Constraints:
+programmatic ones (``pvr.CONSTRAINTS``) are the fast path, checked in worker threads; one written
+in words, ``{"rule": ..., "need_code": false}``, is an awaited LLM yes/no check, and with
+``"need_code": true`` the LLM writes ``check(response)`` once per constraint text, run in the
+sandbox for each response (a checker that fails falls back to the yes/no check).  Sympy and the
+sandboxed subprocesses run in worker threads, off the event loop.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import re
 import time
 from typing import Any, Awaitable, Callable, Sequence
 
@@ -30,14 +38,23 @@ from clipo_jax.rubrics import pvr
 from clipo_jax.rubrics.aggregation import score_comparison, verdict
 from clipo_jax.rubrics.meta_rubric import MetaRubric, builtin_meta_rubric, domain_for_query_type
 from clipo_jax.rubrics.protocol import (
+    ANSWER_CHECK_SCHEMA,
+    ANSWER_CHECK_TEMPLATE,
+    CONSTRAINT_CHECK_SCHEMA,
     INTENT_SCHEMA,
     JudgeParseError,
     PromptConfig,
+    build_answer_check_messages,
+    build_checker_code_messages,
+    build_constraint_check_messages,
     build_intent_messages,
     build_pairwise_messages,
+    extract_checker_code,
     judgment_schema,
     parse_judgment,
+    parse_yes_no,
 )
+from clipo_jax.rubrics.sandbox import SandboxLimits, run_checker
 from clipo_jax.rubrics.types import (  # noqa: F401 - the pair types are re-exported from here
     DEFAULT_JUDGE_MAX_TOKENS,
     Backend,
@@ -52,23 +69,17 @@ from clipo_jax.rubrics.types import (  # noqa: F401 - the pair types are re-expo
 
 log = logging.getLogger(__name__)
 
-# Domains whose ground truth is checked programmatically, and how the answer is extracted.
+# How the ground truth is checked programmatically, by domain; any other domain uses "any"
+# (pvr.ground_truth_score: only what a program can tell for sure, the LLM compares the rest).
 GROUND_TRUTH_KIND = {"math": "math", "factual_qa": "auto", "reasoning": "bold"}
 
-LLM_CHECK_SCHEMA = {
-    "type": "object",
-    "properties": {"verdict": {"type": "string", "enum": ["correct", "partial", "wrong"]}},
-    "required": ["verdict"],
-}
-LLM_CHECK_PROMPT = """Reference answer: {reference}
+# The LLM answer check's schema and prompt (protocol.py holds them).
+LLM_CHECK_SCHEMA = ANSWER_CHECK_SCHEMA
+LLM_CHECK_PROMPT = ANSWER_CHECK_TEMPLATE
 
-Candidate response (only its final answer matters):
-<response>
-{response}
-</response>
 
-Does the candidate's final answer match the reference answer? Reply with JSON: \
-{{"verdict": "correct" | "partial" | "wrong"}}."""
+def ground_truth_kind(domain: str) -> str:
+    return GROUND_TRUTH_KIND.get(domain, "any")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,7 +94,11 @@ class JudgeConfig:
     temperature: float = 0.0
     use_json_schema: bool = True
     use_ground_truth: bool = True  # paths by query kind: verifiable path when a ground truth is given
-    llm_answer_check: bool = True  # LLM fallback when no answer can be extracted
+    llm_answer_check: bool = True  # LLM check when a program cannot compare with the ground truth
+    answer_check_max_tokens: int = 64
+    constraint_check_max_tokens: int = 64  # the yes/no check of a constraint written in words
+    checker_code_max_tokens: int = 1024  # the checker code written for a need_code constraint
+    sandbox_limits: SandboxLimits = SandboxLimits()  # bound each run of LLM-written checker code
     prompt: PromptConfig = PromptConfig()
 
     def __post_init__(self):
@@ -106,6 +121,12 @@ class JudgeCounters:
     llm_answer_checks: int = 0
     llm_answer_check_failures: int = 0
     constraint_errors: int = 0  # constraint checks that raised (malformed constraint): path skipped
+    nl_constraint_checks: int = 0  # yes/no LLM checks of a constraint written in words
+    nl_constraint_check_failures: int = 0  # ... whose call or answer failed: the response is undecided
+    checker_code_writes: int = 0  # checker code written by the LLM (once per constraint text)
+    checker_code_failures: int = 0  # code not written / not compiling, or a run that failed:
+    # each counted failure falls back to the yes/no check
+    checker_runs: int = 0  # sandboxed runs of LLM-written checker code
     pair_errors: int = 0  # pairs that raised inside the judge: an "error" on the "error" path
     error_pairs: int = 0  # pairs whose verdict is "error" (a failed direction, or pair_errors)
     path_ground_truth: int = 0
@@ -122,6 +143,8 @@ class PairwiseJudge:
         self.config = config
         self.counters = JudgeCounters()
         self._intent_tasks: dict[str, asyncio.Future] = {}
+        # Checker code per constraint text (None: no usable code), written once and shared.
+        self._checker_tasks: dict[str, asyncio.Future] = {}
 
     # -- helpers ---------------------------------------------------------------------------
     def _request(self, messages, max_tokens, schema, seed, name="judgment") -> CompletionRequest:
@@ -204,48 +227,146 @@ class PairwiseJudge:
         self.counters.parse_failures += 1
         return out
 
-    async def _llm_answer_check(self, response: str, reference: str) -> int | None:
-        """+1 / 0 / -1 from the LLM; None when the call or its parse failed."""
+    async def _llm_answer_check(self, response: str, reference: str, query: str | None, kind: str) -> int | None:
+        """+1 / 0 / -1 from the LLM; None when the call or its parse failed.  For a final-answer
+        kind the extracted answer is shown when there is one; otherwise the whole response (code,
+        prose) with the query, so that the LLM can compare behaviour, not text."""
         self.counters.llm_answer_checks += 1
-        msgs = [
-            {
-                "role": "user",
-                "content": LLM_CHECK_PROMPT.format(
-                    reference=reference, response=pvr.extract_math_answer(response) or response[-2000:]
-                ),
-            }
-        ]
+        shown = response
+        if kind in ("math", "auto"):
+            shown = pvr.extract_math_answer(response) or response[-2000:]
+            query = None
+        msgs = build_answer_check_messages(shown, reference, query, self.config.prompt)
+        req = self._request(msgs, self.config.answer_check_max_tokens, ANSWER_CHECK_SCHEMA, self.config.seed, "check")
         try:
-            resp = await self.backend.complete(self._request(msgs, 64, LLM_CHECK_SCHEMA, self.config.seed, "check"))
-            v = parse_judgment(resp.text, LLM_CHECK_SCHEMA)["verdict"]
+            resp = await self.backend.complete(req)
+            v = parse_judgment(resp.text, ANSWER_CHECK_SCHEMA)["verdict"]
         except (BackendError, JudgeParseError):
             self.counters.llm_answer_check_failures += 1
             return None
         return {"correct": 1, "partial": 0, "wrong": -1}[v]
 
-    async def _ground_truth_scores(self, pair: PairInput, domain: str) -> tuple[int, int, list[bool]]:
-        """Scores of both responses (sympy runs in a worker thread), and which LLM answer checks
-        failed (such a response scores -1, unverifiable counts as missing)."""
-        kind = GROUND_TRUTH_KIND[domain]
-        scores, check_failed = [], []
+    async def _ground_truth_scores(self, pair: PairInput, domain: str) -> tuple[list[int | None], list[bool]]:
+        """Scores of both responses against the ground truth, and which LLM answer checks failed.
+
+        Programmatic first (the math verifier, a choice letter, an exact match; sympy runs in a
+        worker thread), then the LLM check.  A failed LLM check is None (and flagged); so is a
+        response that neither can score on a domain without a programmatic kind.  In the math,
+        factual-QA and reasoning domains, and for a choice letter in any domain, a response without
+        an extractable answer scores -1 when the LLM check is off (unverifiable counts as missing)."""
+        kind = ground_truth_kind(domain)
+        scores: list[int | None] = []
+        check_failed = []
         for resp in (pair.first, pair.second):
             s = await asyncio.to_thread(pvr.ground_truth_score, resp, pair.ground_truth, kind)
             failed = False
             if s is None:
-                s = await self._llm_answer_check(resp, pair.ground_truth) if self.config.llm_answer_check else -1
-                if s is None:
-                    s, failed = -1, True
+                if self.config.llm_answer_check:
+                    s = await self._llm_answer_check(resp, pair.ground_truth, pair.query, kind)
+                    failed = s is None
+                elif kind != "any" or re.fullmatch(r"\s*[A-J]\s*", str(pair.ground_truth)):
+                    s = -1  # no extractable final answer (a choice letter included): missing
             scores.append(s)
             check_failed.append(failed)
-        return scores[0], scores[1], check_failed
+        return scores, check_failed
 
-    async def _constraints_pass(self, pair: PairInput) -> tuple[bool, bool] | None:
-        """Whether each response passes all hard constraints, both checked at once in worker
-        threads (a ``code`` constraint runs a sandboxed subprocess); None if a check raised."""
+    # -- constraints -----------------------------------------------------------------------
+    async def _nl_yes_no(self, pair: PairInput, response: str, rule: str) -> bool | None:
+        """The LLM's yes/no answer: does ``response`` obey ``rule``; None when it failed."""
+        self.counters.nl_constraint_checks += 1
+        msgs = build_constraint_check_messages(response, rule, pair.query, self.config.prompt)
+        for attempt in range(self.config.parse_attempts):
+            req = self._request(
+                msgs,
+                self.config.constraint_check_max_tokens,
+                CONSTRAINT_CHECK_SCHEMA,
+                self.config.seed + attempt,
+                "constraint_check",
+            )
+            try:
+                return parse_yes_no((await self.backend.complete(req)).text)
+            except BackendError:
+                break  # the backend already retried
+            except JudgeParseError:
+                continue
+        self.counters.nl_constraint_check_failures += 1
+        return None
+
+    async def _checker_code(self, rule: str) -> str | None:
+        """Checker code for ``rule``, written once per constraint text (in memory here; the
+        request is deterministic, so a backend's disk cache keeps it across runs)."""
+        if rule not in self._checker_tasks:
+            self._checker_tasks[rule] = asyncio.ensure_future(self._write_checker(rule))
+        return await self._checker_tasks[rule]
+
+    async def _write_checker(self, rule: str) -> str | None:
+        self.counters.checker_code_writes += 1
+        req = CompletionRequest(
+            messages=build_checker_code_messages(rule),
+            max_tokens=self.config.checker_code_max_tokens,
+            temperature=0.0,
+            top_p=1.0,
+            seed=self.config.seed,
+            schema_name="checker_code",
+            json_schema=None,
+        )
         try:
+            code = extract_checker_code((await self.backend.complete(req)).text)
+        except BackendError as e:
+            code, why = None, f"the call failed ({e})"
+        else:
+            why = "no `def check(response)` in the answer"
+        if code is not None:
+            try:
+                compile(code, "<checker>", "exec", dont_inherit=True)
+            except (SyntaxError, ValueError, RecursionError, MemoryError) as e:
+                code, why = None, f"it does not compile ({type(e).__name__}: {e})"
+        if code is None:
+            self.counters.checker_code_failures += 1
+            log.warning("checker code for constraint %r unusable: %s; using the yes/no check", rule[:80], why)
+        return code
+
+    async def _nl_constraint(self, pair: PairInput, response: str, constraint: dict) -> bool | None:
+        """One constraint written in words: LLM-written checker code run in the sandbox when
+        ``need_code`` is true (a checker that fails falls back to the yes/no answer), else the
+        LLM's yes/no answer.  None when undecided."""
+        rule = constraint["rule"]
+        if constraint.get("need_code"):
+            code = await self._checker_code(rule)
+            if code is not None:
+                self.counters.checker_runs += 1
+                result = await asyncio.to_thread(run_checker, code, response, self.config.sandbox_limits)
+                if result.ok:
+                    return result.value is True
+                self.counters.checker_code_failures += 1
+                log.warning("checker for constraint %r failed (%s); using the yes/no check", rule[:80], result.error)
+        return await self._nl_yes_no(pair, response, rule)
+
+    async def _response_passes(self, pair: PairInput, response: str, programmatic: list, nl: list) -> bool | None:
+        """Programmatic constraints first (a worker thread; the fast path), then those written in
+        words in order, stopping at the first one not met.  None when one could not be decided."""
+        if programmatic and not await asyncio.to_thread(pvr.constraints_pass, response, programmatic):
+            return False
+        undecided = False
+        for c in nl:
+            ok = await self._nl_constraint(pair, response, c)
+            if ok is False:
+                return False
+            undecided |= ok is None
+        return None if undecided else True
+
+    async def _constraints_pass(self, pair: PairInput) -> tuple[bool | None, bool | None] | None:
+        """Whether each response passes all hard constraints (both responses at once); a
+        response is None when a check in words could not be decided; None if a check raised."""
+        nl = [c for c in pair.constraints if pvr.is_nl_constraint(c)]
+        programmatic = [c for c in pair.constraints if not pvr.is_nl_constraint(c)]
+        try:
+            for c in nl:
+                if not isinstance(c.get("rule"), str) or not c["rule"].strip():
+                    raise pvr.ConstraintError(f"a constraint in words needs a non-empty 'rule', got {c!r}")
             p1, p2 = await asyncio.gather(
-                asyncio.to_thread(pvr.constraints_pass, pair.first, pair.constraints),
-                asyncio.to_thread(pvr.constraints_pass, pair.second, pair.constraints),
+                self._response_passes(pair, pair.first, programmatic, nl),
+                self._response_passes(pair, pair.second, programmatic, nl),
             )
         except Exception as e:  # noqa: BLE001 - a malformed constraint: judge without it
             self.counters.constraint_errors += 1
@@ -279,20 +400,23 @@ class PairwiseJudge:
     async def _judge_pair(self, pair: PairInput, domain_name: str) -> PairResult:
         cfg = self.config
         pointwise: dict[str, Any] = {}
-        if cfg.use_ground_truth and pair.ground_truth not in (None, "") and domain_name in GROUND_TRUTH_KIND:
-            s1, s2, check_failed = await self._ground_truth_scores(pair, domain_name)
+        if cfg.use_ground_truth and pair.ground_truth not in (None, ""):
+            (s1, s2), check_failed = await self._ground_truth_scores(pair, domain_name)
             pointwise["ground_truth"] = [s1, s2]
             if any(check_failed):
                 # A failed LLM check is no score: the next path decides (as in the release).
                 pointwise["answer_check_failed"] = check_failed
-            elif s1 != s2:
+            elif s1 is not None and s2 is not None and s1 != s2:
                 self.counters.path_ground_truth += 1
                 return PairResult("first" if s1 > s2 else "second", "ground_truth", domain_name, pointwise=pointwise)
         passes = await self._constraints_pass(pair) if pair.constraints else None
         if passes is not None:
             p1, p2 = passes
             pointwise["constraints"] = [p1, p2]
-            if p1 != p2:
+            if p1 is None or p2 is None:
+                # An undecided check in words is no result: the pairwise protocol decides.
+                pointwise["constraint_check_failed"] = [p1 is None, p2 is None]
+            elif p1 != p2:
                 self.counters.path_constraints += 1
                 return PairResult("first" if p1 else "second", "constraints", domain_name, pointwise=pointwise)
         self.counters.path_pairwise += 1

@@ -3,7 +3,8 @@
 Every row is validated when it is read (``validate_row``): string ``prompt`` / ``chosen`` /
 ``rejected``; optional ``question_id`` (non-empty string or integer, default ``row<line>``),
 ``query_type`` (string), ``ground_truth`` (string or number) and ``constraints`` (a list of
-``{"type": ...}`` objects, each checked by its type and parameters, ``validate_constraint``).
+``{"type": ...}`` objects, each checked by its type and parameters, or constraints written in words,
+``{"rule": <text>, "need_code": <bool>}``, checked by the judge's LLM; ``validate_constraint``).
 
 ``scan_pair_rows`` never stops at a bad row: it returns the valid rows and the invalid ones as
 (line, reason), and raises ``RowError`` only for what spoils the whole file: two rows with the
@@ -23,6 +24,7 @@ from typing import Any
 from clipo_jax.rubrics.types import PairInput
 
 MAX_CODE_CHARS = 100_000  # a 'code' constraint's checker source
+MAX_RULE_CHARS = 4_000  # a constraint written in words
 
 
 class RowError(ValueError):
@@ -86,11 +88,15 @@ def validate_constraint(c: Any) -> str | None:
 
     Known types are checked by their parameters; a type registered in ``pvr.CONSTRAINTS`` that
     this table does not know is dry-run on an empty response instead.  A ``code`` constraint needs
-    Python source that compiles (it is not run here) and cannot set sandbox limits."""
+    Python source that compiles (it is not run here) and cannot set sandbox limits.  A constraint
+    written in words (no ``type``, a ``rule``) needs a non-empty ``rule`` and a boolean
+    ``need_code`` when given, and nothing else."""
     from clipo_jax.rubrics import pvr
 
     if not isinstance(c, dict):
-        return f"must be an object with a 'type', got {type(c).__name__}"
+        return f"must be an object with a 'type' (or a 'rule' in words), got {type(c).__name__}"
+    if pvr.is_nl_constraint(c):
+        return _validate_nl_constraint(c)
     ctype = c.get("type")
     if not isinstance(ctype, str) or ctype not in pvr.CONSTRAINTS:
         return f"unknown constraint type {ctype!r} (known: {', '.join(sorted(pvr.CONSTRAINTS))})"
@@ -128,6 +134,23 @@ def validate_constraint(c: Any) -> str | None:
         except Exception as e:  # noqa: BLE001 - any failure makes the constraint unusable
             reason = f"{type(e).__name__}: {e}"
     return f"type '{ctype}': {reason}" if reason else None
+
+
+def _validate_nl_constraint(c: dict) -> str | None:
+    """A constraint written in words: a non-empty ``rule`` and an optional boolean ``need_code``."""
+    rule = c["rule"]
+    extra = sorted(set(c) - {"rule", "need_code"})
+    if not isinstance(rule, str) or not rule.strip():
+        reason = f"'rule' must be a non-empty string, got {rule!r}"
+    elif len(rule) > MAX_RULE_CHARS:
+        reason = f"'rule' is longer than {MAX_RULE_CHARS} characters"
+    elif "need_code" in c and not isinstance(c["need_code"], bool):
+        reason = f"'need_code' must be true or false, got {c['need_code']!r}"
+    elif extra:
+        reason = f"unknown keys {extra} (a constraint in words has 'rule' and 'need_code')"
+    else:
+        return None
+    return f"constraint in words: {reason}"
 
 
 def validate_row(row: Any) -> str | None:

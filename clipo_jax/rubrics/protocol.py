@@ -272,3 +272,140 @@ def build_intent_messages(query: str, config: PromptConfig = PromptConfig()) -> 
         {"role": "system", "content": SYSTEM_PROMPT},
         {"role": "user", "content": INTENT_TEMPLATE.format(query=truncate_middle(query, config.max_query_chars))},
     ]
+
+
+# ----------------------------------------------------------------------------------------------
+# Pointwise checks: a response against a ground truth, a constraint written in words.
+# ----------------------------------------------------------------------------------------------
+
+ANSWER_CHECK_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {"verdict": {"type": "string", "enum": ["correct", "partial", "wrong"]}},
+    "required": ["verdict"],
+}
+
+ANSWER_CHECK_TEMPLATE = """You check one response against a reference answer that is known to be correct.
+{query_block}
+# Reference answer
+<reference>
+{reference}
+</reference>
+
+# Candidate response
+<response>
+{response}
+</response>
+
+Compare what the candidate concludes with the reference. For a final answer (a number, a letter, \
+a name), only that answer matters, not the wording or the working. For code or another artefact, \
+judge whether it does what the reference does (same behaviour on the inputs the task allows), not \
+whether it looks the same. "partial" means part of the reference is matched and part is missing \
+or wrong. Reply with JSON: {{"verdict": "correct" | "partial" | "wrong"}}."""
+
+
+def build_answer_check_messages(
+    response: str, reference: str, query: str | None = None, config: PromptConfig = PromptConfig()
+) -> list[dict[str, str]]:
+    """Chat messages asking whether ``response`` matches the ground truth ``reference``."""
+    query_block = ""
+    if query:
+        query_block = f"\n# Task\n<query>\n{truncate_middle(query, config.max_query_chars)}\n</query>\n"
+    content = ANSWER_CHECK_TEMPLATE.format(
+        query_block=query_block,
+        reference=truncate_middle(str(reference), config.max_response_chars),
+        response=truncate_middle(response, config.max_response_chars),
+    )
+    return [{"role": "user", "content": content}]
+
+
+CONSTRAINT_CHECK_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {"answer": {"type": "string", "enum": ["yes", "no"]}},
+    "required": ["answer"],
+}
+
+CONSTRAINT_CHECK_TEMPLATE = """You check whether a response obeys one instruction. Judge this \
+instruction only, strictly and literally; the quality of the response otherwise does not matter.
+{query_block}
+# Instruction to check
+<constraint>
+{rule}
+</constraint>
+
+# Response
+<response>
+{response}
+</response>
+
+Does the response obey the instruction? Reply with JSON: {{"answer": "yes" | "no"}}."""
+
+CHECKER_CODE_TEMPLATE = """Write a Python function that decides whether a text obeys this instruction:
+
+<constraint>
+{rule}
+</constraint>
+
+Requirements:
+- define `def check(response: str) -> bool`, returning True when `response` obeys the \
+instruction and False otherwise;
+- use only the Python standard library (re, string, json, collections, unicodedata, math ...); \
+no files, network, processes or randomness;
+- be strict and literal about what can be counted or matched; do not judge style.
+
+Reply with the function in one ```python code block and nothing else."""
+
+
+def strip_rule(query: str, rule: str) -> str:
+    """The query without the constraint appended to its end (as benchmark rows write it)."""
+    q = query.rstrip()
+    return q[: -len(rule)].rstrip() if rule and q.endswith(rule.strip()) and len(q) > len(rule.strip()) else query
+
+
+def build_constraint_check_messages(
+    response: str, rule: str, query: str | None = None, config: PromptConfig = PromptConfig()
+) -> list[dict[str, str]]:
+    """Chat messages asking for a yes/no answer: does ``response`` obey the constraint ``rule``."""
+    query_block = ""
+    if query:
+        q = truncate_middle(strip_rule(query, rule), config.max_query_chars)
+        query_block = f"\n# The user's request (context only)\n<query>\n{q}\n</query>\n"
+    content = CONSTRAINT_CHECK_TEMPLATE.format(
+        query_block=query_block, rule=rule, response=truncate_middle(response, config.max_response_chars)
+    )
+    return [{"role": "user", "content": content}]
+
+
+def build_checker_code_messages(rule: str) -> list[dict[str, str]]:
+    """Chat messages asking for checker code ``check(response) -> bool`` for the constraint ``rule``
+    (the rule alone: the code is written once per constraint and reused for every response)."""
+    return [{"role": "user", "content": CHECKER_CODE_TEMPLATE.format(rule=rule)}]
+
+
+_YES_NO_RE = re.compile(r"\b(yes|no)\b", re.IGNORECASE)
+
+
+def parse_yes_no(text: str) -> bool:
+    """True for yes, False for no: the ``answer`` of a JSON object, else the last bare yes / no
+    word; ``JudgeParseError`` when there is neither."""
+    try:
+        return parse_judgment(text, CONSTRAINT_CHECK_SCHEMA)["answer"] == "yes"
+    except JudgeParseError:
+        pass
+    words = _YES_NO_RE.findall(text or "")
+    if not words:
+        raise JudgeParseError("no yes / no answer in the constraint check")
+    return words[-1].lower() == "yes"
+
+
+_CODE_FENCE_RE = re.compile(r"```(?:python|py|Python)?[ \t]*\n(.*?)```", re.DOTALL)
+
+
+def extract_checker_code(text: str) -> str | None:
+    """The checker source in a code-writing answer: the last fenced block that defines
+    ``check``, else the whole answer when it does; None when there is no ``def check``."""
+    blocks = [b for b in _CODE_FENCE_RE.findall(text or "") if re.search(r"^\s*def check\s*\(", b, re.MULTILINE)]
+    if blocks:
+        return blocks[-1].strip() + "\n"
+    if text and re.search(r"^def check\s*\(", text, re.MULTILINE) and "```" not in text:
+        return text.strip() + "\n"
+    return None

@@ -5,7 +5,9 @@
 * ``check_constraint(response, constraint)`` -> bool for a hard instruction-following
   constraint dict ``{"type": <name>, ...params}``; ``CONSTRAINTS`` is the registry (add one
   function + one entry to extend).  ``{"type": "code", "code": "<python>"}`` runs LLM-written
-  checker code in the sandbox.
+  checker code in the sandbox.  A constraint written in words, ``{"rule": <text>, "need_code":
+  <bool>}`` (``is_nl_constraint``), needs an LLM and is checked by the judge
+  (``PairwiseJudge``), not here.
 * ``guardrail_flags(response, expected_language=None)`` -> dict of degenerate-output flags
   (empty, repetition loop, wrong language) used as penalties.
 """
@@ -112,13 +114,35 @@ def _to_signed(match: float | None) -> int | None:
     return 0 if match > 0 else -1
 
 
+def _looks_mathematical(gt: str) -> bool:
+    """A short number or formula (``42``, ``-3.5``, ``\\frac{1}{2}``, ``x^2+1``), not prose or code."""
+    if len(gt) > 60 or "\n" in gt:
+        return False
+    if re.fullmatch(r"[-+]?\d[\d,]*(\.\d+)?%?", gt):
+        return True
+    return bool(re.search(r"\\(frac|sqrt|pi|boxed)|\^", gt)) and not re.search(r"[a-zA-Z]{4,}\s+[a-zA-Z]{4,}", gt)
+
+
 def ground_truth_score(response: str, ground_truth: str, kind: str = "auto") -> int | None:
     """+1 matches, 0 partial, -1 wrong; None when the response has no extractable answer.
 
     kind: "math", "choice" (multiple-choice letter), "bold" (answer in **bold**), "exact"
-    (normalised string), or "auto" (choice for a single letter A-J, else math).
+    (normalised string), "auto" (choice for a single letter A-J, else math), or "any" (any
+    domain: decides only what a program can tell for sure, None otherwise so that the LLM
+    compares; a choice letter for a single-letter ground truth, the math verifier when the
+    response states a final answer (boxed or "the answer is") and the ground truth is a number
+    or a formula, +1 for an exact match after normalisation).
     """
     gt = str(ground_truth).strip()
+    if kind == "any":
+        if re.fullmatch(r"[A-J]", gt):
+            got = extract_choice(response)
+            return None if got is None else (1 if got == gt.upper() else -1)
+        if normalise_answer(response) == normalise_answer(gt) and normalise_answer(gt):
+            return 1
+        if _looks_mathematical(gt) and extract_math_answer(response) is not None:
+            return _to_signed(math_equivalent(response, gt))
+        return None
     if kind == "auto":
         kind = "choice" if re.fullmatch(r"[A-J]", gt) else "math"
     if kind == "choice":
@@ -297,8 +321,19 @@ CONSTRAINTS: dict[str, ConstraintFn] = {
 }
 
 
+def is_nl_constraint(constraint: Any) -> bool:
+    """True for a constraint written in words, ``{"rule": <text>, "need_code": <bool>}`` (no
+    ``type``): the judge checks it with an LLM yes/no answer or LLM-written checker code."""
+    return isinstance(constraint, dict) and "type" not in constraint and "rule" in constraint
+
+
 def check_constraint(response: str, constraint: dict[str, Any], sandbox_limits: SandboxLimits | None = None) -> bool:
     """One constraint. ``sandbox_limits`` (the operator's) bound a ``code`` constraint's checker."""
+    if is_nl_constraint(constraint):
+        raise ConstraintError(
+            "a constraint written in words ({'rule': ..., 'need_code': ...}) needs an LLM: "
+            "the judge (PairwiseJudge) checks it, not pvr.check_constraint"
+        )
     ctype = constraint.get("type")
     if ctype not in CONSTRAINTS:
         raise ConstraintError(f"unknown constraint type {ctype!r} (known: {sorted(CONSTRAINTS)})")
