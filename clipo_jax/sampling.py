@@ -450,9 +450,9 @@ class Sampler:
                 if len(groups) == 1:
                     g_tokens, g_mask = tokens, mask
                 else:  # the group's own length bucket; its cache is then left-extended to the batch's
-                    real = [prompts[i] for i in idx if i < P]
+                    real = [prompts[i] for i in idx if i < P]  # empty for a group of padding rows only
                     g_tokens, g_mask = left_pad(
-                        real, self.length_bucket(max(len(p) for p in real)), scfg.pad_id, len(idx)
+                        real, self.length_bucket(max((len(p) for p in real), default=1)), scfg.pad_id, len(idx)
                     )
                 cache, h = self._prefill(params, *put((g_tokens, g_mask), len(idx)))
                 if g_tokens.shape[1] < length:

@@ -221,6 +221,18 @@ def test_grouped_prefill_and_cache_growth_change_nothing(model, scfg):
     _assert_same_samples(jax.tree.map(np.asarray, gen(params, tokens, mask, jax.random.key(7))), ref)
 
 
+def test_prefill_groups_of_padding_rows_only(model):
+    """5 prompts in a batch bucket of 8 with groups of 2: the last group holds padding rows only;
+    the samples equal one prefill over the whole batch."""
+    cfg, params = model
+    prompts = PROMPTS_8[:5]
+    scfg = sampling.SamplingConfig(max_new_tokens=4, temperature=0.0)
+    grouped = sampling.Sampler(cfg, prefill_group_rows=2)
+    assert any(all(i >= len(prompts) for i in g) for g in grouped.row_groups([len(p) for p in prompts], 8))
+    ref = sampling.Sampler(cfg, prefill_group_rows=0)(params, prompts, jax.random.key(3), scfg)
+    _assert_same_samples(grouped(params, prompts, jax.random.key(3), scfg), ref)
+
+
 def test_row_groups_sort_by_length_and_keep_padding_rows_last():
     s = sampling.Sampler(PRESETS["tiny_llama"], prefill_group_rows=2)
     groups = s.row_groups([5, 1, 9, 3, 7], 8)
