@@ -5,7 +5,7 @@
 # with GGML_NATIVE=OFF (a native build can die with an illegal instruction on another CPU) and
 # keeps it in $WHEELHOUSE so the next run (or a CI cache of that directory) skips the ~8-20 min build.
 set -euo pipefail
-WHEELHOUSE="${WHEELHOUSE:-/work/wheelhouse}"
+WHEELHOUSE="${WHEELHOUSE:-${XDG_CACHE_HOME:-$HOME/.cache}/clipo_jax/wheelhouse}"
 PY="${PYTHON:-python}"
 if "$PY" -c "import llama_cpp.server" 2>/dev/null; then
   echo "llama-cpp-python already installed: $("$PY" -c 'import llama_cpp; print(llama_cpp.__version__)')"
