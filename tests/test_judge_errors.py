@@ -12,14 +12,12 @@ have let the forward direction alone decide "first".
 """
 
 import asyncio
-import http.server
 import json
 import os
-import re
-import threading
 
 import numpy as np
 import pytest
+from judge_server import JSONHandler, good_label, responses, rule_judgment, serve
 
 from clipo_jax.rubrics import (
     ERROR_POLICIES,
@@ -33,57 +31,23 @@ from clipo_jax.rubrics import (
 from clipo_jax.rubrics.group_rewards import GroupRewardConfig, group_rewards, pairwise_rewards
 
 
-def judgment(label: str) -> dict:
-    return {
-        "intent": {"task": "t", "explicit_requirements": [], "implicit_requirements": []},
-        "differences": ["d"],
-        "criteria": [
-            {
-                "id": "c1",
-                "title": "quality",
-                "type": "core",
-                "evidence": "e",
-                "reason": "r",
-                "label": label,
-                "score": 0 if label == "S" else 2,
-            }
-        ],
-    }
-
-
-class Handler(http.server.BaseHTTPRequestHandler):
+class Handler(JSONHandler):
     requests: list = None
-
-    def log_message(self, *args):
-        pass
-
-    def _send(self, code, body):
-        data = json.dumps(body).encode()
-        self.send_response(code)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def do_GET(self):
-        self._send(200, {"data": []})
 
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         self.requests.append(body)
         user = body["messages"][-1]["content"]
-        a = re.search(r"<response_a>\n(.*?)\n</response_a>", user, re.DOTALL)
-        b = re.search(r"<response_b>\n(.*?)\n</response_b>", user, re.DOTALL)
-        if a is None or b is None:
+        pair = responses(user)
+        if pair is None:
             return self._send(400, {"error": "not a judge prompt"})
-        a, b = a.group(1), b.group(1)
+        a, b = pair
         if "DOWN" in b:
             return self._send(500, {"error": "down"})
         if "BREAK" in b:
             content = "Response A is clearly better."  # no JSON at all
         else:
-            label = "A" if "GOOD" in a and "GOOD" not in b else ("B" if "GOOD" in b and "GOOD" not in a else "S")
-            content = json.dumps(judgment(label))
+            content = json.dumps(rule_judgment(good_label(a, b)))
         self._send(
             200,
             {
@@ -96,13 +60,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
 @pytest.fixture()
 def server():
     handler = type("H", (Handler,), {"requests": []})
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    srv.daemon_threads = True
-    thread = threading.Thread(target=srv.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{srv.server_address[1]}", handler.requests
-    srv.shutdown()
-    srv.server_close()
+    with serve(handler) as url:
+        yield url, handler.requests
 
 
 def make_judge(url, **kw):

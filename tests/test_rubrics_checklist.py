@@ -14,6 +14,7 @@ import threading
 import time
 
 import pytest
+from judge_server import JSONHandler
 
 from clipo_jax.rubrics.backends import OpenAIHTTPBackend
 from clipo_jax.rubrics.checklist import (
@@ -48,19 +49,8 @@ class State:
         self.max_inflight = 0
 
 
-class Handler(http.server.BaseHTTPRequestHandler):
+class Handler(JSONHandler):
     state: State = None
-
-    def log_message(self, *args):
-        pass
-
-    def _send(self, code, body):
-        data = json.dumps(body).encode()
-        self.send_response(code)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
 
     def do_POST(self):
         st = self.state
