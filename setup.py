@@ -40,6 +40,7 @@ EXTRAS = {
         "if-verifiable==0.1.2",
         "nltk==3.10.4",
         "jupytext",  # tests/test_notebooks.py reads the notebooks' percent-format sources
+        "matplotlib",  # ... and runs them, figures included
     ],
     "rgym": ["reasoning-gym"],
     # HF transformers is only the independent oracle for parity tests and benchmarks.
