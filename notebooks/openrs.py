@@ -101,9 +101,10 @@ for p, label in zip(pairs, labels):
 # %% [markdown]
 # ## The verifiable path (no LLM)
 #
-# These rows carry a ground truth (the MMLU-Pro letter), and their domain (`factual_qa`) has an answer
-# extractor, so the judge's first path scores each response +1 / 0 / -1 against it and decides
-# without any LLM call when the scores differ. Below, that check on its own.
+# These rows carry a ground truth (the MMLU-Pro letter). The judge checks a ground truth in every
+# domain: its first path scores each response +1 / 0 / -1 against it (a choice letter
+# programmatically, anything else with one LLM yes/no call) and decides without the pairwise
+# comparison when the scores differ. Below, the programmatic check on its own.
 
 # %%
 for p, label in zip(pairs, labels):
@@ -118,24 +119,26 @@ for p, label in zip(pairs, labels):
 #
 # The query type is routed to a domain (`meta_rubrics/routing.toml`); the prompt carries the general
 # principles plus the domain's. Each dimension has a type (core / important / highlight / critical).
-# The recorded transcript is keyed by the exact prompt, so this notebook judges with a snapshot of the
-# two meta-rubric files stored next to it (`notebooks/data/meta_rubrics/`), passed to the judge per
-# pair (`PairInput.general`, `PairInput.meta_rubric`: the same override a meta-rubric under review
-# uses); edits to the built-in files do not invalidate the transcript. The cell says whether the
-# snapshot still equals the built-in files.
+# The recorded transcript is keyed by the exact prompt, so this notebook judges with a snapshot of two
+# meta-rubric files stored next to it (`notebooks/data/meta_rubrics/`: the general file and the
+# `factual_qa` domain the transcript was recorded with), passed to the judge per pair
+# (`PairInput.general`, `PairInput.meta_rubric`: the same override a meta-rubric under review uses);
+# edits to the built-in files do not invalidate the transcript. The cell prints where the routing
+# table sends each query type today and whether the snapshot still equals the built-in files.
 
 # %%
-domain_name = domain_for_query_type(pairs[0].query_type)
+for p in pairs:
+    print(f"routing: {p.query_type} -> {domain_for_query_type(p.query_type)}")
+domain_name = "factual_qa"  # the snapshot the transcript was recorded with, used for all three pairs
 snapshot = ROOT / "notebooks" / "data" / "meta_rubrics"
 general = load_meta_rubric(snapshot / "general.toml")
 domain = load_meta_rubric(snapshot / f"{domain_name}.toml")
-assert all(domain_for_query_type(p.query_type) == domain_name for p in pairs)
 for rubric in (general, domain):
     builtin = builtin_meta_rubric(rubric.name)
     same = rubric.render() == builtin.render()  # what the prompt carries
     print(f"snapshot {rubric.name}.toml {'equals' if same else 'differs from'} the built-in file")
-pairs = [dataclasses.replace(p, general=general, meta_rubric=domain) for p in pairs]
-print(f"{pairs[0].query_type} -> domain {domain_name!r}\n")
+pairs = [dataclasses.replace(p, general=general, meta_rubric=domain, domain=domain_name) for p in pairs]
+print(f"judged with the snapshot domain {domain_name!r}\n")
 for rubric in (general, domain):
     print(f"{rubric.title} ({rubric.name}): {len(rubric.dimensions)} dimensions")
     for d in rubric.dimensions:

@@ -38,7 +38,7 @@ ROUTES = {
     "math": ["livebench-math", "mmlu-pro-math", "gsm8k", "Math"],
     "code": ["livecodebench", "mbpp_plus", "humaneval", "code"],
     "reasoning": ["livebench-reasoning", "logic-puzzle"],
-    "factual_qa": ["mmlu-pro-law", "mmlu-pro-health", "mmlu_pro", "gpqa", "Factuality", "open-qa"],
+    "factual_qa": ["mmlu-pro-other", "mmlu_pro", "gpqa", "Factuality", "open-qa"],
     "instruction_following": ["IFEval", "ifeval", "Precise IF", "ifbench"],
     "safety": ["Safety", "safety-refuse", "safety-response", "harmful-request", "jailbreak"],
     "general": ["Focus", "Ties", "human_preference_v1", "chatbot-arena"],
@@ -46,10 +46,10 @@ ROUTES = {
     "summarisation": ["cnn-summarization", "summary"],
     "creative_writing": ["creative-writing", "story", "fiction", "continuation"],
     "dialogue": ["chat", "multi-turn-chat", "chit-chat"],
-    "law": ["law", "legal-advice"],
-    "medicine": ["medical", "health", "pharmacy"],
+    "law": ["law", "legal-advice", "mmlu-pro-law"],
+    "medicine": ["medical", "health", "pharmacy", "mmlu-pro-health"],
     "finance": ["finance", "economics", "investing", "business"],
-    "psychology": ["psychology", "mental-health", "emotional-support"],
+    "psychology": ["psychology", "mental-health", "emotional-support", "mmlu-pro-psychology"],
     "education": ["education", "homework-help", "parenting"],
     "history": ["history", "world-history"],
     "politics": ["politics", "social-issues", "election"],
@@ -117,10 +117,37 @@ def test_benchmark_query_types_never_fall_back(caplog):
     for qt in judgebench + [t for ts in BENCHMARK_TYPES.values() for t in ts]:
         domain_for_query_type(qt)
     assert "falling back" not in caplog.text
-    # Exam-style subjects stay on factual_qa, whose ground truth the judge checks.
-    assert {domain_for_query_type(qt) for qt in judgebench if qt.startswith("mmlu-pro-") and qt != "mmlu-pro-math"} == {
-        "factual_qa"
+    # Exam subjects go to their subject's domain (the ground truth is checked in every domain).
+    subjects = {
+        "law": "law",
+        "health": "medicine",
+        "psychology": "psychology",
+        "history": "history",
+        "philosophy": "philosophy",
+        "economics": "finance",
+        "business": "finance",
+        "biology": "science",
+        "chemistry": "science",
+        "physics": "science",
+        "engineering": "engineering",
+        "computer science": "algorithms",
+        "math": "math",
+        "other": "factual_qa",
     }
+    for qt in judgebench:
+        if qt.startswith("mmlu-pro-"):
+            assert domain_for_query_type(qt) == subjects[qt.removeprefix("mmlu-pro-")], qt
+
+
+def test_exam_subject_rows_keep_the_ground_truth_path():
+    """A choice-letter ground truth is checked programmatically in the subject domains too."""
+    from clipo_jax.rubrics import pvr
+    from clipo_jax.rubrics.judge import ground_truth_kind
+
+    for qt in ("mmlu-pro-law", "mmlu-pro-health", "mmlu-pro-psychology", "mmlu-pro-computer science"):
+        kind = ground_truth_kind(domain_for_query_type(qt))
+        assert pvr.ground_truth_score("... so the answer is (C). CCCCC", "C", kind) == 1
+        assert pvr.ground_truth_score("... so the answer is (D). DDDDD", "C", kind) == -1
 
 
 def _tokens(messages) -> int:

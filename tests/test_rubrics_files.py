@@ -71,8 +71,9 @@ def test_judgebench_query_types_route():
         "livebench-reasoning": "reasoning",
         "livecodebench": "code",
         "mmlu-pro-math": "math",
-        "mmlu-pro-law": "factual_qa",
-        "mmlu-pro-computer science": "factual_qa",
+        "mmlu-pro-law": "law",
+        "mmlu-pro-computer science": "algorithms",
+        "mmlu-pro-other": "factual_qa",
     }
     for qt in types:
         assert domain_for_query_type(qt) != "general", qt
