@@ -162,8 +162,17 @@ def infonce_loss(rows: AnchorRows) -> Array:
     return jnp.where(rows.num_positives > 0, -(picked - rows.log_denominator), 0.0)
 
 
+def infonce_reference_loss(rows: AnchorRows) -> Array:
+    """InfoNCE as the authors' code computes it for an anchor without a positive (reachable with
+    skip_trivial off): the positive term is empty, so L_i = log(S_i + eps) -- unclamped, and
+    negative when the row's logits are all far below its max."""
+    picked = _sum_where(rows.sampled_positive, rows.logits)
+    return -(picked - rows.log_denominator)
+
+
 LOSSES: dict[str, LossType] = {
     "infonce": LossType(infonce_loss, samples_positive=True),
+    "infonce_reference": LossType(infonce_reference_loss, samples_positive=True),
     "supcon_in": LossType(supcon_in_loss),
     "supcon_out": LossType(supcon_out_loss),
     "soft_nn": LossType(soft_nn_loss),
@@ -229,30 +238,43 @@ def _check_shapes(embeddings, labels, group_ids):
 # ----------------------------------------------------------------------------------------------
 # Loss
 # ----------------------------------------------------------------------------------------------
-def _full_row_max(z: Array, sim: Similarity, chunk: int) -> Array:
-    """max_j s_ij over the whole batch, [B], computed chunk by chunk of columns (O(B*chunk) memory)."""
+def _masked_row_max(s: Array, cols: Array, fallback: Array) -> Array:
+    """max over the valid columns of each row; ``fallback`` where a row has none (a padding row,
+    whose loss is dropped: it only has to stay finite so that no NaN reaches the gradient)."""
+    m = jnp.max(jnp.where(cols, s, -jnp.inf), axis=-1)
+    return jnp.where(jnp.any(cols, axis=-1), m, fallback)
+
+
+def _full_row_max(z: Array, valid: Array, sim: Similarity, chunk: int) -> Array:
+    """max_j s_ij over the valid rows j of the whole batch, [B], computed chunk by chunk of columns
+    (O(B*chunk) memory)."""
     b, d = z.shape
     cols = z.reshape(b // chunk, chunk, d)
-    per_chunk = jax.lax.map(lambda c: jnp.max(sim.fn(z, c), axis=-1), cols)  # [B/chunk, B]
-    return jnp.max(per_chunk, axis=0)
+    ok = valid.reshape(b // chunk, 1, chunk)
+    per_chunk = jax.lax.map(
+        lambda c: jnp.max(jnp.where(c[1], sim.fn(z, c[0]), -jnp.inf), axis=-1), (cols, ok)
+    )  # [B/chunk, B]
+    m = jnp.max(per_chunk, axis=0)
+    return jnp.where(jnp.isfinite(m), m, 0.0)
 
 
-def _dense_rows(z, labels, group_ids, level, sim, temperature):
-    """Reference BxB formulation. Returns (logits, pos, n_pos, n_neg, log_denom)."""
+def _dense_rows(z, labels, group_ids, valid, level, sim, temperature):
+    """Reference BxB formulation over the valid rows. Returns (logits, pos, n_pos, n_neg, log_denom)."""
     b = z.shape[0]
     s = sim.fn(z, z)  # [B, B]
-    row_max = jax.lax.stop_gradient(jnp.max(s, axis=-1, keepdims=True))
+    cols = jnp.broadcast_to(valid[None, :], (b, b))  # a padding row is nobody's candidate
+    row_max = jax.lax.stop_gradient(_masked_row_max(s, cols, jnp.diagonal(s)))[:, None]
     logits = (s - row_max) / temperature
     eye = jnp.eye(b, dtype=bool)
-    same = labels[:, None] == labels[None, :]
-    all_mask = jnp.ones((b, b), dtype=bool)
+    same = (labels[:, None] == labels[None, :]) & cols
+    all_mask = cols
     if level != "batch":
         in_group = group_ids[:, None] == group_ids[None, :]
         same = same & in_group
         if level == "group":
-            all_mask = in_group
+            all_mask = all_mask & in_group
     n_same = jnp.sum(same, axis=-1)
-    n_pos = n_same - 1  # Same minus self (self is always in Same)
+    n_pos = n_same - valid  # Same minus self (self is in Same when it is valid)
     n_neg = jnp.sum(all_mask, axis=-1) - n_same
     pos = same & ~eye
     denom = all_mask & ~eye
@@ -260,25 +282,28 @@ def _dense_rows(z, labels, group_ids, level, sim, temperature):
     return logits, pos, n_pos, n_neg, log_denom
 
 
-def _group_rows(z, labels, sim, temperature, group_size):
+def _group_rows(z, labels, valid, sim, temperature, group_size):
     """Blockwise group level on [P, G, D]: O(B*G*D). Rows come back flattened to [B, G]."""
     b, d = z.shape
     p, g = b // group_size, group_size
     zb = z.reshape(p, g, d)
     yb = labels.reshape(p, g)
+    vb = valid.reshape(p, g)
+    cols = jnp.broadcast_to(vb[:, None, :], (p, g, g))  # a padding row is nobody's candidate
     s = sim.fn(zb, zb)  # [P, G, G]
     if sim.max_at_self:
-        row_max = jnp.max(s, axis=-1)  # block contains self, which holds the full-row max
+        # the block holds self, and self holds the full-row max
+        row_max = _masked_row_max(s, cols, jnp.diagonal(s, axis1=-2, axis2=-1))
     else:
-        row_max = _full_row_max(z, sim, group_size).reshape(p, g)
+        row_max = _full_row_max(z, valid, sim, group_size).reshape(p, g)
     logits = (s - jax.lax.stop_gradient(row_max)[..., None]) / temperature
     eye = jnp.eye(g, dtype=bool)
-    same = yb[..., :, None] == yb[..., None, :]
+    same = (yb[..., :, None] == yb[..., None, :]) & cols
     n_same = jnp.sum(same, axis=-1)
-    n_pos = n_same - 1
-    n_neg = g - n_same
+    n_pos = n_same - vb
+    n_neg = jnp.sum(cols, axis=-1) - n_same
     pos = same & ~eye
-    log_denom = jnp.log(_sum_where(~eye, jnp.exp(logits)) + EPS)
+    log_denom = jnp.log(_sum_where(cols & ~eye, jnp.exp(logits)) + EPS)
     return (logits.reshape(b, g), pos.reshape(b, g), n_pos.reshape(b), n_neg.reshape(b), log_denom.reshape(b))
 
 
@@ -291,6 +316,7 @@ def _contrastive_loss_impl(
     masked_label,
     skip_trivial,
     rng,
+    valid,
     *,
     loss_type,
     level,
@@ -302,10 +328,11 @@ def _contrastive_loss_impl(
     spec = LOSSES[loss_type]
     z = embeddings.astype(jnp.float32)
     labels = labels.astype(jnp.int32)
+    valid = valid.astype(bool)
     if level == "group" and not dense:
-        logits, pos, n_pos, n_neg, log_denom = _group_rows(z, labels, sim, temperature, group_size)
+        logits, pos, n_pos, n_neg, log_denom = _group_rows(z, labels, valid, sim, temperature, group_size)
     else:
-        logits, pos, n_pos, n_neg, log_denom = _dense_rows(z, labels, group_ids, level, sim, temperature)
+        logits, pos, n_pos, n_neg, log_denom = _dense_rows(z, labels, group_ids, valid, level, sim, temperature)
     sampled = None
     if spec.samples_positive:
         # Draw the rank k_i of the positive among P(i) in column order. Column order inside a
@@ -317,7 +344,7 @@ def _contrastive_loss_impl(
     rows = AnchorRows(logits, pos, n_pos.astype(jnp.float32), log_denom, sampled)
     loss = spec.fn(rows)
     nontrivial = (n_pos >= 1) & (n_neg >= 1)
-    keep = (labels != masked_label) & (nontrivial | jnp.logical_not(skip_trivial))
+    keep = valid & (labels != masked_label) & (nontrivial | jnp.logical_not(skip_trivial))
     per_sample = jnp.where(keep, loss, 0.0)
     batch_loss = jnp.sum(per_sample) / (jnp.sum(keep.astype(jnp.float32)) + EPS)
     return per_sample, batch_loss
@@ -337,6 +364,7 @@ def contrastive_loss(
     rng=None,
     group_size: int | None = None,
     dense: bool = False,
+    valid=None,
 ):
     """CLIPO supervised contrastive loss (CLIPO paper, arXiv 2603.10101: the supervised contrastive loss). Pure and jittable.
 
@@ -352,6 +380,8 @@ def contrastive_loss(
       group_size: static G. Needed for the blockwise group path under jit; inferred from concrete
         group_ids otherwise.
       dense: force the BxB formulation (reference layout) at group level.
+      valid: optional [B] bool; False rows (e.g. DAPO's padding copies) are neither anchors nor
+        candidates: the result equals the loss over the valid rows alone, with 0 at the others.
     Returns:
       (per_sample [B] float32 = L_i * m_i, batch_loss scalar = sum L_i / (sum m_i + eps)).
     """
@@ -370,6 +400,9 @@ def contrastive_loss(
         group_size = None  # unused by the dense path; keeps the jit cache small
     if rng is None:
         rng = jax.random.key(0)  # unused by non-sampling losses
+    valid = jnp.ones(labels.shape, bool) if valid is None else jnp.asarray(valid, bool)
+    if valid.shape != labels.shape:
+        raise ContrastiveError(f"valid must be [B]={list(labels.shape)}, got shape {valid.shape}")
     return _contrastive_loss_impl(
         embeddings,
         labels,
@@ -378,6 +411,7 @@ def contrastive_loss(
         jnp.int32(masked_label),
         jnp.bool_(skip_trivial),
         rng,
+        valid,
         loss_type=loss_type,
         level=level,
         similarity=similarity,
@@ -437,6 +471,50 @@ def init_head(rng, hidden: int, d_out: int, kind: str = "linear"):
     return HEADS[kind][0](rng, hidden, d_out)
 
 
+def save_head(path: str, params) -> None:
+    """Writes the head's parameters to a safetensors file (keys ``proj.kernel``, ``hidden.kernel``),
+    through a temporary file and a rename, so a reader never sees a half-written head."""
+    import os
+
+    from safetensors.numpy import save_file
+
+    flat = {f"{layer}.{name}": np.asarray(v, np.float32) for layer, d in params.items() for name, v in d.items()}
+    tmp = f"{path}.tmp"
+    save_file(flat, tmp, metadata={"format": "clipo_jax.head", "kind": _head_kind(params)})
+    os.replace(tmp, path)
+
+
+def load_head(path: str, hidden: int, cfg: "ContrastiveConfig"):
+    """Head parameters from a file written by save_head, checked against the run: the head kind,
+    every shape (hidden -> d_out) and finite values. Raises ContrastiveError with a one-line reason."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    try:
+        flat = load_file(path)
+    except (OSError, SafetensorError) as e:
+        raise ContrastiveError(f"head file {path}: cannot read it ({e})") from None
+    want = jax.tree.map(lambda x: x.shape, init_head(jax.random.key(0), hidden, cfg.d_out, cfg.head))
+    want_flat = {f"{layer}.{name}": shape for layer, d in want.items() for name, shape in d.items()}
+    if set(flat) != set(want_flat):
+        raise ContrastiveError(
+            f"head file {path}: tensors {sorted(flat)} do not make a {cfg.head!r} head (want {sorted(want_flat)})"
+        )
+    for key, shape in want_flat.items():
+        if flat[key].shape != tuple(shape):
+            raise ContrastiveError(
+                f"head file {path}: {key} has shape {flat[key].shape}, this run needs {tuple(shape)} "
+                f"(hidden {hidden} -> d_out {cfg.d_out})"
+            )
+        if not np.all(np.isfinite(flat[key])):
+            raise ContrastiveError(f"head file {path}: {key} has NaN or inf values")
+    params: dict[str, dict[str, Array]] = {}
+    for key, value in flat.items():
+        layer, name = key.split(".", 1)
+        params.setdefault(layer, {})[name] = jnp.asarray(value, jnp.float32)
+    return params
+
+
 def head_apply(params, pooled, kind: str | None = None):
     """pooled [B, H] (stop-gradient data) -> z [B, d_out], L2-normalised rows, float32."""
     x = jax.lax.stop_gradient(jnp.asarray(pooled)).astype(jnp.float32)
@@ -490,13 +568,18 @@ def head_optimizer(cfg: ContrastiveConfig) -> optax.GradientTransformation:
     return optax.adamw(cfg.lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
 
 
+def head_state_from_params(params, cfg: ContrastiveConfig) -> HeadState:
+    """A fresh optimizer around given head parameters (e.g. from load_head)."""
+    return HeadState(params, head_optimizer(cfg).init(params), jnp.zeros((), jnp.int32))
+
+
 def init_head_state(rng, hidden: int, cfg: ContrastiveConfig) -> HeadState:
     cfg.validate()
     params = init_head(rng, hidden, cfg.d_out, cfg.head)
     return HeadState(params, head_optimizer(cfg).init(params), jnp.zeros((), jnp.int32))
 
 
-def _head_loss(params, pooled, labels, group_ids, rng, cfg):
+def _head_loss(params, pooled, labels, group_ids, rng, valid, cfg):
     z = head_apply(params, pooled, cfg.head)
     per_sample, loss = _contrastive_loss_impl(
         z,
@@ -506,6 +589,7 @@ def _head_loss(params, pooled, labels, group_ids, rng, cfg):
         jnp.int32(cfg.masked_label),
         jnp.bool_(cfg.skip_trivial),
         rng,
+        valid,
         loss_type=cfg.loss_type,
         level=cfg.level,
         similarity=cfg.similarity,
@@ -516,9 +600,9 @@ def _head_loss(params, pooled, labels, group_ids, rng, cfg):
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",), donate_argnums=(0,))
-def _head_step_impl(state, pooled, labels, group_ids, rng, cfg):
+def _head_step_impl(state, pooled, labels, group_ids, rng, valid, cfg):
     (loss, per_sample), grads = jax.value_and_grad(_head_loss, has_aux=True)(
-        state.params, pooled, labels, group_ids, rng, cfg
+        state.params, pooled, labels, group_ids, rng, valid, cfg
     )
     metrics = {
         "contrastive/loss": loss,
@@ -533,11 +617,12 @@ def _head_step_impl(state, pooled, labels, group_ids, rng, cfg):
     return new_state, per_sample, loss, metrics
 
 
-def head_step(head_state: HeadState, pooled, labels, group_ids, rng, cfg: ContrastiveConfig):
+def head_step(head_state: HeadState, pooled, labels, group_ids, rng, cfg: ContrastiveConfig, valid=None):
     """One online head update (jitted; head_state is donated).
 
     pooled [B, H] stop-gradient pooled hidden states; labels [B]; group_ids [B] contiguous,
-    groups of cfg.group_size; rng: PRNG key for the InfoNCE draw.
+    groups of cfg.group_size; rng: PRNG key for the InfoNCE draw; valid: optional [B] bool, False
+    on rows that must not train the head (DAPO's padding copies).
     Returns (new_head_state, per_sample [B] -- the losses BEFORE the update, which drive the
     reward --, batch_loss, metrics). With cfg.fixed_head only the step counter advances.
     metrics['contrastive/num_anchors'] counts anchors with a nonzero loss.
@@ -546,7 +631,8 @@ def head_step(head_state: HeadState, pooled, labels, group_ids, rng, cfg: Contra
     group_ids = jnp.asarray(group_ids)
     if cfg.level == "group":
         _check_group_ids(group_ids, cfg.group_size)
-    return _head_step_impl(head_state, pooled, labels, group_ids, rng, cfg)
+    valid = jnp.ones(group_ids.shape, bool) if valid is None else jnp.asarray(valid, bool)
+    return _head_step_impl(head_state, pooled, labels, group_ids, rng, valid, cfg)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -593,21 +679,27 @@ def _label_pair_masks(y, upper):
     }
 
 
-@functools.partial(jax.jit, static_argnames=("group_size", "dense_geometry", "prefix"))
-def _metrics_impl(pooled, z, labels, lengths, per_sample, reward, *, group_size, dense_geometry, prefix):
+@functools.partial(jax.jit, static_argnames=("prefix",))
+def _label_metrics_impl(labels, lengths, per_sample, reward, valid, *, prefix):
     out: dict[str, Array] = {}
-    correct = labels == 1
-    everyone = jnp.ones_like(correct)
-    for name, mask in (("correct", correct), ("incorrect", ~correct)):
+    correct = (labels == 1) & valid
+    incorrect = (labels != 1) & valid
+    for name, mask in (("correct", correct), ("incorrect", incorrect)):
         out[f"{prefix}count/{name}"] = _masked_stats(per_sample, mask, f"{prefix}loss/{name}", out)
         _masked_stats(lengths, mask, f"{prefix}length/{name}", out)
-    for name, mask in (("all", everyone), ("correct", correct), ("incorrect", ~correct)):
+    for name, mask in (("all", valid), ("correct", correct), ("incorrect", incorrect)):
         _masked_stats(reward, mask, f"{prefix}reward/{name}", out)
+    return out
 
+
+@functools.partial(jax.jit, static_argnames=("group_size", "dense_geometry", "prefix"))
+def _geometry_impl(pooled, z, labels, lengths, valid, *, group_size, dense_geometry, prefix):
+    out: dict[str, Array] = {}
     b = labels.shape[0]
     p, g = b // group_size, group_size
+    vb = valid.reshape(p, g)
     # Group-restricted geometry, blockwise: O(B*G*(H+d)) compute, O(B*G) memory.
-    upper_g = jnp.triu(jnp.ones((g, g), bool), k=1)
+    upper_g = jnp.triu(jnp.ones((g, g), bool), k=1) & vb[:, :, None] & vb[:, None, :]
     _geometry(
         {"pooled": pooled.reshape(p, g, -1), "head": z.reshape(p, g, -1)},
         labels.reshape(p, g),
@@ -617,15 +709,58 @@ def _metrics_impl(pooled, z, labels, lengths, per_sample, reward, *, group_size,
     )
     if dense_geometry:
         # All pairs: O(B^2*(H+d)) compute, O(B^2) memory -- disable for large B.
-        upper = jnp.triu(jnp.ones((b, b), bool), k=1)
+        upper = jnp.triu(jnp.ones((b, b), bool), k=1) & valid[:, None] & valid[None, :]
         masks = _label_pair_masks(labels, upper)
-        q = jnp.quantile(lengths.astype(jnp.float32), jnp.array([0.25, 0.5, 0.75]))
-        bucket = jnp.sum(lengths.astype(jnp.float32)[:, None] > q[None, :], axis=-1)
+        # length quartiles over the valid rows (padding rows pushed past the top quartile edge)
+        lf = lengths.astype(jnp.float32)
+        q = jnp.nanquantile(jnp.where(valid, lf, jnp.nan), jnp.array([0.25, 0.5, 0.75]))
+        bucket = jnp.sum(lf[:, None] > q[None, :], axis=-1)
         for k in range(4):
             inb = bucket == k
             masks[f"length_q{k + 1}"] = upper & inb[:, None] & inb[None, :]
         _geometry({"pooled": pooled, "head": z}, labels, masks, out, f"{prefix}geometry")
     return out
+
+
+def _valid_or_all(valid, labels):
+    return jnp.ones(labels.shape, bool) if valid is None else jnp.asarray(valid, bool)
+
+
+def contrastive_label_metrics(labels, lengths, per_sample, reward, *, valid=None, prefix: str = "clipo/"):
+    """Per-label CLIPO metrics, O(B): {prefix}loss|length/{correct,incorrect}/{mean,max,min},
+    {prefix}count/{correct,incorrect}, {prefix}reward/{all,correct,incorrect}/{mean,max,min}, over
+    the valid rows (valid: optional [B] bool; DAPO's padding copies are not valid)."""
+    labels = jnp.asarray(labels)
+    return _label_metrics_impl(
+        labels,
+        jnp.asarray(lengths),
+        jnp.asarray(per_sample),
+        jnp.asarray(reward),
+        _valid_or_all(valid, labels),
+        prefix=prefix,
+    )
+
+
+def contrastive_geometry(
+    pooled, z, labels, group_ids, lengths, *, group_size=None, dense_geometry=True, valid=None, prefix="clipo/"
+):
+    """Embedding geometry (see contrastive_metrics) over pairs of valid rows."""
+    labels, group_ids = jnp.asarray(labels), jnp.asarray(group_ids)
+    if group_size is None:
+        if not _is_concrete(group_ids):
+            raise ContrastiveError("group_size is required under jit")
+        group_size = infer_group_size(group_ids)
+    _check_group_ids(group_ids, group_size)
+    return _geometry_impl(
+        jnp.asarray(pooled),
+        jnp.asarray(z),
+        labels,
+        jnp.asarray(lengths),
+        _valid_or_all(valid, labels),
+        group_size=group_size,
+        dense_geometry=dense_geometry,
+        prefix=prefix,
+    )
 
 
 def contrastive_metrics(
@@ -640,12 +775,14 @@ def contrastive_metrics(
     group_size: int | None = None,
     dense_geometry: bool = True,
     prefix: str = "clipo/",
+    valid=None,
 ) -> dict[str, Array]:
-    """Per-step CLIPO metrics (CLIPO paper, arXiv 2603.10101: the reference's logged metrics) as scalars.
+    """Per-step CLIPO metrics (CLIPO paper, arXiv 2603.10101: the reference's logged metrics) as scalars:
+    contrastive_label_metrics and contrastive_geometry together.
 
     pooled [B, H] raw pooled hidden; z [B, d] head outputs; labels [B] (1 correct); group_ids [B]
     contiguous equal groups; lengths [B] response lengths; per_sample [B] contrastive losses;
-    reward [B] contrastive rewards c_i.
+    reward [B] contrastive rewards c_i; valid: optional [B] bool (rows counted).
     Keys: {prefix}loss|length/{correct,incorrect}/{mean,max,min}, {prefix}count/...,
     {prefix}reward/{all,correct,incorrect}/..., and
     {prefix}geometry/{mask}/{pooled,head}_{cos,l2}/{mean,max,min} + {prefix}geometry/{mask}/pairs
@@ -655,46 +792,55 @@ def contrastive_metrics(
     pass dense_geometry=False for large B. Empty sets report 0 with count/pairs 0. L2 distances
     use the Gram identity (cheap; absolute error ~sqrt(float eps)*norm for near-duplicates).
     """
-    labels, group_ids = jnp.asarray(labels), jnp.asarray(group_ids)
-    if group_size is None:
-        if not _is_concrete(group_ids):
-            raise ContrastiveError("group_size is required under jit")
-        group_size = infer_group_size(group_ids)
-    _check_group_ids(group_ids, group_size)
-    return _metrics_impl(
-        jnp.asarray(pooled),
-        jnp.asarray(z),
-        labels,
-        jnp.asarray(lengths),
-        jnp.asarray(per_sample),
-        jnp.asarray(reward),
-        group_size=group_size,
-        dense_geometry=dense_geometry,
-        prefix=prefix,
+    out = contrastive_label_metrics(labels, lengths, per_sample, reward, valid=valid, prefix=prefix)
+    out.update(
+        contrastive_geometry(
+            pooled,
+            z,
+            labels,
+            group_ids,
+            lengths,
+            group_size=group_size,
+            dense_geometry=dense_geometry,
+            valid=valid,
+            prefix=prefix,
+        )
     )
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
 # The trainer's contrastive stage
 # ----------------------------------------------------------------------------------------------
-def clipo_stage(head: HeadState, out, labels, group_size: int, rng, cfg: ContrastiveConfig, opts, place):
+def clipo_stage(head: HeadState, out, labels, group_size: int, rng, cfg: ContrastiveConfig, opts, place, valid=None):
     """One step of CLIPO in the trainer: the head's per-sample losses before its update become
     the contrastive reward of each correct response, then the head takes its step.
 
     out: the rollout's SampleOutput (pooled_hidden [B, H], lengths [B]); labels: int [B] (1 =
-    correct); opts: lam, c0, clip_min, log_geometry; place: host arrays -> replicated device
-    arrays. Returns (new head, reward float32 [B] on the host, metrics dict of floats).
+    correct); opts: lam, c0, clip_min, log_geometry, head_on_padding; place: host arrays ->
+    replicated device arrays; valid: [B] bool, False on DAPO's padding copies, which neither train
+    the head nor enter its metrics (unless opts.head_on_padding). Returns (new head, reward float32
+    [B] on the host, metrics dict of floats). The per-label metrics are always logged (O(B)); the
+    geometry (opts.log_geometry) is taken with the head before its update, as the authors' code logs it.
     """
     group_ids = np.repeat(np.arange(len(labels) // group_size), group_size)
-    pooled, labels_d, group_ids_d, lengths_d = place((out.pooled_hidden, labels, group_ids, out.lengths))
-    head, per_sample, _, c_metrics = head_step(head, pooled, labels_d, group_ids_d, place(rng), cfg)
+    if valid is None or getattr(opts, "head_on_padding", False):
+        valid = np.ones(len(labels), bool)
+    pooled, labels_d, group_ids_d, lengths_d, valid_d = place(
+        (out.pooled_hidden, labels, group_ids, out.lengths, np.asarray(valid, bool))
+    )
+    geometry = None
+    if opts.log_geometry:  # dispatched before head_step donates the head's buffers
+        z = head_apply(head.params, pooled, cfg.head)
+        geometry = contrastive_geometry(
+            pooled, z, labels_d, group_ids_d, lengths_d, group_size=group_size, valid=valid_d
+        )
+    head, per_sample, _, c_metrics = head_step(head, pooled, labels_d, group_ids_d, place(rng), cfg, valid=valid_d)
     c_reward = np.asarray(contrastive_reward(per_sample, labels_d, lam=opts.lam, c0=opts.c0, clip_min=opts.clip_min))
     m = {k: float(v) for k, v in c_metrics.items()}
-    if opts.log_geometry:
-        z = head_apply(head.params, pooled, cfg.head)
-        geo = contrastive_metrics(
-            pooled, z, labels_d, group_ids_d, lengths_d, per_sample, place(c_reward), group_size=group_size
-        )
-        m.update({k: float(v) for k, v in geo.items()})
-    m["contrastive/reward_mean"] = float(c_reward.mean())
+    labels_m = contrastive_label_metrics(labels_d, lengths_d, per_sample, place(c_reward), valid=valid_d)
+    m.update({k: float(v) for k, v in labels_m.items()})
+    if geometry is not None:
+        m.update({k: float(v) for k, v in geometry.items()})
+    m["contrastive/reward_mean"] = float(c_reward[np.asarray(valid, bool)].mean())
     return head, c_reward, m

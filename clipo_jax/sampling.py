@@ -38,6 +38,8 @@ from clipo_jax.models.transformer import (
     unstack_layers,
 )
 
+POOLINGS = ("decode", "prefill_and_decode")
+
 
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:
@@ -48,8 +50,14 @@ class SamplingConfig:
     n_samples: int = 1  # responses per prompt; a prompt's samples are contiguous rows
     stop_ids: tuple[int, ...] = ()
     pad_id: int = 0
+    # pooled_hidden: "decode" (the CLIPO authors' code) sums the final hidden states of the decode
+    # steps (the states that produced response tokens 2..L) over the length L; "prefill_and_decode"
+    # also adds the prefill state at the last prompt token (the one that produced token 1).
+    pooling: str = "decode"
 
     def __post_init__(self):
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"SamplingConfig.pooling must be one of {list(POOLINGS)}, got {self.pooling!r}")
         if self.max_new_tokens <= 0:
             raise ValueError(f"SamplingConfig.max_new_tokens must be positive, got {self.max_new_tokens}")
         if self.temperature < 0:
@@ -65,7 +73,7 @@ class SampleOutput(NamedTuple):
 
     prompt_tokens [B, Tp] (left-padded), prompt_mask [B, Tp], tokens [B, N] (pad after stop),
     response_mask [B, N] (True up to and including the stop token), lengths [B],
-    logprobs [B, N] float32 (0 where masked), pooled_hidden [B, D] float32,
+    logprobs [B, N] float32 (0 where masked), pooled_hidden [B, D] float32 (see SamplingConfig.pooling),
     truncated [B] (no stop token within max_new_tokens).
     """
 
@@ -218,7 +226,8 @@ def decode(
         token = jnp.where(alive, token, scfg.pad_id)
         tokens = c.tokens.at[:, c.i].set(token)
         logprobs = c.logprobs.at[:, c.i].set(jnp.where(alive, logp, 0.0))
-        pooled = c.pooled + jnp.where(alive[:, None], c.h, 0.0)
+        pooled_now = alive if scfg.pooling == "prefill_and_decode" else alive & (c.i > 0)
+        pooled = c.pooled + jnp.where(pooled_now[:, None], c.h, 0.0)
         done = c.done | jnp.isin(token, stop_ids)
         hidden, cache = forward(
             params,

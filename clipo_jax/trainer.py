@@ -97,6 +97,7 @@ NUMBER_RULES = [
     ("clipo.c0", "float", _ANY, "", True),
     ("clipo.clip_min", "float", _ANY, "", True),
     ("clipo.warmup_steps", "int", _NONNEG, ">= 0", True),
+    ("clipo.export_every", "int", _NONNEG, ">= 0 (0 = off)", False),
     ("eval.every", "int", _NONNEG, ">= 0 (0 = only before and after)", True),
     ("eval.max_new_tokens", "int", _ge(1), ">= 1", True),
     ("eval.temperature", "float", _NONNEG, ">= 0 (0 = greedy)", False),
@@ -221,6 +222,12 @@ def validate_config(config) -> None:
         )
     if config.clipo.enabled:
         contrastive.ContrastiveConfig(**_clipo_static(config)).validate()
+        pooling = config.clipo.get("pooling", "decode")
+        if pooling not in sampling.POOLINGS:
+            raise TrainingError(f"config.clipo.pooling={pooling!r} is not one of {list(sampling.POOLINGS)}")
+        head_path = config.clipo.get("head_init_path", "")
+        if head_path and not os.path.isfile(head_path):
+            raise TrainingError(f"config.clipo.head_init_path={head_path!r} is not a file")
     terms = dict(reward_config(config).terms)
     unknown = sorted(set(terms) - set(reward_stage.REWARD_TERMS))
     if not terms or unknown:
@@ -430,6 +437,7 @@ def _setup_model(config, task, mesh, rewards, root) -> tuple["RunContext", Any]:
         n_samples=rl.group_size,
         stop_ids=stop_ids,
         pad_id=tok.pad_id,
+        pooling=config.clipo.get("pooling", "decode"),
     )
     eval_cfg = sampling.SamplingConfig(
         max_new_tokens=config.eval.max_new_tokens,
@@ -540,7 +548,15 @@ def rl_step(ctx: RunContext, step: int, state, ref_params, head, stream: rollout
     t_clipo = time.perf_counter()
     if ctx.clipo_cfg is not None:
         head, c_reward, c_metrics = contrastive.clipo_stage(
-            head, out, labels, G, jax.random.fold_in(step_key, 77), ctx.clipo_cfg, ctx.config.clipo, ctx.replicate
+            head,
+            out,
+            labels,
+            G,
+            jax.random.fold_in(step_key, 77),
+            ctx.clipo_cfg,
+            ctx.config.clipo,
+            ctx.replicate,
+            valid=ro.valid,
         )
         m.update(c_metrics)
     timings["contrastive"] = time.perf_counter() - t_clipo
@@ -659,6 +675,29 @@ def _run(ctx: RunContext, params, workdir: str, root, tqdm) -> dict:
             return ctx.replicate({"unused": jnp.zeros((), jnp.int32)})
         return ctx.replicate(contrastive.init_head_state(jax.random.fold_in(root, 2), ctx.cfg.d_model, ctx.clipo_cfg))
 
+    def head_start():
+        """The head of a fresh run: config.clipo.head_init_path's parameters, or a random init."""
+        path = config.clipo.get("head_init_path", "") if ctx.clipo_cfg is not None else ""
+        if not path:
+            return head_init()
+        try:
+            params = contrastive.load_head(path, ctx.cfg.d_model, ctx.clipo_cfg)
+        except contrastive.ContrastiveError as e:
+            raise TrainingError(f"config.clipo.head_init_path: {e}") from None
+        print(f"CLIPO head loaded from {path}")
+        return ctx.replicate(contrastive.head_state_from_params(params, ctx.clipo_cfg))
+
+    def export_head(step: int):
+        """config.clipo.export_every > 0: the head's parameters every that many steps and at the end,
+        as WORKDIR/clipo_head/step_<n>.safetensors (readable by clipo.head_init_path)."""
+        every = config.clipo.get("export_every", 0) if ctx.clipo_cfg is not None else 0
+        if not (every and primary and (step % every == 0 or step == rl.steps)):
+            return
+        os.makedirs(os.path.join(workdir, "clipo_head"), exist_ok=True)
+        contrastive.save_head(
+            os.path.join(workdir, "clipo_head", f"step_{step}.safetensors"), parallel.to_host(head.params)
+        )
+
     # ---------------------------------------------------------------- resume or SFT warm start
     ckpt = RunCheckpoints(workdir, config.ckpt.keep)
     latest = ckpt.latest_step()
@@ -677,7 +716,7 @@ def _run(ctx: RunContext, params, workdir: str, root, tqdm) -> dict:
             params = cached_sft(config, ctx.task, ctx.cfg, params, ctx.mesh, workdir)
         state = new_train_state(params, optimizer, ctx.mesh)
         ref_params = jax.tree.map(jnp.copy, params)
-        head = head_init()
+        head = head_start()
         meta = {"data_position": 0, "consecutive_skips": 0, "counters": {}}
         ckpt.save(0, state, ref_params, head, meta)
         ckpt.wait()
@@ -727,6 +766,7 @@ def _run(ctx: RunContext, params, workdir: str, root, tqdm) -> dict:
                     )
             m.update({f"counters/{k}": v for k, v in counters.items()})
             last_metrics = m
+            export_head(step + 1)
             ckpt.commit()  # the previous save is final, with its manifest, before this step's line
             writer.write(step + 1, m)
             bar.set_postfix(reward=f"{m['reward/outcome_mean']:.3f}", len=f"{m['response/length_mean']:.0f}")

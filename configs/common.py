@@ -82,6 +82,11 @@ def clipo_block(enabled: bool, **overrides) -> ml_collections.ConfigDict:
         clip_min=-0.5,
         warmup_steps=0,
         log_geometry=True,
+        # pooled hidden state: "decode" as the authors' code, "prefill_and_decode" adds the prefill state
+        pooling="decode",
+        head_on_padding=False,  # True: DAPO's padding copies train the head too
+        head_init_path="",  # a head file (clipo_head/step_<n>.safetensors of a run) to start from
+        export_every=0,  # > 0: write WORKDIR/clipo_head/step_<n>.safetensors every n steps and at the end
     )
     c.update(overrides)
     return ml_collections.ConfigDict(c)

@@ -117,7 +117,8 @@ def _worker_jax_step(track):
     cfg = C.ContrastiveConfig(group_size=g, d_out=d)
     state = C.init_head_state(jax.random.key(0), hidden, cfg)
     key = jax.random.key(1)
-    compiled = C._head_step_impl.lower(state, pooled, labels, group_ids, key, cfg=cfg).compile()
+    valid = jnp.ones(labels.shape, bool)
+    compiled = C._head_step_impl.lower(state, pooled, labels, group_ids, key, valid, cfg=cfg).compile()
     mem = _jax_mem_mib(compiled)
     box = [state]
 

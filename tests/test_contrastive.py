@@ -1,6 +1,7 @@
 """Tests for clipo_jax.contrastive against an independent loop-based numpy transcription of
 docs/clipo.md section 3 (loss), section 4 (reward), section 6 (metrics)."""
 
+import dataclasses
 import functools
 import itertools
 import math
@@ -14,7 +15,7 @@ import pytest
 from clipo_jax import contrastive as C
 
 EPS = 1e-8
-LOSS_TYPES = ["infonce", "supcon_in", "supcon_out", "soft_nn"]
+LOSS_TYPES = ["infonce", "infonce_reference", "supcon_in", "supcon_out", "soft_nn"]
 SIMS = ["cosine", "neg_cosine", "l2"]
 LEVELS = ["group", "cross", "batch"]
 DYNAMIC = list(itertools.product([-1, 0, 1], [True, False]))  # masked_label x skip_trivial
@@ -63,17 +64,26 @@ def ref_loss(z, y, g, *, loss_type, level, tau, masked_label, skip_trivial, sim,
             L = soft + math.log(len(P) + EPS)
         elif loss_type == "supcon_out":
             L = -(1.0 / (len(P) + EPS)) * sum(logit[p] - log_den for p in P)
-        else:
+        elif loss_type == "infonce":
             L = -(logit[P[draws[i]]] - log_den) if P else 0.0
+        else:  # infonce_reference: the authors' code keeps log(S + eps) for an anchor without a positive
+            L = -(logit[P[draws[i]]] - log_den) if P else log_den
         nontrivial = n_pos_check >= 1 and n_neg >= 1
         m[i] = float(y[i] != masked_label and (nontrivial or not skip_trivial))
         per[i] = L * m[i]
     return per, per.sum() / (m.sum() + EPS)
 
 
-def jax_draws(rng, y, g, level):
-    """The documented sampling contract: rank k_i ~ randint(rng, [B], 0, max(|P(i)|, 1))."""
-    n_pos = ref_num_positives(y, g, level)
+def jax_draws(rng, y, g, level, valid=None):
+    """The documented sampling contract: rank k_i ~ randint(rng, [B], 0, max(|P(i)|, 1)), P(i)
+    over the valid rows."""
+    valid = np.ones(len(y), bool) if valid is None else valid
+    n_pos = np.array(
+        [
+            sum(1 for j in range(len(y)) if valid[j] and j != i and y[j] == y[i] and (level == "batch" or g[j] == g[i]))
+            for i in range(len(y))
+        ]
+    )
     return np.asarray(jax.random.randint(rng, (len(y),), 0, np.maximum(n_pos, 1)))
 
 
@@ -138,6 +148,67 @@ def test_loss_matches_numpy_reference(loss_type, level, sim):
                     per, want_per, rtol=2e-5, atol=2e-5, err_msg=f"{masked_label=} {skip=} {dense=}"
                 )
                 np.testing.assert_allclose(loss, want, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("loss_type,level,sim", list(itertools.product(LOSS_TYPES, LEVELS, SIMS)))
+def test_invalid_rows_equal_dropping_them(loss_type, level, sim):
+    """valid=False rows (DAPO's padding copies) are neither anchors nor candidates: the loss equals
+    the reference computed on the batch with those rows removed, 0 at them, and gradients stay finite."""
+    z, y, g = structured_batch(3)
+    for valid in (np.repeat([True, True, False, True], 4), np.array([True] * 13 + [False, True, False])):
+        key = jax.random.key(5)
+        draws = jax_draws(key, y, g, level, valid)
+        keep = np.flatnonzero(valid)
+        for masked_label, skip in DYNAMIC:
+            want_per, want = ref_loss(
+                z[keep],
+                y[keep],
+                g[keep],
+                loss_type=loss_type,
+                level=level,
+                tau=0.05,
+                masked_label=masked_label,
+                skip_trivial=skip,
+                sim=sim,
+                draws=draws[keep],
+            )
+            paths = [True, False] if level == "group" else [True]  # dense and blockwise
+            for dense in paths:
+                per, loss = C.contrastive_loss(
+                    z, y, g, loss_type=loss_type, level=level, similarity=sim, masked_label=masked_label,
+                    skip_trivial=skip, rng=key, dense=dense, valid=valid,
+                )  # fmt: skip
+                per = np.asarray(per)
+                np.testing.assert_allclose(per[keep], want_per, rtol=2e-5, atol=2e-5, err_msg=f"{valid=} {dense=}")
+                assert np.all(per[~valid] == 0)
+                np.testing.assert_allclose(loss, want, rtol=2e-5, atol=2e-5)
+            grad = jax.grad(
+                lambda e: C.contrastive_loss(
+                    e, y, g, loss_type=loss_type, level=level, similarity=sim, masked_label=masked_label,
+                    skip_trivial=skip, rng=key, valid=valid, dense=level != "group",
+                )[1]
+            )(jnp.asarray(z))  # fmt: skip
+            assert np.all(np.isfinite(np.asarray(grad)))
+            assert np.all(np.asarray(grad)[~valid] == 0)  # a padding row gets no gradient
+
+
+def test_head_step_ignores_padding_groups():
+    """The head update with a padding group masked equals the update on the real groups alone."""
+    pooled, y, g = _head_batch(4)  # 3 groups of 4
+    cfg = C.ContrastiveConfig(group_size=4, d_out=5, loss_type="supcon_out")
+    base = C.init_head_state(jax.random.key(0), pooled.shape[1], cfg)
+    copy = lambda st: jax.tree.map(jnp.array, st)  # head_step donates its state
+    padded = np.concatenate([pooled, pooled[:4]])  # a copy of group 0 appended, as DAPO pads
+    y_pad, g_pad = np.concatenate([y, y[:4]]), np.repeat(np.arange(4), 4)
+    valid = np.arange(16) < 12
+    masked, per_m, loss_m, _ = C.head_step(copy(base), padded, y_pad, g_pad, jax.random.key(1), cfg, valid=valid)
+    alone, per_a, loss_a, _ = C.head_step(copy(base), pooled, y, g, jax.random.key(1), cfg)
+    with_pad, _, loss_p, _ = C.head_step(copy(base), padded, y_pad, g_pad, jax.random.key(1), cfg)
+    np.testing.assert_allclose(per_m[:12], per_a, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(loss_m, loss_a, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(masked.params), jax.tree.leaves(alone.params)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    assert not np.isclose(float(loss_p), float(loss_a), rtol=1e-6)  # unmasked, the copy does count
 
 
 @pytest.mark.parametrize("loss_type,sim", list(itertools.product(LOSS_TYPES, SIMS)))
@@ -433,7 +504,7 @@ def test_head_step_loss_gradient_and_update(kind):
     assert int(new_state.step) == 1
 
     # Gradient of the batch loss by central differences on the float64 reference.
-    grads = jax.grad(lambda prm: C._head_loss(prm, pooled, y, g, jax.random.key(2), cfg)[0])(
+    grads = jax.grad(lambda prm: C._head_loss(prm, pooled, y, g, jax.random.key(2), jnp.ones(len(y), bool), cfg)[0])(
         jax.tree.map(jnp.asarray, params0)
     )
     h = 1e-5
@@ -500,6 +571,33 @@ def test_head_state_orbax_roundtrip(tmp_path):
     restored = ckpt.restore(tmp_path / "head", abstract)
     assert isinstance(restored, C.HeadState)
     jax.tree.map(np.testing.assert_array_equal, restored, state)
+
+
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+def test_head_file_roundtrip_and_checks(tmp_path, kind):
+    cfg = C.ContrastiveConfig(group_size=4, d_out=5, head=kind)
+    state = C.init_head_state(jax.random.key(0), 6, cfg)
+    path = str(tmp_path / "head.safetensors")
+    C.save_head(path, state.params)
+    loaded = C.load_head(path, 6, cfg)
+    jax.tree.map(np.testing.assert_array_equal, loaded, state.params)
+    pooled, y, g = _head_batch(0)
+    # a loaded head with a fresh optimizer takes the same step as the original at step 0
+    a, per_a, *_ = C.head_step(C.head_state_from_params(loaded, cfg), pooled, y, g, jax.random.key(1), cfg)
+    b, per_b, *_ = C.head_step(state, pooled, y, g, jax.random.key(1), cfg)
+    np.testing.assert_array_equal(per_a, per_b)
+    jax.tree.map(np.testing.assert_array_equal, a.params, b.params)
+    with pytest.raises(C.ContrastiveError, match="shape"):
+        C.load_head(path, 7, cfg)  # another hidden size
+    with pytest.raises(C.ContrastiveError, match="do not make"):
+        C.load_head(path, 6, dataclasses.replace(cfg, head="mlp" if kind == "linear" else "linear"))
+    (tmp_path / "bad").write_bytes(b"not a safetensors file")
+    with pytest.raises(C.ContrastiveError, match="cannot read"):
+        C.load_head(str(tmp_path / "bad"), 6, cfg)
+    nan = jax.tree.map(lambda x: np.full(x.shape, np.nan, np.float32), state.params)
+    C.save_head(path, nan)
+    with pytest.raises(C.ContrastiveError, match="NaN"):
+        C.load_head(path, 6, cfg)
 
 
 # ------------------------------------------------------------------ metrics (CLIPO paper, arXiv 2603.10101: the reference's logged metrics)

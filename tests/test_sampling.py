@@ -1,5 +1,7 @@
 """The KV-cache sampler against a naive full-recompute reference."""
 
+from dataclasses import replace
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -51,8 +53,21 @@ def test_greedy_matches_naive_recompute(model):
         toks, lps, hs = _naive_greedy(cfg, params, p, 10)
         np.testing.assert_array_equal(out.tokens[i], toks)
         np.testing.assert_allclose(out.logprobs[i], lps, atol=1e-4)
-        np.testing.assert_allclose(out.pooled_hidden[i], hs.mean(0), atol=1e-4)
+        # hs[k] is the final hidden state that produced token k; hs[0] is the prefill state
+        np.testing.assert_allclose(out.pooled_hidden[i], hs[1:].sum(0) / len(hs), atol=1e-4)
         assert out.lengths[i] == 10 and out.truncated[i]
+    with_prefill = sampling.Sampler(cfg)(
+        params, prompts, jax.random.key(1), replace(scfg, pooling="prefill_and_decode")
+    )
+    for i, p in enumerate(prompts):
+        _, _, hs = _naive_greedy(cfg, params, p, 10)
+        np.testing.assert_allclose(with_prefill.pooled_hidden[i], hs.mean(0), atol=1e-4)
+        np.testing.assert_array_equal(with_prefill.tokens[i], out.tokens[i])
+
+
+def test_pooling_option_is_checked():
+    with pytest.raises(ValueError, match="pooling"):
+        sampling.SamplingConfig(pooling="mean")
 
 
 def test_stop_tokens_mask_and_pooling(model):
@@ -73,7 +88,7 @@ def test_stop_tokens_mask_and_pooling(model):
         assert out.response_mask[i].sum() == L and out.response_mask[i, :L].all()
         assert np.all(out.logprobs[i, L:] == 0)
         _, _, hs = _naive_greedy(cfg, params, prompts[i], L)
-        np.testing.assert_allclose(out.pooled_hidden[i], hs.mean(0), atol=1e-4)
+        np.testing.assert_allclose(out.pooled_hidden[i], hs[1:].sum(0) / L, atol=1e-4)
         assert bool(out.truncated[i]) == (first is None)
 
 

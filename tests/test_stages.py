@@ -132,6 +132,55 @@ def test_clipo_stage_equals_the_head_step_and_reward(tiny):
     assert any(k.startswith("clipo/geometry") for k in m)
 
 
+def test_clipo_stage_padding_metrics_and_geometry_before_update(tiny):
+    """Padding groups neither train the head nor enter its metrics; per-label metrics are logged
+    without log_geometry; the geometry is taken with the head before its update."""
+    config, task, cfg, params = tiny
+    cc = contrastive.ContrastiveConfig(group_size=4, d_out=8, loss_type="supcon_out")
+    rng = np.random.default_rng(1)
+    pooled = rng.normal(size=(12, cfg.d_model)).astype(np.float32)
+    pooled[8:] = pooled[:4]  # the last group is a padding copy of the first, as DAPO pads
+    labels = np.array([1, 1, 0, 1, 1, 0, 0, 1, 1, 1, 0, 1], np.int32)
+    labels[8:] = labels[:4]
+    lengths = rng.integers(1, 9, 12)
+    lengths[8:] = lengths[:4]
+    valid = np.arange(12) < 8
+    out = sampling.SampleOutput(*[None] * 4, lengths=lengths, logprobs=None, pooled_hidden=pooled, truncated=None)
+    place = lambda t: jax.tree.map(jax.numpy.asarray, t)
+    fields = [("lam", float), ("c0", float), ("clip_min", float), ("log_geometry", bool), ("head_on_padding", bool)]
+    Opts = dataclasses.make_dataclass("O", fields)
+    head0 = contrastive.init_head_state(jax.random.key(1), cfg.d_model, cc)
+    copy = lambda: jax.tree.map(jax.numpy.array, head0)
+    key = jax.random.key(3)
+
+    masked, reward, m = contrastive.clipo_stage(
+        copy(), out, labels, 4, key, cc, Opts(0.2, 0.0, -0.5, True, False), place, valid=valid
+    )
+    out8 = out._replace(pooled_hidden=pooled[:8], lengths=lengths[:8])
+    alone, reward8, m8 = contrastive.clipo_stage(
+        copy(), out8, labels[:8], 4, key, cc, Opts(0.2, 0.0, -0.5, True, False), place
+    )
+    for a, b in zip(jax.tree.leaves(masked.params), jax.tree.leaves(alone.params)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(reward[:8], reward8, rtol=1e-6)
+    for k in ("clipo/count/correct", "clipo/loss/correct/mean", "clipo/length/incorrect/max", "clipo/reward/all/mean"):
+        assert m[k] == pytest.approx(m8[k], rel=1e-6), k
+    # geometry before the update: the pooled-space figures do not depend on the head; the head-space
+    # ones equal those of the initial head (applied to the 8 real rows)
+    z0 = contrastive.head_apply(head0.params, pooled[:8], cc.head)
+    geo0 = contrastive.contrastive_geometry(
+        pooled[:8], z0, labels[:8], np.repeat(np.arange(2), 4), lengths[:8], group_size=4
+    )
+    for k, v in geo0.items():
+        assert m[k] == pytest.approx(float(v), rel=1e-5, abs=1e-6), k
+    with_pad, _, m_pad = contrastive.clipo_stage(
+        copy(), out, labels, 4, key, cc, Opts(0.2, 0.0, -0.5, False, True), place, valid=valid
+    )
+    assert not np.allclose(jax.tree.leaves(with_pad.params)[0], jax.tree.leaves(alone.params)[0])
+    assert m_pad["clipo/count/correct"] == labels.sum()  # head_on_padding: every row counts
+    assert not any(k.startswith("clipo/geometry") for k in m_pad)  # log_geometry off: labels only
+
+
 def test_build_rl_batch_masks_padding_and_truncated_rows():
     out = sampling.SampleOutput(
         prompt_tokens=np.ones((4, 3), np.int32),

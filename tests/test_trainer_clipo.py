@@ -63,3 +63,40 @@ def test_clipo_warmup_freezes_policy(tmp_path):
     assert all(r["actor/frozen"] == 1.0 for r in rows)
     assert int(out["state"].step) == 0  # no policy update during the warmup
     assert all(r["contrastive/num_anchors"] > 0 for r in rows)
+
+
+def test_clipo_head_export_load_and_label_metrics(tmp_path):
+    """export_every writes the head every n steps; head_init_path starts a new run from such a file;
+    per-label metrics are logged with log_geometry off."""
+    import numpy as np
+
+    from clipo_jax import contrastive
+    from configs import demo
+
+    c = demo.get_config("size=tiny,clipo")
+    c.task.name = "test_even"
+    c.rl.steps, c.sft.steps, c.progress_bar = 2, 0, False
+    c.clipo.d_out, c.clipo.export_every, c.clipo.log_geometry = 8, 1, False
+    first = tmp_path / "first"
+    trainer.run(c, str(first))
+    files = sorted(os.listdir(first / "clipo_head"))
+    assert files == ["step_1.safetensors", "step_2.safetensors"]
+    rows = [json.loads(l) for l in open(first / "metrics.jsonl")]
+    assert all("clipo/loss/correct/mean" in r and "clipo/count/incorrect" in r for r in rows)
+    assert not any(k.startswith("clipo/geometry") for r in rows for k in r)
+    cfg = contrastive.ContrastiveConfig(group_size=c.rl.group_size, d_out=8)
+    hidden = c.model.d_model
+    h1, h2 = (contrastive.load_head(str(first / "clipo_head" / f), hidden, cfg) for f in files)
+    assert not np.allclose(h1["proj"]["kernel"], h2["proj"]["kernel"])  # the head trained between exports
+
+    # a second run starts from the exported head; with a fixed head its first export is that head
+    c.clipo.head_init_path = str(first / "clipo_head" / "step_2.safetensors")
+    c.clipo.fixed_head, c.rl.steps = True, 1
+    second = tmp_path / "second"
+    trainer.run(c, str(second))
+    again = contrastive.load_head(str(second / "clipo_head" / "step_1.safetensors"), hidden, cfg)
+    np.testing.assert_array_equal(again["proj"]["kernel"], h2["proj"]["kernel"])
+
+    c.clipo.head_init_path = str(tmp_path / "missing.safetensors")
+    with pytest.raises(trainer.TrainingError, match="head_init_path"):
+        trainer.run(c, str(tmp_path / "third"))
