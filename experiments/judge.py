@@ -1,8 +1,19 @@
-r"""Runs the OpenRS judge over a JudgeBench-format JSONL file.
+r"""Runs the OpenRS judge over a reward-model benchmark file (JudgeBench, PPE, RewardBench 2, RM-Bench).
 
     python -m experiments.judge --input=DATA/judgebench/gpt.jsonl \
         --base_url=http://127.0.0.1:8080/v1 --model=smollm2 --output_dir=/tmp/judge_run \
         --workers=8 --limit=20
+    python -m experiments.judge --benchmark=rewardbench2 --input=DATA/rewardbench2/test.jsonl ...
+    python -m experiments.judge --benchmark=rmbench --input=DATA/rmbench/total_dataset.json ...
+
+``--benchmark`` picks the reader and the scoring (``clipo_jax.rubrics.benchmarks``): ``judgebench``
+(the default) and ``ppe`` read JudgeBench-format rows, one pair each; ``rewardbench2`` expands a
+row into one pair per (chosen, rejected) combination and scores best-of-N per row; ``rmbench``
+expands a row into 9 pairs (chosen style i vs rejected style j) and scores the 3x3 style matrix.
+An expanded pair's id is ``<row id>#c<i>r<j>``.  ``summary.json`` has the pair-level numbers below
+and ``benchmark``, ``benchmark_score`` (the headline), ``benchmark_score_name`` and
+``benchmark_scores`` (per subset or domain, the matrix, ...); rows read but not scored (the
+RewardBench 2 ``Ties`` subset) are listed in ``excluded_rows`` with the reason.
 
 Writes ``DIR/verdicts.jsonl`` (one line per pair, appended as each pair finishes, so ``--resume``
 loses nothing; rewritten to one line per pair at the end of a run) and ``DIR/summary.json``
@@ -11,19 +22,22 @@ rate, calls, tokens, wall time, invalid rows).
 
 A pair with a direction whose call failed for good or whose output never parsed has the verdict
 ``"error"``. ``--error_policy`` says what an error counts as in the headline numbers:
-``exclude`` (the default; JudgeBench and PPE: left out) or ``tie`` (RewardBench v2: a tie).
+``exclude`` (left out; the default for JudgeBench, PPE and RM-Bench) or ``tie`` (a tie; the
+default for RewardBench 2).
 ``summary.json`` always has ``accuracy_without_errors``, ``accuracy_with_errors`` (an error counted
-as a wrong verdict), ``errors`` and ``error_rate``.  Rows need ``prompt``, ``chosen``, ``rejected``; optional ``question_id``, ``query_type``,
-``ground_truth``, ``constraints`` (see ``clipo_jax.rubrics.pairs``).  Row order is shuffled per
-pair (seeded) so that "chosen" is not always shown first; the label is kept accordingly.
+as a wrong verdict), ``errors`` and ``error_rate``.  JudgeBench rows need ``prompt``, ``chosen``,
+``rejected``; optional ``question_id``, ``query_type``, ``ground_truth``, ``constraints`` (see
+``clipo_jax.rubrics.pairs``).  Row order is shuffled per pair (seeded by the pair id) so that
+"chosen" is not always shown first; the label is kept accordingly.
 
 Every row is validated when read: an invalid row (not UTF-8, not JSON, a missing or mistyped
 field, a malformed constraint) is reported as ``file:line: reason`` on stderr, skipped, and listed
-in ``summary.json`` (``invalid_rows``); the run goes on with the rest.  Duplicate ``question_id``
-values (both lines named), an empty file, or a file without a valid row stop the run before any
-call (exit status 2).  ``--resume`` keeps the pairs already judged and judges again those whose
-previous attempt failed (a backend call that failed for good, output that never parsed, a failed
-LLM answer check), with fresh decoding seeds so that a cached bad completion is not reused.
+in ``summary.json`` (``invalid_rows``); the run goes on with the rest.  Duplicate row ids (both
+lines named), an empty file, a JSON list that does not parse, or a file without a row to score
+stop the run before any call (exit status 2).  ``--limit=N`` takes the first N rows to score.
+``--resume`` keeps the pairs already judged and judges again those whose previous attempt failed
+(a backend call that failed for good, output that never parsed, a failed LLM answer check), with
+fresh decoding seeds so that a cached bad completion is not reused.
 """
 
 from __future__ import annotations
@@ -39,19 +53,27 @@ import time
 from absl import app, flags
 
 from clipo_jax.rubrics import JudgeConfig, OpenAIHTTPBackend, PairwiseJudge
+from clipo_jax.rubrics.benchmarks import BENCHMARKS, Benchmark, get_benchmark
 from clipo_jax.rubrics.judge import DirectionResult, JudgeCounters, PairResult, summarise
-from clipo_jax.rubrics.pairs import InvalidRow, RowError, scan_pair_rows, to_pair
+from clipo_jax.rubrics.pairs import InvalidRow, RowError, to_pair
 from clipo_jax.rubrics.protocol import PromptConfig
 from clipo_jax.rubrics.types import DEFAULT_JUDGE_MAX_TOKENS, ERROR_POLICIES
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("input", None, "JudgeBench-format JSONL file.")
+flags.DEFINE_string("input", None, "Benchmark file in the format --benchmark names.")
+flags.DEFINE_enum(
+    "benchmark",
+    "judgebench",
+    list(BENCHMARKS),
+    "Reader and scoring: judgebench / ppe (JudgeBench-format pairs), rewardbench2 (best-of-N rows), "
+    "rmbench (3x3 style matrix).",
+)
 flags.DEFINE_string("base_url", None, "OpenAI-compatible server, e.g. http://127.0.0.1:8080/v1.")
 flags.DEFINE_string("model", None, "Model name sent to the server.")
 flags.DEFINE_string("output_dir", None, "Where verdicts.jsonl and summary.json go.")
 flags.DEFINE_bool("resume", False, "Keep pairs judged in DIR/verdicts.jsonl; judge failed ones again.")
 flags.DEFINE_integer("workers", 8, "Concurrent judge calls (bounded).")
-flags.DEFINE_integer("limit", 0, "Judge only the first N valid rows (0 = all).")
+flags.DEFINE_integer("limit", 0, "Judge only the first N rows to score (0 = all).")
 flags.DEFINE_integer("max_tokens", DEFAULT_JUDGE_MAX_TOKENS, "Max new tokens per judgment (the release's 8192).")
 flags.DEFINE_float("timeout_s", 300.0, "Per-call timeout in seconds.")
 flags.DEFINE_integer("max_retries", 10, "Retries per call for timeouts / HTTP errors / garbage.")
@@ -59,9 +81,10 @@ flags.DEFINE_integer("parse_attempts", 5, "Attempts per direction on unparseable
 flags.DEFINE_float("min_score", 0.0, "Verdict threshold m.")
 flags.DEFINE_enum(
     "error_policy",
-    "exclude",
+    None,
     list(ERROR_POLICIES),
-    "What a failed pair ('error' verdict) counts as: exclude (JudgeBench, PPE) or tie (RewardBench v2).",
+    "What a failed pair ('error' verdict) counts as: exclude or tie. Default: the benchmark's own "
+    "(exclude for judgebench, ppe, rmbench; tie for rewardbench2).",
 )
 flags.DEFINE_enum("protocol", "single", ["single", "two_stage"], "Judge protocol.")
 flags.DEFINE_bool("json_schema", True, "Ask for JSON-schema constrained output when supported.")
@@ -106,7 +129,19 @@ def load_verdicts(path: str) -> dict[str, dict]:
     return done
 
 
-async def run(rows: list[dict], out_dir: str, invalid: list[InvalidRow] = (), n_lines: int | None = None) -> dict:
+async def run(
+    rows: list[dict],
+    out_dir: str,
+    invalid: list[InvalidRow] = (),
+    n_lines: int | None = None,
+    benchmark: Benchmark | None = None,
+    excluded: list[dict] = (),
+    n_rows: int | None = None,
+) -> dict:
+    """Judges the pair rows (JudgeBench format, one per pair) and writes verdicts.jsonl and
+    summary.json; ``benchmark`` scores them (default: --benchmark)."""
+    bench = benchmark or get_benchmark(FLAGS.benchmark)
+    policy = FLAGS.error_policy or bench.error_policy
     verdict_path = os.path.join(out_dir, "verdicts.jsonl")
     done: dict[str, dict] = {}
     if FLAGS.resume and os.path.exists(verdict_path):
@@ -177,6 +212,8 @@ async def run(rows: list[dict], out_dir: str, invalid: list[InvalidRow] = (), n_
             res = await judge_for(round_).judge_pair(pairs[i])
         rec = res.to_dict()
         rec.update(label=labels[i], correct=res.verdict == labels[i], query_type=pairs[i].query_type, round=round_)
+        if "bench" in rows[i]:
+            rec["bench"] = rows[i]["bench"]
         out.write(json.dumps(rec, ensure_ascii=False) + "\n")
         out.flush()  # appended as each pair finishes: resume loses nothing
         done[pairs[i].pair_id] = rec
@@ -199,13 +236,14 @@ async def run(rows: list[dict], out_dir: str, invalid: list[InvalidRow] = (), n_
                 f.write(json.dumps(done[k], ensure_ascii=False) + "\n")
         os.replace(tmp, verdict_path)
     results = [result_from_dict(done[p.pair_id]) for p in pairs]
-    summary = summarise(results, labels, error_policy=FLAGS.error_policy)
+    summary = summarise(results, labels, error_policy=policy)
     counters = JudgeCounters()
     for j in judges.values():
         for k, v in j.counters.as_dict().items():
             setattr(counters, k, getattr(counters, k) + v)
     summary.update(
         input=FLAGS.input,
+        benchmark=bench.name,
         model=FLAGS.model,
         protocol=FLAGS.protocol,
         max_tokens=FLAGS.max_tokens,
@@ -213,8 +251,11 @@ async def run(rows: list[dict], out_dir: str, invalid: list[InvalidRow] = (), n_
         judged_this_run=len(todo),
         retried_failures=retried,
         n_rows_read=n_lines if n_lines is not None else len(rows) + len(invalid),
+        n_rows=n_rows if n_rows is not None else len(rows),
         n_invalid_rows=len(invalid),
         invalid_rows=[r.to_dict() for r in invalid],
+        n_excluded_rows=len(excluded),
+        excluded_rows=list(excluded),
         calls=backend.stats.requests,
         backend=backend.stats.as_dict(),
         judge=counters.as_dict(),
@@ -224,9 +265,12 @@ async def run(rows: list[dict], out_dir: str, invalid: list[InvalidRow] = (), n_
     for r, l, p in zip(results, labels, pairs):
         by_type.setdefault((p.query_type or "none").split("-")[0], []).append((r, l))
     summary["by_source"] = {
-        k: summarise([r for r, _ in v], [l for _, l in v], error_policy=FLAGS.error_policy)["accuracy"]
-        for k, v in by_type.items()
+        k: summarise([r for r, _ in v], [l for _, l in v], error_policy=policy)["accuracy"] for k, v in by_type.items()
     }
+    scores = bench.score(rows, [r.verdict for r in results], labels, policy)
+    summary["benchmark_score"] = scores.pop("score")
+    summary["benchmark_score_name"] = scores.pop("score_name")
+    summary["benchmark_scores"] = scores
     with open(os.path.join(out_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     return summary
@@ -238,16 +282,22 @@ def main(argv):
         if not getattr(FLAGS, name):
             raise app.UsageError(f"--{name} is required")
     os.makedirs(FLAGS.output_dir, exist_ok=True)
+    bench = get_benchmark(FLAGS.benchmark)
     try:
-        scan = scan_pair_rows(FLAGS.input, FLAGS.limit)
+        data = bench.read(FLAGS.input, FLAGS.limit)
     except (RowError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    for r in scan.invalid[:20]:
-        print(f"warning: {scan.path}:{r.line}: {r.reason} (row skipped)", file=sys.stderr)
-    if len(scan.invalid) > 20:
-        print(f"warning: {len(scan.invalid) - 20} more invalid rows skipped", file=sys.stderr)
-    s = asyncio.run(run(scan.rows, FLAGS.output_dir, scan.invalid, scan.n_lines))
+    for r in data.invalid[:20]:
+        print(f"warning: {data.path}:{r.line}: {r.reason} (row skipped)", file=sys.stderr)
+    if len(data.invalid) > 20:
+        print(f"warning: {len(data.invalid) - 20} more invalid rows skipped", file=sys.stderr)
+    for reason in sorted({r["reason"] for r in data.excluded}):
+        n = sum(r["reason"] == reason for r in data.excluded)
+        print(f"note: {n} rows excluded: {reason} (listed in summary.json)", file=sys.stderr)
+    s = asyncio.run(
+        run(data.pairs, FLAGS.output_dir, data.invalid, data.n_rows_read, bench, data.excluded, data.n_rows)
+    )
     print(
         f"pairs {s['n_pairs']}  accuracy (ties excluded, errors as {s['error_policy']}) {s['accuracy']:.3f}  "
         f"with errors as wrong {s['accuracy_with_errors']:.3f}  same ratio {s['same_ratio']:.3f}  "
@@ -261,6 +311,7 @@ def main(argv):
         f"calls {s['calls']}  prompt tokens {s['backend']['prompt_tokens']}  completion tokens "
         f"{s['backend']['completion_tokens']}  wall {s['wall_s']:.1f}s  paths {s['paths']}"
     )
+    print(f"benchmark {s['benchmark']}: {bench.describe(s['benchmark_scores'] | {'score': s['benchmark_score']})}")
     if s["n_invalid_rows"] or s["failed_pairs"]:
         print(
             f"invalid rows skipped {s['n_invalid_rows']} (listed in summary.json)  "

@@ -41,8 +41,38 @@ class JSONHandler(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
+    def _send_chat(self, content: str):
+        """A chat completion whose message is ``content``."""
+        self._send(
+            200,
+            {
+                "choices": [{"message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": 10, "completion_tokens": 5},
+            },
+        )
+
     def do_GET(self):
         self._send(200, {"data": []})
+
+
+def run_judge_cli(capsys, *args):
+    """experiments.judge's main in this process; returns (exit status, stdout, stderr)."""
+    from absl import flags
+
+    from experiments import judge as cli
+
+    FLAGS = flags.FLAGS
+    FLAGS.unparse_flags()
+    FLAGS(["judge", *args])
+    code = 0
+    try:
+        cli.main([])
+    except SystemExit as e:
+        code = e.code
+    finally:
+        FLAGS.unparse_flags()
+    out = capsys.readouterr()
+    return code, out.out, out.err
 
 
 @contextlib.contextmanager

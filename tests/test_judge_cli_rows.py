@@ -17,9 +17,9 @@ import time
 
 import pytest
 from absl import flags
+from judge_server import run_judge_cli
 from test_judge_backend import server  # noqa: F401  (the real local HTTP server fixture)
 
-import experiments.judge as cli
 from clipo_jax.rubrics import JudgeConfig, OpenAIHTTPBackend, PairInput, PairwiseJudge
 from clipo_jax.rubrics.pairs import RowError, read_pair_rows, scan_pair_rows, validate_constraint
 
@@ -44,19 +44,7 @@ def write_lines(path, lines):
     return path
 
 
-def run_main(capsys, *args):
-    """experiments.judge's main in this process; returns (exit status, stdout, stderr)."""
-    FLAGS.unparse_flags()
-    FLAGS(["judge", *args])
-    code = 0
-    try:
-        cli.main([])
-    except SystemExit as e:
-        code = e.code
-    finally:
-        FLAGS.unparse_flags()
-    out = capsys.readouterr()
-    return code, out.out, out.err
+run_main = run_judge_cli
 
 
 def common(url, inp, out, model="ok", *extra):

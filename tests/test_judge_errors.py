@@ -48,13 +48,7 @@ class Handler(JSONHandler):
             content = "Response A is clearly better."  # no JSON at all
         else:
             content = json.dumps(rule_judgment(good_label(a, b)))
-        self._send(
-            200,
-            {
-                "choices": [{"message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
-                "usage": {"prompt_tokens": 10, "completion_tokens": 5},
-            },
-        )
+        self._send_chat(content)
 
 
 @pytest.fixture()

@@ -7,7 +7,8 @@ Modules: ``types`` (shared types: completion request / response, backend contrac
 pair input / result, verdicts and error policies), ``backends`` (HTTP), ``local_backends``
 (in-process and logit backends), ``registry`` (backend names -> factories), ``judge`` (the
 pairwise judge), ``logit_judge`` (the generation-free judge), ``aggregation``, ``protocol``,
-``meta_rubric``, ``pvr``, ``sandbox``, ``checklist``, ``pairs``, ``group_rewards``, ``replay``,
+``meta_rubric``, ``pvr``, ``sandbox``, ``checklist``, ``pairs`` (JudgeBench-format rows),
+``benchmarks`` (JudgeBench, PPE, RewardBench 2 and RM-Bench readers and scoring), ``group_rewards``, ``replay``,
 ``refine`` (a package: mutations, the evolution loop, human review).
 
 The names below are loaded on first use, so importing one module of the package does not pull in

@@ -185,7 +185,8 @@ def validate_row(row: Any) -> str | None:
 # ----------------------------------------------------------------------------------------------
 # Reading.
 # ----------------------------------------------------------------------------------------------
-def _parse_line(raw: bytes, lineno: int) -> tuple[Any, str | None]:
+def parse_line(raw: bytes, lineno: int) -> tuple[Any, str | None]:
+    """One JSONL line -> (row, None), or (None, a one-line reason) for bytes that are not UTF-8 JSON."""
     if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
         raw = raw[3:]  # a UTF-8 byte order mark
     try:
@@ -208,7 +209,7 @@ def _scan(path: str, limit: int) -> tuple[PairRows, list[str]]:
     duplicates: list[str] = []
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
-            row, reason = _parse_line(raw, lineno)
+            row, reason = parse_line(raw, lineno)
             if reason == "":
                 continue  # a blank line
             out.n_lines += 1
