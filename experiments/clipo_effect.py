@@ -5,8 +5,10 @@ r"""CLIPO's effect on the embedded task: GRPO vs GRPO+CLIPO and DAPO vs DAPO+CLI
 Every (algo, clipo, seed) run is `python -m experiments.train --config=configs/demo.py:algo=A[,clipo],seed=S`
 with the same budget; runs of one seed share the SFT warm start (config.sft.cache_dir), so the
 comparison isolates the RL phase. Finished runs are skipped, an interrupted one resumes. Prints and
-writes (<root>/summary.md, <root>/summary.json, and the machine and versions in <root>/environment.json) mean ± std over seeds of outcome accuracy, process
-accuracy and lucky rate on every test set, after RL, plus the SFT starting point.
+writes (<root>/summary.md, <root>/summary.json, <root>/cost_per_step.json, and the machine and versions in
+<root>/environment.json) mean ± std over seeds of outcome accuracy, process
+accuracy and lucky rate on every test set, after RL, plus the SFT starting point, and each method's
+cost per RL step with the share of the CLIPO stage in it.
 """
 
 import json
@@ -36,6 +38,28 @@ def environment() -> dict:
 
 def run_name(algo, clipo, seed):
     return f"{algo}{'+clipo' if clipo else ''}_seed{seed}"
+
+
+def step_costs(variants) -> dict:
+    """Per method: the median step time and CLIPO stage time (head step, loss, reward, metrics) over
+    the steps after each run's first (compilation), from the runs' metrics.jsonl."""
+    cost = {}
+    for algo, clipo in variants:
+        steps, stage = [], []
+        for seed in FLAGS.seeds:
+            path = os.path.join(FLAGS.root, run_name(algo, clipo, seed), "metrics.jsonl")
+            if not os.path.exists(path):
+                continue
+            with open(path) as f:
+                rows = [json.loads(line) for line in f if line.strip()]
+            rows = [r for r in rows[1:] if "time/step" in r]
+            steps += [r["time/step"] for r in rows]
+            stage += [r.get("time/contrastive", 0.0) for r in rows]
+        if steps:
+            step_s, clipo_s = float(np.median(steps)), float(np.median(stage))
+            name = run_name(algo, clipo, "")[: -len("_seed")]
+            cost[name] = {"step_s": step_s, "clipo_s": clipo_s, "clipo_share": clipo_s / step_s, "steps": len(steps)}
+    return cost
 
 
 def main(argv):
@@ -110,12 +134,26 @@ def main(argv):
                 }
                 cells.append(f"{vals.mean():.1f} ± {vals.std():.1f}")
             lines.append(f"| {name} | {len(evals)} | " + " | ".join(cells) + " |")
+    cost = step_costs(variants)
+    if cost:
+        lines += [
+            "",
+            "**cost per RL step** (median over steps after the first, over every seed's run)",
+            "",
+            "| method | step s | CLIPO stage s | CLIPO share |",
+            "|---|---|---|---|",
+        ]
+        for name, c in cost.items():
+            share = f"{100 * c['clipo_share']:.1f}%" if c["clipo_s"] else "-"
+            lines.append(f"| {name} | {c['step_s']:.2f} | {c['clipo_s']:.3f} | {share} |")
     md = "\n".join(lines)
     print(md)
     with open(os.path.join(FLAGS.root, "summary.md"), "w") as f:
         f.write(md + "\n")
     with open(os.path.join(FLAGS.root, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
+    with open(os.path.join(FLAGS.root, "cost_per_step.json"), "w") as f:
+        json.dump(cost, f, indent=1)
     with open(os.path.join(FLAGS.root, "environment.json"), "w") as f:  # what the numbers depend on
         json.dump(environment(), f, indent=1)
 
