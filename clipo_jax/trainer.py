@@ -31,6 +31,7 @@ import optax
 from clipo_jax import contrastive, parallel, rollout, sampling, tasks
 from clipo_jax.checkpoints import CheckpointError, RunCheckpoints, newest_good_step  # noqa: F401  (re-exported)
 from clipo_jax.models import PRESETS, ModelConfig, load_model, transformer
+from clipo_jax.models.config import ATTENTION_IMPLS
 from clipo_jax.rewards import stage as reward_stage
 from clipo_jax.rl import advantages as adv_lib
 from clipo_jax.rl import dapo, losses, update
@@ -205,6 +206,7 @@ def validate_config(config) -> None:
         ("rl.aggregation", rl.aggregation, losses.AGGREGATIONS),
         ("rl.kl_estimator", rl.kl_estimator, losses.KL_ESTIMATORS),
         ("task.name", config.task.name, tasks.TASKS),
+        ("model.attention_impl", config.model.get("attention_impl", "einsum"), ATTENTION_IMPLS),
     ]
     for field, value, registry in checks:
         if value not in registry:
@@ -332,10 +334,17 @@ def build_model(config, vocab_size: int, rng) -> tuple[ModelConfig, Any]:
             for k in ("d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff")
             if m.get(k) is not None
         }
-        cfg = base.replace(vocab_size=vocab_size, dtype=m.dtype, max_seq_len=m.get("max_seq_len", 512), **overrides)
+        attention = m.get("attention_impl", "einsum")
+        cfg = base.replace(
+            vocab_size=vocab_size,
+            dtype=m.dtype,
+            max_seq_len=m.get("max_seq_len", 512),
+            attention_impl=attention,
+            **overrides,
+        )
         return cfg, transformer.init_params(cfg, rng)
     cfg, params, _ = load_model(m.source, with_tokenizer=False)
-    return cfg.replace(dtype=m.dtype), params
+    return cfg.replace(dtype=m.dtype, attention_impl=m.get("attention_impl", "einsum")), params
 
 
 # ============================================================================ rollout helpers

@@ -110,6 +110,9 @@ def finish(c: ml_collections.ConfigDict, seed: int = 0) -> ml_collections.Config
     for key, value in defaults.items():
         if key not in c:
             c[key] = ml_collections.ConfigDict(value)
+    if "model" in c and "attention_impl" not in c.model:
+        # "einsum" or "dot_product" (jax.nn.dot_product_attention; docs/parts/attention.md)
+        c.model.attention_impl = "einsum"
     return c
 
 

@@ -11,6 +11,9 @@ class ModelError(ValueError):
 
 
 ARCHITECTURES = ("llama", "qwen2", "gemma3")
+# How the attention core is computed (transformer._ATTENTION maps each name to its function):
+# "einsum" materialises the scores itself; "dot_product" calls jax.nn.dot_product_attention.
+ATTENTION_IMPLS = ("einsum", "dot_product")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +50,7 @@ class ModelConfig:
     final_logit_softcap: float | None = None
     attn_logit_softcap: float | None = None
     max_seq_len: int = 2048
+    attention_impl: str = "einsum"  # one of ATTENTION_IMPLS; see docs/parts/attention.md
     dtype: str = "float32"  # compute dtype; params stay float32
     param_dtype: str = "float32"
 
@@ -57,6 +61,15 @@ class ModelConfig:
             raise ModelError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
         if self.activation not in ("silu", "gelu_tanh"):
             raise ModelError(f"unknown activation {self.activation!r}")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ModelError(
+                f"ModelConfig.attention_impl={self.attention_impl!r} is unknown; expected one of {ATTENTION_IMPLS}"
+            )
+        if self.attention_impl == "dot_product" and self.attn_logit_softcap is not None:
+            # jax.nn.dot_product_attention takes an additive bias, not a tanh cap on the scores
+            raise ModelError(
+                "ModelConfig.attention_impl='dot_product' cannot apply attn_logit_softcap; use 'einsum' for this model"
+            )
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff"):
             if int(getattr(self, name)) <= 0:
                 raise ModelError(f"ModelConfig.{name} must be positive, got {getattr(self, name)}")

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from clipo_jax.models.config import ModelConfig
+from clipo_jax.models.config import ATTENTION_IMPLS, ModelConfig
 from clipo_jax.parallel import constrain
 
 Params = dict[str, Any]
@@ -196,7 +196,7 @@ def unstack_layers(params: Params) -> Params:
     return {**params, "layers": [jax.tree.map(lambda a: a[l], layers) for l in range(n)]}
 
 
-def _attention(cfg: ModelConfig, q, segments, q_pos, window):
+def _attention_einsum(cfg: ModelConfig, q, segments, q_pos, window):
     """q: [B, T, H, hd]; segments: (k [B, K, S, hd], v [B, K, S, hd], k_pos [B, S] (-1 = invalid)) pairs
     attended jointly (one softmax over all their keys), e.g. the read-only cache and the new tokens."""
     B, T, H, hd = q.shape
@@ -224,6 +224,40 @@ def _attention(cfg: ModelConfig, q, segments, q_pos, window):
         out = out + jnp.einsum("bkgts,bksd->bkgtd", probs[..., start : start + S].astype(v.dtype), v)
         start += S
     return out.transpose(0, 3, 1, 2, 4).reshape(B, T, H * hd)
+
+
+def _attention_dot_product(cfg: ModelConfig, q, segments, q_pos, window):
+    """`_attention_einsum`'s contract computed by jax.nn.dot_product_attention.
+
+    The mask is built from positions, not indices: with left padding, the read-only cache plus the
+    new tokens as separate segments, and left-extended caches, a key's slot index is not its
+    position, so the API's index-based is_causal / local_window_size / *_seq_lengths cannot
+    express it. The boolean mask is [B, 1, T, S] (shared by all heads), never per head.
+    """
+    B, T, H, hd = q.shape
+    k, v, k_pos = segments[0]
+    if len(segments) > 1:  # the API attends over one key axis: lay the segments side by side
+        k = jnp.concatenate([sk for sk, _, _ in segments], axis=2)
+        v = jnp.concatenate([sv for _, sv, _ in segments], axis=2)
+        k_pos = jnp.concatenate([sp for _, _, sp in segments], axis=1)
+    kp = k_pos[:, None, None, :]
+    qp = q_pos[:, None, :, None]
+    allowed = (kp >= 0) & (kp <= qp) & ((qp - kp) < window)  # [B, 1, T, S]
+    # GQA: the API broadcasts K kv-heads over H query heads itself (BSKH keys with H % K == 0).
+    # implementation=None: JAX picks the kernel; jax 0.10 always picks XLA's (docs/parts/attention.md).
+    out = jax.nn.dot_product_attention(q, k.swapaxes(1, 2), v.swapaxes(1, 2), mask=allowed, scale=cfg.scale)
+    # A fully-masked query row gets uniform weights from the API; zero it like the einsum path.
+    out = jnp.where(jnp.any(allowed, axis=-1)[:, 0, :, None, None], out, jnp.zeros((), out.dtype))
+    return out.reshape(B, T, H * hd)
+
+
+# ModelConfig.attention_impl -> the function (config.ATTENTION_IMPLS lists the same names).
+_ATTENTION = {"einsum": _attention_einsum, "dot_product": _attention_dot_product}
+assert tuple(_ATTENTION) == ATTENTION_IMPLS
+
+
+def _attention(cfg: ModelConfig, q, segments, q_pos, window):
+    return _ATTENTION[cfg.attention_impl](cfg, q, segments, q_pos, window)
 
 
 def _dense(x, w):
@@ -432,6 +466,36 @@ def token_logprobs(
     if with_entropy:
         return lp, ent, hidden
     return lp
+
+
+def attention_memory_report(
+    cfg: ModelConfig, batch: int, seq: int, impls=ATTENTION_IMPLS, grad: bool = False, remat: bool = False
+) -> dict[str, dict[str, int]]:
+    """XLA's compiled memory (bytes) of one `forward` over [batch, seq] tokens, per attention impl.
+
+    grad=True compiles the gradient of a scalar of the hidden states w.r.t. the params instead
+    (what a training step holds). Nothing is allocated: params and tokens are abstract shapes and
+    the numbers are the buffer assignment for the default backend. For experiments/plan_scale.py.
+    """
+    params = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
+    tokens = jax.ShapeDtypeStruct((batch, seq), jnp.int32)
+    valid = jax.ShapeDtypeStruct((batch, seq), jnp.bool_)
+    report = {}
+    for impl in impls:
+        c = cfg.replace(attention_impl=impl)
+
+        def fn(p, t, m, c=c):
+            return forward(p, c, t, m, remat=remat)[0]
+
+        if grad:
+            fn = jax.grad(lambda p, t, m, f=fn: jnp.mean(jnp.square(f(p, t, m).astype(jnp.float32))))
+        stats = jax.jit(fn).lower(params, tokens, valid).compile().memory_analysis()
+        report[impl] = {
+            "temp_bytes": int(stats.temp_size_in_bytes),
+            "argument_bytes": int(stats.argument_size_in_bytes),
+            "output_bytes": int(stats.output_size_in_bytes),
+        }
+    return report
 
 
 # --------------------------------------------------------------------------- NNX module
