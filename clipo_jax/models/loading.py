@@ -2,6 +2,8 @@
 
 Both paths go through HF tensor names ([out, in] matrices): GGUF names are mapped to HF
 names first, so one converter (`params_from_hf_tensors`) builds our stacked parameter tree.
+Safetensors files are read by a small reader here (`SafetensorsFile`) because published
+checkpoints are mostly bfloat16, which numpy (and so `safetensors`' numpy backend) cannot hold.
 """
 
 from __future__ import annotations
@@ -89,8 +91,18 @@ def config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
         )
     theta = rope_params.get("rope_theta") if isinstance(rope_params, dict) else None
     theta = theta or hf.get("rope_theta", 10000.0)
-    if hf.get("rope_scaling") not in (None, {}) and (hf["rope_scaling"] or {}).get("rope_type", "default") != "default":
-        raise ModelError(f"{source}: rope_scaling {hf['rope_scaling']} is not supported")
+    # Newer configs put the scaling type in rope_parameters, older ones in rope_scaling.
+    for key in ("rope_scaling", "rope_parameters"):
+        scaling = hf.get(key)
+        if isinstance(scaling, dict) and scaling.get("rope_type", scaling.get("type", "default")) != "default":
+            raise ModelError(f"{source}: {key} {scaling} is not supported (only default RoPE)")
+    # Features our decoder does not have: refuse them instead of loading a silently different model.
+    if hf.get("hidden_act", "silu") != "silu":
+        raise ModelError(f"{source}: hidden_act={hf['hidden_act']!r} is not supported for {mt} (only 'silu')")
+    if arch == "qwen2" and hf.get("use_sliding_window"):
+        raise ModelError(f"{source}: use_sliding_window=true is not supported for qwen2 (full attention only)")
+    if arch == "llama" and (hf.get("attention_bias") or hf.get("mlp_bias")):
+        raise ModelError(f"{source}: attention_bias/mlp_bias are not supported for llama")
     return ModelConfig(**common, rope_theta=theta, qkv_bias=(arch == "qwen2"))
 
 
@@ -166,56 +178,139 @@ def params_from_hf_tensors(
     return params
 
 
-def load_hf_dir(path: str) -> tuple[ModelConfig, Params]:
-    """config.json + model.safetensors or a sharded model.safetensors.index.json."""
-    from safetensors import safe_open
+# --------------------------------------------------------------------------- safetensors
+# safetensors dtype -> numpy dtype of the stored bytes (BF16 is read as its raw 16 bits).
+_BF16 = "BF16"
+_SAFETENSORS_DTYPES = {"F32": "<f4", "F16": "<f2", "F64": "<f8", _BF16: "<u2"}
 
-    cfg_path = os.path.join(path, "config.json")
-    if not os.path.exists(cfg_path):
-        raise ModelError(f"{path}: no config.json")
+
+class SafetensorsFile:
+    """Header and float tensors of one .safetensors file (F32, F16, F64, BF16) as float32 arrays.
+
+    Format: an 8-byte little-endian header length, a JSON header {name: {dtype, shape,
+    data_offsets: [begin, end]}, "__metadata__": {...}}, then the tensor bytes.
+    """
+
+    def __init__(self, path: str):
+        self.path = path
+        try:
+            size = os.path.getsize(path)
+            with open(path, "rb") as f:
+                head = f.read(8)
+                n = int.from_bytes(head, "little") if len(head) == 8 else -1
+                if not 2 <= n <= size - 8:
+                    raise ValueError(f"header length {n} does not fit a file of {size} bytes")
+                header = json.loads(f.read(n))
+            if not isinstance(header, dict):
+                raise ValueError("header is not a JSON object")
+        except OSError as e:
+            raise ModelError(f"{path}: cannot read safetensors ({e.strerror or e})") from None
+        except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+            raise ModelError(f"{path}: cannot read safetensors (corrupt header: {_one_line(e)})") from None
+        header.pop("__metadata__", None)
+        self._entries: dict = header
+        self._data_start = 8 + n
+        self._size = size
+
+    def keys(self):
+        return self._entries.keys()
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._entries
+
+    def get(self, name: str) -> np.ndarray:
+        entry = self._entries[name]
+        try:
+            dtype, shape = entry["dtype"], tuple(int(s) for s in entry["shape"])
+            begin, end = (int(x) for x in entry["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise ModelError(f"{self.path}: tensor {name!r} has a malformed header entry {entry!r:.120}") from None
+        if dtype not in _SAFETENSORS_DTYPES:
+            raise ModelError(
+                f"{self.path}: tensor {name!r} has dtype {dtype}; supported: {sorted(_SAFETENSORS_DTYPES)}"
+            )
+        stored = np.dtype(_SAFETENSORS_DTYPES[dtype])
+        count = int(np.prod(shape, dtype=np.int64))
+        if end - begin != count * stored.itemsize or self._data_start + end > self._size or begin < 0:
+            raise ModelError(
+                f"{self.path}: tensor {name!r} ({dtype}{list(shape)}) has byte range [{begin}, {end}) that does not "
+                f"match its shape or lies past the end of the file (truncated?)"
+            )
+        with open(self.path, "rb") as f:
+            f.seek(self._data_start + begin)
+            raw = np.frombuffer(f.read(end - begin), dtype=stored)
+        if dtype == _BF16:  # bfloat16 is the top half of a float32
+            return (raw.astype(np.uint32) << 16).view(np.float32).reshape(shape)
+        return raw.astype(np.float32).reshape(shape)
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())[:200] or type(e).__name__
+
+
+def _read_json(path: str, what: str) -> dict:
     try:
-        with open(cfg_path) as f:
-            hf = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ModelError(f"{cfg_path}: invalid JSON ({e})") from None
-    cfg = config_from_hf(hf, cfg_path)
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.exists(index):
-        with open(index) as f:
-            weight_map = json.load(f)["weight_map"]
-    else:
+        with open(path) as f:
+            data = json.load(f)
+    except OSError as e:
+        raise ModelError(f"{path}: cannot read {what} ({e.strerror or e})") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ModelError(f"{path}: invalid JSON in {what} ({_one_line(e)})") from None
+    if not isinstance(data, dict):
+        raise ModelError(f"{path}: {what} is not a JSON object")
+    return data
+
+
+def _weight_map(path: str) -> dict[str, str]:
+    """tensor name -> file name, from model.safetensors.index.json or the single model.safetensors.
+
+    Every shard the index names must exist: a missing one is reported before any tensor is read.
+    """
+    index_path = os.path.join(path, "model.safetensors.index.json")
+    if not os.path.exists(index_path):
         single = os.path.join(path, "model.safetensors")
         if not os.path.exists(single):
             raise ModelError(f"{path}: no model.safetensors or model.safetensors.index.json")
-        weight_map = None
-    handles = {}
+        return {name: "model.safetensors" for name in SafetensorsFile(single).keys()}
+    weight_map = _read_json(index_path, "the safetensors index").get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise ModelError(f"{index_path}: no weight_map {{tensor name: shard file}} in the index")
+    shards = sorted(set(weight_map.values()))
+    for shard in shards:  # shard names are plain file names next to the index
+        if os.path.isabs(shard) or ".." in shard.replace("\\", "/").split("/"):
+            raise ModelError(f"{index_path}: shard name {shard!r} points outside the checkpoint directory")
+    missing = [s for s in shards if not os.path.isfile(os.path.join(path, s))]
+    if missing:
+        raise ModelError(
+            f"{index_path}: shard {missing[0]!r} named in the index is missing "
+            f"({len(missing)} of {len(shards)} shards missing)"
+        )
+    return weight_map
 
-    def open_file(fname):
-        if fname not in handles:
-            full = os.path.join(path, fname)
-            try:
-                handles[fname] = safe_open(full, framework="numpy")
-            except Exception as e:  # safetensors raises its own error types for corrupt headers
-                raise ModelError(f"{full}: cannot read safetensors ({type(e).__name__}: {e})") from None
-        return handles[fname]
 
-    def strip(name):  # multimodal Gemma3 checkpoints prefix the text model
-        return name
+def load_hf_dir(path: str) -> tuple[ModelConfig, Params]:
+    """config.json + model.safetensors or a sharded model.safetensors.index.json (Llama, Qwen2 /
+    Qwen2.5, Gemma3 text; float32, float16 or bfloat16 tensors, converted to float32)."""
+    if not os.path.isdir(path):
+        raise ModelError(f"{path}: not a directory")
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.exists(cfg_path):
+        raise ModelError(f"{path}: not an HF checkpoint directory (no config.json)")
+    cfg = config_from_hf(_read_json(cfg_path, "the model config"), cfg_path)
+    weight_map = _weight_map(path)
+    handles: dict[str, SafetensorsFile] = {}
 
     def get(name):
+        # Multimodal Gemma3 checkpoints prefix the text model's tensor names.
         candidates = [name, "language_model." + name, "model.language_model." + name[len("model.") :]]
         for cand in candidates:
-            fname = weight_map.get(cand) if weight_map is not None else "model.safetensors"
+            fname = weight_map.get(cand)
             if fname is None:
                 continue
-            f = open_file(fname)
-            if cand in f.keys():
-                try:
-                    return f.get_tensor(cand)
-                except Exception as e:
-                    raise ModelError(f"{os.path.join(path, fname)}: tensor {cand!r} unreadable ({e})") from None
-        if name == "lm_head.weight":
-            raise KeyError(name)
+            if fname not in handles:
+                handles[fname] = SafetensorsFile(os.path.join(path, fname))
+            if cand in handles[fname]:
+                return handles[fname].get(cand)
         raise KeyError(name)
 
     params = params_from_hf_tensors(cfg, get, path, norm_offset=1.0 if cfg.arch == "gemma3" else 0.0)

@@ -9,10 +9,12 @@ Every backend implements the small `Tokenizer` interface used by sampling, data 
     tok.decode(ids), tok.stop_ids, tok.pad_id
     check_vocab(tok, model_vocab_size=49152, source="model.gguf")
 
-Chat formats are plain Python functions in `CHAT_TEMPLATES` ("chatml", "gemma", "plain"); a model's
-own jinja template is only read to pick one of them (and ChatML's default system prompt), so adding
-a format means one function plus one registry entry (and, optionally, a marker in
-`_TEMPLATE_MARKERS` for auto-detection).
+Chat prompts are rendered from the checkpoint's own jinja template (tokenizer_config.json,
+chat_template.jinja or GGUF `tokenizer.chat_template`) in a sandbox (`chat_template.py`), with the
+semantics of HF transformers' `apply_chat_template`. Only a checkpoint without a template (or a caller
+that names a format) uses the built-in Python renderers in `CHAT_TEMPLATES` ("chatml", "gemma",
+"plain"), picked from the vocabulary; adding one means one function plus one registry entry (and,
+optionally, a marker in `_TEMPLATE_MARKERS` for auto-detection).
 
 GGUF vocabularies are rebuilt the way llama.cpp reads them: `tokenizer.ggml.model == "gpt2"` becomes
 a byte-level BPE (`tokenizers`) with the split regex named by `tokenizer.ggml.pre`
@@ -30,6 +32,8 @@ import os
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
+
+from clipo_jax.models.chat_template import ChatTemplateError, JinjaChatTemplate
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +68,8 @@ _BOS_FALLBACK_NAMES = ("<s>", "<bos>", "<|begin_of_text|>")
 
 
 # ---------------------------------------------------------------------------------------------
-# Chat templates: explicit Python renderers, picked by name.
+# Built-in chat formats: Python renderers, picked by name. They are the fallback for checkpoints that
+# carry no jinja template (e.g. the Gemma 3 GGUF) and what an explicit `chat_template=` name selects.
 # ---------------------------------------------------------------------------------------------
 
 
@@ -145,11 +150,12 @@ _TEMPLATE_MARKERS = (("<|im_start|>", "chatml"), ("<start_of_turn>", "gemma"))
 _CHATML_DEFAULT_SYSTEM = re.compile(r"<\|im_start\|>system(?:\n|\\n)([^'\"{}+]+?)<\|im_end\|>")
 
 
-def detect_chat_template(template: str | None, vocab: Iterable[str] = ()) -> tuple[str, str | None]:
-    """Pick a `CHAT_TEMPLATES` name from a model's jinja template (or, without one, its vocab).
+def detect_chat_template(template: str | None, vocab: Iterable[str] = (), warn: bool = True) -> tuple[str, str | None]:
+    """Pick the `CHAT_TEMPLATES` name closest to a model's jinja template (or, without one, its vocab).
 
-    Returns `(name, default_system_prompt or None)`. Unknown templates fall back to "plain" with a
-    warning; pass `chat_template=` to `load_tokenizer` to choose explicitly.
+    Returns `(name, default_system_prompt or None)`. Unknown templates give "plain" (with a warning
+    if `warn`). Tokenizers render with the jinja template itself when there is one; this name is the
+    built-in fallback.
     """
     if template:
         for marker, name in _TEMPLATE_MARKERS:
@@ -160,7 +166,8 @@ def detect_chat_template(template: str | None, vocab: Iterable[str] = ()) -> tup
                     if match:
                         default_system = match.group(1).replace("\\n", "\n")
                 return name, default_system
-        logger.warning("unrecognised chat template (%.60r...); using 'plain'", template)
+        if warn:
+            logger.warning("unrecognised chat template (%.60r...); using 'plain'", template)
         return "plain", None
     vocab = set(vocab)
     for marker, name in _TEMPLATE_MARKERS:
@@ -202,6 +209,7 @@ class Tokenizer(abc.ABC):
         add_bos_token: bool = False,
         chat_template: str = "plain",
         default_system: str | None = None,
+        jinja_template: JinjaChatTemplate | None = None,
     ):
         if chat_template not in CHAT_TEMPLATES:
             raise TokenizerError(f"{source}: unknown chat template {chat_template!r}; known: {sorted(CHAT_TEMPLATES)}")
@@ -211,8 +219,11 @@ class Tokenizer(abc.ABC):
         self._pad_id = pad_id
         # Whether the model was trained with BOS in front of every sequence (GGUF add_bos_token).
         self.add_bos_token = add_bos_token
+        # The checkpoint's own template renders chat prompts when present; `chat_template` names the
+        # built-in format used without one (and the closest built-in format otherwise).
         self.chat_template = chat_template
         self.default_system = default_system
+        self.jinja_template = jinja_template
 
     # --- backend hooks ---
     @abc.abstractmethod
@@ -282,16 +293,52 @@ class Tokenizer(abc.ABC):
             raise TokenizerError(f"{self.source}: token id {bad[0]} out of range [0, {self.vocab_size})")
         return self._decode(ids, skip_special_tokens)
 
-    def apply_chat_template(self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = True) -> str:
-        """Render a conversation `[{"role", "content"}, ...]` in this model's chat format."""
+    @property
+    def chat_format(self) -> str:
+        """What renders chat prompts: "jinja" (the checkpoint's template) or a `CHAT_TEMPLATES` name."""
+        return "jinja" if self.jinja_template is not None else self.chat_template
+
+    def template_special_tokens(self) -> dict[str, str]:
+        """Special-token strings a jinja template sees as variables (bos_token, eos_token, pad_token)."""
+        out = {}
+        for key, token_id in (("bos_token", self._bos_id), ("eos_token", self._eos_id), ("pad_token", self._pad_id)):
+            if token_id is not None:
+                out[key] = self.id_to_token(token_id)
+        return out
+
+    def apply_chat_template(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        add_generation_prompt: bool = True,
+        *,
+        tokenize: bool = False,
+        **template_vars: Any,
+    ):
+        """Render a conversation `[{"role", "content"}, ...]` in this model's chat format (text, or
+        ids with `tokenize=True`). `template_vars` reach a jinja template as variables (e.g. `tools`,
+        `enable_thinking`, `date_string`); the built-in formats ignore them."""
+        if tokenize:
+            return self.encode_chat(messages, add_generation_prompt, **template_vars)
+        _check_messages(messages)
+        if self.jinja_template is not None:
+            try:
+                return self.jinja_template.render(
+                    messages, add_generation_prompt, self.template_special_tokens(), **template_vars
+                )
+            except ChatTemplateError as e:
+                raise TokenizerError(str(e)) from None
         kw = {}
         if self.chat_template == "gemma":
             kw["bos_token"] = self.id_to_token(self._bos_id) if self._bos_id is not None else ""
         return render_chat(self.chat_template, messages, add_generation_prompt, self.default_system, **kw)
 
-    def encode_chat(self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = True) -> list[int]:
-        """Chat prompt ids; BOS is added only if the model wants one and the template has not written it."""
-        text = self.apply_chat_template(messages, add_generation_prompt)
+    def encode_chat(
+        self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True, **template_vars: Any
+    ) -> list[int]:
+        """Chat prompt ids: the rendered text with its special tokens parsed. BOS is added only if the
+        model wants one and the template has not written it (templates normally write it themselves,
+        and then the ids equal HF's `apply_chat_template(..., tokenize=True)`)."""
+        text = self.apply_chat_template(messages, add_generation_prompt, **template_vars)
         bos_text = self.id_to_token(self._bos_id) if self._bos_id is not None else None
         add_bos = self.add_bos_token and bos_text is not None and not text.startswith(bos_text)
         return self.encode(text, add_bos=add_bos)
@@ -299,7 +346,7 @@ class Tokenizer(abc.ABC):
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(source={self.source!r}, vocab_size={self.vocab_size}, bos={self._bos_id}, "
-            f"eos={self._eos_id}, pad={self.pad_id}, chat_template={self.chat_template!r})"
+            f"eos={self._eos_id}, pad={self.pad_id}, chat_format={self.chat_format!r})"
         )
 
 
@@ -546,7 +593,7 @@ class HFTokenizer(Tokenizer):
             raise TokenizerError(f"{path}: no EOS token (add tokenizer_config.json with eos_token)")
         bos_id = token_id("bos_token", _BOS_FALLBACK_NAMES if not config else ())
         pad_id = token_id("pad_token", ())
-        name, default_system = _resolve_template(chat_template, config.get("chat_template"), vocab, path)
+        name, default_system, jinja = _resolve_template(chat_template, config.get("chat_template"), vocab, path)
         return cls(
             tk,
             source=str(path),
@@ -556,6 +603,7 @@ class HFTokenizer(Tokenizer):
             add_bos_token=bool(config.get("add_bos_token", False)) and bos_id is not None,
             chat_template=name,
             default_system=default_system,
+            jinja_template=jinja,
         )
 
 
@@ -587,12 +635,28 @@ def _read_tokenizer_config(directory: str) -> dict:
 
 
 def _resolve_template(explicit: str | None, template: str | None, vocab: Iterable[str], source: str):
+    """(built-in format name, its default system prompt, compiled jinja template or None).
+
+    The checkpoint's jinja template renders unless `explicit` names a built-in format; a template that
+    does not compile is an error here, at load time, rather than at the first prompt.
+    """
     if explicit is not None:
         if explicit not in CHAT_TEMPLATES:
             raise TokenizerError(f"{source}: unknown chat template {explicit!r}; known: {sorted(CHAT_TEMPLATES)}")
-        detected, default_system = detect_chat_template(template, vocab)
-        return explicit, default_system if detected == explicit else None
-    return detect_chat_template(template, vocab)
+        detected, default_system = detect_chat_template(template, vocab, warn=False)
+        return explicit, default_system if detected == explicit else None, None
+    if not template:
+        name, default_system = detect_chat_template(None, vocab)
+        logger.info("%s: no chat template in the checkpoint; using the built-in %r format", source, name)
+        return name, default_system, None
+    try:
+        jinja = JinjaChatTemplate(template, origin=source)
+    except ChatTemplateError as e:
+        raise TokenizerError(
+            f"{e}; pass chat_template= one of {sorted(CHAT_TEMPLATES)} to use a built-in format instead"
+        ) from None
+    name, default_system = detect_chat_template(template, vocab, warn=False)
+    return name, default_system, jinja
 
 
 # ---------------------------------------------------------------------------------------------
@@ -882,7 +946,7 @@ def load_gguf_tokenizer(path: str, chat_template: str | None = None) -> Tokenize
             raise TokenizerError(
                 f"{path}: tokenizer.ggml.{key}_token_id={value} outside the vocabulary of {len(tokens)}"
             )
-    name, default_system = _resolve_template(chat_template, meta.get("chat_template"), tokens, path)
+    name, default_system, jinja = _resolve_template(chat_template, meta.get("chat_template"), tokens, path)
     if model == "gpt2":
         backend, missing = _gguf_byte_level_bpe(meta, path)
         cls, kw = HFTokenizer, {"missing_bytes": missing}
@@ -902,6 +966,7 @@ def load_gguf_tokenizer(path: str, chat_template: str | None = None) -> Tokenize
         add_bos_token=bool(meta.get("ggml.add_bos_token", add_bos_default)) and bos is not None,
         chat_template=name,
         default_system=default_system,
+        jinja_template=jinja,
         **kw,
     )
 
@@ -936,10 +1001,10 @@ def load_tokenizer(path: str | os.PathLike, chat_template: str | None = None) ->
     if path.endswith(".model"):
         config = _read_tokenizer_config(os.path.dirname(os.path.abspath(path)))
         tok = SentencePieceTokenizer.from_file(path)
-        name, default_system = _resolve_template(
+        name, default_system, jinja = _resolve_template(
             chat_template, config.get("chat_template"), (tok.id_to_token(i) for i in range(tok.vocab_size)), path
         )
-        tok.chat_template, tok.default_system = name, default_system
+        tok.chat_template, tok.default_system, tok.jinja_template = name, default_system, jinja
         # SentencePiece models are trained with BOS in front (llama.cpp's default for them too).
         tok.add_bos_token = bool(config.get("add_bos_token", True)) and tok.bos_id is not None
         return tok
