@@ -226,11 +226,12 @@ plt.show()
 # %% [markdown]
 # ## GRPO vs GRPO+CLIPO on the embedded task (recorded study)
 #
-# `python -m experiments.clipo_effect --root=D --seeds=0,1,2 --algos=grpo` (and `--algos=dapo
-# --extra=rl.steps=30`) trains each method from the same SFT start per seed and writes the greedy
-# evaluation on the five 200-problem test sets, mean and std over seeds, to
-# `docs/clipo_effect_summary.json`. The study takes hours on CPU, so this notebook reads that file.
-# Error bars are one standard deviation over the 3 seeds.
+# `python -m experiments.clipo_effect --root=D --seeds=0,1,2 --algos=grpo
+# --extra=clipo.pooling=prefill_and_decode` trains each method from the same SFT start per seed and
+# writes the greedy evaluation on the five 200-problem test sets, mean and std over seeds; its
+# `summary.json` is stored as `docs/clipo_effect_summary.json` (Intel Xeon, 2 cores, the pinned
+# versions; docs/results.md). The study takes about an hour on 2 CPU cores, so this notebook reads
+# that file. Error bars are one standard deviation over the 3 seeds.
 
 # %%
 summary = json.loads((ROOT / "docs" / "clipo_effect_summary.json").read_text())
@@ -267,7 +268,7 @@ plt.show()
 # %%
 ratios = []
 print(f"{'comparison':<20}{'test set':<14}{'diff (points)':>14}{'diff / spread':>15}")
-for base in ("grpo", "dapo"):
+for base in [m for m in methods if m + "+clipo" in summary]:
     for s in sets:
         a, b = summary[base][f"{s}/outcome"], summary[base + "+clipo"][f"{s}/outcome"]
         d = b["mean"] - a["mean"]
