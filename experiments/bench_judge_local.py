@@ -23,8 +23,7 @@ import time
 
 from absl import app, flags
 
-from experiments.bench_common import machine
-from experiments.bench_judge import start_llama_server
+from experiments.bench_common import machine, start_llama_server
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("input", "tests/data/judgebench/gpt_sample.jsonl", "JudgeBench-format pairs.")
