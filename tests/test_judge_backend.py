@@ -14,6 +14,7 @@ import threading
 import time
 
 import pytest
+from judge_server import JSONHandler
 
 from clipo_jax.rubrics import (
     BackendError,
@@ -58,19 +59,8 @@ class State:
         self.counter = {}
 
 
-class Handler(http.server.BaseHTTPRequestHandler):
+class Handler(JSONHandler):
     state: State = None
-
-    def log_message(self, *args):
-        pass
-
-    def _send(self, code, body, ctype="application/json"):
-        data = body if isinstance(body, bytes) else json.dumps(body).encode()
-        self.send_response(code)
-        self.send_header("Content-Type", ctype)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
 
     def do_POST(self):
         st = self.state
