@@ -38,13 +38,24 @@ def build_rl_batch(
     )
 
 
-def sequence_logprobs(logp_fn: Callable, params_by_name: dict, tokens, valid, place: Callable, to_host: Callable):
+def sequence_logprobs(
+    logp_fn: Callable, params_by_name: dict, tokens, valid, place: Callable, to_host: Callable, chunks: int = 1
+):
     """Log-probs of the responses under each named parameter set (reference, old policy), with
-    the token arrays placed on the mesh once for all passes. Returns {name: [B, N] host array}."""
+    each chunk's token arrays placed on the mesh once for all passes. Returns {name: [B, N] host
+    array}. chunks > 1 runs the B rows as that many equal passes (config.rl.logprob_chunks): at
+    paper scale one pass over every row of a step does not fit a device (experiments/plan_scale)."""
     if not params_by_name:
         return {}
-    tokens_d, valid_d = place((tokens, valid))
-    return {name: to_host(logp_fn(p, tokens_d, valid_d)) for name, p in params_by_name.items()}
+    rows = len(tokens)
+    if chunks < 1 or rows % chunks:
+        raise ValueError(f"{rows} rows do not split into {chunks} log-prob chunks")
+    out: dict[str, list] = {name: [] for name in params_by_name}
+    for rows_c in np.split(np.arange(rows), chunks):
+        tokens_d, valid_d = place((tokens[rows_c], valid[rows_c]))
+        for name, p in params_by_name.items():
+            out[name].append(to_host(logp_fn(p, tokens_d, valid_d)))
+    return {name: np.concatenate(parts) for name, parts in out.items()}
 
 
 def policy_update(

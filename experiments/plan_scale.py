@@ -1,0 +1,687 @@
+r"""Memory and compute plan of one RL step at paper scale, from XLA, without weights or accelerators.
+
+  python -m experiments.plan_scale --config=configs/clipo_gsm8k_qwen25_3b.py --shape=qwen25_3b \
+      --devices=8 --mesh=data=1,fsdp=8,tensor=1
+  python -m experiments.plan_scale --config=configs/clipo_math_qwen25_7b.py --shape=qwen25_7b \
+      --devices=16 --mesh=data=1,fsdp=16,tensor=1 --json_out=plan.json
+  python -m experiments.plan_scale --config=configs/demo.py --devices=1 --mesh=data=1 --measure
+
+Every program of one RL step is lowered and compiled with abstract inputs (jax.ShapeDtypeStruct
+with the trainer's shardings) on a mesh of --devices simulated host devices, or on the backend's
+own devices with --real_devices. Nothing is allocated, so a 7B plan runs on a laptop:
+  train     rl.step.train_step on one mini-batch (micro-batch scan, remat as configured), state donated
+  logp      the reference (and, with several mini-batches or epochs, the old-policy) log-prob pass,
+            rl.logprob_chunks passes of that many rows each
+  prefill   sampling.prefill of one prefill group (Sampler's prefill_group_rows, rounded to the
+            batch devices) at the rollout prompt width
+  decode    sampling.decode of one rollout call (rl.rollout_chunk_prompts prompts x group_size
+            rows, or the whole step), cache grown in phases as the Sampler does
+  clipo     the CLIPO head step on the step's pooled states (when clipo.enabled)
+
+Per device and program it prints XLA's memory_analysis (argument, output, temporary bytes; aliased
+bytes are the donated state) and the peak a device holds while the program runs: the program's
+own buffers plus the step's resident arrays it does not take as arguments (train state,
+reference parameters, CLIPO head), against 80 GB (H100) and 95 GB (TPU v5p).
+
+FLOPs per program are counted two ways:
+  model   the matmul FLOPs of the transformer for the program's tokens: 2 x weights per token
+          (LM head only where logits are computed), attention QK^T and PV over the grid the code
+          computes (the full T x T square in training, the grown cache in decode), x3 for a
+          backward pass, +1 forward for remat and the checkpointed LM-head chunks;
+  xla     compiled.cost_analysis()['flops'] as XLA reports it. XLA counts a while-loop body once
+          whatever its trip count (layer scan, micro-batch scan, decode loop, LM-head chunks), so
+          at this scale it undercounts by orders of magnitude; printed for reference only.
+The projection (--mfu, --hbm_fraction) turns the model FLOPs and the bytes each decode step must
+read into an H100 step time: train and log-prob passes compute-bound at the stated MFU of 989
+TFLOP/s (bf16 dense), prefill likewise, decode memory-bound at the stated fraction of 3.35 TB/s.
+It is a projection from stated assumptions, not a measurement.
+
+--measure also runs each program once on zero inputs, each in a fresh subprocess, and reports its
+peak memory: the backend's peak_bytes_in_use on GPU/TPU; on CPU the growth of the process's peak
+RSS over the program's call (all simulated devices together, so divide by --devices).
+The last line is the JSON summary.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from typing import Any
+
+from absl import app, flags
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "config file (configs/*.py[:arg])", lock_config=False)
+flags.DEFINE_string("shape", None, "model shape preset (clipo_jax.models.config.PRESETS); default: the config's model")
+flags.DEFINE_integer("devices", 1, "simulated host devices (ignored with --real_devices)")
+flags.DEFINE_bool("real_devices", False, "plan on the backend's own devices instead of simulated CPU devices")
+flags.DEFINE_string("mesh", "data=-1", "mesh axes, e.g. data=1,fsdp=8,tensor=1 (one may be -1)")
+flags.DEFINE_list("programs", ["train", "logp", "prefill", "decode", "clipo"], "programs to plan")
+flags.DEFINE_bool(
+    "unroll_layers", False, "plan the sampler's unrolled layer loop (the CPU default) instead of the scan"
+)
+flags.DEFINE_bool("measure", False, "run each program once on zero inputs (own subprocess) and report its peak memory")
+flags.DEFINE_float("mfu", 0.4, "projection: assumed model-FLOPs utilisation of compute-bound programs")
+flags.DEFINE_float("hbm_fraction", 0.7, "projection: assumed fraction of HBM bandwidth reached by decode steps")
+flags.DEFINE_string("fit", None, "size rl.logprob_chunks and rl.rollout_chunk_prompts to fit this chip (e.g. H100)")
+flags.DEFINE_float("usable", 0.9, "--fit: fraction of the chip's memory a program may use")
+flags.DEFINE_string("json_out", None, "also write the JSON summary here")
+flags.DEFINE_string("worker", None, "internal: run this one program and print its peak memory")
+
+GB = 1e9
+CHIPS = {"H100 80GB": 80e9, "TPU v5p 95GB": 95e9}
+H100_BF16_FLOPS = 989e12  # dense, SXM
+H100_HBM_BYTES_S = 3.35e12
+
+
+class PlanError(ValueError):
+    pass
+
+
+# ---------------------------------------------------------------------------- shapes
+def parse_mesh(text: str) -> dict[str, int]:
+    sizes = {"data": 1, "fsdp": 1, "tensor": 1}
+    for part in filter(None, text.split(",")):
+        name, _, value = part.partition("=")
+        if name not in sizes or not value.lstrip("-").isdigit():
+            raise PlanError(f"--mesh={text!r}: expected comma-separated data=N,fsdp=N,tensor=N")
+        sizes[name] = int(value)
+    return sizes
+
+
+def model_config(config, shape: str | None):
+    """The ModelConfig the run would build, without reading weights."""
+    from clipo_jax.models import PRESETS, loading
+
+    m = config.model
+    if shape:
+        if shape not in PRESETS:
+            raise PlanError(f"--shape={shape!r} is not one of {sorted(PRESETS)}")
+        cfg = PRESETS[shape]
+    elif m.source.startswith("init:"):
+        preset = m.source[len("init:") :]
+        cfg = PRESETS.get(preset, PRESETS["tiny_llama"] if preset == "custom" else None)
+        if cfg is None:
+            raise PlanError(f"config.model.source={m.source!r}: unknown preset")
+        vocab = _task_vocab(config)
+        overrides = {k: m[k] for k in ("d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff") if m.get(k)}
+        cfg = cfg.replace(vocab_size=vocab or cfg.vocab_size, max_seq_len=m.get("max_seq_len", 512), **overrides)
+    else:
+        path = loading.resolve_model_path(m.source) if m.source else ""
+        if not path or not os.path.isfile(os.path.join(path, "config.json")):
+            raise PlanError(
+                f"config.model.source={m.source!r} is not an HF directory with config.json: pass --shape=<preset>"
+            )
+        with open(os.path.join(path, "config.json")) as f:
+            cfg = loading.config_from_hf(json.load(f))
+    return cfg.replace(dtype=m.dtype, attention_impl=m.get("attention_impl", "einsum"))
+
+
+def _task_vocab(config) -> int | None:
+    """The embedded task's vocabulary size (the demo builds its model to the task's tokenizer)."""
+    t = config.task
+    if t.name == "synthetic":
+        import tempfile
+
+        from clipo_jax import tasks
+
+        with tempfile.TemporaryDirectory() as tmp:  # the task trains its tokenizer into a workdir
+            return tasks.build_task(t, tmp).tokenizer.vocab_size
+    return t.get("vocab_size")
+
+
+def step_sizes(config, devices_for_batch: int) -> dict[str, int]:
+    """Rows and lengths of one RL step as the trainer and Sampler would run it."""
+    from clipo_jax import sampling
+
+    rl = config.rl
+    P, G = rl.prompts_per_step, rl.group_size
+    Tp = sampling.bucket(rl.max_prompt_len, 16, 4)
+    N = rl.max_new_tokens
+    chunk = rl.get("rollout_chunk_prompts", 0) or P
+    chunk = min(chunk, P)
+    rows = sampling.bucket(chunk, 1)
+    while (rows * G) % devices_for_batch:
+        rows *= 2
+    group = 8  # Sampler's default prefill_group_rows, rounded to the batch devices
+    group = -(-group // devices_for_batch) * devices_for_batch
+    prefill_rows = group if rows >= 2 * group and rows % group == 0 else rows
+    logp_chunks = rl.get("logprob_chunks", 1) or 1
+    return dict(
+        prompts=P,
+        group_size=G,
+        prompt_width=Tp,
+        new_tokens=N,
+        seq=Tp + N,
+        minibatch_rows=P * G // rl.mini_batches,
+        mini_batches=rl.mini_batches,
+        micro_batches=rl.micro_batches,
+        rollout_calls=-(-P // chunk),
+        rollout_prompts_per_call=rows,
+        decode_rows=rows * G,
+        prefill_rows=prefill_rows,
+        prefill_calls_per_rollout=rows // prefill_rows,
+        logp_rows=P * G // logp_chunks,
+        logp_chunks=logp_chunks,
+        logp_passes=(1 if rl.kl_coef else 0) + (1 if (rl.epochs > 1 or rl.mini_batches > 1) else 0),
+        steps_per_rl_step=rl.epochs * rl.mini_batches,
+    )
+
+
+# ---------------------------------------------------------------------------- programs
+def _abstract(tree, shardings):
+    import jax
+
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def _device_bytes(tree) -> int:
+    """Bytes one device holds of a tree of sharded ShapeDtypeStructs (the largest shard)."""
+    import jax
+    import numpy as np
+
+    total = 0
+    for x in jax.tree.leaves(tree):
+        shard = x.sharding.shard_shape(x.shape) if x.sharding is not None else x.shape
+        total += int(np.prod(shard, dtype=np.int64)) * np.dtype(x.dtype).itemsize
+    return total
+
+
+class Planner:
+    """Abstract state of a run (sharded, nothing allocated) and the jitted programs of one step."""
+
+    def __init__(self, config, cfg, mesh, unroll_layers: bool = False):
+        import jax
+        import jax.numpy as jnp
+        from jax.sharding import NamedSharding
+        from jax.sharding import PartitionSpec as P
+
+        from clipo_jax import contrastive, parallel, trainer
+        from clipo_jax.models import transformer
+        from clipo_jax.rl.step import StepConfig, TrainState, make_optimizer
+
+        self.config, self.cfg, self.mesh, self.unroll = config, cfg, mesh, unroll_layers
+        rl = config.rl
+        batch_devices = mesh.shape["data"] * mesh.shape["fsdp"]
+        self.sizes = step_sizes(config, batch_devices)
+        self.replicated = NamedSharding(mesh, P())
+        shapes = jax.eval_shape(lambda: transformer.init_params(cfg, jax.random.key(0)))
+        p_sh = parallel.tree_shardings(mesh, transformer.param_logical_axes(cfg), shapes)
+        self.params = _abstract(shapes, p_sh)
+        self.optimizer = make_optimizer(
+            rl.lr, total_steps=rl.steps, warmup_steps=rl.warmup_steps, schedule=rl.schedule,
+            weight_decay=rl.weight_decay, grad_clip=rl.grad_clip,
+        )  # fmt: skip
+        opt_shapes = jax.eval_shape(self.optimizer.init, shapes)
+        opt_sh = trainer.opt_state_shardings(self.optimizer, opt_shapes, p_sh, self.replicated)
+        self.state = TrainState(
+            self.params, _abstract(opt_shapes, opt_sh), jax.ShapeDtypeStruct((), jnp.int32, sharding=self.replicated)
+        )
+        self.step_cfg = StepConfig(
+            policy_loss=rl.policy_loss,
+            policy_loss_opts=trainer._policy_opts(rl),
+            aggregation=rl.aggregation,
+            kl_coef=rl.kl_coef,
+            kl_estimator=rl.kl_estimator,
+            kl_clamp=rl.kl_clamp,
+            entropy_coef=rl.entropy_coef,
+            temperature=max(rl.temperature, 1e-6),
+            micro_batches=rl.micro_batches,
+            use_old_logp=(rl.epochs > 1 or rl.mini_batches > 1),
+            tis_cap=rl.tis_cap or None,
+            remat=rl.remat,
+        )
+        self.clipo_cfg = None
+        self.head = None
+        if config.clipo.enabled:
+            self.clipo_cfg = contrastive.ContrastiveConfig(**trainer._clipo_static(config))
+            head = jax.eval_shape(lambda: contrastive.init_head_state(jax.random.key(0), cfg.d_model, self.clipo_cfg))
+            self.head = _abstract(head, jax.tree.map(lambda _: self.replicated, head))
+        self.resident = {
+            "train state": _device_bytes(self.state),
+            "reference params": _device_bytes(self.params) if rl.kl_coef else 0,
+            "CLIPO head": _device_bytes(self.head) if self.head is not None else 0,
+        }
+
+    def _batch(self, shape, dtype):
+        import jax
+
+        from clipo_jax import parallel
+
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=parallel.batch_sharding(self.mesh, len(shape), shape[0]))
+
+    def programs(self) -> dict[str, tuple]:
+        """name -> (jitted fn, abstract args, resident bytes among the args, model FLOPs, decode bytes/step)."""
+        return {
+            "train": self._train,
+            "logp": self._logp,
+            "prefill": self._prefill,
+            "decode": self._decode,
+            "clipo": self._clipo,
+        }
+
+    def _train(self):
+        import jax
+        import jax.numpy as jnp
+
+        from clipo_jax.rl.step import RLBatch, train_step
+
+        s = self.sizes
+        R, T, N = s["minibatch_rows"], s["seq"], s["new_tokens"]
+        f32 = jnp.float32
+        batch = RLBatch(
+            tokens=self._batch((R, T), jnp.int32),
+            valid=self._batch((R, T), jnp.bool_),
+            response_mask=self._batch((R, N), jnp.bool_),
+            advantages=self._batch((R,), f32),
+            old_logp=self._batch((R, N), f32),
+            ref_logp=self._batch((R, N), f32),
+            sampler_logp=self._batch((R, N), f32),
+        )
+        cfg, scfg, opt = self.cfg, self.step_cfg, self.optimizer
+        state_sh = jax.tree.map(lambda x: x.sharding, self.state)
+        fn = jax.jit(
+            lambda st, b: train_step(st, b, cfg=cfg, scfg=scfg, optimizer=opt),
+            in_shardings=(state_sh, None),
+            out_shardings=(state_sh, None),
+            donate_argnums=0,
+        )
+        passes = 3 + (1 if scfg.remat else 0)  # forward, backward (2x), remat recompute
+        flops = R * model_flops_per_sequence(self.cfg, T, lm_head_tokens=T, passes=passes, lm_head_passes=4)
+        return fn, (self.state, batch), _device_bytes(self.state), flops, 0
+
+    def _logp(self):
+        import jax
+        import jax.numpy as jnp
+
+        from clipo_jax.rl.step import response_logprobs
+
+        s = self.sizes
+        R, T, N = s["logp_rows"], s["seq"], s["new_tokens"]
+        cfg, temp = self.cfg, self.step_cfg.temperature
+        fn = jax.jit(lambda p, t, v: response_logprobs(p, cfg, t, v, N, temp))
+        args = (self.params, self._batch((R, T), jnp.int32), self._batch((R, T), jnp.bool_))
+        flops = R * model_flops_per_sequence(cfg, T, lm_head_tokens=T, passes=1, lm_head_passes=1)
+        return fn, args, _device_bytes(self.params), flops, 0
+
+    def _prefill(self):
+        import jax
+        import jax.numpy as jnp
+
+        from clipo_jax import sampling
+
+        s = self.sizes
+        R, Tp = s["prefill_rows"], s["prompt_width"]
+        cfg, unroll = self.cfg, self.unroll
+        fn = jax.jit(lambda p, t, m: sampling.prefill(p, t, m, cfg=cfg, unroll_layers=unroll))
+        args = (self.params, self._batch((R, Tp), jnp.int32), self._batch((R, Tp), jnp.bool_))
+        flops = R * model_flops_per_sequence(cfg, Tp, lm_head_tokens=0, passes=1, lm_head_passes=0)
+        return fn, args, _device_bytes(self.params), flops, 0
+
+    def _decode(self):
+        import jax
+        import jax.numpy as jnp
+
+        from clipo_jax import parallel, sampling
+        from clipo_jax.models.transformer import KVCache
+
+        s = self.sizes
+        Pc, Tp, N, G = s["rollout_prompts_per_call"], s["prompt_width"], s["new_tokens"], s["group_size"]
+        cfg, rl = self.cfg, self.config.rl
+        unroll = self.unroll
+        scfg = sampling.SamplingConfig(
+            max_new_tokens=N, temperature=rl.temperature, top_p=rl.top_p, n_samples=G, stop_ids=(0,), pad_id=0
+        )
+        cache = jax.eval_shape(lambda: sampling.init_cache(cfg, Pc, Tp, per_layer=unroll))
+        axes = KVCache.logical_axes(unroll)
+        cache = KVCache(
+            *(
+                jax.tree.map(lambda x, a=a: self._named(x, a), c)
+                if not isinstance(c, tuple)
+                else tuple(self._named(x, a) for x in c)
+                for c, a in zip(cache, axes)
+            )
+        )
+        h = self._batch((Pc, cfg.d_model), jnp.float32)
+        tokens, mask = self._batch((Pc, Tp), jnp.int32), self._batch((Pc, Tp), jnp.bool_)
+        rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=self.replicated)
+
+        def fn(p, c, hh, t, m, r):
+            if unroll:
+                p = sampling.unstack_layers(p)
+            return sampling.decode(
+                p, c, hh, t, m, r, cfg=cfg, scfg=scfg, unroll_layers=unroll, cache_steps_per_octave=4
+            )
+
+        B = Pc * G
+        sizes = sampling.cache_growth_sizes(Tp, N, 4)
+        flops, kv_read = 0.0, 0.0
+        prev = Tp
+        for size in sizes:  # the steps of each phase attend over that phase's cache size
+            steps = size - prev
+            flops += steps * B * model_flops_per_token_decode(cfg, size)
+            kv_read += steps * B * kv_bytes_per_slot(cfg) * size
+            prev = size
+        weights = _device_bytes(self.params)
+        devices_per_kv = self.mesh.shape["data"] * self.mesh.shape["fsdp"] * self.mesh.shape["tensor"]
+        bytes_per_step = weights + kv_read / N / devices_per_kv
+        del parallel
+        return jax.jit(fn), (self.params, cache, h, tokens, mask, rng), weights, flops, bytes_per_step
+
+    def _named(self, x, axes):
+        import jax
+
+        from clipo_jax import parallel
+
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=parallel.named_sharding(self.mesh, axes, x.shape))
+
+    def _clipo(self):
+        import jax
+        import jax.numpy as jnp
+
+        from clipo_jax import contrastive
+
+        if self.clipo_cfg is None:
+            return None
+        s = self.sizes
+        B, D, G = s["prompts"] * s["group_size"], self.cfg.d_model, s["group_size"]
+        rep = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=self.replicated)
+        args = (
+            self.head,
+            rep((B, D), jnp.float32),
+            rep((B,), jnp.int32),
+            rep((B,), jnp.int32),
+            jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=self.replicated),
+            rep((B,), jnp.bool_),
+        )
+        ccfg = self.clipo_cfg
+        fn = jax.jit(lambda st, z, y, g, r, v: contrastive._head_step_impl(st, z, y, g, r, v, ccfg))
+        d_out = ccfg.d_out
+        flops = 3 * 2 * B * D * d_out + 3 * 2 * B * G * d_out  # head matmul + group similarities, fwd+bwd
+        return fn, args, _device_bytes(self.head), float(flops), 0
+
+
+def model_flops_per_sequence(cfg, T: int, *, lm_head_tokens: int, passes: int, lm_head_passes: int) -> float:
+    """Matmul FLOPs of `passes` forward-equivalents over one sequence of T tokens."""
+    d, f, hd, L = cfg.d_model, cfg.d_ff, cfg.head_dim, cfg.n_layers
+    layer_weights = d * hd * (2 * cfg.n_heads + 2 * cfg.n_kv_heads) + 3 * d * f
+    attn = 4 * T * T * cfg.n_heads * hd  # QK^T and PV over the full T x T grid, one layer
+    per_pass = 2 * T * L * layer_weights + L * attn
+    return float(passes * per_pass + lm_head_passes * 2 * lm_head_tokens * d * cfg.vocab_size)
+
+
+def model_flops_per_token_decode(cfg, cache_len: int) -> float:
+    d, f, hd, L = cfg.d_model, cfg.d_ff, cfg.head_dim, cfg.n_layers
+    layer_weights = d * hd * (2 * cfg.n_heads + 2 * cfg.n_kv_heads) + 3 * d * f
+    return float(2 * L * layer_weights + 2 * d * cfg.vocab_size + L * 4 * cache_len * cfg.n_heads * hd)
+
+
+def kv_bytes_per_slot(cfg) -> float:
+    import numpy as np
+
+    return float(2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * np.dtype(cfg.dtype).itemsize)
+
+
+# ---------------------------------------------------------------------------- compile and report
+def compile_program(planner: Planner, name: str) -> dict[str, Any]:
+    import time
+
+    from clipo_jax import parallel
+
+    made = planner.programs()[name]()
+    if made is None:
+        return {"program": name, "skipped": "clipo.enabled is False"}
+    fn, args, resident_args, flops, bytes_per_step = made
+    t0 = time.perf_counter()
+    with parallel.use_mesh(planner.mesh):
+        compiled = fn.lower(*args).compile()
+    seconds = time.perf_counter() - t0
+    mem = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    n = planner.mesh.size
+    rec = {
+        "program": name,
+        "argument_bytes": int(mem.argument_size_in_bytes),
+        "output_bytes": int(mem.output_size_in_bytes),
+        "temp_bytes": int(mem.temp_size_in_bytes),
+        "alias_bytes": int(mem.alias_size_in_bytes),
+        "total_bytes": int(
+            mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes - mem.alias_size_in_bytes
+        ),
+        "flops": flops / n,  # model FLOPs per device
+        "xla_flops_raw": float((cost or {}).get("flops", 0.0)),
+        "compile_s": round(seconds, 1),
+        "measured_peak_bytes": None,
+    }
+    rec["peak_bytes"] = rec["total_bytes"] + sum(planner.resident.values()) - resident_args
+    rec["fits"] = {chip: rec["peak_bytes"] <= cap for chip, cap in CHIPS.items()}
+    if bytes_per_step:
+        rec["decode_bytes_per_step"] = bytes_per_step
+    return rec
+
+
+def projection(planner: Planner, recs: dict[str, dict], mfu: float, hbm_fraction: float) -> dict[str, float]:
+    """Seconds per RL step on H100s of this mesh size, from model FLOPs and decode bytes."""
+    s = planner.sizes
+    compute = mfu * H100_BF16_FLOPS
+    out = {}
+    if "train" in recs:
+        out["train"] = s["steps_per_rl_step"] * recs["train"]["flops"] / compute
+    if "logp" in recs:
+        out["logp"] = s["logp_passes"] * s["logp_chunks"] * recs["logp"]["flops"] / compute
+    if "prefill" in recs:
+        out["prefill"] = s["rollout_calls"] * s["prefill_calls_per_rollout"] * recs["prefill"]["flops"] / compute
+    if "decode" in recs:
+        r = recs["decode"]
+        per_call = max(
+            s["new_tokens"] * r["decode_bytes_per_step"] / (hbm_fraction * H100_HBM_BYTES_S),
+            r["flops"] / compute,
+        )
+        out["decode"] = s["rollout_calls"] * per_call
+    out["total"] = sum(out.values())
+    return out
+
+
+def fit_chunks(config, cfg, mesh, cap: float, unroll: bool = False) -> dict[str, int]:
+    """The fewest train micro-batches and log-prob chunks and the most rollout prompts per call
+    (powers of two) whose programs' peak per device is at most `cap` bytes; sets them on config
+    and returns them."""
+    rl = config.rl
+    rows = rl.prompts_per_step * rl.group_size
+    mini_rows = rows // rl.mini_batches
+    batch_devices = mesh.shape["data"] * mesh.shape["fsdp"]
+    micro = [rl.micro_batches] + [
+        m for m in _powers_of_two(mini_rows // batch_devices) if m > rl.micro_batches and mini_rows % m == 0
+    ]
+    chosen = {}
+    for key, program, candidates in (
+        ("micro_batches", "train", micro),
+        ("logprob_chunks", "logp", [c for c in _powers_of_two(rows) if rows % c == 0]),
+        ("rollout_chunk_prompts", "decode", list(reversed(_powers_of_two(rl.prompts_per_step)))),
+    ):
+        for value in candidates:
+            rl[key] = value
+            rec = compile_program(Planner(config, cfg, mesh, unroll), program)
+            print(f"  fit {key}={value}: {program} peak {fmt_gb(rec['peak_bytes'])} GB (cap {cap / GB:.1f})")
+            if rec["peak_bytes"] <= cap:
+                chosen[key] = value
+                break
+        else:
+            raise PlanError(f"no {key} makes {program} fit in {cap / GB:.1f} GB per device: use more chips")
+    return chosen
+
+
+def _powers_of_two(n: int) -> list[int]:
+    out, v = [], 1
+    while v <= n:
+        out.append(v)
+        v *= 2
+    return out
+
+
+def fmt_gb(x) -> str:
+    return "-" if x is None else f"{x / GB:.2f}"
+
+
+def run_worker(planner: Planner, name: str) -> None:
+    """Allocate zero inputs, run the program once, print its peak memory (one JSON line)."""
+    import jax
+    import jax.numpy as jnp
+
+    from clipo_jax import parallel
+
+    fn, args, *_ = planner.programs()[name]()
+
+    def zeros(x):
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            return jax.device_put(jax.random.key(0), x.sharding)
+        return jax.device_put(jnp.zeros(x.shape, x.dtype), x.sharding)
+
+    with parallel.use_mesh(planner.mesh):
+        compiled = fn.lower(*args).compile()
+        concrete = jax.tree.map(zeros, args)
+        jax.block_until_ready(concrete)
+        stats = jax.devices()[0].memory_stats()
+        if stats is None:
+            before = _rss_hwm_reset()
+            jax.block_until_ready(compiled(*concrete))
+            peak = _read_status("VmHWM") - before
+        else:
+            jax.block_until_ready(compiled(*concrete))
+            peak = max(d.memory_stats().get("peak_bytes_in_use", 0) for d in planner.mesh.devices.flat)
+    print(json.dumps({"program": name, "measured_peak_bytes": int(peak)}))
+
+
+def _read_status(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _rss_hwm_reset() -> int:
+    """Reset the peak-RSS mark to the current RSS (Linux clear_refs) and return it."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+    return _read_status("VmRSS")
+
+
+def measure(name: str, argv: list[str]) -> int | None:
+    """The program's peak memory from a fresh subprocess (nothing else allocated there)."""
+    cmd = [sys.executable, "-m", "experiments.plan_scale", *argv, f"--worker={name}", "--nomeasure"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith("{"):
+            return json.loads(line)["measured_peak_bytes"]
+    print(f"  measure {name}: worker failed (rc {proc.returncode}): {proc.stderr.strip().splitlines()[-1:]}")
+    return None
+
+
+def main(argv):
+    if FLAGS.config is None:
+        sys.exit("error: --config is required")
+    if not FLAGS.real_devices:
+        os.environ["XLA_FLAGS"] = (
+            os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={FLAGS.devices}"
+        )
+        os.environ["JAX_PLATFORMS"] = "cpu"
+    import jax
+
+    from clipo_jax import parallel
+    from experiments.bench_common import machine
+
+    try:
+        mesh_sizes = parallel_mesh = parse_mesh(FLAGS.mesh)
+        devices = jax.devices()
+        mesh = parallel.make_mesh(mesh_sizes["data"], mesh_sizes["fsdp"], mesh_sizes["tensor"], devices)
+        cfg = model_config(FLAGS.config, FLAGS.shape)
+        unknown = sorted(set(FLAGS.programs) - {"train", "logp", "prefill", "decode", "clipo"})
+        if unknown:
+            raise PlanError(f"--programs: unknown {unknown}")
+        planner = Planner(FLAGS.config, cfg, mesh, unroll_layers=FLAGS.unroll_layers)
+    except (PlanError, parallel.ParallelError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    del parallel_mesh
+    if FLAGS.worker:
+        run_worker(planner, FLAGS.worker)
+        return
+
+    print(f"# {machine()}; jax {jax.__version__}; backend {jax.default_backend()}, {len(devices)} devices")
+    print(
+        f"# model {cfg.arch} d={cfg.d_model} L={cfg.n_layers} heads={cfg.n_heads}/{cfg.n_kv_heads} "
+        f"vocab={cfg.vocab_size}: {cfg.num_params() / 1e9:.2f}B params, compute {cfg.dtype}, "
+        f"attention {cfg.attention_impl}; mesh {dict(mesh.shape)}"
+    )
+    if FLAGS.fit:
+        chip = next((c for c in CHIPS if c.lower().startswith(FLAGS.fit.lower())), None)
+        if chip is None:
+            sys.exit(f"error: --fit={FLAGS.fit!r} is not one of {list(CHIPS)}")
+        try:
+            chosen = fit_chunks(FLAGS.config, cfg, mesh, FLAGS.usable * CHIPS[chip], FLAGS.unroll_layers)
+        except PlanError as e:
+            sys.exit(f"error: {e}")
+        print("# fitted to " + chip + ": " + " ".join(f"--config.rl.{k}={v}" for k, v in chosen.items()))
+        planner = Planner(FLAGS.config, cfg, mesh, unroll_layers=FLAGS.unroll_layers)
+    s = planner.sizes
+    print("# step: " + ", ".join(f"{k}={v}" for k, v in s.items()))
+    print("# resident per device (GB): " + ", ".join(f"{k} {fmt_gb(v)}" for k, v in planner.resident.items()))
+    recs = {}
+    for name in FLAGS.programs:
+        rec = compile_program(planner, name)
+        if "skipped" in rec:
+            print(f"  {name}: skipped ({rec['skipped']})")
+            continue
+        if FLAGS.measure:
+            rec["measured_peak_bytes"] = measure(name, [a for a in sys.argv[1:] if not a.startswith("--json_out")])
+        recs[name] = rec
+    head = f"{'program':<9}{'args GB':>9}{'out GB':>8}{'temp GB':>9}{'alias GB':>9}{'peak GB':>9}"
+    head += f"{'H100':>6}{'v5p':>5}{'TFLOP/dev':>11}{'xla raw':>10}{'compile s':>10}"
+    if FLAGS.measure:
+        head += f"{'measured GB':>12}"
+    print("\nper device (peak = program buffers + resident arrays it does not take as arguments)")
+    print(head)
+    for name, r in recs.items():
+        row = (
+            f"{name:<9}{fmt_gb(r['argument_bytes']):>9}{fmt_gb(r['output_bytes']):>8}{fmt_gb(r['temp_bytes']):>9}"
+            f"{fmt_gb(r['alias_bytes']):>9}{fmt_gb(r['peak_bytes']):>9}"
+            f"{'yes' if r['fits']['H100 80GB'] else 'NO':>6}{'yes' if r['fits']['TPU v5p 95GB'] else 'NO':>5}"
+            f"{r['flops'] / 1e12:>11.1f}{r['xla_flops_raw'] / 1e12:>10.3f}{r['compile_s']:>10.1f}"
+        )
+        if FLAGS.measure:
+            row += f"{fmt_gb(r['measured_peak_bytes']):>12}"
+        print(row)
+    proj = projection(planner, recs, FLAGS.mfu, FLAGS.hbm_fraction)
+    print(
+        f"\nprojected H100 seconds per RL step on {mesh.size} chips (a projection: MFU {FLAGS.mfu:.0%} of "
+        f"989 TFLOP/s for train/logp/prefill, decode at {FLAGS.hbm_fraction:.0%} of 3.35 TB/s): "
+        + ", ".join(f"{k} {v:.1f}" for k, v in proj.items())
+    )
+    fits_all = {chip: all(r["fits"][chip] for r in recs.values()) for chip in CHIPS}
+    summary = {
+        "machine": machine(),
+        "jax": jax.__version__,
+        "model": {"arch": cfg.arch, "params_b": round(cfg.num_params() / 1e9, 3), "dtype": cfg.dtype},
+        "mesh": dict(mesh.shape),
+        "step": s,
+        "resident_bytes": planner.resident,
+        "programs": list(recs.values()),
+        "fits": fits_all,
+        "projection_s": proj,
+        "assumptions": {"mfu": FLAGS.mfu, "hbm_fraction": FLAGS.hbm_fraction, "h100_flops": H100_BF16_FLOPS},
+    }
+    if FLAGS.json_out:
+        with open(FLAGS.json_out, "w") as f:
+            json.dump(summary, f, indent=1)
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,150 @@
+"""The memory/compute plan (experiments/plan_scale.py) and the chunked log-prob pass it sizes.
+
+The plan's numbers are checked against things that could disagree with it: XLA's own FLOP count
+on programs without loops, the state's bytes counted with numpy, a real run's measured peak
+memory, and the chunk sizes it picks against the cap it was given.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from clipo_jax import parallel, trainer
+from clipo_jax.models import transformer
+from clipo_jax.models.config import ModelConfig
+from clipo_jax.rl import update
+from clipo_jax.rl.step import response_logprobs
+from experiments import plan_scale
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CFG = ModelConfig(vocab_size=512, d_model=64, n_layers=1, n_heads=4, n_kv_heads=2, head_dim=16, d_ff=128)
+
+
+def _demo_config(**rl):
+    from configs.demo import get_config
+
+    config = get_config()
+    config.rl.update(rl)
+    return config
+
+
+def test_chunked_logprobs_equal_one_pass():
+    params = transformer.init_params(CFG, jax.random.key(0))
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(1, CFG.vocab_size, (8, 24)).astype(np.int32)
+    valid = np.ones((8, 24), bool)
+    valid[3, :7] = False  # left padding on one row
+    fn = jax.jit(lambda p, t, v: response_logprobs(p, CFG, t, v, 10))
+    put = lambda tree: tree
+    one = update.sequence_logprobs(fn, {"ref": params}, tokens, valid, put, np.asarray)
+    four = update.sequence_logprobs(fn, {"ref": params}, tokens, valid, put, np.asarray, chunks=4)
+    assert one["ref"].shape == (8, 10)
+    np.testing.assert_allclose(four["ref"], one["ref"], atol=1e-6)
+    with pytest.raises(ValueError, match="do not split into 3"):
+        update.sequence_logprobs(fn, {"ref": params}, tokens, valid, put, np.asarray, chunks=3)
+
+
+def test_trainer_rejects_logprob_chunks_that_do_not_divide_the_step():
+    config = _demo_config(logprob_chunks=7)  # 32 prompts x 8 samples = 256 rows
+    with pytest.raises(trainer.TrainingError, match="logprob_chunks=7 does not divide the step's 256 rows"):
+        trainer.validate_config(config)
+    trainer.validate_config(_demo_config(logprob_chunks=8))
+
+
+def _xla_flops(compiled) -> float:
+    cost = compiled.cost_analysis()
+    return float((cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"])
+
+
+def test_model_flops_formula_matches_xla_on_loop_free_programs():
+    """One layer and one LM-head chunk: XLA's count has no loop to undercount, so the plan's
+    matmul formula must agree with it up to the elementwise work it leaves out."""
+    B, T = 8, 64
+    params = transformer.init_params(CFG, jax.random.key(0))
+    tokens, valid = jnp.zeros((B, T), jnp.int32), jnp.ones((B, T), bool)
+    fwd = jax.jit(lambda p: response_logprobs(p, CFG, tokens, valid, 16)).lower(params).compile()
+    want = B * plan_scale.model_flops_per_sequence(CFG, T, lm_head_tokens=T, passes=1, lm_head_passes=1)
+    assert _xla_flops(fwd) == pytest.approx(want, rel=0.1)
+    # forward + backward (3 passes), the checkpointed LM-head chunk recomputed (4 passes)
+    loss = lambda p: jnp.sum(response_logprobs(p, CFG, tokens, valid, 16))
+    grad = jax.jit(jax.grad(loss)).lower(params).compile()
+    want = B * plan_scale.model_flops_per_sequence(CFG, T, lm_head_tokens=T, passes=3, lm_head_passes=4)
+    assert _xla_flops(grad) == pytest.approx(want, rel=0.1)
+
+
+def _planner(config, cfg=None):
+    cfg = cfg or plan_scale.model_config(config, None)
+    return plan_scale.Planner(config, cfg, parallel.make_mesh(1, 1, 1)), cfg
+
+
+def test_resident_bytes_count_params_and_adam_moments():
+    config = _demo_config()
+    planner, cfg = _planner(config)
+    n = sum(
+        int(np.prod(s)) for s in jax.tree.leaves(transformer.param_shapes(cfg), is_leaf=lambda x: isinstance(x, tuple))
+    )
+    # float32 params + AdamW mu and nu (+ a few scalar counters)
+    assert 12 * n <= planner.resident["train state"] <= 12 * n + 64
+    assert planner.resident["reference params"] == (4 * n if config.rl.kl_coef else 0)
+
+
+def test_fit_chunks_keeps_every_program_under_the_cap():
+    config = _demo_config()
+    planner, cfg = _planner(config)
+    logp = plan_scale.compile_program(planner, "logp")["peak_bytes"]
+    decode = plan_scale.compile_program(planner, "decode")["peak_bytes"]
+    cap = 0.6 * min(logp, decode)
+    chosen = plan_scale.fit_chunks(config, cfg, parallel.make_mesh(1, 1, 1), cap)
+    assert chosen["logprob_chunks"] > 1 and chosen["rollout_chunk_prompts"] < config.rl.prompts_per_step
+    again, _ = _planner(config, cfg)  # config now carries the chosen sizes
+    for program in ("logp", "decode"):
+        assert plan_scale.compile_program(again, program)["peak_bytes"] <= cap
+    with pytest.raises(plan_scale.PlanError, match="use more chips"):
+        plan_scale.fit_chunks(_demo_config(), cfg, parallel.make_mesh(1, 1, 1), 1000.0)
+
+
+def _plan_cli(tmp_path, *args, name="plan.json"):
+    out = tmp_path / name
+    cmd = [sys.executable, "-m", "experiments.plan_scale", "--config=configs/demo.py", f"--json_out={out}", *args]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads(out.read_text())
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == summary
+    return summary, proc.stdout
+
+
+def test_plan_cli_on_a_simulated_mesh_splits_the_state(tmp_path):
+    args = ["--programs=train", "--config.rl.max_new_tokens=16", "--config.rl.prompts_per_step=8"]
+    one, _ = _plan_cli(tmp_path, "--devices=1", "--mesh=data=1", *args, name="one.json")
+    four, text = _plan_cli(tmp_path, "--devices=4", "--mesh=data=1,fsdp=4", *args, name="four.json")
+    assert four["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}
+    ratio = one["resident_bytes"]["train state"] / four["resident_bytes"]["train state"]
+    assert 3.5 < ratio <= 4.0  # norms and counters stay replicated
+    (train,) = four["programs"]
+    assert train["program"] == "train" and train["alias_bytes"] > 0  # the donated state
+    assert train["flops"] == pytest.approx(one["programs"][0]["flops"] / 4)
+    assert "projected H100 seconds per RL step" in text
+
+
+@pytest.mark.slow
+def test_plan_matches_the_measured_peak_memory(tmp_path):
+    """--measure runs each program in its own process: planned and measured peaks agree."""
+    summary, text = _plan_cli(
+        tmp_path,
+        "--devices=1",
+        "--mesh=data=1",
+        "--measure",
+        "--programs=train,decode",
+        "--config.rl.prompts_per_step=16",
+    )
+    for rec in summary["programs"]:
+        measured, planned = rec["measured_peak_bytes"], rec["total_bytes"]
+        assert measured and planned > 0, rec
+        assert 0.5 < measured / planned < 2.0, (rec["program"], measured, planned)
+    assert "measured GB" in text
