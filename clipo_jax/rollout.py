@@ -93,6 +93,9 @@ class RolloutSpec:
     greedy_anchor: bool = False
     dynamic_sampling: bool = False
     dynamic_max_rounds: int = 0
+    # > 0: the sampler takes the prompts this many at a time (`Sampler.__call__`'s chunk_prompts;
+    # needs config.row_keys at temperature > 0); 0 = one call
+    chunk_prompts: int = 0
 
 
 def left_pad_to(tokens: np.ndarray, mask: np.ndarray, width: int, pad_id: int):
@@ -107,13 +110,13 @@ def _sample_round(spec: RolloutSpec, params, stream: PromptStream, key) -> tuple
     import jax
 
     rows, ids = stream.next(spec.prompts_per_step)
-    out = spec.sampler(params, ids, key, spec.config)
+    out = spec.sampler(params, ids, key, spec.config, chunk_prompts=spec.chunk_prompts)
     stop_ids = spec.config.stop_ids
     texts = [sampling.response_text(spec.tokenizer, out, i, stop_ids) for i in range(len(out.lengths))]
     anchors = None
     if spec.greedy_anchor:
         greedy_cfg = dataclasses.replace(spec.config, temperature=0.0, top_p=1.0, n_samples=1)
-        g = spec.sampler(params, ids, jax.random.fold_in(key, 1), greedy_cfg)
+        g = spec.sampler(params, ids, jax.random.fold_in(key, 1), greedy_cfg, chunk_prompts=spec.chunk_prompts)
         anchors = [sampling.response_text(spec.tokenizer, g, i, stop_ids) for i in range(len(g.lengths))]
     fields = {k: np.asarray(v) for k, v in out._asdict().items()}
     return fields, rows, texts, anchors

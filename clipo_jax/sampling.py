@@ -14,7 +14,17 @@ Besides tokens the decode returns, at no extra forward pass:
 a quarter-octave grid so the number of compilations is bounded (prefill: one per (rows, length
 bucket); decode: one per (batch bucket, length bucket)), prefills large batches in
 length-sorted row groups each at its own length bucket, shards the batch over the mesh, picks
-the layer loop (unrolled on CPU, see `generate`), and strips padding rows.
+the layer loop (unrolled on CPU, see `generate`), and strips padding rows. With `chunk_prompts`
+it samples a large batch (the paper's 512 prompts x 16 samples) in chunks of prompts, each a
+separate call at the whole batch's prompt length bucket, concatenated on the host.
+
+Sampling noise: by default one Gumbel array [B, V] is drawn per decode step from one key, so a
+row's sample depends on its place in the call (and, with jax_threefry_partitionable off, on the
+batch size): a chunk sampled on its own would change it. `SamplingConfig.row_keys` draws each
+row's noise from its own key, fold_in(fold_in(rng, row_offset + row), step): a row's sample then
+depends on its global row index only, whatever call (or chunk) it is sampled in, which chunked
+sampling needs. It costs
+one key derivation per row per decode step, and it draws different samples than the shared key.
 """
 
 from __future__ import annotations
@@ -54,6 +64,13 @@ class SamplingConfig:
     # steps (the states that produced response tokens 2..L) over the length L; "prefill_and_decode"
     # also adds the prefill state at the last prompt token (the one that produced token 1).
     pooling: str = "decode"
+    # row_keys: row r of a call draws its Gumbel noise at decode step i from the key
+    # fold_in(fold_in(rng, row_offset + r), i) instead of one [B, V] draw from fold_in(rng, i), so
+    # its sample depends on its global row index only, not on the call's size or padding rows: the
+    # outputs of `Sampler(...)(..., chunk_prompts=k)` equal one call's. Cost: one key derivation per
+    # row per decode step. Off by default: every stored result was drawn with the shared key
+    # (different samples). No effect at temperature 0.
+    row_keys: bool = False
 
     def __post_init__(self):
         if self.pooling not in POOLINGS:
@@ -114,8 +131,18 @@ def argmax_last(x: jax.Array) -> jax.Array:
     return jnp.min(jnp.where(x == top, iota, x.shape[-1]), axis=-1)
 
 
+def gumbel_noise(rng, shape: tuple[int, int], row_keys: bool = False) -> jax.Array:
+    """Gumbel noise [B, V] float32: one draw from the key `rng`, or with row_keys one draw of [V]
+    per row from the row's own key (`rng`: B keys)."""
+    if row_keys:
+        return jax.vmap(lambda k: jax.random.gumbel(k, shape[1:], jnp.float32))(rng)
+    return jax.random.gumbel(rng, shape, jnp.float32)
+
+
 def sample_token(rng, logits: jax.Array, scfg: SamplingConfig):
-    """-> (token [B], log-prob [B] under the temperature-scaled, untruncated distribution)."""
+    """-> (token [B], log-prob [B] under the temperature-scaled, untruncated distribution).
+
+    rng: one key, or with scfg.row_keys one key per row ([B] keys); unused at temperature 0."""
     if scfg.temperature == 0.0:
         # the argmax's log-prob is max - logsumexp: one shared max, no [B, V] log-softmax written
         top = jnp.max(logits, axis=-1)
@@ -126,9 +153,22 @@ def sample_token(rng, logits: jax.Array, scfg: SamplingConfig):
         scaled = logits / scfg.temperature
         logp = jax.nn.log_softmax(scaled, axis=-1)
         # Gumbel-max, as jax.random.categorical, with the faster argmax
-        gumbel = jax.random.gumbel(rng, scaled.shape, jnp.float32)
+        gumbel = gumbel_noise(rng, scaled.shape, scfg.row_keys)
         token = argmax_last(_filter_logits(scaled, scfg.top_k, scfg.top_p) + gumbel)
     return token.astype(jnp.int32), jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0]
+
+
+def row_rngs(rng, row_offset, rows: int):
+    """The per-row keys of a call's rows (`SamplingConfig.row_keys`): fold_in(rng, row_offset + r)."""
+    idx = parallel.constrain(jnp.asarray(row_offset, jnp.int32) + jnp.arange(rows, dtype=jnp.int32), ("batch",))
+    return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(rng, idx)
+
+
+def step_rngs(rng, i, scfg: SamplingConfig):
+    """The key(s) of decode step i: fold_in(rng, i), or per row with row_keys (rng: the row keys)."""
+    if scfg.row_keys and scfg.temperature > 0.0:
+        return jax.vmap(jax.random.fold_in, in_axes=(0, None))(rng, i)
+    return jax.random.fold_in(rng, i)
 
 
 TRACE_COUNT = {"generate": 0, "prefill": 0, "decode": 0}  # incremented at trace time only: counts compilations
@@ -184,6 +224,7 @@ def decode(
     prompt_tokens: jax.Array,
     prompt_mask: jax.Array,
     rng: jax.Array,
+    row_offset: jax.Array | int = 0,
     *,
     cfg: ModelConfig,
     scfg: SamplingConfig,
@@ -193,6 +234,8 @@ def decode(
     """Sample n_samples continuations of each prefilled prompt (`prefill`'s cache and last hidden
     state, one row per prompt: the prompt is run once and its cache repeated for its samples).
 
+    row_offset: with scfg.row_keys, the index of this call's first row in the whole batch (a traced
+      int32: chunks share one compilation); row r draws from fold_in(rng, row_offset + r).
     cache_steps_per_octave: grow the cache in phases (`cache_growth_sizes`) instead of allocating
       prompt + max_new_tokens slots up front: the attention of early steps reads fewer empty slots.
     """
@@ -209,6 +252,8 @@ def decode(
     B, Tp = prompt_tokens.shape
     next_pos = jnp.sum(prompt_mask, axis=-1).astype(jnp.int32)
     stop_ids = jnp.asarray(scfg.stop_ids or (-1,), jnp.int32)
+    if scfg.row_keys and scfg.temperature > 0.0:
+        rng = row_rngs(rng, row_offset, B)  # once; each step then folds in its index per row
 
     class Carry(NamedTuple):
         i: jax.Array
@@ -221,7 +266,7 @@ def decode(
 
     def body(c: Carry):
         logits = logits_from_hidden(params, cfg, c.h)
-        token, logp = sample_token(jax.random.fold_in(rng, c.i), logits, scfg)
+        token, logp = sample_token(step_rngs(rng, c.i, scfg), logits, scfg)
         alive = ~c.done
         token = jnp.where(alive, token, scfg.pad_id)
         tokens = c.tokens.at[:, c.i].set(token)
@@ -269,6 +314,7 @@ def generate(
     prompt_tokens: jax.Array,
     prompt_mask: jax.Array,
     rng: jax.Array,
+    row_offset: jax.Array | int = 0,
     *,
     cfg: ModelConfig,
     scfg: SamplingConfig,
@@ -282,7 +328,7 @@ def generate(
       (`transformer.unstack_layers`) instead of a layer scan: same results; on CPU each decode step
       no longer copies every layer's weights and cache slice, for one copy of the weights per call
       and a longer compile.
-    cache_steps_per_octave: see `decode`.
+    row_offset, cache_steps_per_octave: see `decode`.
     """
     TRACE_COUNT["generate"] += 1
     if unroll_layers:
@@ -295,6 +341,7 @@ def generate(
         prompt_tokens,
         prompt_mask,
         rng,
+        row_offset,
         cfg=cfg,
         scfg=scfg,
         unroll_layers=unroll_layers,
@@ -389,10 +436,11 @@ class Sampler:
 
     def _fn(self, scfg: SamplingConfig):
         """The jitted decode: (params, group caches, group last hiddens, row order or None, tokens,
-        mask, rng) -> SampleOutput; the groups are concatenated and put back in row order first."""
+        mask, rng, row offset) -> SampleOutput; the groups are concatenated and put back in row
+        order first."""
         if scfg not in self._fns:
 
-            def fn(params, caches, hiddens, inverse, tokens, mask, rng):
+            def fn(params, caches, hiddens, inverse, tokens, mask, rng, row_offset):
                 axes = caches[0].batch_axes()
                 cache = jax.tree.map(lambda axis, *xs: jnp.concatenate(xs, axis=axis), axes, *caches)
                 h = jnp.concatenate(hiddens, axis=0)
@@ -406,6 +454,7 @@ class Sampler:
                     tokens,
                     mask,
                     rng,
+                    row_offset,
                     cfg=self.cfg,
                     scfg=scfg,
                     unroll_layers=self.unroll_layers,
@@ -426,50 +475,86 @@ class Sampler:
         return np.split(order, rows // g)
 
     def __call__(
-        self, params: Params, prompts: Sequence[Sequence[int]], rng: jax.Array, scfg: SamplingConfig
+        self,
+        params: Params,
+        prompts: Sequence[Sequence[int]],
+        rng: jax.Array,
+        scfg: SamplingConfig,
+        chunk_prompts: int | None = None,
     ) -> SampleOutput:
-        """prompts: token lists. Returns numpy arrays with len(prompts) * n_samples rows."""
+        """prompts: token lists. Returns numpy arrays with len(prompts) * n_samples rows.
+
+        chunk_prompts: sample at most this many prompts per accelerator call (None or 0 = all in
+          one call): chunks in order, each at the whole batch's prompt length bucket (the same left
+          padding as one call) and with the row offset of its first row, outputs concatenated.
+          At temperature > 0 this needs scfg.row_keys, which makes the outputs those of one call
+          (up to float rounding of the different batch shapes)."""
         P = len(prompts)
         if P == 0:
             raise ValueError("Sampler called with no prompts")
+        if chunk_prompts is not None and chunk_prompts < 0:
+            raise ValueError(f"Sampler: chunk_prompts must be >= 0 (0 or None = one call), got {chunk_prompts}")
+        chunk = chunk_prompts or P
+        if chunk < P and scfg.temperature > 0.0 and not scfg.row_keys:
+            raise ValueError(
+                "Sampler: chunk_prompts needs SamplingConfig(row_keys=True) at temperature > 0 "
+                "(the shared-key noise depends on the batch, so chunks would change the samples)"
+            )
         length = self.length_bucket(max(len(p) for p in prompts))
+        with parallel.use_mesh(self.mesh):
+            if self.mesh is not None:
+                rng = parallel.put_global(rng, parallel.named_sharding(self.mesh, None))
+            if self.unroll_layers:  # one per-layer copy of the weights for every prefill group and the decode
+                params = self._unstack(params)
+            outs = [
+                self._sample(params, prompts[start : start + chunk], rng, scfg, length, start * scfg.n_samples)
+                for start in range(0, P, chunk)
+            ]
+        if len(outs) == 1:
+            return outs[0]
+        return SampleOutput(*(np.concatenate(xs, axis=0) for xs in zip(*outs)))
+
+    def _sample(
+        self, params: Params, prompts: Sequence[Sequence[int]], rng, scfg: SamplingConfig, length: int, row_offset: int
+    ) -> SampleOutput:
+        """One call (inside the mesh context, params already unstacked when unrolled): prompts
+        left-padded to `length`, rows drawing from row_offset on. -> numpy, padding rows dropped."""
+        P = len(prompts)
         rows = bucket(P, 1)
         # the repeated batch (rows * n) must split over the batch mesh axes
         while (rows * scfg.n_samples) % self.min_batch_bucket:
             rows *= 2
         tokens, mask = left_pad(prompts, length, scfg.pad_id, rows)
         groups = self.row_groups([len(p) for p in prompts], rows)
-        with parallel.use_mesh(self.mesh):
-            put = lambda tree, n_rows: tree
-            if self.mesh is not None:
+        put = lambda tree, n_rows: tree
+        offset = np.int32(row_offset)
+        if self.mesh is not None:
 
-                def put(tree, n_rows):
-                    sharding = (
-                        parallel.batch_sharding(self.mesh, 2, n_rows)
-                        if n_rows % self.min_batch_bucket == 0
-                        else parallel.named_sharding(self.mesh, None)
-                    )
-                    return parallel.put_global(tree, sharding)
+            def put(tree, n_rows):
+                sharding = (
+                    parallel.batch_sharding(self.mesh, 2, n_rows)
+                    if n_rows % self.min_batch_bucket == 0
+                    else parallel.named_sharding(self.mesh, None)
+                )
+                return parallel.put_global(tree, sharding)
 
-                rng = parallel.put_global(rng, parallel.named_sharding(self.mesh, None))
-            if self.unroll_layers:  # one per-layer copy of the weights for every prefill group and the decode
-                params = self._unstack(params)
-            caches, hiddens = [], []
-            for idx in groups:
-                if len(groups) == 1:
-                    g_tokens, g_mask = tokens, mask
-                else:  # the group's own length bucket; its cache is then left-extended to the batch's
-                    real = [prompts[i] for i in idx if i < P]  # empty for a group of padding rows only
-                    g_tokens, g_mask = left_pad(
-                        real, self.length_bucket(max((len(p) for p in real), default=1)), scfg.pad_id, len(idx)
-                    )
-                cache, h = self._prefill(params, *put((g_tokens, g_mask), len(idx)))
-                if g_tokens.shape[1] < length:
-                    cache = self._left_extend(cache, length - g_tokens.shape[1])
-                caches.append(cache)
-                hiddens.append(h)
-            inverse = None if len(groups) == 1 else np.argsort(np.concatenate(groups))
-            tokens, mask = put((tokens, mask), rows)
-            out = self._fn(scfg)(params, tuple(caches), tuple(hiddens), inverse, tokens, mask, rng)
+            offset = parallel.put_global(offset, parallel.named_sharding(self.mesh, None))
+        caches, hiddens = [], []
+        for idx in groups:
+            if len(groups) == 1:
+                g_tokens, g_mask = tokens, mask
+            else:  # the group's own length bucket; its cache is then left-extended to the batch's
+                real = [prompts[i] for i in idx if i < P]  # empty for a group of padding rows only
+                g_tokens, g_mask = left_pad(
+                    real, self.length_bucket(max((len(p) for p in real), default=1)), scfg.pad_id, len(idx)
+                )
+            cache, h = self._prefill(params, *put((g_tokens, g_mask), len(idx)))
+            if g_tokens.shape[1] < length:
+                cache = self._left_extend(cache, length - g_tokens.shape[1])
+            caches.append(cache)
+            hiddens.append(h)
+        inverse = None if len(groups) == 1 else np.argsort(np.concatenate(groups))
+        tokens, mask = put((tokens, mask), rows)
+        out = self._fn(scfg)(params, tuple(caches), tuple(hiddens), inverse, tokens, mask, rng, offset)
         keep = P * scfg.n_samples
         return SampleOutput(*(x[:keep] for x in parallel.to_host(tuple(out))))
