@@ -83,6 +83,8 @@ NUMBER_RULES = [
     ("rl.dynamic_max_rounds", "int", _ge(1), ">= 1", True),
     ("rl.overlong_buffer", "int", _NONNEG, ">= 0", True),
     ("rl.max_consecutive_skips", "int", _ge(1), ">= 1", True),
+    ("rl.logprob_chunks", "int", _ge(1), ">= 1", False),
+    ("rl.rollout_chunk_prompts", "int", _NONNEG, ">= 0 (0 = one call)", False),
     ("sft.steps", "int", _NONNEG, ">= 0", True),
     ("sft.batch_size", "int", _ge(1), ">= 1", True),
     ("sft.lr", "float", _POS, "> 0", True),
@@ -211,6 +213,12 @@ def validate_config(config) -> None:
     for field, value, registry in checks:
         if value not in registry:
             raise TrainingError(f"config.{field}={value!r} is not one of {sorted(registry)}")
+    if config.model.get("attention_impl") == "cudnn" and jax.default_backend() != "gpu":
+        raise TrainingError(
+            f"config.model.attention_impl='cudnn' needs a GPU backend (this one is {jax.default_backend()!r})"
+        )
+    if not isinstance(rl.get("rollout_row_keys", False), (bool, np.bool_)):
+        raise TrainingError(f"config.rl.rollout_row_keys={rl.rollout_row_keys!r} must be a bool")
     if rl.group_size < 1 or rl.prompts_per_step < 1:
         raise TrainingError("config.rl.group_size and config.rl.prompts_per_step must be >= 1")
     rows = rl.prompts_per_step * rl.group_size
@@ -222,6 +230,9 @@ def validate_config(config) -> None:
         raise TrainingError(
             f"mini-batch of {rows // rl.mini_batches} rows does not split into rl.micro_batches={rl.micro_batches}"
         )
+    chunks = rl.get("logprob_chunks", 1)
+    if rows % chunks:
+        raise TrainingError(f"config.rl.logprob_chunks={chunks} does not divide the step's {rows} rows")
     if config.clipo.enabled:
         contrastive.ContrastiveConfig(**_clipo_static(config)).validate()
         pooling = config.clipo.get("pooling", "decode")
@@ -439,6 +450,10 @@ def _setup_model(config, task, mesh, rewards, root) -> tuple["RunContext", Any]:
     check_vocab(tok, cfg.vocab_size, config.model.source)
     params = parallel.shard_tree(params, mesh, transformer.param_logical_axes(cfg))
     stop_ids = tuple(tok.stop_ids)
+    # rollouts in chunks of prompts (the paper's 512 x 16 do not fit one call) need per-row keys so
+    # the samples are those of one call; rollout_row_keys alone gives batch-size-invariant samples
+    chunk_prompts = int(rl.get("rollout_chunk_prompts", 0) or 0)
+    row_keys = chunk_prompts > 0 or bool(rl.get("rollout_row_keys", False))
     rollout_cfg = sampling.SamplingConfig(
         max_new_tokens=rl.max_new_tokens,
         temperature=rl.temperature,
@@ -447,6 +462,7 @@ def _setup_model(config, task, mesh, rewards, root) -> tuple["RunContext", Any]:
         stop_ids=stop_ids,
         pad_id=tok.pad_id,
         pooling=config.clipo.get("pooling", "decode"),
+        row_keys=row_keys,
     )
     eval_cfg = sampling.SamplingConfig(
         max_new_tokens=config.eval.max_new_tokens,
@@ -467,6 +483,7 @@ def _setup_model(config, task, mesh, rewards, root) -> tuple["RunContext", Any]:
         greedy_anchor=any(getattr(t, "needs_greedy_anchor", False) for t in rewards.terms.values()),
         dynamic_sampling=rl.dynamic_sampling,
         dynamic_max_rounds=rl.dynamic_max_rounds,
+        chunk_prompts=chunk_prompts,
     )
     step_cfg = StepConfig(
         policy_loss=rl.policy_loss,
@@ -487,18 +504,19 @@ def _setup_model(config, task, mesh, rewards, root) -> tuple["RunContext", Any]:
     return ctx, params
 
 
+def opt_state_shardings(optimizer, opt_shapes, param_shardings, replicated):
+    """Optimizer-state shardings: moments like their params, everything else (counts) replicated."""
+    return optax.tree_map_params(
+        optimizer, lambda _, sh: sh, opt_shapes, param_shardings, transform_non_params=lambda _: replicated
+    )
+
+
 def new_train_state(params, optimizer, mesh) -> TrainState:
     """Every leaf on the mesh: moments sharded like their params, counts replicated (a plain
     jit(optimizer.init) leaves outputs that do not depend on params on one device)."""
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     p_sh = jax.tree.map(lambda x: x.sharding, params)
-    opt_sh = optax.tree_map_params(
-        optimizer,
-        lambda _, sh: sh,
-        jax.eval_shape(optimizer.init, params),
-        p_sh,
-        transform_non_params=lambda _: replicated,
-    )
+    opt_sh = opt_state_shardings(optimizer, jax.eval_shape(optimizer.init, params), p_sh, replicated)
     opt_state = jax.jit(optimizer.init, out_shardings=opt_sh)(params)
     return TrainState(params, opt_state, jax.jit(lambda: jnp.zeros((), jnp.int32), out_shardings=replicated)())
 
@@ -579,7 +597,13 @@ def rl_step(ctx: RunContext, step: int, state, ref_params, head, stream: rollout
     if ctx.step_cfg.use_old_logp:
         passes["old"] = state.params
     logps = update.sequence_logprobs(
-        ctx.jit_logp, passes, rl_batch.tokens, rl_batch.valid, ctx.shard_batch, parallel.to_host
+        ctx.jit_logp,
+        passes,
+        rl_batch.tokens,
+        rl_batch.valid,
+        ctx.shard_batch,
+        parallel.to_host,
+        chunks=rl.get("logprob_chunks", 1),
     )
     timings["reference"] = time.perf_counter() - t_ref
 

@@ -37,6 +37,9 @@ def rl_block(**overrides) -> ml_collections.ConfigDict:
         overlong_buffer=0,
         mask_truncated=False,
         max_consecutive_skips=5,
+        logprob_chunks=1,  # > 1: the reference/old log-prob passes run over this many row chunks
+        rollout_chunk_prompts=0,  # > 0: sample the rollouts this many prompts per call (implies row keys)
+        rollout_row_keys=False,  # per-row sampling keys: samples independent of the batch size
     )
     c.update(overrides)
     return ml_collections.ConfigDict(c)

@@ -9,7 +9,7 @@ import pytest
 
 from clipo_jax import sampling
 from clipo_jax.models import transformer
-from clipo_jax.models.config import ATTENTION_IMPLS, PRESETS, ModelConfig, ModelError
+from clipo_jax.models.config import ATTENTION_IMPLS, PRESETS, ModelConfig, ModelError, available_attention_impls
 
 CONFIGS = {
     "llama_gqa": PRESETS["tiny_llama"],  # 4 query heads over 2 kv heads
@@ -62,7 +62,7 @@ def test_unknown_impl_is_a_one_line_error():
     with pytest.raises(ModelError, match="attn_logit_softcap") as err:
         ModelConfig(attention_impl="dot_product", attn_logit_softcap=50.0)
     assert "\n" not in str(err.value)
-    assert ModelConfig().attention_impl == "einsum" and set(ATTENTION_IMPLS) == {"einsum", "dot_product"}
+    assert ModelConfig().attention_impl == "einsum" and set(ATTENTION_IMPLS) == {"einsum", "dot_product", "cudnn"}
 
 
 def test_forward_on_padded_batch_matches_einsum(model):
@@ -129,7 +129,7 @@ def test_bfloat16_compute_stays_close():
 
 def test_attention_memory_report_shapes_only():
     report = transformer.attention_memory_report(PRESETS["tiny_llama"], batch=1, seq=64)
-    assert set(report) == set(ATTENTION_IMPLS)
+    assert set(report) == set(available_attention_impls(jax.default_backend())) - {"cudnn"}  # float32 model
     for stats in report.values():
         assert stats["temp_bytes"] > 0 and stats["argument_bytes"] > 0 and stats["output_bytes"] == 64 * 64 * 4
 
@@ -149,3 +149,34 @@ def test_trainer_config_selects_the_attention(tmp_path):
     c.model.attention_impl = "flash"
     with pytest.raises(trainer.TrainingError, match="model.attention_impl"):
         trainer.validate_config(c)
+
+
+def test_cudnn_needs_half_precision_and_a_gpu():
+    """attention_impl='cudnn' is cuDNN's flash attention: a float32 model is a config error, and on
+    a backend without cuDNN the trainer refuses it before compiling anything."""
+    with pytest.raises(ModelError, match="'cudnn' needs a bfloat16 or float16 compute dtype"):
+        ModelConfig(attention_impl="cudnn")
+    assert "cudnn" not in available_attention_impls("cpu") and "cudnn" in available_attention_impls("gpu")
+    if jax.default_backend() == "gpu":
+        return
+    from clipo_jax import trainer
+    from configs.demo import get_config
+
+    config = get_config()
+    config.model.attention_impl = "cudnn"
+    with pytest.raises(trainer.TrainingError, match="attention_impl='cudnn' needs a GPU backend"):
+        trainer.validate_config(config)
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN flash attention runs on NVIDIA GPUs only")
+def test_cudnn_matches_einsum_on_gpu():
+    """On a GPU host (experiments/device_check.sh runs this file's parity tests): cuDNN's kernel
+    gives the einsum's logits within bfloat16 noise, with GQA, left padding and a sliding window."""
+    cfg = CONFIGS["gemma3_window"].replace(dtype="bfloat16")
+    params = transformer.init_params(cfg, jax.random.key(0), std=0.5)
+    tokens, valid = _padded_batch(cfg.vocab_size)
+    ref, _ = transformer.forward_logits(params, cfg, tokens, valid)
+    got, _ = transformer.forward_logits(params, cfg.replace(attention_impl="cudnn"), tokens, valid)
+    keep = np.asarray(valid)
+    err = float(np.max(np.abs(np.asarray(got - ref))[keep]) / np.max(np.abs(np.asarray(ref))[keep]))
+    assert err < 0.02, err

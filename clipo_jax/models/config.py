@@ -12,8 +12,15 @@ class ModelError(ValueError):
 
 ARCHITECTURES = ("llama", "qwen2", "gemma3")
 # How the attention core is computed (transformer._ATTENTION maps each name to its function):
-# "einsum" materialises the scores itself; "dot_product" calls jax.nn.dot_product_attention.
-ATTENTION_IMPLS = ("einsum", "dot_product")
+# "einsum" materialises the scores itself; "dot_product" calls jax.nn.dot_product_attention and
+# lets JAX pick the kernel (XLA's in jax 0.10); "cudnn" forces cuDNN's fused flash attention
+# (NVIDIA GPUs, bfloat16/float16 compute only; see docs/parts/attention.md).
+ATTENTION_IMPLS = ("einsum", "dot_product", "cudnn")
+
+
+def available_attention_impls(backend: str) -> tuple[str, ...]:
+    """The impls that compile on a JAX backend ('cpu', 'gpu', 'tpu')."""
+    return ATTENTION_IMPLS if backend == "gpu" else tuple(i for i in ATTENTION_IMPLS if i != "cudnn")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,10 +72,15 @@ class ModelConfig:
             raise ModelError(
                 f"ModelConfig.attention_impl={self.attention_impl!r} is unknown; expected one of {ATTENTION_IMPLS}"
             )
-        if self.attention_impl == "dot_product" and self.attn_logit_softcap is not None:
+        if self.attention_impl == "cudnn" and self.dtype not in ("bfloat16", "float16"):
+            raise ModelError(
+                f"ModelConfig.attention_impl='cudnn' needs a bfloat16 or float16 compute dtype, got {self.dtype!r}"
+            )
+        if self.attention_impl in ("dot_product", "cudnn") and self.attn_logit_softcap is not None:
             # jax.nn.dot_product_attention takes an additive bias, not a tanh cap on the scores
             raise ModelError(
-                "ModelConfig.attention_impl='dot_product' cannot apply attn_logit_softcap; use 'einsum' for this model"
+                f"ModelConfig.attention_impl={self.attention_impl!r} cannot apply attn_logit_softcap; "
+                "use 'einsum' for this model"
             )
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff"):
             if int(getattr(self, name)) <= 0:

@@ -179,6 +179,21 @@ def extend_cache(cache: KVCache, n: int, before: int = 0) -> KVCache:
     return KVCache(pad(cache.k), pad(cache.v), jnp.pad(cache.pos, ((0, 0), (before, n)), constant_values=-1))
 
 
+def compute_dtype_weights(params: Params, cfg: ModelConfig) -> Params:
+    """The parameters as the forward pass reads them: matrices, embeddings and biases cast to the
+    compute dtype (every use casts them so: the outputs are unchanged), norm scales as stored
+    (they are read in float32). A bfloat16 rollout copy is half a float32 one: small enough to
+    replicate on every device, so decode steps read local weights instead of all-gathering
+    FSDP shards every token (see Sampler(replicate_weights=True))."""
+    dt = jnp.dtype(cfg.dtype)
+
+    def cast(path, x):
+        name = path[-1].key if hasattr(path[-1], "key") else ""
+        return x if name.endswith("norm") else x.astype(dt)
+
+    return jax.tree_util.tree_map_with_path(cast, params)
+
+
 def unstack_layers(params: Params) -> Params:
     """The same parameters with `layers` as a list of L per-layer dicts instead of [L, ...] stacks.
 
@@ -226,7 +241,7 @@ def _attention_einsum(cfg: ModelConfig, q, segments, q_pos, window):
     return out.transpose(0, 3, 1, 2, 4).reshape(B, T, H * hd)
 
 
-def _attention_dot_product(cfg: ModelConfig, q, segments, q_pos, window):
+def _attention_dot_product(cfg: ModelConfig, q, segments, q_pos, window, implementation=None):
     """`_attention_einsum`'s contract computed by jax.nn.dot_product_attention.
 
     The mask is built from positions, not indices: with left padding, the read-only cache plus the
@@ -245,14 +260,21 @@ def _attention_dot_product(cfg: ModelConfig, q, segments, q_pos, window):
     allowed = (kp >= 0) & (kp <= qp) & ((qp - kp) < window)  # [B, 1, T, S]
     # GQA: the API broadcasts K kv-heads over H query heads itself (BSKH keys with H % K == 0).
     # implementation=None: JAX picks the kernel; jax 0.10 always picks XLA's (docs/parts/attention.md).
-    out = jax.nn.dot_product_attention(q, k.swapaxes(1, 2), v.swapaxes(1, 2), mask=allowed, scale=cfg.scale)
+    # "cudnn" (attention_impl="cudnn"): cuDNN's fused flash attention, GPU only, bf16/fp16 inputs.
+    out = jax.nn.dot_product_attention(
+        q, k.swapaxes(1, 2), v.swapaxes(1, 2), mask=allowed, scale=cfg.scale, implementation=implementation
+    )
     # A fully-masked query row gets uniform weights from the API; zero it like the einsum path.
     out = jnp.where(jnp.any(allowed, axis=-1)[:, 0, :, None, None], out, jnp.zeros((), out.dtype))
     return out.reshape(B, T, H * hd)
 
 
 # ModelConfig.attention_impl -> the function (config.ATTENTION_IMPLS lists the same names).
-_ATTENTION = {"einsum": _attention_einsum, "dot_product": _attention_dot_product}
+_ATTENTION = {
+    "einsum": _attention_einsum,
+    "dot_product": _attention_dot_product,
+    "cudnn": lambda *a: _attention_dot_product(*a, implementation="cudnn"),
+}
 assert tuple(_ATTENTION) == ATTENTION_IMPLS
 
 
@@ -469,7 +491,7 @@ def token_logprobs(
 
 
 def attention_memory_report(
-    cfg: ModelConfig, batch: int, seq: int, impls=ATTENTION_IMPLS, grad: bool = False, remat: bool = False
+    cfg: ModelConfig, batch: int, seq: int, impls=None, grad: bool = False, remat: bool = False
 ) -> dict[str, dict[str, int]]:
     """XLA's compiled memory (bytes) of one `forward` over [batch, seq] tokens, per attention impl.
 
@@ -480,8 +502,12 @@ def attention_memory_report(
     params = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
     tokens = jax.ShapeDtypeStruct((batch, seq), jnp.int32)
     valid = jax.ShapeDtypeStruct((batch, seq), jnp.bool_)
+    from clipo_jax.models.config import available_attention_impls
+
     report = {}
-    for impl in impls:
+    for impl in impls or available_attention_impls(jax.default_backend()):
+        if impl == "cudnn" and cfg.dtype not in ("bfloat16", "float16"):
+            continue  # cuDNN's kernel takes half-precision inputs only
         c = cfg.replace(attention_impl=impl)
 
         def fn(p, t, m, c=c):
