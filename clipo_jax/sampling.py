@@ -41,6 +41,7 @@ from clipo_jax.models.config import ModelConfig
 from clipo_jax.models.transformer import (
     KVCache,
     Params,
+    compute_dtype_weights,
     extend_cache,
     forward,
     init_cache,
@@ -397,6 +398,7 @@ class Sampler:
         len_steps_per_octave: int = 4,
         cache_steps_per_octave: int = 4,
         prefill_group_rows: int = 8,
+        replicate_weights: bool = False,
     ):
         """Prompts are left-padded to `length_bucket` (`bucket` with len_steps_per_octave) and the
         batch to a power of two.
@@ -409,6 +411,11 @@ class Sampler:
         prefill_group_rows: batches of at least twice this many prompts are prefilled in groups of
           this many rows sorted by prompt length, each padded to its own length bucket instead of
           the longest prompt's (0 = one group). The decode step then runs over the whole batch.
+        replicate_weights: sample from one copy of the weights per device, in the compute dtype
+          (`transformer.compute_dtype_weights`: the same outputs), made once per call. With
+          FSDP-sharded parameters XLA otherwise all-gathers every layer's weights inside every
+          decode step (experiments/plan_scale.py: ~400 s of link time per Track I step on 8 H100s);
+          the copy costs the full compute-dtype weights on each device during the rollout.
         """
         if prefill_group_rows < 0 or cache_steps_per_octave < 0:
             raise ValueError(
@@ -428,6 +435,8 @@ class Sampler:
         self._prefill = jax.jit(lambda p, t, m: prefill(p, t, m, cfg=cfg, unroll_layers=self.unroll_layers))
         self._left_extend = jax.jit(lambda c, n: extend_cache(c, 0, before=n), static_argnums=1)
         self._unstack = jax.jit(unstack_layers)
+        self.replicate_weights = replicate_weights
+        self._replicated = None  # jitted cast + replicate, built on first use
         self._fns: dict = {}
 
     def length_bucket(self, n: int) -> int:
@@ -504,6 +513,8 @@ class Sampler:
         with parallel.use_mesh(self.mesh):
             if self.mesh is not None:
                 rng = parallel.put_global(rng, parallel.named_sharding(self.mesh, None))
+            if self.replicate_weights:
+                params = self._replicate(params)
             if self.unroll_layers:  # one per-layer copy of the weights for every prefill group and the decode
                 params = self._unstack(params)
             outs = [
@@ -513,6 +524,16 @@ class Sampler:
         if len(outs) == 1:
             return outs[0]
         return SampleOutput(*(np.concatenate(xs, axis=0) for xs in zip(*outs)))
+
+    def _replicate(self, params: Params) -> Params:
+        """The compute-dtype weights on every device of the mesh (or just cast, without a mesh)."""
+        if self._replicated is None:
+            cast = lambda p: compute_dtype_weights(p, self.cfg)
+            if self.mesh is None:
+                self._replicated = jax.jit(cast)
+            else:
+                self._replicated = jax.jit(cast, out_shardings=parallel.named_sharding(self.mesh, None))
+        return self._replicated(params)
 
     def _sample(
         self, params: Params, prompts: Sequence[Sequence[int]], rng, scfg: SamplingConfig, length: int, row_offset: int

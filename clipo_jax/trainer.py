@@ -217,8 +217,9 @@ def validate_config(config) -> None:
         raise TrainingError(
             f"config.model.attention_impl='cudnn' needs a GPU backend (this one is {jax.default_backend()!r})"
         )
-    if not isinstance(rl.get("rollout_row_keys", False), (bool, np.bool_)):
-        raise TrainingError(f"config.rl.rollout_row_keys={rl.rollout_row_keys!r} must be a bool")
+    for key in ("rollout_row_keys", "rollout_replicate_weights"):
+        if not isinstance(rl.get(key, False), (bool, np.bool_)):
+            raise TrainingError(f"config.rl.{key}={rl[key]!r} must be a bool")
     if rl.group_size < 1 or rl.prompts_per_step < 1:
         raise TrainingError("config.rl.group_size and config.rl.prompts_per_step must be >= 1")
     rows = rl.prompts_per_step * rl.group_size
@@ -472,7 +473,7 @@ def _setup_model(config, task, mesh, rewards, root) -> tuple["RunContext", Any]:
         stop_ids=stop_ids,
         pad_id=tok.pad_id,
     )
-    sampler = sampling.Sampler(cfg, mesh)
+    sampler = sampling.Sampler(cfg, mesh, replicate_weights=bool(rl.get("rollout_replicate_weights", False)))
     spec = rollout.RolloutSpec(
         sampler=sampler,
         tokenizer=tok,

@@ -66,6 +66,7 @@ flags.DEFINE_bool(
 flags.DEFINE_bool("measure", False, "run each program once on zero inputs (own subprocess) and report its peak memory")
 flags.DEFINE_float("mfu", 0.4, "projection: assumed model-FLOPs utilisation of compute-bound programs")
 flags.DEFINE_float("hbm_fraction", 0.7, "projection: assumed fraction of HBM bandwidth reached by decode steps")
+flags.DEFINE_float("link_gbs", 450.0, "projection: interconnect GB/s per device and direction (H100 NVLink 4)")
 flags.DEFINE_string("fit", None, "size rl.logprob_chunks and rl.rollout_chunk_prompts to fit this chip (e.g. H100)")
 flags.DEFINE_float("usable", 0.9, "--fit: fraction of the chip's memory a program may use")
 flags.DEFINE_string("json_out", None, "also write the JSON summary here")
@@ -168,6 +169,7 @@ def step_sizes(config, devices_for_batch: int) -> dict[str, int]:
         logp_chunks=logp_chunks,
         logp_passes=(1 if rl.kl_coef else 0) + (1 if (rl.epochs > 1 or rl.mini_batches > 1) else 0),
         steps_per_rl_step=rl.epochs * rl.mini_batches,
+        epochs=rl.epochs,
     )
 
 
@@ -240,6 +242,14 @@ class Planner:
             self.clipo_cfg = contrastive.ContrastiveConfig(**trainer._clipo_static(config))
             head = jax.eval_shape(lambda: contrastive.init_head_state(jax.random.key(0), cfg.d_model, self.clipo_cfg))
             self.head = _abstract(head, jax.tree.map(lambda _: self.replicated, head))
+        # the rollout reads a replicated compute-dtype copy (rl.rollout_replicate_weights) or the
+        # FSDP-sharded training parameters themselves (all-gathered inside every decode step)
+        self.replicate_rollout = bool(rl.get("rollout_replicate_weights", False))
+        if self.replicate_rollout:
+            cast = jax.eval_shape(lambda p: transformer.compute_dtype_weights(p, cfg), shapes)
+            self.rollout_params = _abstract(cast, jax.tree.map(lambda _: self.replicated, cast))
+        else:
+            self.rollout_params = self.params
         self.resident = {
             "train state": _device_bytes(self.state),
             "reference params": _device_bytes(self.params) if rl.kl_coef else 0,
@@ -317,9 +327,22 @@ class Planner:
         R, Tp = s["prefill_rows"], s["prompt_width"]
         cfg, unroll = self.cfg, self.unroll
         fn = jax.jit(lambda p, t, m: sampling.prefill(p, t, m, cfg=cfg, unroll_layers=unroll))
-        args = (self.params, self._batch((R, Tp), jnp.int32), self._batch((R, Tp), jnp.bool_))
+        args = (self.rollout_params, self._batch((R, Tp), jnp.int32), self._batch((R, Tp), jnp.bool_))
         flops = R * model_flops_per_sequence(cfg, Tp, lm_head_tokens=0, passes=1, lm_head_passes=0)
-        return fn, args, _device_bytes(self.params), flops, 0
+        return fn, args, self._rollout_resident(), flops, 0
+
+    def _rollout_resident(self) -> int:
+        """Resident bytes among a rollout program's arguments: the training parameters, unless the
+        rollout reads its own replicated copy (an argument that lives only during the rollout)."""
+        return 0 if self.replicate_rollout else _device_bytes(self.params)
+
+    def gathered_bytes(self) -> int:
+        """Bytes of float32 parameters one device must receive to hold all of them (FSDP/tensor all-gather)."""
+        import jax
+        import numpy as np
+
+        full = sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(self.params))
+        return full - _device_bytes(self.params)
 
     def _decode(self):
         import jax
@@ -365,11 +388,11 @@ class Planner:
             flops += steps * B * model_flops_per_token_decode(cfg, size)
             kv_read += steps * B * kv_bytes_per_slot(cfg) * size
             prev = size
-        weights = _device_bytes(self.params)
-        devices_per_kv = self.mesh.shape["data"] * self.mesh.shape["fsdp"] * self.mesh.shape["tensor"]
-        bytes_per_step = weights + kv_read / N / devices_per_kv
+        weights = _device_bytes(self.rollout_params)
+        bytes_per_step = weights + kv_read / N / self.mesh.size
         del parallel
-        return jax.jit(fn), (self.params, cache, h, tokens, mask, rng), weights, flops, bytes_per_step
+        args = (self.rollout_params, cache, h, tokens, mask, rng)
+        return jax.jit(fn), args, self._rollout_resident(), flops, bytes_per_step
 
     def _named(self, x, axes):
         import jax
@@ -404,11 +427,14 @@ class Planner:
         return fn, args, _device_bytes(self.head), float(flops), 0
 
 
-def model_flops_per_sequence(cfg, T: int, *, lm_head_tokens: int, passes: int, lm_head_passes: int) -> float:
-    """Matmul FLOPs of `passes` forward-equivalents over one sequence of T tokens."""
+def model_flops_per_sequence(
+    cfg, T: int, *, lm_head_tokens: int, passes: int, lm_head_passes: int, causal: bool = False
+) -> float:
+    """Matmul FLOPs of `passes` forward-equivalents over one sequence of T tokens (attention over
+    the full T x T grid as our code computes it, or its causal half)."""
     d, f, hd, L = cfg.d_model, cfg.d_ff, cfg.head_dim, cfg.n_layers
     layer_weights = d * hd * (2 * cfg.n_heads + 2 * cfg.n_kv_heads) + 3 * d * f
-    attn = 4 * T * T * cfg.n_heads * hd  # QK^T and PV over the full T x T grid, one layer
+    attn = 4 * T * T * cfg.n_heads * hd * (0.5 if causal else 1.0)  # QK^T and PV, one layer
     per_pass = 2 * T * L * layer_weights + L * attn
     return float(passes * per_pass + lm_head_passes * 2 * lm_head_tokens * d * cfg.vocab_size)
 
@@ -464,26 +490,98 @@ def compile_program(planner: Planner, name: str) -> dict[str, Any]:
     return rec
 
 
-def projection(planner: Planner, recs: dict[str, dict], mfu: float, hbm_fraction: float) -> dict[str, float]:
-    """Seconds per RL step on H100s of this mesh size, from model FLOPs and decode bytes."""
+def projection(planner: Planner, recs: dict[str, dict], mfu: float, hbm_fraction: float, link: float) -> dict:
+    """Seconds per RL step on H100s of this mesh size: compute-bound programs at `mfu`, decode at
+    `hbm_fraction` of HBM bandwidth, and separately the parameter all-gathers (FSDP/tensor) over
+    links of `link` bytes/s per device, counted as if nothing overlapped them."""
     s = planner.sizes
     compute = mfu * H100_BF16_FLOPS
-    out = {}
-    if "train" in recs:
-        out["train"] = s["steps_per_rl_step"] * recs["train"]["flops"] / compute
+    gather = planner.gathered_bytes()
+    remat = 1 if planner.step_cfg.remat else 0
+    time, comm = {}, {}
+    if "train" in recs:  # per micro-batch: gathers for forward, remat and backward, grads reduce-scattered
+        time["train"] = s["steps_per_rl_step"] * recs["train"]["flops"] / compute
+        comm["train"] = s["steps_per_rl_step"] * s["micro_batches"] * (3 + remat) * gather / link
     if "logp" in recs:
-        out["logp"] = s["logp_passes"] * s["logp_chunks"] * recs["logp"]["flops"] / compute
+        passes = s["logp_passes"] * s["logp_chunks"]
+        time["logp"] = passes * recs["logp"]["flops"] / compute
+        comm["logp"] = passes * gather / link
+    calls = s["rollout_calls"]
+    if planner.replicate_rollout:  # one replicated compute-dtype copy per rollout call
+        full = _device_bytes(planner.rollout_params)
+        rollout_gather = {"prefill": calls * full, "decode": 0.0}
+    else:  # the sharded weights are gathered in every prefill call and every decode step
+        rollout_gather = {
+            "prefill": calls * s["prefill_calls_per_rollout"] * gather,
+            "decode": calls * s["new_tokens"] * gather,
+        }
     if "prefill" in recs:
-        out["prefill"] = s["rollout_calls"] * s["prefill_calls_per_rollout"] * recs["prefill"]["flops"] / compute
+        time["prefill"] = calls * s["prefill_calls_per_rollout"] * recs["prefill"]["flops"] / compute
+        comm["prefill"] = rollout_gather["prefill"] / link
     if "decode" in recs:
         r = recs["decode"]
         per_call = max(
-            s["new_tokens"] * r["decode_bytes_per_step"] / (hbm_fraction * H100_HBM_BYTES_S),
-            r["flops"] / compute,
+            s["new_tokens"] * r["decode_bytes_per_step"] / (hbm_fraction * H100_HBM_BYTES_S), r["flops"] / compute
         )
-        out["decode"] = s["rollout_calls"] * per_call
-    out["total"] = sum(out.values())
-    return out
+        time["decode"] = calls * per_call
+        comm["decode"] = rollout_gather["decode"] / link
+    time["total"] = sum(time.values())
+    comm["total"] = sum(comm.values())
+    return {"compute_or_memory_s": time, "interconnect_s": comm}
+
+
+# The CLIPO authors' verl launch scripts (scripts/train_gsm8k.sh and scripts/train_math.sh of
+# github Qwen-Applications/CLIPO): one node of 8 GPUs, FSDP with gradient checkpointing, sglang
+# rollouts (tensor parallel 1), dynamic batching with at most max_tokens_per_gpu tokens per GPU
+# in a train micro-batch, log-prob micro-batches of micro_rows_per_gpu rows.
+REFERENCE_SETUPS = {
+    "clipo_gsm8k_qwen25_3b": dict(gpus=8, micro_rows_per_gpu=32, max_tokens_per_gpu=5120),
+    "clipo_math_qwen25_7b": dict(gpus=8, micro_rows_per_gpu=16, max_tokens_per_gpu=9216),
+}
+
+
+def reference_comparison(planner: Planner, recs: dict[str, dict], config_name: str, mfu: float) -> dict | None:
+    """Our planned step next to the reference's published setup for the same track: chips, tokens
+    per device per train micro-batch, and the compute-bound programs (train and log-prob passes)
+    at the same MFU, theirs with causal attention (flash attention skips the upper triangle; our
+    attention computes the full T x T grid). Rollouts are not compared: sglang's paged cache holds
+    real lengths, not the padded ones a plan can know."""
+    ref = REFERENCE_SETUPS.get(config_name)
+    if ref is None or "train" not in recs:
+        return None
+    s, cfg = planner.sizes, planner.cfg
+    batch_devices = planner.mesh.shape["data"] * planner.mesh.shape["fsdp"]
+    ours_tokens = s["minibatch_rows"] // s["micro_batches"] // batch_devices * s["seq"]
+    passes = 3 + (1 if planner.step_cfg.remat else 0)
+    rows = s["prompts"] * s["group_size"]
+    T = s["seq"]
+
+    def step_flops(causal: bool) -> float:
+        train = (
+            rows
+            * s["epochs"]
+            * model_flops_per_sequence(cfg, T, lm_head_tokens=T, passes=passes, lm_head_passes=4, causal=causal)
+        )
+        logp = (
+            s["logp_passes"]
+            * rows
+            * model_flops_per_sequence(cfg, T, lm_head_tokens=T, passes=1, lm_head_passes=1, causal=causal)
+        )
+        return train + logp
+
+    compute = mfu * H100_BF16_FLOPS
+    ours_s = step_flops(False) / (planner.mesh.size * compute)
+    theirs_s = step_flops(True) / (ref["gpus"] * compute)
+    return {
+        "reference": ref,
+        "chips": {"ours": planner.mesh.size, "reference": ref["gpus"], "ratio": planner.mesh.size / ref["gpus"]},
+        "train_tokens_per_device_per_micro_batch": {
+            "ours": ours_tokens,
+            "reference_max": ref["max_tokens_per_gpu"],
+            "ratio": ours_tokens / ref["max_tokens_per_gpu"],
+        },
+        "train_and_logp_s": {"ours": ours_s, "reference": theirs_s, "ratio": ours_s / theirs_s},
+    }
 
 
 def fit_chunks(config, cfg, mesh, cap: float, unroll: bool = False) -> dict[str, int]:
@@ -658,12 +756,31 @@ def main(argv):
         if FLAGS.measure:
             row += f"{fmt_gb(r['measured_peak_bytes']):>12}"
         print(row)
-    proj = projection(planner, recs, FLAGS.mfu, FLAGS.hbm_fraction)
+    link = FLAGS.link_gbs * 1e9
+    proj = projection(planner, recs, FLAGS.mfu, FLAGS.hbm_fraction, link)
     print(
-        f"\nprojected H100 seconds per RL step on {mesh.size} chips (a projection: MFU {FLAGS.mfu:.0%} of "
-        f"989 TFLOP/s for train/logp/prefill, decode at {FLAGS.hbm_fraction:.0%} of 3.35 TB/s): "
-        + ", ".join(f"{k} {v:.1f}" for k, v in proj.items())
+        f"\nprojected H100 seconds per RL step on {mesh.size} chips (a projection, not a measurement: "
+        f"train/logp/prefill at {FLAGS.mfu:.0%} MFU of 989 TFLOP/s, decode at {FLAGS.hbm_fraction:.0%} of 3.35 TB/s"
+        f"{', rollout weights replicated in ' + cfg.dtype if planner.replicate_rollout else ', rollout weights FSDP-sharded'})"
     )
+    for kind, label in (
+        ("compute_or_memory_s", "compute/HBM"),
+        ("interconnect_s", f"all-gathers at {FLAGS.link_gbs:.0f} GB/s"),
+    ):
+        print(f"  {label:<28}" + ", ".join(f"{k} {v:.1f}" for k, v in proj[kind].items()))
+    config_name = os.path.splitext(os.path.basename(config_flags.get_config_filename(FLAGS["config"])))[0]
+    ref = reference_comparison(planner, recs, config_name, FLAGS.mfu)
+    if ref is not None:
+        r = ref["reference"]
+        print(
+            f"reference setup (the authors' verl script): {r['gpus']} GPUs, train micro-batches of at most "
+            f"{r['max_tokens_per_gpu']} tokens per GPU, log-prob micro-batches of {r['micro_rows_per_gpu']} rows per GPU\n"
+            f"  chips ours/reference {ref['chips']['ours']}/{ref['chips']['reference']} = {ref['chips']['ratio']:.2f}; "
+            f"train tokens per device per micro-batch {ref['train_tokens_per_device_per_micro_batch']['ours']} vs "
+            f"<= {r['max_tokens_per_gpu']} ({ref['train_tokens_per_device_per_micro_batch']['ratio']:.1f}x)\n"
+            f"  train + log-prob passes at the same MFU: ours {ref['train_and_logp_s']['ours']:.1f} s vs reference "
+            f"{ref['train_and_logp_s']['reference']:.1f} s with causal attention ({ref['train_and_logp_s']['ratio']:.2f}x)"
+        )
     fits_all = {chip: all(r["fits"][chip] for r in recs.values()) for chip in CHIPS}
     summary = {
         "machine": machine(),
@@ -675,7 +792,14 @@ def main(argv):
         "programs": list(recs.values()),
         "fits": fits_all,
         "projection_s": proj,
-        "assumptions": {"mfu": FLAGS.mfu, "hbm_fraction": FLAGS.hbm_fraction, "h100_flops": H100_BF16_FLOPS},
+        "reference_comparison": ref,
+        "assumptions": {
+            "mfu": FLAGS.mfu,
+            "hbm_fraction": FLAGS.hbm_fraction,
+            "link_gbs": FLAGS.link_gbs,
+            "h100_flops": H100_BF16_FLOPS,
+            "h100_hbm_bytes_s": H100_HBM_BYTES_S,
+        },
     }
     if FLAGS.json_out:
         with open(FLAGS.json_out, "w") as f:

@@ -40,6 +40,10 @@ for name in sys.argv[1:]:
     np.testing.assert_array_equal(a.tokens, b.tokens)
     np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-4)
     np.testing.assert_allclose(a.pooled_hidden, b.pooled_hidden, atol=1e-4)
+    # a replicated compute-dtype copy of the weights (no all-gathers in the decode loop): same samples
+    c = sampling.Sampler(cfg, mesh, replicate_weights=True)(sharded, prompts, jax.random.key(1), scfg)
+    np.testing.assert_array_equal(a.tokens, c.tokens)
+    np.testing.assert_allclose(a.logprobs, c.logprobs, atol=1e-4)
     # length-sorted prefill groups (4 rows each: one row per batch device) on the mesh
     prompts8 = prompts + [[3] * 14, [8, 2], [6] * 9, [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17]]
     grouped = sampling.Sampler(cfg, mesh, prefill_group_rows=4)

@@ -148,3 +148,53 @@ def test_plan_matches_the_measured_peak_memory(tmp_path):
         assert measured and planned > 0, rec
         assert 0.5 < measured / planned < 2.0, (rec["program"], measured, planned)
     assert "measured GB" in text
+
+
+def test_projection_counts_decode_all_gathers_unless_the_rollout_weights_are_replicated(tmp_path):
+    args = ["--devices=2", "--mesh=data=1,fsdp=2", "--programs=prefill,decode", "--config.rl.max_new_tokens=16"]
+    sharded, _ = _plan_cli(tmp_path, *args, name="sharded.json")
+    replicated, text = _plan_cli(
+        tmp_path, *args, "--config.rl.rollout_replicate_weights=True", "--link_gbs=100", name="replicated.json"
+    )
+    s = sharded["step"]
+    # sharded float32 weights: each device receives the other half of them in every decode step
+    state = sharded["resident_bytes"]["train state"]  # params + two AdamW moments, half on each device
+    gathered = state / 3  # the other device's half of the float32 params (+ a few scalar bytes)
+    want = s["rollout_calls"] * s["new_tokens"] * gathered / 450e9
+    assert sharded["projection_s"]["interconnect_s"]["decode"] == pytest.approx(want, rel=0.01)
+    # a replicated compute-dtype copy: one gather per rollout call, none per decode step
+    assert replicated["projection_s"]["interconnect_s"]["decode"] == 0
+    assert replicated["projection_s"]["interconnect_s"]["prefill"] > 0
+    decode = {r["program"]: r for r in replicated["programs"]}["decode"]
+    assert decode["argument_bytes"] > {r["program"]: r for r in sharded["programs"]}["decode"]["argument_bytes"]
+    assert "rollout weights replicated" in text and "all-gathers at 100 GB/s" in text
+
+
+def test_reference_comparison_on_a_track_config(tmp_path):
+    """A paper-track config is compared with the authors' published setup (8 GPUs, at most 5,120
+    tokens per GPU in a train micro-batch for Track I)."""
+    out = tmp_path / "track.json"
+    cmd = [
+        sys.executable,
+        "-m",
+        "experiments.plan_scale",
+        "--config=configs/clipo_gsm8k_qwen25_3b.py",
+        "--shape=tiny_qwen2",
+        "--devices=2",
+        "--mesh=data=1,fsdp=2",
+        "--programs=train",
+        "--config.rl.max_new_tokens=64",
+        "--config.rl.prompts_per_step=8",
+        "--config.rl.micro_batches=4",
+        f"--json_out={out}",
+    ]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    ref = json.loads(out.read_text())["reference_comparison"]
+    assert ref["chips"] == {"ours": 2, "reference": 8, "ratio": 0.25}
+    # 8 prompts x 16 samples / 2 mini-batches / 4 micro-batches / 2 devices = 8 rows of 512 + 64 tokens
+    assert ref["train_tokens_per_device_per_micro_batch"]["ours"] == 8 * 576
+    assert ref["train_tokens_per_device_per_micro_batch"]["ratio"] == pytest.approx(8 * 576 / 5120)
+    # a quarter of the chips and the full attention grid instead of its causal half: 4x to 8x slower
+    assert 4.0 < ref["train_and_logp_s"]["ratio"] < 8.0
+    assert "reference setup (the authors' verl script): 8 GPUs" in proc.stdout

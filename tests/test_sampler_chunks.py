@@ -177,3 +177,16 @@ def test_trainer_chunked_rollouts_match_one_call_with_row_keys(tmp_path):
                 np.testing.assert_allclose(a[k], b[k], atol=1e-5, err_msg=k)
             else:
                 assert a[k] == b[k], (a["step"], k, a[k], b[k])
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_replicated_compute_dtype_weights_give_the_same_samples(model, dtype):
+    """Sampler(replicate_weights=True) samples from a compute-dtype copy of the weights (norm
+    scales kept as stored): every matmul already casts its weights, so the samples are the same."""
+    cfg, params, _ = model
+    cfg = cfg.replace(dtype=dtype)
+    copy = transformer.compute_dtype_weights(params, cfg)
+    assert copy["layers"]["wq"].dtype == jnp.dtype(dtype) and copy["layers"]["attn_norm"].dtype == jnp.float32
+    a = sampling.Sampler(cfg)(params, PROMPTS_7, jax.random.key(5), SAMPLED)
+    b = sampling.Sampler(cfg, replicate_weights=True)(params, PROMPTS_7, jax.random.key(5), SAMPLED)
+    _assert_same(a, b, atol=0)
