@@ -46,6 +46,7 @@ from clipo_jax.models.transformer import (
     forward,
     init_cache,
     logits_from_hidden,
+    rollout_logical_axes,
     unstack_layers,
 )
 
@@ -411,11 +412,13 @@ class Sampler:
         prefill_group_rows: batches of at least twice this many prompts are prefilled in groups of
           this many rows sorted by prompt length, each padded to its own length bucket instead of
           the longest prompt's (0 = one group). The decode step then runs over the whole batch.
-        replicate_weights: sample from one copy of the weights per device, in the compute dtype
-          (`transformer.compute_dtype_weights`: the same outputs), made once per call. With
-          FSDP-sharded parameters XLA otherwise all-gathers every layer's weights inside every
-          decode step (experiments/plan_scale.py: ~400 s of link time per Track I step on 8 H100s);
-          the copy costs the full compute-dtype weights on each device during the rollout.
+        replicate_weights: sample from a copy of the weights in the compute dtype
+          (`transformer.compute_dtype_weights`: the same outputs), made once per call, whole on
+          every device except for the mesh's tensor axis, which still splits heads, MLP and vocab
+          (`transformer.rollout_logical_axes`). With FSDP-sharded parameters XLA otherwise
+          all-gathers every layer's weights inside every decode step (experiments/plan_scale.py:
+          ~400 s of link time per Track I step on 8 H100s); the copy costs 1 / tensor of the
+          compute-dtype weights on each device during the rollout.
         """
         if prefill_group_rows < 0 or cache_steps_per_octave < 0:
             raise ValueError(
@@ -526,13 +529,14 @@ class Sampler:
         return SampleOutput(*(np.concatenate(xs, axis=0) for xs in zip(*outs)))
 
     def _replicate(self, params: Params) -> Params:
-        """The compute-dtype weights on every device of the mesh (or just cast, without a mesh)."""
+        """The compute-dtype weights, split only over the mesh's tensor axis (just cast, without a mesh)."""
         if self._replicated is None:
             cast = lambda p: compute_dtype_weights(p, self.cfg)
             if self.mesh is None:
                 self._replicated = jax.jit(cast)
             else:
-                self._replicated = jax.jit(cast, out_shardings=parallel.named_sharding(self.mesh, None))
+                shardings = parallel.tree_shardings(self.mesh, rollout_logical_axes(self.cfg), params)
+                self._replicated = jax.jit(cast, out_shardings=shardings)
         return self._replicated(params)
 
     def _sample(

@@ -247,7 +247,8 @@ class Planner:
         self.replicate_rollout = bool(rl.get("rollout_replicate_weights", False))
         if self.replicate_rollout:
             cast = jax.eval_shape(lambda p: transformer.compute_dtype_weights(p, cfg), shapes)
-            self.rollout_params = _abstract(cast, jax.tree.map(lambda _: self.replicated, cast))
+            r_sh = parallel.tree_shardings(mesh, transformer.rollout_logical_axes(cfg), cast)
+            self.rollout_params = _abstract(cast, r_sh)
         else:
             self.rollout_params = self.params
         self.resident = {
@@ -492,8 +493,9 @@ def compile_program(planner: Planner, name: str) -> dict[str, Any]:
 
 def projection(planner: Planner, recs: dict[str, dict], mfu: float, hbm_fraction: float, link: float) -> dict:
     """Seconds per RL step on H100s of this mesh size: compute-bound programs at `mfu`, decode at
-    `hbm_fraction` of HBM bandwidth, and separately the parameter all-gathers (FSDP/tensor) over
-    links of `link` bytes/s per device, counted as if nothing overlapped them."""
+    `hbm_fraction` of HBM bandwidth, and separately the interconnect: parameter all-gathers
+    (FSDP) and, with a tensor axis, activation all-reduces, over links of `link` bytes/s per
+    device, counted as if nothing overlapped them."""
     s = planner.sizes
     compute = mfu * H100_BF16_FLOPS
     gather = planner.gathered_bytes()
@@ -525,6 +527,24 @@ def projection(planner: Planner, recs: dict[str, dict], mfu: float, hbm_fraction
         )
         time["decode"] = calls * per_call
         comm["decode"] = rollout_gather["decode"] / link
+    # tensor parallelism: two activation all-reduces per layer (attention and MLP outputs) for
+    # every token a device's batch shard processes, per forward-equivalent pass
+    t = planner.mesh.shape["tensor"]
+    if t > 1:
+        import numpy as np
+
+        cfg = planner.cfg
+        bd = planner.mesh.shape["data"] * planner.mesh.shape["fsdp"]
+        per_token = cfg.n_layers * 2 * cfg.d_model * np.dtype(cfg.dtype).itemsize * 2 * (t - 1) / t
+        tokens = {
+            "train": (2 + remat) * s["steps_per_rl_step"] * s["minibatch_rows"] / bd * s["seq"],
+            "logp": s["logp_passes"] * s["prompts"] * s["group_size"] / bd * s["seq"],
+            "prefill": calls * s["prefill_calls_per_rollout"] * s["prefill_rows"] / bd * s["prompt_width"],
+            "decode": calls * s["decode_rows"] / bd * s["new_tokens"],
+        }
+        for name, n in tokens.items():
+            if name in comm:
+                comm[name] += n * per_token / link
     time["total"] = sum(time.values())
     comm["total"] = sum(comm.values())
     return {"compute_or_memory_s": time, "interconnect_s": comm}

@@ -54,6 +54,13 @@ def param_logical_axes(cfg: ModelConfig) -> Params:
     return axes
 
 
+def rollout_logical_axes(cfg: ModelConfig) -> Params:
+    """`param_logical_axes` without the FSDP split of d_model ('embed'): the layout of the rollout's
+    weight copy, whole on every device of a tensor-parallel group (Sampler(replicate_weights=True))."""
+    drop = lambda axes: tuple(None if a == "embed" else a for a in axes)
+    return jax.tree.map(drop, param_logical_axes(cfg), is_leaf=lambda x: isinstance(x, tuple))
+
+
 def param_shapes(cfg: ModelConfig) -> Params:
     L, D, F, hd = cfg.n_layers, cfg.d_model, cfg.d_ff, cfg.head_dim
     Hq, Hk = cfg.n_heads * hd, cfg.n_kv_heads * hd
