@@ -6,7 +6,10 @@ r"""CLIPO paper Track I: Qwen2.5-3B-Instruct, GSM8K train, GRPO + CLIPO (arXiv 2
 model= an HF checkpoint directory (config.json + safetensors, with tokenizer.json); data= the CLIPO
 parquet directory (train/, test/). Args: baseline (GRPO without CLIPO), algo=..., seed=N, fixed_head,
 loss=infonce|supcon_in|supcon_out|soft_nn, level=group|cross|batch, tau=0.05, lam=0.2.
-Mesh: --config.mesh.fsdp=8 etc. on a GPU/TPU slice.
+Mesh: on 8 H100s --config.mesh.fsdp=8. rl.micro_batches, rl.logprob_chunks and rl.rollout_chunk_prompts
+are sized for that mesh (80 GB per chip); for another mesh or chip re-fit them with
+  python -m experiments.plan_scale --config=configs/clipo_gsm8k_qwen25_3b.py --shape=qwen25_3b \
+      --devices=8 --mesh=data=1,fsdp=8,tensor=1 --fit=H100
 """
 
 from clipo_jax.configlib import parse_arg
@@ -50,4 +53,7 @@ def get_config(arg=None):
         d_out=512,
         warmup=14,
         eval_every=7,
+        micro_batches=64,  # sized by plan_scale --fit=H100 for the mesh above
+        logprob_chunks=32,
+        rollout_chunk_prompts=64,
     )

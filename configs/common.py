@@ -132,11 +132,16 @@ def paper_track(
     d_out: int,
     warmup: int,
     eval_every: int,
+    micro_batches: int,
+    logprob_chunks: int,
+    rollout_chunk_prompts: int,
 ) -> ml_collections.ConfigDict:
     """A CLIPO paper track (arXiv 2603.10101, training tracks): shared hyper-parameters, track-specific sizes.
 
     `a` is the parsed arg of the track config (model, data, baseline, algo, seed, fixed_head, loss,
-    level, tau, lam).
+    level, tau, lam). micro_batches, logprob_chunks and rollout_chunk_prompts are the sizes
+    `experiments/plan_scale.py --fit=H100` picks for the track's 8-chip mesh (docs/results.md);
+    the rollout samples from a bfloat16 copy of the weights (no all-gathers in the decode loop).
     """
     c = ml_collections.ConfigDict()
     c.task = ml_collections.ConfigDict(
@@ -170,7 +175,10 @@ def paper_track(
         kl_estimator="k3",
         epochs=1,
         mini_batches=mini_batches,
-        micro_batches=64,
+        micro_batches=micro_batches,
+        logprob_chunks=logprob_chunks,
+        rollout_chunk_prompts=rollout_chunk_prompts,
+        rollout_replicate_weights=True,
         remat=True,
         temperature=1.0,
         top_p=1.0,

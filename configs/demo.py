@@ -3,7 +3,9 @@ r"""The embedded default: SFT warm start + GRPO on the synthetic arithmetic task
   python -m experiments.train --config=configs/demo.py --workdir=/tmp/clipo_demo
 
 Args (after the colon): size=tiny|small, clipo (add the CLIPO reward),
-algo=grpo|dapo|dr_grpo|gspo|gmpo|rloo|reinforce_pp, seed=N, steps=N; e.g.
+algo=grpo|dapo|dr_grpo|gspo|gmpo|rloo|reinforce_pp, seed=N, steps=N, shortcut=F (the shortcut
+variant, docs/parts/synthetic.md: task.leak_share=F of problems leak their answer in an irrelevant
+clause, task.copy_share=0.2 of the leaked SFT traces copy it; 0 = off); e.g.
 --config=configs/demo.py:clipo,algo=dapo,seed=1. Override anything else with --config.rl.lr=3e-5.
 """
 
@@ -14,7 +16,7 @@ from configs import common
 
 
 def get_config(arg=None):
-    a = parse_arg(arg, size="small", clipo=False, algo="grpo", seed=0, steps=0)
+    a = parse_arg(arg, size="small", clipo=False, algo="grpo", seed=0, steps=0, shortcut=0.0)
     c = ml_collections.ConfigDict()
     c.task = ml_collections.ConfigDict(
         dict(
@@ -61,4 +63,9 @@ def get_config(arg=None):
         raise ValueError(f"unknown size {a.size!r}; valid: tiny, small")
     if a.steps:
         c.rl.steps = a.steps
+    if a.shortcut:
+        if not 0.0 < a.shortcut <= 1.0:
+            raise ValueError(f"config arg shortcut={a.shortcut} must be in (0, 1] (the leak share)")
+        c.task.leak_share = a.shortcut
+        c.task.copy_share = 0.2
     return common.finish(c, a.seed)

@@ -198,3 +198,26 @@ def test_reference_comparison_on_a_track_config(tmp_path):
     # a quarter of the chips and the full attention grid instead of its causal half: 4x to 8x slower
     assert 4.0 < ref["train_and_logp_s"]["ratio"] < 8.0
     assert "reference setup (the authors' verl script): 8 GPUs" in proc.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "track, shape, mesh",
+    [
+        ("clipo_gsm8k_qwen25_3b", "qwen25_3b", "data=1,fsdp=8,tensor=1"),
+        ("clipo_math_qwen25_7b", "qwen25_7b", "data=1,fsdp=2,tensor=4"),
+    ],
+)
+def test_paper_track_sizes_fit_an_h100_on_their_mesh(tmp_path, track, shape, mesh):
+    """The micro-batch, log-prob chunk and rollout chunk sizes in the track configs keep every
+    program of a step within 90% of 80 GB per chip on the 8-chip mesh their docstring names."""
+    out = tmp_path / "plan.json"
+    cmd = [sys.executable, "-m", "experiments.plan_scale", f"--config=configs/{track}.py", f"--shape={shape}"]
+    cmd += ["--devices=8", f"--mesh={mesh}", f"--json_out={out}"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads(out.read_text())
+    assert {r["program"] for r in summary["programs"]} == {"train", "logp", "prefill", "decode", "clipo"}
+    for rec in summary["programs"]:
+        assert 0 < rec["peak_bytes"] <= 0.9 * 80e9, (rec["program"], rec["peak_bytes"] / 1e9)
+    assert summary["step"]["rollout_calls"] > 1 and summary["step"]["logp_chunks"] > 1
