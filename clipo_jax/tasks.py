@@ -8,6 +8,7 @@ writing a builder and registering it in TASKS.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 from typing import Any, Callable
@@ -46,7 +47,12 @@ class Task:
 
 
 def build_synthetic(cfg, workdir: str) -> Task:
-    """The embedded arithmetic task with its own SentencePiece tokenizer (trained into workdir)."""
+    """The embedded arithmetic task with its own SentencePiece tokenizer (trained into workdir).
+
+    Shortcut variant (docs/parts/synthetic.md): cfg.leak_share > 0 leaks the answer into that
+    share of train/SFT problems, cfg.copy_share makes that share of the leaked SFT problems'
+    traces copy it, and adds the "leak" / "leak_decoy" test sets and a "copied" grade key.
+    """
     from clipo_jax.data import synthetic
     from clipo_jax.models.tokenizer import load_tokenizer
     from clipo_jax.rewards import synthetic as synthetic_reward  # registers "synthetic"
@@ -65,28 +71,39 @@ def build_synthetic(cfg, workdir: str) -> Task:
         mul_range=tuple(cfg.mul_range),
         max_value=cfg.max_value,
         ops=tuple(cfg.ops),
+        leak_share=float(cfg.get("leak_share", 0.0)),
     ).validate()
+    copy_share = float(cfg.get("copy_share", 0.0))
+    shortcut = base.leak_share > 0
     train = synthetic.generate_problems(base, cfg.train_size, seed=cfg.seed)
-    # training must not contain test problems (disjoint by the math, not the wording)
+    # training must not contain test problems (disjoint by the math, not the wording; a leaked
+    # problem is also compared without its leak clause: base_key, which is key when unleaked)
     tests = synthetic.test_sets(cfg.seed + 1000, cfg.test_size, base=base)
     test_keys = synthetic.problem_keys(tests)
-    train = [p for p in train if p.key not in test_keys]
+    train = [p for p in train if p.key not in test_keys and p.base_key not in test_keys]
     sft_problems = synthetic.generate_problems(base, cfg.sft_size, seed=cfg.seed + 7)
-    sft_problems = [p for p in sft_problems if p.key not in test_keys]
+    sft_problems = [p for p in sft_problems if p.key not in test_keys and p.base_key not in test_keys]
 
     def grader(row, response):
         # Report process accuracy as "right answer reached by a valid process", so that
         # outcome = process + lucky for every test set.
         g = synthetic_reward.check_solution(row["ground_truth"], response)
-        return {"outcome": g["outcome"], "process": g["outcome"] and g["process"], "lucky": g["lucky"]}
+        out = {"outcome": g["outcome"], "process": g["outcome"] and g["process"], "lucky": g["lucky"]}
+        if shortcut:
+            # "copied": the answer line states the leak clause's number (0 on rows without one).
+            # On leak_decoy that is a wrong answer taken from the clause: copying, unambiguously.
+            leak = json.loads(row["ground_truth"]).get("l")
+            answer = synthetic_reward.parse_solution(response).answer
+            out["copied"] = leak is not None and answer == leak
+        return out
 
     return Task(
         name="synthetic",
         tokenizer=tok,
         train_rows=synthetic.dataset_rows(train, "train"),
         test_sets={k: synthetic.dataset_rows(v, k) for k, v in tests.items()},
-        sft_pairs=synthetic.sft_traces(sft_problems, cfg.lucky_share, seed=cfg.seed),
-        grade_keys=("outcome", "process", "lucky"),
+        sft_pairs=synthetic.sft_traces(sft_problems, cfg.lucky_share, seed=cfg.seed, copy_share=copy_share),
+        grade_keys=("outcome", "process", "lucky", "copied") if shortcut else ("outcome", "process", "lucky"),
         grader=grader,
     )
 

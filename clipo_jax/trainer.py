@@ -124,6 +124,8 @@ NUMBER_RULES = [
     ("task.test_size", "int", _ge(1), ">= 1", False),
     ("task.sft_size", "int", _NONNEG, ">= 0", False),
     ("task.lucky_share", "float", _UNIT, "in [0, 1]", False),
+    ("task.leak_share", "float", _UNIT, "in [0, 1]", False),
+    ("task.copy_share", "float", _UNIT, "in [0, 1]", False),
     ("task.vocab_size", "int", _ge(1), ">= 1", False),
     ("task.max_value", "int", _ge(1), ">= 1", False),
     ("task.train_limit", "int", _NONNEG, ">= 0 (0 = all)", False),

@@ -12,6 +12,11 @@ tiny and a small transformer can learn the task; the difficulty is the multi-dig
 Test sets follow the GSM-Symbolic idea: same templates, shifted distribution (bigger numbers,
 one or two extra steps -- P1/P2 -- and an irrelevant clause carrying a number -- NoOp).
 
+Shortcut variant (``leak_share > 0``): a share of problems carries an irrelevant clause whose
+number IS the answer ("the shop is 52 miles away ."), so outcome-only RL can learn to copy it
+("right answer, wrong reasoning"); ``copied_solution`` / ``sft_records(copy_share=...)`` put a few
+such copying traces into the SFT data, and the ``leak`` / ``leak_decoy`` test sets expose copying.
+
 The verifier lives in ``clipo_jax.rewards.synthetic``; this module imports it to make sure
 every "lucky" SFT trace (outcome right, process wrong) really is lucky.
 """
@@ -41,6 +46,8 @@ __all__ = [
     "problem_keys",
     "solution_text",
     "lucky_solution",
+    "copied_solution",
+    "LEAK_TEST_SET_CONFIGS",
     "sft_records",
     "sft_traces",
     "dataset_rows",
@@ -89,6 +96,14 @@ class SyntheticTask:
     extra_steps: steps appended after the drawn ``num_steps`` (P1 = 1, P2 = 2).
     seed: default seed for ``generate_problems``.
     name: the test-set / split name stored on each problem (``Problem.source``).
+    leak_share: share of problems (drawn per problem from the generator's rng) with a leak
+        clause: one more irrelevant clause (DISTRACTOR_TEMPLATES wording) whose number is the
+        answer. A leaked problem's chain is redrawn until its answer is neither a quantity nor an
+        earlier step's result, so using the leaked number in a step is always process-wrong.
+        0 draws nothing: problems, keys and ids are exactly those of the plain generator.
+    leak_decoy: the leak clause carries a WRONG number close to the answer (answer +- 1..3 or
+        +-10, never a quantity, a step result or another distractor) instead of the answer; the
+        same seed gives the same problems as with ``leak_decoy=False`` but for that number.
     """
 
     num_steps: tuple[int, int] = (2, 4)
@@ -100,6 +115,8 @@ class SyntheticTask:
     extra_steps: int = 0
     seed: int = 0
     name: str = "train"
+    leak_share: float = 0.0
+    leak_decoy: bool = False
 
     def validate(self) -> "SyntheticTask":
         def bad(field_name: str, why: str) -> SyntheticTaskError:
@@ -121,6 +138,8 @@ class SyntheticTask:
             raise bad("ops", "needs '+' or '-'")
         if self.max_value < 2 * self.number_range[1]:
             raise bad("max_value", "must be at least 2 * number_range max")
+        if not 0.0 <= self.leak_share <= 1.0:
+            raise bad("leak_share", "must be in [0, 1]")
         return self
 
 
@@ -146,9 +165,14 @@ class Problem:
     """A word problem with its gold program.
 
     quantities: the problem's numbers in the order they are used (start, then one per step).
-    distractors: numbers in irrelevant clauses (never a quantity or a gold intermediate result).
-    key: hash of the math (ops, quantities, distractors): train/test disjointness is by key.
+    distractors: numbers in irrelevant clauses (never a quantity or a gold intermediate result,
+        except a leak: see ``leak``).
+    key: hash of the math (ops, quantities, distractors, and the leak if any): train/test
+        disjointness is by key (and ``base_key``).
     id: hash of the question text.
+    leak: the number of the leak clause (shortcut variant), else None. It is the last entry of
+        ``distractors``; it equals ``answer`` for a leak and is a wrong number for a decoy. The
+        answer of a leaked problem is never a quantity or an earlier step's result.
     """
 
     question: str
@@ -159,17 +183,32 @@ class Problem:
     key: str
     id: str
     source: str = "train"
+    leak: int | None = None
+
+    @property
+    def base_key(self) -> str:
+        """The key of the same problem without its leak clause (``key`` when it has none)."""
+        if self.leak is None:
+            return self.key
+        return _math_key([s.op for s in self.steps], self.quantities, self.distractors[:-1])
 
     def to_ground_truth(self) -> str:
-        """Compact JSON the verifier needs: quantities, distractors, answer."""
-        return json.dumps(
-            {"q": list(self.quantities), "d": list(self.distractors), "a": self.answer}, separators=(",", ":")
-        )
+        """Compact JSON the verifier needs: quantities, distractors, answer (and ``l``, the leak
+        clause's number, on leaked problems only; the verifier ignores it)."""
+        gt = {"q": list(self.quantities), "d": list(self.distractors), "a": self.answer}
+        if self.leak is not None:
+            gt["l"] = self.leak
+        return json.dumps(gt, separators=(",", ":"))
 
 
 # ----------------------------------------------------------------------------- generation
-def _math_key(ops: Sequence[str], quantities: Sequence[int], distractors: Sequence[int]) -> str:
-    blob = json.dumps([list(ops), list(quantities), list(distractors)], separators=(",", ":"))
+def _math_key(
+    ops: Sequence[str], quantities: Sequence[int], distractors: Sequence[int], leak: int | None = None
+) -> str:
+    parts: list = [list(ops), list(quantities), list(distractors)]
+    if leak is not None:  # a leak clause is not an ordinary distractor (same number, other key)
+        parts.append({"leak": leak})
+    blob = json.dumps(parts, separators=(",", ":"))
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
 
@@ -201,7 +240,7 @@ def _draw_step(rng: random.Random, cfg: SyntheticTask, current: int) -> Step:
     return Step(op=op, left=current, right=q, result=apply_op(current, op, q))
 
 
-def _draw_problem(rng: random.Random, cfg: SyntheticTask) -> Problem:
+def _draw_chain(rng: random.Random, cfg: SyntheticTask) -> tuple[list[int], list[Step]]:
     k = rng.randint(*cfg.num_steps) + cfg.extra_steps
     current = rng.randint(*cfg.number_range)
     quantities = [current]
@@ -211,6 +250,46 @@ def _draw_problem(rng: random.Random, cfg: SyntheticTask) -> Problem:
         steps.append(step)
         quantities.append(step.right)
         current = step.result
+    return quantities, steps
+
+
+def _answer_reused(quantities: Sequence[int], steps: Sequence[Step]) -> bool:
+    """The answer is also a quantity or an earlier step's result (a step may then use it validly)."""
+    answer = steps[-1].result
+    return answer in quantities or any(s.result == answer for s in steps[:-1])
+
+
+# Offsets of a decoy from the answer, nearest first; wider ones only when all of these are taken.
+_DECOY_OFFSETS = (-3, -2, -1, 1, 2, 3, -10, 10)
+
+
+def _decoy_number(quantities: Sequence[int], steps: Sequence[Step], taken: Iterable[int]) -> int:
+    """A wrong answer close to the real one: not the answer, a quantity, a step result or ``taken``.
+
+    Drawn from its own rng seeded by the chain, so the main rng advances exactly as for a leak
+    (the ``leak`` and ``leak_decoy`` sets of one seed are the same problems but for this number).
+    """
+    answer = steps[-1].result
+    used = set(quantities) | {s.result for s in steps} | set(taken)
+    rng = random.Random(_derive_seed("decoy", [s.op for s in steps], list(quantities)))
+    candidates = [answer + o for o in _DECOY_OFFSETS if answer + o >= 1 and answer + o not in used]
+    if not candidates:  # all taken (tiny ranges): one of the 4 nearest free values
+        wider = sorted(range(-len(used) - 10, len(used) + 11), key=lambda o: (abs(o), o))
+        candidates = [answer + o for o in wider if o != 0 and answer + o >= 1 and answer + o not in used][:4]
+    return rng.choice(candidates)
+
+
+def _draw_problem(rng: random.Random, cfg: SyntheticTask) -> Problem:
+    # leak_share == 0 draws nothing here, so the plain generator's rng stream is unchanged.
+    leak = cfg.leak_share > 0 and rng.random() < cfg.leak_share
+    quantities, steps = _draw_chain(rng, cfg)
+    redraws = 0
+    while leak and _answer_reused(quantities, steps):
+        redraws += 1
+        if redraws > 1000:
+            raise SyntheticTaskError(f"no leakable chain (answer not reused) in 1000 draws with {cfg}")
+        quantities, steps = _draw_chain(rng, cfg)
+    current = steps[-1].result
 
     name, other = rng.sample(NAMES, 2)
     obj, other_obj = rng.sample(OBJECTS, 2)
@@ -218,6 +297,7 @@ def _draw_problem(rng: random.Random, cfg: SyntheticTask) -> Problem:
     for step in steps:
         sentences.append(rng.choice(OP_TEMPLATES[step.op]).format(name=name, q=step.right, obj=obj))
     distractors: list[int] = []
+    distractor_template = None
     if cfg.distractor:
         used = set(quantities) | {s.result for s in steps}
         lo, hi = cfg.number_range
@@ -227,9 +307,17 @@ def _draw_problem(rng: random.Random, cfg: SyntheticTask) -> Problem:
         ]
         d = rng.choice(candidates)
         distractors.append(d)
-        clause = rng.choice(DISTRACTOR_TEMPLATES).format(name=name, other=other, d=d, other_obj=other_obj)
+        distractor_template = rng.choice(DISTRACTOR_TEMPLATES)
+        clause = distractor_template.format(name=name, other=other, d=d, other_obj=other_obj)
         # Anywhere after the opening sentence, before the question.
         sentences.insert(rng.randint(1, len(sentences)), clause)
+    leak_value = None
+    if leak:
+        leak_value = _decoy_number(quantities, steps, distractors) if cfg.leak_decoy else current
+        templates = [t for t in DISTRACTOR_TEMPLATES if t != distractor_template]  # no repeated wording
+        clause = rng.choice(templates).format(name=name, other=other, d=leak_value, other_obj=other_obj)
+        sentences.insert(rng.randint(1, len(sentences)), clause)
+        distractors.append(leak_value)  # last, so base_key can drop it
     sentences.append(QUESTION_TEMPLATE.format(obj=obj, name=name))
     question = " ".join(sentences)
     ops = [s.op for s in steps]
@@ -239,9 +327,10 @@ def _draw_problem(rng: random.Random, cfg: SyntheticTask) -> Problem:
         steps=tuple(steps),
         answer=current,
         distractors=tuple(distractors),
-        key=_math_key(ops, quantities, distractors),
+        key=_math_key(ops, quantities, distractors, leak_value),
         id=hashlib.sha1(question.encode()).hexdigest()[:16],
         source=cfg.name,
+        leak=leak_value,
     )
 
 
@@ -251,7 +340,9 @@ def generate_problems(
     """``n`` distinct problems (by ``key``), deterministic from ``seed`` (default ``cfg.seed``).
 
     exclude: problem keys that must not be produced (pass ``problem_keys(test problems)`` when
-    generating training data so train and test are disjoint).
+    generating training data so train and test are disjoint). Distinctness and exclusion also
+    apply to ``base_key``: a leaked problem never repeats the math of another problem or of an
+    excluded one with or without its leak clause.
     """
     cfg.validate()
     if n < 0:
@@ -268,9 +359,10 @@ def generate_problems(
                 f"widen number_range/num_steps of {cfg}"
             )
         p = _draw_problem(rng, cfg)
-        if p.key in seen:
+        if p.key in seen or p.base_key in seen:
             continue
         seen.add(p.key)
+        seen.add(p.base_key)
         problems.append(p)
     return problems
 
@@ -294,16 +386,34 @@ TEST_SET_CONFIGS: dict[str, SyntheticTask] = {
     "extra_step_2": dataclasses.replace(IN_DIST, extra_steps=2, name="extra_step_2"),
     "distractor": dataclasses.replace(IN_DIST, distractor=True, name="distractor"),
 }
+# Shortcut-variant test sets (added by test_sets when the base has leak_share > 0): every problem
+# has a leak clause; in "leak" its number is the answer (copying pays), in "leak_decoy" it is a
+# wrong number near the answer (copying fails). Same seed: leak_decoy[i] is leak[i] but for that
+# number. Not in TEST_SET_CONFIGS, so the tokenizer corpus (and the tokenizer) is unchanged.
+LEAK_TEST_SET_CONFIGS: dict[str, SyntheticTask] = {
+    "leak": dataclasses.replace(IN_DIST, leak_share=1.0, name="leak"),
+    "leak_decoy": dataclasses.replace(IN_DIST, leak_share=1.0, leak_decoy=True, name="leak_decoy"),
+}
 
 
-def test_sets(seed: int, n: int, base: SyntheticTask | None = None) -> dict[str, list[Problem]]:
-    """The five named test sets, ``n`` problems each, deterministic from ``seed``.
+def test_sets(
+    seed: int, n: int, base: SyntheticTask | None = None, leak_sets: bool | None = None
+) -> dict[str, list[Problem]]:
+    """The named test sets, ``n`` problems each, deterministic from ``seed``.
 
     base: override the in-distribution config (the variants are derived from it by the same
-    changes as TEST_SET_CONFIGS: bigger numbers, +1 / +2 steps, a distractor clause).
+    changes as TEST_SET_CONFIGS: bigger numbers, +1 / +2 steps, a distractor clause). The five
+    never have a leak clause: the base's leak_share / leak_decoy are ignored for them.
+    leak_sets: also return "leak" and "leak_decoy" (LEAK_TEST_SET_CONFIGS, derived from the
+    base); default: when ``base.leak_share > 0``. Both are drawn with the seed of "leak", so
+    ``leak_decoy[i]`` is ``leak[i]`` with the clause's number replaced by a wrong one.
     """
-    configs = TEST_SET_CONFIGS
+    if leak_sets is None:
+        leak_sets = base is not None and base.leak_share > 0
+    configs = dict(TEST_SET_CONFIGS)
+    leak_configs = dict(LEAK_TEST_SET_CONFIGS)
     if base is not None:
+        base = dataclasses.replace(base, leak_share=0.0, leak_decoy=False)
         configs = {
             "in_dist": dataclasses.replace(base, name="in_dist"),
             "big_numbers": dataclasses.replace(
@@ -317,14 +427,23 @@ def test_sets(seed: int, n: int, base: SyntheticTask | None = None) -> dict[str,
             "extra_step_2": dataclasses.replace(base, extra_steps=base.extra_steps + 2, name="extra_step_2"),
             "distractor": dataclasses.replace(base, distractor=True, name="distractor"),
         }
-    return {name: generate_problems(cfg, n, seed=_derive_seed("test", seed, name)) for name, cfg in configs.items()}
+        leak_configs = {
+            "leak": dataclasses.replace(base, leak_share=1.0, name="leak"),
+            "leak_decoy": dataclasses.replace(base, leak_share=1.0, leak_decoy=True, name="leak_decoy"),
+        }
+    sets = {name: generate_problems(cfg, n, seed=_derive_seed("test", seed, name)) for name, cfg in configs.items()}
+    if leak_sets:
+        for name, cfg in leak_configs.items():
+            sets[name] = generate_problems(cfg, n, seed=_derive_seed("test", seed, "leak"))
+    return sets
 
 
 def problem_keys(problems: Iterable[Problem] | dict[str, list[Problem]]) -> set[str]:
-    """Math keys of problems (or of every set in a ``test_sets`` dict)."""
+    """Math keys of problems (or of every set in a ``test_sets`` dict): ``key`` and, for leaked
+    problems, also ``base_key`` (the same math without the leak clause)."""
     if isinstance(problems, dict):
-        return {p.key for ps in problems.values() for p in ps}
-    return {p.key for p in problems}
+        problems = [p for ps in problems.values() for p in ps]
+    return {k for p in problems for k in (p.key, p.base_key)}
 
 
 # ----------------------------------------------------------------------------- solutions
@@ -381,9 +500,10 @@ def _lucky_answer_patched(p: Problem, rng: random.Random) -> str | None:
 
 def _lucky_distractor_detour(p: Problem, rng: random.Random) -> str | None:
     """Adds and then removes the distractor number: right answer, irrelevant operand used."""
-    if not p.distractors:
+    plain = p.distractors[:-1] if p.leak is not None else p.distractors  # not the leak clause
+    if not plain:
         return None
-    d = p.distractors[0]
+    d = plain[0]
     i = rng.randrange(len(p.steps))
     v = p.steps[i].result
     texts = [s.text() for s in p.steps]
@@ -414,9 +534,44 @@ def lucky_solution(problem: Problem, rng: random.Random) -> tuple[str, str] | No
     return None
 
 
+COPY_KIND = "answer_copied"
+
+
+def _answer_copied(p: Problem, rng: random.Random) -> str | None:
+    """Shortcut trace on a leaked problem: a slip at step i propagates through the rest of the
+    chain (later steps compute right on the wrong value), and the answer line ignores the chain
+    and copies the leak clause's number. None when the problem has no leak."""
+    if p.leak is None:
+        return None
+    for _ in range(8):  # the wrong chain may land on the leaked number by chance; redraw
+        i = rng.randrange(len(p.steps))
+        value = _slip(rng, p.steps[i].result)
+        texts = [s.text() for s in p.steps[:i]] + [p.steps[i].text(result=value)]
+        for s in p.steps[i + 1 :]:
+            nxt = apply_op(value, s.op, s.right)
+            nxt = value // s.right if nxt is None else nxt  # inexact "/": a floor slip
+            texts.append(s.text(left=value, result=nxt))
+            value = nxt
+        if value != p.leak:
+            return _join(texts, p.leak)
+    return None
+
+
+def copied_solution(problem: Problem, rng: random.Random) -> tuple[str, str] | None:
+    """An "answer_copied" trace (see ``_answer_copied``) and its kind, verified lucky; None when
+    the problem has no leak clause whose number is the answer (or no lucky trace was found)."""
+    if problem.leak is None or problem.leak != problem.answer:
+        return None
+    for _ in range(4):
+        text = _answer_copied(problem, rng)
+        if text is not None and check_solution(problem, text)["lucky"]:
+            return text, COPY_KIND
+    return None
+
+
 @dataclass(frozen=True)
 class SFTRecord:
-    """One SFT example; ``kind`` is "gold" or a LUCKY_KINDS name."""
+    """One SFT example; ``kind`` is "gold", a LUCKY_KINDS name or COPY_KIND ("answer_copied")."""
 
     prompt: str
     completion: str
@@ -425,14 +580,34 @@ class SFTRecord:
     problem_id: str
 
 
-def sft_records(problems: Sequence[Problem], lucky_share: float, seed: int) -> list[SFTRecord]:
-    """One trace per problem; exactly ``round(lucky_share * len(problems))`` are lucky.
+def sft_records(problems: Sequence[Problem], lucky_share: float, seed: int, copy_share: float = 0.0) -> list[SFTRecord]:
+    """One trace per problem; exactly ``round(lucky_share * len(problems))`` are lucky kinds.
 
     The lucky problems are a seeded random subset; a problem on which no lucky trace can be
     built is skipped for the next one in the shuffled order (an error if too few remain).
+    copy_share: of the problems whose leak clause carries the answer (shortcut variant),
+    exactly ``round(copy_share * n_leaked)`` get an "answer_copied" trace (also lucky), chosen
+    first with their own seeded rng; the lucky kinds then go to other problems. 0 (default)
+    leaves the result exactly as without it.
     """
     if not 0.0 <= lucky_share <= 1.0:
         raise SyntheticTaskError(f"sft_traces: lucky_share must be in [0, 1], got {lucky_share}")
+    if not 0.0 <= copy_share <= 1.0:
+        raise SyntheticTaskError(f"sft_traces: copy_share must be in [0, 1], got {copy_share}")
+    copied: dict[int, tuple[str, str]] = {}
+    if copy_share > 0:
+        leaked = [i for i, p in enumerate(problems) if p.leak is not None and p.leak == p.answer]
+        n_copy = round(copy_share * len(leaked))
+        copy_rng = random.Random(_derive_seed("sft-copy", seed))
+        copy_rng.shuffle(leaked)
+        for idx in leaked:
+            if len(copied) == n_copy:
+                break
+            made = copied_solution(problems[idx], copy_rng)
+            if made is not None:
+                copied[idx] = made
+        if len(copied) < n_copy:
+            raise SyntheticTaskError(f"sft_traces: could build only {len(copied)} copied traces of {n_copy}")
     n_lucky = round(lucky_share * len(problems))
     rng = random.Random(_derive_seed("sft", seed))
     order = list(range(len(problems)))
@@ -441,12 +616,15 @@ def sft_records(problems: Sequence[Problem], lucky_share: float, seed: int) -> l
     for idx in order:
         if len(lucky) == n_lucky:
             break
+        if idx in copied:
+            continue
         made = lucky_solution(problems[idx], rng)
         if made is not None:
             lucky[idx] = made
     if len(lucky) < n_lucky:
         raise SyntheticTaskError(f"sft_traces: could build only {len(lucky)} lucky traces of {n_lucky} requested")
     records = []
+    lucky.update(copied)
     for idx, p in enumerate(problems):
         if idx in lucky:
             text, kind = lucky[idx]
@@ -456,9 +634,11 @@ def sft_records(problems: Sequence[Problem], lucky_share: float, seed: int) -> l
     return records
 
 
-def sft_traces(problems: Sequence[Problem], lucky_share: float, seed: int) -> list[tuple[str, str]]:
+def sft_traces(
+    problems: Sequence[Problem], lucky_share: float, seed: int, copy_share: float = 0.0
+) -> list[tuple[str, str]]:
     """``[(prompt, completion)]`` with a controlled share of lucky traces (see ``sft_records``)."""
-    return [(r.prompt, r.completion) for r in sft_records(problems, lucky_share, seed)]
+    return [(r.prompt, r.completion) for r in sft_records(problems, lucky_share, seed, copy_share)]
 
 
 def dataset_rows(problems: Sequence[Problem], source: str | None = None) -> list[dict]:
