@@ -18,18 +18,47 @@ def cores() -> int:
     return len(os.sched_getaffinity(0))
 
 
+# the /proc/cpuinfo flags that decide a matmul's speed, in the order machine() names them:
+# x86 vector width and fused multiply-add, its int8 / bfloat16 / float16 dot-product extensions and
+# AMX tiles; aarch64 ("Features") NEON, SVE and its bfloat16 / int8 matmul extensions
+ISA_FLAGS = (
+    "avx2",
+    "fma",
+    "avx512f",
+    "avx512_vnni",
+    "avx_vnni",
+    "avx512_bf16",
+    "avx512_fp16",
+    "amx_tile",
+    "amx_bf16",
+    "amx_int8",
+    "asimd",
+    "sve",
+    "sve2",
+    "bf16",
+    "i8mm",
+)
+
+
 def machine() -> str:
-    """'<cpu model>, <n> cores' for the benchmark summary line."""
+    """'<cpu model>, <n> cores' for the benchmark summary line, followed by '; ISA <flags>' (the
+    ISA_FLAGS that /proc/cpuinfo lists, e.g. '; ISA avx2 fma avx512f avx512_bf16') when there
+    are any: the prefix up to the core count stays the same for every parser of this line."""
     model = platform.processor() or "cpu"
+    fields: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
+            for line in f:  # the first processor's values (an empty line ends its block)
+                if not line.strip():
                     break
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
-    return f"{model}, {cores()} cores"
+    model = fields.get("model name", model)
+    flags = set(fields.get("flags", fields.get("Features", "")).split())
+    isa = [f for f in ISA_FLAGS if f in flags]
+    return f"{model}, {cores()} cores" + (f"; ISA {' '.join(isa)}" if isa else "")
 
 
 def gsm8k_chat_prompts(tok, batch: int, max_len: int) -> list[list[int]]:

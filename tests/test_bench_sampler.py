@@ -1,9 +1,11 @@
 """experiments/bench_sampler.py end to end on a tiny setting: both sides run, agree on the
-greedy tokens, and the last line is the JSON summary (the speed figures themselves are the
-benchmark's business, not a test's)."""
+greedy tokens, print the decode step's floor (matmul chain + K/V cache read) per batch, and the
+last line is the JSON summary (the speed figures themselves are the benchmark's business, not a
+test's)."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -47,3 +49,29 @@ def test_bench_sampler_smoke():
     assert bw["ours"] > 0 and bw["baseline"] > 0
     assert bw["ratio"] == pytest.approx(bw["ours"] / bw["baseline"], rel=1e-2)
     assert cases["peak RSS batch 2"]["ours"] > 500  # the float32 weights alone are 513 MiB
+
+    # the floor: one line per batch, the parts add up, every figure positive (how close the step
+    # comes to it depends on the machine's load)
+    floors = [
+        re.search(
+            r"floor: matmul chain ([\d.]+) ms \+ KV cache ([\d.]+) ms = ([\d.]+) ms; "
+            r"our step ([\d.]+) ms = ([\d.]+) x the floor",
+            l,
+        )
+        for l in lines
+        if "floor: matmul chain" in l
+    ]
+    assert len(floors) == 1 and floors[0], proc.stdout
+    chain, kv, floor, step, times = map(float, floors[0].groups())
+    assert min(chain, kv, floor, step, times) > 0
+    assert floor == pytest.approx(chain + kv, abs=0.02) and times == pytest.approx(step / floor, rel=0.02, abs=0.01)
+    fl = cases["decode step / floor batch 2"]
+    assert fl["ours"] > 0 and fl["baseline"] > 0 and fl["ratio"] == pytest.approx(fl["baseline"] / fl["ours"], rel=1e-2)
+    assert fl["floor_ms"] == pytest.approx(fl["matmul_chain_ms"] + fl["kv_cache_ms"], abs=1e-2)
+    assert min(fl["floor_ms"], fl["matmul_chain_ms"], fl["kv_cache_ms"]) > 0
+
+    # the machine line keeps its '<cpu>, <n> cores' prefix; the ISA flags follow it
+    from experiments.bench_common import cores, machine
+
+    assert summary["machine"] == machine() and f", {cores()} cores" in summary["machine"]
+    assert lines[0].startswith(f"machine: {machine()}; load average")
