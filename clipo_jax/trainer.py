@@ -336,26 +336,47 @@ class MetricsWriter:
 
 
 # ============================================================================ model setup
+def init_model_config(config, vocab_size: int) -> ModelConfig:
+    """The ModelConfig of a config.model.source='init:<preset>' model (random weights)."""
+    m = config.model
+    preset = m.source[len("init:") :]
+    if preset not in PRESETS and preset != "custom":
+        raise TrainingError(f"config.model.source={m.source!r}: unknown preset; valid: {sorted(PRESETS)} or custom")
+    base = PRESETS.get(preset, ModelConfig())
+    overrides = {
+        k: m[k] for k in ("d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff") if m.get(k) is not None
+    }
+    return base.replace(
+        vocab_size=vocab_size,
+        dtype=m.dtype,
+        max_seq_len=m.get("max_seq_len", 512),
+        attention_impl=m.get("attention_impl", "einsum"),
+        **overrides,
+    )
+
+
+def step_config(rl) -> StepConfig:
+    """The train step's static options from config.rl."""
+    return StepConfig(
+        policy_loss=rl.policy_loss,
+        policy_loss_opts=_policy_opts(rl),
+        aggregation=rl.aggregation,
+        kl_coef=rl.kl_coef,
+        kl_estimator=rl.kl_estimator,
+        kl_clamp=rl.kl_clamp,
+        entropy_coef=rl.entropy_coef,
+        temperature=max(rl.temperature, 1e-6),
+        micro_batches=rl.micro_batches,
+        use_old_logp=(rl.epochs > 1 or rl.mini_batches > 1),
+        tis_cap=rl.tis_cap or None,
+        remat=rl.remat,
+    )
+
+
 def build_model(config, vocab_size: int, rng) -> tuple[ModelConfig, Any]:
     m = config.model
     if m.source.startswith("init:"):
-        preset = m.source[len("init:") :]
-        if preset not in PRESETS and preset != "custom":
-            raise TrainingError(f"config.model.source={m.source!r}: unknown preset; valid: {sorted(PRESETS)} or custom")
-        base = PRESETS.get(preset, ModelConfig())
-        overrides = {
-            k: m[k]
-            for k in ("d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff")
-            if m.get(k) is not None
-        }
-        attention = m.get("attention_impl", "einsum")
-        cfg = base.replace(
-            vocab_size=vocab_size,
-            dtype=m.dtype,
-            max_seq_len=m.get("max_seq_len", 512),
-            attention_impl=attention,
-            **overrides,
-        )
+        cfg = init_model_config(config, vocab_size)
         return cfg, transformer.init_params(cfg, rng)
     cfg, params, _ = load_model(m.source, with_tokenizer=False)
     return cfg.replace(dtype=m.dtype, attention_impl=m.get("attention_impl", "einsum")), params
@@ -488,20 +509,7 @@ def _setup_model(config, task, mesh, rewards, root) -> tuple["RunContext", Any]:
         dynamic_max_rounds=rl.dynamic_max_rounds,
         chunk_prompts=chunk_prompts,
     )
-    step_cfg = StepConfig(
-        policy_loss=rl.policy_loss,
-        policy_loss_opts=_policy_opts(rl),
-        aggregation=rl.aggregation,
-        kl_coef=rl.kl_coef,
-        kl_estimator=rl.kl_estimator,
-        kl_clamp=rl.kl_clamp,
-        entropy_coef=rl.entropy_coef,
-        temperature=max(rl.temperature, 1e-6),
-        micro_batches=rl.micro_batches,
-        use_old_logp=(rl.epochs > 1 or rl.mini_batches > 1),
-        tis_cap=rl.tis_cap or None,
-        remat=rl.remat,
-    )
+    step_cfg = step_config(rl)
     clipo_cfg = contrastive.ContrastiveConfig(**_clipo_static(config)) if config.clipo.enabled else None
     ctx = RunContext(config, task, cfg, mesh, sampler, spec, eval_cfg, step_cfg, clipo_cfg, rewards)
     return ctx, params

@@ -103,13 +103,12 @@ def model_config(config, shape: str | None):
             raise PlanError(f"--shape={shape!r} is not one of {sorted(PRESETS)}")
         cfg = PRESETS[shape]
     elif m.source.startswith("init:"):
-        preset = m.source[len("init:") :]
-        cfg = PRESETS.get(preset, PRESETS["tiny_llama"] if preset == "custom" else None)
-        if cfg is None:
-            raise PlanError(f"config.model.source={m.source!r}: unknown preset")
-        vocab = _task_vocab(config)
-        overrides = {k: m[k] for k in ("d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff") if m.get(k)}
-        cfg = cfg.replace(vocab_size=vocab or cfg.vocab_size, max_seq_len=m.get("max_seq_len", 512), **overrides)
+        from clipo_jax import trainer
+
+        try:
+            return trainer.init_model_config(config, _task_vocab(config))
+        except trainer.TrainingError as e:
+            raise PlanError(str(e)) from None
     else:
         path = loading.resolve_model_path(m.source) if m.source else ""
         if not path or not os.path.isfile(os.path.join(path, "config.json")):
@@ -121,35 +120,29 @@ def model_config(config, shape: str | None):
     return cfg.replace(dtype=m.dtype, attention_impl=m.get("attention_impl", "einsum"))
 
 
-def _task_vocab(config) -> int | None:
-    """The embedded task's vocabulary size (the demo builds its model to the task's tokenizer)."""
-    t = config.task
-    if t.name == "synthetic":
-        import tempfile
+def _task_vocab(config) -> int:
+    """The task tokenizer's vocabulary size (an init: model is built to it)."""
+    import tempfile
 
-        from clipo_jax import tasks
+    from clipo_jax import tasks
 
-        with tempfile.TemporaryDirectory() as tmp:  # the task trains its tokenizer into a workdir
-            return tasks.build_task(t, tmp).tokenizer.vocab_size
-    return t.get("vocab_size")
+    with tempfile.TemporaryDirectory() as tmp:  # the synthetic task trains its tokenizer into a workdir
+        return tasks.build_task(config.task, tmp).tokenizer.vocab_size
 
 
-def step_sizes(config, devices_for_batch: int) -> dict[str, int]:
-    """Rows and lengths of one RL step as the trainer and Sampler would run it."""
+def step_sizes(config, sampler) -> dict[str, int]:
+    """Rows and lengths of one RL step as the trainer and this Sampler would run them."""
     from clipo_jax import sampling
 
     rl = config.rl
     P, G = rl.prompts_per_step, rl.group_size
-    Tp = sampling.bucket(rl.max_prompt_len, 16, 4)
+    Tp = sampler.length_bucket(rl.max_prompt_len)
     N = rl.max_new_tokens
-    chunk = rl.get("rollout_chunk_prompts", 0) or P
-    chunk = min(chunk, P)
+    chunk = min(rl.get("rollout_chunk_prompts", 0) or P, P)
     rows = sampling.bucket(chunk, 1)
-    while (rows * G) % devices_for_batch:
+    while (rows * G) % sampler.min_batch_bucket:  # as Sampler._sample pads a call's prompts
         rows *= 2
-    group = 8  # Sampler's default prefill_group_rows, rounded to the batch devices
-    group = -(-group // devices_for_batch) * devices_for_batch
-    prefill_rows = group if rows >= 2 * group and rows % group == 0 else rows
+    prefill_rows = len(sampler.row_groups([Tp] * chunk, rows)[0])
     logp_chunks = rl.get("logprob_chunks", 1) or 1
     return dict(
         prompts=P,
@@ -201,14 +194,13 @@ class Planner:
         from jax.sharding import NamedSharding
         from jax.sharding import PartitionSpec as P
 
-        from clipo_jax import contrastive, parallel, trainer
+        from clipo_jax import contrastive, parallel, sampling, trainer
         from clipo_jax.models import transformer
-        from clipo_jax.rl.step import StepConfig, TrainState, make_optimizer
+        from clipo_jax.rl.step import TrainState, make_optimizer
 
         self.config, self.cfg, self.mesh, self.unroll = config, cfg, mesh, unroll_layers
         rl = config.rl
-        batch_devices = mesh.shape["data"] * mesh.shape["fsdp"]
-        self.sizes = step_sizes(config, batch_devices)
+        self.sizes = step_sizes(config, sampling.Sampler(cfg, mesh, unroll_layers=unroll_layers))
         self.replicated = NamedSharding(mesh, P())
         shapes = jax.eval_shape(lambda: transformer.init_params(cfg, jax.random.key(0)))
         p_sh = parallel.tree_shardings(mesh, transformer.param_logical_axes(cfg), shapes)
@@ -222,20 +214,7 @@ class Planner:
         self.state = TrainState(
             self.params, _abstract(opt_shapes, opt_sh), jax.ShapeDtypeStruct((), jnp.int32, sharding=self.replicated)
         )
-        self.step_cfg = StepConfig(
-            policy_loss=rl.policy_loss,
-            policy_loss_opts=trainer._policy_opts(rl),
-            aggregation=rl.aggregation,
-            kl_coef=rl.kl_coef,
-            kl_estimator=rl.kl_estimator,
-            kl_clamp=rl.kl_clamp,
-            entropy_coef=rl.entropy_coef,
-            temperature=max(rl.temperature, 1e-6),
-            micro_batches=rl.micro_batches,
-            use_old_logp=(rl.epochs > 1 or rl.mini_batches > 1),
-            tis_cap=rl.tis_cap or None,
-            remat=rl.remat,
-        )
+        self.step_cfg = trainer.step_config(rl)
         self.clipo_cfg = None
         self.head = None
         if config.clipo.enabled:
