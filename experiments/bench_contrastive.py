@@ -3,6 +3,7 @@ of the reference's BxB computation.
 
   python -m experiments.bench_contrastive                 # both tracks, ~5-10 min on 2 cores
   python -m experiments.bench_contrastive --tracks=II --repeats=3
+  python -m experiments.bench_contrastive --quick         # tiny shapes, 1 repeat: checks it runs
 
 Cases (InfoNCE, group level, cosine, tau 0.05, masked_label 0, skip_trivial on, float32, CPU):
   loss: forward + backward of the batch loss w.r.t. given unit-norm embeddings [B, d].
@@ -11,12 +12,23 @@ Cases (InfoNCE, group level, cosine, tau 0.05, masked_label 0, skip_trivial on, 
         ours = contrastive.head_step (jit) vs the same in PyTorch (nn.Linear + AdamW).
   floor: the head's two matrix products alone (forward x @ W and the weight gradient x^T @ dz),
         jit, i.e. what any implementation of the step must pay.
+  loss floor: the loss against its own memory floor. Bytes counted: the loss's inputs, each read
+        once -- the embeddings z [B, d] float32 (4*B*d), the labels [B] int32 and the group ids
+        [B] int32 (4*B each); not counted: the gradient w.r.t. z it writes (another 4*B*d), the
+        PRNG key and any re-reads, so the floor is a lower bound. Divided by the machine's read
+        bandwidth, measured in the loss_ours worker process right after its timed runs: the best
+        of 5 of a jitted sum over a --bandwidth_mib (1 GiB) float32 array. Printed per track as
+        `loss floor: X MB read / Y GB/s = Z ms; ours W ms = R x the floor` (MB = 1e6 bytes,
+        GB/s = 1e9 bytes/s, R = W / Z).
 Every measurement runs in its own subprocess (so memory does not leak between cases): warmup,
 then the median of --repeats runs. Memory: for JAX the compiled executable's
 memory_analysis() (arguments + outputs + temporaries, what XLA plans to hold at peak); for every
 case also the peak-RSS delta of the subprocess (ru_maxrss after the runs minus the RSS just
 before the first call), which includes allocator overheads.
-The last line is the JSON summary (ratio = torch_time / our_time, bigger is better).
+The first line names the machine (bench_common.machine(): CPU model, cores, ISA flags). The last
+line is the JSON summary (ratio = baseline_time / our_time, bigger is better; for the floors the
+baseline is the floor, so ratio <= 1 and the loss-floor entry adds floor_x = our_time / floor).
+--quick runs tiny shapes (TRACKS_QUICK) with 1 repeat: only for checking that the bench runs.
 """
 
 import json
@@ -37,10 +49,47 @@ flags.DEFINE_string("tracks", "I,II", "comma list of tracks to run: I, II")
 flags.DEFINE_integer("repeats", 5, "timed runs per measurement (median reported)")
 flags.DEFINE_string("worker", None, "internal: run one measurement '<what>:<track>' and exit")
 flags.DEFINE_bool("skip_torch", False, "skip the PyTorch baselines")
+flags.DEFINE_bool("quick", False, "tiny shapes and 1 repeat (a smoke run; the timings mean nothing)")
+flags.DEFINE_integer("bandwidth_mib", 1024, "size of the float32 array summed to measure memory bandwidth")
 
 # prompts, group size, hidden, d_out
 TRACKS = {"I": (512, 16, 2048, 512), "II": (128, 16, 3584, 2048)}
+TRACKS_QUICK = {"I": (8, 16, 64, 32), "II": (4, 16, 96, 64)}
 TAU, EPS = 0.05, 1e-8
+
+
+def _shape(track):
+    return (TRACKS_QUICK if FLAGS.quick else TRACKS)[track]
+
+
+def _repeats() -> int:
+    return 1 if FLAGS.quick else FLAGS.repeats
+
+
+def _loss_read_bytes(track) -> int:
+    """What the loss must read at least (see the module docstring): z [B, d] float32 once, plus
+    the labels and group ids [B] int32."""
+    p, g, _, d = _shape(track)
+    b = p * g
+    return 4 * b * d + 4 * b + 4 * b
+
+
+def _read_bandwidth_gbs(mib: int) -> float:
+    """Read bandwidth in GB/s: the best of 5 of a jitted sum over a `mib` MiB float32 array (other
+    jobs on the machine only ever make a run slower)."""
+    import jax
+    import jax.numpy as jnp
+
+    x = jnp.ones((mib << 18,), jnp.float32)
+    total = jax.jit(jnp.sum)
+    total(x).block_until_ready()
+    best = 0.0
+    for _ in range(5):
+        t = time.perf_counter()
+        total(x).block_until_ready()
+        best = max(best, x.nbytes / (time.perf_counter() - t) / 1e9)
+    del x
+    return best
 
 
 def _rss_mib() -> float:
@@ -68,7 +117,7 @@ def _time(fn, repeats):
 def _inputs(track, seed=0):
     import numpy as np
 
-    p, g, hidden, d = TRACKS[track]
+    p, g, hidden, d = _shape(track)
     rng = np.random.default_rng(seed)
     b = p * g
     labels = rng.integers(0, 2, b).astype(np.int32)
@@ -92,7 +141,7 @@ def _worker_jax_loss(track, dense):
     from clipo_jax import contrastive as C
 
     z, labels, group_ids, _ = _inputs(track)
-    g = TRACKS[track][1]
+    g = _shape(track)[1]
     z, labels, group_ids = map(jnp.asarray, (z, labels, group_ids))
     key = jax.random.key(0)
 
@@ -101,8 +150,11 @@ def _worker_jax_loss(track, dense):
 
     fn = jax.jit(jax.value_and_grad(batch_loss))
     mem = _jax_mem_mib(fn.lower(z).compile())
-    t, rss = _time(lambda: jax.block_until_ready(fn(z)), FLAGS.repeats)
-    return {"time_s": t, "rss_mib": rss, "xla_mib": mem}
+    t, rss = _time(lambda: jax.block_until_ready(fn(z)), _repeats())
+    out = {"time_s": t, "rss_mib": rss, "xla_mib": mem}
+    if not dense:  # the memory floor's bandwidth, in this same process, after the timed runs
+        out["read_gbs"] = _read_bandwidth_gbs(FLAGS.bandwidth_mib)
+    return out
 
 
 def _worker_jax_step(track):
@@ -112,7 +164,7 @@ def _worker_jax_step(track):
     from clipo_jax import contrastive as C
 
     _, labels, group_ids, pooled = _inputs(track)
-    p, g, hidden, d = TRACKS[track]
+    p, g, hidden, d = _shape(track)
     labels, group_ids, pooled = map(jnp.asarray, (labels, group_ids, pooled))
     cfg = C.ContrastiveConfig(group_size=g, d_out=d)
     state = C.init_head_state(jax.random.key(0), hidden, cfg)
@@ -126,7 +178,7 @@ def _worker_jax_step(track):
         box[0], per, loss, _ = C.head_step(box[0], pooled, labels, group_ids, key, cfg)
         jax.block_until_ready((box[0], per, loss))
 
-    t, rss = _time(run, FLAGS.repeats)
+    t, rss = _time(run, _repeats())
     return {"time_s": t, "rss_mib": rss, "xla_mib": mem}
 
 
@@ -136,13 +188,13 @@ def _worker_jax_floor(track):
     import numpy as np
 
     _, _, _, pooled = _inputs(track)
-    p, g, hidden, d = TRACKS[track]
+    p, g, hidden, d = _shape(track)
     w = jnp.asarray(np.random.default_rng(1).normal(size=(hidden, d)).astype(np.float32))
     dz = jnp.asarray(np.random.default_rng(2).normal(size=(p * g, d)).astype(np.float32))
     x = jnp.asarray(pooled)
     fn = jax.jit(lambda x, w, dz: (x @ w, x.T @ dz))
     mem = _jax_mem_mib(fn.lower(x, w, dz).compile())
-    t, rss = _time(lambda: jax.block_until_ready(fn(x, w, dz)), FLAGS.repeats)
+    t, rss = _time(lambda: jax.block_until_ready(fn(x, w, dz)), _repeats())
     return {"time_s": t, "rss_mib": rss, "xla_mib": mem}
 
 
@@ -184,7 +236,7 @@ def _worker_torch_loss(track):
         loss.backward()
         return e.grad
 
-    t, rss = _time(run, FLAGS.repeats)
+    t, rss = _time(run, _repeats())
     return {"time_s": t, "rss_mib": rss, "xla_mib": None}
 
 
@@ -193,7 +245,7 @@ def _worker_torch_step(track):
 
     torch.set_num_threads(_cores())
     _, labels, group_ids, pooled = _inputs(track)
-    p, g, hidden, d = TRACKS[track]
+    p, g, hidden, d = _shape(track)
     torch.manual_seed(0)
     head = torch.nn.Linear(hidden, d, bias=False)
     opt = torch.optim.AdamW(head.parameters(), lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
@@ -208,7 +260,7 @@ def _worker_torch_step(track):
         opt.step()
         return per.detach()
 
-    t, rss = _time(run, FLAGS.repeats)
+    t, rss = _time(run, _repeats())
     return {"time_s": t, "rss_mib": rss, "xla_mib": None}
 
 
@@ -217,11 +269,11 @@ def _worker_torch_floor(track):
 
     torch.set_num_threads(_cores())
     _, _, _, pooled = _inputs(track)
-    p, g, hidden, d = TRACKS[track]
+    p, g, hidden, d = _shape(track)
     x = torch.from_numpy(pooled)
     w = torch.randn(hidden, d)
     dz = torch.randn(p * g, d)
-    t, rss = _time(lambda: (x @ w, x.T @ dz), FLAGS.repeats)
+    t, rss = _time(lambda: (x @ w, x.T @ dz), _repeats())
     return {"time_s": t, "rss_mib": rss, "xla_mib": None}
 
 
@@ -243,7 +295,8 @@ def _spawn(what, track):
         "experiments.bench_contrastive",
         f"--worker={what}:{track}",
         f"--repeats={FLAGS.repeats}",
-    ]
+        f"--bandwidth_mib={FLAGS.bandwidth_mib}",
+    ] + (["--quick"] if FLAGS.quick else [])
     res = subprocess.run(
         cmd, capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     )
@@ -263,6 +316,12 @@ def main(argv):
     for t in tracks:
         if t not in TRACKS:
             raise app.UsageError(f"--tracks: unknown track {t!r} (use I, II)")
+    print(
+        f"CLIPO contrastive bench on {_machine()} (JAX {__import__('jax').__version__}, float32, "
+        f"median of {_repeats()}{', --quick: tiny shapes' if FLAGS.quick else ''}); "
+        f"load average at start: {os.getloadavg()}",
+        flush=True,
+    )
     names = ["loss_ours", "loss_dense", "step_ours", "floor_jax"]
     if not FLAGS.skip_torch:
         names += ["loss_torch", "step_torch", "floor_torch"]
@@ -279,13 +338,17 @@ def main(argv):
         v = res.get((n, t), {}).get(key)
         return "-" if v is None else f"{v:,.0f}"
 
-    print(
-        f"\nCLIPO contrastive bench on {_machine()} (JAX {__import__('jax').__version__}, "
-        f"float32, median of {FLAGS.repeats})"
-    )
+    def loss_floor(t):
+        """(MB read, GB/s, floor ms, ours ms, ours / floor) of the loss on track t."""
+        mb = _loss_read_bytes(t) / 1e6
+        gbs = res["loss_ours", t]["read_gbs"]
+        floor = mb / gbs  # MB / (GB/s) = ms
+        return mb, gbs, floor, ms("loss_ours", t), ms("loss_ours", t) / floor
+
+    print()
     print(f"{'case':<34}{'time ms':>12}{'XLA MiB':>10}{'RSS d MiB':>11}")
     for t in tracks:
-        p, g, hidden, d = TRACKS[t]
+        p, g, hidden, d = _shape(t)
         print(f"-- track {t}: {p} prompts x {g} = {p * g} responses, hidden {hidden} -> {d}")
         for n in names:
             print(f"{n:<34}{ms(n, t):>12.1f}{mib(n, t, 'xla_mib'):>10}{mib(n, t, 'rss_mib'):>11}")
@@ -294,6 +357,10 @@ def main(argv):
             print(f"{'loss: jax dense / ours':<34}{ms('loss_dense', t) / ms('loss_ours', t):>12.1f}x")
             print(f"{'step: torch / ours':<34}{ms('step_torch', t) / ms('step_ours', t):>12.1f}x")
         print(f"{'step: ours / matmul floor (jax)':<34}{ms('step_ours', t) / ms('floor_jax', t):>12.2f}x")
+        mb, gbs, floor, ours, times = loss_floor(t)
+        print(
+            f"loss floor: {mb:.4g} MB read / {gbs:.4g} GB/s = {floor:.4g} ms; ours {ours:.4g} ms = {times:.4g} x the floor"
+        )
 
     results = []
     for t in tracks:
@@ -318,6 +385,20 @@ def main(argv):
                 "baseline_name": "jit x@W + x^T@dz alone",
                 "ratio": round(ms("floor_jax", t) / ms("step_ours", t), 3),
                 "unit": "ms",
+            }
+        )
+        mb, gbs, floor, ours, times = loss_floor(t)
+        results.append(
+            {
+                "case": f"loss track {t} vs memory floor",
+                "ours": float(f"{ours:.4g}"),
+                "baseline": float(f"{floor:.4g}"),
+                "baseline_name": "bytes read (z, labels, group ids once) / measured read bandwidth",
+                "ratio": float(f"{floor / ours:.4g}"),
+                "unit": "ms",
+                "floor_x": float(f"{times:.4g}"),
+                "read_mb": float(f"{mb:.4g}"),
+                "bandwidth_gbs": round(gbs, 2),
             }
         )
         results.append(
