@@ -26,7 +26,12 @@ def test_bench_contrastive_quick_memory_floor():
     lines = proc.stdout.strip().splitlines()
 
     from experiments.bench_common import cores, machine
-    from experiments.bench_contrastive import TRACKS_QUICK
+
+    # the bench module defines absl flags: read its quick shapes in a child process, not here,
+    # where other experiments modules' flags of the same names are already defined
+    probe = "import json; from experiments.bench_contrastive import TRACKS_QUICK; print(json.dumps(TRACKS_QUICK))"
+    shapes = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True)
+    tracks_quick = json.loads(shapes.stdout.strip().splitlines()[-1])
 
     assert lines[0].startswith(f"CLIPO contrastive bench on {machine()} (")
     assert f", {cores()} cores" in lines[0]
@@ -39,13 +44,13 @@ def test_bench_contrastive_quick_memory_floor():
         for line in lines
         if line.startswith("loss floor:")
     ]
-    assert len(floors) == len(TRACKS_QUICK) and all(floors), proc.stdout
+    assert len(floors) == len(tracks_quick) and all(floors), proc.stdout
     summary = json.loads(lines[-1])
     assert summary["bench"] == "contrastive" and summary["machine"] == machine()
     cases = {r["case"]: r for r in summary["results"]}
     # what the docstring counts: z [B, d] float32 + labels and group ids [B] int32, once each
-    quick_bytes = {t: 4 * p * g * d + 8 * p * g for t, (p, g, _, d) in TRACKS_QUICK.items()}
-    for track, m in zip(TRACKS_QUICK, floors):
+    quick_bytes = {t: 4 * p * g * d + 8 * p * g for t, (p, g, _, d) in tracks_quick.items()}
+    for track, m in zip(tracks_quick, floors):
         mb, gbs, floor, ours, times = map(float, m.groups())
         assert min(mb, gbs, floor, ours, times) > 0
         assert mb == pytest.approx(quick_bytes[track] / 1e6, rel=1e-3)
