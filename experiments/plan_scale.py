@@ -244,7 +244,8 @@ class Planner:
         return jax.ShapeDtypeStruct(shape, dtype, sharding=parallel.batch_sharding(self.mesh, len(shape), shape[0]))
 
     def programs(self) -> dict[str, tuple]:
-        """name -> (jitted fn, abstract args, resident bytes among the args, model FLOPs, decode bytes/step)."""
+        """name -> a builder returning (jitted fn, abstract args, resident bytes among the args, model
+        FLOPs, decode bytes per step), or None when the program does not apply."""
         return {
             "train": self._train,
             "logp": self._logp,
@@ -328,7 +329,7 @@ class Planner:
         import jax
         import jax.numpy as jnp
 
-        from clipo_jax import parallel, sampling
+        from clipo_jax import sampling
         from clipo_jax.models.transformer import KVCache
 
         s = self.sizes
@@ -370,7 +371,6 @@ class Planner:
             prev = size
         weights = _device_bytes(self.rollout_params)
         bytes_per_step = weights + kv_read / N / self.mesh.size
-        del parallel
         args = (self.rollout_params, cache, h, tokens, mask, rng)
         return jax.jit(fn), args, self._rollout_resident(), flops, bytes_per_step
 
@@ -696,7 +696,7 @@ def main(argv):
     from experiments.bench_common import machine
 
     try:
-        mesh_sizes = parallel_mesh = parse_mesh(FLAGS.mesh)
+        mesh_sizes = parse_mesh(FLAGS.mesh)
         devices = jax.devices()
         mesh = parallel.make_mesh(mesh_sizes["data"], mesh_sizes["fsdp"], mesh_sizes["tensor"], devices)
         cfg = model_config(FLAGS.config, FLAGS.shape)
@@ -706,7 +706,6 @@ def main(argv):
         planner = Planner(FLAGS.config, cfg, mesh, unroll_layers=FLAGS.unroll_layers)
     except (PlanError, parallel.ParallelError, ValueError) as e:
         sys.exit(f"error: {e}")
-    del parallel_mesh
     if FLAGS.worker:
         run_worker(planner, FLAGS.worker)
         return

@@ -580,6 +580,18 @@ class SFTRecord:
     problem_id: str
 
 
+def _first_made(order: Sequence[int], n: int, make) -> dict[int, tuple[str, str]]:
+    """make(i) for i in order until n of them returned a trace (None = this problem has none)."""
+    made: dict[int, tuple[str, str]] = {}
+    for idx in order:
+        if len(made) == n:
+            break
+        trace = make(idx)
+        if trace is not None:
+            made[idx] = trace
+    return made
+
+
 def sft_records(problems: Sequence[Problem], lucky_share: float, seed: int, copy_share: float = 0.0) -> list[SFTRecord]:
     """One trace per problem; exactly ``round(lucky_share * len(problems))`` are lucky kinds.
 
@@ -600,27 +612,14 @@ def sft_records(problems: Sequence[Problem], lucky_share: float, seed: int, copy
         n_copy = round(copy_share * len(leaked))
         copy_rng = random.Random(_derive_seed("sft-copy", seed))
         copy_rng.shuffle(leaked)
-        for idx in leaked:
-            if len(copied) == n_copy:
-                break
-            made = copied_solution(problems[idx], copy_rng)
-            if made is not None:
-                copied[idx] = made
+        copied = _first_made(leaked, n_copy, lambda i: copied_solution(problems[i], copy_rng))
         if len(copied) < n_copy:
             raise SyntheticTaskError(f"sft_traces: could build only {len(copied)} copied traces of {n_copy}")
     n_lucky = round(lucky_share * len(problems))
     rng = random.Random(_derive_seed("sft", seed))
     order = list(range(len(problems)))
     rng.shuffle(order)
-    lucky: dict[int, tuple[str, str]] = {}
-    for idx in order:
-        if len(lucky) == n_lucky:
-            break
-        if idx in copied:
-            continue
-        made = lucky_solution(problems[idx], rng)
-        if made is not None:
-            lucky[idx] = made
+    lucky = _first_made([i for i in order if i not in copied], n_lucky, lambda i: lucky_solution(problems[i], rng))
     if len(lucky) < n_lucky:
         raise SyntheticTaskError(f"sft_traces: could build only {len(lucky)} lucky traces of {n_lucky} requested")
     records = []
