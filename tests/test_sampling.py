@@ -293,6 +293,31 @@ def test_unrolled_layers_match_layer_scan(model, scfg):
     np.testing.assert_allclose(a.pooled_hidden, b.pooled_hidden, atol=1e-5)
 
 
+def test_per_layer_cache_keeps_keys_transposed(model):
+    """The unrolled path's cache holds keys as [B, K, hd, S] (slot axis last, see KVCache) and
+    values as [B, K, S, hd]: the stacked cache's numbers in that layout; extend_cache pads each
+    buffer along its own slot axis (empty slots: zeros, position -1)."""
+    cfg, params = model
+    tokens = jnp.asarray([[0, 0, 5, 9, 17], [7, 1, 2, 3, 4]], jnp.int32)
+    mask = jnp.asarray([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]], bool)
+    stacked, h_stacked = sampling.prefill(params, tokens, mask, cfg=cfg)
+    per_layer, h_per_layer = sampling.prefill(params, tokens, mask, cfg=cfg, unroll_layers=True)
+    K, hd = cfg.n_kv_heads, cfg.head_dim
+    assert len(per_layer.k) == len(per_layer.v) == cfg.n_layers
+    for l in range(cfg.n_layers):
+        assert per_layer.k[l].shape == (2, K, hd, 5) and per_layer.v[l].shape == (2, K, 5, hd)
+        np.testing.assert_allclose(per_layer.k[l], np.swapaxes(stacked.k[l], -1, -2), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(per_layer.v[l], stacked.v[l], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(h_per_layer, h_stacked, rtol=1e-5, atol=1e-5)
+    grown = transformer.extend_cache(per_layer, 3, before=2)
+    assert grown.k[0].shape == (2, K, hd, 10) and grown.v[0].shape == (2, K, 10, hd)
+    np.testing.assert_array_equal(grown.k[1][..., 2:7], per_layer.k[1])
+    np.testing.assert_array_equal(grown.v[1][:, :, 2:7], per_layer.v[1])
+    assert not np.any(grown.k[1][..., [0, 1, 7, 8, 9]]) and not np.any(grown.v[1][:, :, [0, 1, 7, 8, 9]])
+    np.testing.assert_array_equal(grown.pos[:, [0, 1, 7, 8, 9]], -1)
+    np.testing.assert_array_equal(grown.pos[:, 2:7], per_layer.pos)
+
+
 def test_unstacked_layers_need_a_per_layer_cache(model):
     cfg, params = model
     tokens, valid = jnp.ones((1, 4), jnp.int32), jnp.ones((1, 4), bool)

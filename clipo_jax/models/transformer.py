@@ -137,7 +137,10 @@ class KVCache(NamedTuple):
 
     k, v: [L, B, K, S, hd] stacked over layers (head-major so attention reads each head's keys
     contiguously with no transpose), or, for the unrolled layer loop (`unstack_layers`), tuples of
-    L per-layer [B, K, S, hd] buffers; pos: [B, S] int32.
+    L per-layer buffers: keys transposed, [B, K, hd, S], values [B, K, S, hd]; pos: [B, S] int32.
+    With the slot axis last, a decode step's q.k is a sum over head_dim of rows that run along
+    the slots, which XLA:CPU fuses and splits over every core; over [S, hd] keys it lowers to one
+    single-threaded batched dot per (row, kv head) with a 3-column output.
     """
 
     k: Any
@@ -147,9 +150,9 @@ class KVCache(NamedTuple):
     @staticmethod
     def logical_axes(per_layer: bool = False):
         kv = ("batch", "kv_head", "cache_seq", "head_dim")
-        return KVCache(
-            k=kv if per_layer else ("layers",) + kv, v=kv if per_layer else ("layers",) + kv, pos=("batch", "cache_seq")
-        )
+        if per_layer:
+            return KVCache(k=("batch", "kv_head", "head_dim", "cache_seq"), v=kv, pos=("batch", "cache_seq"))
+        return KVCache(k=("layers",) + kv, v=("layers",) + kv, pos=("batch", "cache_seq"))
 
     def batch_axes(self) -> "KVCache":
         """The batch axis of every buffer, in the cache's own structure (0 for per-layer [B, K, S, hd]
@@ -163,10 +166,11 @@ def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None, per_layer:
     dtype = jnp.dtype(dtype or cfg.dtype)
     pos = jnp.full((batch, length), -1, jnp.int32)
     if per_layer:
-        shape = (batch, cfg.n_kv_heads, length, cfg.head_dim)
+        k_shape = (batch, cfg.n_kv_heads, cfg.head_dim, length)
+        v_shape = (batch, cfg.n_kv_heads, length, cfg.head_dim)
         return KVCache(
-            tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layers)),
-            tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layers)),
+            tuple(jnp.zeros(k_shape, dtype) for _ in range(cfg.n_layers)),
+            tuple(jnp.zeros(v_shape, dtype) for _ in range(cfg.n_layers)),
             pos,
         )
     shape = (cfg.n_layers, batch, cfg.n_kv_heads, length, cfg.head_dim)
@@ -178,12 +182,16 @@ def extend_cache(cache: KVCache, n: int, before: int = 0) -> KVCache:
     for the decode steps: the prefill then attends over the prompt only, not the empty slots) and
     `before` at the start (a left-padded prompt's cache moved to a longer padded length)."""
 
-    def pad(x):
-        if isinstance(x, (list, tuple)):
-            return tuple(pad(a) for a in x)
-        return jnp.pad(x, [(0, 0)] * (x.ndim - 2) + [(before, n), (0, 0)])
+    def pad(x, slot_axis):
+        widths = [(0, 0)] * x.ndim
+        widths[slot_axis] = (before, n)
+        return jnp.pad(x, widths)
 
-    return KVCache(pad(cache.k), pad(cache.v), jnp.pad(cache.pos, ((0, 0), (before, n)), constant_values=-1))
+    if isinstance(cache.k, (list, tuple)):  # per-layer: keys [B, K, hd, S], values [B, K, S, hd]
+        k, v = tuple(pad(a, -1) for a in cache.k), tuple(pad(a, -2) for a in cache.v)
+    else:
+        k, v = pad(cache.k, -2), pad(cache.v, -2)
+    return KVCache(k, v, jnp.pad(cache.pos, ((0, 0), (before, n)), constant_values=-1))
 
 
 def compute_dtype_weights(params: Params, cfg: ModelConfig) -> Params:
@@ -218,19 +226,39 @@ def unstack_layers(params: Params) -> Params:
     return {**params, "layers": [jax.tree.map(lambda a: a[l], layers) for l in range(n)]}
 
 
+class Segment(NamedTuple):
+    """Keys and values attended to, with each key's position (-1 = empty slot). k: [B, K, S, hd],
+    or [B, K, hd, S] with k_transposed (the per-layer decode cache); v: [B, K, S, hd]; pos: [B, S]."""
+
+    k: jax.Array
+    v: jax.Array
+    pos: jax.Array
+    k_transposed: bool = False
+
+
 def _attention_einsum(cfg: ModelConfig, q, segments, q_pos, window):
-    """q: [B, T, H, hd]; segments: (k [B, K, S, hd], v [B, K, S, hd], k_pos [B, S] (-1 = invalid)) pairs
-    attended jointly (one softmax over all their keys), e.g. the read-only cache and the new tokens."""
+    """q: [B, T, H, hd]; segments: `Segment`s attended jointly (one softmax over all their keys),
+    e.g. the read-only cache and the new tokens."""
     B, T, H, hd = q.shape
-    K = segments[0][0].shape[1]
+    K = segments[0].v.shape[1]
     q = q.reshape(B, T, K, H // K, hd)
     qp = q_pos[:, None, None, :, None]
+    # One query per row over transposed keys (a decode step): the dots as a multiply and a sum
+    # over head_dim / slots, fusions XLA:CPU runs on every core (see KVCache); float32 products
+    # as the einsums' preferred_element_type.
+    decode = T == 1 and all(s.k_transposed for s in segments)
     all_logits, all_allowed = [], []
-    for k, _, k_pos in segments:
-        logits = jnp.einsum("btkgd,bksd->bkgts", q, k, preferred_element_type=jnp.float32) * cfg.scale
+    for seg in segments:
+        if decode:
+            prod = q[:, 0, :, :, :, None].astype(jnp.float32) * seg.k[:, :, None].astype(jnp.float32)
+            logits = jnp.sum(prod, axis=-2)[:, :, :, None, :]  # [B, K, G, 1, S]
+        else:
+            spec = "btkgd,bkds->bkgts" if seg.k_transposed else "btkgd,bksd->bkgts"
+            logits = jnp.einsum(spec, q, seg.k, preferred_element_type=jnp.float32)
+        logits = logits * cfg.scale
         if cfg.attn_logit_softcap is not None:
             logits = jnp.tanh(logits / cfg.attn_logit_softcap) * cfg.attn_logit_softcap
-        kp = k_pos[:, None, None, None, :]
+        kp = seg.pos[:, None, None, None, :]
         allowed = (kp >= 0) & (kp <= qp) & ((qp - kp) < window)
         all_logits.append(jnp.where(allowed, logits, -1e30))
         all_allowed.append(allowed)
@@ -240,10 +268,15 @@ def _attention_einsum(cfg: ModelConfig, q, segments, q_pos, window):
     # Fully-masked query rows (padding) would average garbage; zero them explicitly.
     probs = jnp.where(jnp.any(allowed, axis=-1, keepdims=True), probs, 0.0)
     out, start = 0.0, 0
-    for k, v, _ in segments:
-        S = k.shape[2]
-        # [b,k] batches of a plain [g*t, s] @ [s, d] matmul; the small output is transposed after
-        out = out + jnp.einsum("bkgts,bksd->bkgtd", probs[..., start : start + S].astype(v.dtype), v)
+    for seg in segments:
+        S = seg.v.shape[2]
+        p = probs[..., start : start + S]
+        if decode:
+            prod = p[:, :, :, 0, :, None] * seg.v[:, :, None].astype(jnp.float32)
+            out = out + jnp.sum(prod, axis=-2)[:, :, :, None, :].astype(seg.v.dtype)  # [B, K, G, 1, hd]
+        else:
+            # [b,k] batches of a plain [g*t, s] @ [s, d] matmul; the small output is transposed after
+            out = out + jnp.einsum("bkgts,bksd->bkgtd", p.astype(seg.v.dtype), seg.v)
         start += S
     return out.transpose(0, 3, 1, 2, 4).reshape(B, T, H * hd)
 
@@ -257,11 +290,10 @@ def _attention_dot_product(cfg: ModelConfig, q, segments, q_pos, window, impleme
     express it. The boolean mask is [B, 1, T, S] (shared by all heads), never per head.
     """
     B, T, H, hd = q.shape
-    k, v, k_pos = segments[0]
-    if len(segments) > 1:  # the API attends over one key axis: lay the segments side by side
-        k = jnp.concatenate([sk for sk, _, _ in segments], axis=2)
-        v = jnp.concatenate([sv for _, sv, _ in segments], axis=2)
-        k_pos = jnp.concatenate([sp for _, _, sp in segments], axis=1)
+    # the API attends over one key axis of [B, S, K, hd] keys: lay the segments side by side
+    k = jnp.concatenate([s.k.swapaxes(2, 3) if s.k_transposed else s.k for s in segments], axis=2)
+    v = jnp.concatenate([s.v for s in segments], axis=2)
+    k_pos = jnp.concatenate([s.pos for s in segments], axis=1)
     kp = k_pos[:, None, None, :]
     qp = q_pos[:, None, :, None]
     allowed = (kp >= 0) & (kp <= qp) & ((qp - kp) < window)  # [B, 1, T, S]
@@ -310,8 +342,7 @@ def _block(cfg: ModelConfig, lp: Params, x, q_pos, theta, window, key_values):
     """One transformer layer over new tokens x [B, T, D] at RoPE positions q_pos.
 
     key_values(k, v) takes the new tokens' keys and values [B, K, T, hd] and returns (segments,
-    out): the (k, v, key positions) segments to attend to (see `_attention`) and whatever the
-    caller wants back (e.g. the updated cache layer). Returns (x, out)."""
+    out): the `Segment`s to attend to (see `_attention`) and whatever the caller wants back (e.g. the updated cache layer). Returns (x, out)."""
     dt = jnp.dtype(cfg.dtype)
     B, T, _ = x.shape
     h = rms_norm(x, lp["attn_norm"], cfg.norm_eps)
@@ -329,7 +360,7 @@ def _block(cfg: ModelConfig, lp: Params, x, q_pos, theta, window, key_values):
     q = rope(q, q_pos, theta)
     k = rope(k, q_pos, theta).swapaxes(1, 2)  # [B, K, T, hd]
     segments, out = key_values(k, v)
-    attn = _attention(cfg, q, [(sk.astype(dt), sv.astype(dt), sp) for sk, sv, sp in segments], q_pos, window)
+    attn = _attention(cfg, q, [seg._replace(k=seg.k.astype(dt), v=seg.v.astype(dt)) for seg in segments], q_pos, window)
     attn = _dense(attn, lp["wo"].astype(dt))
     if cfg.post_norms:
         attn = rms_norm(attn, lp["post_attn_norm"], cfg.norm_eps)
@@ -393,14 +424,15 @@ def forward(
         ks, vs = [], []
         for l, (lp, theta, window) in enumerate(zip(params["layers"], *_layer_constants(cfg))):
             if cache is None:
-                kv = lambda k, v: ([(k, v, q_pos_masked)], None)
+                kv = lambda k, v: ([Segment(k, v, q_pos_masked)], None)
             else:
                 # write this layer's new keys/values first and attend over the updated buffer: nothing
                 # reads the old buffer after the write, so XLA updates it in place (no per-step copy)
                 def kv(k, v, k_c=cache.k[l], v_c=cache.v[l]):
-                    k_c = jax.lax.dynamic_update_slice(k_c, k.astype(k_c.dtype), at)
+                    k_at = (0, 0, 0, write_index)  # keys [B, K, hd, S]
+                    k_c = jax.lax.dynamic_update_slice(k_c, k.swapaxes(2, 3).astype(k_c.dtype), k_at)
                     v_c = jax.lax.dynamic_update_slice(v_c, v.astype(v_c.dtype), at)
-                    return [(k_c, v_c, new_pos)], (k_c, v_c)
+                    return [Segment(k_c, v_c, new_pos, k_transposed=True)], (k_c, v_c)
 
             x, out = block(lp, x, positions, theta, window, kv)
             if cache is not None:
@@ -421,9 +453,9 @@ def forward(
         def body(x, layer):
             lp, theta, window, k_c, v_c = layer
             if cache is None:
-                kv = lambda k, v: ([(k, v, q_pos_masked)], None)
+                kv = lambda k, v: ([Segment(k, v, q_pos_masked)], None)
             else:
-                kv = lambda k, v: ([(k_c, v_c, ctx_pos), (k, v, q_pos_masked)], (k, v))
+                kv = lambda k, v: ([Segment(k_c, v_c, ctx_pos), Segment(k, v, q_pos_masked)], (k, v))
             return block(lp, x, positions, theta, window, kv)
 
         ctx = (None, None) if cache is None else (cache.k, cache.v)
