@@ -1,121 +1,355 @@
-r"""CLIPO's effect on the embedded task: GRPO vs GRPO+CLIPO and DAPO vs DAPO+CLIPO over seeds.
+r"""CLIPO's effect on the embedded task: each base algorithm against itself + CLIPO and CLIPO's
+ablations, on the plain task and its shortcut variant, over seeds, from the same SFT start per seed.
 
-  python -m experiments.clipo_effect --root=RUNS --seeds=0,1,2
+  python -m experiments.clipo_effect --root=RUNS
+  python -m experiments.clipo_effect --root=RUNS --tasks=default --algos=grpo --seeds=0,1,2 --ablations=
+  python -m experiments.clipo_effect --root=RUNS --summarize_only
 
-Every (algo, clipo, seed) run is `python -m experiments.train --config=configs/demo.py:algo=A[,clipo],seed=S`
-with the same budget; runs of one seed share the SFT warm start (config.sft.cache_dir), so the
-comparison isolates the RL phase. Finished runs are skipped, an interrupted one resumes. Prints and
-writes (<root>/summary.md, <root>/summary.json, <root>/cost_per_step.json, and the machine and versions in
-<root>/environment.json) mean ± std over seeds of outcome accuracy, process
-accuracy and lucky rate on every test set, after RL, plus the SFT starting point, and each method's
-cost per RL step with the share of the CLIPO stage in it.
+The defaults are the whole study: tasks `default` and `shortcut` (configs/demo.py:shortcut=F with
+F = --shortcut_share), algos grpo and dapo, seeds 0-4, every ablation (a CLIPO variant of each
+algo: `fixed_head`, `loss=` each of the paper's four losses infonce / supcon_in / supcon_out /
+soft_nn, `lam=` 0.05 / 0.2 / 0.5; an ablation equal to the default CLIPO settings, loss=infonce
+and lam=0.2, is the `+clipo` run itself), size small with its RL budget (--steps=0) and an
+evaluation every --eval_every RL steps for the learning curves.
+
+Every run is `python -m experiments.train --config=configs/demo.py:size=Z,algo=A,seed=S[,clipo]
+[,shortcut=F] --workdir=ROOT/TASK/METHOD_seedS` plus the ablation's `--config.clipo.*` overrides and
+--extra. The runs of one (task, seed) share ROOT/TASK/sft_cache_seedS (config.sft.cache_dir), so
+every method of that seed starts from the same SFT checkpoint. The plain/+CLIPO pairs run first,
+the ablations after them. Finished runs (eval_after.json) are skipped; an interrupted one resumes
+from its checkpoints; a failed one is retried by the next invocation. Set JAX_COMPILATION_CACHE_DIR
+to let runs of equal shapes reuse compiled programs.
+
+Writes ROOT/summary.md, ROOT/summary.json and, with matplotlib installed, ROOT/curves_TASK.png.
+Per task, in % of the test set (greedy): outcome, process and lucky rate (and `copied` on the
+shortcut task) on every test set after RL, mean ± std over seeds, with the SFT start; for every
+CLIPO method the paired difference to its base algo (same seed), its mean and a percentile
+bootstrap 95% CI over seeds; learning curves (each rate at every evaluated RL step, mean over
+seeds); each method's cost per RL step with the CLIPO stage's share. summary.json also holds the
+per-seed values, the commands, the machine and library versions.
 """
 
+import dataclasses
 import json
 import os
+import shlex
 import subprocess
 import sys
 
 import numpy as np
 from absl import app, flags
 
+PAPER_LOSSES = ("infonce", "supcon_in", "supcon_out", "soft_nn")
+PAPER_LAMS = (0.05, 0.2, 0.5)
+ALL_ABLATIONS = ["fixed_head", *(f"loss={x}" for x in PAPER_LOSSES), *(f"lam={x}" for x in PAPER_LAMS)]
+TASKS = ("default", "shortcut")
+KEYS = ("outcome", "process", "lucky", "copied")  # copied: graded on the shortcut task only
+CI_LEVEL = 0.95
+BOOTSTRAP_SEED = 0
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string("root", "/tmp/clipo_effect", "directory for all runs")
-flags.DEFINE_list("seeds", ["0", "1", "2"], "seeds")
+flags.DEFINE_list("tasks", list(TASKS), "tasks: default (the plain demo task), shortcut (the answer-leak variant)")
+flags.DEFINE_float("shortcut_share", 1.0, "leak share of the shortcut task (configs/demo.py:shortcut=F)")
 flags.DEFINE_list("algos", ["grpo", "dapo"], "base algorithms")
+flags.DEFINE_list("seeds", ["0", "1", "2", "3", "4"], "seeds")
+flags.DEFINE_list("ablations", ALL_ABLATIONS, "CLIPO variants run for every algo: fixed_head, loss=NAME, lam=X")
+flags.DEFINE_enum("size", "small", ["tiny", "small"], "configs/demo.py size")
+flags.DEFINE_integer("steps", 0, "RL steps of every run (0 = the config's: 60 small, 4 tiny)")
+flags.DEFINE_integer("eval_every", 10, "evaluate every N RL steps for the learning curves (0 = before/after only)")
 flags.DEFINE_list("extra", [], "extra --config.* overrides passed to every run")
+flags.DEFINE_integer("n_boot", 10000, "bootstrap resamples per confidence interval")
 flags.DEFINE_bool("summarize_only", False, "only aggregate finished runs")
 
 
-def environment() -> dict:
-    from importlib.metadata import version
-
-    from experiments.bench_common import machine
-
-    libs = {p: version(p) for p in ("jax", "jaxlib", "flax", "optax", "numpy")}
-    return {"machine": machine(), "versions": libs, "seeds": FLAGS.seeds, "algos": FLAGS.algos, "extra": FLAGS.extra}
-
-
-def run_name(algo, clipo, seed):
-    return f"{algo}{'+clipo' if clipo else ''}_seed{seed}"
-
-
-def step_costs(variants) -> dict:
-    """Per method: the median step time and CLIPO stage time (head step, loss, reward, metrics) over
-    the steps after each run's first (compilation), from the runs' metrics.jsonl."""
-    cost = {}
-    for algo, clipo in variants:
-        steps, stage = [], []
-        for seed in FLAGS.seeds:
-            path = os.path.join(FLAGS.root, run_name(algo, clipo, seed), "metrics.jsonl")
-            if not os.path.exists(path):
-                continue
-            with open(path) as f:
-                rows = [json.loads(line) for line in f if line.strip()]
-            rows = [r for r in rows[1:] if "time/step" in r]
-            steps += [r["time/step"] for r in rows]
-            stage += [r.get("time/contrastive", 0.0) for r in rows]
-        if steps:
-            step_s, clipo_s = float(np.median(steps)), float(np.median(stage))
-            name = run_name(algo, clipo, "")[: -len("_seed")]
-            cost[name] = {"step_s": step_s, "clipo_s": clipo_s, "clipo_share": clipo_s / step_s, "steps": len(steps)}
-    return cost
+# ---------------------------------------------------------------------------------------------
+# The bootstrap (a pure function: tests check it against an exact enumeration)
+# ---------------------------------------------------------------------------------------------
+def bootstrap_ci(values, n_boot: int = 10000, seed: int = BOOTSTRAP_SEED, level: float = CI_LEVEL):
+    """Percentile bootstrap CI of the mean of `values` (e.g. per-seed paired differences):
+    resample the values with replacement n_boot times and return the (1-level)/2 and (1+level)/2
+    quantiles of the resampled means as (lo, hi). None with fewer than 2 values (nothing to resample)."""
+    x = np.asarray(values, dtype=np.float64)
+    if x.size < 2:
+        return None
+    idx = np.random.default_rng(seed).integers(0, x.size, size=(n_boot, x.size))
+    means = x[idx].mean(axis=1)
+    lo, hi = np.percentile(means, [50 * (1 - level), 50 * (1 + level)])
+    return float(lo), float(hi)
 
 
-def main(argv):
-    del argv
-    os.makedirs(FLAGS.root, exist_ok=True)
-    variants = [(a, c) for a in FLAGS.algos for c in (False, True)]
-    # algorithm-major order: every seed of the first pair (e.g. GRPO vs GRPO+CLIPO) finishes first
+# ---------------------------------------------------------------------------------------------
+# Methods and runs
+# ---------------------------------------------------------------------------------------------
+def ablation_overrides(ablation: str) -> dict:
+    """`fixed_head` / `loss=NAME` / `lam=X` -> the config.clipo values it sets."""
+    from clipo_jax import contrastive
+
+    if ablation == "fixed_head":
+        return {"fixed_head": True}
+    key, sep, value = ablation.partition("=")
+    if sep and key == "loss":
+        if value not in contrastive.LOSSES:
+            raise ValueError(f"--ablations: loss={value!r} is not one of {sorted(contrastive.LOSSES)}")
+        return {"loss_type": value}
+    if sep and key == "lam":
+        try:
+            return {"lam": float(value)}
+        except ValueError:
+            raise ValueError(f"--ablations: lam={value!r} is not a number") from None
+    raise ValueError(f"--ablations: unknown ablation {ablation!r}; valid: fixed_head, loss=NAME, lam=X")
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    algo: str
+    clipo: bool
+    ablation: str = ""  # "" = the default CLIPO settings (configs/common.py clipo_block)
+
+    @property
+    def name(self) -> str:
+        if not self.clipo:
+            return self.algo
+        return f"{self.algo}+clipo" + (f"[{self.ablation}]" if self.ablation else "")
+
+    @property
+    def slug(self) -> str:  # the name as a directory name
+        return self.name.replace("[", "_").replace("]", "").replace("=", "-")
+
+    @property
+    def overrides(self) -> dict:
+        return ablation_overrides(self.ablation) if self.ablation else {}
+
+
+def canonical_ablation(ablation: str) -> str:
+    """One spelling per ablation (lam=0.050 -> lam=0.05), validated."""
+    over = ablation_overrides(ablation.strip())
+    if "lam" in over:
+        return f"lam={over['lam']:g}"
+    return ablation.strip()
+
+
+def study_methods() -> tuple[list[Method], dict[str, str]]:
+    """Every algo's methods (plain, +CLIPO, then each ablation), and the ablations that equal the
+    default CLIPO settings (their name -> the +clipo method's name; run once)."""
+    from configs import common
+
+    defaults = common.clipo_block(True)
+    methods, aliases = [], {}
     for algo in FLAGS.algos:
-        for seed in FLAGS.seeds:
-            for clipo in (False, True):
-                workdir = os.path.join(FLAGS.root, run_name(algo, clipo, seed))
-                if FLAGS.summarize_only or os.path.exists(os.path.join(workdir, "eval_after.json")):
-                    continue
-                arg = f"algo={algo},seed={seed}" + (",clipo" if clipo else "")
-                cmd = [
-                    sys.executable,
-                    "-m",
-                    "experiments.train",
-                    f"--config=configs/demo.py:{arg}",
-                    f"--workdir={workdir}",
-                    f"--config.sft.cache_dir={os.path.join(FLAGS.root, 'sft_cache')}",
-                    "--config.progress_bar=False",
-                    *[f"--config.{x}" for x in FLAGS.extra],
-                ]
-                print("running", " ".join(cmd), flush=True)
-                with open(workdir + ".log", "w") as log:
-                    rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT)
-                if rc:
-                    print(f"run {workdir} failed with exit {rc}; see {workdir}.log", flush=True)
+        methods += [Method(algo, False), Method(algo, True)]
+        for ablation in dict.fromkeys(canonical_ablation(a) for a in FLAGS.ablations):
+            m = Method(algo, True, ablation)
+            if all(defaults[k] == v for k, v in m.overrides.items()):
+                aliases[m.name] = Method(algo, True).name
+            else:
+                methods.append(m)
+    return methods, aliases
 
-    table = {}
-    for algo, clipo in variants:
-        name = run_name(algo, clipo, "")[: -len("_seed")]
-        evals = []
+
+def task_arg(task: str) -> str:
+    return f",shortcut={FLAGS.shortcut_share:g}" if task == "shortcut" else ""
+
+
+def run_dir(task: str, method: Method, seed) -> str:
+    return os.path.join(FLAGS.root, task, f"{method.slug}_seed{seed}")
+
+
+def sft_dir(task: str, seed) -> str:
+    return os.path.join(FLAGS.root, task, f"sft_cache_seed{seed}")
+
+
+def run_command(task: str, method: Method, seed) -> list[str]:
+    """The run's `python -m experiments.train ...` arguments (after the interpreter)."""
+    arg = f"size={FLAGS.size},algo={method.algo},seed={seed}"
+    arg += f",steps={FLAGS.steps}" if FLAGS.steps else ""
+    arg += ",clipo" if method.clipo else ""
+    arg += task_arg(task)
+    cmd = [
+        "-m",
+        "experiments.train",
+        f"--config=configs/demo.py:{arg}",
+        f"--workdir={run_dir(task, method, seed)}",
+        f"--config.sft.cache_dir={sft_dir(task, seed)}",
+        "--config.progress_bar=False",
+        f"--config.eval.every={FLAGS.eval_every}",
+        *[f"--config.{x}" for x in FLAGS.extra],
+    ]
+    # after --extra, so an extra clipo.* override cannot undo the ablation
+    return cmd + [f"--config.clipo.{k}={v}" for k, v in method.overrides.items()]
+
+
+def study_command() -> str:
+    """The command that runs this study (what --summarize_only would aggregate)."""
+    args = [
+        f"--root={FLAGS.root}",
+        f"--tasks={','.join(FLAGS.tasks)}",
+        f"--shortcut_share={FLAGS.shortcut_share:g}",
+        f"--algos={','.join(FLAGS.algos)}",
+        f"--seeds={','.join(FLAGS.seeds)}",
+        f"--ablations={','.join(FLAGS.ablations)}",
+        f"--size={FLAGS.size}",
+        f"--steps={FLAGS.steps}",
+        f"--eval_every={FLAGS.eval_every}",
+        f"--n_boot={FLAGS.n_boot}",
+    ]
+    if FLAGS.extra:
+        args.append(f"--extra={','.join(FLAGS.extra)}")
+    return shlex.join(["python", "-m", "experiments.clipo_effect", *args])
+
+
+def finished(workdir: str) -> bool:
+    return os.path.exists(os.path.join(workdir, "eval_after.json"))
+
+
+def run_all(methods: list[Method]) -> list[str]:
+    """Runs every unfinished run, the plain/+CLIPO pairs first; returns the failed run dirs."""
+    failed = []
+    for phase in ("pairs", "ablations"):
+        for task in FLAGS.tasks:
+            for algo in FLAGS.algos:
+                for seed in FLAGS.seeds:
+                    for m in methods:
+                        if m.algo != algo or bool(m.ablation) != (phase == "ablations"):
+                            continue
+                        workdir = run_dir(task, m, seed)
+                        if finished(workdir):
+                            continue
+                        cmd = [sys.executable, *run_command(task, m, seed)]
+                        print("running", shlex.join(cmd), flush=True)
+                        os.makedirs(os.path.dirname(workdir), exist_ok=True)
+                        with open(workdir + ".log", "a") as log:  # appends: a resumed run keeps its history
+                            rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT)
+                        if rc:
+                            failed.append(workdir)
+                            print(f"run {workdir} failed with exit {rc}; see {workdir}.log", flush=True)
+    return failed
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading runs
+# ---------------------------------------------------------------------------------------------
+def read_json(path: str):
+    with open(path) as f:
+        return json.load(f)
+
+
+def read_metrics(workdir: str) -> list[dict]:
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def run_curve(workdir: str) -> dict[int, dict]:
+    """RL step -> {test set: {key: rate}} of a finished run: eval_before.json at step 0, the
+    trainer's periodic evaluations (the `eval/<set>/<key>` rows of metrics.jsonl, every
+    config.eval.every steps) and eval_after.json at the last step."""
+    points = {0: read_json(os.path.join(workdir, "eval_before.json"))}
+    for row in read_metrics(workdir):
+        ev = {}
+        for k, v in row.items():
+            if k.startswith("eval/"):
+                _, s, key = k.split("/", 2)
+                ev.setdefault(s, {})[key] = v
+        if ev:
+            points[int(row["step"])] = ev
+    last = read_json(os.path.join(workdir, "config.json"))["rl"]["steps"]
+    points[int(last)] = read_json(os.path.join(workdir, "eval_after.json"))
+    return dict(sorted(points.items()))
+
+
+def step_costs(workdirs: list[str]) -> dict | None:
+    """The median step time and CLIPO stage time (head step, loss, reward, metrics) over the steps
+    after each run's first (compilation), from the runs' metrics.jsonl."""
+    steps, stage = [], []
+    for workdir in workdirs:
+        rows = [r for r in read_metrics(workdir) if "time/step" in r]  # eval rows carry no timings
+        steps += [r["time/step"] for r in rows[1:]]
+        stage += [r.get("time/contrastive", 0.0) for r in rows[1:]]
+    if not steps:
+        return None
+    step_s, clipo_s = float(np.median(steps)), float(np.median(stage))
+    return {"step_s": step_s, "clipo_s": clipo_s, "clipo_share": clipo_s / step_s, "steps": len(steps)}
+
+
+def stats(values: list[float], seeds: list) -> dict:
+    v = np.asarray(values, dtype=np.float64)
+    return {"mean": float(v.mean()), "std": float(v.std()), "values": v.tolist(), "seeds": list(seeds)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-task summary
+# ---------------------------------------------------------------------------------------------
+def summarize_task(task: str, methods: list[Method]) -> dict | None:
+    """{"sets", "keys", "methods", "paired_differences", "curves", "cost_per_step"} of one task
+    (rates in %), or None before any run of it has finished."""
+    evals = {}  # method name -> {seed: eval_after}
+    sft = {}  # seed -> eval_before (the same SFT checkpoint for every method of a seed)
+    for m in methods:
         for seed in FLAGS.seeds:
-            path = os.path.join(FLAGS.root, run_name(algo, clipo, seed), "eval_after.json")
-            if os.path.exists(path):
-                with open(path) as f:
-                    evals.append(json.load(f))
-        if evals:
-            table[name] = evals
-    sft = []
-    for seed in FLAGS.seeds:
-        path = os.path.join(FLAGS.root, run_name(FLAGS.algos[0], False, seed), "eval_before.json")
-        if os.path.exists(path):
-            with open(path) as f:
-                sft.append(json.load(f))
-    if sft:
-        table = {"SFT (start)": sft, **table}
-    if not table:
-        sys.exit("no finished runs")
-    sets = list(next(iter(table.values()))[0])
-    keys = ("outcome", "process", "lucky")
-    summary = {name: {} for name in table}
-    lines = []
-    for k in keys:  # one table per metric: methods x test sets, mean ± std over seeds (in %)
+            workdir = run_dir(task, m, seed)
+            if finished(workdir):
+                evals.setdefault(m.name, {})[seed] = read_json(os.path.join(workdir, "eval_after.json"))
+                sft.setdefault(seed, read_json(os.path.join(workdir, "eval_before.json")))
+    if not evals:
+        return None
+    first = next(iter(next(iter(evals.values())).values()))
+    sets = list(first)
+    keys = [k for k in KEYS if k in first[sets[0]]]
+    table = {"SFT (start)": dict(sorted(sft.items(), key=lambda kv: FLAGS.seeds.index(kv[0]))), **evals}
+
+    out = {"sets": sets, "keys": keys, "methods": {}, "paired_differences": {}, "curves": {}, "cost_per_step": {}}
+    for name, by_seed in table.items():
+        seeds = list(by_seed)
+        out["methods"][name] = {
+            f"{s}/{k}": stats([100 * by_seed[seed][s][k] for seed in seeds], seeds) for k in keys for s in sets
+        }
+
+    for m in methods:  # each CLIPO method against its base algo, seed by seed
+        base = Method(m.algo, False).name
+        if not m.clipo or m.name not in evals or base not in evals:
+            continue
+        seeds = [seed for seed in evals[m.name] if seed in evals[base]]
+        diff = {"variant": m.name, "base": base, "seeds": seeds}
+        for k in keys:
+            for s in sets:
+                d = [100 * (evals[m.name][seed][s][k] - evals[base][seed][s][k]) for seed in seeds]
+                ci = bootstrap_ci(d, n_boot=FLAGS.n_boot)
+                diff[f"{s}/{k}"] = {"mean": float(np.mean(d)), "values": d, "ci95": list(ci) if ci else None}
+        out["paired_differences"][f"{m.name} - {base}"] = diff
+
+    for m in methods:  # learning curves: every evaluated step, mean over the seeds
+        curves = {seed: run_curve(run_dir(task, m, seed)) for seed in evals.get(m.name, {})}
+        if not curves:
+            continue
+        steps = sorted(set.intersection(*(set(c) for c in curves.values())))  # steps every seed has
+        entry = {"steps": steps, "seeds": list(curves)}
+        for k in keys:
+            for s in sets:
+                values = [[100 * curves[seed][t][s][k] for t in steps] for seed in curves]
+                entry[f"{s}/{k}"] = {"mean": np.mean(values, axis=0).tolist(), "values": values}
+        out["curves"][m.name] = entry
+
+    for m in methods:
+        cost = step_costs([run_dir(task, m, seed) for seed in FLAGS.seeds if finished(run_dir(task, m, seed))])
+        if cost:
+            out["cost_per_step"][m.name] = {**cost, "clipo": m.clipo}
+    return out
+
+
+def fmt_ci(d: dict) -> str:
+    if d["ci95"] is None:
+        return f"{d['mean']:+.1f}"
+    lo, hi = d["ci95"]
+    return f"{d['mean']:+.1f} [{lo:+.1f}, {hi:+.1f}]"
+
+
+def task_markdown(task: str, t: dict, aliases: dict) -> list[str]:
+    sets, keys = t["sets"], t["keys"]
+    lines = ["", f"## task `{task}`" + (f" (configs/demo.py:{task_arg(task)[1:]})" if task_arg(task) else "")]
+    for k in keys:  # one table per metric: methods x test sets, mean ± std over seeds
         lines += [
             "",
             f"**{k}** (% of problems, greedy, mean ± std over seeds)",
@@ -123,19 +357,42 @@ def main(argv):
             "| method | seeds | " + " | ".join(sets) + " |",
             "|---|---|" + "---|" * len(sets),
         ]
-        for name, evals in table.items():
-            cells = []
-            for s in sets:
-                vals = np.array([e[s][k] for e in evals]) * 100
-                summary[name][f"{s}/{k}"] = {
-                    "mean": float(vals.mean()),
-                    "std": float(vals.std()),
-                    "values": vals.tolist(),
-                }
-                cells.append(f"{vals.mean():.1f} ± {vals.std():.1f}")
-            lines.append(f"| {name} | {len(evals)} | " + " | ".join(cells) + " |")
-    cost = step_costs(variants)
-    if cost:
+        for name, cells in t["methods"].items():
+            row = [f"{cells[f'{s}/{k}']['mean']:.1f} ± {cells[f'{s}/{k}']['std']:.1f}" for s in sets]
+            lines.append(f"| {name} | {len(cells[f'{sets[0]}/{k}']['values'])} | " + " | ".join(row) + " |")
+    if t["paired_differences"]:
+        n = {len(d["seeds"]) for d in t["paired_differences"].values()}
+        for k in keys:
+            lines += [
+                "",
+                f"**{k}, CLIPO method minus its base algo** (points, same seed; mean [percentile bootstrap "
+                f"{100 * CI_LEVEL:.0f}% CI over seeds, {FLAGS.n_boot} resamples])",
+                "",
+                "| comparison | seeds | " + " | ".join(sets) + " |",
+                "|---|---|" + "---|" * len(sets),
+            ]
+            for name, d in t["paired_differences"].items():
+                row = [fmt_ci(d[f"{s}/{k}"]) for s in sets]
+                lines.append(f"| {name} | {len(d['seeds'])} | " + " | ".join(row) + " |")
+        if min(n) < 2:
+            lines += ["", "No CI where fewer than 2 seeds are paired: one difference has no spread to resample."]
+    if aliases:
+        lines += ["", "Equal to the default CLIPO settings, so the `+clipo` rows: " + ", ".join(sorted(aliases)) + "."]
+    if t["curves"]:
+        shown = [s for s in ("in_dist", "leak") if s in sets]  # leak: where the shortcut pays
+        lines += [
+            "",
+            "**learning curves** (lucky rate, %, mean over seeds, at RL step "
+            + ", ".join(str(s) for s in next(iter(t["curves"].values()))["steps"])
+            + "; every set and rate in summary.json)",
+            "",
+            "| method | " + " | ".join(shown) + " |",
+            "|---|" + "---|" * len(shown),
+        ]
+        for name, c in t["curves"].items():
+            cells = [" ".join(f"{v:.1f}" for v in c[f"{s}/lucky"]["mean"]) for s in shown]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if t["cost_per_step"]:
         lines += [
             "",
             "**cost per RL step** (median over steps after the first, over every seed's run)",
@@ -143,19 +400,135 @@ def main(argv):
             "| method | step s | CLIPO stage s | CLIPO share |",
             "|---|---|---|---|",
         ]
-        for name, c in cost.items():
-            share = f"{100 * c['clipo_share']:.1f}%" if c["clipo_s"] else "-"
+        for name, c in t["cost_per_step"].items():
+            share = f"{100 * c['clipo_share']:.1f}%" if c["clipo"] else "-"
             lines.append(f"| {name} | {c['step_s']:.2f} | {c['clipo_s']:.3f} | {share} |")
+    return lines
+
+
+def plot_curves(task: str, t: dict) -> str | None:
+    """ROOT/curves_TASK.png: lucky rate and outcome per test set against the RL step, one line per
+    method (mean over seeds). None when matplotlib is not installed (it is an optional extra)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    sets, rows = t["sets"], ("lucky", "outcome")
+    # one colour per CLIPO variant (none, default, each ablation), one line style per algo
+    variants = list(dict.fromkeys(name.split("+", 1)[1] if "+" in name else "" for name in t["curves"]))
+    algos = list(dict.fromkeys(name.split("+", 1)[0] for name in t["curves"]))
+    fig, axes = plt.subplots(len(rows), len(sets), figsize=(2.6 * len(sets) + 2, 2.4 * len(rows)), squeeze=False)
+    for i, k in enumerate(rows):
+        for j, s in enumerate(sets):
+            ax = axes[i][j]
+            for name, c in t["curves"].items():
+                algo, _, variant = name.partition("+")
+                style = dict(
+                    color=f"C{variants.index(variant) % 10}", linestyle=("-", "--", ":")[algos.index(algo) % 3]
+                )
+                ax.plot(c["steps"], c[f"{s}/{k}"]["mean"], marker=".", label=name, **style)
+            ax.set_title(f"{s}", fontsize=8)
+            ax.set_xlabel("RL step", fontsize=7)
+            ax.set_ylabel(f"{k} (%)", fontsize=7)
+            ax.tick_params(labelsize=7)
+    fig.legend(*axes[0][0].get_legend_handles_labels(), loc="center right", fontsize=6)
+    fig.suptitle(f"task {task}: mean over seeds", fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1 - 1.8 / (2.6 * len(sets) + 2), 1))
+    path = os.path.join(FLAGS.root, f"curves_{task}.png")
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def environment() -> dict:
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    from experiments.bench_common import machine
+
+    libs = {}
+    for p in ("jax", "jaxlib", "flax", "optax", "numpy", "ml-collections", "matplotlib"):
+        try:
+            libs[p] = version(p)
+        except PackageNotFoundError:
+            libs[p] = None
+    return {"machine": machine(), "python": platform.python_version(), "versions": libs, "seeds": FLAGS.seeds}
+
+
+def main(argv):
+    del argv
+    unknown = [t for t in FLAGS.tasks if t not in TASKS]
+    if unknown:
+        sys.exit(f"--tasks: unknown {unknown}; valid: {', '.join(TASKS)}")
+    if not 0.0 < FLAGS.shortcut_share <= 1.0:
+        sys.exit(f"--shortcut_share={FLAGS.shortcut_share} must be in (0, 1]")
+    if FLAGS.steps < 0 or FLAGS.eval_every < 0:
+        sys.exit("--steps and --eval_every must be >= 0")
+    try:
+        from configs import common
+
+        for algo in FLAGS.algos:  # an unknown algo fails here, not in every one of its runs
+            common.apply_algo(common.rl_block(), algo)
+        FLAGS.ablations = [canonical_ablation(a) for a in FLAGS.ablations]
+        methods, aliases = study_methods()
+    except ValueError as e:
+        sys.exit(str(e))
+    os.makedirs(FLAGS.root, exist_ok=True)
+    failed = [] if FLAGS.summarize_only else run_all(methods)
+
+    runs = {}
+    for task in FLAGS.tasks:
+        for m in methods:
+            for seed in FLAGS.seeds:
+                workdir = run_dir(task, m, seed)
+                runs[os.path.relpath(workdir, FLAGS.root)] = {
+                    "command": shlex.join(["python", *run_command(task, m, seed)]),
+                    "finished": finished(workdir),
+                }
+    summary = {
+        "study": {
+            "command": study_command(),
+            "tasks": {t: f"configs/demo.py:size={FLAGS.size}{task_arg(t)}" for t in FLAGS.tasks},
+            "algos": FLAGS.algos,
+            "seeds": FLAGS.seeds,
+            "methods": [m.name for m in methods],
+            "ablation_aliases": aliases,
+            "size": FLAGS.size,
+            "steps": FLAGS.steps,
+            "eval_every": FLAGS.eval_every,
+            "extra": FLAGS.extra,
+            "bootstrap": {"n_boot": FLAGS.n_boot, "seed": BOOTSTRAP_SEED, "level": CI_LEVEL, "kind": "percentile"},
+            "units": "% of the test set; paired differences in points",
+        },
+        "environment": environment(),
+        "runs": runs,
+        "tasks": {},
+    }
+    lines = [f"# CLIPO study: {sum(r['finished'] for r in runs.values())} of {len(runs)} runs finished", ""]
+    lines += [f"`{study_command()}`"]
+    for task in FLAGS.tasks:
+        t = summarize_task(task, methods)
+        if t is None:
+            lines += ["", f"## task `{task}`: no finished run"]
+            continue
+        summary["tasks"][task] = t
+        lines += task_markdown(task, t, aliases)
+        if t["curves"]:
+            png = plot_curves(task, t)
+            lines += ["", f"learning curves: {os.path.basename(png)}" if png else "(matplotlib not installed: no plot)"]
     md = "\n".join(lines)
     print(md)
     with open(os.path.join(FLAGS.root, "summary.md"), "w") as f:
         f.write(md + "\n")
     with open(os.path.join(FLAGS.root, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
-    with open(os.path.join(FLAGS.root, "cost_per_step.json"), "w") as f:
-        json.dump(cost, f, indent=1)
-    with open(os.path.join(FLAGS.root, "environment.json"), "w") as f:  # what the numbers depend on
-        json.dump(environment(), f, indent=1)
+    if failed:
+        sys.exit(f"{len(failed)} run(s) failed: {', '.join(failed)}")
+    if not summary["tasks"]:
+        sys.exit("no finished runs")
 
 
 if __name__ == "__main__":

@@ -226,12 +226,12 @@ plt.show()
 # %% [markdown]
 # ## GRPO vs GRPO+CLIPO on the embedded task (recorded study)
 #
-# `python -m experiments.clipo_effect --root=D --seeds=0,1,2 --algos=grpo
-# --extra=clipo.pooling=prefill_and_decode` trains each method from the same SFT start per seed and
-# writes the greedy evaluation on the five 200-problem test sets, mean and std over seeds; its
-# `summary.json` is stored as `docs/clipo_effect_summary.json` (Intel Xeon, 2 cores, the pinned
-# versions; docs/results.md). The study takes about an hour on 2 CPU cores, so this notebook reads
-# that file. Error bars are one standard deviation over the 3 seeds.
+# `python -m experiments.clipo_effect --root=D --tasks=default --seeds=0,1,2 --algos=grpo --ablations=
+# --eval_every=0 --extra=clipo.pooling=prefill_and_decode` trains each method from the same SFT start per
+# seed and writes the greedy evaluation on the five 200-problem test sets, mean and std over seeds; the
+# table `tasks.default.methods` of its `summary.json` is stored as `docs/clipo_effect_summary.json` (Intel
+# Xeon, 2 cores, the pinned versions; docs/results.md). The study takes about an hour on 2 CPU cores, so
+# this notebook reads that file. Error bars are one standard deviation over the 3 seeds.
 
 # %%
 summary = json.loads((ROOT / "docs" / "clipo_effect_summary.json").read_text())

@@ -1,0 +1,157 @@
+"""experiments/clipo_effect.py: the paired bootstrap, flag errors, and the whole study end to end at
+the tiny size (real trainer subprocesses; a per-module persistent XLA compilation cache makes the
+runs after the first cheap)."""
+
+import itertools
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from experiments.clipo_effect import bootstrap_ci  # noqa: E402
+
+
+def exact_bootstrap_quantiles(values, level=0.95):
+    """The bootstrap distribution of the mean enumerated exactly: all n^n equally likely resamples."""
+    v = np.asarray(values, dtype=np.float64)
+    means = [v[list(idx)].mean() for idx in itertools.product(range(len(v)), repeat=len(v))]
+    return np.percentile(means, [50 * (1 - level), 50 * (1 + level)])
+
+
+@pytest.mark.parametrize("values", [[0.5, 1.5, -2.0, 4.5], [-2.0, 1.0, -1.0, 2.0, 0.5, -0.5]])
+def test_bootstrap_matches_exact_enumeration(values):
+    # the values lie on a 0.5 grid, so every resampled mean lies on a grid of 0.5 / n: the Monte
+    # Carlo quantile may land on a neighbouring grid point of the exact one, no further
+    step = 0.5 / len(values)
+    lo, hi = bootstrap_ci(values, n_boot=10000, seed=0)
+    ref_lo, ref_hi = exact_bootstrap_quantiles(values)
+    assert abs(lo - ref_lo) <= step + 1e-12 and abs(hi - ref_hi) <= step + 1e-12, ((lo, hi), (ref_lo, ref_hi))
+    assert bootstrap_ci(values, n_boot=10000, seed=0) == (lo, hi)  # fixed seed: reproducible
+
+
+def test_bootstrap_ci_excludes_or_includes_zero():
+    lo, hi = bootstrap_ci([1.0, 2.0, 1.5, 3.0, 2.5])  # every seed better: the CI is above 0
+    assert 0 < lo <= np.mean([1.0, 2.0, 1.5, 3.0, 2.5]) <= hi
+    lo, hi = bootstrap_ci([-2.0, 1.0, -1.0, 2.0, 0.5, -0.5])  # signs flip from seed to seed
+    assert lo < 0 < hi
+
+
+def test_bootstrap_needs_two_values():
+    assert bootstrap_ci([]) is None
+    assert bootstrap_ci([1.5]) is None
+    assert bootstrap_ci([2.0, 2.0]) == (2.0, 2.0)
+
+
+def study(root, *args, env=None, timeout=60):
+    cmd = [sys.executable, "-m", "experiments.clipo_effect", f"--root={root}", *args]
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--ablations=loss=nope"], "loss='nope' is not one of"),
+        (["--ablations=lam=x"], "lam='x' is not a number"),
+        (["--ablations=dropout"], "unknown ablation 'dropout'"),
+        (["--tasks=default,gsm8k"], "--tasks: unknown ['gsm8k']"),
+        (["--algos=grpo,ppo"], "unknown algo 'ppo'"),
+        (["--shortcut_share=0"], "--shortcut_share=0.0 must be in (0, 1]"),
+    ],
+)
+def test_flag_errors(tmp_path, args, message):
+    r = study(tmp_path, *args)
+    assert r.returncode != 0 and message in r.stderr, r.stderr[-2000:]
+    assert not os.listdir(tmp_path)  # nothing ran
+
+
+@pytest.mark.slow
+def test_study_end_to_end(tmp_path):
+    env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
+    env.update(JAX_COMPILATION_CACHE_DIR=str(tmp_path / "xla_cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    env.pop("XLA_FLAGS", None)
+    root = tmp_path / "study"
+    args = [
+        "--size=tiny",
+        "--seeds=0,1",
+        "--algos=grpo",
+        "--tasks=default,shortcut",
+        "--ablations=fixed_head,loss=infonce",  # loss=infonce is the default CLIPO run: not run twice
+        "--steps=2",
+        "--eval_every=1",
+    ]
+    r = study(root, *args, env=env, timeout=1200)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert r.stdout.count("running ") == 12  # 2 tasks x 2 seeds x 3 methods
+    with open(root / "summary.json") as f:
+        summary = json.load(f)
+
+    methods = ["grpo", "grpo+clipo", "grpo+clipo[fixed_head]"]
+    assert summary["study"]["methods"] == methods
+    assert summary["study"]["ablation_aliases"] == {"grpo+clipo[loss=infonce]": "grpo+clipo"}
+    assert all(run["finished"] for run in summary["runs"].values()) and len(summary["runs"]) == 12
+    assert summary["environment"]["versions"]["jax"]
+    shifted = ["big_numbers", "extra_step_1", "extra_step_2", "distractor"]
+    expected_sets = {"default": ["in_dist", *shifted], "shortcut": ["in_dist", *shifted, "leak", "leak_decoy"]}
+    for task, sets in expected_sets.items():
+        t = summary["tasks"][task]
+        assert t["sets"] == sets
+        assert t["keys"] == ["outcome", "process", "lucky"] + (["copied"] if task == "shortcut" else [])
+        assert list(t["methods"]) == ["SFT (start)", *methods]
+        for cells in t["methods"].values():  # per-seed values behind every mean
+            for s in sets:
+                for k in t["keys"]:
+                    c = cells[f"{s}/{k}"]
+                    assert c["seeds"] == ["0", "1"] and len(c["values"]) == 2
+                    assert np.isclose(c["mean"], np.mean(c["values"])) and np.isclose(c["std"], np.std(c["values"]))
+        assert list(t["paired_differences"]) == ["grpo+clipo - grpo", "grpo+clipo[fixed_head] - grpo"]
+        for d in t["paired_differences"].values():
+            assert d["seeds"] == ["0", "1"]
+            for s in sets:
+                for k in t["keys"]:
+                    cell = d[f"{s}/{k}"]
+                    variant = t["methods"][d["variant"]][f"{s}/{k}"]["values"]
+                    base = t["methods"][d["base"]][f"{s}/{k}"]["values"]
+                    assert np.allclose(cell["values"], np.subtract(variant, base))
+                    assert cell["ci95"] == list(bootstrap_ci(cell["values"], n_boot=10000))
+                    assert cell["ci95"][0] <= cell["mean"] <= cell["ci95"][1]
+        assert list(t["curves"]) == methods
+        for c in t["curves"].values():  # step 0 (SFT), the eval at step 1, the final one at step 2
+            assert c["steps"] == [0, 1, 2] and c["seeds"] == ["0", "1"]
+            for s in sets:
+                assert len(c[f"{s}/lucky"]["mean"]) == 3 and np.array(c[f"{s}/lucky"]["values"]).shape == (2, 3)
+                assert len(c[f"{s}/outcome"]["mean"]) == 3
+        assert list(t["cost_per_step"]) == methods
+        assert t["cost_per_step"]["grpo+clipo"]["clipo_share"] > 0
+        for seed in ("0", "1"):  # every method of a (task, seed) started from one SFT checkpoint
+            assert len(os.listdir(root / task / f"sft_cache_seed{seed}")) == 1
+            before = [
+                (root / task / f"{m}_seed{seed}" / "eval_before.json").read_text() for m in ("grpo", "grpo+clipo")
+            ]
+            before.append((root / task / f"grpo+clipo_fixed_head_seed{seed}" / "eval_before.json").read_text())
+            assert before[0] == before[1] == before[2]
+    for run, entry in summary["runs"].items():  # the recorded commands are the ones that ran
+        assert f"--workdir={root / run}" in entry["command"]
+    assert "--config.clipo.fixed_head=True" in summary["runs"]["shortcut/grpo+clipo_fixed_head_seed1"]["command"]
+    assert "shortcut=1" in summary["runs"]["shortcut/grpo_seed0"]["command"]
+    md = (root / "summary.md").read_text()
+    assert "grpo+clipo[fixed_head] - grpo" in md and "learning curves" in md
+    try:
+        import matplotlib  # noqa: F401
+
+        assert (root / "curves_default.png").stat().st_size > 0 and (root / "curves_shortcut.png").exists()
+    except ImportError:
+        pass
+
+    first = (root / "summary.json").read_text()
+    r = study(root, *args, "--summarize_only", env=env, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (root / "summary.json").read_text() == first
+    r = study(root, *args, env=env, timeout=120)  # every run finished: nothing runs again
+    assert r.returncode == 0 and "running " not in r.stdout, r.stderr[-3000:]
+    assert (root / "summary.json").read_text() == first
