@@ -61,6 +61,24 @@ def machine() -> str:
     return f"{model}, {cores()} cores" + (f"; ISA {' '.join(isa)}" if isa else "")
 
 
+def read_bandwidth_gbs(mib: int) -> float:
+    """Read bandwidth in GB/s: the best of 5 of a jitted sum over a `mib` MiB float32 array (other
+    jobs on the machine only ever make a run slower)."""
+    import jax
+    import jax.numpy as jnp
+
+    x = jnp.ones((mib << 18,), jnp.float32)
+    total = jax.jit(jnp.sum)
+    total(x).block_until_ready()
+    best = 0.0
+    for _ in range(5):
+        t = time.perf_counter()
+        total(x).block_until_ready()
+        best = max(best, x.nbytes / (time.perf_counter() - t) / 1e9)
+    del x
+    return best
+
+
 def gsm8k_chat_prompts(tok, batch: int, max_len: int) -> list[list[int]]:
     """The first `batch` GSM8K test questions whose chat prompt has at most max_len tokens."""
     import importlib.util

@@ -43,6 +43,7 @@ from absl import app, flags
 
 from experiments.bench_common import cores as _cores
 from experiments.bench_common import machine as _machine
+from experiments.bench_common import read_bandwidth_gbs
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("tracks", "I,II", "comma list of tracks to run: I, II")
@@ -72,24 +73,6 @@ def _loss_read_bytes(track) -> int:
     p, g, _, d = _shape(track)
     b = p * g
     return 4 * b * d + 4 * b + 4 * b
-
-
-def _read_bandwidth_gbs(mib: int) -> float:
-    """Read bandwidth in GB/s: the best of 5 of a jitted sum over a `mib` MiB float32 array (other
-    jobs on the machine only ever make a run slower)."""
-    import jax
-    import jax.numpy as jnp
-
-    x = jnp.ones((mib << 18,), jnp.float32)
-    total = jax.jit(jnp.sum)
-    total(x).block_until_ready()
-    best = 0.0
-    for _ in range(5):
-        t = time.perf_counter()
-        total(x).block_until_ready()
-        best = max(best, x.nbytes / (time.perf_counter() - t) / 1e9)
-    del x
-    return best
 
 
 def _rss_mib() -> float:
@@ -153,7 +136,7 @@ def _worker_jax_loss(track, dense):
     t, rss = _time(lambda: jax.block_until_ready(fn(z)), _repeats())
     out = {"time_s": t, "rss_mib": rss, "xla_mib": mem}
     if not dense:  # the memory floor's bandwidth, in this same process, after the timed runs
-        out["read_gbs"] = _read_bandwidth_gbs(FLAGS.bandwidth_mib)
+        out["read_gbs"] = read_bandwidth_gbs(FLAGS.bandwidth_mib)
     return out
 
 

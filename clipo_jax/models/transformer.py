@@ -236,6 +236,9 @@ class Segment(NamedTuple):
     k_transposed: bool = False
 
 
+_FUSED_DECODE_MIN_PAIRS = 8  # (row, kv head) pairs from which a decode step uses the fused form
+
+
 def _attention_einsum(cfg: ModelConfig, q, segments, q_pos, window):
     """q: [B, T, H, hd]; segments: `Segment`s attended jointly (one softmax over all their keys),
     e.g. the read-only cache and the new tokens."""
@@ -244,9 +247,10 @@ def _attention_einsum(cfg: ModelConfig, q, segments, q_pos, window):
     q = q.reshape(B, T, K, H // K, hd)
     qp = q_pos[:, None, None, :, None]
     # One query per row over transposed keys (a decode step): the dots as a multiply and a sum
-    # over head_dim / slots, fusions XLA:CPU runs on every core (see KVCache); float32 products
-    # as the einsums' preferred_element_type.
-    decode = T == 1 and all(s.k_transposed for s in segments)
+    # over head_dim / slots (float32 products, as the einsums' preferred_element_type): XLA:CPU
+    # runs the batched einsums as one small single-threaded dot per (row, kv head), the fusions
+    # faster from 8 such pairs up (SmolLM2 shapes, bench_decode_attention); below, the dots win.
+    decode = T == 1 and B * K >= _FUSED_DECODE_MIN_PAIRS and all(s.k_transposed for s in segments)
     all_logits, all_allowed = [], []
     for seg in segments:
         if decode:

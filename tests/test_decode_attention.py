@@ -1,0 +1,65 @@
+"""One decode step's attention (one query per row) over both cache layouts, against numpy.
+
+The per-layer cache keeps keys as [B, K, hd, S]; from 8 (row, kv head) pairs a decode step
+computes q.k and p.v as multiply-and-sum fusions, below that as einsums over the transposed keys.
+Both, and the stacked layout's einsums, must be the same attention."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from clipo_jax.models import transformer
+from clipo_jax.models.config import PRESETS
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+
+def _numpy_attention(q, k, v, k_pos, q_pos, scale, window, softcap):
+    """q [B, H, hd], k/v [B, K, S, hd], k_pos [B, S], q_pos [B] -> [B, H * hd] (float64)."""
+    B, H, hd = q.shape
+    K = k.shape[1]
+    out = np.zeros((B, H, hd))
+    for b in range(B):
+        for h in range(H):
+            kv = h // (H // K)  # query heads grouped over kv heads, as the model does
+            logits = k[b, kv].astype(np.float64) @ q[b, h].astype(np.float64) * scale
+            if softcap is not None:
+                logits = np.tanh(logits / softcap) * softcap
+            ok = (k_pos[b] >= 0) & (k_pos[b] <= q_pos[b]) & (q_pos[b] - k_pos[b] < window)
+            if not ok.any():
+                continue  # a fully masked row attends to nothing
+            w = np.exp(logits[ok] - logits[ok].max())
+            out[b, h] = (w / w.sum()) @ v[b, kv][ok].astype(np.float64)
+    return out.reshape(B, H * hd)
+
+
+@pytest.mark.parametrize("batch", [1, 2, 9], ids=["einsum_1_row", "einsum_2_rows", "fused_9_rows"])
+@pytest.mark.parametrize("preset", ["tiny_llama", "tiny_gemma3"])
+def test_decode_step_attention_matches_numpy(preset, batch):
+    cfg = PRESETS[preset]
+    K, H, hd, S = cfg.n_kv_heads, cfg.n_heads, cfg.head_dim, 13
+    rng = np.random.default_rng(batch)
+    q = rng.standard_normal((batch, H, hd)).astype(np.float32)
+    k = rng.standard_normal((batch, K, S, hd)).astype(np.float32)
+    v = rng.standard_normal((batch, K, S, hd)).astype(np.float32)
+    # rows filled to different lengths (left-padded prompts, empty slots at the end)
+    k_pos = np.full((batch, S), -1, np.int32)
+    for b in range(batch):
+        start, n = b % 3, S - 2 - (b % 4)
+        k_pos[b, start:n] = np.arange(n - start)
+    q_pos = np.maximum(k_pos.max(axis=1), 0)
+    if batch > 1:
+        k_pos[-1] = -1  # a row with no valid key: output zeros
+    window = cfg.sliding_window or int(np.iinfo(np.int32).max)
+    ref = _numpy_attention(q, k, v, k_pos, q_pos, cfg.scale, window, cfg.attn_logit_softcap)
+    pos, qp = jnp.asarray(k_pos), jnp.asarray(q_pos)[:, None]
+    stacked = transformer.Segment(jnp.asarray(k), jnp.asarray(v), pos)
+    per_layer = transformer.Segment(jnp.asarray(k.swapaxes(2, 3)), jnp.asarray(v), pos, k_transposed=True)
+    fused = batch * K >= transformer._FUSED_DECODE_MIN_PAIRS
+    assert fused == (batch == 9 or (batch == 2 and K >= 4))
+    for seg in (stacked, per_layer):
+        out = transformer._attention_einsum(cfg, jnp.asarray(q)[:, None], [seg], qp, window)
+        np.testing.assert_allclose(np.asarray(out)[:, 0], ref, rtol=2e-5, atol=2e-5, err_msg=str(seg.k_transposed))
+    if batch > 1:
+        assert not np.any(np.asarray(out)[-1])
