@@ -139,8 +139,10 @@ class KVCache(NamedTuple):
     contiguously with no transpose), or, for the unrolled layer loop (`unstack_layers`), tuples of
     L per-layer buffers: keys transposed, [B, K, hd, S], values [B, K, S, hd]; pos: [B, S] int32.
     With the slot axis last, a decode step's q.k is a sum over head_dim of rows that run along
-    the slots, which XLA:CPU fuses and splits over every core; over [S, hd] keys it lowers to one
-    single-threaded batched dot per (row, kv head) with a 3-column output.
+    the slots, one fused reduction (see `_attention_einsum`); over [S, hd] keys XLA:CPU lowers it
+    to one small single-threaded dot per (row, kv head), 3 output columns each. The fused form is
+    1.2-1.4x faster at batch 8-32 (experiments/bench_decode_attention.py) but still runs mostly
+    on one core: XLA:CPU gives the reduction to YNNPACK.
     """
 
     k: Any
