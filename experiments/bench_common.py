@@ -61,9 +61,11 @@ def machine() -> str:
     return f"{model}, {cores()} cores" + (f"; ISA {' '.join(isa)}" if isa else "")
 
 
-def read_bandwidth_gbs(mib: int) -> float:
-    """Read bandwidth in GB/s: the best of 5 of a jitted sum over a `mib` MiB float32 array (other
-    jobs on the machine only ever make a run slower)."""
+def read_bandwidth_gbs(mib: int, calls: int = 1) -> float:
+    """Read bandwidth in GB/s: the best of 5 timings of `calls` back-to-back jitted sums over a
+    `mib` MiB float32 array (other jobs on the machine only ever make a run slower; on an
+    accelerator one sum takes well under a millisecond, so several calls keep the launch overhead
+    out of the memory time)."""
     import jax
     import jax.numpy as jnp
 
@@ -73,8 +75,8 @@ def read_bandwidth_gbs(mib: int) -> float:
     best = 0.0
     for _ in range(5):
         t = time.perf_counter()
-        total(x).block_until_ready()
-        best = max(best, x.nbytes / (time.perf_counter() - t) / 1e9)
+        jax.block_until_ready([total(x) for _ in range(calls)])
+        best = max(best, calls * x.nbytes / (time.perf_counter() - t) / 1e9)
     del x
     return best
 

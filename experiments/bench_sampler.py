@@ -62,7 +62,7 @@ import time
 from absl import app, flags
 
 from experiments.bench_common import cores as _cores
-from experiments.bench_common import gsm8k_chat_prompts, random_prompts
+from experiments.bench_common import gsm8k_chat_prompts, random_prompts, read_bandwidth_gbs
 from experiments.bench_common import machine as _machine
 
 FLAGS = flags.FLAGS
@@ -144,26 +144,14 @@ def _reply(obj) -> None:
 # --------------------------------------------------------------------------- workers
 def _worker_bandwidth() -> None:
     import jax
-    import jax.numpy as jnp
     import numpy as np
 
     backend = jax.default_backend()
     accel = backend in ("gpu", "tpu")
-    x = jnp.ones((FLAGS.bandwidth_mib << 18,), jnp.float32)  # 1 GiB by default
-    total = jax.jit(jnp.sum)
-    total(x).block_until_ready()
-    # on an accelerator one sum of 1 GiB takes well under a millisecond: time 10 back-to-back
-    # (dispatch is asynchronous) so the launch overhead does not count as memory time
-    calls = 10 if accel else 1
-    reads = []
-    for _ in range(5):
-        t = time.perf_counter()
-        outs = [total(x) for _ in range(calls)]
-        jax.block_until_ready(outs)
-        reads.append(calls * x.nbytes / (time.perf_counter() - t) / 1e9)
-    del x
+    # on an accelerator: 10 back-to-back sums per timing (dispatch is asynchronous)
+    read_gbs = read_bandwidth_gbs(FLAGS.bandwidth_mib, calls=10 if accel else 1)  # 1 GiB by default
     if accel:
-        _reply({"read_gbs": max(reads), "copy_gbs": None, "backend": backend, "device": jax.devices()[0].device_kind})
+        _reply({"read_gbs": read_gbs, "copy_gbs": None, "backend": backend, "device": jax.devices()[0].device_kind})
         return
     a = np.ones(FLAGS.bandwidth_mib << 17, np.float32)  # 512 MiB by default
     b = np.empty_like(a)
@@ -174,7 +162,7 @@ def _worker_bandwidth() -> None:
         np.copyto(b, a)
         copies.append(2 * a.nbytes / (time.perf_counter() - t) / 1e9)
     # the best of 5: other jobs on the machine only ever make a run slower
-    _reply({"read_gbs": max(reads), "copy_gbs": max(copies), "backend": backend})
+    _reply({"read_gbs": read_gbs, "copy_gbs": max(copies), "backend": backend})
 
 
 def _serve(setup, run, commands=None) -> None:

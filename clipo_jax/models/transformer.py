@@ -348,7 +348,8 @@ def _block(cfg: ModelConfig, lp: Params, x, q_pos, theta, window, key_values):
     """One transformer layer over new tokens x [B, T, D] at RoPE positions q_pos.
 
     key_values(k, v) takes the new tokens' keys and values [B, K, T, hd] and returns (segments,
-    out): the `Segment`s to attend to (see `_attention`) and whatever the caller wants back (e.g. the updated cache layer). Returns (x, out)."""
+    out): the `Segment`s to attend to (see `_attention`) and whatever the caller wants back
+    (e.g. the updated cache layer). Returns (x, out)."""
     dt = jnp.dtype(cfg.dtype)
     B, T, _ = x.shape
     h = rms_norm(x, lp["attn_norm"], cfg.norm_eps)
