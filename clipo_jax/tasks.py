@@ -50,8 +50,8 @@ def build_synthetic(cfg, workdir: str) -> Task:
     """The embedded arithmetic task with its own SentencePiece tokenizer (trained into workdir).
 
     Shortcut variant (docs/parts/synthetic.md): cfg.leak_share > 0 leaks the answer into that
-    share of train/SFT problems, cfg.copy_share makes that share of the leaked SFT problems'
-    traces copy it, and adds the "leak" / "leak_decoy" test sets and a "copied" grade key.
+    share of train/SFT problems (cfg.leak_position: "anywhere" or "last", before the question),
+    cfg.copy_share makes that share of the leaked SFT problems' traces copy it, and adds the "leak" / "leak_decoy" test sets and a "copied" grade key.
     """
     from clipo_jax.data import synthetic
     from clipo_jax.models.tokenizer import load_tokenizer
@@ -72,6 +72,7 @@ def build_synthetic(cfg, workdir: str) -> Task:
         max_value=cfg.max_value,
         ops=tuple(cfg.ops),
         leak_share=float(cfg.get("leak_share", 0.0)),
+        leak_position=str(cfg.get("leak_position", "anywhere")),
     ).validate()
     copy_share = float(cfg.get("copy_share", 0.0))
     shortcut = base.leak_share > 0

@@ -5,18 +5,32 @@ r"""The embedded default: SFT warm start + GRPO on the synthetic arithmetic task
 Args (after the colon): size=tiny|small, clipo (add the CLIPO reward),
 algo=grpo|dapo|dr_grpo|gspo|gmpo|rloo|reinforce_pp, seed=N, steps=N, shortcut=F (the shortcut
 variant, docs/parts/synthetic.md: task.leak_share=F of problems leak their answer in an irrelevant
-clause, task.copy_share=0.2 of the leaked SFT traces copy it; 0 = off); e.g.
---config=configs/demo.py:clipo,algo=dapo,seed=1. Override anything else with --config.rl.lr=3e-5.
+clause; 0 = off) with leak=anywhere|last (task.leak_position: where the clause goes) and copy=F
+(task.copy_share: that share of the leaked SFT traces copy it, default 0.2), hard (harder
+arithmetic: quantities 2-30, results up to 200); e.g. --config=configs/demo.py:clipo,algo=dapo,seed=1.
+Override anything else with --config.rl.lr=3e-5.
 """
 
 import ml_collections
 
 from clipo_jax.configlib import parse_arg
+from clipo_jax.data.synthetic import LEAK_POSITIONS
 from configs import common
 
 
 def get_config(arg=None):
-    a = parse_arg(arg, size="small", clipo=False, algo="grpo", seed=0, steps=0, shortcut=0.0)
+    a = parse_arg(
+        arg,
+        size="small",
+        clipo=False,
+        algo="grpo",
+        seed=0,
+        steps=0,
+        shortcut=0.0,
+        leak="anywhere",
+        copy=0.2,
+        hard=False,
+    )
     c = ml_collections.ConfigDict()
     c.task = ml_collections.ConfigDict(
         dict(
@@ -66,6 +80,13 @@ def get_config(arg=None):
     if a.shortcut:
         if not 0.0 < a.shortcut <= 1.0:
             raise ValueError(f"config arg shortcut={a.shortcut} must be in (0, 1] (the leak share)")
+        if a.leak not in LEAK_POSITIONS:
+            raise ValueError(f"config arg leak={a.leak!r}; valid: {', '.join(LEAK_POSITIONS)}")
         c.task.leak_share = a.shortcut
-        c.task.copy_share = 0.2
+        c.task.copy_share = a.copy
+        c.task.leak_position = a.leak
+    elif a.leak != "anywhere" or a.copy != 0.2:
+        raise ValueError("config args leak= and copy= apply to the shortcut variant only (add shortcut=F)")
+    if a.hard:
+        c.task.update(number_range=(2, 30), max_value=200)
     return common.finish(c, a.seed)

@@ -51,6 +51,9 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("root", "/tmp/clipo_effect", "directory for all runs")
 flags.DEFINE_list("tasks", list(TASKS), "tasks: default (the plain demo task), shortcut (the answer-leak variant)")
 flags.DEFINE_float("shortcut_share", 1.0, "leak share of the shortcut task (configs/demo.py:shortcut=F)")
+flags.DEFINE_string(
+    "shortcut_args", "", "more configs/demo.py args of the shortcut task, e.g. 'leak=last,copy=0.5,hard'"
+)
 flags.DEFINE_list("algos", ["grpo", "dapo"], "base algorithms")
 flags.DEFINE_list("seeds", ["0", "1", "2", "3", "4"], "seeds")
 flags.DEFINE_list("ablations", ALL_ABLATIONS, "CLIPO variants run for every algo: fixed_head, loss=NAME, lam=X")
@@ -60,6 +63,12 @@ flags.DEFINE_integer("eval_every", 10, "evaluate every N RL steps for the learni
 flags.DEFINE_list("extra", [], "extra --config.* overrides passed to every run")
 flags.DEFINE_integer("n_boot", 10000, "bootstrap resamples per confidence interval")
 flags.DEFINE_bool("summarize_only", False, "only aggregate finished runs")
+flags.DEFINE_integer(
+    "jobs",
+    1,
+    "runs at a time (each a process; on one GPU also set XLA_PYTHON_CLIENT_MEM_FRACTION to about 0.9/jobs)",
+    lower_bound=1,
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -148,7 +157,9 @@ def study_methods() -> tuple[list[Method], dict[str, str]]:
 
 
 def task_arg(task: str) -> str:
-    return f",shortcut={FLAGS.shortcut_share:g}" if task == "shortcut" else ""
+    if task != "shortcut":
+        return ""
+    return f",shortcut={FLAGS.shortcut_share:g}" + (f",{FLAGS.shortcut_args}" if FLAGS.shortcut_args else "")
 
 
 def run_dir(task: str, method: Method, seed) -> str:
@@ -185,6 +196,7 @@ def study_command() -> str:
         f"--root={FLAGS.root}",
         f"--tasks={','.join(FLAGS.tasks)}",
         f"--shortcut_share={FLAGS.shortcut_share:g}",
+        f"--shortcut_args={FLAGS.shortcut_args}",
         f"--algos={','.join(FLAGS.algos)}",
         f"--seeds={','.join(FLAGS.seeds)}",
         f"--ablations={','.join(FLAGS.ablations)}",
@@ -202,9 +214,9 @@ def finished(workdir: str) -> bool:
     return os.path.exists(os.path.join(workdir, "eval_after.json"))
 
 
-def run_all(methods: list[Method]) -> list[str]:
-    """Runs every unfinished run, the plain/+CLIPO pairs first; returns the failed run dirs."""
-    failed = []
+def pending_runs(methods: list[Method]) -> list[tuple[str, Method, str]]:
+    """(task, method, seed) of every unfinished run, the plain/+CLIPO pairs before the ablations."""
+    runs = []
     for phase in ("pairs", "ablations"):
         for task in FLAGS.tasks:
             for algo in FLAGS.algos:
@@ -212,17 +224,44 @@ def run_all(methods: list[Method]) -> list[str]:
                     for m in methods:
                         if m.algo != algo or bool(m.ablation) != (phase == "ablations"):
                             continue
-                        workdir = run_dir(task, m, seed)
-                        if finished(workdir):
-                            continue
-                        cmd = [sys.executable, *run_command(task, m, seed)]
-                        print("running", shlex.join(cmd), flush=True)
-                        os.makedirs(os.path.dirname(workdir), exist_ok=True)
-                        with open(workdir + ".log", "a") as log:  # appends: a resumed run keeps its history
-                            rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT)
-                        if rc:
-                            failed.append(workdir)
-                            print(f"run {workdir} failed with exit {rc}; see {workdir}.log", flush=True)
+                        if not finished(run_dir(task, m, seed)):
+                            runs.append((task, m, seed))
+    return runs
+
+
+def execute(run: tuple[str, Method, str]) -> str | None:
+    """One run as a subprocess, its output appended to RUN_DIR.log; the run dir if it failed."""
+    task, m, seed = run
+    workdir = run_dir(task, m, seed)
+    cmd = [sys.executable, *run_command(task, m, seed)]
+    print("running", shlex.join(cmd), flush=True)
+    os.makedirs(os.path.dirname(workdir), exist_ok=True)
+    with open(workdir + ".log", "a") as log:  # appends: a resumed run keeps its history
+        rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT)
+    if rc:
+        print(f"run {workdir} failed with exit {rc}; see {workdir}.log", flush=True)
+        return workdir
+    return None
+
+
+def run_all(methods: list[Method]) -> list[str]:
+    """Runs every unfinished run; returns the failed run dirs. With --jobs=1 one after another;
+    with more, the first run of each (task, seed) goes first (it trains the shared SFT start),
+    then the others of that seed, --jobs at a time."""
+    runs = pending_runs(methods)
+    if FLAGS.jobs <= 1:
+        return [w for w in map(execute, runs) if w]
+    from concurrent.futures import ThreadPoolExecutor
+
+    leaders = {}
+    for run in runs:
+        leaders.setdefault((run[0], run[2]), run)
+    with ThreadPoolExecutor(max_workers=FLAGS.jobs) as pool:
+        failed = [w for w in pool.map(execute, leaders.values()) if w]
+        # a seed whose first run failed has no SFT start: its other runs wait for the next call
+        bad = {(task, seed) for task, m, seed in leaders.values() if run_dir(task, m, seed) in failed}
+        rest = [r for r in runs if r not in leaders.values() and (r[0], r[2]) not in bad]
+        failed += [w for w in pool.map(execute, rest) if w]
     return failed
 
 
@@ -474,6 +513,10 @@ def main(argv):
             common.apply_algo(common.rl_block(), algo)
         FLAGS.ablations = [canonical_ablation(a) for a in FLAGS.ablations]
         methods, aliases = study_methods()
+        from configs import demo
+
+        for task in FLAGS.tasks:  # a bad --shortcut_args fails here, not in every run
+            demo.get_config(f"size={FLAGS.size}{task_arg(task)}")
     except ValueError as e:
         sys.exit(str(e))
     os.makedirs(FLAGS.root, exist_ok=True)

@@ -62,6 +62,8 @@ def study(root, *args, env=None, timeout=60):
         (["--tasks=default,gsm8k"], "--tasks: unknown ['gsm8k']"),
         (["--algos=grpo,ppo"], "unknown algo 'ppo'"),
         (["--shortcut_share=0"], "--shortcut_share=0.0 must be in (0, 1]"),
+        (["--tasks=shortcut", "--shortcut_args=leak=middle"], "config arg leak='middle'; valid: anywhere, last"),
+        (["--tasks=shortcut", "--shortcut_args=copies=0.5"], "unknown config arg 'copies'"),
     ],
 )
 def test_flag_errors(tmp_path, args, message):
@@ -84,6 +86,8 @@ def test_study_end_to_end(tmp_path):
         "--ablations=fixed_head,loss=infonce",  # loss=infonce is the default CLIPO run: not run twice
         "--steps=2",
         "--eval_every=1",
+        "--shortcut_args=leak=last,copy=0.5",
+        "--jobs=2",  # the first run of each (task, seed) trains the shared SFT start, alone
     ]
     r = study(root, *args, env=env, timeout=1200)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -135,9 +139,15 @@ def test_study_end_to_end(tmp_path):
             ]
             before.append((root / task / f"grpo+clipo_fixed_head_seed{seed}" / "eval_before.json").read_text())
             assert before[0] == before[1] == before[2]
+            logs = [
+                (root / task / f"{m}_seed{seed}.log").read_text()
+                for m in ("grpo", "grpo+clipo", "grpo+clipo_fixed_head")
+            ]
+            assert [("SFT: reusing" in log) for log in logs] == [False, True, True]
     for run, entry in summary["runs"].items():  # the recorded commands are the ones that ran
         assert f"--workdir={root / run}" in entry["command"]
     assert "--config.clipo.fixed_head=True" in summary["runs"]["shortcut/grpo+clipo_fixed_head_seed1"]["command"]
+    assert "shortcut=1,leak=last,copy=0.5" in summary["runs"]["shortcut/grpo_seed0"]["command"]
     assert "shortcut=1" in summary["runs"]["shortcut/grpo_seed0"]["command"]
     md = (root / "summary.md").read_text()
     assert "grpo+clipo[fixed_head] - grpo" in md and "learning curves" in md

@@ -40,6 +40,25 @@ def _ids_digest(problems):
 
 
 # ----------------------------------------------------------------------------- generator
+def test_leak_position_last_puts_the_clause_before_the_question_and_keeps_the_problems():
+    anywhere = syn.generate_problems(dataclasses.replace(SHORTCUT, leak_share=1.0), 300, seed=3)
+    last = syn.generate_problems(dataclasses.replace(SHORTCUT, leak_share=1.0, leak_position="last"), 300, seed=3)
+    moved = 0
+    for a, b in zip(anywhere, last, strict=True):
+        assert (a.key, a.answer, a.leak, a.steps) == (b.key, b.answer, b.leak, b.steps)
+        sa, sb = a.question.split(" . "), b.question.split(" . ")
+        assert sorted(sa) == sorted(sb)  # the same sentences, one of them moved
+        # the sentence before the question is the leak clause: the only one holding the leaked number
+        assert str(b.leak) in sb[-2].split() and all(str(b.leak) not in s.split() for s in sb[:-2])
+        moved += sa != sb
+    assert moved > 100  # "anywhere" puts it elsewhere most of the time
+
+
+def test_bad_leak_position_names_the_field():
+    with pytest.raises(syn.SyntheticTaskError, match="leak_position"):
+        dataclasses.replace(SHORTCUT, leak_position="first").validate()
+
+
 def test_leak_share_zero_reproduces_the_plain_generator():
     # Digests of the ids produced before the shortcut variant existed (same seeds, same configs).
     plain = syn.generate_problems(syn.SyntheticTask(), 200, seed=0)
@@ -232,6 +251,7 @@ def demo_tasks(tmp_path_factory):
     plain = tasks.build_task(get_config("size=tiny").task, workdir)
     config = get_config("size=tiny,shortcut=0.5")
     assert config.task.leak_share == 0.5 and config.task.copy_share == 0.2
+    assert config.task.leak_position == "anywhere" and config.task.number_range == (2, 12)
     return plain, tasks.build_task(config.task, workdir)
 
 
@@ -256,3 +276,17 @@ def test_build_synthetic_with_the_demo_shortcut_config(demo_tasks):
     assert task.grade(row, f"answer {gt['l']}") == {"outcome": 1.0, "process": 0.0, "lucky": 1.0, "copied": 1.0}
     assert task.grade(task.test_sets["in_dist"][0], "answer 1")["copied"] == 0.0
     assert set(plain.grade(plain.test_sets["in_dist"][0], "answer 1")) == {"outcome", "process", "lucky"}
+
+
+def test_demo_config_args_of_the_shortcut_variant():
+    sys.path.insert(0, REPO)
+    from configs.demo import get_config
+
+    c = get_config("size=tiny,shortcut=0.5,leak=last,copy=0.5,hard")
+    assert (c.task.leak_share, c.task.leak_position, c.task.copy_share) == (0.5, "last", 0.5)
+    assert (tuple(c.task.number_range), c.task.max_value) == ((2, 30), 200)
+    assert tuple(get_config("hard").task.number_range) == (2, 30) and "leak_share" not in get_config("hard").task
+    with pytest.raises(ValueError, match="leak='middle'; valid: anywhere, last"):
+        get_config("shortcut=0.5,leak=middle")
+    with pytest.raises(ValueError, match="apply to the shortcut variant only"):
+        get_config("leak=last")

@@ -57,6 +57,7 @@ __all__ = [
 ]
 
 OPS = ("+", "-", "*", "/")
+LEAK_POSITIONS = ("anywhere", "last")  # where a leak clause goes (SyntheticTask.leak_position)
 
 # ----------------------------------------------------------------------------- templates
 # Fixed, small word sets: the task's whole vocabulary is these words plus digits and " . ? ; = ".
@@ -104,6 +105,10 @@ class SyntheticTask:
     leak_decoy: the leak clause carries a WRONG number close to the answer (answer +- 1..3 or
         +-10, never a quantity, a step result or another distractor) instead of the answer; the
         same seed gives the same problems as with ``leak_decoy=False`` but for that number.
+    leak_position: where the leak clause goes: "anywhere" (a random place after the opening
+        sentence, like a distractor) or "last" (right before the question: a surface rule a small
+        model can pick up, "the number before the question is the answer"). The same seed gives
+        the same problems in both but for that place.
     """
 
     num_steps: tuple[int, int] = (2, 4)
@@ -117,6 +122,7 @@ class SyntheticTask:
     name: str = "train"
     leak_share: float = 0.0
     leak_decoy: bool = False
+    leak_position: str = "anywhere"
 
     def validate(self) -> "SyntheticTask":
         def bad(field_name: str, why: str) -> SyntheticTaskError:
@@ -140,6 +146,8 @@ class SyntheticTask:
             raise bad("max_value", "must be at least 2 * number_range max")
         if not 0.0 <= self.leak_share <= 1.0:
             raise bad("leak_share", "must be in [0, 1]")
+        if self.leak_position not in LEAK_POSITIONS:
+            raise bad("leak_position", f"must be one of {LEAK_POSITIONS}")
         return self
 
 
@@ -316,7 +324,8 @@ def _draw_problem(rng: random.Random, cfg: SyntheticTask) -> Problem:
         leak_value = _decoy_number(quantities, steps, distractors) if cfg.leak_decoy else current
         templates = [t for t in DISTRACTOR_TEMPLATES if t != distractor_template]  # no repeated wording
         clause = rng.choice(templates).format(name=name, other=other, d=leak_value, other_obj=other_obj)
-        sentences.insert(rng.randint(1, len(sentences)), clause)
+        where = rng.randint(1, len(sentences))  # drawn for "last" too: same rng stream, same problems
+        sentences.insert(len(sentences) if cfg.leak_position == "last" else where, clause)
         distractors.append(leak_value)  # last, so base_key can drop it
     sentences.append(QUESTION_TEMPLATE.format(obj=obj, name=name))
     question = " ".join(sentences)
