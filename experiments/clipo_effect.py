@@ -214,6 +214,24 @@ def finished(workdir: str) -> bool:
     return os.path.exists(os.path.join(workdir, "eval_after.json"))
 
 
+COMMAND_FILE = "study_command.txt"  # in each run dir: the `python -m experiments.train ...` it was started with
+
+
+def stale_runs(methods: list[Method]) -> list[str]:
+    """Run dirs under --root that were started with another command than this study's (another
+    --shortcut_args, --extra, --steps...): resuming or summarizing them would mix two setups."""
+    stale = []
+    for task in FLAGS.tasks:
+        for m in methods:
+            for seed in FLAGS.seeds:
+                path = os.path.join(run_dir(task, m, seed), COMMAND_FILE)
+                if os.path.exists(path):
+                    with open(path) as f:
+                        if f.read().strip() != shlex.join(["python", *run_command(task, m, seed)]):
+                            stale.append(os.path.dirname(path))
+    return stale
+
+
 def pending_runs(methods: list[Method]) -> list[tuple[str, Method, str]]:
     """(task, method, seed) of every unfinished run, the plain/+CLIPO pairs before the ablations."""
     runs = []
@@ -235,7 +253,9 @@ def execute(run: tuple[str, Method, str]) -> str | None:
     workdir = run_dir(task, m, seed)
     cmd = [sys.executable, *run_command(task, m, seed)]
     print("running", shlex.join(cmd), flush=True)
-    os.makedirs(os.path.dirname(workdir), exist_ok=True)
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, COMMAND_FILE), "w") as f:
+        f.write(shlex.join(["python", *run_command(task, m, seed)]) + "\n")
     with open(workdir + ".log", "a") as log:  # appends: a resumed run keeps its history
         rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT)
     if rc:
@@ -494,7 +514,26 @@ def environment() -> dict:
             libs[p] = version(p)
         except PackageNotFoundError:
             libs[p] = None
-    return {"machine": machine(), "python": platform.python_version(), "versions": libs, "seeds": FLAGS.seeds}
+    return {
+        "machine": machine(),
+        "devices": jax_devices(),
+        "python": platform.python_version(),
+        "versions": libs,
+        "seeds": FLAGS.seeds,
+    }
+
+
+def jax_devices() -> str:
+    """What the runs' JAX sees, e.g. 'gpu: 1 x NVIDIA H200', asked of a child process so this one
+    never takes accelerator memory from the runs."""
+    probe = "import jax; d = jax.devices(); print(f'{jax.default_backend()}: {len(d)} x {d[0].device_kind}')"
+    env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
+    r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=300)
+    return (
+        r.stdout.strip().splitlines()[-1]
+        if r.returncode == 0 and r.stdout.strip()
+        else f"unknown (exit {r.returncode})"
+    )
 
 
 def main(argv):
@@ -519,6 +558,12 @@ def main(argv):
             demo.get_config(f"size={FLAGS.size}{task_arg(task)}")
     except ValueError as e:
         sys.exit(str(e))
+    stale = stale_runs(methods)
+    if stale:
+        sys.exit(
+            f"{len(stale)} run(s) under --root={FLAGS.root} were started with another command (see their "
+            f"{COMMAND_FILE}), e.g. {stale[0]}: use another --root or remove them"
+        )
     os.makedirs(FLAGS.root, exist_ok=True)
     failed = [] if FLAGS.summarize_only else run_all(methods)
 

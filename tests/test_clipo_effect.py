@@ -99,7 +99,7 @@ def test_study_end_to_end(tmp_path):
     assert summary["study"]["methods"] == methods
     assert summary["study"]["ablation_aliases"] == {"grpo+clipo[loss=infonce]": "grpo+clipo"}
     assert all(run["finished"] for run in summary["runs"].values()) and len(summary["runs"]) == 12
-    assert summary["environment"]["versions"]["jax"]
+    assert summary["environment"]["versions"]["jax"] and summary["environment"]["devices"] == "cpu: 1 x cpu"
     shifted = ["big_numbers", "extra_step_1", "extra_step_2", "distractor"]
     expected_sets = {"default": ["in_dist", *shifted], "shortcut": ["in_dist", *shifted, "leak", "leak_decoy"]}
     for task, sets in expected_sets.items():
@@ -148,6 +148,10 @@ def test_study_end_to_end(tmp_path):
         assert f"--workdir={root / run}" in entry["command"]
     assert "--config.clipo.fixed_head=True" in summary["runs"]["shortcut/grpo+clipo_fixed_head_seed1"]["command"]
     assert "shortcut=1,leak=last,copy=0.5" in summary["runs"]["shortcut/grpo_seed0"]["command"]
+    # the same root with another shortcut setup: refused, nothing reused or mixed into the summary
+    r = study(root, *[a for a in args if not a.startswith("--shortcut_args")], "--summarize_only", env=env)
+    assert r.returncode != 0 and "were started with another command" in r.stderr, r.stderr[-2000:]
+    assert str(root / "shortcut") in r.stderr
     assert "shortcut=1" in summary["runs"]["shortcut/grpo_seed0"]["command"]
     md = (root / "summary.md").read_text()
     assert "grpo+clipo[fixed_head] - grpo" in md and "learning curves" in md
@@ -165,3 +169,21 @@ def test_study_end_to_end(tmp_path):
     r = study(root, *args, env=env, timeout=120)  # every run finished: nothing runs again
     assert r.returncode == 0 and "running " not in r.stdout, r.stderr[-3000:]
     assert (root / "summary.json").read_text() == first
+
+
+def test_runs_started_with_another_command_are_refused(tmp_path):
+    # a run dir left by a study with another shortcut setup: same path, other command
+    run = tmp_path / "shortcut" / "grpo_seed0"
+    run.mkdir(parents=True)
+    (run / "study_command.txt").write_text("python -m experiments.train --config=configs/demo.py:shortcut=0.5\n")
+    args = ["--tasks=shortcut", "--algos=grpo", "--seeds=0", "--ablations=", "--shortcut_args=leak=last"]
+    r = study(tmp_path, *args, "--summarize_only")
+    assert r.returncode != 0 and "1 run(s) under" in r.stderr and str(run) in r.stderr, r.stderr[-2000:]
+    assert not (tmp_path / "summary.json").exists()
+    # the command the study would use is accepted (it gets past the check to "no finished runs")
+    cmd = "python -m experiments.train --config=configs/demo.py:size=small,algo=grpo,seed=0,shortcut=1,leak=last"
+    cmd += f" --workdir={run} --config.sft.cache_dir={tmp_path / 'shortcut' / 'sft_cache_seed0'}"
+    cmd += " --config.progress_bar=False --config.eval.every=10"
+    (run / "study_command.txt").write_text(cmd + "\n")
+    r = study(tmp_path, *args, "--summarize_only")
+    assert "another command" not in r.stderr and "no finished runs" in r.stderr, r.stderr[-2000:]
