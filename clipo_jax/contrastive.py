@@ -427,6 +427,9 @@ def contrastive_reward(per_sample, labels, *, lam: float = 0.2, c0: float = 0.0,
     return jnp.maximum(c0 - lam * per_sample * correct, clip_min)
 
 
+_contrastive_reward_jit = jax.jit(contrastive_reward)  # one dispatch (lam, c0, clip_min traced)
+
+
 # ----------------------------------------------------------------------------------------------
 # Head
 # ----------------------------------------------------------------------------------------------
@@ -836,11 +839,12 @@ def clipo_stage(head: HeadState, out, labels, group_size: int, rng, cfg: Contras
             pooled, z, labels_d, group_ids_d, lengths_d, group_size=group_size, valid=valid_d
         )
     head, per_sample, _, c_metrics = head_step(head, pooled, labels_d, group_ids_d, place(rng), cfg, valid=valid_d)
-    c_reward = np.asarray(contrastive_reward(per_sample, labels_d, lam=opts.lam, c0=opts.c0, clip_min=opts.clip_min))
-    m = {k: float(v) for k, v in c_metrics.items()}
-    labels_m = contrastive_label_metrics(labels_d, lengths_d, per_sample, place(c_reward), valid=valid_d)
-    m.update({k: float(v) for k, v in labels_m.items()})
-    if geometry is not None:
-        m.update({k: float(v) for k, v in geometry.items()})
+    reward_d = _contrastive_reward_jit(per_sample, labels_d, lam=opts.lam, c0=opts.c0, clip_min=opts.clip_min)
+    labels_m = contrastive_label_metrics(labels_d, lengths_d, per_sample, reward_d, valid=valid_d)
+    # one transfer for the reward and every metric (a float() per metric would wait on the device
+    # once per metric)
+    c_reward, host = jax.device_get((reward_d, {**c_metrics, **labels_m, **(geometry or {})}))
+    c_reward = np.asarray(c_reward)
+    m = {k: float(v) for k, v in host.items()}
     m["contrastive/reward_mean"] = float(c_reward[np.asarray(valid, bool)].mean())
     return head, c_reward, m
