@@ -277,3 +277,48 @@ for base in [m for m in methods if m + "+clipo" in summary]:
         ratios.append(ratio)
         print(f"{base + ' -> +clipo':<20}{s:<14}{d:>+14.1f}{ratio:>15.2f}")
 print(f"largest |diff| / spread: {max(ratios):.2f}")
+
+# %% [markdown]
+# ## The shortcut variant: when GRPO learns to copy, and whether CLIPO stops it (recorded study)
+#
+# `configs/demo.py:shortcut=0.5,leak=last,hard` leaks the answer into a clause right before the
+# question on half the training problems, with harder arithmetic, so copying pays
+# (docs/parts/synthetic.md). `XLA_PYTHON_CLIENT_MEM_FRACTION=0.08 python -m experiments.clipo_effect
+# --root=RUNS --tasks=shortcut --algos=grpo --seeds=0,1,2,3,4 --ablations= --shortcut_share=0.5
+# --shortcut_args=leak=last,hard --eval_every=20 --jobs=10` ran GRPO and GRPO+CLIPO from the same
+# SFT start per seed on one H200; its summary (the root written as RUNS) is
+# `docs/clipo_shortcut_summary.json`. `leak`: every test problem leaked (copying pays);
+# `leak_decoy`: a wrong number in the clause (copying fails). Rates in %.
+
+# %%
+shortcut = json.loads((ROOT / "docs" / "clipo_shortcut_summary.json").read_text())
+task = shortcut["task"]
+print(shortcut["study"]["tasks"]["shortcut"], "|", shortcut["environment"]["devices"])
+seeds = shortcut["study"]["seeds"]
+for key in ("leak/lucky", "leak_decoy/copied", "leak_decoy/outcome"):
+    print(f"\n{key} per seed {', '.join(seeds)}")
+    for m, cells in task["methods"].items():
+        c = cells[key]
+        assert len(c["values"]) == len(seeds) and abs(np.mean(c["values"]) - c["mean"]) < 1e-9
+        print(f"  {m:<12}" + "".join(f"{v:>7.1f}" for v in c["values"]) + f"   mean {c['mean']:.1f}")
+for name, d in task["paired_differences"].items():
+    for key in ("leak/lucky", "leak_decoy/copied", "in_dist/outcome"):
+        lo, hi = d[key]["ci95"]
+        print(f"{name}  {key:<18} {d[key]['mean']:+.1f} points, 95% CI [{lo:+.1f}, {hi:+.1f}]")
+
+# %% [markdown]
+# The lucky rate on `leak` at every evaluated RL step, one line per seed: copying runs away in one
+# seed and stays near its SFT level in the others (docs/results.md discusses it).
+
+# %%
+fig, axes = plt.subplots(1, 2, figsize=(9, 3), sharey=True)
+for ax, m in zip(axes, task["curves"]):
+    curve = task["curves"][m]
+    for seed, values in zip(curve["seeds"], curve["leak/lucky"]["values"]):
+        ax.plot(curve["steps"], values, marker="o", label=f"seed {seed}")
+    ax.set_title(m)
+    ax.set_xlabel("RL step")
+axes[0].set_ylabel("lucky on leak (%)")
+axes[0].legend(fontsize=7)
+fig.tight_layout()
+plt.show()
