@@ -252,14 +252,15 @@ def execute(run: tuple[str, Method, str]) -> str | None:
     task, m, seed = run
     workdir = run_dir(task, m, seed)
     cmd = [sys.executable, *run_command(task, m, seed)]
-    print("running", shlex.join(cmd), flush=True)
+    # one write per line: with --jobs > 1 the threads' lines must not interleave
+    print(f"running {shlex.join(cmd)}\n", end="", flush=True)
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, COMMAND_FILE), "w") as f:
         f.write(shlex.join(["python", *run_command(task, m, seed)]) + "\n")
     with open(workdir + ".log", "a") as log:  # appends: a resumed run keeps its history
         rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT)
     if rc:
-        print(f"run {workdir} failed with exit {rc}; see {workdir}.log", flush=True)
+        print(f"run {workdir} failed with exit {rc}; see {workdir}.log\n", end="", flush=True)
         return workdir
     return None
 
