@@ -51,7 +51,8 @@ def build_synthetic(cfg, workdir: str) -> Task:
 
     Shortcut variant (docs/parts/synthetic.md): cfg.leak_share > 0 leaks the answer into that
     share of train/SFT problems (cfg.leak_position: "anywhere" or "last", before the question),
-    cfg.copy_share makes that share of the leaked SFT problems' traces copy it, and adds the "leak" / "leak_decoy" test sets and a "copied" grade key.
+    cfg.copy_share makes that share of the leaked SFT problems' traces copy it, and adds the
+    "leak" / "leak_decoy" test sets and a "copied" grade key.
     """
     from clipo_jax.data import synthetic
     from clipo_jax.models.tokenizer import load_tokenizer
