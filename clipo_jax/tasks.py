@@ -51,7 +51,8 @@ def build_synthetic(cfg, workdir: str) -> Task:
 
     Shortcut variant (docs/parts/synthetic.md): cfg.leak_share > 0 leaks the answer into that
     share of train/SFT problems (cfg.leak_position: "anywhere" or "last", before the question),
-    cfg.copy_share makes that share of the leaked SFT problems' traces copy it, and adds the
+    cfg.copy_share makes that share of the leaked SFT problems' traces copy it (cfg.copy_style:
+    "slip", a chain with a slip, or "bare", the answer line alone), and adds the
     "leak" / "leak_decoy" test sets and a "copied" grade key.
     """
     from clipo_jax.data import synthetic
@@ -76,6 +77,7 @@ def build_synthetic(cfg, workdir: str) -> Task:
         leak_position=str(cfg.get("leak_position", "anywhere")),
     ).validate()
     copy_share = float(cfg.get("copy_share", 0.0))
+    copy_style = str(cfg.get("copy_style", "slip"))
     shortcut = base.leak_share > 0
     train = synthetic.generate_problems(base, cfg.train_size, seed=cfg.seed)
     # training must not contain test problems (disjoint by the math, not the wording; a leaked
@@ -104,7 +106,9 @@ def build_synthetic(cfg, workdir: str) -> Task:
         tokenizer=tok,
         train_rows=synthetic.dataset_rows(train, "train"),
         test_sets={k: synthetic.dataset_rows(v, k) for k, v in tests.items()},
-        sft_pairs=synthetic.sft_traces(sft_problems, cfg.lucky_share, seed=cfg.seed, copy_share=copy_share),
+        sft_pairs=synthetic.sft_traces(
+            sft_problems, cfg.lucky_share, seed=cfg.seed, copy_share=copy_share, copy_style=copy_style
+        ),
         grade_keys=("outcome", "process", "lucky", "copied") if shortcut else ("outcome", "process", "lucky"),
         grader=grader,
     )

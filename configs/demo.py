@@ -6,7 +6,8 @@ Args (after the colon): size=tiny|small, clipo (add the CLIPO reward),
 algo=grpo|dapo|dr_grpo|gspo|gmpo|rloo|reinforce_pp, seed=N, steps=N, shortcut=F (the shortcut
 variant, docs/parts/synthetic.md: task.leak_share=F of problems leak their answer in an irrelevant
 clause; 0 = off) with leak=anywhere|last (task.leak_position: where the clause goes) and copy=F
-(task.copy_share: that share of the leaked SFT traces copy it, default 0.2), hard (harder
+(task.copy_share: that share of the leaked SFT traces copy it, default 0.2) and copy_style=slip|bare
+(task.copy_style: a copying trace is a chain with a slip, or the answer line alone), hard (harder
 arithmetic: quantities 2-30, results up to 200); e.g. --config=configs/demo.py:clipo,algo=dapo,seed=1.
 Override anything else with --config.rl.lr=3e-5.
 """
@@ -14,7 +15,7 @@ Override anything else with --config.rl.lr=3e-5.
 import ml_collections
 
 from clipo_jax.configlib import parse_arg
-from clipo_jax.data.synthetic import LEAK_POSITIONS
+from clipo_jax.data.synthetic import COPY_STYLES, LEAK_POSITIONS
 from configs import common
 
 
@@ -29,6 +30,7 @@ def get_config(arg=None):
         shortcut=0.0,
         leak="anywhere",
         copy=0.2,
+        copy_style="slip",
         hard=False,
     )
     c = ml_collections.ConfigDict()
@@ -85,8 +87,11 @@ def get_config(arg=None):
         c.task.leak_share = a.shortcut
         c.task.copy_share = a.copy
         c.task.leak_position = a.leak
-    elif a.leak != "anywhere" or a.copy != 0.2:
-        raise ValueError("config args leak= and copy= apply to the shortcut variant only (add shortcut=F)")
+        if a.copy_style not in COPY_STYLES:
+            raise ValueError(f"config arg copy_style={a.copy_style!r}; valid: {', '.join(COPY_STYLES)}")
+        c.task.copy_style = a.copy_style
+    elif a.leak != "anywhere" or a.copy != 0.2 or a.copy_style != "slip":
+        raise ValueError("config args leak=, copy= and copy_style= apply to the shortcut variant only (add shortcut=F)")
     if a.hard:
         c.task.update(number_range=(2, 30), max_value=200)
     return common.finish(c, a.seed)

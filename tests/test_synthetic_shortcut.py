@@ -216,6 +216,27 @@ def test_answer_copied_traces_are_lucky_and_at_the_configured_share(copy_share):
     assert all(check_solution(by_id[r.problem_id], r.completion)["lucky"] == r.lucky for r in records)
 
 
+def test_bare_copy_style_is_the_answer_line_alone_and_lucky():
+    problems = syn.generate_problems(dataclasses.replace(SHORTCUT, leak_share=1.0), 400, seed=21)
+    records = syn.sft_records(problems, lucky_share=0.1, seed=4, copy_share=0.5, copy_style="bare")
+    slip = syn.sft_records(problems, lucky_share=0.1, seed=4, copy_share=0.5)
+    by_id = {p.id: p for p in problems}
+    copied = [r for r in records if r.kind == syn.COPY_KIND]
+    assert len(copied) == 200 and [r.problem_id for r in copied] == [
+        r.problem_id for r in slip if r.kind == syn.COPY_KIND
+    ]  # the same problems copy in either style
+    for r in copied:
+        assert r.completion == f"answer {by_id[r.problem_id].leak}"
+        assert check_solution(by_id[r.problem_id], r.completion) == {
+            "outcome": True,
+            "process": False,
+            "lucky": True,
+            "parse_ok": True,
+        }
+    with pytest.raises(syn.SyntheticTaskError, match="copy style 'none'"):
+        syn.sft_records(problems, lucky_share=0.1, seed=4, copy_share=0.5, copy_style="none")
+
+
 def test_copy_share_zero_leaves_sft_records_unchanged():
     problems = syn.generate_problems(SHORTCUT, 400, seed=7)
     assert syn.sft_records(problems, 0.2, seed=1) == syn.sft_records(problems, 0.2, seed=1, copy_share=0.0)
@@ -282,11 +303,24 @@ def test_demo_config_args_of_the_shortcut_variant():
     sys.path.insert(0, REPO)
     from configs.demo import get_config
 
-    c = get_config("size=tiny,shortcut=0.5,leak=last,copy=0.5,hard")
+    c = get_config("size=tiny,shortcut=0.5,leak=last,copy=0.5,copy_style=bare,hard")
     assert (c.task.leak_share, c.task.leak_position, c.task.copy_share) == (0.5, "last", 0.5)
+    assert c.task.copy_style == "bare" and get_config("shortcut=0.5").task.copy_style == "slip"
     assert (tuple(c.task.number_range), c.task.max_value) == ((2, 30), 200)
     assert tuple(get_config("hard").task.number_range) == (2, 30) and "leak_share" not in get_config("hard").task
     with pytest.raises(ValueError, match="leak='middle'; valid: anywhere, last"):
         get_config("shortcut=0.5,leak=middle")
     with pytest.raises(ValueError, match="apply to the shortcut variant only"):
         get_config("leak=last")
+    with pytest.raises(ValueError, match="copy_style='none'; valid: slip, bare"):
+        get_config("shortcut=0.5,copy_style=none")
+
+
+def test_build_synthetic_passes_the_copy_style(tmp_path):
+    sys.path.insert(0, REPO)
+    from clipo_jax import tasks
+    from configs.demo import get_config
+
+    task = tasks.build_task(get_config("size=tiny,shortcut=0.5,copy=0.5,copy_style=bare").task, str(tmp_path))
+    bare = [c for _, c in task.sft_pairs if c.startswith("answer ")]
+    assert len(bare) > 20 and all(len(c.split()) == 2 for c in bare)

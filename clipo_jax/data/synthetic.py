@@ -48,6 +48,8 @@ __all__ = [
     "lucky_solution",
     "copied_solution",
     "LEAK_TEST_SET_CONFIGS",
+    "LEAK_POSITIONS",
+    "COPY_STYLES",
     "sft_records",
     "sft_traces",
     "dataset_rows",
@@ -544,6 +546,9 @@ def lucky_solution(problem: Problem, rng: random.Random) -> tuple[str, str] | No
 
 
 COPY_KIND = "answer_copied"
+# How an "answer_copied" SFT trace looks: "slip" = a chain with a propagated slip, then the leaked
+# number as the answer; "bare" = only the answer line, e.g. "answer 34" (no chain at all).
+COPY_STYLES = ("slip", "bare")
 
 
 def _answer_copied(p: Problem, rng: random.Random) -> str | None:
@@ -566,13 +571,16 @@ def _answer_copied(p: Problem, rng: random.Random) -> str | None:
     return None
 
 
-def copied_solution(problem: Problem, rng: random.Random) -> tuple[str, str] | None:
-    """An "answer_copied" trace (see ``_answer_copied``) and its kind, verified lucky; None when
-    the problem has no leak clause whose number is the answer (or no lucky trace was found)."""
+def copied_solution(problem: Problem, rng: random.Random, style: str = "slip") -> tuple[str, str] | None:
+    """An "answer_copied" trace (style "slip": see ``_answer_copied``; "bare": the answer line
+    alone) and its kind, verified lucky; None when the problem has no leak clause whose number is
+    the answer (or no lucky trace was found)."""
+    if style not in COPY_STYLES:
+        raise SyntheticTaskError(f"copy style {style!r} is not one of {COPY_STYLES}")
     if problem.leak is None or problem.leak != problem.answer:
         return None
     for _ in range(4):
-        text = _answer_copied(problem, rng)
+        text = _join([], problem.leak) if style == "bare" else _answer_copied(problem, rng)
         if text is not None and check_solution(problem, text)["lucky"]:
             return text, COPY_KIND
     return None
@@ -601,7 +609,9 @@ def _first_made(order: Sequence[int], n: int, make) -> dict[int, tuple[str, str]
     return made
 
 
-def sft_records(problems: Sequence[Problem], lucky_share: float, seed: int, copy_share: float = 0.0) -> list[SFTRecord]:
+def sft_records(
+    problems: Sequence[Problem], lucky_share: float, seed: int, copy_share: float = 0.0, copy_style: str = "slip"
+) -> list[SFTRecord]:
     """One trace per problem; exactly ``round(lucky_share * len(problems))`` are lucky kinds.
 
     The lucky problems are a seeded random subset; a problem on which no lucky trace can be
@@ -609,7 +619,7 @@ def sft_records(problems: Sequence[Problem], lucky_share: float, seed: int, copy
     copy_share: of the problems whose leak clause carries the answer (shortcut variant),
     exactly ``round(copy_share * n_leaked)`` get an "answer_copied" trace (also lucky), chosen
     first with their own seeded rng; the lucky kinds then go to other problems. 0 (default)
-    leaves the result exactly as without it.
+    leaves the result exactly as without it. copy_style: COPY_STYLES ("slip" or "bare").
     """
     if not 0.0 <= lucky_share <= 1.0:
         raise SyntheticTaskError(f"sft_traces: lucky_share must be in [0, 1], got {lucky_share}")
@@ -621,7 +631,7 @@ def sft_records(problems: Sequence[Problem], lucky_share: float, seed: int, copy
         n_copy = round(copy_share * len(leaked))
         copy_rng = random.Random(_derive_seed("sft-copy", seed))
         copy_rng.shuffle(leaked)
-        copied = _first_made(leaked, n_copy, lambda i: copied_solution(problems[i], copy_rng))
+        copied = _first_made(leaked, n_copy, lambda i: copied_solution(problems[i], copy_rng, copy_style))
         if len(copied) < n_copy:
             raise SyntheticTaskError(f"sft_traces: could build only {len(copied)} copied traces of {n_copy}")
     n_lucky = round(lucky_share * len(problems))
@@ -643,10 +653,10 @@ def sft_records(problems: Sequence[Problem], lucky_share: float, seed: int, copy
 
 
 def sft_traces(
-    problems: Sequence[Problem], lucky_share: float, seed: int, copy_share: float = 0.0
+    problems: Sequence[Problem], lucky_share: float, seed: int, copy_share: float = 0.0, copy_style: str = "slip"
 ) -> list[tuple[str, str]]:
     """``[(prompt, completion)]`` with a controlled share of lucky traces (see ``sft_records``)."""
-    return [(r.prompt, r.completion) for r in sft_records(problems, lucky_share, seed, copy_share)]
+    return [(r.prompt, r.completion) for r in sft_records(problems, lucky_share, seed, copy_share, copy_style)]
 
 
 def dataset_rows(problems: Sequence[Problem], source: str | None = None) -> list[dict]:
