@@ -5,15 +5,17 @@ ablations, on the plain task and its shortcut variant, over seeds, from the same
   python -m experiments.clipo_effect --root=RUNS --tasks=default --algos=grpo --seeds=0,1,2 --ablations=
   python -m experiments.clipo_effect --root=RUNS --summarize_only
 
-The defaults are the whole study: tasks `default` and `shortcut` (configs/demo.py:shortcut=F with
-F = --shortcut_share), algos grpo and dapo, seeds 0-4, every ablation (a CLIPO variant of each
+The defaults are the whole study: tasks `default` and `shortcut` (configs/demo.py:shortcut=F,ARGS
+with F = --shortcut_share, 0.5, and ARGS = --shortcut_args, leak=last,copy_style=bare: the leak
+clause before the question and SFT copies that are the answer line alone, the setting in which
+GRPO learns to copy, docs/results.md), algos grpo and dapo, seeds 0-4, every ablation (a CLIPO variant of each
 algo: `fixed_head`, `loss=` each of the paper's four losses infonce / supcon_in / supcon_out /
 soft_nn, `lam=` 0.05 / 0.2 / 0.5; an ablation equal to the default CLIPO settings, loss=infonce
 and lam=0.2, is the `+clipo` run itself), size small with its RL budget (--steps=0) and an
 evaluation every --eval_every RL steps for the learning curves.
 
 Every run is `python -m experiments.train --config=configs/demo.py:size=Z,algo=A,seed=S[,clipo]
-[,shortcut=F] --workdir=ROOT/TASK/METHOD_seedS` plus the ablation's `--config.clipo.*` overrides and
+[,shortcut=F,ARGS] --workdir=ROOT/TASK/METHOD_seedS` plus the ablation's `--config.clipo.*` overrides and
 --extra. The runs of one (task, seed) share ROOT/TASK/sft_cache_seedS (config.sft.cache_dir), so
 every method of that seed starts from the same SFT checkpoint. The plain/+CLIPO pairs run first,
 the ablations after them. Finished runs (eval_after.json) are skipped; an interrupted one resumes
@@ -50,9 +52,11 @@ BOOTSTRAP_SEED = 0
 FLAGS = flags.FLAGS
 flags.DEFINE_string("root", "/tmp/clipo_effect", "directory for all runs")
 flags.DEFINE_list("tasks", list(TASKS), "tasks: default (the plain demo task), shortcut (the answer-leak variant)")
-flags.DEFINE_float("shortcut_share", 1.0, "leak share of the shortcut task (configs/demo.py:shortcut=F)")
+flags.DEFINE_float("shortcut_share", 0.5, "leak share of the shortcut task (configs/demo.py:shortcut=F)")
 flags.DEFINE_string(
-    "shortcut_args", "", "more configs/demo.py args of the shortcut task, e.g. 'leak=last,copy=0.5,hard'"
+    "shortcut_args",
+    "leak=last,copy_style=bare",
+    "more configs/demo.py args of the shortcut task (default: the setting in which GRPO learns to copy)",
 )
 flags.DEFINE_list("algos", ["grpo", "dapo"], "base algorithms")
 flags.DEFINE_list("seeds", ["0", "1", "2", "3", "4"], "seeds")

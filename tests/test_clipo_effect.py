@@ -147,7 +147,7 @@ def test_study_end_to_end(tmp_path):
     for run, entry in summary["runs"].items():  # the recorded commands are the ones that ran
         assert f"--workdir={root / run}" in entry["command"]
     assert "--config.clipo.fixed_head=True" in summary["runs"]["shortcut/grpo+clipo_fixed_head_seed1"]["command"]
-    assert "shortcut=1,leak=last,copy=0.5" in summary["runs"]["shortcut/grpo_seed0"]["command"]
+    assert "shortcut=0.5,leak=last,copy=0.5" in summary["runs"]["shortcut/grpo_seed0"]["command"]
     # the same root with another shortcut setup: refused, nothing reused or mixed into the summary
     r = study(root, *[a for a in args if not a.startswith("--shortcut_args")], "--summarize_only", env=env)
     assert r.returncode != 0 and "were started with another command" in r.stderr, r.stderr[-2000:]
@@ -181,7 +181,7 @@ def test_runs_started_with_another_command_are_refused(tmp_path):
     assert r.returncode != 0 and "1 run(s) under" in r.stderr and str(run) in r.stderr, r.stderr[-2000:]
     assert not (tmp_path / "summary.json").exists()
     # the command the study would use is accepted (it gets past the check to "no finished runs")
-    cmd = "python -m experiments.train --config=configs/demo.py:size=small,algo=grpo,seed=0,shortcut=1,leak=last"
+    cmd = "python -m experiments.train --config=configs/demo.py:size=small,algo=grpo,seed=0,shortcut=0.5,leak=last"
     cmd += f" --workdir={run} --config.sft.cache_dir={tmp_path / 'shortcut' / 'sft_cache_seed0'}"
     cmd += " --config.progress_bar=False --config.eval.every=10"
     (run / "study_command.txt").write_text(cmd + "\n")
