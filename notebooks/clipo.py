@@ -322,3 +322,21 @@ axes[0].set_ylabel("lucky on leak (%)")
 axes[0].legend(fontsize=7)
 fig.tight_layout()
 plt.show()
+
+# %% [markdown]
+# With bare copies (`copy_style=bare`: the SFT copying traces are the answer line alone) GRPO learns
+# the shortcut at the demo's own difficulty in seed 0 and not in seed 1; GRPO+CLIPO learns it too.
+# `python -m experiments.clipo_effect --root=RUNS --tasks=shortcut --algos=grpo --seeds=0,1
+# --ablations= --eval_every=20 --jobs=2` (the study's default shortcut setting: `--shortcut_share=0.5
+# --shortcut_args=leak=last,copy_style=bare`) on 2 CPU cores; its summary is
+# `docs/clipo_shortcut_bare_summary.json`.
+
+# %%
+bare = json.loads((ROOT / "docs" / "clipo_shortcut_bare_summary.json").read_text())
+task = bare["task"]
+print(bare["study"]["tasks"]["shortcut"], "|", bare["environment"]["devices"])
+for m, curve in task["curves"].items():
+    for seed, values in zip(curve["seeds"], curve["leak/lucky"]["values"]):
+        print(f"{m:<12} seed {seed}: lucky on leak at steps {curve['steps']}: " + ", ".join(f"{v:.1f}" for v in values))
+for key in ("leak_decoy/copied", "leak_decoy/outcome", "in_dist/outcome"):
+    print(key, {m: cells[key]["values"] for m, cells in task["methods"].items()})
