@@ -8,7 +8,7 @@ ablations, on the plain task and its shortcut variant, over seeds, from the same
 The defaults are the whole study: tasks `default` and `shortcut` (configs/demo.py:shortcut=F,ARGS
 with F = --shortcut_share, 0.5, and ARGS = --shortcut_args, leak=last,copy_style=bare: the leak
 clause before the question and SFT copies that are the answer line alone, the setting in which
-GRPO learns to copy, docs/results.md), algos grpo and dapo, seeds 0-4, every ablation (a CLIPO variant of each
+GRPO has learned to copy, in one of two seeds so far: docs/results.md), algos grpo and dapo, seeds 0-4, every ablation (a CLIPO variant of each
 algo: `fixed_head`, `loss=` each of the paper's four losses infonce / supcon_in / supcon_out /
 soft_nn, `lam=` 0.05 / 0.2 / 0.5; an ablation equal to the default CLIPO settings, loss=infonce
 and lam=0.2, is the `+clipo` run itself), size small with its RL budget (--steps=0) and an
@@ -56,7 +56,7 @@ flags.DEFINE_float("shortcut_share", 0.5, "leak share of the shortcut task (conf
 flags.DEFINE_string(
     "shortcut_args",
     "leak=last,copy_style=bare",
-    "more configs/demo.py args of the shortcut task (default: the setting in which GRPO learns to copy)",
+    "more configs/demo.py args of the shortcut task (default: the setting in which GRPO has learned to copy)",
 )
 flags.DEFINE_list("algos", ["grpo", "dapo"], "base algorithms")
 flags.DEFINE_list("seeds", ["0", "1", "2", "3", "4"], "seeds")
