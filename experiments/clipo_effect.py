@@ -8,9 +8,9 @@ ablations, on the plain task and its shortcut variant, over seeds, from the same
 The defaults are the whole study: tasks `default` and `shortcut` (configs/demo.py:shortcut=F,ARGS
 with F = --shortcut_share, 0.5, and ARGS = --shortcut_args, leak=last,copy_style=bare: the leak
 clause before the question and SFT copies that are the answer line alone, the setting in which
-GRPO has learned to copy, in one of two seeds so far: docs/results.md), algos grpo and dapo, seeds 0-4, every ablation (a CLIPO variant of each
-algo: `fixed_head`, `loss=` each of the paper's four losses infonce / supcon_in / supcon_out /
-soft_nn, `lam=` 0.05 / 0.2 / 0.5; an ablation equal to the default CLIPO settings, loss=infonce
+GRPO has learned to copy, in one of two seeds so far: docs/results.md), algos grpo and dapo,
+seeds 0-4, every ablation (a CLIPO variant of each algo: `fixed_head`, `loss=` each of the
+paper's four losses infonce / supcon_in / supcon_out / soft_nn, `lam=` 0.05 / 0.2 / 0.5; an ablation equal to the default CLIPO settings, loss=infonce
 and lam=0.2, is the `+clipo` run itself), size small with its RL budget (--steps=0) and an
 evaluation every --eval_every RL steps for the learning curves.
 
@@ -194,6 +194,11 @@ def run_command(task: str, method: Method, seed) -> list[str]:
     return cmd + [f"--config.clipo.{k}={v}" for k, v in method.overrides.items()]
 
 
+def recorded_command(task: str, method: Method, seed) -> str:
+    """The run's command as recorded (in its dir and in summary.json): `python -m experiments.train ...`."""
+    return shlex.join(["python", *run_command(task, method, seed)])
+
+
 def study_command() -> str:
     """The command that runs this study (what --summarize_only would aggregate)."""
     args = [
@@ -231,7 +236,7 @@ def stale_runs(methods: list[Method]) -> list[str]:
                 path = os.path.join(run_dir(task, m, seed), COMMAND_FILE)
                 if os.path.exists(path):
                     with open(path) as f:
-                        if f.read().strip() != shlex.join(["python", *run_command(task, m, seed)]):
+                        if f.read().strip() != recorded_command(task, m, seed):
                             stale.append(os.path.dirname(path))
     return stale
 
@@ -260,7 +265,7 @@ def execute(run: tuple[str, Method, str]) -> str | None:
     print(f"running {shlex.join(cmd)}\n", end="", flush=True)
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, COMMAND_FILE), "w") as f:
-        f.write(shlex.join(["python", *run_command(task, m, seed)]) + "\n")
+        f.write(recorded_command(task, m, seed) + "\n")
     with open(workdir + ".log", "a") as log:  # appends: a resumed run keeps its history
         rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT)
     if rc:
@@ -578,7 +583,7 @@ def main(argv):
             for seed in FLAGS.seeds:
                 workdir = run_dir(task, m, seed)
                 runs[os.path.relpath(workdir, FLAGS.root)] = {
-                    "command": shlex.join(["python", *run_command(task, m, seed)]),
+                    "command": recorded_command(task, m, seed),
                     "finished": finished(workdir),
                 }
     summary = {
