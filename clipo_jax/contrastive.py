@@ -522,8 +522,11 @@ def head_apply(params, pooled, kind: str | None = None):
     """pooled [B, H] (stop-gradient data) -> z [B, d_out], L2-normalised rows, float32."""
     x = jax.lax.stop_gradient(jnp.asarray(pooled)).astype(jnp.float32)
     y = HEADS[kind or _head_kind(params)][1](params, x)
-    norm = jnp.sqrt(jnp.sum(y * y, axis=-1, keepdims=True))
-    return y / jnp.maximum(norm, NORMALIZE_EPS)
+    # max(|y|, eps) taken under the sqrt: a zero row (a one-token response has no decode state to
+    # pool, and the head has no bias) then has a finite gradient, as torch's F.normalize gives;
+    # sqrt'(0) = inf would turn the whole head's gradient into NaN.
+    norm = jnp.sqrt(jnp.maximum(jnp.sum(y * y, axis=-1, keepdims=True), NORMALIZE_EPS**2))
+    return y / norm
 
 
 @dataclasses.dataclass(frozen=True)

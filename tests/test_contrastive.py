@@ -528,6 +528,29 @@ def test_head_step_loss_gradient_and_update(kind):
         assert not np.allclose(new_state.params[k]["kernel"], params0[k]["kernel"])
 
 
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+def test_head_step_zero_pooled_row_keeps_finite_gradient(kind):
+    # A one-token response has no decode state to pool: its pooled row is 0, and so is the
+    # bias-free head's output. Its embedding is 0 (as F.normalize gives) and the head's gradient
+    # must stay finite: a NaN here made the whole head, then the rewards, NaN.
+    pooled, y, g = _head_batch(3)
+    pooled[5] = 0.0
+    cfg = C.ContrastiveConfig(group_size=4, head=kind, d_out=5, lr=0.1)
+    state = C.init_head_state(jax.random.key(0), 6, cfg)
+    params0 = jax.tree.map(np.asarray, state.params)
+    z = np.asarray(C.head_apply(state.params, pooled))
+    np.testing.assert_array_equal(z[5], 0.0)
+    others = np.delete(np.arange(len(y)), 5)
+    np.testing.assert_allclose(z[others], np_head(params0, pooled[others]), rtol=1e-5, atol=1e-6)
+    state, per, loss, metrics = C.head_step(state, pooled, y, g, jax.random.key(1), cfg)
+    assert (
+        np.isfinite(float(metrics["contrastive/head_grad_norm"])) and float(metrics["contrastive/head_grad_norm"]) > 0
+    )
+    assert np.all(np.isfinite(per)) and np.isfinite(float(loss))
+    for leaf in jax.tree.leaves(state.params):
+        assert np.all(np.isfinite(np.asarray(leaf)))
+
+
 def test_fixed_head_and_no_recompile():
     pooled, y, g = _head_batch(1)
     cfg = C.ContrastiveConfig(group_size=4, d_out=5, fixed_head=True)
