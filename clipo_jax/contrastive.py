@@ -427,9 +427,6 @@ def contrastive_reward(per_sample, labels, *, lam: float = 0.2, c0: float = 0.0,
     return jnp.maximum(c0 - lam * per_sample * correct, clip_min)
 
 
-_contrastive_reward_jit = jax.jit(contrastive_reward)  # one dispatch (lam, c0, clip_min traced)
-
-
 # ----------------------------------------------------------------------------------------------
 # Head
 # ----------------------------------------------------------------------------------------------
@@ -818,36 +815,63 @@ def contrastive_metrics(
 # ----------------------------------------------------------------------------------------------
 # The trainer's contrastive stage
 # ----------------------------------------------------------------------------------------------
+@functools.partial(jax.jit, static_argnames=("cfg", "group_size", "log_geometry"), donate_argnums=(0,))
+def _clipo_stage_impl(head, pooled, labels, lengths, valid, rng, lam, c0, clip_min, *, cfg, group_size, log_geometry):
+    # One program for the whole stage: on a GPU each separate dispatch and host check cost more
+    # than the head step itself.
+    group_ids = jnp.arange(labels.shape[0], dtype=jnp.int32) // group_size
+    metrics: dict[str, Array] = {}
+    if log_geometry:  # with the head before its update, as the authors' code logs it
+        z = head_apply(head.params, pooled, cfg.head)
+        metrics.update(
+            _geometry_impl(
+                pooled, z, labels, lengths, valid, group_size=group_size, dense_geometry=True, prefix="clipo/"
+            )
+        )
+    head, per_sample, _, head_metrics = _head_step_impl(head, pooled, labels, group_ids, rng, valid, cfg)
+    reward = contrastive_reward(per_sample, labels, lam=lam, c0=c0, clip_min=clip_min)
+    metrics.update(head_metrics)
+    metrics.update(_label_metrics_impl(labels, lengths, per_sample, reward, valid, prefix="clipo/"))
+    return head, reward, metrics
+
+
 def clipo_stage(head: HeadState, out, labels, group_size: int, rng, cfg: ContrastiveConfig, opts, place, valid=None):
     """One step of CLIPO in the trainer: the head's per-sample losses before its update become
     the contrastive reward of each correct response, then the head takes its step.
 
     out: the rollout's SampleOutput (pooled_hidden [B, H], lengths [B]); labels: int [B] (1 =
-    correct); opts: lam, c0, clip_min, log_geometry, head_on_padding; place: host arrays ->
-    replicated device arrays; valid: [B] bool, False on DAPO's padding copies, which neither train
-    the head nor enter its metrics (unless opts.head_on_padding). Returns (new head, reward float32
-    [B] on the host, metrics dict of floats). The per-label metrics are always logged (O(B)); the
-    geometry (opts.log_geometry) is taken with the head before its update, as the authors' code logs it.
+    correct), rows in contiguous groups of group_size; opts: lam, c0, clip_min, log_geometry,
+    head_on_padding; place: host arrays -> replicated device arrays; valid: [B] bool, False on
+    DAPO's padding copies, which neither train the head nor enter its metrics (unless
+    opts.head_on_padding). Returns (new head, reward float32 [B] on the host, metrics dict of
+    floats). The per-label metrics are always logged (O(B)); the geometry (opts.log_geometry) is
+    taken with the head before its update, as the authors' code logs it. One jitted call and one
+    device-to-host transfer per step.
     """
-    group_ids = np.repeat(np.arange(len(labels) // group_size), group_size)
+    cfg.validate()
+    labels = np.asarray(labels)
+    if group_size <= 0 or labels.shape[0] % group_size:
+        raise ContrastiveError(f"group_size={group_size} does not divide batch size {labels.shape[0]}")
     if valid is None or getattr(opts, "head_on_padding", False):
         valid = np.ones(len(labels), bool)
-    pooled, labels_d, group_ids_d, lengths_d, valid_d = place(
-        (out.pooled_hidden, labels, group_ids, out.lengths, np.asarray(valid, bool))
+    valid = np.asarray(valid, bool)
+    pooled, labels_d, lengths_d, valid_d, rng_d = place((out.pooled_hidden, labels, out.lengths, valid, rng))
+    head, reward_d, metrics_d = _clipo_stage_impl(
+        head,
+        pooled,
+        labels_d,
+        lengths_d,
+        valid_d,
+        rng_d,
+        np.float32(opts.lam),
+        np.float32(opts.c0),
+        np.float32(opts.clip_min),
+        cfg=cfg,
+        group_size=group_size,
+        log_geometry=bool(opts.log_geometry),
     )
-    geometry = None
-    if opts.log_geometry:  # dispatched before head_step donates the head's buffers
-        z = head_apply(head.params, pooled, cfg.head)
-        geometry = contrastive_geometry(
-            pooled, z, labels_d, group_ids_d, lengths_d, group_size=group_size, valid=valid_d
-        )
-    head, per_sample, _, c_metrics = head_step(head, pooled, labels_d, group_ids_d, place(rng), cfg, valid=valid_d)
-    reward_d = _contrastive_reward_jit(per_sample, labels_d, lam=opts.lam, c0=opts.c0, clip_min=opts.clip_min)
-    labels_m = contrastive_label_metrics(labels_d, lengths_d, per_sample, reward_d, valid=valid_d)
-    # one transfer for the reward and every metric (a float() per metric would wait on the device
-    # once per metric)
-    c_reward, host = jax.device_get((reward_d, {**c_metrics, **labels_m, **(geometry or {})}))
+    c_reward, host = jax.device_get((reward_d, metrics_d))
     c_reward = np.asarray(c_reward)
     m = {k: float(v) for k, v in host.items()}
-    m["contrastive/reward_mean"] = float(c_reward[np.asarray(valid, bool)].mean())
+    m["contrastive/reward_mean"] = float(c_reward[valid].mean())
     return head, c_reward, m
