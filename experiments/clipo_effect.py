@@ -19,8 +19,9 @@ Every run is `python -m experiments.train --config=configs/demo.py:size=Z,algo=A
 --extra. The runs of one (task, seed) share ROOT/TASK/sft_cache_seedS (config.sft.cache_dir), so
 every method of that seed starts from the same SFT checkpoint. The plain/+CLIPO pairs run first,
 the ablations after them. Finished runs (eval_after.json) are skipped; an interrupted one resumes
-from its checkpoints; a failed one is retried by the next invocation. Set JAX_COMPILATION_CACHE_DIR
-to let runs of equal shapes reuse compiled programs.
+from its checkpoints; a failed one is retried by the next invocation. A SIGTERM or SIGINT of the
+study terminates its runs in flight too. Set JAX_COMPILATION_CACHE_DIR to let runs of equal shapes
+reuse compiled programs.
 
 Writes ROOT/summary.md, ROOT/summary.json and, with matplotlib installed, ROOT/curves_TASK.png.
 Per task, in % of the test set (greedy): outcome, process and lucky rate (and `copied` on the
@@ -35,8 +36,10 @@ import dataclasses
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
+import threading
 
 import numpy as np
 from absl import app, flags
@@ -256,8 +259,26 @@ def pending_runs(methods: list[Method]) -> list[tuple[str, Method, str]]:
     return runs
 
 
+# Runs in flight, so that a SIGTERM / SIGINT of the study stops them too: `kill PID` reaches only
+# this process, and an orphaned run would keep writing its run dir while the next invocation
+# resumes the same run in it.
+_children: set[subprocess.Popen] = set()
+_children_lock = threading.RLock()  # re-entrant: the handler may run while the main thread holds it
+_stopping = threading.Event()
+
+
+def _stop(signum, frame):
+    _stopping.set()
+    with _children_lock:
+        for proc in _children:
+            proc.terminate()
+    raise SystemExit(f"stopped by signal {signum}: runs in flight were terminated; run the same command to resume")
+
+
 def execute(run: tuple[str, Method, str]) -> str | None:
     """One run as a subprocess, its output appended to RUN_DIR.log; the run dir if it failed."""
+    if _stopping.is_set():
+        return None
     task, m, seed = run
     workdir = run_dir(task, m, seed)
     cmd = [sys.executable, *run_command(task, m, seed)]
@@ -267,7 +288,16 @@ def execute(run: tuple[str, Method, str]) -> str | None:
     with open(os.path.join(workdir, COMMAND_FILE), "w") as f:
         f.write(recorded_command(task, m, seed) + "\n")
     with open(workdir + ".log", "a") as log:  # appends: a resumed run keeps its history
-        rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT)
+        with _children_lock:
+            if _stopping.is_set():
+                return None
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+            _children.add(proc)
+        rc = proc.wait()
+        with _children_lock:
+            _children.discard(proc)
+    if _stopping.is_set():
+        return None
     if rc:
         print(f"run {workdir} failed with exit {rc}; see {workdir}.log\n", end="", flush=True)
         return workdir
@@ -575,6 +605,8 @@ def main(argv):
             f"{COMMAND_FILE}), e.g. {stale[0]}: use another --root or remove them"
         )
     os.makedirs(FLAGS.root, exist_ok=True)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _stop)
     failed = [] if FLAGS.summarize_only else run_all(methods)
 
     runs = {}

@@ -186,3 +186,53 @@ def test_runs_started_with_another_command_are_refused(tmp_path):
     (run / "study_command.txt").write_text(cmd + "\n")
     r = study(tmp_path, *args, "--summarize_only")
     assert "another command" not in r.stderr and "no finished runs" in r.stderr, r.stderr[-2000:]
+
+
+def _processes_naming(text: str) -> list[int]:
+    """pids of live processes whose command line contains text (Linux /proc)."""
+    pids = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
+            with open(f"/proc/{pid}/stat") as f:
+                zombie = f.read().rsplit(")", 1)[1].split()[0] == "Z"
+        except OSError:
+            continue
+        if text in cmdline and not zombie:
+            pids.append(int(pid))
+    return pids
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads /proc")
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_sigterm_stops_the_runs_in_flight(tmp_path, jobs):
+    # `kill PID` of the study reaches the study alone: it must stop its runs, or an orphan would
+    # keep writing a run dir that the next invocation resumes
+    import signal
+    import time
+
+    env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
+    root = tmp_path / "study"
+    cmd = [sys.executable, "-m", "experiments.clipo_effect", f"--root={root}", "--size=tiny", "--tasks=default"]
+    cmd += ["--algos=grpo", "--seeds=0,1", "--ablations=", f"--jobs={jobs}"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not _processes_naming(f"--workdir={root}") and time.monotonic() < deadline:
+            time.sleep(0.2)
+        runs = _processes_naming(f"--workdir={root}")
+        assert runs, "no run started"
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0 and "stopped by signal" in err, err[-2000:]
+    assert out.count("running ") == jobs, out  # nothing new started after the signal
+    deadline = time.monotonic() + 30
+    while _processes_naming(f"--workdir={root}") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _processes_naming(f"--workdir={root}")
+    assert not (root / "summary.json").exists()
