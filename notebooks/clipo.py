@@ -340,3 +340,73 @@ for m, curve in task["curves"].items():
         print(f"{m:<12} seed {seed}: lucky on leak at steps {curve['steps']}: " + ", ".join(f"{v:.1f}" for v in values))
 for key in ("leak_decoy/copied", "leak_decoy/outcome", "in_dist/outcome"):
     print(key, {m: cells[key]["values"] for m, cells in task["methods"].items()})
+
+# %% [markdown]
+# ## The study at its defaults: GRPO and DAPO, with and without CLIPO, both tasks, 5 seeds (recorded)
+#
+# `XLA_PYTHON_CLIENT_MEM_FRACTION=0.07 JAX_COMPILATION_CACHE_DIR=CACHE python -m experiments.clipo_effect
+# --root=RUNS --tasks=shortcut,default --algos=grpo,dapo --seeds=0,1,2,3,4 --ablations= --eval_every=20
+# --jobs=12` on one H200 (the shortcut task at the default `--shortcut_share=0.5
+# --shortcut_args=leak=last,copy_style=bare`); its summary is `docs/clipo_study_summary.json`. Three
+# of CLIPO's ablations on GRPO and the shortcut task (`--tasks=shortcut --algos=grpo
+# --ablations=fixed_head,lam=0.5,lam=0.05`, same root, so the same SFT starts) are in
+# `docs/clipo_study_ablations_summary.json`.
+
+# %%
+study = json.loads((ROOT / "docs" / "clipo_study_summary.json").read_text())
+ablations = json.loads((ROOT / "docs" / "clipo_study_ablations_summary.json").read_text())
+print(study["study"]["command"])
+print(study["environment"]["devices"], "|", study["environment"]["versions"])
+seeds = study["study"]["seeds"]
+sc = study["tasks"]["shortcut"]
+for key in ("leak/lucky", "leak_decoy/copied", "leak_decoy/outcome", "in_dist/process"):
+    print(f"\nshortcut task, {key}, per seed {', '.join(seeds)}")
+    # the ablation study repeats the SFT / grpo / grpo+clipo rows: shown once
+    extra = {m: c for m, c in ablations["tasks"]["shortcut"]["methods"].items() if m not in sc["methods"]}
+    for m, cells in {**sc["methods"], **extra}.items():
+        c = cells[key]
+        assert c["seeds"] == seeds and abs(np.mean(c["values"]) - c["mean"]) < 1e-9
+        print(f"  {m:<24}" + "".join(f"{v:>7.1f}" for v in c["values"]) + f"   mean {c['mean']:.1f}")
+
+# %% [markdown]
+# Paired by seed, each CLIPO method minus its base algorithm, with the percentile-bootstrap 95% CI
+# over the 5 seeds (every set and rate is in the summaries).
+
+# %%
+for task_name, task in study["tasks"].items():
+    diffs = dict(task["paired_differences"])
+    if task_name == "shortcut":
+        diffs.update({k: v for k, v in ablations["tasks"]["shortcut"]["paired_differences"].items() if k not in diffs})
+    keys = (
+        ("leak/lucky", "leak_decoy/copied", "in_dist/outcome")
+        if task_name == "shortcut"
+        else ("in_dist/outcome", "in_dist/process", "extra_step_1/outcome")
+    )
+    for name, d in diffs.items():
+        cells = [f"{k} {d[k]['mean']:+.1f} [{d[k]['ci95'][0]:+.1f}, {d[k]['ci95'][1]:+.1f}]" for k in keys]
+        print(f"{task_name:<9} {name:<38} " + "; ".join(cells))
+
+# %% [markdown]
+# The lucky rate on `leak` at every evaluated RL step, one line per seed. Copying is all or nothing:
+# in the seeds where GRPO or DAPO picks it up it takes over the leaked problems, and CLIPO follows
+# its base method in every seed.
+
+# %%
+fig, axes = plt.subplots(1, 4, figsize=(13, 3), sharey=True)
+for ax, m in zip(axes, sc["curves"]):
+    curve = sc["curves"][m]
+    for seed, values in zip(curve["seeds"], curve["leak/lucky"]["values"]):
+        ax.plot(curve["steps"], values, marker="o", label=f"seed {seed}")
+    ax.set_title(m)
+    ax.set_xlabel("RL step")
+axes[0].set_ylabel("lucky on leak (%)")
+axes[0].legend(fontsize=7)
+fig.tight_layout()
+plt.show()
+
+# %%
+print("cost per RL step (median; the runs shared the GPU, 12 at a time)")
+for task_name, task in study["tasks"].items():
+    for m, c in task["cost_per_step"].items():
+        share = f"{100 * c['clipo_share']:.1f}%" if c["clipo"] else "-"
+        print(f"  {task_name:<9} {m:<12} step {c['step_s']:.3f} s  CLIPO stage {c['clipo_s']:.4f} s  share {share}")
