@@ -852,6 +852,10 @@ def clipo_stage(head: HeadState, out, labels, group_size: int, rng, cfg: Contras
     labels = np.asarray(labels)
     if group_size <= 0 or labels.shape[0] % group_size:
         raise ContrastiveError(f"group_size={group_size} does not divide batch size {labels.shape[0]}")
+    if cfg.level == "group" and cfg.group_size != group_size:
+        raise ContrastiveError(
+            f"ContrastiveConfig.group_size={cfg.group_size} but the rollout groups have {group_size}"
+        )
     if valid is None or getattr(opts, "head_on_padding", False):
         valid = np.ones(len(labels), bool)
     valid = np.asarray(valid, bool)

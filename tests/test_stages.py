@@ -130,6 +130,11 @@ def test_clipo_stage_equals_the_head_step_and_reward(tiny):
     np.testing.assert_allclose(reward, want, rtol=1e-6)
     assert (reward[labels == 0] == 0).all() and m["contrastive/reward_mean"] == pytest.approx(float(want.mean()))
     assert any(k.startswith("clipo/geometry") for k in m)
+    # the rollout's group size must be the head's: a mismatch would group the loss wrongly
+    with pytest.raises(contrastive.ContrastiveError, match="group_size=4 but the rollout groups have 6"):
+        contrastive.clipo_stage(new_head, out, labels, 6, key, cc, opts, lambda t: t)
+    with pytest.raises(contrastive.ContrastiveError, match="does not divide batch size 12"):
+        contrastive.clipo_stage(new_head, out, labels, 5, key, cc, opts, lambda t: t)
 
 
 def test_clipo_stage_padding_metrics_and_geometry_before_update(tiny):
