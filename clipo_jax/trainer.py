@@ -544,6 +544,33 @@ def reward_batch(ro: rollout.Rollouts, group_size: int, step: int) -> reward_sta
     )
 
 
+def rollout_grade_metrics(task: tasks.Task, ro: rollout.Rollouts, group_size: int, c_reward=None) -> dict[str, float]:
+    """The task's evaluation grader applied to this step's training rollouts (config.eval.
+    grade_rollouts): ``rollout/<key>`` = the share of valid rollouts with each grade key (e.g. the
+    lucky rate the policy is being trained on; ``copied`` counts lucky copies only). With CLIPO rewards on a task that grades
+    the process, also the mean contrastive reward of the process-right successes and of the lucky
+    ones (``clipo/reward/{process_right,lucky,copied}/mean`` and ``clipo/count/...``; 0 with count 0
+    when a step has none): whether the contrastive reward singles out right answers reached the
+    wrong way, CLIPO's claim, measured where it acts."""
+    grades = [task.grader(ro.rows[i // group_size], text) for i, text in enumerate(ro.texts)]
+    valid = np.asarray(ro.valid, bool)
+    flags = {k: np.array([bool(g.get(k, False)) for g in grades]) & valid for k in task.grade_keys}
+    if "copied" in flags and "lucky" in flags:
+        # on a training prompt the clause states the answer, so a right answer always "copies" it:
+        # count the copies that skipped the work
+        flags["copied"] &= flags["lucky"]
+    m = {f"rollout/{k}": float(v.sum() / max(valid.sum(), 1)) for k, v in flags.items()}
+    if c_reward is not None and "process" in flags and "lucky" in flags:
+        c_reward = np.asarray(c_reward, np.float64)
+        groups = {"process_right": flags["process"], "lucky": flags["lucky"]}
+        if "copied" in flags:
+            groups["copied"] = flags["copied"]
+        for name, mask in groups.items():
+            m[f"clipo/count/{name}"] = float(mask.sum())
+            m[f"clipo/reward/{name}/mean"] = float(c_reward[mask].mean()) if mask.any() else 0.0
+    return m
+
+
 def start_rewards(ctx: RunContext, ro: rollout.Rollouts, step: int):
     """-> (outcome [B] now, a callable that waits for the full RewardResult)."""
     if ro.rewards is not None:  # scored round by round during dynamic sampling
@@ -680,6 +707,10 @@ def rl_step(ctx: RunContext, step: int, state, ref_params, head, stream: rollout
         }
     )
     m.update(rr.metrics)
+    if ctx.config.eval.get("grade_rollouts", False) and ctx.task.grader is not None:
+        t = time.perf_counter()
+        m.update(rollout_grade_metrics(ctx.task, ro, G, c_reward))
+        m["time/grade_rollouts"] = time.perf_counter() - t
     skipped = update.skipped_steps(step_metrics) if step_metrics else 0
     return state, head, m, (skipped, len(step_metrics)), empty
 

@@ -67,7 +67,9 @@ def get_config(arg=None):
     c.rl = common.rl_block(steps=60, lr=1e-4, prompts_per_step=32)
     common.apply_algo(c.rl, a.algo)
     c.clipo = common.clipo_block(a.clipo, d_out=64)
-    c.eval = ml_collections.ConfigDict(dict(every=0, max_new_tokens=64))
+    # grade_rollouts: the test sets' grader on every training rollout too (rollout/lucky,
+    # rollout/copied; with CLIPO the contrastive reward of lucky vs process-right successes)
+    c.eval = ml_collections.ConfigDict(dict(every=0, max_new_tokens=64, grade_rollouts=True))
     if a.size == "tiny":  # for tests: seconds, learns nothing useful
         c.model.update(d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=16, d_ff=64)
         c.task.update(train_size=500, test_size=8, sft_size=200)

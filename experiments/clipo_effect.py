@@ -8,7 +8,7 @@ ablations, on the plain task and its shortcut variant, over seeds, from the same
 The defaults are the whole study: tasks `default` and `shortcut` (configs/demo.py:shortcut=F,ARGS
 with F = --shortcut_share, 0.5, and ARGS = --shortcut_args, leak=last,copy_style=bare: the leak
 clause before the question and SFT copies that are the answer line alone, the setting in which
-GRPO has learned to copy, in one of two seeds so far: docs/results.md), algos grpo and dapo,
+GRPO and DAPO learn to copy, in 2 of 5 seeds on one GPU: docs/results.md), algos grpo and dapo,
 seeds 0-4, every ablation (a CLIPO variant of each algo: `fixed_head`, `loss=` each of the
 paper's four losses infonce / supcon_in / supcon_out / soft_nn, `lam=` 0.05 / 0.2 / 0.5; an
 ablation equal to the default CLIPO settings, loss=infonce and lam=0.2, is the `+clipo` run itself), size small with its RL budget (--steps=0) and an

@@ -144,6 +144,17 @@ def test_study_end_to_end(tmp_path):
                 for m in ("grpo", "grpo+clipo", "grpo+clipo_fixed_head")
             ]
             assert [("SFT: reusing" in log) for log in logs] == [False, True, True]
+    # the training rollouts are graded too; the CLIPO reward's successes are exactly the grader's
+    for task in ("default", "shortcut"):
+        rows = [json.loads(x) for x in open(root / task / "grpo+clipo_seed0" / "metrics.jsonl")]
+        rows = [r for r in rows if "clipo/count/correct" in r]  # the RL steps' rows (not the evaluations')
+        assert len(rows) == 2
+        for r in rows:
+            assert 0 <= r["rollout/lucky"] <= r["rollout/outcome"] <= 1 and r["time/grade_rollouts"] >= 0
+            assert r["clipo/count/process_right"] + r["clipo/count/lucky"] == r["clipo/count/correct"]
+            rollouts = r["clipo/count/correct"] + r["clipo/count/incorrect"]
+            assert r["rollout/outcome"] == pytest.approx(r["clipo/count/correct"] / rollouts)
+        assert ("clipo/count/copied" in rows[0]) == (task == "shortcut")
     for run, entry in summary["runs"].items():  # the recorded commands are the ones that ran
         assert f"--workdir={root / run}" in entry["command"]
     assert "--config.clipo.fixed_head=True" in summary["runs"]["shortcut/grpo+clipo_fixed_head_seed1"]["command"]

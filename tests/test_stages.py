@@ -239,3 +239,41 @@ def test_policy_update_keeps_groups_together_and_repeats_its_order(tiny):
     m = update.update_metrics(metrics)
     assert m["actor/pg_loss"] == pytest.approx(np.mean([float(x["actor/pg_loss"]) for x in metrics]))
     assert update.skipped_steps(metrics) == 0
+
+
+def test_rollout_grade_metrics_against_the_grader(tmp_path):
+    # training rollouts graded as the test sets are: right process, a bare copy of the leaked
+    # answer (lucky), a wrong answer; the CLIPO reward averaged over each kind of success
+    from clipo_jax.data import synthetic
+    from configs.demo import get_config
+
+    config = get_config("size=tiny,shortcut=0.5,leak=last,copy_style=bare")
+    task = tasks.build_task(config.task, str(tmp_path))
+    assert task.grade_keys == ("outcome", "process", "lucky", "copied")
+    base = synthetic.SyntheticTask(leak_share=1.0, leak_position="last")
+    problems = synthetic.generate_problems(base, 3, seed=5)
+    rng = __import__("random").Random(0)
+    texts, kinds = [], []
+    for p in problems:
+        copy, _ = synthetic.copied_solution(p, rng, style="bare")
+        for kind, text in (("right", synthetic.solution_text(p)), ("copy", copy), ("wrong", f"answer {p.answer + 1}")):
+            texts.append(text)
+            kinds.append(kind)
+        texts.append(synthetic.solution_text(p))
+        kinds.append("right")
+    kinds = np.array(kinds)
+    valid = np.ones(12, bool)
+    valid[8:] = False  # the third group: DAPO padding copies, not counted
+    ro = rollout.Rollouts(out=None, rows=synthetic.dataset_rows(problems), texts=texts, valid=valid)
+    c_reward = np.linspace(-0.5, 0.0, 12)
+    m = trainer.rollout_grade_metrics(task, ro, 4, c_reward)
+    v = valid
+    assert m["rollout/outcome"] == pytest.approx(((kinds != "wrong") & v).sum() / v.sum())  # 6 / 8
+    assert m["rollout/process"] == pytest.approx(((kinds == "right") & v).sum() / v.sum())
+    assert m["rollout/lucky"] == pytest.approx(((kinds == "copy") & v).sum() / v.sum())
+    assert m["rollout/copied"] == m["rollout/lucky"]  # every lucky answer here is a copy; right ones are not counted
+    assert m["clipo/count/process_right"] == 4 and m["clipo/count/lucky"] == 2 and m["clipo/count/copied"] == 2
+    assert m["clipo/reward/process_right/mean"] == pytest.approx(c_reward[(kinds == "right") & v].mean())
+    assert m["clipo/reward/lucky/mean"] == pytest.approx(c_reward[(kinds == "copy") & v].mean())
+    # without CLIPO only the rates
+    assert set(trainer.rollout_grade_metrics(task, ro, 4)) == {f"rollout/{k}" for k in task.grade_keys}
