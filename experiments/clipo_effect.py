@@ -28,7 +28,10 @@ Per task, in % of the test set (greedy): outcome, process and lucky rate (and `c
 shortcut task) on every test set after RL, mean ± std over seeds, with the SFT start; for every
 CLIPO method the paired difference to its base algo (same seed), its mean and a percentile
 bootstrap 95% CI over seeds; learning curves (each rate at every evaluated RL step, mean over
-seeds); each method's cost per RL step with the CLIPO stage's share. summary.json also holds the
+seeds); for every CLIPO method the contrastive reward of its lucky successes minus that of its
+process-right ones during training (per seed, the mean over steps with both; < 0 where CLIPO
+singles out right answers reached the wrong way, its claim); each method's cost per RL step with
+the CLIPO stage's share. summary.json also holds the
 per-seed values, the commands, the machine and library versions.
 """
 
@@ -373,6 +376,18 @@ def step_costs(workdirs: list[str]) -> dict | None:
     return {"step_s": step_s, "clipo_s": clipo_s, "clipo_share": clipo_s / step_s, "steps": len(steps)}
 
 
+def run_reward_gap(workdir: str) -> dict | None:
+    """CLIPO's contrastive reward of the lucky successes minus that of the process-right ones, mean
+    over the RL steps that had both (the trainer's clipo/reward/{lucky,process_right}/mean, logged
+    with config.eval.grade_rollouts); None for a run without those metrics or such a step."""
+    gaps = [
+        r["clipo/reward/lucky/mean"] - r["clipo/reward/process_right/mean"]
+        for r in read_metrics(workdir)
+        if r.get("clipo/count/lucky", 0) > 0 and r.get("clipo/count/process_right", 0) > 0
+    ]
+    return {"gap": float(np.mean(gaps)), "steps": len(gaps)} if gaps else None
+
+
 def stats(values: list[float], seeds: list) -> dict:
     v = np.asarray(values, dtype=np.float64)
     return {"mean": float(v.mean()), "std": float(v.std()), "values": v.tolist(), "seeds": list(seeds)}
@@ -399,7 +414,15 @@ def summarize_task(task: str, methods: list[Method]) -> dict | None:
     keys = [k for k in KEYS if k in first[sets[0]]]
     table = {"SFT (start)": dict(sorted(sft.items(), key=lambda kv: FLAGS.seeds.index(kv[0]))), **evals}
 
-    out = {"sets": sets, "keys": keys, "methods": {}, "paired_differences": {}, "curves": {}, "cost_per_step": {}}
+    out = {
+        "sets": sets,
+        "keys": keys,
+        "methods": {},
+        "paired_differences": {},
+        "curves": {},
+        "reward_gap": {},
+        "cost_per_step": {},
+    }
     for name, by_seed in table.items():
         seeds = list(by_seed)
         out["methods"][name] = {
@@ -430,6 +453,20 @@ def summarize_task(task: str, methods: list[Method]) -> dict | None:
                 values = [[100 * curves[seed][t][s][k] for t in steps] for seed in curves]
                 entry[f"{s}/{k}"] = {"mean": np.mean(values, axis=0).tolist(), "values": values}
         out["curves"][m.name] = entry
+
+    for m in methods:  # does CLIPO's reward single out the lucky successes? (< 0: it does)
+        gaps = {seed: run_reward_gap(run_dir(task, m, seed)) for seed in evals.get(m.name, {}) if m.clipo}
+        gaps = {seed: g for seed, g in gaps.items() if g}
+        if gaps:
+            values = [g["gap"] for g in gaps.values()]
+            ci = bootstrap_ci(values, n_boot=FLAGS.n_boot)
+            out["reward_gap"][m.name] = {
+                "mean": float(np.mean(values)),
+                "values": values,
+                "seeds": list(gaps),
+                "steps": [g["steps"] for g in gaps.values()],
+                "ci95": list(ci) if ci else None,
+            }
 
     for m in methods:
         cost = step_costs([run_dir(task, m, seed) for seed in FLAGS.seeds if finished(run_dir(task, m, seed))])
@@ -491,6 +528,19 @@ def task_markdown(task: str, t: dict, aliases: dict) -> list[str]:
         for name, c in t["curves"].items():
             cells = [" ".join(f"{v:.1f}" for v in c[f"{s}/lucky"]["mean"]) for s in shown]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if t.get("reward_gap"):
+        lines += [
+            "",
+            "**CLIPO reward, lucky minus process-right successes** (mean over the RL steps with both, per "
+            "seed; mean [bootstrap CI] over seeds; < 0: the contrastive reward singles out the lucky ones)",
+            "",
+            "| method | seeds | per seed | mean |",
+            "|---|---|---|---|",
+        ]
+        for name, g in t["reward_gap"].items():
+            per_seed = ", ".join(f"{v:+.3f}" for v in g["values"])
+            mean = f"{g['mean']:+.3f}" + (f" [{g['ci95'][0]:+.3f}, {g['ci95'][1]:+.3f}]" if g["ci95"] else "")
+            lines.append(f"| {name} | {', '.join(g['seeds'])} | {per_seed} | {mean} |")
     if t["cost_per_step"]:
         lines += [
             "",

@@ -48,6 +48,26 @@ def test_bootstrap_needs_two_values():
     assert bootstrap_ci([2.0, 2.0]) == (2.0, 2.0)
 
 
+def test_reward_gap_uses_the_steps_with_both_kinds_of_success(tmp_path):
+    from experiments.clipo_effect import run_reward_gap
+
+    rows = [
+        {"step": 1, "clipo/count/lucky": 2.0, "clipo/count/process_right": 5.0},
+        {"step": 2, "clipo/count/lucky": 0.0, "clipo/count/process_right": 7.0},  # no lucky success
+        {"step": 3, "clipo/count/lucky": 4.0, "clipo/count/process_right": 1.0},
+        {"step": 3, "eval/in_dist/outcome": 0.5},  # an evaluation row
+    ]
+    rewards = {1: (-0.1, -0.3), 2: (0.0, -0.2), 3: (-0.4, -0.25)}  # step: (lucky, process_right)
+    for r in rows:
+        if "clipo/count/lucky" in r:
+            r["clipo/reward/lucky/mean"], r["clipo/reward/process_right/mean"] = rewards[r["step"]]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    got = run_reward_gap(str(tmp_path))
+    assert got["steps"] == 2 and got["gap"] == pytest.approx(((-0.1 + 0.3) + (-0.4 + 0.25)) / 2)
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 1, "time/step": 1.0}) + "\n")
+    assert run_reward_gap(str(tmp_path)) is None  # a run without the metrics (or without CLIPO)
+
+
 def study(root, *args, env=None, timeout=60):
     cmd = [sys.executable, "-m", "experiments.clipo_effect", f"--root={root}", *args]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
@@ -131,6 +151,9 @@ def test_study_end_to_end(tmp_path):
                 assert len(c[f"{s}/lucky"]["mean"]) == 3 and np.array(c[f"{s}/lucky"]["values"]).shape == (2, 3)
                 assert len(c[f"{s}/outcome"]["mean"]) == 3
         assert list(t["cost_per_step"]) == methods
+        assert set(t["reward_gap"]) <= {"grpo+clipo", "grpo+clipo[fixed_head]"}  # CLIPO runs with lucky successes
+        for g in t["reward_gap"].values():
+            assert len(g["values"]) == len(g["seeds"]) == len(g["steps"]) and min(g["steps"]) >= 1
         assert t["cost_per_step"]["grpo+clipo"]["clipo_share"] > 0
         for seed in ("0", "1"):  # every method of a (task, seed) started from one SFT checkpoint
             assert len(os.listdir(root / task / f"sft_cache_seed{seed}")) == 1
