@@ -544,6 +544,18 @@ def reward_batch(ro: rollout.Rollouts, group_size: int, step: int) -> reward_sta
     )
 
 
+_GRADING_POOL: list = []
+
+
+def _grading_pool():
+    """One worker thread for rollout grading, made on first use (the grader is a pure function)."""
+    if not _GRADING_POOL:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _GRADING_POOL.append(ThreadPoolExecutor(max_workers=1, thread_name_prefix="grade_rollouts"))
+    return _GRADING_POOL[0]
+
+
 def rollout_grade_metrics(task: tasks.Task, ro: rollout.Rollouts, group_size: int, c_reward=None) -> dict[str, float]:
     """The task's evaluation grader applied to this step's training rollouts (config.eval.
     grade_rollouts): ``rollout/<key>`` = the share of valid rollouts with each grade key (e.g. the
@@ -552,6 +564,7 @@ def rollout_grade_metrics(task: tasks.Task, ro: rollout.Rollouts, group_size: in
     ones (``clipo/reward/{process_right,lucky,copied}/mean`` and ``clipo/count/...``; 0 with count 0
     when a step has none): whether the contrastive reward singles out right answers reached the
     wrong way, CLIPO's claim, measured where it acts."""
+    t = time.perf_counter()
     grades = [task.grader(ro.rows[i // group_size], text) for i, text in enumerate(ro.texts)]
     valid = np.asarray(ro.valid, bool)
     flags = {k: np.array([bool(g.get(k, False)) for g in grades]) & valid for k in task.grade_keys}
@@ -568,6 +581,7 @@ def rollout_grade_metrics(task: tasks.Task, ro: rollout.Rollouts, group_size: in
         for name, mask in groups.items():
             m[f"clipo/count/{name}"] = float(mask.sum())
             m[f"clipo/reward/{name}/mean"] = float(c_reward[mask].mean()) if mask.any() else 0.0
+    m["time/grade_rollouts"] = time.perf_counter() - t
     return m
 
 
@@ -625,6 +639,11 @@ def rl_step(ctx: RunContext, step: int, state, ref_params, head, stream: rollout
         )
         m.update(c_metrics)
     timings["contrastive"] = time.perf_counter() - t_clipo
+
+    # grading the rollouts for the logs (a host thread, overlapped with the log-prob and update work)
+    grading = None
+    if ctx.config.eval.get("grade_rollouts", False) and ctx.task.grader is not None:
+        grading = _grading_pool().submit(rollout_grade_metrics, ctx.task, ro, G, c_reward)
 
     # reference / old log-probs: also independent of the rewards
     t_ref = time.perf_counter()
@@ -686,8 +705,12 @@ def rl_step(ctx: RunContext, step: int, state, ref_params, head, stream: rollout
             seed=ctx.config.seed,
             step=step,
         )
+    timings["update"] = time.perf_counter() - t_update
+    if grading is not None:
+        t = time.perf_counter()
+        m.update(grading.result())
+        timings["grade_rollouts_wait"] = time.perf_counter() - t  # what the overlap did not hide
     t_end = time.perf_counter()
-    timings["update"] = t_end - t_update
 
     # metrics
     m.update(update.update_metrics(step_metrics))
@@ -707,10 +730,6 @@ def rl_step(ctx: RunContext, step: int, state, ref_params, head, stream: rollout
         }
     )
     m.update(rr.metrics)
-    if ctx.config.eval.get("grade_rollouts", False) and ctx.task.grader is not None:
-        t = time.perf_counter()
-        m.update(rollout_grade_metrics(ctx.task, ro, G, c_reward))
-        m["time/grade_rollouts"] = time.perf_counter() - t
     skipped = update.skipped_steps(step_metrics) if step_metrics else 0
     return state, head, m, (skipped, len(step_metrics)), empty
 

@@ -276,4 +276,6 @@ def test_rollout_grade_metrics_against_the_grader(tmp_path):
     assert m["clipo/reward/process_right/mean"] == pytest.approx(c_reward[(kinds == "right") & v].mean())
     assert m["clipo/reward/lucky/mean"] == pytest.approx(c_reward[(kinds == "copy") & v].mean())
     # without CLIPO only the rates
-    assert set(trainer.rollout_grade_metrics(task, ro, 4)) == {f"rollout/{k}" for k in task.grade_keys}
+    assert set(trainer.rollout_grade_metrics(task, ro, 4)) == {f"rollout/{k}" for k in task.grade_keys} | {
+        "time/grade_rollouts"
+    }
