@@ -310,18 +310,23 @@ for name, d in task["paired_differences"].items():
 # The lucky rate on `leak` at every evaluated RL step, one line per seed: copying runs away in one
 # seed and stays near its SFT level in the others (docs/results.md discusses it).
 
+
 # %%
-fig, axes = plt.subplots(1, 2, figsize=(9, 3), sharey=True)
-for ax, m in zip(axes, task["curves"]):
-    curve = task["curves"][m]
-    for seed, values in zip(curve["seeds"], curve["leak/lucky"]["values"]):
-        ax.plot(curve["steps"], values, marker="o", label=f"seed {seed}")
-    ax.set_title(m)
-    ax.set_xlabel("RL step")
-axes[0].set_ylabel("lucky on leak (%)")
-axes[0].legend(fontsize=7)
-fig.tight_layout()
-plt.show()
+def plot_seed_curves(curves: dict, key: str = "leak/lucky"):
+    """One panel per method: `key` at every evaluated RL step, one line per seed."""
+    fig, axes = plt.subplots(1, len(curves), figsize=(3.3 * len(curves), 3), sharey=True)
+    for ax, (m, curve) in zip(np.atleast_1d(axes), curves.items()):
+        for seed, values in zip(curve["seeds"], curve[key]["values"]):
+            ax.plot(curve["steps"], values, marker="o", label=f"seed {seed}")
+        ax.set_title(m)
+        ax.set_xlabel("RL step")
+    np.atleast_1d(axes)[0].set_ylabel(f"{key} (%)")
+    np.atleast_1d(axes)[0].legend(fontsize=7)
+    fig.tight_layout()
+    plt.show()
+
+
+plot_seed_curves(task["curves"])
 
 # %% [markdown]
 # With bare copies (`copy_style=bare`: the SFT copying traces are the answer line alone) GRPO learns
@@ -392,17 +397,7 @@ for task_name, task in study["tasks"].items():
 # its base method in every seed.
 
 # %%
-fig, axes = plt.subplots(1, 4, figsize=(13, 3), sharey=True)
-for ax, m in zip(axes, sc["curves"]):
-    curve = sc["curves"][m]
-    for seed, values in zip(curve["seeds"], curve["leak/lucky"]["values"]):
-        ax.plot(curve["steps"], values, marker="o", label=f"seed {seed}")
-    ax.set_title(m)
-    ax.set_xlabel("RL step")
-axes[0].set_ylabel("lucky on leak (%)")
-axes[0].legend(fontsize=7)
-fig.tight_layout()
-plt.show()
+plot_seed_curves(sc["curves"])
 
 # %%
 print("cost per RL step (median; the runs shared the GPU, 12 at a time)")
