@@ -330,11 +330,13 @@ plot_seed_curves(task["curves"])
 
 # %% [markdown]
 # With bare copies (`copy_style=bare`: the SFT copying traces are the answer line alone) GRPO learns
-# the shortcut at the demo's own difficulty in seed 0 and not in seed 1; GRPO+CLIPO learns it too.
-# `python -m experiments.clipo_effect --root=RUNS --tasks=shortcut --algos=grpo --seeds=0,1
-# --ablations= --eval_every=20 --jobs=2` (the study's default shortcut setting: `--shortcut_share=0.5
-# --shortcut_args=leak=last,copy_style=bare`) on 2 CPU cores; its summary is
-# `docs/clipo_shortcut_bare_summary.json`.
+# the shortcut at the demo's own difficulty in seeds 0, 2 and 4 of 5 on the CPU; GRPO+CLIPO learns
+# it in the same seeds. `python -m experiments.clipo_effect --root=RUNS --tasks=shortcut --algos=grpo
+# --seeds=0,1,2,3,4 --ablations= --eval_every=20 --jobs=2` (the study's default shortcut setting:
+# `--shortcut_share=0.5 --shortcut_args=leak=last,copy_style=bare`) on 2 CPU cores; its summary is
+# `docs/clipo_shortcut_bare_summary.json`. Its training rollouts were graded too
+# (`config.eval.grade_rollouts`), so it also holds CLIPO's contrastive reward of the lucky successes
+# minus that of the process-right ones (`reward_gap`): CLIPO's claim needs it below 0.
 
 # %%
 bare = json.loads((ROOT / "docs" / "clipo_shortcut_bare_summary.json").read_text())
@@ -345,6 +347,13 @@ for m, curve in task["curves"].items():
         print(f"{m:<12} seed {seed}: lucky on leak at steps {curve['steps']}: " + ", ".join(f"{v:.1f}" for v in values))
 for key in ("leak_decoy/copied", "leak_decoy/outcome", "in_dist/outcome"):
     print(key, {m: cells[key]["values"] for m, cells in task["methods"].items()})
+for m, g in task["reward_gap"].items():
+    lo, hi = g["ci95"]
+    print(
+        f"{m}: CLIPO reward, lucky minus process-right successes, per seed {g['seeds']}: "
+        + ", ".join(f"{v:+.3f}" for v in g["values"])
+        + f"; mean {g['mean']:+.3f} [{lo:+.3f}, {hi:+.3f}]"
+    )
 
 # %% [markdown]
 # ## The study at its defaults: GRPO and DAPO, with and without CLIPO, both tasks, 5 seeds (recorded)
