@@ -15,7 +15,6 @@ Override anything else with --config.rl.lr=3e-5.
 import ml_collections
 
 from clipo_jax.configlib import parse_arg
-from clipo_jax.data.synthetic import COPY_STYLES, LEAK_POSITIONS
 from configs import common
 
 
@@ -82,6 +81,9 @@ def get_config(arg=None):
     if a.steps:
         c.rl.steps = a.steps
     if a.shortcut:
+        # imported here: the module pulls in the reward modules (math-verify, sympy), about 0.5 s
+        from clipo_jax.data.synthetic import COPY_STYLES, LEAK_POSITIONS
+
         if not 0.0 < a.shortcut <= 1.0:
             raise ValueError(f"config arg shortcut={a.shortcut} must be in (0, 1] (the leak share)")
         if a.leak not in LEAK_POSITIONS:
