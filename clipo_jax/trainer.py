@@ -17,10 +17,12 @@ same command on the same workdir resumes and reproduces an uninterrupted run.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import jax
@@ -544,24 +546,18 @@ def reward_batch(ro: rollout.Rollouts, group_size: int, step: int) -> reward_sta
     )
 
 
-_GRADING_POOL: list = []
-
-
-def _grading_pool():
+@functools.cache
+def _grading_pool() -> ThreadPoolExecutor:
     """One worker thread for rollout grading, made on first use (the grader is a pure function)."""
-    if not _GRADING_POOL:
-        from concurrent.futures import ThreadPoolExecutor
-
-        _GRADING_POOL.append(ThreadPoolExecutor(max_workers=1, thread_name_prefix="grade_rollouts"))
-    return _GRADING_POOL[0]
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="grade_rollouts")
 
 
 def rollout_grade_metrics(task: tasks.Task, ro: rollout.Rollouts, group_size: int, c_reward=None) -> dict[str, float]:
     """The task's evaluation grader applied to this step's training rollouts (config.eval.
     grade_rollouts): ``rollout/<key>`` = the share of valid rollouts with each grade key (e.g. the
-    lucky rate the policy is being trained on; ``copied`` counts lucky copies only). With CLIPO rewards on a task that grades
-    the process, also the mean contrastive reward of the process-right successes and of the lucky
-    ones (``clipo/reward/{process_right,lucky,copied}/mean`` and ``clipo/count/...``; 0 with count 0
+    lucky rate the policy is being trained on; ``copied`` counts lucky copies only). With CLIPO
+    rewards on a task that grades the process, also the mean contrastive reward of the
+    process-right successes and of the lucky ones (``clipo/reward/{process_right,lucky,copied}/mean`` and ``clipo/count/...``; 0 with count 0
     when a step has none): whether the contrastive reward singles out right answers reached the
     wrong way, CLIPO's claim, measured where it acts."""
     t = time.perf_counter()

@@ -11,8 +11,9 @@ clause before the question and SFT copies that are the answer line alone, the se
 GRPO and DAPO learn to copy, in 2 of 5 seeds on one GPU: docs/results.md), algos grpo and dapo,
 seeds 0-4, every ablation (a CLIPO variant of each algo: `fixed_head`, `loss=` each of the
 paper's four losses infonce / supcon_in / supcon_out / soft_nn, `lam=` 0.05 / 0.2 / 0.5; an
-ablation equal to the default CLIPO settings, loss=infonce and lam=0.2, is the `+clipo` run itself), size small with its RL budget (--steps=0) and an
-evaluation every --eval_every RL steps for the learning curves.
+ablation equal to the default CLIPO settings, loss=infonce and lam=0.2, is the `+clipo` run
+itself), size small with its RL budget (--steps=0) and an evaluation every --eval_every RL steps
+for the learning curves.
 
 Every run is `python -m experiments.train --config=configs/demo.py:size=Z,algo=A,seed=S[,clipo]
 [,shortcut=F,ARGS] --workdir=ROOT/TASK/METHOD_seedS` plus the ablation's `--config.clipo.*` overrides and
@@ -31,8 +32,8 @@ bootstrap 95% CI over seeds; learning curves (each rate at every evaluated RL st
 seeds); for every CLIPO method the contrastive reward of its lucky successes minus that of its
 process-right ones during training (per seed, the mean over steps with both; < 0 where CLIPO
 singles out right answers reached the wrong way, its claim); each method's cost per RL step with
-the CLIPO stage's share. summary.json also holds the
-per-seed values, the commands, the machine and library versions.
+the CLIPO stage's share. summary.json also holds the per-seed values, the commands, the machine
+and library versions.
 """
 
 import dataclasses
@@ -455,7 +456,9 @@ def summarize_task(task: str, methods: list[Method]) -> dict | None:
         out["curves"][m.name] = entry
 
     for m in methods:  # does CLIPO's reward single out the lucky successes? (< 0: it does)
-        gaps = {seed: run_reward_gap(run_dir(task, m, seed)) for seed in evals.get(m.name, {}) if m.clipo}
+        if not m.clipo:
+            continue
+        gaps = {seed: run_reward_gap(run_dir(task, m, seed)) for seed in evals.get(m.name, {})}
         gaps = {seed: g for seed, g in gaps.items() if g}
         if gaps:
             values = [g["gap"] for g in gaps.values()]
@@ -475,11 +478,11 @@ def summarize_task(task: str, methods: list[Method]) -> dict | None:
     return out
 
 
-def fmt_ci(d: dict) -> str:
+def fmt_ci(d: dict, digits: int = 1) -> str:
     if d["ci95"] is None:
-        return f"{d['mean']:+.1f}"
+        return f"{d['mean']:+.{digits}f}"
     lo, hi = d["ci95"]
-    return f"{d['mean']:+.1f} [{lo:+.1f}, {hi:+.1f}]"
+    return f"{d['mean']:+.{digits}f} [{lo:+.{digits}f}, {hi:+.{digits}f}]"
 
 
 def task_markdown(task: str, t: dict, aliases: dict) -> list[str]:
@@ -539,8 +542,7 @@ def task_markdown(task: str, t: dict, aliases: dict) -> list[str]:
         ]
         for name, g in t["reward_gap"].items():
             per_seed = ", ".join(f"{v:+.3f}" for v in g["values"])
-            mean = f"{g['mean']:+.3f}" + (f" [{g['ci95'][0]:+.3f}, {g['ci95'][1]:+.3f}]" if g["ci95"] else "")
-            lines.append(f"| {name} | {', '.join(g['seeds'])} | {per_seed} | {mean} |")
+            lines.append(f"| {name} | {', '.join(g['seeds'])} | {per_seed} | {fmt_ci(g, digits=3)} |")
     if t["cost_per_step"]:
         lines += [
             "",

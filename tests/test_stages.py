@@ -2,6 +2,7 @@
 (greedy anchors, DAPO refills), the CLIPO stage and the update stage."""
 
 import dataclasses
+import random
 
 import jax
 import numpy as np
@@ -252,7 +253,7 @@ def test_rollout_grade_metrics_against_the_grader(tmp_path):
     assert task.grade_keys == ("outcome", "process", "lucky", "copied")
     base = synthetic.SyntheticTask(leak_share=1.0, leak_position="last")
     problems = synthetic.generate_problems(base, 3, seed=5)
-    rng = __import__("random").Random(0)
+    rng = random.Random(0)
     texts, kinds = [], []
     for p in problems:
         copy, _ = synthetic.copied_solution(p, rng, style="bare")
