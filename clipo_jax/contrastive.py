@@ -26,6 +26,8 @@ import numpy as np
 import optax
 from flax import struct
 
+from clipo_jax import parallel
+
 Array = jax.Array
 
 EPS = 1e-8  # the reference's eps; it matters at temperature 0.05 (CLIPO paper, arXiv 2603.10101, the contrastive loss).
@@ -845,8 +847,8 @@ def clipo_stage(head: HeadState, out, labels, group_size: int, rng, cfg: Contras
     DAPO's padding copies, which neither train the head nor enter its metrics (unless
     opts.head_on_padding). Returns (new head, reward float32 [B] on the host, metrics dict of
     floats). The per-label metrics are always logged (O(B)); the geometry (opts.log_geometry) is
-    taken with the head before its update, as the authors' code logs it. One jitted call and one
-    device-to-host transfer per step.
+    taken with the head before its update, as the authors' code logs it. One jitted call per step;
+    the reward and the metrics come back in two transfers.
     """
     cfg.validate()
     labels = np.asarray(labels)
@@ -874,8 +876,7 @@ def clipo_stage(head: HeadState, out, labels, group_size: int, rng, cfg: Contras
         group_size=group_size,
         log_geometry=bool(opts.log_geometry),
     )
-    c_reward, host = jax.device_get((reward_d, metrics_d))
-    c_reward = np.asarray(c_reward)
-    m = {k: float(v) for k, v in host.items()}
+    c_reward = np.asarray(reward_d)
+    m = parallel.scalars_to_host(metrics_d)
     m["contrastive/reward_mean"] = float(c_reward[valid].mean())
     return head, c_reward, m

@@ -14,6 +14,7 @@ import threading
 from typing import Any, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -152,6 +153,22 @@ def to_host(tree):
         return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
     return jax.tree.map(one, tree)
+
+
+@jax.jit
+def _stack_scalars(leaves):
+    return jnp.stack([jnp.asarray(x, jnp.float32).reshape(()) for x in leaves])
+
+
+def scalars_to_host(tree):
+    """A pytree of scalar metrics (device arrays) -> the same tree of Python floats, fetched as one
+    float32 vector: fetching leaf by leaf costs one device-to-host transfer each (3 ms for the
+    157 metrics of a CLIPO step on a 2-core CPU, more on a GPU), one jitted stack and one transfer
+    cost 0.2 ms."""
+    leaves, treedef = jax.tree.flatten(tree)
+    if not leaves:
+        return tree
+    return jax.tree.unflatten(treedef, to_host(_stack_scalars(leaves)).tolist())
 
 
 def is_primary() -> bool:

@@ -694,7 +694,7 @@ def rl_step(ctx: RunContext, step: int, state, ref_params, head, stream: rollout
             rl_batch,
             step_fn=ctx.jit_step,
             place=ctx.shard_batch,
-            to_host=parallel.to_host,
+            to_host=parallel.scalars_to_host,
             epochs=rl.epochs,
             mini_batches=rl.mini_batches,
             group_size=G,

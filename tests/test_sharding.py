@@ -32,3 +32,24 @@ def test_bad_mesh_is_one_line_error():
 
     with pytest.raises(parallel.ParallelError, match="needs 8 devices, have 1"):
         parallel.make_mesh(data=2, fsdp=2, tensor=2, devices=jax.devices()[:1])
+
+
+def test_scalars_to_host_fetches_a_metric_tree_as_floats():
+    import jax.numpy as jnp
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    values = rng.normal(size=7).astype(np.float32)
+    tree = [
+        {"a/loss": jnp.float32(values[0]), "a/count": jnp.int32(3), "b": jnp.asarray(values[1:2])},
+        {"a/loss": jnp.float32(values[2]), "a/count": jnp.int32(-5), "b": jnp.asarray(values[3:4])},
+    ]
+    host = parallel.scalars_to_host(tree)
+    assert host == [
+        {"a/loss": float(values[0]), "a/count": 3.0, "b": float(values[1])},
+        {"a/loss": float(values[2]), "a/count": -5.0, "b": float(values[3])},
+    ]
+    assert all(type(v) is float for d in host for v in d.values())
+    assert parallel.scalars_to_host({}) == {}
+    with pytest.raises(TypeError):  # a non-scalar leaf is a caller's bug, not silently truncated
+        parallel.scalars_to_host({"v": jnp.zeros(3)})

@@ -82,8 +82,8 @@ def policy_update(
         for mb in range(mini_batches):
             idx = order[mb * per_mb : (mb + 1) * per_mb]
             state, sm = step_fn(state, place(jax.tree.map(lambda x: x[idx], batch)))
-            step_metrics.append(to_host(sm))
-    return state, step_metrics
+            step_metrics.append(sm)  # fetched once at the end: a fetch per step would stall the queue
+    return state, to_host(step_metrics)
 
 
 def update_metrics(step_metrics: list[dict]) -> dict[str, float]:
