@@ -26,6 +26,8 @@ import os
 import shutil
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
 from clipo_jax import parallel
 
@@ -160,6 +162,39 @@ def _reject(ckpt_dir: str, step: int) -> str:
 
 
 # ------------------------------------------------------------------------------- the manager
+_UINT_OF_SIZE = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}
+
+
+@jax.jit
+def _leaf_checksums(leaves):
+    """Two position-weighted sums of each leaf's raw bits (uint32, wrapping): any changed bit or
+    swapped pair of elements changes them, and they are computed where the leaf lives."""
+    sums = []
+    for x in leaves:
+        bits = jax.lax.bitcast_convert_type(x, _UINT_OF_SIZE[x.dtype.itemsize]).reshape(-1).astype(jnp.uint32)
+        pos = jnp.arange(bits.shape[0], dtype=jnp.uint32)
+        sums.append(jnp.sum(bits * (2 * pos + 1)))
+        sums.append(jnp.sum((bits ^ (pos * jnp.uint32(0x9E3779B1))) * jnp.uint32(0x85EBCA6B) + pos))
+    return jnp.stack(sums)
+
+
+def params_digest(params) -> str:
+    """A digest of a parameter tree's exact values (paths, shapes, dtypes and bits): equal digests
+    mean the same parameters, e.g. two runs that started from the same SFT checkpoint. Computed on
+    the devices, so a sharded model is never gathered to the host."""
+    paths_leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+    for path, x in paths_leaves:
+        if x.dtype.itemsize not in _UINT_OF_SIZE:
+            raise ValueError(
+                f"params_digest: {jax.tree_util.keystr(path)} has dtype {x.dtype} (itemsize 1, 2 or 4 only)"
+            )
+    sums = np.asarray(parallel.to_host(_leaf_checksums([x for _, x in paths_leaves])))
+    h = hashlib.sha256()
+    for i, (path, x) in enumerate(paths_leaves):
+        h.update(f"{jax.tree_util.keystr(path)}|{x.shape}|{x.dtype}|{sums[2 * i]}|{sums[2 * i + 1]};".encode())
+    return h.hexdigest()[:16]
+
+
 class RunCheckpoints:
     """Policy state, reference params, CLIPO head and JSON meta per step (orbax, async saves).
 

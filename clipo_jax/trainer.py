@@ -31,7 +31,7 @@ import numpy as np
 import optax
 
 from clipo_jax import contrastive, parallel, rollout, sampling, tasks
-from clipo_jax.checkpoints import CheckpointError, RunCheckpoints, newest_good_step  # noqa: F401  (re-exported)
+from clipo_jax.checkpoints import CheckpointError, RunCheckpoints, newest_good_step, params_digest  # noqa: F401  (re-exported)
 from clipo_jax.models import PRESETS, ModelConfig, load_model, transformer
 from clipo_jax.models.config import ATTENTION_IMPLS
 from clipo_jax.rewards import stage as reward_stage
@@ -804,6 +804,7 @@ def _run(ctx: RunContext, params, workdir: str, root, tqdm) -> dict:
     else:
         if config.sft.steps > 0:
             params = cached_sft(config, ctx.task, ctx.cfg, params, ctx.mesh, workdir)
+        write_start(workdir, config, params, primary)
         state = new_train_state(params, optimizer, ctx.mesh)
         ref_params = jax.tree.map(jnp.copy, params)
         head = head_start()
@@ -885,6 +886,19 @@ def _run(ctx: RunContext, params, workdir: str, root, tqdm) -> dict:
             json.dump(after, f, indent=1)
     print("\nevaluation before -> after RL (greedy):\n" + format_eval(before, after, ctx.task.grade_keys))
     return {"before": before, "after": after, "last_metrics": last_metrics, "state": state}
+
+
+START_FILE = "start.json"  # in the run dir: a digest of the RL start's parameters
+
+
+def write_start(workdir: str, config, params, primary: bool) -> None:
+    """Records which parameters RL starts from: runs meant to be compared from one SFT start can
+    check that they did (an SFT retrained after its cache was lost is not bitwise the same on a GPU)."""
+    digest = params_digest(params)  # on every process: a collective over the mesh
+    if primary:
+        start = {"params_digest": digest, "sft_cache": sft_cache_dir(config, workdir) if config.sft.steps > 0 else None}
+        with open(os.path.join(workdir, START_FILE), "w") as f:
+            json.dump(start, f, indent=1)
 
 
 def evaluate_before(ctx: RunContext, ref_params, workdir: str, root) -> dict:

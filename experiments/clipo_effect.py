@@ -308,6 +308,24 @@ def execute(run: tuple[str, Method, str]) -> str | None:
     return None
 
 
+def warn_missing_sft(methods: list[Method]) -> None:
+    """One line per (task, seed) whose new runs will retrain the SFT start that its finished runs
+    used (its cache is gone, e.g. not copied along with the run dirs): on a GPU the retrained start
+    is not bitwise the same, and the summary then leaves those pairs out."""
+    pending = {(task, seed) for task, _, seed in pending_runs(methods)}
+    for task, seed in sorted(pending):
+        done = [m for m in methods if finished(run_dir(task, m, seed))]
+        cache = sft_dir(task, seed)
+        if done and not (os.path.isdir(cache) and os.listdir(cache)):
+            print(
+                f"warning: {sft_dir(task, seed)} is missing but {len(done)} run(s) of task {task} seed {seed} "
+                "finished from it: the new runs retrain the SFT start, and are paired with those runs only "
+                "if it comes out bitwise the same (see start.json)\n",
+                end="",
+                flush=True,
+            )
+
+
 def run_all(methods: list[Method]) -> list[str]:
     """Runs every unfinished run; returns the failed run dirs. With --jobs=1 one after another;
     with more, the first run of each (task, seed) goes first (it trains the shared SFT start),
@@ -343,6 +361,22 @@ def read_metrics(workdir: str) -> list[dict]:
         return []
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+START_FILE = "start.json"  # written by the trainer: a digest of the parameters RL starts from
+
+
+def run_start(workdir: str) -> tuple[str | None, str]:
+    """(params digest or None for runs that predate start.json, the pre-RL evaluation as text)."""
+    path = os.path.join(workdir, START_FILE)
+    digest = read_json(path)["params_digest"] if os.path.exists(path) else None
+    return digest, json.dumps(read_json(os.path.join(workdir, "eval_before.json")), sort_keys=True)
+
+
+def same_start(a: tuple[str | None, str], b: tuple[str | None, str]) -> bool:
+    """Bitwise the same start where both runs record a digest, else the same pre-RL evaluation (a
+    run that lost its SFT cache and retrained it on a GPU differs in both)."""
+    return a[0] == b[0] if a[0] and b[0] else a[1] == b[1]
 
 
 def run_curve(workdir: str) -> dict[int, dict]:
@@ -401,19 +435,32 @@ def summarize_task(task: str, methods: list[Method]) -> dict | None:
     """{"sets", "keys", "methods", "paired_differences", "curves", "cost_per_step"} of one task
     (rates in %), or None before any run of it has finished."""
     evals = {}  # method name -> {seed: eval_after}
-    sft = {}  # seed -> eval_before (the same SFT checkpoint for every method of a seed)
+    # every method of a seed should start from one SFT checkpoint; a run whose start differs from
+    # the seed's first (e.g. its SFT was retrained on a GPU after the cache was lost) gets start 2, ...
+    starts = {}  # seed -> [(fingerprint, eval_before)] in the order first seen
+    start_of = {}  # method name -> {seed: start index}
     for m in methods:
         for seed in FLAGS.seeds:
             workdir = run_dir(task, m, seed)
             if finished(workdir):
                 evals.setdefault(m.name, {})[seed] = read_json(os.path.join(workdir, "eval_after.json"))
-                sft.setdefault(seed, read_json(os.path.join(workdir, "eval_before.json")))
+                fp, known = run_start(workdir), starts.setdefault(seed, [])
+                index = next((i for i, (f, _) in enumerate(known) if same_start(f, fp)), len(known))
+                if index == len(known):
+                    known.append((fp, json.loads(fp[1])))
+                start_of.setdefault(m.name, {})[seed] = index
     if not evals:
         return None
     first = next(iter(next(iter(evals.values())).values()))
     sets = list(first)
     keys = [k for k in KEYS if k in first[sets[0]]]
-    table = {"SFT (start)": dict(sorted(sft.items(), key=lambda kv: FLAGS.seeds.index(kv[0]))), **evals}
+    sft_rows = {}
+    for i in range(max(len(k) for k in starts.values())):
+        label = "SFT (start)" if i == 0 else f"SFT (start {i + 1})"
+        sft_rows[label] = {
+            seed: known[i][1] for seed in FLAGS.seeds for known in [starts.get(seed, [])] if i < len(known)
+        }
+    table = {**sft_rows, **evals}
 
     out = {
         "sets": sets,
@@ -423,6 +470,14 @@ def summarize_task(task: str, methods: list[Method]) -> dict | None:
         "curves": {},
         "reward_gap": {},
         "cost_per_step": {},
+        # method -> {seed: 1-based start} for runs not from their seed's first start; their paired
+        # differences use only the seeds that share the base's start
+        "other_starts": {
+            name: {seed: i + 1 for seed, i in by_seed.items() if i}
+            for name, by_seed in start_of.items()
+            if any(by_seed.values())
+        },
+        "unpaired": {},  # comparison -> seeds left out: variant and base from different starts
     }
     for name, by_seed in table.items():
         seeds = list(by_seed)
@@ -434,7 +489,12 @@ def summarize_task(task: str, methods: list[Method]) -> dict | None:
         base = Method(m.algo, False).name
         if not m.clipo or m.name not in evals or base not in evals:
             continue
-        seeds = [seed for seed in evals[m.name] if seed in evals[base]]
+        both = [seed for seed in evals[m.name] if seed in evals[base]]
+        seeds = [seed for seed in both if start_of[m.name][seed] == start_of[base][seed]]
+        if len(seeds) < len(both):
+            out["unpaired"][f"{m.name} - {base}"] = [seed for seed in both if seed not in seeds]
+        if not seeds:
+            continue
         diff = {"variant": m.name, "base": base, "seeds": seeds}
         for k in keys:
             for s in sets:
@@ -499,6 +559,37 @@ def task_markdown(task: str, t: dict, aliases: dict) -> list[str]:
         for name, cells in t["methods"].items():
             row = [f"{cells[f'{s}/{k}']['mean']:.1f} ± {cells[f'{s}/{k}']['std']:.1f}" for s in sets]
             lines.append(f"| {name} | {len(cells[f'{sets[0]}/{k}']['values'])} | " + " | ".join(row) + " |")
+    other = t.get("other_starts", {})
+    per_seed = "leak" if "leak" in sets else sets[0]  # leak: where the shortcut pays, copying or not
+    seeds = list(FLAGS.seeds)
+    lines += [
+        "",
+        f"**lucky on `{per_seed}`, per seed** (%; (sN): a run from the seed's start N, see below)",
+        "",
+        "| method | " + " | ".join(f"seed {seed}" for seed in seeds) + " |",
+        "|---|" + "---|" * len(seeds),
+    ]
+    for name, cells in t["methods"].items():
+        c = cells[f"{per_seed}/lucky"]
+        value = dict(zip(c["seeds"], c["values"]))
+        row = [
+            f"{value[seed]:.1f}" + (f" (s{other[name][seed]})" if seed in other.get(name, {}) else "")
+            if seed in value
+            else "-"
+            for seed in seeds
+        ]
+        lines.append(f"| {name} | " + " | ".join(row) + " |")
+    if other:
+        lines += [
+            "",
+            "Runs from another SFT start than their seed's first run (their SFT cache was missing and the "
+            "retrained SFT is not the same parameters; the `SFT (start N)` rows are those starts), so "
+            "compared with their base only on the seeds that share its start:",
+        ]
+        lines += [f"- {name}: seeds {', '.join(by_seed)}" for name, by_seed in other.items()]
+    if t.get("unpaired"):
+        lines += ["", "Not paired (variant and base from different starts): "]
+        lines[-1] += "; ".join(f"{name} (seeds {', '.join(seeds)})" for name, seeds in t["unpaired"].items())
     if t["paired_differences"]:
         n = {len(d["seeds"]) for d in t["paired_differences"].values()}
         for k in keys:
@@ -659,6 +750,8 @@ def main(argv):
     os.makedirs(FLAGS.root, exist_ok=True)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, _stop)
+    if not FLAGS.summarize_only:
+        warn_missing_sft(methods)
     failed = [] if FLAGS.summarize_only else run_all(methods)
 
     runs = {}
@@ -689,6 +782,13 @@ def main(argv):
         "runs": runs,
         "tasks": {},
     }
+    previous = os.path.join(FLAGS.root, "summary.json")
+    if FLAGS.summarize_only and os.path.exists(previous):
+        # the environment is the one the runs ran on: a summary redone elsewhere (e.g. a laptop
+        # reading a GPU's run dirs) keeps the last running invocation's and adds its own apart
+        ran_on = read_json(previous).get("environment")
+        if ran_on and ran_on != summary["environment"]:
+            summary["summarized_on"], summary["environment"] = summary["environment"], ran_on
     lines = [f"# CLIPO study: {sum(r['finished'] for r in runs.values())} of {len(runs)} runs finished", ""]
     lines += [f"`{study_command()}`"]
     for task in FLAGS.tasks:

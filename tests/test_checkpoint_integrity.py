@@ -254,3 +254,19 @@ def test_trainer_resumes_from_the_previous_good_step_after_a_bit_flip(tmp_path):
     assert checkpoints.verify_step(str(d / "4")) is None  # written again by the resumed run
     with open(workdir / "metrics.jsonl") as f:
         assert [json.loads(line)["step"] for line in f] == [1, 2, 3, 4]
+
+
+def test_params_digest_sees_every_bit_and_position():
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(4, 6)).astype(np.float32)
+    params = {"layer": {"w": jnp.asarray(w), "b": jnp.zeros(6, jnp.bfloat16)}, "emb": jnp.asarray(w[0])}
+    digest = checkpoints.params_digest(params)
+    assert checkpoints.params_digest({k: v for k, v in params.items()}) == digest  # same values: same digest
+    changed = w.copy()
+    changed[2, 3] = np.nextafter(changed[2, 3], np.float32(np.inf))  # one ulp
+    swapped = w.copy()
+    swapped[0, [1, 4]] = swapped[0, [4, 1]]  # two elements trade places
+    for other in (changed, swapped, w.reshape(6, 4)):
+        assert checkpoints.params_digest({**params, "layer": {**params["layer"], "w": jnp.asarray(other)}}) != digest
+    assert checkpoints.params_digest({**params, "layer": {**params["layer"], "b": jnp.zeros(6, jnp.float16)}}) != digest
+    assert checkpoints.params_digest({"renamed": params["layer"], "emb": params["emb"]}) != digest

@@ -73,6 +73,65 @@ def study(root, *args, env=None, timeout=60):
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def fake_run(workdir, before, after, digest=None):
+    os.makedirs(workdir)
+    for name, value in (("eval_before.json", before), ("eval_after.json", after)):
+        with open(os.path.join(workdir, name), "w") as f:
+            json.dump({s: {"outcome": v, "process": v, "lucky": 0.0} for s, v in value.items()}, f)
+    with open(os.path.join(workdir, "config.json"), "w") as f:  # the curves read rl.steps
+        json.dump({"rl": {"steps": 2}}, f)
+    if digest:
+        with open(os.path.join(workdir, "start.json"), "w") as f:
+            json.dump({"params_digest": digest, "sft_cache": None}, f)
+
+
+def test_runs_from_another_sft_start_are_not_paired(tmp_path):
+    # seed 0: both runs from one start (no start.json, equal pre-RL evaluations, as in runs that
+    # predate it); seed 1: equal evaluations but different digests; seed 2: both from one digest
+    sets = ("in_dist", "distractor")
+    before = {s: 0.5 for s in sets}
+    after = {"grpo": {0: 0.6, 1: 0.62, 2: 0.55}, "grpo+clipo": {0: 0.7, 1: 0.5, 2: 0.6}}
+    digests = {"grpo": {1: "aaaa", 2: "cccc"}, "grpo+clipo": {1: "bbbb", 2: "cccc"}}
+    for method, by_seed in after.items():
+        for seed, value in by_seed.items():
+            run = tmp_path / "default" / f"{method}_seed{seed}"
+            fake_run(run, before, {s: value for s in sets}, digests[method].get(seed))
+    r = study(tmp_path, "--tasks=default", "--algos=grpo", "--seeds=0,1,2", "--ablations=", "--summarize_only")
+    assert r.returncode == 0, r.stderr[-3000:]
+    t = json.loads((tmp_path / "summary.json").read_text())["tasks"]["default"]
+    d = t["paired_differences"]["grpo+clipo - grpo"]
+    assert d["seeds"] == ["0", "2"] and t["unpaired"] == {"grpo+clipo - grpo": ["1"]}
+    assert d["in_dist/outcome"]["values"] == pytest.approx([10.0, 5.0])
+    assert t["other_starts"] == {"grpo+clipo": {"1": 2}}
+    assert list(t["methods"]) == ["SFT (start)", "SFT (start 2)", "grpo", "grpo+clipo"]
+    assert t["methods"]["SFT (start 2)"]["in_dist/outcome"]["seeds"] == ["1"]
+    md = (tmp_path / "summary.md").read_text()
+    assert "Not paired (variant and base from different starts): grpo+clipo - grpo (seeds 1)" in md
+    assert "| grpo+clipo | 0.0 | 0.0 (s2) | 0.0 |" in md  # the per-seed lucky table marks the start
+    # summarized again elsewhere: the environment stays the one the runs ran on
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    here, summary["environment"] = summary["environment"], {"devices": "gpu: 1 x NVIDIA H200"}
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    r = study(tmp_path, "--tasks=default", "--algos=grpo", "--seeds=0,1,2", "--ablations=", "--summarize_only")
+    assert r.returncode == 0, r.stderr[-3000:]
+    again = json.loads((tmp_path / "summary.json").read_text())
+    assert again["environment"] == {"devices": "gpu: 1 x NVIDIA H200"} and again["summarized_on"] == here
+
+
+def test_a_lost_sft_cache_is_announced_before_new_runs(tmp_path):
+    for method in ("grpo", "grpo+clipo"):
+        fake_run(tmp_path / "default" / f"{method}_seed0", {"in_dist": 0.5}, {"in_dist": 0.6})
+    cmd = [sys.executable, "-m", "experiments.clipo_effect", f"--root={tmp_path}", "--tasks=default", "--algos=grpo"]
+    cmd += ["--seeds=0", "--ablations=fixed_head", "--size=tiny", "--jobs=1"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        first = proc.stdout.readline()  # printed before the pending fixed-head run starts
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    assert first.startswith(f"warning: {tmp_path / 'default' / 'sft_cache_seed0'} is missing but 2 run(s)"), first
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -116,6 +175,7 @@ def test_study_end_to_end(tmp_path):
         summary = json.load(f)
 
     methods = ["grpo", "grpo+clipo", "grpo+clipo[fixed_head]"]
+    starts = {}  # task -> the SFT start digests of its seeds
     assert summary["study"]["methods"] == methods
     assert summary["study"]["ablation_aliases"] == {"grpo+clipo[loss=infonce]": "grpo+clipo"}
     assert all(run["finished"] for run in summary["runs"].values()) and len(summary["runs"]) == 12
@@ -155,6 +215,7 @@ def test_study_end_to_end(tmp_path):
         for g in t["reward_gap"].values():
             assert len(g["values"]) == len(g["seeds"]) == len(g["steps"]) and min(g["steps"]) >= 1
         assert t["cost_per_step"]["grpo+clipo"]["clipo_share"] > 0
+        assert t["other_starts"] == {} and t["unpaired"] == {}  # one start per seed: every seed is paired
         for seed in ("0", "1"):  # every method of a (task, seed) started from one SFT checkpoint
             assert len(os.listdir(root / task / f"sft_cache_seed{seed}")) == 1
             before = [
@@ -162,11 +223,18 @@ def test_study_end_to_end(tmp_path):
             ]
             before.append((root / task / f"grpo+clipo_fixed_head_seed{seed}" / "eval_before.json").read_text())
             assert before[0] == before[1] == before[2]
+            digests = {
+                json.loads((root / task / f"{m}_seed{seed}" / "start.json").read_text())["params_digest"]
+                for m in ("grpo", "grpo+clipo", "grpo+clipo_fixed_head")
+            }
+            assert len(digests) == 1
+            starts.setdefault(task, set()).update(digests)
             logs = [
                 (root / task / f"{m}_seed{seed}.log").read_text()
                 for m in ("grpo", "grpo+clipo", "grpo+clipo_fixed_head")
             ]
             assert [("SFT: reusing" in log) for log in logs] == [False, True, True]
+    assert all(len(digests) == 2 for digests in starts.values())  # the seeds' SFT starts differ
     # the training rollouts are graded too; the CLIPO reward's successes are exactly the grader's
     for task in ("default", "shortcut"):
         rows = [json.loads(x) for x in open(root / task / "grpo+clipo_seed0" / "metrics.jsonl")]

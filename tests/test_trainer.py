@@ -234,6 +234,10 @@ def test_sigkill_and_resume_reproduces_uninterrupted_run(env, run_flags, full_ru
         assert comparable(a) == comparable(b), f"step {a['step']} differs"
     with open(workdir / "eval_after.json") as f, open(full_run / "eval_after.json") as g:
         assert json.load(f) == json.load(g)
+    # both runs record the same RL start (the digest of the same parameters), the resume leaves it
+    start = json.loads((workdir / "start.json").read_text())
+    assert start == json.loads((full_run / "start.json").read_text())
+    assert len(start["params_digest"]) == 16 and int(start["params_digest"], 16) >= 0
 
 
 # ----------------------------------------------------------------------------- NaN abort
