@@ -318,7 +318,7 @@ def warn_missing_sft(methods: list[Method]) -> None:
         cache = sft_dir(task, seed)
         if done and not (os.path.isdir(cache) and os.listdir(cache)):
             print(
-                f"warning: {sft_dir(task, seed)} is missing but {len(done)} run(s) of task {task} seed {seed} "
+                f"warning: {cache} is missing but {len(done)} run(s) of task {task} seed {seed} "
                 "finished from it: the new runs retrain the SFT start, and are paired with those runs only "
                 "if it comes out bitwise the same (see start.json)\n",
                 end="",
@@ -454,12 +454,10 @@ def summarize_task(task: str, methods: list[Method]) -> dict | None:
     first = next(iter(next(iter(evals.values())).values()))
     sets = list(first)
     keys = [k for k in KEYS if k in first[sets[0]]]
-    sft_rows = {}
-    for i in range(max(len(k) for k in starts.values())):
+    sft_rows = {}  # one row per start: the pre-RL evaluation of the seeds that have it
+    for i in range(max(len(known) for known in starts.values())):
         label = "SFT (start)" if i == 0 else f"SFT (start {i + 1})"
-        sft_rows[label] = {
-            seed: known[i][1] for seed in FLAGS.seeds for known in [starts.get(seed, [])] if i < len(known)
-        }
+        sft_rows[label] = {seed: starts[seed][i][1] for seed in FLAGS.seeds if i < len(starts.get(seed, []))}
     table = {**sft_rows, **evals}
 
     out = {
@@ -589,7 +587,7 @@ def task_markdown(task: str, t: dict, aliases: dict) -> list[str]:
         lines += [f"- {name}: seeds {', '.join(by_seed)}" for name, by_seed in other.items()]
     if t.get("unpaired"):
         lines += ["", "Not paired (variant and base from different starts): "]
-        lines[-1] += "; ".join(f"{name} (seeds {', '.join(seeds)})" for name, seeds in t["unpaired"].items())
+        lines[-1] += "; ".join(f"{name} (seeds {', '.join(left)})" for name, left in t["unpaired"].items())
     if t["paired_differences"]:
         n = {len(d["seeds"]) for d in t["paired_differences"].values()}
         for k in keys:

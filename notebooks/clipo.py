@@ -363,8 +363,10 @@ for m, g in task["reward_gap"].items():
 # --jobs=12` on one H200 (the shortcut task at the default `--shortcut_share=0.5
 # --shortcut_args=leak=last,copy_style=bare`); its summary is `docs/clipo_study_summary.json`. Three
 # of CLIPO's ablations on GRPO and the shortcut task (`--tasks=shortcut --algos=grpo
-# --ablations=fixed_head,lam=0.5,lam=0.05`, same root, so the same SFT starts) are in
-# `docs/clipo_study_ablations_summary.json`.
+# --ablations=fixed_head,lam=0.5,lam=0.05`, same root, so the same SFT starts), and the other nine
+# (the other three losses on GRPO, all six on DAPO) are in `docs/clipo_study_ablations_summary.json`.
+# Those nine ran where the SFT caches were missing: their seeds retrained SFT, which on a GPU gave
+# other parameters (`SFT (start 2)`), so the summary does not pair them with their base runs.
 
 # %%
 study = json.loads((ROOT / "docs" / "clipo_study_summary.json").read_text())
@@ -377,10 +379,12 @@ for key in ("leak/lucky", "leak_decoy/copied", "leak_decoy/outcome", "in_dist/pr
     print(f"\nshortcut task, {key}, per seed {', '.join(seeds)}")
     # the ablation study repeats the SFT / grpo / grpo+clipo rows: shown once
     extra = {m: c for m, c in ablations["tasks"]["shortcut"]["methods"].items() if m not in sc["methods"]}
+    other = ablations["tasks"]["shortcut"]["other_starts"]  # method -> {seed: start}, for runs not from start 1
     for m, cells in {**sc["methods"], **extra}.items():
         c = cells[key]
         assert c["seeds"] == seeds and abs(np.mean(c["values"]) - c["mean"]) < 1e-9
-        print(f"  {m:<24}" + "".join(f"{v:>7.1f}" for v in c["values"]) + f"   mean {c['mean']:.1f}")
+        start = " (start 2)" if m in other else ""
+        print(f"  {m + start:<38}" + "".join(f"{v:>7.1f}" for v in c["values"]) + f"   mean {c['mean']:.1f}")
 
 # %% [markdown]
 # Paired by seed, each CLIPO method minus its base algorithm, with the percentile-bootstrap 95% CI
@@ -399,6 +403,18 @@ for task_name, task in study["tasks"].items():
     for name, d in diffs.items():
         cells = [f"{k} {d[k]['mean']:+.1f} [{d[k]['ci95'][0]:+.1f}, {d[k]['ci95'][1]:+.1f}]" for k in keys]
         print(f"{task_name:<9} {name:<38} " + "; ".join(cells))
+
+# %% [markdown]
+# The nine start-2 runs also graded their training rollouts: CLIPO's reward of the lucky successes
+# minus that of the process-right ones, per seed and mean [bootstrap 95% CI] (> 0: the copies get
+# the higher contrastive reward).
+
+# %%
+for m, g in ablations["tasks"]["shortcut"]["reward_gap"].items():
+    lo, hi = g["ci95"]
+    print(
+        f"  {m:<28} " + ", ".join(f"{v:+.3f}" for v in g["values"]) + f"; mean {g['mean']:+.3f} [{lo:+.3f}, {hi:+.3f}]"
+    )
 
 # %% [markdown]
 # The lucky rate on `leak` at every evaluated RL step, one line per seed. Copying is all or nothing:

@@ -234,10 +234,11 @@ def test_sigkill_and_resume_reproduces_uninterrupted_run(env, run_flags, full_ru
         assert comparable(a) == comparable(b), f"step {a['step']} differs"
     with open(workdir / "eval_after.json") as f, open(full_run / "eval_after.json") as g:
         assert json.load(f) == json.load(g)
-    # both runs record the same RL start (the digest of the same parameters), the resume leaves it
-    start = json.loads((workdir / "start.json").read_text())
-    assert start == json.loads((full_run / "start.json").read_text())
-    assert len(start["params_digest"]) == 16 and int(start["params_digest"], 16) >= 0
+    # both runs record the same RL start (the digest of the same parameters, each SFT'd in its run dir)
+    start, other = (json.loads((w / "start.json").read_text()) for w in (workdir, full_run))
+    assert start["params_digest"] == other["params_digest"] and len(start["params_digest"]) == 16
+    assert os.path.basename(start["sft_cache"]) == os.path.basename(other["sft_cache"])
+    assert start["sft_cache"].startswith(str(workdir))
 
 
 # ----------------------------------------------------------------------------- NaN abort
