@@ -12,7 +12,6 @@ JSON summary.
 """
 
 import json
-import time
 import types
 
 import jax
@@ -22,21 +21,14 @@ from absl import app, flags
 from clipo_jax import contrastive, parallel
 from clipo_jax.trainer import _clipo_static
 from configs import demo
-from experiments.bench_common import machine
+from experiments.bench_common import machine, median_seconds
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("repeats", 30, "timed calls per measurement (median reported)")
 
 
 def median_ms(fn, repeats: int) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return 1e3 * float(np.median(times))
+    return 1e3 * median_seconds(fn, repeats, warmup=3)
 
 
 def main(argv):

@@ -6,11 +6,25 @@ import json
 import os
 import platform
 import socket
+import statistics
 import subprocess
 import sys
 import time
 
 import httpx
+
+
+def median_seconds(fn, repeats: int, warmup: int = 2) -> float:
+    """fn() runs one iteration and blocks until done: the median of `repeats` timed calls after
+    `warmup` untimed ones (the first includes a JAX compilation)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
 
 
 def cores() -> int:

@@ -34,16 +34,14 @@ baseline is the floor, so ratio <= 1 and the loss-floor entry adds floor_x = our
 import json
 import os
 import resource
-import statistics
 import subprocess
 import sys
-import time
 
 from absl import app, flags
 
 from experiments.bench_common import cores as _cores
 from experiments.bench_common import machine as _machine
-from experiments.bench_common import read_bandwidth_gbs
+from experiments.bench_common import median_seconds, read_bandwidth_gbs
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("tracks", "I,II", "comma list of tracks to run: I, II")
@@ -87,14 +85,7 @@ def _peak_rss_mib() -> float:
 def _time(fn, repeats):
     """fn() runs one iteration and blocks until done. Returns (median seconds, rss delta MiB)."""
     rss0 = _rss_mib()
-    fn()  # warmup (includes compilation for JAX)
-    fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times), _peak_rss_mib() - rss0
+    return median_seconds(fn, repeats), _peak_rss_mib() - rss0
 
 
 def _inputs(track, seed=0):
