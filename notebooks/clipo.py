@@ -334,9 +334,11 @@ plot_seed_curves(task["curves"])
 # it in the same seeds. `python -m experiments.clipo_effect --root=RUNS --tasks=shortcut --algos=grpo
 # --seeds=0,1,2,3,4 --ablations= --eval_every=20 --jobs=2` (the study's default shortcut setting:
 # `--shortcut_share=0.5 --shortcut_args=leak=last,copy_style=bare`) on 2 CPU cores; its summary is
-# `docs/clipo_shortcut_bare_summary.json`. Its training rollouts were graded too
+# `docs/clipo_shortcut_bare_summary.json`, together with the same study's `--ablations=loss=soft_nn`
+# runs (same root, same SFT starts). Its training rollouts were graded too
 # (`config.eval.grade_rollouts`), so it also holds CLIPO's contrastive reward of the lucky successes
-# minus that of the process-right ones (`reward_gap`): CLIPO's claim needs it below 0.
+# minus that of the process-right ones (`reward_gap`): CLIPO's claim needs it below 0. With the
+# default InfoNCE loss it is above 0; with soft_nn it is about 0, and the copying is the same.
 
 # %%
 bare = json.loads((ROOT / "docs" / "clipo_shortcut_bare_summary.json").read_text())
