@@ -162,7 +162,7 @@ def _stack_scalars(leaves):
 
 def scalars_to_host(tree):
     """A pytree of scalar metrics (device arrays) -> the same tree of Python floats, fetched as one
-    float32 vector: leaf by leaf costs one device-to-host transfer each (1.1 ms for the 157
+    float32 vector: leaf by leaf costs one device-to-host transfer each (about 1 ms for the 157
     metrics of a CLIPO step on a 2-core CPU, and each transfer costs more on a GPU); one jitted
     stack and one transfer 0.2 ms (experiments/bench_clipo_stage.py)."""
     leaves, treedef = jax.tree.flatten(tree)
