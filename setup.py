@@ -63,7 +63,8 @@ setup(
     description="JAX/Flax RLVR post-training with CLIPO and the OpenRS rubric judge",
     packages=find_packages(include=["clipo_jax", "clipo_jax.*"]),
     package_data={
-        "clipo_jax.rubrics": ["meta_rubrics/*.toml", "meta_rubrics/*.yaml", "meta_rubrics/*.json", "meta_rubrics/*.md"]
+        "clipo_jax.rubrics": ["meta_rubrics/*.toml", "meta_rubrics/*.yaml", "meta_rubrics/*.json", "meta_rubrics/*.md"],
+        "clipo_jax.kernels": ["*.cc"],  # compiled on the user's machine on first use
     },
     include_package_data=True,
     python_requires=">=3.11",

@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from clipo_jax import parallel
+from clipo_jax import kernels, parallel
 from clipo_jax.models.config import ModelConfig
 from clipo_jax.models.transformer import (
     KVCache,
@@ -400,6 +400,7 @@ class Sampler:
         cache_steps_per_octave: int = 4,
         prefill_group_rows: int = 8,
         replicate_weights: bool = False,
+        cpu_decode_kernel: bool | None = None,
     ):
         """Prompts are left-padded to `length_bucket` (`bucket` with len_steps_per_octave) and the
         batch to a power of two.
@@ -419,17 +420,24 @@ class Sampler:
           all-gathers every layer's weights inside every decode step (experiments/plan_scale.py:
           ~400 s of link time per Track I step on 8 H100s); the copy costs 1 / tensor of the
           compute-dtype weights on each device during the rollout.
+        cpu_decode_kernel: decode steps attend through `clipo_jax.kernels.decode_attention`, which
+          shares the (row, kv head) pairs out over every core (XLA:CPU runs that arithmetic on
+          one). None = on where it applies: the CPU backend, the unrolled layer loop, at most one
+          device in the mesh, float32 compute, head_dim a multiple of 16 and the kernel built
+          (`kernels.available()`). True where it cannot apply is an error.
         """
         if prefill_group_rows < 0 or cache_steps_per_octave < 0:
             raise ValueError(
                 f"Sampler: prefill_group_rows ({prefill_group_rows}) and cache_steps_per_octave "
                 f"({cache_steps_per_octave}) must be >= 0"
             )
+        self.unroll_layers = jax.default_backend() == "cpu" if unroll_layers is None else unroll_layers
+        self.cpu_decode_kernel = self._use_cpu_decode_kernel(cfg, mesh, cpu_decode_kernel)
+        cfg = cfg.replace(cpu_decode_kernel=self.cpu_decode_kernel)
         self.cfg = cfg
         self.mesh = mesh
         self.len_steps_per_octave = len_steps_per_octave
         self.cache_steps_per_octave = cache_steps_per_octave
-        self.unroll_layers = jax.default_backend() == "cpu" if unroll_layers is None else unroll_layers
         self.min_len_bucket = min_len_bucket
         batch_devices = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
         self.min_batch_bucket = max(min_batch_bucket, batch_devices)
@@ -441,6 +449,28 @@ class Sampler:
         self.replicate_weights = replicate_weights
         self._replicated = None  # jitted cast + replicate, built on first use
         self._fns: dict = {}
+
+    def _use_cpu_decode_kernel(self, cfg: ModelConfig, mesh, wanted: bool | None) -> bool:
+        blockers = [
+            why
+            for why, blocks in (
+                (f"the {jax.default_backend()} backend", jax.default_backend() != "cpu"),
+                ("the layer scan (unroll_layers=False)", not self.unroll_layers),
+                (f"a mesh of {mesh.size if mesh is not None else 0} devices", mesh is not None and mesh.size > 1),
+                (f"compute dtype {cfg.dtype}", cfg.dtype != "float32"),
+                (f"head_dim {cfg.head_dim} (not a multiple of {kernels.LANES})", cfg.head_dim % kernels.LANES),
+            )
+            if blocks
+        ]
+        if wanted is False or (wanted is None and blockers):
+            return False
+        if blockers:
+            raise ValueError(f"Sampler(cpu_decode_kernel=True) does not apply with {', '.join(blockers)}")
+        if not kernels.available():
+            if wanted:
+                raise ValueError(f"Sampler(cpu_decode_kernel=True): {kernels.unavailable_reason()}")
+            return False
+        return True
 
     def length_bucket(self, n: int) -> int:
         """The padded prompt length for a longest prompt of n tokens."""

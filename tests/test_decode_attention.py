@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from clipo_jax import kernels
 from clipo_jax.models import transformer
 from clipo_jax.models.config import PRESETS
 
@@ -63,3 +64,56 @@ def test_decode_step_attention_matches_numpy(preset, batch):
         np.testing.assert_allclose(np.asarray(out)[:, 0], ref, rtol=2e-5, atol=2e-5, err_msg=str(seg.k_transposed))
     if batch > 1:
         assert not np.any(np.asarray(out)[-1])
+
+
+@pytest.mark.skipif(kernels._compiler() is None, reason="no C++ compiler to build the CPU kernel")
+@pytest.mark.parametrize(
+    "batch,heads,kv_heads,head_dim,slots,window,softcap",
+    [
+        (9, 4, 2, 16, 13, None, None),  # tiny_llama's shapes
+        (3, 9, 3, 64, 176, None, None),  # SmolLM2's heads, 11 full vectors of slots
+        (2, 5, 1, 32, 37, 7, 30.0),  # 5 query heads per kv head (blocks of 3 and 2), window, cap
+        (4, 4, 4, 48, 64, 20, None),  # one query head per kv head, head_dim of 3 vectors
+        (1, 8, 2, 16, 5, None, 50.0),  # fewer slots than one vector
+    ],
+)
+def test_cpu_kernel_matches_numpy(batch, heads, kv_heads, head_dim, slots, window, softcap):
+    """clipo_jax.kernels.decode_attention through the model's attention (cfg.cpu_decode_kernel),
+    against numpy in float64: masks (left padding, empty slots, a window, a row with no key), the
+    tanh cap, and head counts that exercise every block size of the kernel."""
+    assert kernels.available(), kernels.unavailable_reason()
+    cfg = PRESETS["tiny_llama"].replace(
+        n_heads=heads, n_kv_heads=kv_heads, head_dim=head_dim, attn_logit_softcap=softcap, cpu_decode_kernel=True
+    )
+    rng = np.random.default_rng(slots)
+    q = rng.standard_normal((batch, heads, head_dim)).astype(np.float32)
+    k = rng.standard_normal((batch, kv_heads, slots, head_dim)).astype(np.float32)
+    v = rng.standard_normal((batch, kv_heads, slots, head_dim)).astype(np.float32)
+    k_pos = np.full((batch, slots), -1, np.int32)
+    for b in range(batch):
+        start, n = b % 3, max(slots - 2 - (b % 4), 1)
+        k_pos[b, start:n] = np.arange(n - start)
+    q_pos = np.maximum(k_pos.max(axis=1), 0)
+    if batch > 2:
+        k_pos[-1] = -1
+    window = window or int(np.iinfo(np.int32).max)
+    ref = _numpy_attention(q, k, v, k_pos, q_pos, cfg.scale, window, softcap)
+    seg = transformer.Segment(jnp.asarray(k.swapaxes(2, 3)), jnp.asarray(v), jnp.asarray(k_pos), k_transposed=True)
+    attend = jax.jit(
+        lambda q, k, v, kp, qp: transformer._attention_einsum(cfg, q, [seg._replace(k=k, v=v, pos=kp)], qp, window)
+    )
+    args = (jnp.asarray(q)[:, None], seg.k, seg.v, seg.pos, jnp.asarray(q_pos)[:, None])
+    assert kernels.TARGET in attend.lower(*args).as_text()  # the kernel, not XLA's fusions
+    out = np.asarray(attend(*args))[:, 0]
+    np.testing.assert_allclose(out, ref, rtol=2e-5, atol=2e-5)
+    xla = transformer._attention_einsum(
+        cfg.replace(cpu_decode_kernel=False), jnp.asarray(q)[:, None], [seg], jnp.asarray(q_pos)[:, None], window
+    )
+    np.testing.assert_allclose(out, np.asarray(xla)[:, 0], rtol=1e-5, atol=1e-6)
+    if batch > 2:
+        assert not np.any(out[-1])
+
+
+def test_cpu_kernel_needs_head_dim_in_vectors():
+    with pytest.raises(Exception, match="multiple of 16"):
+        PRESETS["tiny_llama"].replace(head_dim=24, cpu_decode_kernel=True)

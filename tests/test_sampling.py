@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from clipo_jax import sampling
+from clipo_jax import kernels, sampling
 from clipo_jax.models import transformer
 from clipo_jax.models.config import PRESETS
 
@@ -348,3 +348,36 @@ def test_bucket_grid(minimum, steps):
         assert b <= top and (b - max(n, minimum)) < max(1, -(-(top // 2) // steps))  # waste < one grid step
     distinct = sorted(set(s for s in sizes if 256 < s <= 512))
     assert len(distinct) == steps  # compilations per octave
+
+
+@pytest.mark.skipif(kernels._compiler() is None, reason="no C++ compiler to build the CPU kernel")
+@pytest.mark.parametrize(
+    "scfg",
+    [
+        sampling.SamplingConfig(max_new_tokens=9, temperature=0.0),
+        sampling.SamplingConfig(max_new_tokens=9, temperature=0.8, top_k=20, n_samples=2, stop_ids=(3,)),
+    ],
+)
+def test_cpu_decode_kernel_changes_nothing(model, scfg):
+    """The CPU decode-attention kernel (on by default where it applies) samples what XLA's fusions
+    do: same tokens, log-probs and pooled states, left padding and empty cache slots included."""
+    cfg, params = model
+    prompts = [[5, 9, 17, 3, 44, 2, 8], [7, 1], [100, 101, 102, 103], [4] * 11]
+    auto = sampling.Sampler(cfg)
+    assert auto.cpu_decode_kernel and auto.cfg.cpu_decode_kernel, kernels.unavailable_reason()
+    off = sampling.Sampler(cfg, cpu_decode_kernel=False)
+    assert not off.cfg.cpu_decode_kernel
+    a, b = (s(params, prompts, jax.random.key(5), scfg) for s in (auto, off))
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    # another summation order and exp polynomial: log-probs of these peaky logits agree to ~3e-5
+    np.testing.assert_allclose(a.logprobs, b.logprobs, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(a.pooled_hidden, b.pooled_hidden, atol=1e-5)
+
+
+def test_cpu_decode_kernel_where_it_cannot_apply():
+    cfg = PRESETS["tiny_llama"]
+    assert not sampling.Sampler(cfg, unroll_layers=False).cpu_decode_kernel  # auto: off
+    with pytest.raises(ValueError, match="layer scan"):
+        sampling.Sampler(cfg, unroll_layers=False, cpu_decode_kernel=True)
+    with pytest.raises(ValueError, match="bfloat16"):
+        sampling.Sampler(replace(cfg, dtype="bfloat16"), cpu_decode_kernel=True)

@@ -58,6 +58,9 @@ class ModelConfig:
     attn_logit_softcap: float | None = None
     max_seq_len: int = 2048
     attention_impl: str = "einsum"  # one of ATTENTION_IMPLS; see docs/parts/attention.md
+    # decode steps over the transposed-key cache through clipo_jax.kernels.decode_attention (CPU
+    # only; the sampler turns it on where it applies, `Sampler(cpu_decode_kernel=...)`)
+    cpu_decode_kernel: bool = False
     dtype: str = "float32"  # compute dtype; params stay float32
     param_dtype: str = "float32"
 
@@ -71,6 +74,10 @@ class ModelConfig:
         if self.attention_impl not in ATTENTION_IMPLS:
             raise ModelError(
                 f"ModelConfig.attention_impl={self.attention_impl!r} is unknown; expected one of {ATTENTION_IMPLS}"
+            )
+        if self.cpu_decode_kernel and self.head_dim % 16:
+            raise ModelError(
+                f"ModelConfig.cpu_decode_kernel needs a head_dim that is a multiple of 16, got {self.head_dim}"
             )
         if self.attention_impl == "cudnn" and self.dtype not in ("bfloat16", "float16"):
             raise ModelError(

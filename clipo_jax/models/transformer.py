@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from clipo_jax import kernels
 from clipo_jax.models.config import ATTENTION_IMPLS, ModelConfig
 from clipo_jax.parallel import constrain
 
@@ -253,6 +254,13 @@ def _attention_einsum(cfg: ModelConfig, q, segments, q_pos, window):
     # runs the batched einsums as one small single-threaded dot per (row, kv head), the fusions
     # faster from 8 such pairs up (SmolLM2 shapes, bench_decode_attention); below, the dots win.
     decode = T == 1 and B * K >= _FUSED_DECODE_MIN_PAIRS and all(s.k_transposed for s in segments)
+    if T == 1 and cfg.cpu_decode_kernel and len(segments) == 1 and segments[0].k_transposed:
+        # the same arithmetic, its (row, kv head) pairs shared out over every core
+        seg = segments[0]
+        out = kernels.decode_attention(
+            q[:, 0], seg.k, seg.v, seg.pos, q_pos[:, 0], window, scale=cfg.scale, softcap=cfg.attn_logit_softcap
+        )
+        return out.astype(seg.v.dtype).reshape(B, T, H * hd)
     all_logits, all_allowed = [], []
     for seg in segments:
         if decode:
