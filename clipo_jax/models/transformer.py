@@ -143,7 +143,9 @@ class KVCache(NamedTuple):
     the slots, one fused reduction (see `_attention_einsum`); over [S, hd] keys XLA:CPU lowers it
     to one small single-threaded dot per (row, kv head), 3 output columns each. The fused form is
     1.2-1.4x faster at batch 8-32 (experiments/bench_decode_attention.py) but still runs mostly
-    on one core: XLA:CPU gives the reduction to YNNPACK.
+    on one core: XLA:CPU gives the reduction to YNNPACK. With `ModelConfig.cpu_decode_kernel`
+    (the sampler's CPU default) the step goes to `clipo_jax.kernels.decode_attention`, which
+    reads this layout and shares the (row, kv head) pairs out over every core.
     """
 
     k: Any
