@@ -35,23 +35,29 @@ def _numpy_attention(q, k, v, k_pos, q_pos, scale, window, softcap):
     return out.reshape(B, H * hd)
 
 
+def _random_step(rng, batch, heads, kv_heads, head_dim, slots, empty_row):
+    """q [B, H, hd], k / v [B, K, S, hd], key positions [B, S] and query positions [B] of one decode
+    step: rows filled to different lengths (left-padded prompts, empty slots at the end), the last
+    row with no valid key if empty_row (its output must be zeros)."""
+    q = rng.standard_normal((batch, heads, head_dim)).astype(np.float32)
+    k = rng.standard_normal((batch, kv_heads, slots, head_dim)).astype(np.float32)
+    v = rng.standard_normal((batch, kv_heads, slots, head_dim)).astype(np.float32)
+    k_pos = np.full((batch, slots), -1, np.int32)
+    for b in range(batch):
+        start, n = b % 3, max(slots - 2 - (b % 4), 1)
+        k_pos[b, start:n] = np.arange(n - start)
+    q_pos = np.maximum(k_pos.max(axis=1), 0)
+    if empty_row:
+        k_pos[-1] = -1
+    return q, k, v, k_pos, q_pos
+
+
 @pytest.mark.parametrize("batch", [1, 2, 9], ids=["einsum_1_row", "einsum_2_rows", "fused_9_rows"])
 @pytest.mark.parametrize("preset", ["tiny_llama", "tiny_gemma3"])
 def test_decode_step_attention_matches_numpy(preset, batch):
     cfg = PRESETS[preset]
     K, H, hd, S = cfg.n_kv_heads, cfg.n_heads, cfg.head_dim, 13
-    rng = np.random.default_rng(batch)
-    q = rng.standard_normal((batch, H, hd)).astype(np.float32)
-    k = rng.standard_normal((batch, K, S, hd)).astype(np.float32)
-    v = rng.standard_normal((batch, K, S, hd)).astype(np.float32)
-    # rows filled to different lengths (left-padded prompts, empty slots at the end)
-    k_pos = np.full((batch, S), -1, np.int32)
-    for b in range(batch):
-        start, n = b % 3, S - 2 - (b % 4)
-        k_pos[b, start:n] = np.arange(n - start)
-    q_pos = np.maximum(k_pos.max(axis=1), 0)
-    if batch > 1:
-        k_pos[-1] = -1  # a row with no valid key: output zeros
+    q, k, v, k_pos, q_pos = _random_step(np.random.default_rng(batch), batch, H, K, hd, S, empty_row=batch > 1)
     window = cfg.sliding_window or int(np.iinfo(np.int32).max)
     ref = _numpy_attention(q, k, v, k_pos, q_pos, cfg.scale, window, cfg.attn_logit_softcap)
     pos, qp = jnp.asarray(k_pos), jnp.asarray(q_pos)[:, None]
@@ -86,16 +92,7 @@ def test_cpu_kernel_matches_numpy(batch, heads, kv_heads, head_dim, slots, windo
         n_heads=heads, n_kv_heads=kv_heads, head_dim=head_dim, attn_logit_softcap=softcap, cpu_decode_kernel=True
     )
     rng = np.random.default_rng(slots)
-    q = rng.standard_normal((batch, heads, head_dim)).astype(np.float32)
-    k = rng.standard_normal((batch, kv_heads, slots, head_dim)).astype(np.float32)
-    v = rng.standard_normal((batch, kv_heads, slots, head_dim)).astype(np.float32)
-    k_pos = np.full((batch, slots), -1, np.int32)
-    for b in range(batch):
-        start, n = b % 3, max(slots - 2 - (b % 4), 1)
-        k_pos[b, start:n] = np.arange(n - start)
-    q_pos = np.maximum(k_pos.max(axis=1), 0)
-    if batch > 2:
-        k_pos[-1] = -1
+    q, k, v, k_pos, q_pos = _random_step(rng, batch, heads, kv_heads, head_dim, slots, empty_row=batch > 2)
     window = window or int(np.iinfo(np.int32).max)
     ref = _numpy_attention(q, k, v, k_pos, q_pos, cfg.scale, window, softcap)
     seg = transformer.Segment(jnp.asarray(k.swapaxes(2, 3)), jnp.asarray(v), jnp.asarray(k_pos), k_transposed=True)
