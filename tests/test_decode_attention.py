@@ -38,7 +38,7 @@ def _numpy_attention(q, k, v, k_pos, q_pos, scale, window, softcap):
 def _random_step(rng, batch, heads, kv_heads, head_dim, slots, empty_row):
     """q [B, H, hd], k / v [B, K, S, hd], key positions [B, S] and query positions [B] of one decode
     step: rows filled to different lengths (left-padded prompts, empty slots at the end), the last
-    row with no valid key if empty_row (its output must be zeros)."""
+    row with no valid key if empty_row (its output must be zeros), NaN keys in every masked slot."""
     q = rng.standard_normal((batch, heads, head_dim)).astype(np.float32)
     k = rng.standard_normal((batch, kv_heads, slots, head_dim)).astype(np.float32)
     v = rng.standard_normal((batch, kv_heads, slots, head_dim)).astype(np.float32)
@@ -49,6 +49,7 @@ def _random_step(rng, batch, heads, kv_heads, head_dim, slots, empty_row):
     q_pos = np.maximum(k_pos.max(axis=1), 0)
     if empty_row:
         k_pos[-1] = -1
+    k[np.broadcast_to((k_pos < 0)[:, None, :, None], k.shape)] = np.nan  # masked keys must not leak
     return q, k, v, k_pos, q_pos
 
 

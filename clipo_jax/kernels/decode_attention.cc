@@ -172,7 +172,8 @@ void RunUnit(const Step& st, int64_t u, std::vector<float>& scratch) {
     for (int i = 1; i < kLanes; ++i) m = std::max(m, mv[i]);
     f16v sumv = {};
     for (int64_t s = 0; s < ls; s += kLanes) {
-      const f16v e = Exp(Load(l + s) - Splat(m)) * Load(allowed + s);
+      // a select, not a product: a masked slot's logit may be anything, NaN included
+      const f16v e = Load(allowed + s) != zero ? Exp(Load(l + s) - Splat(m)) : zero;
       Store(l + s, e);
       sumv += e;
     }
