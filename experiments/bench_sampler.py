@@ -224,15 +224,14 @@ def _worker_ours(batch: int) -> None:
             for k in ("prefill_group_rows", "cache_steps_per_octave")
             if getattr(FLAGS, k) is not None
         }
-        knobs["cpu_decode_kernel"] = {"auto": None, "true": True, "false": False}[FLAGS.cpu_decode_kernel]
+        for k in ("unroll_layers", "cpu_decode_kernel"):  # auto = the Sampler decides
+            knobs[k] = {"auto": None, "true": True, "false": False}[getattr(FLAGS, k)]
         state.update(
             cfg=cfg,
             params=params,
             tok=tok,
             prompts=prompts,
-            sampler=sampling.Sampler(
-                cfg, unroll_layers={"auto": None, "true": True, "false": False}[FLAGS.unroll_layers], **knobs
-            ),
+            sampler=sampling.Sampler(cfg, **knobs),
         )
         n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
         weight_bytes = sum(p.nbytes for p in jax.tree.leaves(params))
