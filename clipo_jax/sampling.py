@@ -46,6 +46,7 @@ from clipo_jax.models.transformer import (
     forward,
     init_cache,
     logits_from_hidden,
+    pack_dense_weights,
     rollout_logical_axes,
     unstack_layers,
 )
@@ -401,6 +402,7 @@ class Sampler:
         prefill_group_rows: int = 8,
         replicate_weights: bool = False,
         cpu_decode_kernel: bool | None = None,
+        cpu_dense_kernel: bool | None = None,
     ):
         """Prompts are left-padded to `length_bucket` (`bucket` with len_steps_per_octave) and the
         batch to a power of two.
@@ -425,6 +427,13 @@ class Sampler:
           one). None = on where it applies: the CPU backend, the unrolled layer loop, at most one
           device in the mesh, float32 compute, head_dim a multiple of 16 and the kernel built
           (`kernels.available()`). True where it cannot apply is an error.
+        cpu_dense_kernel: the layer matrices and the LM head are packed in column panels once per
+          call (`transformer.pack_dense_weights`, in place of the unrolled loop's per-layer copy)
+          and every matmul of prefill and decode goes through `clipo_jax.kernels.dense`, which
+          streams the panels ahead of the arithmetic over every core (XLA:CPU's dots read the
+          weights in place well below the FMA peak). None = on where it applies: the CPU backend,
+          the unrolled layer loop, at most one device in the mesh, float32 compute and the kernels
+          built. True where it cannot apply is an error.
         """
         if prefill_group_rows < 0 or cache_steps_per_octave < 0:
             raise ValueError(
@@ -432,7 +441,8 @@ class Sampler:
                 f"({cache_steps_per_octave}) must be >= 0"
             )
         self.unroll_layers = jax.default_backend() == "cpu" if unroll_layers is None else unroll_layers
-        self.cpu_decode_kernel = self._use_cpu_decode_kernel(cfg, mesh, cpu_decode_kernel)
+        self.cpu_decode_kernel = self._use_cpu_kernel("cpu_decode_kernel", cfg, mesh, cpu_decode_kernel)
+        self.cpu_dense_kernel = self._use_cpu_kernel("cpu_dense_kernel", cfg, mesh, cpu_dense_kernel)
         cfg = cfg.replace(cpu_decode_kernel=self.cpu_decode_kernel)
         self.cfg = cfg
         self.mesh = mesh
@@ -445,12 +455,16 @@ class Sampler:
         self.prefill_group_rows = -(-prefill_group_rows // batch_devices) * batch_devices if prefill_group_rows else 0
         self._prefill = jax.jit(lambda p, t, m: prefill(p, t, m, cfg=cfg, unroll_layers=self.unroll_layers))
         self._left_extend = jax.jit(lambda c, n: extend_cache(c, 0, before=n), static_argnums=1)
-        self._unstack = jax.jit(unstack_layers)
+        if self.cpu_dense_kernel:
+            self._unstack = jax.jit(lambda p: pack_dense_weights(unstack_layers(p), cfg))
+        else:
+            self._unstack = jax.jit(unstack_layers)
         self.replicate_weights = replicate_weights
         self._replicated = None  # jitted cast + replicate, built on first use
         self._fns: dict = {}
 
-    def _use_cpu_decode_kernel(self, cfg: ModelConfig, mesh, wanted: bool | None) -> bool:
+    def _use_cpu_kernel(self, flag: str, cfg: ModelConfig, mesh, wanted: bool | None) -> bool:
+        """Whether the CPU kernel behind `flag` (cpu_decode_kernel or cpu_dense_kernel) runs."""
         blockers = [
             why
             for why, blocks in (
@@ -458,17 +472,20 @@ class Sampler:
                 ("the layer scan (unroll_layers=False)", not self.unroll_layers),
                 (f"a mesh of {mesh.size if mesh is not None else 0} devices", mesh is not None and mesh.size > 1),
                 (f"compute dtype {cfg.dtype}", cfg.dtype != "float32"),
-                (f"head_dim {cfg.head_dim} (not a multiple of {kernels.LANES})", cfg.head_dim % kernels.LANES),
+                (
+                    f"head_dim {cfg.head_dim} (not a multiple of {kernels.LANES})",
+                    flag == "cpu_decode_kernel" and cfg.head_dim % kernels.LANES,
+                ),
             )
             if blocks
         ]
         if wanted is False or (wanted is None and blockers):
             return False
         if blockers:
-            raise ValueError(f"Sampler(cpu_decode_kernel=True) does not apply with {', '.join(blockers)}")
+            raise ValueError(f"Sampler({flag}=True) does not apply with {', '.join(blockers)}")
         if not kernels.available():
             if wanted:
-                raise ValueError(f"Sampler(cpu_decode_kernel=True): {kernels.unavailable_reason()}")
+                raise ValueError(f"Sampler({flag}=True): {kernels.unavailable_reason()}")
             return False
         return True
 

@@ -23,7 +23,8 @@ PROBE = textwrap.dedent(
     from clipo_jax.models.config import PRESETS
     ok = kernels.available()
     out = {"available": ok, "reason": kernels.unavailable_reason(),
-           "auto": sampling.Sampler(PRESETS["tiny_llama"]).cpu_decode_kernel}
+           "auto": sampling.Sampler(PRESETS["tiny_llama"]).cpu_decode_kernel,
+           "auto_dense": sampling.Sampler(PRESETS["tiny_llama"]).cpu_dense_kernel}
     try:
         sampling.Sampler(PRESETS["tiny_llama"], cpu_decode_kernel=True)
         out["forced"] = "ok"
@@ -49,6 +50,7 @@ def test_switched_off_keeps_xla_path(tmp_path):
         "available": False,
         "reason": "CLIPO_JAX_CPU_KERNELS=0",
         "auto": False,
+        "auto_dense": False,
         "forced": "Sampler(cpu_decode_kernel=True): CLIPO_JAX_CPU_KERNELS=0",
     }
     assert not (tmp_path / "cache").exists()
@@ -60,18 +62,18 @@ def test_failed_build_is_logged_and_falls_back(tmp_path):
     cxx.write_text("#!/bin/sh\n[ \"$1\" = --version ] && echo broken 1.0 && exit 0\necho 'no such luck' >&2\nexit 1\n")
     cxx.chmod(0o755)
     out, stderr = _probe(tmp_path, CXX=str(cxx))
-    assert out["available"] is False and out["auto"] is False
+    assert out["available"] is False and out["auto"] is False and out["auto_dense"] is False
     assert "did not build or load" in out["reason"] and "no such luck" in out["reason"]
-    assert out["forced"].startswith("Sampler(cpu_decode_kernel=True): the CPU decode-attention kernel did not build")
-    assert stderr.count("decode attention stays on XLA's path") == 1
+    assert out["forced"].startswith("Sampler(cpu_decode_kernel=True): the CPU kernels did not build")
+    assert stderr.count("stay on XLA's path") == 1
     assert not list((tmp_path / "cache").glob("*.so*"))  # no half-written library left behind
 
 
 @pytest.mark.skipif(kernels._compiler() is None, reason="no C++ compiler to build the CPU kernel")
 def test_build_is_cached_per_source_and_cpu(tmp_path):
     out, _ = _probe(tmp_path)
-    assert out == {"available": True, "reason": None, "auto": True, "forced": "ok"}
-    (lib,) = (tmp_path / "cache").glob("decode_attention-*.so")
+    assert out == {"available": True, "reason": None, "auto": True, "auto_dense": True, "forced": "ok"}
+    (lib,) = (tmp_path / "cache").glob("cpu_kernels-*.so")
     stamp = lib.stat().st_mtime_ns
     out, _ = _probe(tmp_path)  # a second process loads the same file, no rebuild
     assert out["available"] and lib.stat().st_mtime_ns == stamp

@@ -358,20 +358,33 @@ def test_bucket_grid(minimum, steps):
         sampling.SamplingConfig(max_new_tokens=9, temperature=0.8, top_k=20, n_samples=2, stop_ids=(3,)),
     ],
 )
-def test_cpu_decode_kernel_changes_nothing(model, scfg):
-    """The CPU decode-attention kernel (on by default where it applies) samples what XLA's fusions
-    do: same tokens, log-probs and pooled states, left padding and empty cache slots included."""
+def test_cpu_kernels_change_nothing(model, scfg):
+    """The CPU kernels (decode attention and the packed dense layers, on by default where they
+    apply) sample what XLA does, alone and together: same tokens, log-probs and pooled states,
+    left padding and empty cache slots included."""
     cfg, params = model
     prompts = [[5, 9, 17, 3, 44, 2, 8], [7, 1], [100, 101, 102, 103], [4] * 11]
     auto = sampling.Sampler(cfg)
     assert auto.cpu_decode_kernel and auto.cfg.cpu_decode_kernel, kernels.unavailable_reason()
-    off = sampling.Sampler(cfg, cpu_decode_kernel=False)
-    assert not off.cfg.cpu_decode_kernel
-    a, b = (s(params, prompts, jax.random.key(5), scfg) for s in (auto, off))
-    np.testing.assert_array_equal(a.tokens, b.tokens)
-    # another summation order and exp polynomial: log-probs of these peaky logits agree to ~3e-5
-    np.testing.assert_allclose(a.logprobs, b.logprobs, rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(a.pooled_hidden, b.pooled_hidden, atol=1e-5)
+    assert auto.cpu_dense_kernel
+    packed = auto._unstack(params)
+    assert all(isinstance(lp["w_down"], kernels.PackedDense) for lp in packed["layers"])
+    assert isinstance(packed["lm_head"], kernels.PackedDense)
+    off = sampling.Sampler(cfg, cpu_decode_kernel=False, cpu_dense_kernel=False)
+    assert not off.cfg.cpu_decode_kernel and not isinstance(
+        off._unstack(params)["layers"][0]["wq"], kernels.PackedDense
+    )
+    b = off(params, prompts, jax.random.key(5), scfg)
+    for sampler in (
+        auto,
+        sampling.Sampler(cfg, cpu_decode_kernel=False),
+        sampling.Sampler(cfg, cpu_dense_kernel=False),
+    ):
+        a = sampler(params, prompts, jax.random.key(5), scfg)
+        np.testing.assert_array_equal(a.tokens, b.tokens)
+        # other summation orders and exp polynomial: log-probs of these peaky logits agree to ~3e-5
+        np.testing.assert_allclose(a.logprobs, b.logprobs, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(a.pooled_hidden, b.pooled_hidden, atol=1e-5)
 
 
 def test_cpu_decode_kernel_where_it_cannot_apply():
@@ -381,3 +394,8 @@ def test_cpu_decode_kernel_where_it_cannot_apply():
         sampling.Sampler(cfg, unroll_layers=False, cpu_decode_kernel=True)
     with pytest.raises(ValueError, match="bfloat16"):
         sampling.Sampler(replace(cfg, dtype="bfloat16"), cpu_decode_kernel=True)
+    assert not sampling.Sampler(cfg, unroll_layers=False).cpu_dense_kernel
+    with pytest.raises(ValueError, match=r"cpu_dense_kernel=True\) does not apply with the layer scan"):
+        sampling.Sampler(cfg, unroll_layers=False, cpu_dense_kernel=True)
+    with pytest.raises(ValueError, match="bfloat16"):
+        sampling.Sampler(replace(cfg, dtype="bfloat16"), cpu_dense_kernel=True)

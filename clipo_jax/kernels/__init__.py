@@ -1,11 +1,16 @@
 """CPU kernels called from jitted code through the JAX FFI, built on first use.
 
-`decode_attention` is one decode step's attention over the per-layer KV cache (keys transposed),
-its (row, kv head) pairs shared out over XLA's intra-op thread pool: XLA:CPU runs the same
-arithmetic as fusions on one thread (`experiments/bench_decode_attention.py` times both). The C++
-source ships with the package and is compiled with the host's C++ compiler (`$CXX`, else `g++`
-or `c++`) for its own CPU (-march=native) into a cache directory, keyed by the source, the
-compiler, the flags, jaxlib's version and the CPU. Without a compiler, or where the build fails,
+- `decode_attention`: one decode step's attention over the per-layer KV cache (keys transposed),
+  its (row, kv head) pairs shared out over XLA's intra-op thread pool: XLA:CPU runs the same
+  arithmetic as fusions on one thread (`experiments/bench_decode_attention.py` times both).
+- `dense`: x @ W with W packed in column panels (`pack_dense`), the panels shared out over the
+  same pool. The panels stream from memory sequentially and are prefetched ahead of the
+  arithmetic; XLA:CPU's dots read W in place, a new page every row, well below the FMA peak at
+  the sampler's batch sizes (`experiments/bench_sampler.py` prints both matmul chains).
+
+The C++ sources ship with the package and are compiled together with the host's C++ compiler
+(`$CXX`, else `g++` or `c++`) for its own CPU (-march=native) into a cache directory, keyed by the
+sources, the compiler, the flags, jaxlib's version and the CPU. Without a compiler, or where the build fails,
 `available()` is False (the reason is logged once and kept in `unavailable_reason()`) and the
 callers keep XLA's path. `CLIPO_JAX_CPU_KERNELS=0` turns the kernels off;
 `CLIPO_JAX_KERNEL_CACHE` moves the cache (default `~/.cache/clipo_jax/kernels`).
@@ -23,6 +28,7 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -30,10 +36,11 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("decode_attention.cc")
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("decode_attention.cc", "dense.cc"))
 TARGET = "clipo_jax_decode_attention"
+DENSE_TARGET = "clipo_jax_dense"
 FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-std=c++17", "-shared", "-fPIC", "-w")
-LANES = 16  # the kernel's vector width in floats: head_dim must be a multiple of it
+LANES = 16  # the kernels' vector width in floats: head_dim and a packed W's columns are multiples of it
 
 _unavailable: str | None = None
 
@@ -63,10 +70,12 @@ def _build(cxx: str) -> Path:
 
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=True).stdout
     key = hashlib.sha256(
-        "\0".join([SOURCE.read_text(), version, " ".join(FLAGS), jaxlib.__version__, _cpu_id()]).encode()
+        "\0".join(
+            [*(src.read_text() for src in SOURCES), version, " ".join(FLAGS), jaxlib.__version__, _cpu_id()]
+        ).encode()
     ).hexdigest()[:16]
     cache = Path(os.environ.get("CLIPO_JAX_KERNEL_CACHE") or Path.home() / ".cache" / "clipo_jax" / "kernels")
-    lib = cache / f"decode_attention-{key}.so"
+    lib = cache / f"cpu_kernels-{key}.so"
     if lib.exists():
         return lib
     cache.mkdir(parents=True, exist_ok=True)
@@ -74,7 +83,7 @@ def _build(cxx: str) -> Path:
     fd, tmp = tempfile.mkstemp(dir=cache, suffix=".so.tmp")
     os.close(fd)
     try:
-        cmd = [cxx, *FLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", tmp]
+        cmd = [cxx, *FLAGS, f"-I{jax.ffi.include_dir()}", *map(str, SOURCES), "-o", tmp]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode:
             raise RuntimeError(f"{' '.join(cmd)} failed: {done.stderr.strip()[-2000:]}")
@@ -98,15 +107,16 @@ def _register() -> bool:
         try:
             handle = ctypes.cdll.LoadLibrary(str(_build(cxx)))
             jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(handle.ClipoDecodeAttention), platform="cpu")
+            jax.ffi.register_ffi_target(DENSE_TARGET, jax.ffi.pycapsule(handle.ClipoDense), platform="cpu")
             return True
         except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as e:
-            _unavailable = f"the CPU decode-attention kernel did not build or load: {e}"
-    logger.warning("%s; decode attention stays on XLA's path", _unavailable)
+            _unavailable = f"the CPU kernels did not build or load: {e}"
+    logger.warning("%s; decode attention and the sampler's matmuls stay on XLA's path", _unavailable)
     return False
 
 
 def available() -> bool:
-    """Whether the CPU decode-attention kernel is built and registered (builds it on first call)."""
+    """Whether the CPU kernels are built and registered (builds them on first call)."""
     return _register()
 
 
@@ -138,3 +148,42 @@ def decode_attention(q, k, v, k_pos, q_pos, window, *, scale: float, softcap: fl
         scale=np.float32(scale),
         softcap=np.float32(softcap or 0.0),
     )
+
+
+class PackedDense(NamedTuple):
+    """A weight W [K, N] as `dense` reads it: panels [N / P, K, P] (panel p holds columns
+    p*P .. p*P + P - 1, row after row), P = 48, 32 or 16, the widest that divides N."""
+
+    panels: jax.Array
+
+
+def can_pack(w) -> bool:
+    """Whether `pack_dense` takes w: a matrix whose column count is a multiple of LANES."""
+    return w.ndim == 2 and w.shape[1] % LANES == 0 and w.shape[1] > 0
+
+
+def pack_dense(w: jax.Array) -> PackedDense:
+    """W [K, N] (N a multiple of 16) -> its float32 panels (one transpose; jit it with the rest
+    of the weight preparation)."""
+    if not can_pack(w):
+        raise ValueError(f"pack_dense: W {w.shape} must be [K, N] with N a positive multiple of {LANES}")
+    K, N = w.shape
+    P = next(p for p in (3 * LANES, 2 * LANES, LANES) if N % p == 0)
+    return PackedDense(w.astype(jnp.float32).reshape(K, N // P, P).transpose(1, 0, 2))
+
+
+def unpack_dense(w: PackedDense) -> jax.Array:
+    """`pack_dense`'s inverse: W [K, N] float32."""
+    n_panels, K, P = w.panels.shape
+    return w.panels.transpose(1, 0, 2).reshape(K, n_panels * P)
+
+
+def dense(x: jax.Array, w: PackedDense) -> jax.Array:
+    """x [..., K] @ W -> [..., N] float32 on the CPU (`available()` must be True)."""
+    n_panels, K, P = w.panels.shape
+    if x.shape[-1] != K:
+        raise ValueError(f"dense: x {x.shape} does not match the packed weight's K = {K}")
+    lead = x.shape[:-1]
+    M = int(np.prod(lead, dtype=np.int64))
+    call = jax.ffi.ffi_call(DENSE_TARGET, jax.ShapeDtypeStruct((M, n_panels * P), jnp.float32))
+    return call(x.reshape(M, K).astype(jnp.float32), w.panels).reshape(*lead, n_panels * P)

@@ -231,6 +231,29 @@ def unstack_layers(params: Params) -> Params:
     return {**params, "layers": [jax.tree.map(lambda a: a[l], layers) for l in range(n)]}
 
 
+DENSE_WEIGHTS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
+
+
+def pack_dense_weights(params: Params, cfg: ModelConfig) -> Params:
+    """Unstacked float32 parameters (`unstack_layers`) with every layer matrix and the LM head
+    (the embedding's transpose when tied, as `lm_head`) in `kernels.pack_dense`'s panels, for
+    `kernels.dense`: the CPU sampler's weights (`Sampler(cpu_dense_kernel=...)`). A matrix whose
+    column count is not a multiple of `kernels.LANES` stays as it is (XLA's matmul). Each packed
+    matrix replaces its unstacked copy: no more memory than `unstack_layers`, plus the tied head.
+    """
+    if jnp.dtype(cfg.dtype) != jnp.float32:
+        raise ValueError(f"pack_dense_weights: the packed kernel computes in float32, not {cfg.dtype}")
+    if not isinstance(params["layers"], (list, tuple)):
+        raise ValueError("pack_dense_weights: unstack the layers first (unstack_layers)")
+    pack = lambda w: kernels.pack_dense(w) if kernels.can_pack(w) else w
+    layers = [{k: pack(w) if k in DENSE_WEIGHTS else w for k, w in lp.items()} for lp in params["layers"]]
+    head = params["embed"].T if cfg.tie_embeddings else params["lm_head"]
+    packed = {**params, "layers": layers}
+    if kernels.can_pack(head):
+        packed["lm_head"] = kernels.pack_dense(head)
+    return packed
+
+
 class Segment(NamedTuple):
     """Keys and values attended to, with each key's position (-1 = empty slot). k: [B, K, S, hd],
     or [B, K, hd, S] with k_transposed (the per-layer decode cache); v: [B, K, S, hd]; pos: [B, S]."""
@@ -337,9 +360,14 @@ def _attention(cfg: ModelConfig, q, segments, q_pos, window):
     return _ATTENTION[cfg.attention_impl](cfg, q, segments, q_pos, window)
 
 
-def _dense(x, w):
-    """[..., D] @ [D, F] as one 2-D matmul: XLA:CPU computes the weight gradient of the 3-D einsum
-    (contracting batch and seq together) ~1.5-2x slower than the same product on [B*T, D]."""
+def _dense(x, w, dt):
+    """[..., D] @ [D, F] in the compute dtype dt: a `kernels.PackedDense` weight (the CPU sampler's
+    copy, `pack_dense_weights`) goes to `kernels.dense`; otherwise one 2-D matmul, because XLA:CPU
+    computes the weight gradient of the 3-D einsum (contracting batch and seq together) ~1.5-2x
+    slower than the same product on [B*T, D]."""
+    if isinstance(w, kernels.PackedDense):
+        return kernels.dense(x, w).astype(dt)
+    w = w.astype(dt)
     return (x.reshape(-1, x.shape[-1]) @ w).reshape(x.shape[:-1] + (w.shape[-1],))
 
 
@@ -363,9 +391,9 @@ def _block(cfg: ModelConfig, lp: Params, x, q_pos, theta, window, key_values):
     dt = jnp.dtype(cfg.dtype)
     B, T, _ = x.shape
     h = rms_norm(x, lp["attn_norm"], cfg.norm_eps)
-    q = _dense(h, lp["wq"].astype(dt))
-    k = _dense(h, lp["wk"].astype(dt))
-    v = _dense(h, lp["wv"].astype(dt))
+    q = _dense(h, lp["wq"], dt)
+    k = _dense(h, lp["wk"], dt)
+    v = _dense(h, lp["wv"], dt)
     if cfg.qkv_bias:
         q, k, v = q + lp["bq"].astype(dt), k + lp["bk"].astype(dt), v + lp["bv"].astype(dt)
     q = q.reshape(B, T, cfg.n_heads, cfg.head_dim)
@@ -378,14 +406,14 @@ def _block(cfg: ModelConfig, lp: Params, x, q_pos, theta, window, key_values):
     k = rope(k, q_pos, theta).swapaxes(1, 2)  # [B, K, T, hd]
     segments, out = key_values(k, v)
     attn = _attention(cfg, q, [seg._replace(k=seg.k.astype(dt), v=seg.v.astype(dt)) for seg in segments], q_pos, window)
-    attn = _dense(attn, lp["wo"].astype(dt))
+    attn = _dense(attn, lp["wo"], dt)
     if cfg.post_norms:
         attn = rms_norm(attn, lp["post_attn_norm"], cfg.norm_eps)
     x = x + attn
     h = rms_norm(x, lp["mlp_norm"], cfg.norm_eps)
-    gate = _dense(h, lp["w_gate"].astype(dt))
-    up = _dense(h, lp["w_up"].astype(dt))
-    mlp = _dense(_act(cfg, gate) * up, lp["w_down"].astype(dt))
+    gate = _dense(h, lp["w_gate"], dt)
+    up = _dense(h, lp["w_up"], dt)
+    mlp = _dense(_act(cfg, gate) * up, lp["w_down"], dt)
     if cfg.post_norms:
         mlp = rms_norm(mlp, lp["post_mlp_norm"], cfg.norm_eps)
     x = constrain(x + mlp, ("batch", "seq", "act_embed"))
@@ -490,8 +518,11 @@ def forward(
 def logits_from_hidden(params: Params, cfg: ModelConfig, hidden: jax.Array) -> jax.Array:
     """[..., D] -> float32 logits [..., V]."""
     dt = jnp.dtype(cfg.dtype)
-    w = params["embed"].T if cfg.tie_embeddings else params["lm_head"]
-    logits = jnp.einsum("...d,dv->...v", hidden.astype(dt), w.astype(dt), preferred_element_type=jnp.float32)
+    if isinstance(params.get("lm_head"), kernels.PackedDense):  # tied or not (`pack_dense_weights`)
+        logits = kernels.dense(hidden, params["lm_head"])
+    else:
+        w = params["embed"].T if cfg.tie_embeddings else params["lm_head"]
+        logits = jnp.einsum("...d,dv->...v", hidden.astype(dt), w.astype(dt), preferred_element_type=jnp.float32)
     if cfg.final_logit_softcap is not None:
         logits = jnp.tanh(logits / cfg.final_logit_softcap) * cfg.final_logit_softcap
     return logits

@@ -1,0 +1,164 @@
+// x [M, K] @ W [K, N] on the CPU with W packed in column panels, shared out over XLA's intra-op
+// thread pool: the sampler's dense layers (QKV, O, MLP, LM head) at every batch size.
+//
+// Why packed: a decode step at M = batch streams every weight from memory once. Read in place, a
+// 16-float slice of W's row k sits N floats away from row k+1's, so each k step touches a new page
+// and the hardware prefetchers fall behind; XLA:CPU's dots run well below the FMA peak there. In a
+// panel [K, P] (P = 16, 32 or 48 columns, contiguous) the stream is sequential, and the first
+// row block prefetches a few rows ahead, so reading W overlaps the arithmetic. The packing
+// (`clipo_jax.kernels.pack_dense`) is one transpose per sampler call.
+//
+// Work: each panel is one unit (its rows in blocks of up to 8, so the panel stays in L2 while the
+// blocks after the first reuse it); 8 rows x 3 vectors = 24 accumulators fit the 32 vector
+// registers of AVX-512. Without AVX-512 (16 registers) a block is one row.
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+typedef float f16v __attribute__((vector_size(64)));
+typedef float f16u __attribute__((vector_size(64), aligned(4)));  // unaligned loads and stores
+constexpr int64_t kLanes = 16;
+#ifdef __AVX512F__
+constexpr int64_t kRows = 8;
+#else
+constexpr int64_t kRows = 1;
+#endif
+constexpr int64_t kPrefetchRows = 16;  // how far ahead of row k the first row block prefetches
+
+inline f16v Load(const float* p) { return *reinterpret_cast<const f16u*>(p); }
+inline void Store(float* p, f16v x) { *reinterpret_cast<f16u*>(p) = x; }
+
+// c[MR, NV*16] = a[MR, K] @ w[K, NV*16] (w: one panel, rows NV*16 floats apart; c: rows N apart).
+template <int MR, int NV, bool kPrefetch>
+inline void Block(const float* a, int64_t K, const float* w, float* c, int64_t N) {
+  constexpr int64_t P = NV * kLanes;
+  f16v acc[MR][NV];
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 3
+    for (int j = 0; j < NV; ++j) acc[i][j] = f16v{};
+  for (int64_t k = 0; k < K; ++k) {
+    const float* wk = w + k * P;
+    if (kPrefetch) {
+#pragma GCC unroll 3
+      for (int j = 0; j < NV; ++j) __builtin_prefetch(wk + kPrefetchRows * P + j * kLanes);
+    }
+    f16v wv[NV];
+#pragma GCC unroll 3
+    for (int j = 0; j < NV; ++j) wv[j] = Load(wk + j * kLanes);
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) {
+      const f16v ai = a[i * K + k] - f16v{};  // broadcast (x - 0 is x, so no add is emitted)
+#pragma GCC unroll 3
+      for (int j = 0; j < NV; ++j) acc[i][j] += ai * wv[j];
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 3
+    for (int j = 0; j < NV; ++j) Store(c + i * N + j * kLanes, acc[i][j]);
+}
+
+template <int NV, bool kPrefetch>
+void Rows(int64_t rows, const float* a, int64_t K, const float* w, float* c, int64_t N) {
+  switch (rows) {
+#ifdef __AVX512F__
+    case 8: return Block<8, NV, kPrefetch>(a, K, w, c, N);
+    case 7: return Block<7, NV, kPrefetch>(a, K, w, c, N);
+    case 6: return Block<6, NV, kPrefetch>(a, K, w, c, N);
+    case 5: return Block<5, NV, kPrefetch>(a, K, w, c, N);
+    case 4: return Block<4, NV, kPrefetch>(a, K, w, c, N);
+    case 3: return Block<3, NV, kPrefetch>(a, K, w, c, N);
+    case 2: return Block<2, NV, kPrefetch>(a, K, w, c, N);
+#endif
+    default: return Block<1, NV, kPrefetch>(a, K, w, c, N);
+  }
+}
+
+template <int NV>
+void Panel(const float* a, int64_t M, int64_t K, const float* w, float* c, int64_t N) {
+  for (int64_t m = 0; m < M; m += kRows) {
+    const int64_t rows = std::min(kRows, M - m);
+    // only the first block reads the panel from memory; the others find it in L2
+    m == 0 ? Rows<NV, true>(rows, a, K, w, c, N) : Rows<NV, false>(rows, a + m * K, K, w, c + m * N, N);
+  }
+}
+
+struct Job {
+  const float* a;  // [M, K]
+  const float* w;  // [N / P, K, P]
+  float* c;        // [M, N]
+  int64_t M, K, N, P, units;
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+  std::mutex mu;
+  std::condition_variable cv;
+};
+
+void RunUnit(const Job& j, int64_t u) {
+  const float* w = j.w + u * j.K * j.P;
+  float* c = j.c + u * j.P;
+  j.P == 48   ? Panel<3>(j.a, j.M, j.K, w, c, j.N)
+  : j.P == 32 ? Panel<2>(j.a, j.M, j.K, w, c, j.N)
+              : Panel<1>(j.a, j.M, j.K, w, c, j.N);
+}
+
+// Claims units until none is left, then adds how many it ran to `done` (the last one wakes the caller).
+void Drain(Job& j) {
+  int64_t ran = 0;
+  for (int64_t u; (u = j.next.fetch_add(1)) < j.units; ++ran) RunUnit(j, u);
+  if (ran && j.done.fetch_add(ran) + ran == j.units) {
+    std::lock_guard<std::mutex> lock(j.mu);
+    j.cv.notify_all();
+  }
+}
+
+ffi::Error Dense(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                 ffi::ResultBuffer<ffi::F32> out) {
+  const auto xd = x.dimensions(), wd = w.dimensions(), od = out->dimensions();
+  if (xd.size() != 2 || wd.size() != 3 || od.size() != 2)
+    return ffi::Error::InvalidArgument("dense: x must be [M, K], the packed weight [N / P, K, P]");
+  const int64_t M = xd[0], K = xd[1], P = wd[2];
+  if (P != 16 && P != 32 && P != 48)
+    return ffi::Error::InvalidArgument("dense: the panel width must be 16, 32 or 48");
+  if (wd[1] != K || od[0] != M || od[1] != wd[0] * P)
+    return ffi::Error::InvalidArgument("dense: inconsistent shapes");
+  auto j = std::make_shared<Job>();
+  j->a = x.typed_data();
+  j->w = w.typed_data();
+  j->c = out->typed_data();
+  j->M = M, j->K = K, j->N = od[1], j->P = P;
+  j->units = wd[0];
+  if (j->units == 0 || M == 0) return ffi::Error::Success();
+  if (K == 0) {
+    std::fill(j->c, j->c + M * j->N, 0.0f);
+    return ffi::Error::Success();
+  }
+  // a tiny product finishes before a woken thread would start
+  const bool alone = M * K * j->N < (int64_t{1} << 15);
+  const int64_t helpers = alone ? 0 : std::min<int64_t>(pool.num_threads() - 1, j->units - 1);
+  // helpers hold the job by shared_ptr: one may start after every unit is done and we returned
+  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([j] { Drain(*j); });
+  Drain(*j);  // this thread works too, so it only ever waits for units already running
+  std::unique_lock<std::mutex> lock(j->mu);
+  j->cv.wait(lock, [&] { return j->done.load() == j->units; });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ClipoDense, Dense,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
