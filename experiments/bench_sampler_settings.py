@@ -3,6 +3,7 @@ r"""Our sampler under different settings, side by side in one process.
   python -m experiments.bench_sampler_settings                      # prefill groups / cache phases
   python -m experiments.bench_sampler_settings --compare=layer_loop # unrolled loop vs layer scan
   python -m experiments.bench_sampler_settings --compare=decode_kernel  # CPU kernel vs XLA fusions
+  python -m experiments.bench_sampler_settings --compare=dense_kernel   # packed CPU matmuls vs XLA dots
   python -m experiments.bench_sampler_settings --batch=8 --repeats=5
 
 --compare=phases: one prefill group and a full-length cache (the sampler before length-sorted prefill groups and phased caches), prefill
@@ -11,6 +12,8 @@ groups of 8 only, cache phases (4 per octave) only, and both (the default `Sampl
 (`unroll_layers=True`, the CPU default) vs the layer scan (`unroll_layers=False`).
 --compare=decode_kernel: decode attention through XLA's fusions (`cpu_decode_kernel=False`) vs the
 CPU kernel (`clipo_jax.kernels.decode_attention`, the default where it builds).
+--compare=dense_kernel: the layer matrices and LM head through XLA's dots (`cpu_dense_kernel=False`)
+vs packed in panels through `clipo_jax.kernels.dense` (the default where it builds).
 
 SmolLM2-135M by default, GSM8K chat prompts as in bench_sampler, greedy. For each setting: the
 first call (compile + run), the process RSS after it and a glibc malloc_trim (what the compiled
@@ -31,7 +34,9 @@ from experiments.bench_common import gsm8k_chat_prompts
 from experiments.bench_common import machine as _machine
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("compare", "phases", ["phases", "layer_loop", "decode_kernel"], "which settings to compare")
+flags.DEFINE_enum(
+    "compare", "phases", ["phases", "layer_loop", "decode_kernel", "dense_kernel"], "which settings to compare"
+)
 flags.DEFINE_integer("batch", 32, "prompts per generate call")
 flags.DEFINE_integer("new_tokens", 128, "tokens generated per row")
 flags.DEFINE_integer("repeats", 3, "warm calls per setting (best reported)")
@@ -48,6 +53,10 @@ SETTINGS = {
     "decode_kernel": {
         "XLA fusions": dict(cpu_decode_kernel=False),
         "CPU kernel (default)": dict(cpu_decode_kernel=True),
+    },
+    "dense_kernel": {
+        "XLA dots": dict(cpu_dense_kernel=False),
+        "CPU dense kernel (default)": dict(cpu_dense_kernel=True),
     },
 }
 
