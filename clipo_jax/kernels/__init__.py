@@ -34,13 +34,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from clipo_jax.models.config import CPU_KERNEL_LANES
+
 logger = logging.getLogger(__name__)
 
 SOURCES = tuple(Path(__file__).with_name(name) for name in ("decode_attention.cc", "dense.cc"))
 TARGET = "clipo_jax_decode_attention"
 DENSE_TARGET = "clipo_jax_dense"
 FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-std=c++17", "-shared", "-fPIC", "-w")
-LANES = 16  # the kernels' vector width in floats: head_dim and a packed W's columns are multiples of it
+LANES = CPU_KERNEL_LANES  # the kernels' vector width in floats: head_dim and a packed W's columns are multiples of it
 
 _unavailable: str | None = None
 

@@ -5,6 +5,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+# the CPU kernels' vector width in floats (clipo_jax.kernels.LANES): head_dim must be a multiple of it
+CPU_KERNEL_LANES = 16
+
 
 class ModelError(ValueError):
     """A one-line error about a model config, checkpoint file or tensor."""
@@ -75,9 +78,10 @@ class ModelConfig:
             raise ModelError(
                 f"ModelConfig.attention_impl={self.attention_impl!r} is unknown; expected one of {ATTENTION_IMPLS}"
             )
-        if self.cpu_decode_kernel and self.head_dim % 16:
+        if self.cpu_decode_kernel and self.head_dim % CPU_KERNEL_LANES:
             raise ModelError(
-                f"ModelConfig.cpu_decode_kernel needs a head_dim that is a multiple of 16, got {self.head_dim}"
+                f"ModelConfig.cpu_decode_kernel needs a head_dim that is a multiple of {CPU_KERNEL_LANES}, "
+                f"got {self.head_dim}"
             )
         if self.attention_impl == "cudnn" and self.dtype not in ("bfloat16", "float16"):
             raise ModelError(
