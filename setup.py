@@ -64,7 +64,7 @@ setup(
     packages=find_packages(include=["clipo_jax", "clipo_jax.*"]),
     package_data={
         "clipo_jax.rubrics": ["meta_rubrics/*.toml", "meta_rubrics/*.yaml", "meta_rubrics/*.json", "meta_rubrics/*.md"],
-        "clipo_jax.kernels": ["*.cc"],  # compiled on the user's machine on first use
+        "clipo_jax.kernels": ["*.cc", "*.h"],  # compiled on the user's machine on first use
     },
     include_package_data=True,
     python_requires=">=3.11",

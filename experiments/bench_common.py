@@ -95,6 +95,35 @@ def read_bandwidth_gbs(mib: int, calls: int = 1) -> float:
     return best
 
 
+def matmul_chain(mm, head_mm):
+    """A decode step's matmuls alone, jitted: chain(layers, head, x [M, D]) runs, for every layer
+    dict, x @ wq, wk, wv, wo, w_gate, w_up, w_down through mm(x, w), then head_mm(x, head), and
+    returns the max logit per row (it reads every logit, so no matmul can be dropped or sliced).
+    Each matmul's input depends on the previous one's whole output (through a [M, 1] mean added
+    to the input, the only other arithmetic: 4 small reductions and adds per layer), so XLA can
+    neither run two of them at once nor drop or shrink one. No norms, rotary embedding, attention,
+    activation or sampling."""
+    import jax
+    import jax.numpy as jnp
+
+    def after(y, x):  # x, made to wait for all of y
+        return x + jnp.mean(y, axis=-1, keepdims=True).astype(x.dtype)
+
+    @jax.jit
+    def chain(layers, head, x):
+        for lw in layers:
+            q = mm(x, lw["wq"])
+            k = mm(after(q, x), lw["wk"])
+            v = mm(after(k, x), lw["wv"])
+            a = mm(after(v, q), lw["wo"])
+            g = mm(a, lw["w_gate"])
+            u = mm(after(g, a), lw["w_up"])
+            x = mm(u, lw["w_down"])
+        return jnp.max(head_mm(x, head), axis=-1)
+
+    return chain
+
+
 def gsm8k_chat_prompts(tok, batch: int, max_len: int) -> list[list[int]]:
     """The first `batch` GSM8K test questions whose chat prompt has at most max_len tokens."""
     import importlib.util

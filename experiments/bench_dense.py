@@ -35,7 +35,7 @@ import time
 
 from absl import app, flags
 
-from experiments.bench_common import machine, read_bandwidth_gbs
+from experiments.bench_common import machine, matmul_chain, read_bandwidth_gbs
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "smollm2_135m", "a clipo_jax.models.PRESETS name (random weights)")
@@ -43,31 +43,6 @@ flags.DEFINE_list("batches", ["1", "8", "32"], "rows M per matmul")
 flags.DEFINE_integer("repeats", 7, "timed calls per case (median reported)")
 flags.DEFINE_integer("peak_n", 2048, "matmul size for the peak measurement")
 flags.DEFINE_bool("quick", False, "smoke run: tiny_llama, M = 1 and 4, 2 repeats")
-
-NAMES = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
-
-
-def _chain(mm, head_mm):
-    import jax
-    import jax.numpy as jnp
-
-    def after(y, x):  # x, made to wait for all of y
-        return x + jnp.mean(y, axis=-1, keepdims=True)
-
-    @jax.jit
-    def chain(layers, head, x):
-        for lw in layers:
-            q = mm(x, lw["wq"])
-            k = mm(after(q, x), lw["wk"])
-            v = mm(after(k, x), lw["wv"])
-            a = mm(after(v, q), lw["wo"])
-            g = mm(a, lw["w_gate"])
-            u = mm(after(g, a), lw["w_up"])
-            x = mm(u, lw["w_down"])
-        logits = head_mm(x, head)
-        return jnp.max(logits, axis=-1)  # reads every logit: no matmul can be dropped or sliced
-
-    return chain
 
 
 def _peak_gflops(n: int) -> dict:
@@ -113,14 +88,16 @@ def main(argv):
     key = iter(jax.random.split(jax.random.key(0), 8 * cfg.n_layers + 1))
     matrix = lambda shape: jax.random.normal(next(key), shape, jnp.float32) / np.sqrt(shape[0])
     streamed = {
-        "layers": [{k: matrix(shapes["layers"][k][1:]) for k in NAMES} for _ in range(cfg.n_layers)],
+        "layers": [
+            {k: matrix(shapes["layers"][k][1:]) for k in transformer.DENSE_WEIGHTS} for _ in range(cfg.n_layers)
+        ],
         "head": matrix((cfg.d_model, cfg.vocab_size)),
     }
     resident = {"layers": [streamed["layers"][0]] * cfg.n_layers, "head": streamed["head"]}
     weight_bytes = sum(a.nbytes for a in jax.tree.leaves(streamed))
     flops_per_row = 2 * sum(int(np.prod(a.shape)) for a in jax.tree.leaves(streamed))
 
-    cases = {"XLA": (_chain(lambda x, w: x @ w, lambda x, w: x @ w), lambda w: w)}
+    cases = {"XLA": (matmul_chain(lambda x, w: x @ w, lambda x, w: x @ w), lambda w: w)}
     if kernels.available():
         pack = jax.jit(
             lambda w: {
@@ -128,7 +105,7 @@ def main(argv):
                 "head": kernels.pack_dense(w["head"]),
             }
         )
-        cases["kernel"] = (_chain(kernels.dense, kernels.dense), pack)
+        cases["kernel"] = (matmul_chain(kernels.dense, kernels.dense), pack)
         why_not = None
     else:
         why_not = kernels.unavailable_reason()

@@ -66,7 +66,7 @@ import time
 from absl import app, flags
 
 from experiments.bench_common import cores as _cores
-from experiments.bench_common import gsm8k_chat_prompts, random_prompts, read_bandwidth_gbs
+from experiments.bench_common import gsm8k_chat_prompts, matmul_chain, random_prompts, read_bandwidth_gbs
 from experiments.bench_common import machine as _machine
 
 FLAGS = flags.FLAGS
@@ -281,10 +281,9 @@ def _matmul_chain_ms(params, cfg, batch: int, warmup: int = 2, repeats: int = 7)
     reads (`params` cast to the compute dtype, float32 on CPU, and split into per-layer buffers as
     the unrolled sampler does; the layer scan's per-step slice copies are not counted).
 
-    Each matmul's input depends on the previous one's whole output (through a [B, 1] mean added
-    to the input, the only other arithmetic: 4 small reductions and adds per layer), so XLA
-    can neither run two of them at once nor drop or shrink one. No norms, rotary embedding,
-    attention, activation or sampling. Jitted; median of `repeats` calls after `warmup`.
+    The chain is `bench_common.matmul_chain`: each matmul waits on the previous one's whole
+    output, nothing else runs but 4 small reductions and adds per layer. Median of `repeats`
+    calls after `warmup`.
 
     Timed twice where the CPU kernels build: XLA's dots, and `kernels.dense` over the packed
     panels (`transformer.pack_dense_weights`, the sampler's `cpu_dense_kernel` path); chain_ms
@@ -297,29 +296,13 @@ def _matmul_chain_ms(params, cfg, batch: int, warmup: int = 2, repeats: int = 7)
     from clipo_jax.models import transformer
 
     dt = jnp.dtype(cfg.dtype)
-    names = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
-
-    def after(y, x):  # x, made to wait for all of y
-        return x + jnp.mean(y, axis=-1, keepdims=True).astype(x.dtype)
 
     def time_chain(prepare, mm, head_mm, head_of):
         w = jax.jit(prepare)(params)
-        layers = [{k: lw[k] for k in names} for lw in w["layers"]]
+        layers = [{k: lw[k] for k in transformer.DENSE_WEIGHTS} for lw in w["layers"]]
         head = head_of(w)
         del w
-
-        @jax.jit
-        def chain(layers, head, x):
-            for lw in layers:
-                q = mm(x, lw["wq"])
-                k = mm(after(q, x), lw["wk"])
-                v = mm(after(k, x), lw["wv"])
-                a = mm(after(v, q), lw["wo"])
-                g = mm(a, lw["w_gate"])
-                u = mm(after(g, a), lw["w_up"])
-                x = mm(u, lw["w_down"])
-            return jnp.argmax(head_mm(x, head), axis=-1)
-
+        chain = matmul_chain(mm, head_mm)
         x = jax.random.normal(jax.random.key(1), (batch, cfg.d_model), dt)
         for _ in range(warmup):
             chain(layers, head, x).block_until_ready()

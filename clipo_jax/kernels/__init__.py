@@ -39,6 +39,7 @@ from clipo_jax.models.config import CPU_KERNEL_LANES
 logger = logging.getLogger(__name__)
 
 SOURCES = tuple(Path(__file__).with_name(name) for name in ("decode_attention.cc", "dense.cc"))
+HEADERS = (Path(__file__).with_name("units.h"),)  # included by the sources: part of the build key
 TARGET = "clipo_jax_decode_attention"
 DENSE_TARGET = "clipo_jax_dense"
 FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-std=c++17", "-shared", "-fPIC", "-w")
@@ -73,7 +74,7 @@ def _build(cxx: str) -> Path:
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=True).stdout
     key = hashlib.sha256(
         "\0".join(
-            [*(src.read_text() for src in SOURCES), version, " ".join(FLAGS), jaxlib.__version__, _cpu_id()]
+            [*(src.read_text() for src in SOURCES + HEADERS), version, " ".join(FLAGS), jaxlib.__version__, _cpu_id()]
         ).encode()
     ).hexdigest()[:16]
     cache = Path(os.environ.get("CLIPO_JAX_KERNEL_CACHE") or Path.home() / ".cache" / "clipo_jax" / "kernels")

@@ -6,14 +6,11 @@
 // transformer._attention_einsum: float32 q.k, scale, tanh cap, position mask, max-subtracted
 // softmax normalised by division, then p.v; a query with no allowed key gets zeros.
 #include <algorithm>
-#include <atomic>
 #include <cmath>
-#include <condition_variable>
 #include <cstdint>
-#include <memory>
-#include <mutex>
 #include <vector>
 
+#include "units.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -30,11 +27,6 @@ struct Step {
   int64_t K, G, D, S;
   float scale, softcap;  // softcap <= 0: none
   int64_t window;        // a key at distance >= window is masked
-  int64_t units;
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-  std::mutex mu;
-  std::condition_variable cv;
 };
 
 // GCC/Clang vector extensions: 16 floats, compiled to AVX-512, AVX2 or SSE by -march=native.
@@ -189,17 +181,6 @@ void RunUnit(const Step& st, int64_t u, std::vector<float>& scratch) {
   }
 }
 
-// Claims units until none is left, then adds how many it ran to `done` (the last one wakes the caller).
-void Drain(Step& st) {
-  thread_local std::vector<float> scratch;
-  int64_t ran = 0;
-  for (int64_t u; (u = st.next.fetch_add(1)) < st.units; ++ran) RunUnit(st, u, scratch);
-  if (ran && st.done.fetch_add(ran) + ran == st.units) {
-    std::lock_guard<std::mutex> lock(st.mu);
-    st.cv.notify_all();
-  }
-}
-
 ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
                            ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> k_pos,
                            ffi::Buffer<ffi::S32> q_pos, ffi::Buffer<ffi::S32> window,
@@ -213,24 +194,21 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::B
   if (kd[0] != B || kd[1] != K || kd[2] != D || vd[0] != B || vd[1] != K || vd[2] != S || vd[3] != D ||
       k_pos.element_count() != B * S || q_pos.element_count() != B || window.element_count() != 1)
     return ffi::Error::InvalidArgument("decode_attention: inconsistent shapes");
-  auto st = std::make_shared<Step>();
-  st->q = q.typed_data();
-  st->k = k.typed_data();
-  st->v = v.typed_data();
-  st->k_pos = k_pos.typed_data();
-  st->q_pos = q_pos.typed_data();
-  st->out = out->typed_data();
-  st->K = K, st->G = G, st->D = D, st->S = S;
-  st->scale = scale, st->softcap = softcap, st->window = window.typed_data()[0];
-  st->units = B * K;
-  if (st->units == 0) return ffi::Error::Success();
+  Step st;
+  st.q = q.typed_data();
+  st.k = k.typed_data();
+  st.v = v.typed_data();
+  st.k_pos = k_pos.typed_data();
+  st.q_pos = q_pos.typed_data();
+  st.out = out->typed_data();
+  st.K = K, st.G = G, st.D = D, st.S = S;
+  st.scale = scale, st.softcap = softcap, st.window = window.typed_data()[0];
+  const int64_t units = B * K;
   // A few units (batch 1: one per kv head) finish before a woken thread would start.
-  const int64_t helpers = std::min<int64_t>(pool.num_threads() - 1, st->units / 4);
-  // Helpers hold the step by shared_ptr: one may start after every unit is done and we returned.
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([st] { Drain(*st); });
-  Drain(*st);  // this thread works too, so it only ever waits for units already running
-  std::unique_lock<std::mutex> lock(st->mu);
-  st->cv.wait(lock, [&] { return st->done.load() == st->units; });
+  clipo_kernels::RunUnits(pool, units, units / 4, [&st](int64_t u) {
+    thread_local std::vector<float> scratch;
+    RunUnit(st, u, scratch);
+  });
   return ffi::Error::Success();
 }
 

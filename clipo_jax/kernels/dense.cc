@@ -12,12 +12,9 @@
 // blocks after the first reuse it); 8 rows x 3 vectors = 24 accumulators fit the 32 vector
 // registers of AVX-512. Without AVX-512 (16 registers) a block is one row.
 #include <algorithm>
-#include <atomic>
-#include <condition_variable>
 #include <cstdint>
-#include <memory>
-#include <mutex>
 
+#include "units.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -97,11 +94,7 @@ struct Job {
   const float* a;  // [M, K]
   const float* w;  // [N / P, K, P]
   float* c;        // [M, N]
-  int64_t M, K, N, P, units;
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-  std::mutex mu;
-  std::condition_variable cv;
+  int64_t M, K, N, P;
 };
 
 void RunUnit(const Job& j, int64_t u) {
@@ -110,16 +103,6 @@ void RunUnit(const Job& j, int64_t u) {
   j.P == 48   ? Panel<3>(j.a, j.M, j.K, w, c, j.N)
   : j.P == 32 ? Panel<2>(j.a, j.M, j.K, w, c, j.N)
               : Panel<1>(j.a, j.M, j.K, w, c, j.N);
-}
-
-// Claims units until none is left, then adds how many it ran to `done` (the last one wakes the caller).
-void Drain(Job& j) {
-  int64_t ran = 0;
-  for (int64_t u; (u = j.next.fetch_add(1)) < j.units; ++ran) RunUnit(j, u);
-  if (ran && j.done.fetch_add(ran) + ran == j.units) {
-    std::lock_guard<std::mutex> lock(j.mu);
-    j.cv.notify_all();
-  }
 }
 
 ffi::Error Dense(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
@@ -132,25 +115,16 @@ ffi::Error Dense(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi:
     return ffi::Error::InvalidArgument("dense: the panel width must be 16, 32 or 48");
   if (wd[1] != K || od[0] != M || od[1] != wd[0] * P)
     return ffi::Error::InvalidArgument("dense: inconsistent shapes");
-  auto j = std::make_shared<Job>();
-  j->a = x.typed_data();
-  j->w = w.typed_data();
-  j->c = out->typed_data();
-  j->M = M, j->K = K, j->N = od[1], j->P = P;
-  j->units = wd[0];
-  if (j->units == 0 || M == 0) return ffi::Error::Success();
+  const Job j{x.typed_data(), w.typed_data(), out->typed_data(), M, K, od[1], P};
+  const int64_t units = wd[0];
+  if (units == 0 || M == 0) return ffi::Error::Success();
   if (K == 0) {
-    std::fill(j->c, j->c + M * j->N, 0.0f);
+    std::fill(j.c, j.c + M * j.N, 0.0f);
     return ffi::Error::Success();
   }
   // a tiny product finishes before a woken thread would start
-  const bool alone = M * K * j->N < (int64_t{1} << 15);
-  const int64_t helpers = alone ? 0 : std::min<int64_t>(pool.num_threads() - 1, j->units - 1);
-  // helpers hold the job by shared_ptr: one may start after every unit is done and we returned
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([j] { Drain(*j); });
-  Drain(*j);  // this thread works too, so it only ever waits for units already running
-  std::unique_lock<std::mutex> lock(j->mu);
-  j->cv.wait(lock, [&] { return j->done.load() == j->units; });
+  const int64_t helpers = M * K * j.N < (int64_t{1} << 15) ? 0 : units;
+  clipo_kernels::RunUnits(pool, units, helpers, [&j](int64_t u) { RunUnit(j, u); });
   return ffi::Error::Success();
 }
 
