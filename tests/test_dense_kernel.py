@@ -48,3 +48,40 @@ def test_dense_empty_contraction_and_bad_shapes():
         kernels.pack_dense(jnp.ones((8, 20)))
     with pytest.raises(ValueError, match="K = 8"):
         kernels.dense(jnp.ones((2, 7)), kernels.pack_dense(jnp.ones((8, 16))))
+
+
+@pytest.mark.parametrize("preset", ["tiny_llama", "tiny_qwen2", "tiny_gemma3"])
+def test_packed_model_matches_xla(preset):
+    """transformer.pack_dense_weights: every layer matrix and the LM head packed, and the whole
+    forward pass (prefill-sized M = B * T, biases, tied head, softcaps) the same as XLA's."""
+    from dataclasses import replace
+
+    from clipo_jax.models import PRESETS, transformer
+
+    cfg = PRESETS[preset]
+    params = transformer.init_params(cfg, jax.random.key(0), std=0.3)
+    unstacked = transformer.unstack_layers(params)
+    packed = jax.jit(lambda p: transformer.pack_dense_weights(p, cfg))(unstacked)
+    for lp, lp_packed in zip(unstacked["layers"], packed["layers"]):
+        for name in transformer.DENSE_WEIGHTS:
+            assert isinstance(lp_packed[name], kernels.PackedDense)
+            np.testing.assert_array_equal(np.asarray(kernels.unpack_dense(lp_packed[name])), np.asarray(lp[name]))
+        assert all(
+            np.asarray(lp_packed[k]).shape == np.asarray(lp[k]).shape for k in lp if k not in transformer.DENSE_WEIGHTS
+        )
+    head = unstacked["embed"].T if cfg.tie_embeddings else unstacked["lm_head"]
+    np.testing.assert_array_equal(np.asarray(kernels.unpack_dense(packed["lm_head"])), np.asarray(head))
+
+    tokens = jax.random.randint(jax.random.key(1), (3, 12), 0, cfg.vocab_size)
+    valid = jnp.ones((3, 12), bool).at[0, :4].set(False)  # a left-padded row
+    fwd = jax.jit(lambda p: transformer.forward_logits(p, cfg, tokens, valid))
+    assert kernels.DENSE_TARGET in fwd.lower(packed).as_text()
+    ref_logits, ref_hidden = fwd(unstacked)
+    logits, hidden = fwd(packed)
+    np.testing.assert_allclose(np.asarray(hidden), np.asarray(ref_hidden), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(ref_logits), rtol=1e-4, atol=1e-4)
+
+    with pytest.raises(ValueError, match="float32"):
+        transformer.pack_dense_weights(unstacked, replace(cfg, dtype="bfloat16"))
+    with pytest.raises(ValueError, match="unstack"):
+        transformer.pack_dense_weights(params, cfg)
