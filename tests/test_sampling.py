@@ -364,10 +364,12 @@ def test_cpu_kernels_change_nothing(model, scfg):
     left padding and empty cache slots included."""
     cfg, params = model
     prompts = [[5, 9, 17, 3, 44, 2, 8], [7, 1], [100, 101, 102, 103], [4] * 11]
-    auto = sampling.Sampler(cfg)
-    assert auto.cpu_decode_kernel and auto.cfg.cpu_decode_kernel, kernels.unavailable_reason()
-    assert auto.cpu_dense_kernel
-    packed = auto._unstack(params)
+    assert kernels.available(), kernels.unavailable_reason()
+    auto = sampling.Sampler(cfg)  # on with AVX-512 (slower than XLA without it)
+    assert auto.cpu_decode_kernel == auto.cfg.cpu_decode_kernel == auto.cpu_dense_kernel == kernels.has_avx512()
+    on = sampling.Sampler(cfg, cpu_decode_kernel=True, cpu_dense_kernel=True)  # correct on every CPU
+    assert on.cfg.cpu_decode_kernel
+    packed = on._unstack(params)
     assert all(isinstance(lp["w_down"], kernels.PackedDense) for lp in packed["layers"])
     assert isinstance(packed["lm_head"], kernels.PackedDense)
     off = sampling.Sampler(cfg, cpu_decode_kernel=False, cpu_dense_kernel=False)
@@ -376,15 +378,28 @@ def test_cpu_kernels_change_nothing(model, scfg):
     )
     b = off(params, prompts, jax.random.key(5), scfg)
     for sampler in (
-        auto,
-        sampling.Sampler(cfg, cpu_decode_kernel=False),
-        sampling.Sampler(cfg, cpu_dense_kernel=False),
+        on,
+        sampling.Sampler(cfg, cpu_decode_kernel=False, cpu_dense_kernel=True),
+        sampling.Sampler(cfg, cpu_decode_kernel=True, cpu_dense_kernel=False),
     ):
         a = sampler(params, prompts, jax.random.key(5), scfg)
         np.testing.assert_array_equal(a.tokens, b.tokens)
         # other summation orders and exp polynomial: log-probs of these peaky logits agree to ~3e-5
         np.testing.assert_allclose(a.logprobs, b.logprobs, rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(a.pooled_hidden, b.pooled_hidden, atol=1e-5)
+
+
+@pytest.mark.skipif(kernels._compiler() is None, reason="no C++ compiler to build the CPU kernel")
+def test_cpu_kernels_auto_mode_needs_avx512(monkeypatch):
+    """Built for a CPU without AVX-512 the kernels are correct but slower than XLA: auto leaves
+    them off there, and asking for them still works."""
+    cfg = PRESETS["tiny_llama"]
+    assert kernels.available(), kernels.unavailable_reason()
+    monkeypatch.setattr(kernels, "has_avx512", lambda: False)
+    auto = sampling.Sampler(cfg)
+    assert not auto.cpu_decode_kernel and not auto.cpu_dense_kernel and not auto.cfg.cpu_decode_kernel
+    forced = sampling.Sampler(cfg, cpu_decode_kernel=True, cpu_dense_kernel=True)
+    assert forced.cpu_decode_kernel and forced.cpu_dense_kernel
 
 
 def test_cpu_decode_kernel_where_it_cannot_apply():

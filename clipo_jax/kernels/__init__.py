@@ -118,6 +118,14 @@ def _register() -> bool:
     return False
 
 
+def has_avx512() -> bool:
+    """Whether this CPU has AVX-512 (32 vector registers of 16 floats), what the kernels are
+    written for (`dense` blocks 8 rows in 24 of them). Built for AVX2 they stay correct, but their
+    16-float vectors spill out of the 16 registers and they run several times slower than XLA's
+    dots and fusions, so the sampler's auto mode uses them only on AVX-512 CPUs."""
+    return "avx512f" in _cpu_id().partition("|")[2].split()
+
+
 def available() -> bool:
     """Whether the CPU kernels are built and registered (builds them on first call)."""
     return _register()
