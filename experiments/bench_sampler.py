@@ -2,7 +2,7 @@ r"""Greedy generation speed: our jitted KV-cache sampler vs HF transformers `gen
 
   python -m experiments.bench_sampler                        # batch 1, 8, 32; 128 new tokens
   python -m experiments.bench_sampler --batches=32 --repeats=5
-  python -m experiments.bench_sampler --quick                # smoke run: batch 1 and 4, 8 tokens
+  python -m experiments.bench_sampler --quick                # smoke run: batch 1 and 4, 16 tokens
   python -m experiments.bench_sampler --unroll_layers=false  # ours with the layer scan (no weight copy)
   python -m experiments.bench_sampler --cpu_decode_kernel=false  # decode attention on XLA's fusions
   python -m experiments.bench_sampler --cpu_dense_kernel=false   # the matmuls on XLA's dots
@@ -74,7 +74,12 @@ flags.DEFINE_list("batches", ["1", "8", "32"], "batch sizes to measure")
 flags.DEFINE_integer("new_tokens", 128, "tokens generated per row")
 flags.DEFINE_integer("repeats", 3, "timed generate calls per side and batch (median reported)")
 flags.DEFINE_integer("max_prompt_len", 120, "only GSM8K questions whose chat prompt is this short")
-flags.DEFINE_bool("quick", False, "smoke run: batches 1,4, 8 new tokens, 1 repeat")
+flags.DEFINE_bool(
+    "quick",
+    False,
+    "smoke run: batches 1,4, 16 new tokens, median of 5 (a tiny model's step is ~0.05 ms: fewer "
+    "tokens or one repeat leave t(N) - t(1) inside the host's noise)",
+)
 flags.DEFINE_bool("skip_hf", False, "measure ours only")
 flags.DEFINE_bool("hf_omp_passive", True, "run HF with OMP_WAIT_POLICY=PASSIVE (see docstring)")
 flags.DEFINE_string(
@@ -550,8 +555,8 @@ def main(argv):
     if FLAGS.worker is not None:
         raise SystemExit(f"--worker must be ours, hf or bandwidth, got {FLAGS.worker!r}")
     batches = [int(b) for b in (["1", "4"] if FLAGS.quick else FLAGS.batches)]
-    n_new = 8 if FLAGS.quick else FLAGS.new_tokens
-    repeats = 1 if FLAGS.quick else FLAGS.repeats
+    n_new = 16 if FLAGS.quick else FLAGS.new_tokens
+    repeats = 5 if FLAGS.quick else FLAGS.repeats
     if n_new < 2:
         raise SystemExit("--new_tokens must be >= 2 (the decode step is t(N) - t(1) over N - 1)")
     machine = _machine()
