@@ -87,6 +87,7 @@ NUMBER_RULES = [
     ("rl.max_consecutive_skips", "int", _ge(1), ">= 1", True),
     ("rl.logprob_chunks", "int", _ge(1), ">= 1", False),
     ("rl.rollout_chunk_prompts", "int", _NONNEG, ">= 0 (0 = one call)", False),
+    ("rl.trim_padding", "int", _NONNEG, ">= 0 (0 = full width)", False),
     ("sft.steps", "int", _NONNEG, ">= 0", True),
     ("sft.batch_size", "int", _ge(1), ">= 1", True),
     ("sft.lr", "float", _POS, "> 0", True),
@@ -372,6 +373,7 @@ def step_config(rl) -> StepConfig:
         use_old_logp=(rl.epochs > 1 or rl.mini_batches > 1),
         tis_cap=rl.tis_cap or None,
         remat=rl.remat,
+        max_len=rl.max_new_tokens,
     )
 
 
@@ -644,13 +646,14 @@ def rl_step(ctx: RunContext, step: int, state, ref_params, head, stream: rollout
     # reference / old log-probs: also independent of the rewards
     t_ref = time.perf_counter()
     rl_batch = update.build_rl_batch(out, np.zeros(len(ro.texts), np.float32), ro.valid, rl.mask_truncated)
+    rl_batch = update.trim_padding(rl_batch, rl.get("trim_padding", 16))
     passes = {}
     if rl.kl_coef:
         passes["ref"] = ref_params
     if ctx.step_cfg.use_old_logp:
         passes["old"] = state.params
     logps = update.sequence_logprobs(
-        ctx.jit_logp,
+        functools.partial(ctx.jit_logp, n_response=rl_batch.response_mask.shape[1]),
         passes,
         rl_batch.tokens,
         rl_batch.valid,
@@ -718,6 +721,7 @@ def rl_step(ctx: RunContext, step: int, state, ref_params, head, stream: rollout
             "reward/std": float(rewards.std()),
             "response/length_mean": float(out.lengths.mean()),
             "response/truncated_frac": float(out.truncated.mean()),
+            "update/seq_len": float(rl_batch.tokens.shape[1]),  # after trim_padding
             "rollout/rounds": ro.rounds,
             **{f"time/{k}": v for k, v in timings.items()},
             "time/step": t_end - t0,
@@ -823,8 +827,10 @@ def _run(ctx: RunContext, params, workdir: str, root, tqdm) -> dict:
         out_shardings=(state_shardings, None),
         donate_argnums=0,
     )
-    N = rl.max_new_tokens
-    ctx.jit_logp = jax.jit(lambda p, t, v: response_logprobs(p, cfg, t, v, N, step_cfg.temperature))
+    ctx.jit_logp = jax.jit(
+        lambda p, t, v, n_response: response_logprobs(p, cfg, t, v, n_response, step_cfg.temperature),
+        static_argnames="n_response",
+    )
 
     counters = dict(meta.get("counters", {}))
     consecutive_skips = int(meta.get("consecutive_skips", 0))

@@ -38,6 +38,7 @@ def rl_block(**overrides) -> ml_collections.ConfigDict:
         mask_truncated=False,
         max_consecutive_skips=5,
         logprob_chunks=1,  # > 1: the reference/old log-prob passes run over this many row chunks
+        trim_padding=16,  # the update drops all-padding columns, widths rounded to this (0 = full width)
         rollout_chunk_prompts=0,  # > 0: sample the rollouts this many prompts per call (implies row keys)
         rollout_row_keys=False,  # per-row sampling keys: samples independent of the batch size
         rollout_replicate_weights=False,  # sample from a compute-dtype copy of the weights on every device

@@ -6,6 +6,7 @@ import random
 
 import jax
 import numpy as np
+import optax
 import pytest
 
 from clipo_jax import contrastive, rollout, sampling, tasks, trainer
@@ -203,6 +204,71 @@ def test_build_rl_batch_masks_padding_and_truncated_rows():
     np.testing.assert_array_equal(b.response_mask, [[1, 1], [1, 0], [0, 0], [0, 0]])
     assert b.tokens.shape == (4, 5) and b.valid[1].tolist() == [1, 1, 1, 1, 0]
     assert b.old_logp.sum() == 0 and b.sampler_logp.sum() == -8
+
+
+def _padded_batch(vocab, rng, B=6, Tp=12, N=20, prompt_lens=(5, 3, 4, 5, 2, 5), resp_lens=(7, 1, 4, 6, 7, 3)):
+    """An RL batch laid out as the rollout lays it out: prompts left-padded to Tp, responses
+    right-padded to N, padding holding junk tokens (the trim must not depend on them)."""
+    tokens = rng.integers(1, vocab, (B, Tp + N)).astype(np.int32)
+    valid = np.zeros((B, Tp + N), bool)
+    for i, (p, r) in enumerate(zip(prompt_lens, resp_lens)):
+        valid[i, Tp - p : Tp + r] = True
+    resp = valid[:, Tp:].copy()
+    f32 = lambda *s: rng.normal(size=s).astype(np.float32)  # noqa: E731
+    return update.RLBatch(tokens, valid, resp, f32(B), -np.abs(f32(B, N)), -np.abs(f32(B, N)), -np.abs(f32(B, N)))
+
+
+def test_trim_padding_shapes():
+    b = _padded_batch(50, np.random.default_rng(0))
+    t = update.trim_padding(b, 4)  # longest prompt 5 -> 8 of 12 columns, longest response 7 -> 8 of 20
+    assert t.tokens.shape == (6, 16) and t.response_mask.shape == (6, 8) and t.old_logp.shape == (6, 8)
+    np.testing.assert_array_equal(t.tokens, b.tokens[:, 4:20])
+    np.testing.assert_array_equal(t.sampler_logp, b.sampler_logp[:, :8])
+    assert t.valid.sum() == b.valid.sum() and t.response_mask.sum() == b.response_mask.sum()
+    assert update.trim_padding(b, 0) is b  # off
+    assert update.trim_padding(b, 64) is b  # rounding up reaches both full widths: nothing to drop
+    assert update.trim_padding(b, 1).tokens.shape == (6, 5 + 7)
+    empty = b._replace(valid=b.valid & False, response_mask=b.response_mask & False)
+    assert update.trim_padding(empty, 1).tokens.shape == (6, 2)  # one prompt column predicts token 0
+
+
+@pytest.mark.parametrize(
+    "aggregation,kl", [("token_mean", 0.0), ("seq_mean_token_sum_norm", 0.1), ("seq_mean_token_mean", 0.1)]
+)
+def test_trim_padding_changes_no_logprob_or_update(tiny, aggregation, kl):
+    """The trimmed batch gives the full batch's log-probs on every kept column and the same train
+    step (loss, gradient, new parameters); Dr. GRPO's constant normaliser is the budget N."""
+    from clipo_jax.rl.step import TrainState, response_logprobs
+
+    _, task, cfg, params = tiny
+    b = _padded_batch(cfg.vocab_size, np.random.default_rng(1))
+    t = update.trim_padding(b, 4)
+    N, n = b.response_mask.shape[1], t.response_mask.shape[1]
+    full = np.asarray(response_logprobs(params, cfg, b.tokens, b.valid, N))
+    kept = np.asarray(response_logprobs(params, cfg, t.tokens, t.valid, n))
+    mask = b.response_mask[:, :n]
+    np.testing.assert_allclose(kept[mask], full[:, :n][mask], rtol=0, atol=2e-6)
+
+    # new params = params - 1e3 x gradient: compares the gradients (scaled far above the params' rounding)
+    opt = optax.sgd(1e3)
+    scfg = StepConfig(aggregation=aggregation, kl_coef=kl, max_len=N)
+    step = jax.jit(lambda s, x: train_step(s, x, cfg=cfg, scfg=scfg, optimizer=opt))
+    fresh = lambda: TrainState(params, opt.init(params), jax.numpy.zeros((), jax.numpy.int32))  # noqa: E731
+    s_full, m_full = step(fresh(), b)
+    s_trim, m_trim = step(fresh(), t)
+    assert float(m_full["actor/loss"]) != 0.0
+    assert ("actor/kl" in m_full) == bool(kl)
+    for k in ("actor/loss", "actor/grad_norm", "actor/pg_loss", "actor/entropy") + (("actor/kl",) if kl else ()):
+        assert float(m_trim[k]) == pytest.approx(float(m_full[k]), rel=1e-5, abs=1e-7), k
+    for x, y, p in zip(*(jax.tree.leaves(s.params) for s in (s_trim, s_full, fresh()))):
+        g_trim, g_full = np.asarray(p) - np.asarray(x), np.asarray(p) - np.asarray(y)
+        np.testing.assert_allclose(g_trim, g_full, rtol=1e-3, atol=1e-4 * np.abs(g_full).max())
+    if aggregation == "seq_mean_token_sum_norm":  # without the budget the trimmed loss is N / n larger
+        loose = StepConfig(aggregation=aggregation, kl_coef=kl)
+        _, m_loose = jax.jit(lambda s, x: train_step(s, x, cfg=cfg, scfg=loose, optimizer=opt))(fresh(), t)
+        assert float(m_loose["actor/pg_loss"]) == pytest.approx(float(m_full["actor/pg_loss"]) * N / n, rel=1e-5)
+    with pytest.raises(ValueError, match="shorter than"):
+        train_step(fresh(), b, cfg=cfg, scfg=StepConfig(max_len=N - 1), optimizer=opt)
 
 
 def test_policy_update_keeps_groups_together_and_repeats_its_order(tiny):

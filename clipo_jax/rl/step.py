@@ -63,6 +63,10 @@ class StepConfig:
     use_old_logp: bool = True  # False: on-policy, old = stop_gradient(current) (ratio 1)
     tis_cap: float | None = None  # truncated importance sampling vs the sampler's log-probs
     remat: bool = False
+    # the aggregations' constant length (Dr. GRPO's seq_mean_token_sum_norm divides by it): the
+    # response budget, which a batch trimmed to its longest response (update.trim_padding) is
+    # narrower than; None = the batch's response width
+    max_len: int | None = None
 
 
 def response_logprobs(
@@ -122,7 +126,7 @@ def make_optimizer(
 ADDITIVE_METRICS = ("actor/pg_loss", "actor/kl", "actor/entropy")
 
 
-def _micro_loss(params, mb: RLBatch, denom, *, cfg: ModelConfig, scfg: StepConfig, n_response: int):
+def _micro_loss(params, mb: RLBatch, denom, *, cfg: ModelConfig, scfg: StepConfig, n_response: int, max_len: int):
     logp, ent = response_logprobs(
         params, cfg, mb.tokens, mb.valid, n_response, scfg.temperature, with_entropy=True, remat=scfg.remat
     )
@@ -132,16 +136,16 @@ def _micro_loss(params, mb: RLBatch, denom, *, cfg: ModelConfig, scfg: StepConfi
     per_tok, pm = losses.policy_loss(
         scfg.policy_loss, logp, old, mb.advantages, mask, is_weights=is_w, **dict(scfg.policy_loss_opts)
     )
-    num, _ = losses.aggregate(scfg.aggregation, per_tok, mask, max_len=n_response)
+    num, _ = losses.aggregate(scfg.aggregation, per_tok, mask, max_len=max_len)
     loss = num / denom
     metrics = {f"actor/{k}": v for k, v in pm.items()}
     metrics["actor/pg_loss"] = num / denom
     if scfg.kl_coef:
         kl = losses.kl_penalty(scfg.kl_estimator, logp, mb.ref_logp, scfg.kl_clamp)
-        kl_num, _ = losses.aggregate(scfg.aggregation, kl, mask, max_len=n_response)
+        kl_num, _ = losses.aggregate(scfg.aggregation, kl, mask, max_len=max_len)
         loss = loss + scfg.kl_coef * kl_num / denom
         metrics["actor/kl"] = kl_num / denom
-    ent_num, _ = losses.aggregate(scfg.aggregation, ent, mask, max_len=n_response)
+    ent_num, _ = losses.aggregate(scfg.aggregation, ent, mask, max_len=max_len)
     metrics["actor/entropy"] = ent_num / denom
     if scfg.entropy_coef:
         loss = loss - scfg.entropy_coef * ent_num / denom
@@ -158,10 +162,15 @@ def train_step(
     M = scfg.micro_batches
     if B % M:
         raise ValueError(f"mini-batch of {B} rows does not split into {M} micro-batches")
-    denom = losses.aggregation_denominator(scfg.aggregation, batch.response_mask.astype(jnp.float32), max_len=N)
+    max_len = scfg.max_len or N
+    if max_len < N:
+        raise ValueError(f"StepConfig.max_len={max_len} is shorter than the batch's {N} response columns")
+    denom = losses.aggregation_denominator(scfg.aggregation, batch.response_mask.astype(jnp.float32), max_len=max_len)
     denom = jnp.maximum(denom, 1e-8)
     micro = jax.tree.map(lambda x: x.reshape((M, B // M) + x.shape[1:]), batch)
-    grad_fn = jax.value_and_grad(functools.partial(_micro_loss, cfg=cfg, scfg=scfg, n_response=N), has_aux=True)
+    grad_fn = jax.value_and_grad(
+        functools.partial(_micro_loss, cfg=cfg, scfg=scfg, n_response=N, max_len=max_len), has_aux=True
+    )
 
     def accumulate(carry, mb):
         g_acc, l_acc, m_acc = carry

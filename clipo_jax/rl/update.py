@@ -1,7 +1,8 @@
 """The update stage: advantages -> reference / old log-probs -> PPO epochs of mini-batch steps.
 
 Pure helpers around the jitted ``rl.step.train_step``: ``build_rl_batch`` assembles the
-training arrays from a step's rollouts, ``policy_update`` runs ``epochs x mini_batches`` steps
+training arrays from a step's rollouts, ``trim_padding`` drops the columns that are padding in
+every row, ``policy_update`` runs ``epochs x mini_batches`` steps
 with whole groups kept together (the permutation is seeded by (seed, step, epoch), so a resumed
 run repeats it), and ``update_metrics`` averages the steps' metrics.
 """
@@ -35,6 +36,40 @@ def build_rl_batch(
         zeros if old_logp is None else old_logp,
         zeros if ref_logp is None else ref_logp,
         out.logprobs,
+    )
+
+
+def trim_padding(batch: RLBatch, multiple: int) -> RLBatch:
+    """The batch without the columns that are padding in every row: the left padding of the
+    prompts (left-padded to the rollout's fixed prompt width) and the response columns past the
+    longest response (padded to max_new_tokens). Each kept width is rounded up to a multiple of
+    ``multiple`` (capped at the full width), so a run meets a few shapes and compiles the
+    log-prob and train steps once for each. ``multiple`` <= 0 keeps the batch as it is.
+
+    Lossless: positions come from ``valid`` (cumulative count), attention is causal and masked,
+    so the kept columns' log-probs are those of the full batch. The aggregations' constant length
+    (Dr. GRPO) is the response budget, passed separately (``StepConfig.max_len``)."""
+    if multiple <= 0:
+        return batch
+    T, N = batch.tokens.shape[1], batch.response_mask.shape[1]
+    Tp = T - N
+    cols = np.asarray(batch.valid).any(0)
+    prompt_cols, resp_cols = np.flatnonzero(cols[:Tp]), np.flatnonzero(cols[Tp:])
+    used_p = Tp - int(prompt_cols[0]) if len(prompt_cols) else 1  # the last prompt column predicts token 0
+    used_n = int(resp_cols[-1]) + 1 if len(resp_cols) else 1
+    keep_p = min(Tp, -(-max(used_p, 1) // multiple) * multiple)
+    keep_n = min(N, -(-used_n // multiple) * multiple)
+    if keep_p == Tp and keep_n == N:
+        return batch
+    seq = slice(Tp - keep_p, Tp + keep_n)
+    return RLBatch(
+        batch.tokens[:, seq],
+        batch.valid[:, seq],
+        batch.response_mask[:, :keep_n],
+        batch.advantages,
+        batch.old_logp[:, :keep_n],
+        batch.ref_logp[:, :keep_n],
+        batch.sampler_logp[:, :keep_n],
     )
 
 
