@@ -115,3 +115,28 @@ def test_cpu_kernel_matches_numpy(batch, heads, kv_heads, head_dim, slots, windo
 def test_cpu_kernel_needs_head_dim_in_vectors():
     with pytest.raises(Exception, match="multiple of 16"):
         PRESETS["tiny_llama"].replace(head_dim=24, cpu_decode_kernel=True)
+
+
+def test_cpu_kernel_propagates_nan_and_checks_its_output_shape():
+    """A NaN key in an allowed slot makes the output NaN, as XLA's path does (a clamp in the
+    kernel's exp once turned it into a finite weight of e^88 and a plausible, wrong output); a
+    masked NaN slot changes nothing. A direct call with the wrong output shape is an error, not
+    an out-of-bounds write."""
+    assert kernels.available(), kernels.unavailable_reason()
+    B, K, G, D, S = 2, 1, 1, 16, 4
+    q = jnp.ones((B, K, G, D), jnp.float32)
+    k = np.ones((B, K, D, S), np.float32)
+    k[0, 0, 3, 2] = np.nan  # row 0: slot 2 is allowed (position 2 <= 3)
+    k[1, 0, 3, 3] = np.nan  # row 1: slot 3 is masked (empty slot)
+    v = jnp.asarray(np.arange(B * S * D, dtype=np.float32).reshape(B, K, S, D))
+    k_pos = jnp.asarray([[0, 1, 2, 3], [0, 1, 2, -1]], jnp.int32)
+    q_pos = jnp.asarray([3, 2], jnp.int32)
+    out = np.asarray(kernels.decode_attention(q, jnp.asarray(k), v, k_pos, q_pos, 1 << 30, scale=0.25))
+    assert np.isnan(out[0]).all()
+    assert np.isfinite(out[1]).all()
+    with pytest.raises(Exception, match="inconsistent shapes"):
+        call = jax.ffi.ffi_call(kernels.TARGET, jax.ShapeDtypeStruct((1, 1, 1, D), jnp.float32))
+        window = jnp.asarray([1 << 30], jnp.int32)
+        jax.block_until_ready(
+            call(q, jnp.asarray(k), v, k_pos, q_pos, window, scale=np.float32(0.25), softcap=np.float32(0.0))
+        )

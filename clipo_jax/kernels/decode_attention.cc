@@ -41,8 +41,8 @@ inline f16v Splat(float x) { return f16v{} + x; }
 
 // exp over 16 lanes: 2^n * e^r with |r| <= ln2/2 and a degree-6 polynomial (Cephes' expf).
 inline f16v Exp(f16v x) {
-  x = x < Splat(88.37f) ? x : Splat(88.37f);
-  x = x > Splat(-87.33f) ? x : Splat(-87.33f);
+  x = x > Splat(88.37f) ? Splat(88.37f) : x;  // NaN compares false: it stays NaN
+  x = x < Splat(-87.33f) ? Splat(-87.33f) : x;
   const f16v fx = x * Splat(1.44269504088896341f) + Splat(0.5f);
   i16v n = __builtin_convertvector(fx, i16v);
   n = __builtin_convertvector(n, f16v) > fx ? n - 1 : n;  // floor
@@ -185,14 +185,15 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::B
                            ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> k_pos,
                            ffi::Buffer<ffi::S32> q_pos, ffi::Buffer<ffi::S32> window,
                            ffi::ResultBuffer<ffi::F32> out, float scale, float softcap) {
-  const auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions();
-  if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4)
+  const auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions(), od = out->dimensions();
+  if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4 || od.size() != 4)
     return ffi::Error::InvalidArgument("decode_attention: q, k, v must be rank 4");
   const int64_t B = qd[0], K = qd[1], G = qd[2], D = qd[3], S = kd[3];
   if (D % kLanes)
     return ffi::Error::InvalidArgument("decode_attention: head_dim must be a multiple of 16");
   if (kd[0] != B || kd[1] != K || kd[2] != D || vd[0] != B || vd[1] != K || vd[2] != S || vd[3] != D ||
-      k_pos.element_count() != B * S || q_pos.element_count() != B || window.element_count() != 1)
+      k_pos.element_count() != B * S || q_pos.element_count() != B || window.element_count() != 1 ||
+      od[0] != B || od[1] != K || od[2] != G || od[3] != D)
     return ffi::Error::InvalidArgument("decode_attention: inconsistent shapes");
   Step st;
   st.q = q.typed_data();
