@@ -206,10 +206,11 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::B
   st.scale = scale, st.softcap = softcap, st.window = window.typed_data()[0];
   const int64_t units = B * K;
   // A few units (batch 1: one per kv head) finish before a woken thread would start.
-  clipo_kernels::RunUnits(pool, units, units / 4, [&st](int64_t u) {
+  const bool ok = clipo_kernels::RunUnits(pool, units, units / 4, [&st](int64_t u) {
     thread_local std::vector<float> scratch;
-    RunUnit(st, u, scratch);
+    RunUnit(st, u, scratch);  // may throw std::bad_alloc (the scratch): reported below
   });
+  if (!ok) return ffi::Error::Internal("decode_attention: a unit of work failed (out of memory?)");
   return ffi::Error::Success();
 }
 

@@ -124,7 +124,8 @@ ffi::Error Dense(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi:
   }
   // a tiny product finishes before a woken thread would start
   const int64_t helpers = M * K * j.N < (int64_t{1} << 15) ? 0 : units;
-  clipo_kernels::RunUnits(pool, units, helpers, [&j](int64_t u) { RunUnit(j, u); });
+  if (!clipo_kernels::RunUnits(pool, units, helpers, [&j](int64_t u) { RunUnit(j, u); }))
+    return ffi::Error::Internal("dense: a unit of work failed");
   return ffi::Error::Success();
 }
 
