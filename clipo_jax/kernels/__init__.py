@@ -12,7 +12,8 @@ The C++ sources ship with the package and are compiled together with the host's 
 (`$CXX`, else `g++` or `c++`) for its own CPU (-march=native) into a cache directory, keyed by the
 sources, the compiler, the flags, jaxlib's version and the CPU. Without a compiler, or where the build fails,
 `available()` is False (the reason is logged once and kept in `unavailable_reason()`) and the
-callers keep XLA's path. `CLIPO_JAX_CPU_KERNELS=0` turns the kernels off;
+callers keep XLA's path. `CLIPO_JAX_KERNEL_MARCH` sets another target ISA than the host's
+(e.g. `x86-64-v3`, AVX2 + FMA). `CLIPO_JAX_CPU_KERNELS=0` turns the kernels off;
 `CLIPO_JAX_KERNEL_CACHE` moves the cache (default `~/.cache/clipo_jax/kernels`).
 """
 
@@ -42,7 +43,10 @@ SOURCES = tuple(Path(__file__).with_name(name) for name in ("decode_attention.cc
 HEADERS = (Path(__file__).with_name("units.h"),)  # included by the sources: part of the build key
 TARGET = "clipo_jax_decode_attention"
 DENSE_TARGET = "clipo_jax_dense"
-FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-std=c++17", "-shared", "-fPIC", "-w")
+# the target ISA: this CPU's by default; e.g. x86-64-v3 (AVX2 + FMA) builds what a CPU without
+# AVX-512 runs (with XLA_FLAGS=--xla_cpu_max_isa=AVX2, an AVX-512 host times both paths as one)
+MARCH = os.environ.get("CLIPO_JAX_KERNEL_MARCH", "native")
+FLAGS = ("-O3", f"-march={MARCH}", "-fno-math-errno", "-std=c++17", "-shared", "-fPIC", "-w")
 LANES = CPU_KERNEL_LANES  # the kernels' vector width in floats: head_dim and a packed W's columns are multiples of it
 
 _unavailable: str | None = None

@@ -8,9 +8,11 @@
 // row block prefetches a few rows ahead, so reading W overlaps the arithmetic. The packing
 // (`clipo_jax.kernels.pack_dense`) is one transpose per sampler call.
 //
-// Work: each panel is one unit (its rows in blocks of up to 8, so the panel stays in L2 while the
-// blocks after the first reuse it); 8 rows x 3 vectors = 24 accumulators fit the 32 vector
-// registers of AVX-512. Without AVX-512 (16 registers) a block is one row.
+// Work: each panel is one unit (its rows in blocks, so the panel stays in L2 while the blocks after
+// the first reuse it). Register blocks: with AVX-512 (32 registers of 16 floats) 8 rows x 3
+// vectors = 24 accumulators, the panel's vectors loaded once per k for all rows; without it
+// (AVX2: 16 registers of 8 floats) 2 rows x up to 6 vectors = 12 accumulators, the rows'
+// broadcasts held and each panel vector loaded once for both rows (15 registers).
 #include <algorithm>
 #include <cstdint>
 
@@ -21,47 +23,65 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-typedef float f16v __attribute__((vector_size(64)));
-typedef float f16u __attribute__((vector_size(64), aligned(4)));  // unaligned loads and stores
-constexpr int64_t kLanes = 16;
 #ifdef __AVX512F__
+typedef float fv __attribute__((vector_size(64)));
+typedef float fu __attribute__((vector_size(64), aligned(4)));  // unaligned loads and stores
+constexpr int64_t kLanes = 16;
 constexpr int64_t kRows = 8;
+constexpr bool kWeightsFirst = true;  // load the NV panel vectors, then each row's broadcast
 #else
-constexpr int64_t kRows = 1;
+typedef float fv __attribute__((vector_size(32)));
+typedef float fu __attribute__((vector_size(32), aligned(4)));
+constexpr int64_t kLanes = 8;
+constexpr int64_t kRows = 2;
+constexpr bool kWeightsFirst = false;  // hold the rows' broadcasts, load each panel vector once
 #endif
 constexpr int64_t kPrefetchRows = 16;  // how far ahead of row k the first row block prefetches
 
-inline f16v Load(const float* p) { return *reinterpret_cast<const f16u*>(p); }
-inline void Store(float* p, f16v x) { *reinterpret_cast<f16u*>(p) = x; }
+inline fv Load(const float* p) { return *reinterpret_cast<const fu*>(p); }
+inline void Store(float* p, fv x) { *reinterpret_cast<fu*>(p) = x; }
 
-// c[MR, NV*16] = a[MR, K] @ w[K, NV*16] (w: one panel, rows NV*16 floats apart; c: rows N apart).
+// c[MR, NV*kLanes] = a[MR, K] @ w[K, NV*kLanes] (w: one panel, rows NV*kLanes floats apart; c: rows
+// N apart).
 template <int MR, int NV, bool kPrefetch>
 inline void Block(const float* a, int64_t K, const float* w, float* c, int64_t N) {
   constexpr int64_t P = NV * kLanes;
-  f16v acc[MR][NV];
+  fv acc[MR][NV];
 #pragma GCC unroll 8
   for (int i = 0; i < MR; ++i)
-#pragma GCC unroll 3
-    for (int j = 0; j < NV; ++j) acc[i][j] = f16v{};
+#pragma GCC unroll 6
+    for (int j = 0; j < NV; ++j) acc[i][j] = fv{};
   for (int64_t k = 0; k < K; ++k) {
     const float* wk = w + k * P;
-    if (kPrefetch) {
-#pragma GCC unroll 3
-      for (int j = 0; j < NV; ++j) __builtin_prefetch(wk + kPrefetchRows * P + j * kLanes);
+    if (kPrefetch) {  // one prefetch per 64-byte line
+#pragma GCC unroll 6
+      for (int j = 0; j < NV; j += 16 / kLanes) __builtin_prefetch(wk + kPrefetchRows * P + j * kLanes);
     }
-    f16v wv[NV];
-#pragma GCC unroll 3
-    for (int j = 0; j < NV; ++j) wv[j] = Load(wk + j * kLanes);
+    if constexpr (kWeightsFirst) {
+      fv wv[NV];
+#pragma GCC unroll 6
+      for (int j = 0; j < NV; ++j) wv[j] = Load(wk + j * kLanes);
 #pragma GCC unroll 8
-    for (int i = 0; i < MR; ++i) {
-      const f16v ai = a[i * K + k] - f16v{};  // broadcast (x - 0 is x, so no add is emitted)
-#pragma GCC unroll 3
-      for (int j = 0; j < NV; ++j) acc[i][j] += ai * wv[j];
+      for (int i = 0; i < MR; ++i) {
+        const fv ai = a[i * K + k] - fv{};  // broadcast (x - 0 is x, so no add is emitted)
+#pragma GCC unroll 6
+        for (int j = 0; j < NV; ++j) acc[i][j] += ai * wv[j];
+      }
+    } else {
+      fv ai[MR];
+#pragma GCC unroll 8
+      for (int i = 0; i < MR; ++i) ai[i] = a[i * K + k] - fv{};
+#pragma GCC unroll 6
+      for (int j = 0; j < NV; ++j) {
+        const fv wj = Load(wk + j * kLanes);
+#pragma GCC unroll 8
+        for (int i = 0; i < MR; ++i) acc[i][j] += ai[i] * wj;
+      }
     }
   }
 #pragma GCC unroll 8
   for (int i = 0; i < MR; ++i)
-#pragma GCC unroll 3
+#pragma GCC unroll 6
     for (int j = 0; j < NV; ++j) Store(c + i * N + j * kLanes, acc[i][j]);
 }
 
@@ -75,8 +95,8 @@ void Rows(int64_t rows, const float* a, int64_t K, const float* w, float* c, int
     case 5: return Block<5, NV, kPrefetch>(a, K, w, c, N);
     case 4: return Block<4, NV, kPrefetch>(a, K, w, c, N);
     case 3: return Block<3, NV, kPrefetch>(a, K, w, c, N);
-    case 2: return Block<2, NV, kPrefetch>(a, K, w, c, N);
 #endif
+    case 2: return Block<2, NV, kPrefetch>(a, K, w, c, N);
     default: return Block<1, NV, kPrefetch>(a, K, w, c, N);
   }
 }
@@ -100,9 +120,9 @@ struct Job {
 void RunUnit(const Job& j, int64_t u) {
   const float* w = j.w + u * j.K * j.P;
   float* c = j.c + u * j.P;
-  j.P == 48   ? Panel<3>(j.a, j.M, j.K, w, c, j.N)
-  : j.P == 32 ? Panel<2>(j.a, j.M, j.K, w, c, j.N)
-              : Panel<1>(j.a, j.M, j.K, w, c, j.N);
+  j.P == 48   ? Panel<48 / kLanes>(j.a, j.M, j.K, w, c, j.N)
+  : j.P == 32 ? Panel<32 / kLanes>(j.a, j.M, j.K, w, c, j.N)
+              : Panel<16 / kLanes>(j.a, j.M, j.K, w, c, j.N);
 }
 
 ffi::Error Dense(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
