@@ -172,7 +172,7 @@ def test_pairwise_failures_are_counted_ties_and_a_down_judge_is_one_line(server)
     r = stage.compute(batch_of(responses, rows, 3))  # first failing step: counted ties
     assert r.metrics["reward/pairwise_rubric/backend_failures"] == 3.0
     with pytest.raises(RewardError, match=r"failed all 3 calls in 2 consecutive step") as e:
-        stage.compute(batch_of(["GOOD 2", "bad 2", "worse 2"], rows, 3))
+        stage.compute(batch_of(["GOOD 2", "bad 2", "worse 2"], rows, 3, step=1))  # steps, not rounds, count
     assert "\n" not in str(e.value)
     stage.close()
 

@@ -71,7 +71,38 @@ def judge_settings(settings: dict) -> dict:
         raise RewardError(f"judge.backend={s['backend']!r}: must be 'openai', 'in-process' or 'logit'")
     if s["backend"] == "openai" and (not s["base_url"] or not s["model"]):
         raise RewardError("judge.backend='openai' needs judge.base_url and judge.model (e.g. --config.reward.judge...)")
+    # a zero semaphore waits forever, zero attempts never ask: numbers are checked before any call
+    for key, kind, ok, rule in JUDGE_NUMBER_RULES:
+        s[key] = _number(f"judge.{key}", s[key], kind, ok, rule)
+    if s["min_criteria"] > s["max_criteria"]:
+        raise RewardError(f"judge.min_criteria={s['min_criteria']} > judge.max_criteria={s['max_criteria']}")
     return s
+
+
+JUDGE_NUMBER_RULES = (
+    ("max_concurrency", int, lambda v: v >= 1, ">= 1"),
+    ("timeout_s", float, lambda v: v > 0, "> 0"),
+    ("max_retries", int, lambda v: v >= 0, ">= 0"),
+    ("max_tokens", int, lambda v: v >= 1, ">= 1"),
+    ("parse_attempts", int, lambda v: v >= 1, ">= 1"),
+    ("temperature", float, lambda v: v >= 0, ">= 0"),
+    ("min_criteria", int, lambda v: v >= 1, ">= 1"),
+    ("max_criteria", int, lambda v: v >= 1, ">= 1"),
+    ("compact_chars", int, lambda v: v >= 0, ">= 0 (0 = off)"),
+)
+
+
+def _number(name: str, value, kind, ok, rule: str):
+    """``value`` as ``kind`` if it satisfies ``ok``; else a one-line RewardError naming the setting."""
+    try:
+        if isinstance(value, bool) or (kind is int and isinstance(value, float) and not value.is_integer()):
+            raise ValueError
+        v = kind(value)
+    except (TypeError, ValueError):
+        raise RewardError(f"{name}={value!r}: must be a number {rule}") from None
+    if not ok(v):
+        raise RewardError(f"{name}={value!r}: must be {rule}")
+    return v
 
 
 def make_judge_backend(s: dict, context):
@@ -117,22 +148,33 @@ async def check_reachable(backend) -> None:
         raise RewardError(f"judge server {url} is unreachable ({type(e).__name__}: {e})") from None
 
 
+def _at_least(lo):
+    return lambda v: v >= lo
+
+
 class _DownDetector:
-    """Counts consecutive steps in which every judge call failed for a backend reason."""
+    """Counts consecutive steps in which every judge call failed for a backend reason. A step may
+    score several rounds (DAPO refills): its calls are summed over them, so a down judge ends the
+    run after ``down_after_steps`` steps, not rounds. A step without calls (all cached) changes
+    nothing."""
 
     def __init__(self, name: str, down_after_steps: int):
-        self.name, self.limit, self.streak = name, max(1, int(down_after_steps)), 0
+        self.name, self.limit = name, max(1, int(down_after_steps))
+        self.streak = 0  # finished steps in a row in which every call failed
+        self.step, self.calls, self.failures = None, 0, 0  # the current step's sums
 
-    def update(self, calls: int, backend_failures: int, last_error: str | None) -> None:
-        if calls > 0 and backend_failures == calls:
-            self.streak += 1
-            if self.streak >= self.limit:
-                raise RewardError(
-                    f"reward term {self.name!r}: the judge failed all {calls} calls in {self.streak} consecutive "
-                    f"step(s) (last error: {last_error}); fix the judge and re-run the same command to resume"
-                )
-        elif calls > 0:
-            self.streak = 0
+    def update(self, step: int, calls: int, backend_failures: int, last_error: str | None) -> None:
+        if step != self.step:
+            if self.calls > 0:
+                self.streak = self.streak + 1 if self.failures == self.calls else 0
+            self.step, self.calls, self.failures = step, 0, 0
+        self.calls += calls
+        self.failures += backend_failures
+        if self.calls > 0 and self.failures == self.calls and self.streak + 1 >= self.limit:
+            raise RewardError(
+                f"reward term {self.name!r}: the judge failed all {self.calls} calls in {self.streak + 1} "
+                f"consecutive step(s) (last error: {last_error}); fix the judge and re-run the same command to resume"
+            )
 
 
 @register_reward_term("pairwise_rubric")
@@ -177,7 +219,16 @@ class PairwiseRubricTerm(RewardTerm):
         self.error_policy = s.get("error_policy", "tie")
         if self.error_policy not in ERROR_POLICIES:
             raise RewardError(f"pairwise_rubric.error_policy={self.error_policy!r}: valid: {list(ERROR_POLICIES)}")
-        self.down = _DownDetector(self.name, s.get("down_after_steps", 2))
+        self.down = _DownDetector(
+            self.name, _number("down_after_steps", s.get("down_after_steps", 2), int, _at_least(1), ">= 1")
+        )
+        for key, default, least in (
+            ("anchor_index", 0, 0),
+            ("max_pairs", 0, 0),
+            ("bt_iters", 50, 1),
+            ("cache_size", 100_000, 0),
+        ):
+            _number(f"pairwise_rubric.{key}", s.get(key, default), int, _at_least(least), f">= {least}")
         self.judge_cfg = judge_settings(s)
         self.backend = make_judge_backend(self.judge_cfg, context)
         if self.judge_cfg["backend"] == "logit":  # generation-free: labels from next-token logits
@@ -211,8 +262,22 @@ class PairwiseRubricTerm(RewardTerm):
         return self.method == "anchor" and self.anchor == "greedy"
 
     def check_row(self, row: dict, where: str) -> None:
+        from clipo_jax.rubrics import pvr
+
         if "prompt" not in row and "messages" not in row:
             raise RewardError(f"{where}: reward term 'pairwise_rubric' needs 'prompt' or 'messages'")
+        cons = row.get("constraints")
+        if cons is not None and (
+            not isinstance(cons, list)
+            or not all(isinstance(c, dict) and ("type" in c or pvr.is_nl_constraint(c)) for c in cons)
+        ):
+            raise RewardError(
+                f"{where}: 'constraints' must be a list of {{'type': ...}} (programmatic) or {{'rule': <text>}} "
+                f"(written in words) objects, got {str(cons)[:120]}"
+            )
+        unknown = sorted({str(c["type"]) for c in cons or () if "type" in c and c["type"] not in pvr.CONSTRAINTS})
+        if unknown:  # the judge would warn and judge without any constraint of the row
+            raise RewardError(f"{where}: unknown constraint type(s) {unknown}; known: {sorted(pvr.CONSTRAINTS)}")
 
     async def preflight(self) -> None:
         await check_reachable(self.backend)
@@ -240,6 +305,10 @@ class PairwiseRubricTerm(RewardTerm):
         G = batch.group_size
         if self.needs_greedy_anchor and batch.anchors is None:
             raise RewardError("pairwise_rubric with anchor='greedy' needs the rollout's greedy anchors")
+        if self.method == "anchor" and not self.needs_greedy_anchor and int(self.settings.get("anchor_index", 0)) >= G:
+            raise RewardError(
+                f"pairwise_rubric.anchor_index={self.settings.get('anchor_index')} is not a response of a group of {G}"
+            )
         groups, todo, hits = [], {}, {}  # todo: cache key -> PairInput of the unique pairs to judge
         same_free = cache_hits = duplicates = 0
         for gi in range(batch.n_groups):
@@ -252,8 +321,7 @@ class PairwiseRubricTerm(RewardTerm):
             qtype = row.get("query_type") or self.settings.get("query_type") or None
             gt = row.get("ground_truth") if self.settings.get("ground_truth", False) else None
             gt = None if gt is None else str(gt)
-            cons = row.get("constraints")
-            cons = cons if cons and all("type" in c for c in cons) else None
+            cons = row.get("constraints") or None  # typed and written-in-words ones (check_row)
             cons_key = json.dumps(cons, sort_keys=True) if cons else ""
             keyed = []
             for i, j in index:
@@ -278,18 +346,23 @@ class PairwiseRubricTerm(RewardTerm):
         keys = list(todo)
         results = await self.judge.judge_pairs([todo[k] for k in keys], max_pairs_in_flight=max(len(keys), 1))
         verdicts, failed_keys = dict(hits), set()
-        parse_fail = backend_fail = n_errors = llm_calls = 0
+        parse_fail = backend_fail = pair_fail = n_errors = llm_calls = 0
         latency, last_error = 0.0, None
         for k, r in zip(keys, results):
             latency += r.wall_s
-            llm_calls += r.path == "pairwise"  # ground-truth / constraint shortcuts never call the LLM
+            # ground-truth / constraint shortcuts never call the LLM; a pair that raised inside
+            # the judge ("error" path) was meant to, and failed
+            llm_calls += r.path in ("pairwise", "error")
             verdicts[k] = r.verdict
             if r.verdict == "error":  # a failed judgment: counted, never cached
                 failed_keys.add(k)
                 n_errors += 1
                 dirs = [d for d in (r.forward, r.backward) if d is not None]
                 kinds = [d.error_kind for d in dirs if d.error_kind]
-                if kinds and all(kd == "parse" for kd in kinds):
+                if r.path == "error":
+                    pair_fail += 1
+                    last_error = (r.pointwise or {}).get("error") or last_error
+                elif kinds and all(kd == "parse" for kd in kinds):
                     parse_fail += 1
                 elif kinds:
                     backend_fail += 1
@@ -298,7 +371,7 @@ class PairwiseRubricTerm(RewardTerm):
                 self.cache[k] = r.verdict
                 if len(self.cache) > self.cache_size:
                     self.cache.popitem(last=False)
-        self.down.update(llm_calls, backend_fail, last_error)
+        self.down.update(batch.step, llm_calls, backend_fail + pair_fail, last_error)
         flip = {"first": "second", "second": "first", "same": "same", "error": "error"}
         B = len(batch)
         values = np.zeros(B, np.float32)
@@ -339,6 +412,7 @@ class PairwiseRubricTerm(RewardTerm):
             "identical_free": float(same_free),
             "parse_failures": float(parse_fail),
             "backend_failures": float(backend_fail),
+            "pair_failures": float(pair_fail),  # pairs that raised inside the judge (the "error" path)
             "errors": float(n_errors),  # pairs judged this step whose judgment failed
             "latency_mean_s": latency / max(len(keys), 1),
             "wall_s": time.perf_counter() - t0,
@@ -373,7 +447,9 @@ class ChecklistRubricTerm(RewardTerm):
                 max_in_flight=int(self.judge_cfg["max_concurrency"]),
             ),
         )
-        self.down = _DownDetector(self.name, self.settings.get("down_after_steps", 2))
+        self.down = _DownDetector(
+            self.name, _number("down_after_steps", self.settings.get("down_after_steps", 2), int, _at_least(1), ">= 1")
+        )
         self._parsed: dict[int, Any] = {}
 
     def check_row(self, row: dict, where: str) -> None:
@@ -403,7 +479,7 @@ class ChecklistRubricTerm(RewardTerm):
         failed = np.isnan(scores)
         kinds = [r.error_kind for r in results if r.error_kind]
         backend_fail = sum(k != "parse" for k in kinds)
-        self.down.update(len(results), backend_fail, kinds[-1] if kinds else None)
+        self.down.update(batch.step, len(results), backend_fail, kinds[-1] if kinds else None)
         values = scores.reshape(-1, G)
         ok = ~np.isnan(values)
         count = ok.sum(axis=1, keepdims=True)

@@ -187,7 +187,8 @@ class _Loop:
             return cls._loop
 
 
-# Per-step counts: summed over DAPO rounds (other metrics are averaged).
+# Per-step counts: summed over DAPO rounds (other metrics are averaged). A term's metric counts
+# when its last name part, without a "judge_" prefix (the checklist term's counters), is listed.
 COUNT_METRICS = (
     "calls",
     "cache_hits",
@@ -195,10 +196,24 @@ COUNT_METRICS = (
     "identical_free",
     "pairs",
     "parse_failures",
+    "parse_retries",
     "backend_failures",
+    "pair_failures",
     "failures",
+    "errors",
+    "requests",
+    "dedup_hits",
+    "scored",
+    "prompt_tokens",
+    "completion_tokens",
+    "latency_s",
     "wall_s",
 )
+
+
+def _is_count(key: str) -> bool:
+    name = key.rsplit("/", 1)[-1]
+    return name.removeprefix("judge_") in COUNT_METRICS
 
 
 def merge_round_metrics(rounds: Sequence[Mapping[str, float]]) -> dict[str, float]:
@@ -207,7 +222,7 @@ def merge_round_metrics(rounds: Sequence[Mapping[str, float]]) -> dict[str, floa
     out = {}
     for k in keys:
         vals = [r[k] for r in rounds if k in r]
-        out[k] = float(np.sum(vals)) if k.rsplit("/", 1)[-1] in COUNT_METRICS else float(np.mean(vals))
+        out[k] = float(np.sum(vals)) if _is_count(k) else float(np.mean(vals))
     return out
 
 

@@ -48,6 +48,7 @@ class BackendStats:
     timeouts: int = 0
     http_errors: int = 0
     garbage: int = 0  # bodies that are not an OpenAI completion
+    bad_usage: int = 0  # completions whose usage token counts are not non-negative integers
     failures: int = 0  # calls that raised BackendError
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -64,6 +65,22 @@ SCHEMA_STYLES: dict[str, Callable[[CompletionRequest], dict[str, Any]]] = {
     },
     "json_object": lambda req: {"type": "json_object", "schema": req.json_schema},
 }
+
+
+def _token_count(usage, key: str) -> int | None:
+    """A usage token count: 0 when the server sends no usage (or no such key), None when it sends
+    something that is not a non-negative integer (counted as ``bad_usage``, never an error: the
+    completion itself is intact)."""
+    if usage is None:
+        return 0
+    if not isinstance(usage, dict):
+        return None
+    v = usage.get(key)
+    if v is None:
+        return 0
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 or v != int(v):
+        return None
+    return int(v)
 
 
 def _retryable_status(code: int) -> bool:
@@ -213,6 +230,14 @@ class OpenAIHTTPBackend:
             )
         return response
 
+    def forget(self, request: CompletionRequest) -> None:
+        """Drops the cached completion of ``request``: its caller could not use it (an answer that
+        does not parse), and a cached one would come back on every retry, every later step and
+        after a resume."""
+        if self.cache is not None:
+            for use_schema in (True, False):  # the schema may have been switched off since
+                self.cache.delete(request.cache_key(self.model, use_schema))
+
     async def _complete_with_retries(self, request: CompletionRequest, use_schema: bool) -> CompletionResponse:
         url = f"{self.base_url}/chat/completions"
         last = "no attempt"
@@ -278,14 +303,21 @@ class OpenAIHTTPBackend:
                 self.stats.garbage += 1
                 last, kind = f"malformed completion body ({type(e).__name__}): {r_text[:120]!r}", "garbage"
                 continue
-            usage = body.get("usage") or {}
+            usage = body.get("usage")
+            prompt_tokens, completion_tokens = (
+                _token_count(usage, "prompt_tokens"),
+                _token_count(usage, "completion_tokens"),
+            )
+            if None in (prompt_tokens, completion_tokens):  # the answer is fine; only its accounting is not
+                self.stats.bad_usage += 1
+                prompt_tokens, completion_tokens = prompt_tokens or 0, completion_tokens or 0
             self.stats.completed += 1
-            self.stats.prompt_tokens += int(usage.get("prompt_tokens") or 0)
-            self.stats.completion_tokens += int(usage.get("completion_tokens") or 0)
+            self.stats.prompt_tokens += prompt_tokens
+            self.stats.completion_tokens += completion_tokens
             return CompletionResponse(
                 text=text,
-                prompt_tokens=int(usage.get("prompt_tokens") or 0),
-                completion_tokens=int(usage.get("completion_tokens") or 0),
+                prompt_tokens=prompt_tokens,
+                completion_tokens=completion_tokens,
                 finish_reason=choice.get("finish_reason"),
                 latency_s=time.perf_counter() - start,
                 attempts=attempt,

@@ -39,3 +39,6 @@ class DiskCache:
         tmp = path.with_suffix(f".{os.getpid()}.{random.getrandbits(32)}.tmp")
         tmp.write_text(json.dumps(value, ensure_ascii=False), encoding="utf-8")
         os.replace(tmp, path)
+
+    def delete(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)

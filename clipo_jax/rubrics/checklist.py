@@ -44,7 +44,13 @@ from typing import Any, Iterable, Sequence
 import json_repair
 
 from clipo_jax.rubrics.protocol import JudgeParseError, extract_json_text, truncate_middle
-from clipo_jax.rubrics.types import DEFAULT_JUDGE_MAX_TOKENS, Backend, BackendError, CompletionRequest
+from clipo_jax.rubrics.types import (
+    DEFAULT_JUDGE_MAX_TOKENS,
+    Backend,
+    BackendError,
+    CompletionRequest,
+    forget_cached,
+)
 
 # Item kinds.  "pitfall" is the only kind with a negative weight; the others are labels (RaR's
 # essential / important / optional tiers, or plain "criterion") and do not change the arithmetic.
@@ -412,6 +418,7 @@ class ChecklistScorer:
                 try:
                     satisfied = parse_checklist_answer(resp.text, len(items))
                 except ChecklistParseError as e:
+                    forget_cached(self.backend, req)
                     out.error, out.error_kind = str(e), "parse"
                     if attempt + 1 < cfg.parse_attempts:
                         self.counters.parse_retries += 1

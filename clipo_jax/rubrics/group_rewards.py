@@ -49,6 +49,8 @@ def fit_bradley_terry(wins: jax.Array, num_iters: int = 50, prior: float = 0.1) 
       float32 [..., G] log-strengths, centred to mean 0 over the group.
     """
     g = wins.shape[-1]
+    if g < 2:  # nobody to compare with: every strength is the mean, 0 (the MM step would be 0 / 0)
+        return jnp.zeros(wins.shape[:-1], jnp.float32)
     off_diag = 1.0 - jnp.eye(g, dtype=jnp.float32)
     w = (wins.astype(jnp.float32) + 0.5 * prior) * off_diag
     n = w + jnp.swapaxes(w, -1, -2)  # comparisons per pair

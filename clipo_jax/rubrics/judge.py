@@ -65,6 +65,7 @@ from clipo_jax.rubrics.types import (  # noqa: F401 - the pair types are re-expo
     PairResult,
     apply_error_policy,
     check_error_policy,
+    forget_cached,
 )
 
 log = logging.getLogger(__name__)
@@ -176,7 +177,10 @@ class PairwiseJudge:
             try:
                 resp = await self.backend.complete(req)
                 return parse_judgment(resp.text, INTENT_SCHEMA)
-            except (JudgeParseError, BackendError) as e:
+            except JudgeParseError as e:
+                forget_cached(self.backend, req)
+                last = e
+            except BackendError as e:
                 last = e
         self.counters.intent_failures += 1
         log.warning("intent analysis failed (%s); judging without it", last)
@@ -214,8 +218,13 @@ class PairwiseJudge:
             out.prompt_tokens += resp.prompt_tokens
             out.completion_tokens += resp.completion_tokens
             try:
+                if resp.finish_reason == "length":
+                    # cut at max_tokens: json-repair would close the JSON after the last whole
+                    # criterion, and a partial list of criteria can reverse the verdict
+                    raise JudgeParseError(f"judge output cut at max_tokens={cfg.max_tokens}")
                 obj = parse_judgment(resp.text, schema)
             except JudgeParseError as e:
+                forget_cached(self.backend, req)
                 out.error, out.error_kind = str(e), "parse"
                 if attempt + 1 < cfg.parse_attempts:
                     self.counters.parse_retries += 1
@@ -241,7 +250,9 @@ class PairwiseJudge:
         try:
             resp = await self.backend.complete(req)
             v = parse_judgment(resp.text, ANSWER_CHECK_SCHEMA)["verdict"]
-        except (BackendError, JudgeParseError):
+        except (BackendError, JudgeParseError) as e:
+            if isinstance(e, JudgeParseError):
+                forget_cached(self.backend, req)
             self.counters.llm_answer_check_failures += 1
             return None
         return {"correct": 1, "partial": 0, "wrong": -1}[v]
@@ -288,6 +299,7 @@ class PairwiseJudge:
             except BackendError:
                 break  # the backend already retried
             except JudgeParseError:
+                forget_cached(self.backend, req)
                 continue
         self.counters.nl_constraint_check_failures += 1
         return None

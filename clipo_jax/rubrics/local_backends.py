@@ -278,6 +278,11 @@ class InProcessBackend:
             )
         return resp
 
+    def forget(self, request: CompletionRequest) -> None:
+        """Drops the cached completion of ``request`` (an answer its caller could not parse)."""
+        if self.cache is not None:
+            self.cache.delete(request.cache_key(self.model, use_schema=False))
+
     @property
     def batch_sizes(self) -> list[int]:
         return self._gen_batcher.batch_sizes

@@ -22,7 +22,7 @@ import json
 import os
 import threading
 
-from clipo_jax.rubrics.types import Backend, BackendError, CompletionRequest, CompletionResponse
+from clipo_jax.rubrics.types import Backend, BackendError, CompletionRequest, CompletionResponse, forget_cached
 
 
 def request_key(request: CompletionRequest) -> str:
@@ -122,6 +122,9 @@ class RecordingBackend:
         with self._lock, open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(line, ensure_ascii=False) + "\n")
         return dataclasses.replace(resp)
+
+    def forget(self, request: CompletionRequest) -> None:
+        forget_cached(self.inner, request)
 
     async def aclose(self) -> None:
         await self.inner.aclose()

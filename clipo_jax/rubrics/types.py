@@ -113,6 +113,15 @@ class Backend(Protocol):
     async def aclose(self) -> None: ...
 
 
+def forget_cached(backend, request: CompletionRequest) -> None:
+    """Drops ``request``'s cached completion from a backend that caches (``backend.forget``); the
+    callers that parse an answer call it when the answer does not parse, so that a retry, a later
+    step or a resumed run asks again instead of reading the same unusable answer."""
+    forget = getattr(backend, "forget", None)
+    if forget is not None:
+        forget(request)
+
+
 @runtime_checkable
 class LogitBackend(Backend, Protocol):
     """Extra contract of a logit-verdict backend (``local_backends.LogitVerdictBackend``)."""
