@@ -126,7 +126,10 @@ def make_optimizer(
 ADDITIVE_METRICS = ("actor/pg_loss", "actor/kl", "actor/entropy")
 
 
-def _micro_loss(params, mb: RLBatch, denom, *, cfg: ModelConfig, scfg: StepConfig, n_response: int, max_len: int):
+def _micro_loss(
+    params, mb: RLBatch, denom, *, cfg: ModelConfig, scfg: StepConfig, n_response: int, max_len: int | None = None
+):
+    max_len = max_len or n_response  # the aggregations' constant length (StepConfig.max_len)
     logp, ent = response_logprobs(
         params, cfg, mb.tokens, mb.valid, n_response, scfg.temperature, with_entropy=True, remat=scfg.remat
     )
