@@ -75,8 +75,28 @@ def write_manifest(step_dir: str) -> None:
     os.replace(tmp, os.path.join(step_dir, MANIFEST))
 
 
+def write_atomic(path: str, text: str) -> None:
+    """Writes ``text`` to ``path`` through a temporary file and a rename: a reader (or a run
+    resumed after a crash mid-write) sees the old file or the new one, never a cut one."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def verify_step(step_dir: str) -> str | None:
     """None if step_dir matches its manifest and its meta is usable; else the problem, naming the file."""
+    return verify_files(step_dir) or check_meta(step_dir)
+
+
+def verify_files(step_dir: str) -> str | None:
+    """None if every file of step_dir matches its manifest; else the problem, naming the file."""
     path = os.path.join(step_dir, MANIFEST)
     if not os.path.isfile(path):
         return f"no {MANIFEST} (the save did not complete)"
@@ -104,7 +124,7 @@ def verify_step(step_dir: str) -> str | None:
                 return f"{rel}: sha256 differs from {MANIFEST}"
         except OSError as e:
             return f"{rel}: unreadable ({e.strerror or type(e).__name__})"
-    return check_meta(step_dir)
+    return None
 
 
 def check_meta(step_dir: str) -> str | None:

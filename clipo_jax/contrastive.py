@@ -878,5 +878,6 @@ def clipo_stage(head: HeadState, out, labels, group_size: int, rng, cfg: Contras
     )
     c_reward = np.asarray(reward_d)
     m = parallel.scalars_to_host(metrics_d)
-    m["contrastive/reward_mean"] = float(c_reward[valid].mean())
+    if valid.any():  # a step of DAPO padding copies only has no mean to report
+        m["contrastive/reward_mean"] = float(c_reward[valid].mean())
     return head, c_reward, m

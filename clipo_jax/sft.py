@@ -103,16 +103,51 @@ def sft_cache_dir(config, workdir: str) -> str:
 
 
 def cached_sft(config, task: tasks.Task, cfg: ModelConfig, params, mesh, workdir: str):
-    """run_sft, or restore its result if this exact SFT was already done (see sft_cache_dir)."""
+    """run_sft, or restore its result if this exact SFT was already done (see sft_cache_dir).
+
+    The cache is verified before it is used: its files against the sha256 manifest written after
+    the save (``checkpoints.write_manifest``). A cache that does not verify or does not restore
+    is reported in one line, moved aside (``params.rejected``) and trained again, so a damaged
+    cache never loads silently and never stops a run. A cache from before manifests existed is
+    used if it restores, and gets its manifest then."""
     import orbax.checkpoint as ocp
 
+    from clipo_jax.checkpoints import MANIFEST, verify_files, write_manifest
+
     path = sft_cache_dir(config, workdir)
+    params_dir = os.path.join(path, "params")
     ckptr = ocp.StandardCheckpointer()
-    if os.path.exists(os.path.join(path, "params")):
-        print(f"SFT: reusing {path}")
-        return ckptr.restore(os.path.join(path, "params"), jax.tree.map(ocp.utils.to_shape_dtype_struct, params))
+    if os.path.exists(params_dir):
+        legacy = not os.path.exists(os.path.join(params_dir, MANIFEST))
+        problem = None if legacy else verify_files(params_dir)
+        if problem is None:
+            try:
+                restored = ckptr.restore(params_dir, jax.tree.map(ocp.utils.to_shape_dtype_struct, params))
+            except Exception as e:  # noqa: BLE001 - orbax raises many types for a damaged file
+                problem = f"does not restore ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})"
+            else:
+                print(f"SFT: reusing {path}")
+                if legacy and parallel.is_primary():
+                    write_manifest(params_dir)
+                parallel.barrier("sft_cache_manifest")
+                return restored
+        logger.warning("SFT cache %s is unusable: %s; moved aside and training again", params_dir, problem)
+        if parallel.is_primary():
+            _move_aside(params_dir)
+        parallel.barrier("sft_cache_rejected")
     params = run_sft(config, task, cfg, params, mesh, workdir)
     os.makedirs(path, exist_ok=True)
-    ckptr.save(os.path.join(path, "params"), params)
+    ckptr.save(params_dir, params)
     ckptr.wait_until_finished()
+    if parallel.is_primary():
+        write_manifest(params_dir)
+    parallel.barrier("sft_cache_saved")
     return params
+
+
+def _move_aside(params_dir: str) -> str:
+    target, n = params_dir + ".rejected", 1
+    while os.path.exists(target):
+        target, n = f"{params_dir}.rejected.{n}", n + 1
+    os.replace(params_dir, target)
+    return target

@@ -31,7 +31,13 @@ import numpy as np
 import optax
 
 from clipo_jax import contrastive, parallel, rollout, sampling, tasks
-from clipo_jax.checkpoints import CheckpointError, RunCheckpoints, newest_good_step, params_digest  # noqa: F401  (re-exported)
+from clipo_jax.checkpoints import (  # noqa: F401  (re-exported)
+    CheckpointError,
+    RunCheckpoints,
+    newest_good_step,
+    params_digest,
+    write_atomic,
+)
 from clipo_jax.models import PRESETS, ModelConfig, load_model, transformer
 from clipo_jax.models.config import ATTENTION_IMPLS
 from clipo_jax.rewards import stage as reward_stage
@@ -305,21 +311,25 @@ class MetricsWriter:
         if not enabled:  # another process writes them
             return
         if os.path.exists(self.path):
-            keep = []
+            keep, unreadable = [], 0
             with open(self.path) as f:
                 for line in f:
                     try:
                         rec = json.loads(line)
                     except json.JSONDecodeError:
-                        continue  # a line cut by a kill
+                        unreadable += 1  # e.g. a line cut by a kill
+                        continue
                     if resume_step is not None and rec.get("step", 0) <= resume_step:
                         keep.append(line if line.endswith("\n") else line + "\n")
-            with open(self.path, "w") as f:
-                f.writelines(keep)
+            if unreadable:
+                logger.warning("%s: dropped %d unreadable line(s)", self.path, unreadable)
+            write_atomic(self.path, "".join(keep))  # a failed rewrite leaves the old file whole
         try:
             from tensorboardX import SummaryWriter
 
-            self.tb = SummaryWriter(os.path.join(workdir, "tb"))
+            # events of steps after the restored one are discarded: TensorBoard shows each step once
+            purge = None if resume_step is None else resume_step + 1
+            self.tb = SummaryWriter(os.path.join(workdir, "tb"), purge_step=purge)
         except ImportError:
             logger.warning("tensorboardX not installed: TensorBoard logging off")
 
@@ -454,7 +464,14 @@ def setup(config, workdir: str, root) -> tuple[RunContext, Any]:
     primary = parallel.is_primary()
     if not primary:  # process 0 builds the task first: it may train a tokenizer into workdir
         parallel.barrier("task")
-    task = tasks.build_task(config.task, workdir)
+    try:
+        task = tasks.build_task(config.task, workdir)
+    except (OSError, KeyError) as e:  # an unknown data source, a missing file: one line, no traceback
+        from clipo_jax.data.datasets import UnknownSourceError
+
+        if isinstance(e, KeyError) and not isinstance(e, UnknownSourceError):
+            raise  # a bug, not bad input
+        raise TrainingError(f"task: {e}") from None
     if primary:
         parallel.barrier("task")
     rewards = reward_stage.RewardStage.from_config(
@@ -501,6 +518,13 @@ def _setup_model(config, task, mesh, rewards, root) -> tuple["RunContext", Any]:
         pad_id=tok.pad_id,
     )
     sampler = sampling.Sampler(cfg, mesh, replicate_weights=bool(rl.get("rollout_replicate_weights", False)))
+    longest = sampler.length_bucket(rl.max_prompt_len) + max(rl.max_new_tokens, config.eval.max_new_tokens)
+    if longest > cfg.max_seq_len:  # nothing else reads the bound: an oversized run would train past it
+        raise TrainingError(
+            f"model.max_seq_len={cfg.max_seq_len} is shorter than the longest sequence, {longest} tokens "
+            f"(rl.max_prompt_len={rl.max_prompt_len} padded to {sampler.length_bucket(rl.max_prompt_len)} + "
+            f"max(rl.max_new_tokens, eval.max_new_tokens)={max(rl.max_new_tokens, config.eval.max_new_tokens)})"
+        )
     spec = rollout.RolloutSpec(
         sampler=sampler,
         tokenizer=tok,
@@ -713,14 +737,21 @@ def rl_step(ctx: RunContext, step: int, state, ref_params, head, stream: rollout
 
     # metrics
     m.update(update.update_metrics(step_metrics))
-    n_tok = int(out.lengths.sum())
+    # over the sampled rows only: DAPO's padding copies (ro.valid False) are not new samples
+    sampled = ro.valid
+    n_tok = int(out.lengths[sampled].sum())
+    if sampled.any():
+        m.update(
+            {
+                "reward/mean": float(rewards[sampled].mean()),
+                "reward/outcome_mean": float(rr.outcome[sampled].mean()),
+                "reward/std": float(rewards[sampled].std()),
+                "response/length_mean": float(out.lengths[sampled].mean()),
+                "response/truncated_frac": float(out.truncated[sampled].mean()),
+            }
+        )
     m.update(
         {
-            "reward/mean": float(rewards.mean()),
-            "reward/outcome_mean": float(rr.outcome.mean()),
-            "reward/std": float(rewards.std()),
-            "response/length_mean": float(out.lengths.mean()),
-            "response/truncated_frac": float(out.truncated.mean()),
             "update/seq_len": float(rl_batch.tokens.shape[1]),  # after trim_padding
             "rollout/rounds": ro.rounds,
             **{f"time/{k}": v for k, v in timings.items()},
@@ -742,8 +773,7 @@ def run(config, workdir: str) -> dict:
     check_workdir(workdir)
     primary = parallel.is_primary()  # with several processes, process 0 writes the run's files
     if primary:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
+        write_atomic(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
     root = jax.random.key(config.seed)
     ctx, params = setup(config, workdir, root)
     try:
@@ -866,7 +896,8 @@ def _run(ctx: RunContext, params, workdir: str, root, tqdm) -> dict:
             export_head(step + 1)
             ckpt.commit()  # the previous save is final, with its manifest, before this step's line
             writer.write(step + 1, m)
-            bar.set_postfix(reward=f"{m['reward/outcome_mean']:.3f}", len=f"{m['response/length_mean']:.0f}")
+            if "reward/outcome_mean" in m:  # absent in a step of DAPO padding copies only
+                bar.set_postfix(reward=f"{m['reward/outcome_mean']:.3f}", len=f"{m['response/length_mean']:.0f}")
 
             if config.eval.every and (step + 1) % config.eval.every == 0 and step + 1 < rl.steps:
                 ev = evaluate(ctx.task, ctx.sampler, state.params, ctx.eval_cfg, jax.random.fold_in(root, 3))
@@ -888,8 +919,7 @@ def _run(ctx: RunContext, params, workdir: str, root, tqdm) -> dict:
     # ---------------------------------------------------------------- final eval
     after = evaluate(ctx.task, ctx.sampler, state.params, ctx.eval_cfg, jax.random.fold_in(root, 3))
     if primary:
-        with open(os.path.join(workdir, "eval_after.json"), "w") as f:
-            json.dump(after, f, indent=1)
+        write_atomic(os.path.join(workdir, "eval_after.json"), json.dumps(after, indent=1))
     print("\nevaluation before -> after RL (greedy):\n" + format_eval(before, after, ctx.task.grade_keys))
     return {"before": before, "after": after, "last_metrics": last_metrics, "state": state}
 
@@ -903,21 +933,26 @@ def write_start(workdir: str, config, params, primary: bool) -> None:
     digest = params_digest(params)  # on every process: a collective over the mesh
     if primary:
         start = {"params_digest": digest, "sft_cache": sft_cache_dir(config, workdir) if config.sft.steps > 0 else None}
-        with open(os.path.join(workdir, START_FILE), "w") as f:
-            json.dump(start, f, indent=1)
+        write_atomic(os.path.join(workdir, START_FILE), json.dumps(start, indent=1))
 
 
 def evaluate_before(ctx: RunContext, ref_params, workdir: str, root) -> dict:
     """The pre-RL evaluation, computed once per run directory (eval_before.json)."""
     path = os.path.join(workdir, "eval_before.json")
+    before = None
     if os.path.exists(path):
-        with open(path) as f:
-            before = json.load(f)
-    else:
+        try:
+            with open(path) as f:
+                before = json.load(f)
+            if not isinstance(before, dict):
+                raise ValueError("not a JSON object")
+        except (OSError, ValueError) as e:  # e.g. emptied by a crash mid-write: computed again
+            logger.warning("%s is unreadable (%s); evaluating the RL start again", path, e)
+            before = None
+    if before is None:
         before = evaluate(ctx.task, ctx.sampler, ref_params, ctx.eval_cfg, jax.random.fold_in(root, 3))
         if parallel.is_primary():
-            with open(path, "w") as f:
-                json.dump(before, f, indent=1)
+            write_atomic(path, json.dumps(before, indent=1))
             print("eval before RL:\n" + format_eval(None, before, ctx.task.grade_keys, before_only=True))
     parallel.barrier("eval_before")  # every process has read or computed `before`
     return before

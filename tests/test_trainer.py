@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -234,11 +235,28 @@ def test_sigkill_and_resume_reproduces_uninterrupted_run(env, run_flags, full_ru
         assert comparable(a) == comparable(b), f"step {a['step']} differs"
     with open(workdir / "eval_after.json") as f, open(full_run / "eval_after.json") as g:
         assert json.load(f) == json.load(g)
+    # TensorBoard: the resumed run's event file starts by purging the steps after the checkpoint
+    # (a session START at latest + 1), so the killed run's later points are not shown twice
+    newest = max((workdir / "tb").glob("events.out.tfevents.*"), key=os.path.getmtime)
+    starts = [e.step for e in _tb_events(newest) if e.HasField("session_log") and e.session_log.status == 1]
+    assert starts == [latest + 1], starts
     # both runs record the same RL start (the digest of the same parameters, each SFT'd in its run dir)
     start, other = (json.loads((w / "start.json").read_text()) for w in (workdir, full_run))
     assert start["params_digest"] == other["params_digest"] and len(start["params_digest"]) == 16
     assert os.path.basename(start["sft_cache"]) == os.path.basename(other["sft_cache"])
     assert start["sft_cache"].startswith(str(workdir))
+
+
+def _tb_events(path):
+    """The Event records of one TensorBoard event file (TFRecord framing: length, its CRC, the
+    record, its CRC)."""
+    from tensorboardX.proto import event_pb2
+
+    data, i = path.read_bytes(), 0
+    while i < len(data):
+        n = struct.unpack("<Q", data[i : i + 8])[0]
+        yield event_pb2.Event.FromString(data[i + 12 : i + 12 + n])
+        i += 12 + n + 4
 
 
 # ----------------------------------------------------------------------------- NaN abort
