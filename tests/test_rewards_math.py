@@ -212,10 +212,16 @@ UNEQUAL = [
 ]
 
 
+# the sympy step's soft deadline (1 s by default) returns 0.0 when it fires: the first symbolic
+# comparison of a process takes 0.3 s on a loaded 2-core host, so the tests that expect 1.0 give
+# it room; the default stays in the tests of hostile input
+ROOMY = 5.0
+
+
 @pytest.mark.parametrize("gold, pred", EQUAL)
 def test_equal_pairs_both_directions(gold, pred):
-    assert math_reward(box(pred), gold) == 1.0
-    assert math_reward(box(gold), pred) == 1.0
+    assert math_reward(box(pred), gold, timeout=ROOMY) == 1.0
+    assert math_reward(box(gold), pred, timeout=ROOMY) == 1.0
 
 
 @pytest.mark.parametrize("gold, pred", UNEQUAL)
@@ -513,7 +519,7 @@ def test_signal_deadline_restores_outer_handler():
     calls = []
     old = signal.signal(signal.SIGALRM, lambda *a: calls.append(1))
     try:
-        assert math_reward(box("x^2+2x+1"), "(x+1)^2", isolate=False) == 1.0
+        assert math_reward(box("x^2+2x+1"), "(x+1)^2", isolate=False, timeout=ROOMY) == 1.0
         assert signal.getsignal(signal.SIGALRM) is not None and not calls
     finally:
         signal.signal(signal.SIGALRM, old)
@@ -546,7 +552,7 @@ def test_math_reward_from_threads_uses_worker():
     out = {}
 
     def run(i, pred, gold):
-        out[i] = math_reward(box(pred), gold)
+        out[i] = math_reward(box(pred), gold, timeout=ROOMY)
 
     threads = [threading.Thread(target=run, args=(i, p, g)) for i, (g, p) in enumerate(EQUAL[25:31] + UNEQUAL[:4])]
     for t in threads:
