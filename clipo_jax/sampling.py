@@ -52,6 +52,10 @@ from clipo_jax.models.transformer import (
 )
 
 POOLINGS = ("decode", "prefill_and_decode")
+# The narrowest vector path (kernels.vector_bits) on which each CPU kernel beats XLA, so the
+# sampler's auto mode turns it on: decode attention needs AVX-512 (its 16-float vectors spill on
+# AVX2); see docs/results.md for the dense kernel's AVX2 measurement.
+KERNEL_MIN_VECTOR_BITS = {"cpu_decode_kernel": 512, "cpu_dense_kernel": 512}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -426,16 +430,17 @@ class Sampler:
           shares the (row, kv head) pairs out over every core (XLA:CPU runs that arithmetic on
           one). None = on where it applies: the CPU backend, the unrolled layer loop, at most one
           device in the mesh, float32 compute, head_dim a multiple of 16, the kernel built
-          (`kernels.available()`) and a CPU with AVX-512 (`kernels.has_avx512()`; without it the
-          kernel is correct but slower than XLA's fusions). True where it cannot apply is an error.
+          (`kernels.available()`) for AVX-512 (`kernels.vector_bits()` at least
+          `KERNEL_MIN_VECTOR_BITS`; on AVX2 the kernel is correct but slower than XLA's fusions).
+          True where it cannot apply is an error.
         cpu_dense_kernel: the layer matrices and the LM head are packed in column panels once per
           call (`transformer.pack_dense_weights`, in place of the unrolled loop's per-layer copy)
           and every matmul of prefill and decode goes through `clipo_jax.kernels.dense`, which
           streams the panels ahead of the arithmetic over every core (XLA:CPU's dots read the
           weights in place well below the FMA peak). None = on where it applies: the CPU backend,
           the unrolled layer loop, at most one device in the mesh, float32 compute, the kernels
-          built, and a CPU with AVX-512 (as for cpu_decode_kernel). True where it cannot apply is
-          an error.
+          built for a vector path of at least `KERNEL_MIN_VECTOR_BITS`. True where it cannot
+          apply is an error.
         """
         if prefill_group_rows < 0 or cache_steps_per_octave < 0:
             raise ValueError(
@@ -483,9 +488,8 @@ class Sampler:
         ]
         if wanted is False or (wanted is None and blockers):
             return False
-        if wanted is None and not kernels.has_avx512():
-            # correct without AVX-512, but their 16-float vectors then spill out of the 16 AVX2
-            # registers: several times slower than XLA on such a CPU
+        if wanted is None and kernels.vector_bits() < KERNEL_MIN_VECTOR_BITS[flag]:
+            # correct on a narrower vector path, but slower than XLA there (kernels.vector_bits)
             return False
         if blockers:
             raise ValueError(f"Sampler({flag}=True) does not apply with {', '.join(blockers)}")

@@ -366,7 +366,13 @@ def test_cpu_kernels_change_nothing(model, scfg):
     prompts = [[5, 9, 17, 3, 44, 2, 8], [7, 1], [100, 101, 102, 103], [4] * 11]
     assert kernels.available(), kernels.unavailable_reason()
     auto = sampling.Sampler(cfg)  # on with AVX-512 (slower than XLA without it)
-    assert auto.cpu_decode_kernel == auto.cfg.cpu_decode_kernel == auto.cpu_dense_kernel == kernels.has_avx512()
+    bits = kernels.vector_bits()
+    assert (
+        auto.cpu_decode_kernel
+        == auto.cfg.cpu_decode_kernel
+        == (bits >= sampling.KERNEL_MIN_VECTOR_BITS["cpu_decode_kernel"])
+    )
+    assert auto.cpu_dense_kernel == (bits >= sampling.KERNEL_MIN_VECTOR_BITS["cpu_dense_kernel"])
     on = sampling.Sampler(cfg, cpu_decode_kernel=True, cpu_dense_kernel=True)  # correct on every CPU
     assert on.cfg.cpu_decode_kernel
     packed = on._unstack(params)
@@ -395,7 +401,7 @@ def test_cpu_kernels_auto_mode_needs_avx512(monkeypatch):
     them off there, and asking for them still works."""
     cfg = PRESETS["tiny_llama"]
     assert kernels.available(), kernels.unavailable_reason()
-    monkeypatch.setattr(kernels, "has_avx512", lambda: False)
+    monkeypatch.setattr(kernels, "vector_bits", lambda: 0)
     auto = sampling.Sampler(cfg)
     assert not auto.cpu_decode_kernel and not auto.cpu_dense_kernel and not auto.cfg.cpu_decode_kernel
     forced = sampling.Sampler(cfg, cpu_decode_kernel=True, cpu_dense_kernel=True)

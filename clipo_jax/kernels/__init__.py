@@ -50,6 +50,7 @@ FLAGS = ("-O3", f"-march={MARCH}", "-fno-math-errno", "-std=c++17", "-shared", "
 LANES = CPU_KERNEL_LANES  # the kernels' vector width in floats: head_dim and a packed W's columns are multiples of it
 
 _unavailable: str | None = None
+_vector_bits = 0
 
 
 def _compiler() -> str | None:
@@ -103,7 +104,7 @@ def _build(cxx: str) -> Path:
 
 @functools.cache
 def _register() -> bool:
-    global _unavailable
+    global _unavailable, _vector_bits
     if os.environ.get("CLIPO_JAX_CPU_KERNELS", "1") == "0":
         _unavailable = "CLIPO_JAX_CPU_KERNELS=0"
         return False
@@ -115,6 +116,7 @@ def _register() -> bool:
             handle = ctypes.cdll.LoadLibrary(str(_build(cxx)))
             jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(handle.ClipoDecodeAttention), platform="cpu")
             jax.ffi.register_ffi_target(DENSE_TARGET, jax.ffi.pycapsule(handle.ClipoDense), platform="cpu")
+            _vector_bits = int(handle.ClipoKernelVectorBits())
             return True
         except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as e:
             _unavailable = f"the CPU kernels did not build or load: {e}"
@@ -123,11 +125,17 @@ def _register() -> bool:
 
 
 def has_avx512() -> bool:
-    """Whether this CPU has AVX-512 (32 vector registers of 16 floats), what the kernels are
-    written for (`dense` blocks 8 rows in 24 of them). Built for AVX2 they stay correct, but their
-    16-float vectors spill out of the 16 registers and they run several times slower than XLA's
-    dots and fusions, so the sampler's auto mode uses them only on AVX-512 CPUs."""
+    """Whether this CPU lists AVX-512 (avx512f in /proc/cpuinfo)."""
     return "avx512f" in _cpu_id().partition("|")[2].split()
+
+
+def vector_bits() -> int:
+    """The vector path the kernels were built with (builds them on first call): 512 (AVX-512, 32
+    registers of 16 floats: what both kernels are written for), 256 (AVX2 + FMA: `dense` runs
+    8-float register blocks; `decode_attention` keeps its 16-float vectors, which spill out of the
+    16 registers and run several times slower than XLA's fusions), 0 (neither, or not built).
+    The sampler's auto mode reads it."""
+    return _vector_bits if _register() else 0
 
 
 def available() -> bool:

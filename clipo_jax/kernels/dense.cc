@@ -151,6 +151,18 @@ ffi::Error Dense(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi:
 
 }  // namespace
 
+// The vector path this library was built with (its -march): 512 = AVX-512 (both kernels' own
+// width), 256 = AVX2 + FMA (the dense kernel's 8-float blocks; the decode kernel spills), 0 = neither.
+extern "C" int ClipoKernelVectorBits() {
+#if defined(__AVX512F__)
+  return 512;
+#elif defined(__AVX2__) && defined(__FMA__)
+  return 256;
+#else
+  return 0;
+#endif
+}
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ClipoDense, Dense,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
