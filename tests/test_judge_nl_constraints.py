@@ -23,7 +23,7 @@ from clipo_jax.rubrics import JudgeConfig, OpenAIHTTPBackend, PairInput, Pairwis
 from clipo_jax.rubrics.pairs import validate_constraint, validate_row
 from clipo_jax.rubrics.sandbox import detect_layers
 
-needs_sandbox = pytest.mark.skipif(not detect_layers().seccomp, reason="no seccomp: the sandbox refuses checkers")
+needs_sandbox = pytest.mark.skipif(not detect_layers().usable, reason="no usable sandbox: checkers are refused")
 
 TWO_CITIES = "```python\nimport re\n\ndef check(response):\n    return len(re.findall(r'CITY', response)) == 2\n```"
 NO_COMPILE = "```python\ndef check(response):\n    return (\n```"

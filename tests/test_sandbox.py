@@ -54,7 +54,7 @@ def raw(nr, *args):
 @pytest.fixture(params=["bubblewrap", "seccomp"])
 def layers(request):
     found = sandbox.detect_layers(use_bubblewrap=request.param == "bubblewrap")
-    if not found.seccomp:
+    if not found.usable:
         pytest.fail(f"no seccomp on this host: {found.reason}")  # the sandbox would refuse every checker
     if request.param == "bubblewrap" and not found.bubblewrap:
         pytest.skip(f"bubblewrap unavailable here: {found.reason}")
@@ -148,12 +148,16 @@ def test_escapes_leave_no_trace(tmp_path, layers, name, attack):
         ("io_uring_setup", "raw(425, 1, 0)"),
         ("process_vm_readv", "raw(310, 1, 0, 0, 0, 0, 0)"),
         ("memfd_create", "raw(319, b'x', 0)"),
+        ("shmat", "raw(30, 0, 0, 0)"),  # attaching an existing segment writes into it
+        ("prlimit64_of_the_parent", "raw(302, 1, 7, 0, 0)"),  # another process's limits
+        ("fcntl_setown", "raw(72, 1, 8, 1)"),  # SIGIO to another process on each write
+        ("fcntl_setsig", "raw(72, 1, 10, 10)"),
     ],
 )
 def test_raw_syscalls_refused_by_the_filter(layers, name, call):
     """ctypes straight to the kernel, the audit hook gone: only seccomp stands."""
     res = run(RAW + f"def check(r):\n    {call}\n    return True", layers)
-    assert refused(res) and "refused" in res.error, res
+    assert refused(res) and "refused: errno 1" in res.error, res  # EPERM: the filter, not the kernel
 
 
 def test_network_refused(layers):
@@ -267,11 +271,38 @@ def test_disk_is_capped(layers):
     code = "def check(r):\n    with open('big', 'wb') as f:\n        for _ in range(64):\n            f.write(bytes(1 << 20))"
     res = run(code, layers, limits=SandboxLimits(max_disk_mb=2, max_output_bytes=16 << 20))
     assert refused(res), res
+    # nothing else takes the bytes the cap refuses: in bubblewrap the root and /dev are read-only
+    # and /dev/shm is capped as well (each was a tmpfs of half the RAM); without it, no writes
+    for where in ("/big", "/dev/shm/big", "/dev/big"):
+        code = f"def check(r):\n    with open('{where}', 'wb') as f:\n        f.write(bytes(8 << 20))\n    return True"
+        res = run(code, layers, limits=SandboxLimits(max_disk_mb=2, max_output_bytes=16 << 20))
+        assert refused(res) and ("OSError" in res.error or "PermissionError" in res.error), (where, res)
     if layers.bubblewrap:  # a scratch file within the cap is allowed in the private tmpfs
         code = "def check(r):\n    open('s', 'w').write(r)\n    return open('s').read() == r"
         assert run(code, layers, "hello").value is True
     else:  # without a private filesystem nothing is writable
         assert refused(run("def check(r):\n    open('s', 'w')", layers))
+
+
+def test_output_built_to_break_the_parser_is_no_verdict(layers):
+    """A checker that echoes the response: a response of 70,000 '[' (or digits) cut by the output
+    cap once made the parent's JSON parse raise (RecursionError / ValueError) out of run_checker."""
+    for junk in ("[" * 70000, "9" * 70000):
+        res = run("def check(r):\n    print(r)\n    return True", layers, "ok\n" + junk)
+        assert refused(res) and "no verdict" in res.error, res
+
+
+def test_seccomp_alone_keeps_the_callers_rights_and_is_refused(monkeypatch):
+    """Without bubblewrap and without a root caller to drop to nobody, a checker would read the
+    caller's files, environment and memory: refused unless the operator opts in."""
+    layers = sandbox.Layers(None, True, False, "bubblewrap unavailable; running as a non-root user")
+    monkeypatch.delenv(sandbox.ALLOW_UNCONFINED_ENV, raising=False)
+    res = run("def check(r):\n    return True", layers)
+    assert refused(res) and "checker refused" in res.error and sandbox.ALLOW_UNCONFINED_ENV in res.error
+    assert "UNAVAILABLE" in layers.describe()
+    if os.getuid() != 0:  # as root the opt-in would run the checker as root: not tried here
+        monkeypatch.setenv(sandbox.ALLOW_UNCONFINED_ENV, "1")
+        assert run("def check(r):\n    return True", layers).value is True
 
 
 def test_forged_verdict_is_ignored(layers):

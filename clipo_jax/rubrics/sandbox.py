@@ -105,8 +105,9 @@ DENIED_SYSCALLS = (
     "request_key", "name_to_handle_at", "open_by_handle_at", "init_module", "finit_module",
     "delete_module", "kexec_load", "kexec_file_load", "reboot", "swapon", "swapoff", "acct",
     "quotactl", "syslog", "iopl", "ioperm", "memfd_create", "memfd_secret",
-    # System V / POSIX IPC with other processes
-    "msgget", "semget", "shmget", "mq_open",
+    # System V / POSIX IPC with other processes (attaching an existing segment writes into it)
+    "msgget", "semget", "shmget", "mq_open", "shmat", "shmctl", "msgsnd", "msgrcv", "msgctl", "semop",
+    "semtimedop", "semctl",
     # openat2 takes its flags in a struct the filter cannot read
     "openat2",
 )  # fmt: skip
@@ -117,7 +118,7 @@ DENIED_WRITE_SYSCALLS = (
     "link", "linkat", "symlink", "symlinkat", "chmod", "fchmod", "fchmodat", "fchmodat2", "chown",
     "fchown", "lchown", "fchownat", "truncate", "ftruncate", "mknod", "mknodat", "utime", "utimes",
     "utimensat", "futimesat", "setxattr", "lsetxattr", "fsetxattr", "removexattr", "lremovexattr",
-    "fremovexattr", "fallocate",
+    "fremovexattr", "fallocate", "setxattrat", "removexattrat", "file_setattr",
 )  # fmt: skip
 
 _BOOTSTRAP = r"""
@@ -146,6 +147,12 @@ for _name in payload["deny"]:
     except (ValueError, OSError, RuntimeError):  # not a syscall of this kernel / architecture
         pass
 _filter.add_rule(_deny, "ioctl", seccomp.Arg(1, seccomp.EQ, termios.TIOCSTI))
+# other processes through resource limits or a descriptor's owner (SIGIO / a chosen signal on write)
+_filter.add_rule(_deny, "prlimit64", seccomp.Arg(0, seccomp.NE, 0))
+for _cmd in (8, 10, 15):  # F_SETOWN, F_SETSIG, F_SETOWN_EX
+    _filter.add_rule(_deny, "fcntl", seccomp.Arg(1, seccomp.EQ, _cmd))
+if payload["deny_writes"]:
+    _filter.add_rule(_deny, "ioctl", seccomp.Arg(1, seccomp.EQ, 0x40086602))  # FS_IOC_SETFLAGS
 if payload["deny_writes"]:
     # O_WRONLY, O_RDWR, O_CREAT, O_TRUNC, O_APPEND, __O_TMPFILE: any of them refuses the open.
     for _bit in (0o1, 0o2, 0o100, 0o1000, 0o2000, 0o20000000):
@@ -185,6 +192,9 @@ except BaseException as e:
 _out.write("\n" + json.dumps(result) + "\n")
 _out.flush()
 """
+
+
+ALLOW_UNCONFINED_ENV = "CLIPO_JAX_SANDBOX_ALLOW_UNCONFINED"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -229,6 +239,16 @@ class Layers:
     drop_to_nobody: bool  # without bubblewrap, a root caller becomes nobody
     reason: str  # why a layer is missing ("" when all are present)
 
+    @property
+    def usable(self) -> bool:
+        """seccomp plus another identity than the caller's (bubblewrap's nobody, or a root caller
+        dropped to nobody). With seccomp alone the checker keeps the caller's rights to read its
+        files, its environment through /proc and its memory: refused unless the operator sets
+        ALLOW_UNCONFINED_ENV=1."""
+        return self.seccomp and (
+            bool(self.bubblewrap) or self.drop_to_nobody or os.environ.get(ALLOW_UNCONFINED_ENV) == "1"
+        )
+
     def describe(self) -> str:
         parts = []
         if self.bubblewrap:
@@ -241,7 +261,7 @@ class Layers:
             parts.append("uid/gid nobody")
         parts.append("rlimits, process-group kill")
         text = "checker sandbox: " + " + ".join(parts)
-        if not self.seccomp:
+        if not self.usable:
             text = "checker sandbox UNAVAILABLE (checkers are refused)"
         return text + (f"; {self.reason}" if self.reason else "")
 
@@ -326,8 +346,11 @@ def _bwrap_args(boot_dir: str, disk_bytes: int) -> list[str]:
     if lib is not None:
         args += ["--ro-bind", os.path.join(lib, "pyseccomp.py"), "/sandbox/lib/pyseccomp.py"]
     args += ["--proc", "/proc", "--dev", "/dev", "--ro-bind", boot_dir, "/sandbox/boot"]
-    args += ["--size", str(disk_bytes), "--tmpfs", "/sandbox/work", "--chdir", "/sandbox/work"]
-    return args
+    args += ["--size", str(disk_bytes), "--tmpfs", "/sandbox/work"]
+    # the rest stays read-only or capped: a writable root or /dev/shm (tmpfs at half the RAM each)
+    # would bypass the disk cap, and RLIMIT_AS does not count tmpfs pages
+    args += ["--size", str(disk_bytes), "--tmpfs", "/dev/shm", "--remount-ro", "/dev", "--remount-ro", "/"]
+    return args + ["--chdir", "/sandbox/work"]
 
 
 def _rlimits(limits: SandboxLimits) -> dict[str, int]:
@@ -366,9 +389,10 @@ def run_checker(
     layers = layers or detect_layers()
     if not _announced:
         _announced = True
-        (log.info if layers.seccomp else log.error)(layers.describe())
-    if not layers.seccomp:
-        return CheckerResult(False, None, f"sandbox unavailable, checker refused: {layers.reason}")
+        (log.info if layers.usable else log.error)(layers.describe())
+    if not layers.usable:
+        hint = "" if not layers.seccomp else f" ({ALLOW_UNCONFINED_ENV}=1 runs checkers with this user's rights)"
+        return CheckerResult(False, None, f"sandbox unavailable, checker refused: {layers.reason}{hint}")
     if not isinstance(limits, SandboxLimits):
         raise TypeError("limits must be a SandboxLimits (set by the operator, not by a data row)")
     nonce = secrets.token_hex(16)
@@ -423,9 +447,11 @@ def run_checker(
         except OSError:
             text = ""
     for line in reversed(text.strip().splitlines()):
+        if not line.startswith('{"nonce"'):  # the verdict line; anything else is the checker's output
+            continue
         try:
             obj = json.loads(line)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # cut by the output cap, or built to break the parser
             continue
         if isinstance(obj, dict) and obj.get("nonce") == nonce:
             if "error" in obj:
