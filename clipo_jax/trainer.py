@@ -765,6 +765,28 @@ def rl_step(ctx: RunContext, step: int, state, ref_params, head, stream: rollout
     return state, head, m, (skipped, len(step_metrics)), empty
 
 
+def config_changes(path: str, new_json: str) -> list[str]:
+    """The dotted keys whose values differ between the config.json at ``path`` (if any) and
+    ``new_json``: ``rl.steps: 60 -> 120``."""
+    try:
+        with open(path) as f:
+            old = json.load(f)
+    except (OSError, ValueError):
+        return []
+
+    def flat(d, prefix=""):
+        out = {}
+        for k, v in d.items():
+            if isinstance(v, dict):
+                out.update(flat(v, f"{prefix}{k}."))
+            else:
+                out[f"{prefix}{k}"] = v
+        return out
+
+    a, b = flat(old), flat(json.loads(new_json))
+    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
 def run(config, workdir: str) -> dict:
     """Run SFT (optional) then RL; returns {'before': eval, 'after': eval, 'last_metrics': ...}."""
     from tqdm import tqdm
@@ -773,7 +795,14 @@ def run(config, workdir: str) -> dict:
     check_workdir(workdir)
     primary = parallel.is_primary()  # with several processes, process 0 writes the run's files
     if primary:
-        write_atomic(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
+        path = os.path.join(workdir, "config.json")
+        text = config.to_json_best_effort(indent=2)
+        changed = config_changes(path, text)
+        if changed:  # a resume with other settings: said, and the previous config kept beside it
+            logger.warning("%s: the run continues with changed settings: %s", workdir, ", ".join(changed[:20]))
+            print(f"config changed since the last start of this run: {', '.join(changed[:20])}")
+            os.replace(path, os.path.join(workdir, "config.prev.json"))
+        write_atomic(path, text)
     root = jax.random.key(config.seed)
     ctx, params = setup(config, workdir, root)
     try:

@@ -132,3 +132,11 @@ def test_a_missing_data_source_is_a_one_line_error(tmp_path, source, message):
     r = _train(tmp_path, "--config=configs/grpo_smollm2_gsm8k.py:cpu", f"--config.task.train={source}")
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert _last_line(r.stderr).startswith("error: task:") and message in _last_line(r.stderr), r.stderr[-1000:]
+
+
+def test_a_changed_config_on_resume_is_reported_and_the_old_one_kept(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"rl": {"steps": 60, "lr": 1e-4}, "seed": 0}))
+    new = json.dumps({"rl": {"steps": 120, "lr": 1e-4}, "seed": 0, "extra": 1})
+    assert trainer.config_changes(str(tmp_path / "config.json"), new) == ["extra: None -> 1", "rl.steps: 60 -> 120"]
+    assert trainer.config_changes(str(tmp_path / "config.json"), (tmp_path / "config.json").read_text()) == []
+    assert trainer.config_changes(str(tmp_path / "missing.json"), new) == []
