@@ -1,8 +1,8 @@
 """Tasks: what the trainer needs from a problem source, behind one small interface.
 
 A task supplies a tokenizer, a training pool of rows, named test sets, optional SFT pairs,
-and a grader. Rows are dicts {prompt, ground_truth, reward_fn, source, index}. Add a task by
-writing a builder and registering it in TASKS.
+and a grader. Rows are dicts {prompt, ground_truth, reward_fn, source, index} plus, for dataset
+rows, {messages, meta}. Add a task by writing a builder and registering it in TASKS.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ from typing import Any, Callable
 from clipo_jax.rewards import get_reward
 
 logger = logging.getLogger(__name__)
+
+REWARD_ROW_KEYS = ("meta", "source", "index")  # row fields that Task.reward passes to the reward
 
 
 @dataclasses.dataclass
@@ -37,7 +39,10 @@ class Task:
         return self.tokenizer.encode(row["prompt"], add_bos=self.tokenizer.bos_id is not None)
 
     def reward(self, row: dict, response: str) -> float:
-        return float(get_reward(row["reward_fn"])(response, row["ground_truth"]))
+        # meta / source / index go to the reward as keywords (``fn(response, gt, **row)``): the
+        # rgym reward needs meta["rgym_name"] / meta["rgym_entry"]
+        extra = {k: row[k] for k in REWARD_ROW_KEYS if k in row}
+        return float(get_reward(row["reward_fn"])(response, row["ground_truth"], **extra))
 
     def grade(self, row: dict, response: str) -> dict[str, float]:
         """Eval metrics of one response (at least 'outcome')."""
@@ -123,6 +128,7 @@ def _example_rows(examples) -> list[dict]:
             "reward_fn": e.reward_fn,
             "source": e.source,
             "index": e.index,
+            "meta": e.meta,
         }
         for e in examples
     ]
@@ -133,8 +139,11 @@ def parse_suites(spec: str) -> dict[str, str]:
     out = {}
     for item in filter(None, (x.strip() for x in spec.split(","))):
         name, sep, ds = item.partition("=")
-        if not sep:
+        name, ds = name.strip(), ds.strip()
+        if not sep or not name or not ds:
             raise ValueError(f"suite {item!r} must look like name=source:arg")
+        if name in out:
+            raise ValueError(f"suite name {name!r} is given twice in {spec!r}")
         out[name] = ds
     return out
 
@@ -150,13 +159,21 @@ def build_dataset_task(cfg, workdir: str) -> Task:
     from clipo_jax.models.loading import resolve_model_path
     from clipo_jax.models.tokenizer import load_tokenizer
 
+    for key in ("train_limit", "test_limit"):
+        if (cfg.get(key) or 0) < 0:
+            raise ValueError(f"task.{key} must be >= 0 (0 = all rows), got {cfg.get(key)}")
+    suites = parse_suites(cfg.get("tests", ""))
     tok = load_tokenizer(resolve_model_path(cfg.tokenizer))
     train = load_dataset(cfg.train) if cfg.train else []
+    if cfg.train and not train:
+        raise ValueError(f"task.train {cfg.train!r} has no usable rows")
     if cfg.get("train_limit"):
         train = train[: cfg.train_limit]
     tests = {}
-    for name, spec in parse_suites(cfg.get("tests", "")).items():
+    for name, spec in suites.items():
         rows = load_dataset(spec)
+        if not rows:  # an empty suite would be evaluated as nan
+            raise ValueError(f"test suite {name!r} ({spec}) has no usable rows")
         tests[name] = _example_rows(rows[: cfg.test_limit] if cfg.get("test_limit") else rows)
     return Task(
         name="dataset", tokenizer=tok, train_rows=_example_rows(train), test_sets=tests, sft_pairs=[], chat=True

