@@ -14,16 +14,6 @@ from clipo_jax.rl import update
 from clipo_jax.rl.step import StepConfig, make_optimizer, train_step
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from configs.demo import get_config
-
-    config = get_config("size=tiny")
-    task = tasks.build_task(config.task, str(tmp_path_factory.mktemp("tiny")))
-    cfg, params = trainer.build_model(config, task.tokenizer.vocab_size, jax.random.key(0))
-    return config, task, cfg, params
-
-
 def spec_for(task, cfg, G=4, prompts=3, **kw):
     tok = task.tokenizer
     scfg = sampling.SamplingConfig(

@@ -12,20 +12,10 @@ import jax
 import numpy as np
 import pytest
 
-from clipo_jax import parallel, sft, tasks, trainer
+from clipo_jax import parallel, sft, trainer
 from clipo_jax.checkpoints import MANIFEST
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from configs.demo import get_config
-
-    config = get_config("size=tiny")
-    task = tasks.build_task(config.task, str(tmp_path_factory.mktemp("task")))
-    cfg, params = trainer.build_model(config, task.tokenizer.vocab_size, jax.random.key(0))
-    return config, task, cfg, params
 
 
 def _sft(tiny, workdir):
