@@ -135,6 +135,10 @@ def test_typed_and_written_constraints_reach_the_judge_together(judge_url, tmp_p
         values, m = _score(stage, ["GOOD a b c d e f", "GOOD EMOJI", "plain"], row=row)
         np.testing.assert_allclose(values, [0.25, 0.25, 1.0])
         assert m["errors"] == 0
+        # IF-style constraints are the pvr term's: accepted here and left out of the judge's
+        stage.check_rows([{"prompt": "p", "constraints": [{"id": "punctuation:no_comma", "kwargs": {}}]}])
+        with_if = dict(row, constraints=row["constraints"] + [{"id": "punctuation:no_comma", "kwargs": {}}])
+        assert _score(stage, ["GOOD a b c d e f", "GOOD EMOJI", "plain"], row=with_if, step=1)[0] == values
         with pytest.raises(RewardError, match="'constraints' must be a list"):
             stage.check_rows([{"prompt": "p", "constraints": [{"max": 5}]}])
         with pytest.raises(RewardError, match=r"unknown constraint type\(s\) \['max_words'\]"):

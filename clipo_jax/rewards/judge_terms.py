@@ -269,11 +269,11 @@ class PairwiseRubricTerm(RewardTerm):
         cons = row.get("constraints")
         if cons is not None and (
             not isinstance(cons, list)
-            or not all(isinstance(c, dict) and ("type" in c or pvr.is_nl_constraint(c)) for c in cons)
+            or not all(isinstance(c, dict) and ("type" in c or "id" in c or pvr.is_nl_constraint(c)) for c in cons)
         ):
             raise RewardError(
-                f"{where}: 'constraints' must be a list of {{'type': ...}} (programmatic) or {{'rule': <text>}} "
-                f"(written in words) objects, got {str(cons)[:120]}"
+                f"{where}: 'constraints' must be a list of {{'type': ...}} (programmatic), {{'rule': <text>}} "
+                f"(written in words) or IF-style {{'id': ..., 'kwargs': ...}} objects, got {str(cons)[:120]}"
             )
         unknown = sorted({str(c["type"]) for c in cons or () if "type" in c and c["type"] not in pvr.CONSTRAINTS})
         if unknown:  # the judge would warn and judge without any constraint of the row
@@ -298,6 +298,7 @@ class PairwiseRubricTerm(RewardTerm):
         return _pairs_for(self.method, g, cfg), g
 
     async def score(self, batch: RewardBatch) -> TermOutput:
+        from clipo_jax.rubrics import pvr
         from clipo_jax.rubrics.group_rewards import GroupRewardConfig, pairwise_rewards
         from clipo_jax.rubrics.judge import PairInput
 
@@ -321,7 +322,8 @@ class PairwiseRubricTerm(RewardTerm):
             qtype = row.get("query_type") or self.settings.get("query_type") or None
             gt = row.get("ground_truth") if self.settings.get("ground_truth", False) else None
             gt = None if gt is None else str(gt)
-            cons = row.get("constraints") or None  # typed and written-in-words ones (check_row)
+            # typed and written-in-words ones; IF-style {"id", "kwargs"} ones are the pvr term's
+            cons = [c for c in row.get("constraints") or () if "type" in c or pvr.is_nl_constraint(c)] or None
             cons_key = json.dumps(cons, sort_keys=True) if cons else ""
             keyed = []
             for i, j in index:
