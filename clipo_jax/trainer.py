@@ -518,12 +518,13 @@ def _setup_model(config, task, mesh, rewards, root) -> tuple["RunContext", Any]:
         pad_id=tok.pad_id,
     )
     sampler = sampling.Sampler(cfg, mesh, replicate_weights=bool(rl.get("rollout_replicate_weights", False)))
-    longest = sampler.length_bucket(rl.max_prompt_len) + max(rl.max_new_tokens, config.eval.max_new_tokens)
-    if longest > cfg.max_seq_len:  # nothing else reads the bound: an oversized run would train past it
+    prompt_width = sampler.length_bucket(rl.max_prompt_len)
+    new_tokens = max(rl.max_new_tokens, config.eval.max_new_tokens)
+    if prompt_width + new_tokens > cfg.max_seq_len:  # nothing else reads the bound: a run would train past it
         raise TrainingError(
-            f"model.max_seq_len={cfg.max_seq_len} is shorter than the longest sequence, {longest} tokens "
-            f"(rl.max_prompt_len={rl.max_prompt_len} padded to {sampler.length_bucket(rl.max_prompt_len)} + "
-            f"max(rl.max_new_tokens, eval.max_new_tokens)={max(rl.max_new_tokens, config.eval.max_new_tokens)})"
+            f"model.max_seq_len={cfg.max_seq_len} is shorter than the longest sequence, {prompt_width + new_tokens} "
+            f"tokens (rl.max_prompt_len={rl.max_prompt_len} padded to {prompt_width} + "
+            f"max(rl.max_new_tokens, eval.max_new_tokens)={new_tokens})"
         )
     spec = rollout.RolloutSpec(
         sampler=sampler,
@@ -531,7 +532,7 @@ def _setup_model(config, task, mesh, rewards, root) -> tuple["RunContext", Any]:
         config=rollout_cfg,
         prompts_per_step=rl.prompts_per_step,
         group_size=rl.group_size,
-        prompt_width=sampler.length_bucket(rl.max_prompt_len),
+        prompt_width=prompt_width,
         greedy_anchor=any(getattr(t, "needs_greedy_anchor", False) for t in rewards.terms.values()),
         dynamic_sampling=rl.dynamic_sampling,
         dynamic_max_rounds=rl.dynamic_max_rounds,
