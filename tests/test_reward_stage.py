@@ -154,6 +154,37 @@ def test_pairwise_greedy_anchor_cache_dedup_and_identical_pairs(server):  # noqa
     stage.close()
 
 
+def test_pairwise_judge_sees_the_whole_chat_the_policy_saw(server):  # noqa: F811
+    """A row's system prompt and earlier turns reach the judge (not only the last user turn);
+    a lone user message is shown as itself, and ``messages`` win over ``prompt`` as in
+    ``Task.encode_prompt``."""
+    url, state = server
+    rows = [
+        {
+            "prompt": "Name a colour.",  # what the data loaders also keep: the last turn alone
+            "messages": [
+                {"role": "system", "content": "SYSTEM-RULE: answer in French."},
+                {"role": "user", "content": "Say hi."},
+                {"role": "assistant", "content": "EARLIER-TURN bonjour"},
+                {"role": "user", "content": "Name a colour."},
+            ],
+        },
+        {"prompt": "ignored", "messages": [{"role": "user", "content": "LONE-USER question"}]},
+    ]
+    stage = RewardStage.from_config(
+        cfg({"pairwise_rubric": 1.0}, pairwise_rubric=judge_cfg(url, method="round_robin")), RewardContext()
+    )
+    r = stage.compute(batch_of(["GOOD rouge", "bad", "GOOD x", "bad y"], rows, 2))
+    assert r.per_term["pairwise_rubric"].tolist() == [1.0, 0.0, 1.0, 0.0]
+    stage.close()
+    judged = [q["body"]["messages"][-1]["content"] for q in state.requests]
+    first = [u for u in judged if "rouge" in u]
+    assert first and all("SYSTEM-RULE: answer in French." in u and "EARLIER-TURN bonjour" in u for u in first)
+    assert all(u.index("SYSTEM-RULE") < u.index("EARLIER-TURN") < u.index("Name a colour.") for u in first)
+    second = [u for u in judged if "GOOD x" in u]
+    assert second and all("LONE-USER question" in u and "[user]" not in u and "ignored" not in u for u in second)
+
+
 def test_pairwise_failures_are_counted_ties_and_a_down_judge_is_one_line(server):  # noqa: F811
     url, _ = server
     rows = [{"prompt": "p"}]

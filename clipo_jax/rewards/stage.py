@@ -80,10 +80,20 @@ class RewardBatch:
         return self.rows[i // self.group_size]
 
     def prompt(self, group: int) -> str:
+        """The prompt as the policy saw it (``messages`` win over ``prompt``, as in
+        ``Task.encode_prompt``): a system prompt or earlier turns reach the judge too."""
         row = self.rows[group]
-        if "prompt" in row:
-            return row["prompt"]
-        return next((m["content"] for m in reversed(row.get("messages", [])) if m.get("role") == "user"), "")
+        if row.get("messages"):
+            return conversation_text(row["messages"])
+        return str(row.get("prompt", ""))
+
+
+def conversation_text(messages: Sequence[Mapping[str, Any]]) -> str:
+    """A chat as judge-readable text: a lone user message as itself, anything longer (a system
+    prompt, earlier turns) as role-labelled blocks in order."""
+    if len(messages) == 1 and messages[0].get("role", "user") == "user":
+        return str(messages[0].get("content", ""))
+    return "\n\n".join(f"[{m.get('role', 'user')}]\n{m.get('content', '')}" for m in messages)
 
 
 @dataclasses.dataclass
