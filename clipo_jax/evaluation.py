@@ -11,6 +11,7 @@ grade every sample with the task's grader, and report per set
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Sequence
 
@@ -49,6 +50,20 @@ def summarize(per_problem: Sequence[dict[str, float]]) -> dict[str, float]:
         del res[num_key], res[name + RATIO_DEN]
         res[name] = num / den if den else float("nan")
     return res
+
+
+def fit_test_sets(task, max_prompt_len: int):
+    """-> (task with only the test prompts of at most ``max_prompt_len`` tokens, {set: number left
+    out}); a set that loses none is not in the dict. The trainer bounds evaluation by the model's
+    context (``model.max_seq_len - eval.max_new_tokens``); experiments/evaluate.py by its flag."""
+    kept, left_out = {}, {}
+    for name, rows in task.test_sets.items():
+        kept[name] = [r for r in rows if len(task.encode_prompt(r)) <= max_prompt_len]
+        if len(kept[name]) < len(rows):
+            left_out[name] = len(rows) - len(kept[name])
+    if not left_out:
+        return task, {}
+    return dataclasses.replace(task, test_sets=kept), left_out
 
 
 def evaluate(

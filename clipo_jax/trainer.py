@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from clipo_jax import contrastive, parallel, rollout, sampling, tasks
+from clipo_jax import contrastive, evaluation, parallel, rollout, sampling, tasks
 from clipo_jax.checkpoints import (  # noqa: F401  (re-exported)
     CheckpointError,
     RunCheckpoints,
@@ -401,8 +401,6 @@ def evaluate(
     task: tasks.Task, sampler: sampling.Sampler, params, scfg: sampling.SamplingConfig, rng, batch_size: int = 64
 ) -> dict[str, dict[str, float]]:
     """The shared evaluation (clipo_jax.evaluation) as the trainer uses it."""
-    from clipo_jax import evaluation
-
     return evaluation.evaluate(task, sampler, params, scfg, rng, batch_size=batch_size)
 
 
@@ -526,6 +524,17 @@ def _setup_model(config, task, mesh, rewards, root) -> tuple["RunContext", Any]:
             f"tokens (rl.max_prompt_len={rl.max_prompt_len} padded to {prompt_width} + "
             f"max(rl.max_new_tokens, eval.max_new_tokens)={new_tokens})"
         )
+    # test prompts that cannot fit the model's context with the eval budget would be evaluated
+    # past it, and one of them makes the whole batch's cache that long
+    eval_prompt_len = cfg.max_seq_len - config.eval.max_new_tokens
+    task, left_out = evaluation.fit_test_sets(task, eval_prompt_len)
+    for name, n in left_out.items():
+        where = (
+            f"test set {name}: {n} prompt(s) longer than model.max_seq_len - eval.max_new_tokens = {eval_prompt_len}"
+        )
+        if not task.test_sets[name]:
+            raise TrainingError(f"{where} tokens, that is all of them")
+        logger.warning("%s tokens are left out of evaluation (%d kept)", where, len(task.test_sets[name]))
     spec = rollout.RolloutSpec(
         sampler=sampler,
         tokenizer=tok,

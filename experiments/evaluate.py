@@ -82,17 +82,16 @@ def main(argv):
             params = trainer.restore_params(FLAGS.run, params)
         else:
             cfg, params, tok = load_model(FLAGS.model)
-            test_sets, dropped = {}, {}
+            test_sets = {}
             for name, spec in suite_specs(FLAGS.suites, FLAGS.data_dir).items():
                 rows = tasks._example_rows(load_dataset(spec))
-                rows = rows[: FLAGS.limit] if FLAGS.limit else rows
-                task_tmp = tasks.Task(name="eval", tokenizer=tok, train_rows=[], test_sets={}, sft_pairs=[], chat=True)
-                kept = [r for r in rows if len(task_tmp.encode_prompt(r)) <= FLAGS.max_prompt_len]
-                dropped[name] = len(rows) - len(kept)
-                test_sets[name] = kept
+                test_sets[name] = rows[: FLAGS.limit] if FLAGS.limit else rows
             task = tasks.Task(name="eval", tokenizer=tok, train_rows=[], test_sets=test_sets, sft_pairs=[], chat=True)
     except (ModelError, ValueError, OSError) as e:
         sys.exit(f"error: {e}")
+    task, dropped = evaluation.fit_test_sets(task, FLAGS.max_prompt_len)
+    for name, n in dropped.items():
+        print(f"{name}: {n} prompt(s) longer than --max_prompt_len={FLAGS.max_prompt_len} left out")
     cfg = cfg.replace(dtype=FLAGS.dtype)
     params = parallel.shard_tree(params, mesh, transformer.param_logical_axes(cfg))
     tok = task.tokenizer
@@ -136,7 +135,7 @@ def main(argv):
                     k: FLAGS[k].value
                     for k in ("model", "run", "suites", "limit", "n", "temperature", "top_p", "max_new_tokens")
                 },
-                "dropped_overlong": locals().get("dropped", {}),
+                "dropped_overlong": dropped,
                 "records": records,
             },
             f,

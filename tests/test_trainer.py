@@ -175,6 +175,30 @@ def test_overlong_prompts_are_dropped_and_counted(full_run, max_prompt_len):
 
 
 @pytest.mark.slow
+def test_evaluate_cli_on_a_run_leaves_out_and_counts_overlong_test_prompts(env, full_run, tmp_path):
+    sys.path.insert(0, REPO)
+    import ml_collections
+
+    from clipo_jax import tasks
+
+    with open(full_run / "config.json") as f:
+        task = tasks.build_task(ml_collections.ConfigDict(json.load(f)).task, str(tmp_path / "task"))
+    lengths = {name: [len(task.encode_prompt(r)) for r in rows] for name, rows in task.test_sets.items()}
+    limit = int(np.median([n for ls in lengths.values() for n in ls]))  # about half of them go
+    out = tmp_path / "eval.json"
+    cmd = [sys.executable, "-m", "experiments.evaluate", f"--run={full_run}", f"--max_prompt_len={limit}"]
+    r = subprocess.run(
+        cmd + ["--max_new_tokens=4", f"--output={out}"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(out.read_text())
+    want_dropped = {name: sum(n > limit for n in ls) for name, ls in lengths.items()}
+    assert res["dropped_overlong"] == {name: n for name, n in want_dropped.items() if n}
+    assert sum(want_dropped.values()) > 0  # the case is met
+    kept = {name: len(ls) - want_dropped[name] for name, ls in lengths.items()}
+    assert {name: v["n_problems"] for name, v in res["results"].items()} == kept  # an emptied set shows 0
+
+
 def test_every_prompt_overlong_is_an_error_not_a_hang(env, run_flags, tmp_path):
     """max_prompt_len below the shortest prompt: the data stream can never fill a step. It must
     stop with a one-line error naming rl.max_prompt_len (it used to loop over the pool forever)."""

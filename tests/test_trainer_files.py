@@ -1,6 +1,7 @@
 """The run directory's files under damage: a cached SFT start that was changed or cut, an
-emptied eval_before.json, unreadable metrics lines, and inputs that must end the run in one line
-(a data source that does not exist, sequences longer than model.max_seq_len)."""
+emptied eval_before.json, unreadable metrics lines, test prompts too long for the model's
+context, and inputs that must end the run in one line (a data source that does not exist,
+sequences longer than model.max_seq_len)."""
 
 import json
 import logging
@@ -80,6 +81,30 @@ def test_an_unreadable_eval_before_is_computed_again(tiny, tmp_path, caplog):
         assert json.loads(path.read_text()) == before
     finally:
         ctx.rewards.close()
+
+
+def test_test_prompts_past_the_models_context_are_left_out_and_logged(tiny, tmp_path, caplog):
+    config = tiny[0].copy_and_resolve_references()
+    task = tiny[1]
+    config.rl.max_prompt_len = 40  # padded width 40; 40 + 16 new tokens fit the context below
+    config.model.max_seq_len = 40 + max(config.rl.max_new_tokens, config.eval.max_new_tokens)
+    bound = config.model.max_seq_len - config.eval.max_new_tokens
+    with caplog.at_level(logging.WARNING):
+        ctx, _ = trainer.setup(config, str(tmp_path), jax.random.key(0))
+    ctx.rewards.close()
+    for name, rows in task.test_sets.items():
+        want = [r for r in rows if len(task.encode_prompt(r)) <= bound]
+        assert [r["prompt"] for r in ctx.task.test_sets[name]] == [r["prompt"] for r in want]
+        if len(want) < len(rows):
+            assert f"test set {name}: {len(rows) - len(want)} prompt(s) longer than" in caplog.text
+        else:
+            assert f"test set {name}:" not in caplog.text
+    assert sum(map(len, ctx.task.test_sets.values())) < sum(map(len, task.test_sets.values()))  # the case is met
+
+    config.rl.max_prompt_len = 32  # a context of 48 leaves no prompt of extra_step_1 (34-44 tokens)
+    config.model.max_seq_len = 32 + 16
+    with pytest.raises(trainer.TrainingError, match=r"test set extra_step_1: 8 prompt.* that is all of them"):
+        trainer.setup(config, str(tmp_path), jax.random.key(0))
 
 
 def test_unreadable_metrics_lines_are_counted_and_the_rest_kept(tmp_path, caplog):
