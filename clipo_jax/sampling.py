@@ -86,8 +86,12 @@ class SamplingConfig:
             raise ValueError(f"SamplingConfig.max_new_tokens must be positive, got {self.max_new_tokens}")
         if self.temperature < 0:
             raise ValueError(f"SamplingConfig.temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"SamplingConfig.top_k must be >= 0 (0 = off), got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"SamplingConfig.top_p must be in (0, 1], got {self.top_p}")
+        # a list would make the config unhashable, and it keys the jit cache
+        object.__setattr__(self, "stop_ids", tuple(int(i) for i in self.stop_ids))
         if self.n_samples < 1:
             raise ValueError(f"SamplingConfig.n_samples must be >= 1, got {self.n_samples}")
 

@@ -488,9 +488,9 @@ def _setup_model(config, task, mesh, rewards, root) -> tuple["RunContext", Any]:
     rl = config.rl
     tok = task.tokenizer
     cfg, params = build_model(config, tok.vocab_size, jax.random.fold_in(root, 1))
-    from clipo_jax.models.tokenizer import check_vocab
+    from clipo_jax.models.loading import fit_output_vocab
 
-    check_vocab(tok, cfg.vocab_size, config.model.source)
+    cfg = fit_output_vocab(cfg, tok, config.model.source)
     params = parallel.shard_tree(params, mesh, transformer.param_logical_axes(cfg))
     stop_ids = tuple(tok.stop_ids)
     # rollouts in chunks of prompts (the paper's 512 x 16 do not fit one call) need per-row keys so

@@ -69,6 +69,7 @@ def main(argv):
     from clipo_jax import evaluation, parallel, sampling, tasks, trainer
     from clipo_jax.data.datasets import load_dataset
     from clipo_jax.models import ModelError, load_model, transformer
+    from clipo_jax.models.loading import fit_output_vocab
 
     if bool(FLAGS.model) == bool(FLAGS.run):
         sys.exit("error: give exactly one of --model or --run")
@@ -79,6 +80,7 @@ def main(argv):
                 config = ml_collections.ConfigDict(json.load(f))
             task = tasks.build_task(config.task, FLAGS.run)
             cfg, params = trainer.build_model(config, task.tokenizer.vocab_size, jax.random.key(0))
+            cfg = fit_output_vocab(cfg, task.tokenizer, config.model.source)
             params = trainer.restore_params(FLAGS.run, params)
         else:
             cfg, params, tok = load_model(FLAGS.model)

@@ -138,6 +138,7 @@ def test_load_model_config_and_tokenizer(checkpoint, tokenizer_json):
     # The tokenizer: fewer ids than embedding rows (padded table), ChatML from the checkpoint's template.
     assert tok.vocab_size < cfg.vocab_size
     check_vocab(tok, cfg.vocab_size, str(directory))
+    assert cfg.output_vocab == tok.vocab_size  # the padded rows are never sampled
     assert tok.chat_format == "jinja" and tok.bos_id is None
     assert tok.id_to_token(tok.eos_id) == "<|im_end|>" and tok.id_to_token(tok.pad_id) == "<|endoftext|>"
     assert {tok.token_to_id("<|im_end|>"), tok.token_to_id("<|endoftext|>")} <= set(tok.stop_ids)
@@ -165,7 +166,8 @@ def test_logits_match_hf(checkpoint):
     logits, _ = jax.jit(lambda p, t, m: transformer.forward_logits(p, cfg, t, m))(
         params, jnp.asarray(tokens), jnp.asarray(mask.astype(bool))
     )
-    diff = np.abs(np.asarray(logits) - ref)[mask.astype(bool)].max()
+    assert logits.shape[-1] == tok.vocab_size  # the table's padded rows are left out (cfg.output_vocab)
+    diff = np.abs(np.asarray(logits) - ref[..., : tok.vocab_size])[mask.astype(bool)].max()
     assert diff < 1e-4, f"max |logit diff| {diff}"
 
 

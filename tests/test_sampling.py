@@ -65,6 +65,16 @@ def test_greedy_matches_naive_recompute(model):
         np.testing.assert_array_equal(with_prefill.tokens[i], out.tokens[i])
 
 
+def test_sampling_config_checks_top_k_and_takes_a_list_of_stop_ids(model):
+    with pytest.raises(ValueError, match="top_k must be >= 0"):
+        sampling.SamplingConfig(4, top_k=-1)
+    cfg, params = model
+    scfg = sampling.SamplingConfig(4, temperature=0.0, stop_ids=[3, 7])
+    assert scfg.stop_ids == (3, 7) and scfg == sampling.SamplingConfig(4, temperature=0.0, stop_ids=(3, 7))
+    out = sampling.Sampler(cfg)(params, [[5, 9, 17, 3]], jax.random.key(0), scfg)  # hashable: jit-cache key
+    assert out.tokens.shape == (1, 4)
+
+
 def test_pooling_option_is_checked():
     with pytest.raises(ValueError, match="pooling"):
         sampling.SamplingConfig(pooling="mean")
@@ -135,6 +145,48 @@ def test_sampled_logprobs_match_trainer_recompute(model):
     Tp = out.prompt_tokens.shape[1]
     recomputed = lp[:, Tp - 1 : Tp - 1 + 7]
     np.testing.assert_allclose(recomputed * out.response_mask, out.logprobs, atol=1e-4)
+
+
+def test_output_vocab_never_samples_the_padded_rows_and_scores_like_the_trainer(model):
+    """An embedding table padded past the tokenizer (ModelConfig.output_vocab): no sampled id is
+    >= output_vocab, and the sampler's log-probs are those of a softmax over the kept columns, as
+    a numpy reference from the full-width logits and the trainer's recompute both give."""
+    cfg, params = model
+    prompts = [[5, 9, 17, 3], [7, 1]]
+    scfg = sampling.SamplingConfig(6, temperature=1.0, n_samples=8)
+    wide_out = sampling.Sampler(cfg)(params, prompts, jax.random.key(3), scfg)
+    keep = int(wide_out.tokens[wide_out.response_mask].max())  # the full table samples id `keep`
+    assert keep >= 2
+    narrow = cfg.replace(output_vocab=keep)
+    out = sampling.Sampler(narrow)(params, prompts, jax.random.key(3), scfg)
+    assert (out.tokens[out.response_mask] < keep).all()
+    full = np.concatenate([out.prompt_tokens, out.tokens], 1)
+    valid = np.concatenate([out.prompt_mask, out.response_mask], 1)
+    logits = np.asarray(transformer.forward_logits(params, cfg, jnp.asarray(full), jnp.asarray(valid))[0], np.float64)
+    assert logits.shape[-1] == cfg.vocab_size
+    kept = logits[..., :keep]
+    ref = kept - kept.max(-1, keepdims=True)
+    ref = ref - np.log(np.exp(ref).sum(-1, keepdims=True))
+    Tp, N = out.prompt_tokens.shape[1], out.tokens.shape[1]
+    want = np.take_along_axis(ref[:, Tp - 1 : Tp - 1 + N], out.tokens[..., None].astype(np.int64), -1)[..., 0]
+    np.testing.assert_allclose(out.logprobs, want * out.response_mask, atol=1e-4)
+    lp = transformer.token_logprobs(
+        params, narrow, jnp.asarray(full), jnp.asarray(valid), jnp.asarray(np.roll(full, -1, 1))
+    )
+    np.testing.assert_allclose(np.asarray(lp)[:, Tp - 1 : Tp - 1 + N] * out.response_mask, out.logprobs, atol=1e-4)
+
+
+def test_fit_output_vocab_limits_a_padded_table_to_the_tokenizer(tiny):
+    from clipo_jax.models.loading import fit_output_vocab
+    from clipo_jax.models.tokenizer import TokenizerError
+
+    tok = tiny[1].tokenizer
+    cfg = tiny[2]
+    assert fit_output_vocab(cfg, tok, "m") == cfg  # the table fits the tokenizer: unchanged
+    padded = fit_output_vocab(cfg.replace(vocab_size=tok.vocab_size + 64), tok, "m")
+    assert padded.output_vocab == tok.vocab_size and padded.vocab_size == tok.vocab_size + 64
+    with pytest.raises(TokenizerError, match="has only"):
+        fit_output_vocab(cfg.replace(vocab_size=tok.vocab_size - 1), tok, "m")
 
 
 def test_top_p_filter_against_numpy():

@@ -551,3 +551,48 @@ def test_gguf_without_vocab(tmp_path):
     writer.write_tensors_to_file()
     writer.close()
     assert path in _one_line_error(load_tokenizer, path, match="no tokenizer.ggml.tokens")
+
+
+def _llama3_style_dir(directory, generation_config=None):
+    """A tokenizer.json with Llama 3's special tokens and its published tokenizer_config (EOS =
+    <|eot_id|>), optionally with a generation_config.json."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>"]
+    specials += ["<|eom_id|>", "<|eot_id|>", "<|reserved_0|>"]
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tk.train_from_iterator(["What is 2+2? 4, of course."] * 10, trainer)
+    tk.save(str(directory / "tokenizer.json"))
+    config = {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"}
+    (directory / "tokenizer_config.json").write_text(json.dumps(config))
+    if generation_config is not None:
+        (directory / "generation_config.json").write_text(generation_config)
+    return directory
+
+
+def test_llama3_instruct_stops_on_every_end_token(tmp_path):
+    tok = load_tokenizer(_llama3_style_dir(tmp_path))
+    want = {tok.token_to_id(t) for t in ("<|eot_id|>", "<|eom_id|>", "<|end_of_text|>")}
+    assert None not in want and set(tok.stop_ids) == want
+
+
+def test_generation_config_eos_ids_join_the_stop_ids(tmp_path):
+    (tmp_path / "a").mkdir()
+    probe = load_tokenizer(_llama3_style_dir(tmp_path / "a"))
+    reserved = probe.token_to_id("<|reserved_0|>")
+    assert reserved not in probe.stop_ids
+    (tmp_path / "b").mkdir()
+    gen = json.dumps({"eos_token_id": [reserved, 10**9]})  # an id past the vocabulary is ignored
+    tok = load_tokenizer(_llama3_style_dir(tmp_path / "b", gen))
+    assert set(tok.stop_ids) == set(probe.stop_ids) | {reserved}
+    (tmp_path / "c").mkdir()
+    with pytest.raises(TokenizerError, match="generation_config.json: cannot parse"):
+        load_tokenizer(_llama3_style_dir(tmp_path / "c", "{not json"))

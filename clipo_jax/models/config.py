@@ -60,6 +60,10 @@ class ModelConfig:
     final_logit_softcap: float | None = None
     attn_logit_softcap: float | None = None
     max_seq_len: int = 2048
+    # the ids the model may produce: an embedding table padded past its tokenizer (Qwen2.5's 151936
+    # rows for 151665 ids) would otherwise sample ids nothing can decode; logits_from_hidden keeps
+    # the first output_vocab columns, so sampling, log-probs and entropy all see the same support
+    output_vocab: int | None = None
     attention_impl: str = "einsum"  # one of ATTENTION_IMPLS; see docs/parts/attention.md
     # decode steps over the transposed-key cache through clipo_jax.kernels.decode_attention (CPU
     # only; the sampler turns it on where it applies, `Sampler(cpu_decode_kernel=...)`)
@@ -96,6 +100,10 @@ class ModelConfig:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff"):
             if int(getattr(self, name)) <= 0:
                 raise ModelError(f"ModelConfig.{name} must be positive, got {getattr(self, name)}")
+        if self.output_vocab is not None and not 0 < self.output_vocab <= self.vocab_size:
+            raise ModelError(
+                f"ModelConfig.output_vocab must be in [1, vocab_size={self.vocab_size}], got {self.output_vocab}"
+            )
 
     @property
     def scale(self) -> float:

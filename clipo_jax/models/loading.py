@@ -476,5 +476,14 @@ def load_model(name_or_path: str, with_tokenizer: bool = True):
         from clipo_jax.models import tokenizer as tokenizer_lib
 
         tok = tokenizer_lib.load_tokenizer(path)
-        tokenizer_lib.check_vocab(tok, cfg.vocab_size, path)
+        cfg = fit_output_vocab(cfg, tok, path)
     return cfg, params, tok
+
+
+def fit_output_vocab(cfg: ModelConfig, tok, source: str) -> ModelConfig:
+    """``check_vocab``, then ``cfg`` limited to the tokenizer's ids (``output_vocab``) when the
+    embedding table is padded past them, so no undecodable id is ever sampled."""
+    from clipo_jax.models import tokenizer as tokenizer_lib
+
+    tokenizer_lib.check_vocab(tok, cfg.vocab_size, source)
+    return cfg.replace(output_vocab=tok.vocab_size) if tok.vocab_size < cfg.vocab_size else cfg

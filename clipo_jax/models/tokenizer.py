@@ -61,7 +61,16 @@ class TokenizerError(ValueError):
 
 
 # Tokens that end an assistant turn in the chat formats we know; `stop_ids` adds the ones present.
-END_OF_TURN_TOKENS = ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|endoftext|>", "<|end|>")
+# Llama 3.x Instruct names <|eot_id|> its EOS but also ends on <|end_of_text|> and <|eom_id|>.
+END_OF_TURN_TOKENS = (
+    "<|im_end|>",
+    "<end_of_turn>",
+    "<|eot_id|>",
+    "<|eom_id|>",
+    "<|end_of_text|>",
+    "<|endoftext|>",
+    "<|end|>",
+)
 # Names tried for EOS when a tokenizer.json comes without a tokenizer_config.json.
 _EOS_FALLBACK_NAMES = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>", "<|im_end|>")
 _BOS_FALLBACK_NAMES = ("<s>", "<bos>", "<|begin_of_text|>")
@@ -210,6 +219,7 @@ class Tokenizer(abc.ABC):
         chat_template: str = "plain",
         default_system: str | None = None,
         jinja_template: JinjaChatTemplate | None = None,
+        extra_stop_ids: Sequence[int] = (),
     ):
         if chat_template not in CHAT_TEMPLATES:
             raise TokenizerError(f"{source}: unknown chat template {chat_template!r}; known: {sorted(CHAT_TEMPLATES)}")
@@ -224,6 +234,7 @@ class Tokenizer(abc.ABC):
         self.chat_template = chat_template
         self.default_system = default_system
         self.jinja_template = jinja_template
+        self._extra_stop_ids = tuple(int(i) for i in extra_stop_ids)  # generation_config.json's eos_token_id
 
     # --- backend hooks ---
     @abc.abstractmethod
@@ -259,8 +270,9 @@ class Tokenizer(abc.ABC):
 
     @property
     def stop_ids(self) -> list[int]:
-        """Ids that end generation: EOS plus any end-of-turn token in the vocabulary, sorted."""
-        ids = {self._eos_id}
+        """Ids that end generation, sorted: EOS, the ids of generation_config.json's eos_token_id
+        next to an HF tokenizer, and any end-of-turn token in the vocabulary."""
+        ids = {self._eos_id, *self._extra_stop_ids}
         for token in END_OF_TURN_TOKENS:
             token_id = self.token_to_id(token)
             if token_id is not None:
@@ -594,6 +606,8 @@ class HFTokenizer(Tokenizer):
         bos_id = token_id("bos_token", _BOS_FALLBACK_NAMES if not config else ())
         pad_id = token_id("pad_token", ())
         name, default_system, jinja = _resolve_template(chat_template, config.get("chat_template"), vocab, path)
+        n_ids = tk.get_vocab_size(with_added_tokens=True)
+        extra_stops = [i for i in _generation_eos_ids(os.path.dirname(os.path.abspath(path))) if 0 <= i < n_ids]
         return cls(
             tk,
             source=str(path),
@@ -604,7 +618,23 @@ class HFTokenizer(Tokenizer):
             chat_template=name,
             default_system=default_system,
             jinja_template=jinja,
+            extra_stop_ids=extra_stops,
         )
+
+
+def _generation_eos_ids(directory: str) -> list[int]:
+    """eos_token_id (an int or a list) of generation_config.json in `directory`, [] without one:
+    the ids HF's generate stops on, which can be more than tokenizer_config.json's one EOS."""
+    path = os.path.join(directory, "generation_config.json")
+    if not os.path.exists(path):
+        return []
+    try:
+        with open(path) as f:
+            value = json.load(f).get("eos_token_id")
+    except (OSError, json.JSONDecodeError, AttributeError) as e:
+        raise TokenizerError(f"{path}: cannot parse generation config ({_one_line(e)})") from None
+    values = value if isinstance(value, list) else [value]
+    return [int(v) for v in values if isinstance(v, int) and not isinstance(v, bool)]
 
 
 def _token_content(value) -> str | None:

@@ -516,13 +516,15 @@ def forward(
 
 
 def logits_from_hidden(params: Params, cfg: ModelConfig, hidden: jax.Array) -> jax.Array:
-    """[..., D] -> float32 logits [..., V]."""
+    """[..., D] -> float32 logits [..., V] (V = cfg.output_vocab when set: the padded rows are left out)."""
     dt = jnp.dtype(cfg.dtype)
     if isinstance(params.get("lm_head"), kernels.PackedDense):  # tied or not (`pack_dense_weights`)
         logits = kernels.dense(hidden, params["lm_head"])
     else:
         w = params["embed"].T if cfg.tie_embeddings else params["lm_head"]
         logits = jnp.einsum("...d,dv->...v", hidden.astype(dt), w.astype(dt), preferred_element_type=jnp.float32)
+    if cfg.output_vocab is not None and cfg.output_vocab < logits.shape[-1]:
+        logits = logits[..., : cfg.output_vocab]
     if cfg.final_logit_softcap is not None:
         logits = jnp.tanh(logits / cfg.final_logit_softcap) * cfg.final_logit_softcap
     return logits
