@@ -140,6 +140,19 @@ NUMBER_RULES = [
     ("task.train_limit", "int", _NONNEG, ">= 0 (0 = all)", False),
     ("task.test_limit", "int", _NONNEG, ">= 0 (0 = all)", False),
 ]
+# Flags the trainer reads by truthiness; each must be a bool when set.
+BOOL_FLAGS = (
+    "rl.mask_truncated",
+    "rl.dynamic_sampling",
+    "rl.remat",
+    "rl.rollout_row_keys",
+    "rl.rollout_replicate_weights",
+    "clipo.enabled",
+    "clipo.skip_trivial",
+    "clipo.fixed_head",
+    "clipo.head_on_padding",
+    "clipo.log_geometry",
+)
 _MISSING = object()
 
 
@@ -228,9 +241,15 @@ def validate_config(config) -> None:
         raise TrainingError(
             f"config.model.attention_impl='cudnn' needs a GPU backend (this one is {jax.default_backend()!r})"
         )
-    for key in ("rollout_row_keys", "rollout_replicate_weights"):
-        if not isinstance(rl.get(key, False), (bool, np.bool_)):
-            raise TrainingError(f"config.rl.{key}={rl[key]!r} must be a bool")
+    for key in BOOL_FLAGS:  # read by truthiness: the string 'false' would switch them on
+        value = _lookup(config, key)
+        if value is not _MISSING and not isinstance(value, (bool, np.bool_)):
+            raise TrainingError(f"config.{key}={value!r} must be a bool")
+    if rl.get("dynamic_sampling", False) and rl.group_size < 2:
+        raise TrainingError(
+            f"config.rl.dynamic_sampling=True needs config.rl.group_size >= 2 (got {rl.group_size}): "
+            "a group of one response has no reward spread, so every group would be filtered out"
+        )
     if rl.group_size < 1 or rl.prompts_per_step < 1:
         raise TrainingError("config.rl.group_size and config.rl.prompts_per_step must be >= 1")
     rows = rl.prompts_per_step * rl.group_size
@@ -376,7 +395,7 @@ def step_config(rl) -> StepConfig:
         aggregation=rl.aggregation,
         kl_coef=rl.kl_coef,
         kl_estimator=rl.kl_estimator,
-        kl_clamp=rl.kl_clamp,
+        kl_clamp=rl.kl_clamp or None,  # 0 = no clamp
         entropy_coef=rl.entropy_coef,
         temperature=max(rl.temperature, 1e-6),
         micro_batches=rl.micro_batches,

@@ -139,6 +139,55 @@ def test_named_cases(key, value, message):
     assert str(e.value) == message
 
 
+# flags the trainer reads by truthiness ('false' as a string would switch them on)
+BOOL_KEYS = [
+    "rl.mask_truncated",
+    "rl.dynamic_sampling",
+    "rl.remat",
+    "rl.rollout_row_keys",
+    "rl.rollout_replicate_weights",
+    "clipo.enabled",
+    "clipo.skip_trivial",
+    "clipo.fixed_head",
+    "clipo.head_on_padding",
+    "clipo.log_geometry",
+]
+
+
+@pytest.mark.parametrize("key", BOOL_KEYS)
+@pytest.mark.parametrize("value", ["false", "no", 0, 1, None])
+def test_bool_flags_must_be_bools(key, value):
+    config = tiny("size=tiny,clipo")
+    for ok in (True, False):
+        set_key(config, key, ok)
+        trainer.validate_config(config)
+    set_key(config, key, value)
+    with pytest.raises(trainer.TrainingError) as e:
+        trainer.validate_config(config)
+    assert str(e.value) == f"config.{key}={value!r} must be a bool"
+
+
+def test_dynamic_sampling_needs_groups_of_two_or_more():
+    config = tiny("size=tiny,algo=dapo")
+    assert config.rl.dynamic_sampling is True
+    trainer.validate_config(config)
+    config.rl.group_size = 1
+    with pytest.raises(trainer.TrainingError) as e:
+        trainer.validate_config(config)
+    msg = str(e.value)
+    assert "\n" not in msg and "config.rl.dynamic_sampling=True" in msg and "config.rl.group_size" in msg, msg
+    config.rl.dynamic_sampling = False  # without dynamic sampling one response per prompt is fine
+    trainer.validate_config(config)
+
+
+@pytest.mark.parametrize("clamp,want", [(0.0, None), (0, None), (5.0, 5.0)])
+def test_kl_clamp_zero_means_no_clamp_in_the_step_config(clamp, want):
+    config = tiny()
+    set_key(config, "rl.kl_clamp", clamp)
+    trainer.validate_config(config)
+    assert trainer.step_config(config.rl).kl_clamp == want
+
+
 def test_rl_lr_plus_inf_is_refused():
     config = tiny()
     config.rl.lr = math.inf

@@ -330,6 +330,28 @@ def test_padding_nan_and_empty_masks(name):
     assert all(np.isfinite(float(v)) for v in metrics.values())
 
 
+@pytest.mark.parametrize("name", ["ppo_clip", "gspo", "gmpo", "cispo"])
+def test_approx_kl_is_kl_from_old_to_current_on_old_samples(name):
+    """approx_kl estimates KL(pi_old || pi) on tokens drawn from pi_old: Schulman's k3 of
+    log r = logp - old_logp. Checked against numpy on the same draws and, by Monte Carlo,
+    against the exact KL of the two categorical distributions."""
+    rng = np.random.default_rng(21)
+    V = 6
+    q = rng.dirichlet(np.ones(V))  # pi_old: the sampler
+    p = q * np.exp(rng.normal(0, 0.7, V))  # pi: the current policy
+    p /= p.sum()
+    x = rng.choice(V, size=(40, 1000), p=q)
+    old, cur = np.log(q[x]), np.log(p[x])
+    _, m = policy_loss(name, *f32(cur, old, np.zeros(40), np.ones_like(old)))
+    lr = cur - old
+    want = np.mean(np.expm1(lr) - lr)
+    np.testing.assert_allclose(float(m["approx_kl"]), want, rtol=1e-4)
+    exact = float(np.sum(q * np.log(q / p)))
+    reversed_k3 = np.mean(np.expm1(-lr) + lr)  # k3 of old - logp: a different (biased) quantity
+    assert abs(want - exact) < 0.01 < abs(reversed_k3 - exact), (want, exact, reversed_k3)
+    assert abs(float(m["approx_kl"]) - exact) < 0.01
+
+
 @pytest.mark.parametrize("name", ["ppo_clip", "gspo", "cispo"])
 def test_per_token_advantages_equal_broadcast(name):
     logp, old, adv, mask = make_batch(seed=6)
@@ -431,6 +453,34 @@ def test_k3_stable_for_large_log_ratio_and_clamp():
     np.testing.assert_allclose(grad, [[0, 0, -np.expm1(2.0), 0, 0]], rtol=1e-5)
     # Without the log-ratio bound float32 overflows honestly (documented).
     assert np.isinf(np.asarray(kl_penalty("k3", zeros, log_r, max_log_ratio=None))[0, 4])
+
+
+@pytest.mark.parametrize("pad", [np.nan, -np.inf, np.inf])
+@pytest.mark.parametrize("name", ["k1", "k2", "k3"])
+def test_kl_penalty_ignores_off_mask_garbage_in_value_and_gradient(name, pad):
+    """With mask=, NaN/inf reference log-probs off the mask (padding) give 0 there and a finite
+    gradient equal to that of clean padding: the log-ratio is masked before the estimator."""
+    logp, _, _, mask = make_batch(seed=12)
+    delta = np.random.default_rng(3).normal(scale=0.5, size=logp.shape)
+    ref = np.where(mask > 0, logp + delta, pad)
+
+    def loss(lp):
+        return aggregated_loss("token_mean", kl_penalty(name, lp, *f32(ref), 10.0, mask=jnp.asarray(mask)), mask)
+
+    value, grad = jax.value_and_grad(loss)(jnp.asarray(logp, jnp.float32))
+    grad = np.asarray(grad)
+    # numpy: log r = ref - logp = delta on the mask; d(token mean)/d logp = -d est / d log r / count
+    est = {"k1": -delta, "k2": 0.5 * delta**2, "k3": np.expm1(delta) - delta}[name]
+    d_est = {"k1": -np.ones_like(delta), "k2": delta, "k3": np.expm1(delta)}[name]
+    count = mask.sum()
+    np.testing.assert_allclose(float(value), est[mask > 0].sum() / count, rtol=1e-5)
+    assert np.all(np.isfinite(grad)) and np.all(grad[mask == 0] == 0)
+    np.testing.assert_allclose(grad[mask > 0], -d_est[mask > 0] / count, rtol=1e-4, atol=1e-7)
+    per_token = np.asarray(kl_penalty(name, *f32(logp, ref), mask=mask))
+    assert np.all(per_token[mask == 0] == 0)
+    # in the reward: the shaped rewards are finite too
+    shaped, _ = kl_reward_penalty(np.zeros(B), *f32(logp, ref, mask), beta=0.1, name=name)
+    np.testing.assert_allclose(shaped, -0.1 * np.where(mask > 0, est, 0.0).sum(1), rtol=1e-5, atol=1e-6)
 
 
 def test_k1_clamp_is_symmetric():

@@ -1,6 +1,7 @@
 """The pure RL train step on a 1-layer model: exact micro-batch accumulation, NaN skip,
 the on-policy gradient vs an independently written loss, and SFT learning."""
 
+import dataclasses
 import functools
 
 import jax
@@ -11,7 +12,7 @@ import pytest
 
 from clipo_jax.models.config import ModelConfig
 from clipo_jax.models.transformer import forward_logits, init_params
-from clipo_jax.rl import losses
+from clipo_jax.rl import losses, update
 from clipo_jax.rl.step import RLBatch, StepConfig, TrainState, make_optimizer, sft_loss, sft_step, train_step
 
 CFG = ModelConfig(vocab_size=48, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=8, d_ff=32, max_seq_len=64)
@@ -35,6 +36,7 @@ def make_batch(seed=0, old_noise=0.3):
     # old log-probs off the current ones so ratios spread around 1 and clipping is active
     old = rng.normal(-np.log(CFG.vocab_size), old_noise, (B, N)).astype(np.float32)
     ref = rng.normal(-np.log(CFG.vocab_size), old_noise, (B, N)).astype(np.float32)
+    sampler = (old + rng.normal(0, 0.3, (B, N))).astype(np.float32)  # sampler vs trainer mismatch
     return RLBatch(
         jnp.asarray(tokens),
         jnp.asarray(valid),
@@ -42,7 +44,7 @@ def make_batch(seed=0, old_noise=0.3):
         jnp.asarray(adv),
         jnp.asarray(old),
         jnp.asarray(ref),
-        jnp.asarray(old),
+        jnp.asarray(sampler),
     )
 
 
@@ -77,12 +79,21 @@ MB_OPTS = (("dual_clip", 3.0), ("eps_high", 0.28), ("eps_low", 0.2))
 
 
 @functools.lru_cache(None)
-def sgd_step_result(aggregation, micro_batches):
-    """SGD(lr=1): new - old = -grad, so comparing params compares the accumulated gradients."""
-    scfg = StepConfig(
+def jitted_sgd_step(scfg):
+    """The SGD(lr=1) train step, compiled once per StepConfig (the batches here share one shape)."""
+    return jax.jit(functools.partial(train_step, cfg=CFG, scfg=scfg, optimizer=optax.sgd(1.0)))
+
+
+def mb_config(aggregation, micro_batches):
+    return StepConfig(
         aggregation=aggregation, micro_batches=micro_batches, kl_coef=0.05, entropy_coef=0.01, policy_loss_opts=MB_OPTS
     )
-    return run_step(scfg, make_batch(), optax.sgd(1.0))
+
+
+@functools.lru_cache(None)
+def sgd_step_result(aggregation, micro_batches):
+    """SGD(lr=1): new - old = -grad, so comparing params compares the accumulated gradients."""
+    return jitted_sgd_step(mb_config(aggregation, micro_batches))(state_for(optax.sgd(1.0)), make_batch())
 
 
 @pytest.mark.parametrize("aggregation,m", [(a, 4) for a in sorted(losses.AGGREGATIONS)] + [("token_mean", 2)])
@@ -220,7 +231,123 @@ def test_pg_loss_value_matches_numpy_ppo_clip():
     np.testing.assert_allclose(float(m["actor/pg_loss"]), total / count, rtol=1e-4, atol=1e-6)
 
 
-# ------------------------------------------------------------------ (d) SFT
+# ------------------------------------------------------------------ (d) metrics and KL padding
+def numpy_logp(params, batch):
+    """float64 log pi of the response tokens [B, N] from the model's logits (numpy log-softmax)."""
+    logits, _ = forward_logits(params, CFG, batch.tokens, batch.valid)
+    logits = np.asarray(logits, np.float64)
+    lse = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+    toks = np.asarray(batch.tokens)
+    out = np.zeros((B, N))
+    for b in range(B):
+        for j in range(N):
+            p = TP + j - 1
+            out[b, j] = logits[b, p, toks[b, TP + j]] - lse[b, p]
+    return out
+
+
+def test_diagnostics_do_not_depend_on_micro_batches():
+    """Maxima, minima and token means over the whole mini-batch, whatever the micro-batching:
+    against numpy over all response tokens (not a mean of per-micro-batch maxima)."""
+    batch = make_batch()
+    mask = np.asarray(batch.response_mask)
+    lr_all = numpy_logp(params0(), batch) - np.asarray(batch.old_logp, np.float64)
+    lr = lr_all[mask]
+    ratio = np.exp(lr)
+    adv = np.broadcast_to(np.asarray(batch.advantages, np.float64)[:, None], (B, N))[mask]
+    gap = (np.asarray(batch.old_logp, np.float64) - np.asarray(batch.sampler_logp, np.float64))[mask]
+    want = {
+        "actor/ratio_max": ratio.max(),
+        "actor/ratio_mean": ratio.mean(),
+        "actor/approx_kl": np.mean(np.expm1(lr) - lr),
+        "actor/clip_frac": np.mean(-adv * np.clip(ratio, 0.8, 1.28) > -adv * ratio),
+        "actor/clip_frac_high": np.mean((ratio > 1.28) & (adv > 0)),
+        "actor/clip_frac_low": np.mean((ratio < 0.8) & (adv < 0)),
+        "actor/logprob_gap/max_abs": np.abs(gap).max(),
+        "actor/logprob_gap/mean_abs": np.abs(gap).mean(),
+        "actor/logprob_gap/k3_kl": np.mean(np.expm1(gap) - gap),
+        "actor/logprob_gap/ratio_max": np.exp(gap).max(),
+        "actor/logprob_gap/ratio_min": np.exp(gap).min(),
+        "actor/logprob_gap/ratio_mean": np.exp(gap).mean(),
+    }
+    # the batch separates the right answers from a mean of micro-batch maxima / means
+    row_max = np.where(mask, np.exp(lr_all), -np.inf).max(1)
+    assert abs(row_max.mean() - ratio.max()) > 1e-2 and 0 < want["actor/clip_frac"] < 1
+    m1 = sgd_step_result("token_mean", 1)[1]
+    for micro_batches in (1, 2, 4):
+        m = sgd_step_result("token_mean", micro_batches)[1]
+        for key, value in want.items():
+            np.testing.assert_allclose(float(m[key]), value, rtol=2e-5, atol=1e-6, err_msg=f"{key} M={micro_batches}")
+        for key in m1:
+            if key != "actor/grad_norm":  # a sum of micro-batch gradients: float rounding only
+                np.testing.assert_allclose(float(m[key]), float(m1[key]), rtol=1e-5, atol=1e-6, err_msg=key)
+
+
+def test_logprob_gap_compares_the_sampler_with_old_logp():
+    """The sampler-vs-trainer gap is pi_old (old_logp) vs the sampler: a second update with moved
+    params must not report the policy's own drift as sampler mismatch."""
+    batch = make_batch()
+    step = jitted_sgd_step(mb_config("token_mean", 1))
+    s1 = sgd_step_result("token_mean", 1)[0]
+    assert max_tree_diff(s1.params, params0()) > 1e-3, "the first update must move the params"
+    _, m2 = step(s1, batch)
+    mask = np.asarray(batch.response_mask)
+    gap = (np.asarray(batch.old_logp, np.float64) - np.asarray(batch.sampler_logp, np.float64))[mask]
+    for key, value in (("mean_abs", np.abs(gap).mean()), ("max_abs", np.abs(gap).max()), ("mean", gap.mean())):
+        np.testing.assert_allclose(float(m2[f"actor/logprob_gap/{key}"]), value, rtol=1e-5, atol=1e-7, err_msg=key)
+    # a perfect sampler (sampler_logp == old_logp) reports no gap after the params moved
+    _, m3 = step(s1, batch._replace(sampler_logp=batch.old_logp))
+    assert float(m3["actor/logprob_gap/max_abs"]) == 0.0 and float(m3["actor/logprob_gap/ratio_max"]) == 1.0
+
+
+def test_update_metrics_combine_extremes_and_count_skips():
+    steps = [
+        {"actor/skipped": 1.0, "actor/ratio_max": 2.0, "actor/logprob_gap/max_abs": 0.5, "actor/pg_loss": 1.0},
+        {"actor/skipped": 1.0, "actor/ratio_max": 5.0, "actor/logprob_gap/max_abs": 0.1, "actor/pg_loss": 2.0},
+        {"actor/skipped": 0.0, "actor/ratio_max": 3.0, "actor/logprob_gap/max_abs": 0.2, "actor/pg_loss": 6.0},
+    ]
+    for s, r_min in zip(steps, (0.7, 0.4, 0.9)):
+        s["actor/logprob_gap/ratio_min"] = r_min
+    m = update.update_metrics(steps)
+    assert m["actor/skipped"] == update.skipped_steps(steps) == 2  # a count, as documented
+    assert m["actor/ratio_max"] == 5.0 and m["actor/logprob_gap/max_abs"] == 0.5
+    assert m["actor/logprob_gap/ratio_min"] == 0.4
+    assert m["actor/pg_loss"] == pytest.approx(3.0)
+
+
+def test_nan_reference_logp_off_the_mask_does_not_skip_the_update():
+    """Padding in ref_logp (NaN/-inf off the response mask) must not reach the KL gradient."""
+    batch = make_batch()
+    step = jitted_sgd_step(mb_config("token_mean", 2))  # kl_coef 0.05, two micro-batches
+    clean_state, clean_m = sgd_step_result("token_mean", 2)
+    for pad in (np.nan, -np.inf):
+        padded = batch._replace(ref_logp=jnp.where(batch.response_mask, batch.ref_logp, pad))
+        st, m = step(state_for(optax.sgd(1.0)), padded)
+        assert float(m["actor/skipped"]) == 0.0 and int(st.step) == 1
+        tree_allclose(st.params, clean_state.params, rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(float(m["actor/kl"]), float(clean_m["actor/kl"]), rtol=1e-6)
+
+
+def test_kl_clamp_zero_in_the_config_means_no_clamp():
+    """config.rl.kl_clamp=0 is valid ('0 = no clamp'): the step trains without a clamp (this
+    batch's k3 values are far below the default clamp of 10, so the update is the clamped one)."""
+    from clipo_jax import trainer
+    from configs import demo
+
+    c = demo.get_config("size=tiny")
+    c.rl.kl_coef, c.rl.kl_clamp = 0.05, 0.0
+    trainer.validate_config(c)
+    kl_clamp = trainer.step_config(c.rl).kl_clamp
+    assert kl_clamp is None
+    scfg = dataclasses.replace(mb_config("token_mean", 1), kl_clamp=kl_clamp)
+    st, m = jitted_sgd_step(scfg)(state_for(optax.sgd(1.0)), make_batch())
+    clamped_state, clamped_m = sgd_step_result("token_mean", 1)
+    assert float(m["actor/skipped"]) == 0.0
+    np.testing.assert_allclose(float(m["actor/kl"]), float(clamped_m["actor/kl"]), rtol=1e-6)
+    tree_allclose(st.params, clamped_state.params, rtol=1e-6, atol=1e-7)
+
+
+# ------------------------------------------------------------------ (e) SFT
 def test_sft_loss_matches_reference_and_decreases():
     rng = np.random.default_rng(5)
     L = 10

@@ -96,8 +96,9 @@ def _seq_mean(x, mask):
 
 
 def _ppo_k3(log_ratio, mask):
-    # KL(pi_old || pi) estimate on the sampled tokens, the usual "approx_kl" diagnostic.
-    return masked_mean(_k3(-log_ratio), mask)
+    # KL(pi_old || pi) estimate on tokens sampled from pi_old, the usual "approx_kl" diagnostic:
+    # Schulman's k3 = (r - 1) - log r with r = pi / pi_old, i.e. of log r = logp - old_logp.
+    return masked_mean(_k3(log_ratio), mask)
 
 
 # ------------------------------------------------------------------------ policy losses
@@ -306,20 +307,26 @@ def _k3(log_r):
 KL_ESTIMATORS["low_var_kl"] = _k3  # the name verl/OpenRLHF configs use
 
 
-def kl_penalty(name, logp, ref_logp, clamp=None, *, max_log_ratio=LOG_RATIO_CLAMP):
+def kl_penalty(name, logp, ref_logp, clamp=None, *, mask=None, max_log_ratio=LOG_RATIO_CLAMP):
     """Per-token KL(pi || pi_ref) estimate ``[batch, seq]`` on the sampled tokens.
 
     With log r = ref_logp - logp: k1 = -log r, k2 = (log r)^2 / 2, k3 = (r - 1) - log r.
-    ``log r`` is first capped above at ``max_log_ratio`` so k3's exp cannot overflow
-    float32 (None disables; the negative side needs no guard: expm1 -> -1);
-    ``clamp`` then bounds the estimate to [-clamp, clamp].
+    With ``mask`` (the response mask ``[batch, seq]``) log r is set to 0 off the mask before
+    the estimator, so padding that holds NaN/-inf gives 0 there and a finite gradient (a
+    masked sum of the estimate alone is not enough: the estimator's own gradient at a NaN
+    point is NaN, and 0 * NaN = NaN). ``log r`` is then capped above at ``max_log_ratio`` so
+    k3's exp cannot overflow float32 (None disables; the negative side needs no guard:
+    expm1 -> -1); ``clamp`` (> 0, or None) finally bounds the estimate to [-clamp, clamp].
     Use as a loss (aggregate it like the policy loss, times beta) or subtract it from the
-    reward (``kl_reward_penalty``). Values off the response mask are meaningless: mask them.
+    reward (``kl_reward_penalty``). Without ``mask`` every position is estimated.
     """
     fn = lookup(KL_ESTIMATORS, name, "KL estimator")
     logp = _check_tokens("logp", logp).astype(jnp.float32)
     ref_logp = _check_tokens("ref_logp", ref_logp, logp.shape).astype(jnp.float32)
     log_r = ref_logp - logp
+    if mask is not None:
+        mask = _check_tokens("mask", mask, logp.shape)
+        log_r = jnp.where(mask > 0, log_r, 0.0)
     if max_log_ratio is not None:
         log_r = jnp.minimum(log_r, max_log_ratio)
     kl = fn(log_r)
@@ -337,7 +344,7 @@ def kl_reward_penalty(rewards, logp, ref_logp, mask, *, beta, name="k1", clamp=N
     so this runs before the advantage estimator.
     """
     mask = _check_tokens("mask", mask).astype(jnp.float32)
-    kl = sg(kl_penalty(name, logp, ref_logp, clamp))
+    kl = sg(kl_penalty(name, logp, ref_logp, clamp, mask=mask))
     seq_kl = jnp.where(mask > 0, kl, 0.0).sum(axis=1)
     rewards = jnp.asarray(rewards, jnp.float32)
     metrics = {"kl_seq_mean": seq_kl.mean(), "kl_token_mean": masked_mean(kl, mask)}

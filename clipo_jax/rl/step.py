@@ -4,8 +4,11 @@
 
 Loss aggregation stays exact under accumulation: the aggregation's denominator is computed
 over the whole mini-batch first, each micro-batch contributes numerator / denominator, and
-the gradients are summed (see rl/losses.py). A non-finite loss or gradient skips the update
-(the state is kept) and reports `skipped = 1`; the trainer counts consecutive skips.
+the gradients are summed (see rl/losses.py). The diagnostics (clip fractions, ratios, approx_kl,
+the sampler/trainer log-prob gap) are computed once on the whole mini-batch from the log-probs the
+micro-batches return, so they do not depend on the number of micro-batches. A non-finite loss or
+gradient skips the update (the state is kept) and reports `skipped = 1`; the trainer counts
+consecutive skips.
 """
 
 from __future__ import annotations
@@ -123,12 +126,14 @@ def make_optimizer(
     return optax.chain(*parts)
 
 
+# the loss terms: numerator / global denominator per micro-batch, exact partial sums of the mini-batch's
 ADDITIVE_METRICS = ("actor/pg_loss", "actor/kl", "actor/entropy")
 
 
 def _micro_loss(
     params, mb: RLBatch, denom, *, cfg: ModelConfig, scfg: StepConfig, n_response: int, max_len: int | None = None
 ):
+    """The micro-batch's share of the loss, its ADDITIVE_METRICS and (gradient stopped) its log-probs."""
     max_len = max_len or n_response  # the aggregations' constant length (StepConfig.max_len)
     logp, ent = response_logprobs(
         params, cfg, mb.tokens, mb.valid, n_response, scfg.temperature, with_entropy=True, remat=scfg.remat
@@ -136,15 +141,14 @@ def _micro_loss(
     mask = mb.response_mask.astype(jnp.float32)
     old = mb.old_logp if scfg.use_old_logp else jax.lax.stop_gradient(logp)
     is_w = losses.tis_weights(old, mb.sampler_logp, scfg.tis_cap) if scfg.tis_cap else None
-    per_tok, pm = losses.policy_loss(
+    per_tok, _ = losses.policy_loss(
         scfg.policy_loss, logp, old, mb.advantages, mask, is_weights=is_w, **dict(scfg.policy_loss_opts)
     )
     num, _ = losses.aggregate(scfg.aggregation, per_tok, mask, max_len=max_len)
     loss = num / denom
-    metrics = {f"actor/{k}": v for k, v in pm.items()}
-    metrics["actor/pg_loss"] = num / denom
+    metrics = {"actor/pg_loss": num / denom}
     if scfg.kl_coef:
-        kl = losses.kl_penalty(scfg.kl_estimator, logp, mb.ref_logp, scfg.kl_clamp)
+        kl = losses.kl_penalty(scfg.kl_estimator, logp, mb.ref_logp, scfg.kl_clamp, mask=mask)
         kl_num, _ = losses.aggregate(scfg.aggregation, kl, mask, max_len=max_len)
         loss = loss + scfg.kl_coef * kl_num / denom
         metrics["actor/kl"] = kl_num / denom
@@ -152,9 +156,24 @@ def _micro_loss(
     metrics["actor/entropy"] = ent_num / denom
     if scfg.entropy_coef:
         loss = loss - scfg.entropy_coef * ent_num / denom
-    gap = losses.logprob_gap_metrics(jax.lax.stop_gradient(logp), mb.sampler_logp, mask)
+    return loss, (metrics, jax.lax.stop_gradient(logp))
+
+
+def batch_metrics(logp, batch: RLBatch, scfg: StepConfig) -> dict:
+    """The policy loss's diagnostics and the sampler-vs-trainer gap over a whole mini-batch.
+
+    ``logp`` [B, N] are the current log-probs. The gap compares the sampler's log-probs with
+    pi_old as the trainer computes it: ``batch.old_logp`` when the step uses it, else the current
+    log-probs (on-policy: they are pi_old), so policy drift over mini-batches and epochs is not
+    reported as sampler mismatch.
+    """
+    mask = batch.response_mask.astype(jnp.float32)
+    old = batch.old_logp if scfg.use_old_logp else logp
+    _, pm = losses.policy_loss(scfg.policy_loss, logp, old, batch.advantages, mask, **dict(scfg.policy_loss_opts))
+    metrics = {f"actor/{k}": v for k, v in pm.items()}
+    gap = losses.logprob_gap_metrics(old, batch.sampler_logp, mask)
     metrics.update({f"actor/{k}": v for k, v in gap.items()})
-    return loss, metrics
+    return metrics
 
 
 def train_step(
@@ -177,16 +196,16 @@ def train_step(
 
     def accumulate(carry, mb):
         g_acc, l_acc, m_acc = carry
-        (loss, metrics), g = grad_fn(state.params, mb, denom)
-        # Loss terms (numerator / global denominator) are exact partial sums over micro-batches;
-        # the other metrics are per-micro-batch ratios and are averaged.
-        merged = {k: m_acc[k] + (v if k in ADDITIVE_METRICS else v / M) for k, v in metrics.items()}
-        return (jax.tree.map(jnp.add, g_acc, g), l_acc + loss, merged), None
+        (loss, (metrics, logp)), g = grad_fn(state.params, mb, denom)
+        # the loss terms (numerator / global denominator) are exact partial sums over micro-batches
+        return (jax.tree.map(jnp.add, g_acc, g), l_acc + loss, jax.tree.map(jnp.add, m_acc, metrics)), logp
 
     zeros_g = jax.tree.map(jnp.zeros_like, state.params)
-    _, m_shape = jax.eval_shape(grad_fn, state.params, jax.tree.map(lambda x: x[0], micro), denom)[0]
+    _, (m_shape, _) = jax.eval_shape(grad_fn, state.params, jax.tree.map(lambda x: x[0], micro), denom)[0]
     zeros_m = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), m_shape)
-    (grads, loss, metrics), _ = jax.lax.scan(accumulate, (zeros_g, jnp.float32(0), zeros_m), micro)
+    (grads, loss, metrics), logp = jax.lax.scan(accumulate, (zeros_g, jnp.float32(0), zeros_m), micro)
+    # the diagnostics on the whole mini-batch: maxima, minima and token means as with micro_batches=1
+    metrics.update(batch_metrics(logp.reshape(B, N), batch, scfg))
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, new_opt = optimizer.update(grads, state.opt_state, state.params)

@@ -4,7 +4,7 @@ Pure helpers around the jitted ``rl.step.train_step``: ``build_rl_batch`` assemb
 training arrays from a step's rollouts, ``trim_padding`` drops the columns that are padding in
 every row, ``policy_update`` runs ``epochs x mini_batches`` steps
 with whole groups kept together (the permutation is seeded by (seed, step, epoch), so a resumed
-run repeats it), and ``update_metrics`` averages the steps' metrics.
+run repeats it), and ``update_metrics`` combines the steps' metrics.
 """
 
 from __future__ import annotations
@@ -121,14 +121,31 @@ def policy_update(
     return state, to_host(step_metrics)
 
 
+def _reduction(key: str) -> str:
+    """How a step metric combines over the steps of one update: extremes by max / min, the skip
+    flags by count, everything else by mean."""
+    if key == "actor/skipped":
+        return "sum"
+    leaf = key.rsplit("/", 1)[-1]
+    if leaf.endswith("_max") or leaf.startswith("max_"):
+        return "max"
+    if leaf.endswith("_min") or leaf.startswith("min_"):
+        return "min"
+    return "mean"
+
+
+_COMBINE = {"sum": sum, "max": max, "min": min, "mean": lambda xs: sum(xs) / len(xs)}
+
+
 def update_metrics(step_metrics: list[dict]) -> dict[str, float]:
-    """Mean of each metric over the steps of one update; ``actor/skipped`` is the number of steps
-    whose loss or gradient was not finite (skipped by ``train_step``)."""
-    m: dict[str, float] = {}
+    """Each metric over the steps of one update: the mean, except the extremes (``*_max``,
+    ``max_*``: the largest; ``*_min``, ``min_*``: the smallest) and ``actor/skipped``, the number
+    of steps whose loss or gradient was not finite (skipped by ``train_step``)."""
+    values: dict[str, list[float]] = {}
     for sm in step_metrics:
         for k, v in sm.items():
-            m[k] = m.get(k, 0.0) + float(v) / len(step_metrics)
-    return m
+            values.setdefault(k, []).append(float(v))
+    return {k: _COMBINE[_reduction(k)](xs) for k, xs in values.items()}
 
 
 def skipped_steps(step_metrics: list[dict]) -> int:
