@@ -1,7 +1,7 @@
 r"""CLIPO paper Track I: Qwen2.5-3B-Instruct, GSM8K train, GRPO + CLIPO (arXiv 2603.10101, training tracks).
 
-  python -m experiments.train --config=configs/clipo_gsm8k_qwen25_3b.py:model=/ckpt/Qwen2.5-3B-Instruct,data=/data/clipo \
-      --workdir=/runs/track1_clipo
+  python -m experiments.train --config=configs/clipo_gsm8k_qwen25_3b.py:model=CKPT/Qwen2.5-3B-Instruct,data=DATA/clipo \
+      --config.mesh.fsdp=8 --workdir=runs/track1_clipo
 
 model= an HF checkpoint directory (config.json + safetensors, with tokenizer.json); data= the CLIPO
 parquet directory (train/, test/). Args: baseline (GRPO without CLIPO), algo=..., seed=N, fixed_head,

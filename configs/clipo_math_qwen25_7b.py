@@ -1,7 +1,7 @@
 r"""CLIPO paper Track II: Qwen2.5-7B-Instruct, MATH (7,500), GRPO + CLIPO (arXiv 2603.10101, training tracks).
 
-  python -m experiments.train --config=configs/clipo_math_qwen25_7b.py:model=/ckpt/Qwen2.5-7B-Instruct,data=/data/clipo \
-      --workdir=/runs/track2_clipo
+  python -m experiments.train --config=configs/clipo_math_qwen25_7b.py:model=CKPT/Qwen2.5-7B-Instruct,data=DATA/clipo \
+      --config.mesh.fsdp=2 --config.mesh.tensor=4 --workdir=runs/track2_clipo
 
 Args as in clipo_gsm8k_qwen25_3b.py (baseline, algo=grpo|dapo|gspo|gmpo, seed, fixed_head, loss, level,
 tau, lam). Validation in the paper: T 0.6, top-p 0.95, mean@16 every 29 steps — use

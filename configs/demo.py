@@ -1,6 +1,6 @@
 r"""The embedded default: SFT warm start + GRPO on the synthetic arithmetic task (2-core CPU).
 
-  python -m experiments.train --config=configs/demo.py --workdir=/tmp/clipo_demo
+  python -m experiments.train --config=configs/demo.py --workdir=runs/clipo_demo
 
 Args (after the colon): size=tiny|small, clipo (add the CLIPO reward),
 algo=grpo|dapo|dr_grpo|gspo|gmpo|rloo|reinforce_pp, seed=N, steps=N, shortcut=F (the shortcut

@@ -1,6 +1,6 @@
 r"""The embedded task with the CLIPO contrastive reward (GRPO + CLIPO).
 
-  python -m experiments.train --config=configs/demo_clipo.py --workdir=/tmp/clipo_demo_clipo
+  python -m experiments.train --config=configs/demo_clipo.py --workdir=runs/clipo_demo_clipo
 
 Ablations: --config=configs/demo_clipo.py:algo=dapo,seed=1 and --config.clipo.loss_type=supcon_out,
 --config.clipo.level=cross, --config.clipo.temperature=0.1, --config.clipo.lam=0.5,

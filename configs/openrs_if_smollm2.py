@@ -4,11 +4,11 @@ and the OpenRS pairwise rubric judge.
 
   # a judge server (any OpenAI-compatible one: llama.cpp's server here, vLLM / SGLang on a cluster)
   python -m llama_cpp.server --model SmolLM2-135M-Instruct.Q4_1.gguf --port 8080 --model_alias smollm2 &
-  python -m experiments.train --config=configs/openrs_if_smollm2.py --workdir=/tmp/openrs_if \
+  python -m experiments.train --config=configs/openrs_if_smollm2.py --workdir=runs/openrs_if \
       --config.reward.pairwise_rubric.judge.base_url=http://127.0.0.1:8080 \
       --config.reward.pairwise_rubric.judge.model=smollm2
   # or the in-process judge: our own sampler with its own SmolLM2 weights on the run's mesh
-  python -m experiments.train --config=configs/openrs_if_smollm2.py:judge=in-process --workdir=/tmp/openrs_if
+  python -m experiments.train --config=configs/openrs_if_smollm2.py:judge=in-process --workdir=runs/openrs_if
 
 Reward per response: 1.0 x the fraction of the prompt's constraints followed (``verifiable``,
 IFEval/IFBench checkers) + 1.0 x PVR (guardrail penalties: empty, repetition loop) + 0.5 x the

@@ -57,7 +57,7 @@ CI_LEVEL = 0.95
 BOOTSTRAP_SEED = 0
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("root", "/tmp/clipo_effect", "directory for all runs")
+flags.DEFINE_string("root", "runs/clipo_effect", "directory for all runs")
 flags.DEFINE_list("tasks", list(TASKS), "tasks: default (the plain demo task), shortcut (the answer-leak variant)")
 flags.DEFINE_float("shortcut_share", 0.5, "leak share of the shortcut task (configs/demo.py:shortcut=F)")
 flags.DEFINE_string(

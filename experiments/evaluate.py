@@ -1,9 +1,9 @@
 r"""Evaluate a model on named suites: greedy accuracy, mean@k, unbiased pass@k, per-source table.
 
-  python -m experiments.evaluate --model=smollm2 --suites=gsm8k --limit=50 --output=/tmp/eval.json
-  python -m experiments.evaluate --model=/ckpt/Qwen2.5-3B-Instruct --data_dir=/data/clipo \
+  python -m experiments.evaluate --model=smollm2 --suites=gsm8k --limit=50 --output=runs/eval.json
+  python -m experiments.evaluate --model=CKPT/Qwen2.5-3B-Instruct --data_dir=DATA/clipo \
       --suites=gsm8k,gsm_symbolic,gsm_p1,gsm_p2 --n=16 --temperature=0.6 --top_p=0.95 --pass_k=1,4,16
-  python -m experiments.evaluate --run=/tmp/clipo_demo            # a training run's last checkpoint
+  python -m experiments.evaluate --run=runs/clipo_demo            # a training run's last checkpoint
 
 --model: 'smollm2', an HF directory or a .gguf file. --run: a workdir of experiments.train (its
 saved config rebuilds the task, its latest checkpoint gives the params; --suites is then ignored

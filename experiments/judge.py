@@ -1,7 +1,7 @@
 r"""Runs the OpenRS judge over a reward-model benchmark file (JudgeBench, PPE, RewardBench 2, RM-Bench).
 
     python -m experiments.judge --input=DATA/judgebench/gpt.jsonl \
-        --base_url=http://127.0.0.1:8080/v1 --model=smollm2 --output_dir=/tmp/judge_run \
+        --base_url=http://127.0.0.1:8080/v1 --model=smollm2 --output_dir=runs/judge_run \
         --workers=8 --limit=20
     python -m experiments.judge --backend=in-process --model=smollm2 --input=... --output_dir=...
 

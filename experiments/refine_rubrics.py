@@ -2,11 +2,11 @@ r"""Evolutionary refinement of the general principles (OpenRS paper, arXiv 2602.
 
     python -m experiments.refine_rubrics --input=DATA/judgebench/gpt.jsonl --limit=60 \
         --backend=openai --base_url=http://127.0.0.1:8080/v1 --model=qwen3 \
-        --output_dir=/tmp/refine --population=8 --generations=6 --seed=0
+        --output_dir=runs/refine --population=8 --generations=6 --seed=0
 
     # no server: SmolLM2 in-process reads the verdicts from its logits, programmatic edits only
     python -m experiments.refine_rubrics --input=... --backend=logit --model=smollm2 \
-        --mutation=programmatic --output_dir=/tmp/refine_logit --limit=16
+        --mutation=programmatic --output_dir=runs/refine_logit --limit=16
 
 Writes ``DIR/generations.jsonl`` (one record per generation: every variant's train fitness,
 the champion's held-out fitness, counters), ``DIR/general.toml`` (the best variant, a valid

@@ -1,8 +1,8 @@
 r"""Review a proposed edit of a meta-rubric file (OpenRS paper, arXiv 2602.14069: meta-rubric refinement, domain principles).
 
     python -m experiments.review_rubric_edit --old=clipo_jax/rubrics/meta_rubrics/math.toml \
-        --new=/tmp/edit/math.toml --input=DATA/judgebench/gpt.jsonl \
-        --base_url=http://127.0.0.1:8080/v1 --model=qwen3 --cache_dir=/tmp/review_cache
+        --new=EDIT/math.toml --input=DATA/judgebench/gpt.jsonl \
+        --base_url=http://127.0.0.1:8080/v1 --model=qwen3 --cache_dir=runs/review_cache
 
 Judges every pair under the old and the new file (the judge calls are cached, so re-running a
 review, or reviewing a second edit of the same file, only pays for what changed), prints the pairs

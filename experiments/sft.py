@@ -1,6 +1,6 @@
 r"""Supervised warm start only (the SFT phase of a config), then greedy eval on the task's test sets.
 
-  python -m experiments.sft --config=configs/demo.py --workdir=/tmp/clipo_sft
+  python -m experiments.sft --config=configs/demo.py --workdir=runs/clipo_sft
 
 The result is stored under <workdir>/sft/<hash> (or config.sft.cache_dir), where
 experiments.train with the same model/sft/task/seed settings picks it up instead of re-running.

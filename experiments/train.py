@@ -1,7 +1,7 @@
 r"""RL training entry point (absl flags over an ml-collections config).
 
-  python -m experiments.train --config=configs/demo.py --workdir=/tmp/clipo_demo
-  python -m experiments.train --config=configs/demo.py:clipo --workdir=/tmp/d --config.rl.lr=3e-5
+  python -m experiments.train --config=configs/demo.py --workdir=runs/clipo_demo
+  python -m experiments.train --config=configs/demo.py:clipo --workdir=runs/clipo_demo_lr --config.rl.lr=3e-5
 
 Re-running the same command with the same --workdir resumes from the last checkpoint.
 Multi-host: pass --coordinator_address=host:port --num_processes=N --process_id=i.
