@@ -14,7 +14,7 @@ import threading
 import time
 
 import pytest
-from judge_server import JSONHandler
+from judge_server import JSONHandler, good_label, responses, rule_judgment, serve
 
 from clipo_jax.rubrics import (
     BackendError,
@@ -304,3 +304,99 @@ def test_constraint_path(server):
     )
     res = asyncio.run(judge.judge_pair(pair))
     assert res.verdict == "second" and res.path == "constraints"
+
+
+# ---- regressions: cache identity, answer-check fallback, parsing ------------------------------
+
+
+def preferring(letter: str):
+    """A judge server that always prefers the response ``letter`` ("X" or "Y")."""
+
+    class H(JSONHandler):
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            a, _ = responses(body["messages"][-1]["content"])
+            self._send_chat(json.dumps(rule_judgment("A" if (a == letter) else "B")))
+
+    return H
+
+
+def test_disk_cache_is_per_server(tmp_path):
+    """Two servers under one model name used to share cached answers: the second server's
+    verdict was the first one's, read from the cache without a request."""
+
+    async def verdict(url):
+        be = OpenAIHTTPBackend(url, "judge", cache_dir=tmp_path, max_retries=0)
+        try:
+            r = await PairwiseJudge(be, JudgeConfig()).judge_pair(PairInput("q", "X", "Y", query_type="chat"))
+        finally:
+            await be.aclose()
+        return r.verdict, be.stats.cache_hits
+
+    with serve(preferring("X")) as url_x, serve(preferring("Y")) as url_y:
+        assert asyncio.run(verdict(url_x)) == ("first", 0)
+        assert asyncio.run(verdict(url_y)) == ("second", 0)
+        assert asyncio.run(verdict(url_x)) == ("first", 2)  # the same server still reads its cache
+
+
+def test_llm_answer_check_runs_when_the_verifier_finds_no_answer():
+    """Math / factual QA: a response without a final answer the verifier can extract used to
+    score -1 (wrong) and decide the pair without asking the LLM answer check."""
+    asked = []
+
+    class H(JSONHandler):
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            user = body["messages"][-1]["content"]
+            if "reference answer that is known to be correct" in user:
+                asked.append(user)
+                return self._send_chat(json.dumps({"verdict": "correct"}))
+            self._send_chat(json.dumps(rule_judgment(good_label(*responses(user)))))
+
+    async def go(url):
+        be = OpenAIHTTPBackend(url, "judge", max_retries=0)
+        judge = PairwiseJudge(be, JudgeConfig())
+        try:
+            return [
+                await judge.judge_pair(PairInput("q", a, b, query_type=qt, ground_truth=gt))
+                for qt, a, b, gt in [
+                    ("livebench-math", "The two numbers sum to 7, so x = 7.", "x = \\boxed{7}", "7"),
+                    ("gpqa", "The capital of Australia is Canberra.", "The answer is: Canberra", "Canberra"),
+                ]
+            ]
+        finally:
+            await be.aclose()
+
+    with serve(H) as url:
+        math, factual = asyncio.run(go(url))
+    assert math.pointwise["ground_truth"] == [1, 1] and math.path == "pairwise" and math.verdict == "same"
+    assert factual.pointwise["ground_truth"] == [1, 1] and factual.path == "pairwise"
+    assert len(asked) == 3  # one check for the unboxed math answer, two for the text answers
+
+
+def test_judgment_quoting_a_fence_parses_and_unknown_types_are_counted():
+    """A schema-valid judgment whose evidence quotes a fenced code block used to fail every
+    parse attempt (an "error" pair); a criterion type outside the four counts as important."""
+
+    class H(JSONHandler):
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            j = rule_judgment(good_label(*responses(body["messages"][-1]["content"])))
+            j["criteria"][0]["evidence"] = "Response A: ```python\ndef f(x):\n    return x\n```"
+            j["criteria"][0]["type"] = "major"
+            self._send_chat(json.dumps(j))
+
+    async def go(url):
+        be = OpenAIHTTPBackend(url, "judge", max_retries=0)
+        judge = PairwiseJudge(be, JudgeConfig())
+        try:
+            return await judge.judge_pair(PairInput("Write f.", "GOOD f", "bad f", query_type="chat")), judge
+        finally:
+            await be.aclose()
+
+    with serve(H) as url:
+        res, judge = asyncio.run(go(url))
+    assert res.verdict == "first" and res.forward.attempts == 1 and res.backward.attempts == 1
+    assert judge.counters.parse_failures == 0 and judge.counters.parse_retries == 0
+    assert judge.counters.unknown_criterion_types == 2
+    assert res.forward.criteria[0]["type"] == "important" and res.forward.score == pytest.approx(2.0, abs=1e-5)

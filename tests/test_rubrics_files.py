@@ -218,3 +218,73 @@ def test_valid_json_survives_surrounding_prose(before, after):
     text = before.replace("`", "") + "\n```json\n" + json.dumps(VALID) + "\n```\n" + after.replace("`", "")
     assert parse_judgment(text) == VALID
     assert json.loads(extract_json_text(text)) == VALID
+
+
+def _with(**changes):
+    """VALID with its one criterion changed."""
+    return {**VALID, "criteria": [{**VALID["criteria"][0], **changes}]}
+
+
+def test_label_spellings_map_to_a_b_s_and_anything_else_fails():
+    """'Both' (a tie) used to become 'B' (a win for B) and 'A/B' an 'A': only A / B / S and a
+    short list of spellings are labels; anything else is a parse failure of the judgment."""
+    from clipo_jax.rubrics.aggregation import score_comparison
+
+    for given_label, label in [
+        ("Both", "S"),
+        ("tie", "S"),
+        (" Same ", "S"),
+        ("EQUAL", "S"),
+        ("neither", "S"),
+        ("Response A", "A"),
+        ("response  b", "B"),
+        ("b", "B"),
+    ]:
+        got = parse_judgment(json.dumps(_with(label=given_label)))["criteria"][0]["label"]
+        assert got == label, given_label
+    both = parse_judgment(json.dumps(_with(label="Both")))["criteria"]
+    assert score_comparison(both) == 0.0  # a tie, not -2 (a clear win for B)
+    for bad in ["Both equal", "A/B", "Better", "Bad", "AB", ""]:
+        with pytest.raises(JudgeParseError, match="criteria/0/label"):
+            parse_judgment(json.dumps(_with(label=bad)))
+
+
+def test_fences_inside_json_strings_do_not_break_a_valid_judgment():
+    """Evidence that quotes a fenced code block (or a lone ```) used to cut the JSON at the
+    quoted fence: a valid judgment never parsed, and every temperature-0 retry failed alike."""
+    for evidence in ["Response A gives ```python\nprint(1)\n``` which runs", "B opens a ``` fence and stops"]:
+        obj = _with(evidence=evidence)
+        for text in [
+            json.dumps(obj),
+            json.dumps(obj, indent=2),
+            "Here it is:\n```json\n" + json.dumps(obj, indent=2) + "\n```\n",
+            "Here it is: ```json\n" + json.dumps(obj) + "\n```",
+        ]:
+            assert parse_judgment(text) == obj, text
+
+
+def test_valid_judgment_followed_by_prose_with_braces():
+    """Trailing prose with braces after an unfenced judgment used to defeat the parser."""
+    text = json.dumps(VALID) + "\nNote: the set {x} is used; see {y: 1}."
+    assert parse_judgment(text) == VALID
+    draft = _with(label="B")
+    text = "Draft: " + json.dumps(draft) + "\nOn reflection, final:\n" + json.dumps(VALID) + "\nDone {.}"
+    assert parse_judgment(text) == VALID  # the last valid object wins
+
+
+def test_unknown_criterion_type_counts_as_important():
+    """Spec section 3: an unknown type counts as important; it used to fail the whole judgment."""
+    from clipo_jax.rubrics.aggregation import score_comparison
+
+    obj = {
+        **VALID,
+        "criteria": [
+            {**VALID["criteria"][0], "type": "Major"},
+            {**_with(id="d", label="B", score=1)["criteria"][0], "type": "highlight"},
+        ],
+    }
+    got = parse_judgment(json.dumps(obj))["criteria"]
+    assert got[0]["type"] == "important" and got[0]["given_type"] == "Major"
+    assert "given_type" not in got[1]
+    assert score_comparison(got) == pytest.approx((2 * 2 - 1 * 1) / 3, abs=1e-5)
+    assert parse_judgment(json.dumps(_with(type=" CORE ")))["criteria"][0]["type"] == "core"

@@ -85,6 +85,20 @@ def test_group_rewards_pvr_terms(server):  # noqa: F811
     np.testing.assert_allclose(res.rewards, expected)
 
 
+def test_group_ground_truth_term_uses_the_query_types_kind(server):  # noqa: F811
+    """The ground-truth term used to score with kind "auto" (the math verifier) whatever the
+    query type: a reasoning answer in **bold** (the judge's kind there) scored -1 even when right."""
+    url, st = server
+    judge = PairwiseJudge(OpenAIHTTPBackend(url, "slow-ok"), JudgeConfig())
+    responses = ["After checking each suspect, the thief is **Alice**.", "The thief is **Bob**."]
+    cfg = GroupRewardConfig(method="round_robin", ground_truth_weight=1.0)
+    res = asyncio.run(
+        group_rewards(judge, "Who?", responses, cfg, query_type="livebench-reasoning", ground_truth="Alice")
+    )
+    np.testing.assert_allclose(res.rewards - res.pairwise, [1, -1])
+    assert res.rewards[0] > res.rewards[1]
+
+
 def run_cli(*args):
     return subprocess.run(
         [sys.executable, "-m", "experiments.judge", *args], cwd=REPO, capture_output=True, text=True, timeout=120

@@ -150,6 +150,28 @@ def test_judge_pair_counts_parse_failures(model, tmp_path):
     assert backend.stats.sampler_calls == 1 + (failed > 0)
 
 
+def test_in_process_cache_is_keyed_by_the_weights(model, tmp_path):
+    """The disk cache used to key by the model name alone ("smollm2"): a backend on other
+    weights (another checkpoint, or weights passed in) read the first one's answers."""
+    cfg, params, tok = model
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    other = jax.tree_util.tree_unflatten(treedef, [leaves[0] * 1.001, *leaves[1:]])
+    req = CompletionRequest(messages=msgs("Name a colour."), max_tokens=2)
+
+    def backend(p, **kw):
+        return InProcessBackend(cfg=cfg, params=p, tokenizer=tok, cache_dir=str(tmp_path), **kw)
+
+    first = backend(params)
+    assert not asyncio.run(first.complete(req)).cached
+    changed = backend(other)
+    changed.sampler = first.sampler  # one compiled sampler for both (the weights are an argument)
+    assert not asyncio.run(changed.complete(req)).cached and changed.stats.sampler_calls == 1
+    same = backend(params)  # the same weights again (a new process would do the same)
+    assert asyncio.run(same.complete(req)).cached and same.stats.sampler_calls == 0
+    assert same.cache_identity == first.cache_identity != changed.cache_identity
+    assert backend(other, cache_id="ckpt-7").cache_identity == "ckpt-7"  # an explicit identity
+
+
 def test_registry_builds_local_backends(model):
     cfg, params, tok = model
     b = make_backend("in-process", cfg=cfg, params=params, tokenizer=tok)
@@ -311,6 +333,43 @@ def test_logit_judge_pair(logit_backend):
         logit_backend.fill_criterion_labels("What is 2+2?", "4", "5", [d.to_dict() for d in general.dimensions])
     )
     assert [c["label"] for c in again] == [c["label"] for c in res.forward.criteria]
+
+
+TINY_WITH_CRITICAL = (
+    TINY_GENERAL.replace("Two dimensions.", "Three dimensions.")
+    + """[[dimension]]
+id = "factual"
+title = "Factual error"
+type = "critical"
+critical_scope = "factuality"
+items = ["States something false."]
+"""
+)
+
+
+def test_logit_judge_critical_dimensions_veto_only_when_likely(logit_backend):
+    """Every critical dimension is asked of every pair; its argmax A / B label used to veto all
+    other criteria even when barely above a third (the 135M model sits near uniform)."""
+    general = parse_meta_rubric(TINY_WITH_CRITICAL)
+    pair = PairInput("What is 2+2?", "4", "5", general=general)
+    res = asyncio.run(LogitJudge(logit_backend).judge_pair(pair))
+    crits = res.forward.criteria + res.backward.criteria
+    for c in crits:
+        p = c["probs"][c["label"]]
+        if c["type"] == "critical" and c["label"] != "S":
+            assert p > 0.5, c
+        if c.get("given_type") == "critical":  # not likely enough to veto: counted as important
+            assert c["type"] == "important" and c["label"] in "AB" and p <= 0.5
+    # The near-uniform model does give a critical dimension an unlikely A / B label here.
+    assert any(c.get("given_type") == "critical" for c in crits)
+    assert res.forward.score == score_comparison(res.forward.criteria)
+    assert res.backward.score == score_comparison(res.backward.criteria)
+    # critical_min_prob=0: the plain argmax veto (the critical sum alone).
+    plain = asyncio.run(LogitJudge(logit_backend, critical_min_prob=0.0).judge_pair(pair))
+    crit = [c for c in plain.forward.criteria if c["type"] == "critical"]
+    assert len(crit) == 1 and plain.forward.score == score_comparison(crit)
+    with pytest.raises(ValueError, match="critical_min_prob"):
+        LogitJudge(logit_backend, critical_min_prob=1.5)
 
 
 @pytest.mark.slow

@@ -21,6 +21,36 @@ def test_boxed_extraction_nested():
     assert pvr._last_boxed("a \\boxed{1} then \\boxed{\\frac{a}{b}} end") == "\\frac{a}{b}"
 
 
+def test_no_extractable_answer_is_none_so_the_llm_check_runs():
+    """The math verifier scores a response without a final answer 0.0, which used to become -1
+    (wrong), so the judge's LLM answer check never ran; and factual-QA text answers went to
+    the math verifier ("auto")."""
+    from clipo_jax.rubrics.judge import ground_truth_kind
+
+    assert pvr.ground_truth_score("So x = 7.", "7", "math") is None
+    assert pvr.ground_truth_score("Adding them gives 42.", "42", "auto") is None
+    assert pvr.ground_truth_score("<think>unfinished \\boxed{42}", "42", "math") is None
+    assert pvr.ground_truth_score("so x = \\boxed{7}", "7", "math") == 1
+    assert pvr.ground_truth_score("so x = \\boxed{8}", "7", "math") == -1
+    kind = ground_truth_kind("factual_qa")
+    assert pvr.ground_truth_score("The capital of Australia is Canberra.", "Canberra", kind) is None
+    assert pvr.ground_truth_score("Sydney.", "Canberra", kind) is None
+    assert pvr.ground_truth_score("Canberra", "Canberra", kind) == 1
+    assert pvr.ground_truth_score("... so the answer is (C). CCCCC", "C", kind) == 1
+    assert pvr.ground_truth_score("... so the answer is (D). DDDDD", "C", kind) == -1
+
+
+def test_choice_letter_boxed_first_and_upper_case_only():
+    """ "answer is a bit" used to read as choice A, and beat a later boxed C."""
+    assert pvr.extract_choice("The answer is a bit subtle... I pick \\boxed{C}.") == "C"
+    assert pvr.extract_choice("The answer is a bit subtle.") is None
+    assert pvr.extract_choice("I think AAAAA. Final: \\boxed{(D)}") == "D"
+    assert pvr.extract_choice("The answer is (B).") == "B"
+    assert pvr.extract_choice("the answer is: **E**") == "E"
+    assert pvr.extract_choice("so GGGGG") == "G"
+    assert pvr.ground_truth_score("The answer is a bit subtle... I pick \\boxed{C}.", "C") == 1
+
+
 # Hand-written cases: (response, constraint, expected).
 CASES = [
     ("one two three", {"type": "word_count", "max": 3}, True),

@@ -106,7 +106,9 @@ class OpenAIHTTPBackend:
         sends it; False never.
       schema_style: "json_schema" (OpenAI style) or "json_object" (llama-cpp-python style) to
         fix the response_format shape; None tries them in that order under "auto".
-      cache_dir: directory of the on-disk cache, or None for no cache.
+      cache_dir: directory of the on-disk cache, or None for no cache.  Entries are keyed by
+        the request's content, the model name and the server URL (``cache_identity``): two
+        servers that serve different weights under one model name never share answers.
     """
 
     name = "openai"
@@ -131,6 +133,8 @@ class OpenAIHTTPBackend:
         base = base_url.rstrip("/")
         self.base_url = base if base.endswith("/v1") else base + "/v1"
         self.model = model
+        # Which judge answers, besides the model name, in the cache key (see cache_dir).
+        self.cache_identity = self.base_url
         self._api_key = os.environ.get(api_key_env) or None
         self.max_concurrency = int(max_concurrency)
         self.timeout_s = float(timeout_s)
@@ -199,7 +203,7 @@ class OpenAIHTTPBackend:
     async def complete(self, request: CompletionRequest) -> CompletionResponse:
         self._ensure_client()
         use_schema = bool(self.supports_json_schema and request.json_schema is not None)
-        key = request.cache_key(self.model, use_schema)
+        key = request.cache_key(self.model, use_schema, self.cache_identity)
         if self.cache is not None and (hit := self.cache.get(key)) is not None:
             self.stats.cache_hits += 1
             self.stats.completed += 1
@@ -236,7 +240,7 @@ class OpenAIHTTPBackend:
         after a resume."""
         if self.cache is not None:
             for use_schema in (True, False):  # the schema may have been switched off since
-                self.cache.delete(request.cache_key(self.model, use_schema))
+                self.cache.delete(request.cache_key(self.model, use_schema, self.cache_identity))
 
     async def _complete_with_retries(self, request: CompletionRequest, use_schema: bool) -> CompletionResponse:
         url = f"{self.base_url}/chat/completions"

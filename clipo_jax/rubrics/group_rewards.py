@@ -32,7 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from clipo_jax.rubrics import pvr
-from clipo_jax.rubrics.judge import PairwiseJudge
+from clipo_jax.rubrics.judge import PairwiseJudge, ground_truth_kind
+from clipo_jax.rubrics.meta_rubric import domain_for_query_type
 from clipo_jax.rubrics.types import PairInput, apply_error_policy, check_error_policy
 
 
@@ -171,7 +172,10 @@ async def group_rewards(
     pair_part = pairwise_rewards(config.method, g, triples, config)
     rewards = pair_part.astype(np.float32).copy()
     if config.ground_truth_weight and ground_truth is not None:
-        gt = [pvr.ground_truth_score(r, ground_truth) for r in responses]
+        # Checked as the judge checks it: the kind of the query type's domain (math verifier,
+        # **bold** answer for reasoning, choice letter...); no extractable answer counts as -1.
+        kind = ground_truth_kind(domain_for_query_type(query_type))
+        gt = [pvr.ground_truth_score(r, ground_truth, kind) for r in responses]
         rewards += config.ground_truth_weight * np.array([s if s is not None else -1 for s in gt], np.float32)
     if config.guardrail_weight:
         flags = [sum(pvr.guardrail_flags(r, config.expected_language).values()) for r in responses]

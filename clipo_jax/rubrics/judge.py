@@ -72,7 +72,9 @@ log = logging.getLogger(__name__)
 
 # How the ground truth is checked programmatically, by domain; any other domain uses "any"
 # (pvr.ground_truth_score: only what a program can tell for sure, the LLM compares the rest).
-GROUND_TRUTH_KIND = {"math": "math", "factual_qa": "auto", "reasoning": "bold"}
+# Factual QA uses "any" too: its ground truths are choice letters (MMLU-Pro, GPQA), checked as
+# such, or text ("Canberra") that no math verifier can judge.
+GROUND_TRUTH_KIND = {"math": "math", "reasoning": "bold"}
 
 # The LLM answer check's schema and prompt (protocol.py holds them).
 LLM_CHECK_SCHEMA = ANSWER_CHECK_SCHEMA
@@ -117,6 +119,7 @@ class JudgeCounters:
     directions: int = 0
     parse_failures: int = 0  # directions that never parsed
     parse_retries: int = 0
+    unknown_criterion_types: int = 0  # criteria whose type was none of the four: counted as important
     backend_failures: int = 0  # directions whose call failed for good
     intent_failures: int = 0
     llm_answer_checks: int = 0
@@ -230,6 +233,7 @@ class PairwiseJudge:
                     self.counters.parse_retries += 1
                 continue
             out.criteria = obj["criteria"]
+            self.counters.unknown_criterion_types += sum("given_type" in c for c in obj["criteria"])
             out.score = score_comparison(obj["criteria"])
             out.parse_ok, out.error, out.error_kind = True, None, None
             return out
@@ -262,9 +266,11 @@ class PairwiseJudge:
 
         Programmatic first (the math verifier, a choice letter, an exact match; sympy runs in a
         worker thread), then the LLM check.  A failed LLM check is None (and flagged); so is a
-        response that neither can score on a domain without a programmatic kind.  In the math,
-        factual-QA and reasoning domains, and for a choice letter in any domain, a response without
-        an extractable answer scores -1 when the LLM check is off (unverifiable counts as missing)."""
+        response that neither can score on a domain without a programmatic kind.  A response
+        without an extractable answer (the math verifier finds no final answer, no **bold** span,
+        no choice letter) goes to the LLM check; when the check is off it scores -1 in the math
+        and reasoning domains and for a choice letter in any domain (unverifiable counts as
+        missing), None elsewhere."""
         kind = ground_truth_kind(domain)
         scores: list[int | None] = []
         check_failed = []

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
+import hashlib
 import logging
 import time
 from typing import Any, Callable, Sequence
@@ -121,6 +122,26 @@ class LocalStats:
         return dataclasses.asdict(self)
 
 
+def params_fingerprint(params) -> str:
+    """SHA-256 of a parameter tree: every leaf's path, shape, dtype and bytes (non-array leaves
+    by their repr).  Different weights give a different digest.  It reads every weight once
+    (device arrays are copied to the host one leaf at a time): about a second per GB."""
+    h = hashlib.sha256()
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+        h.update(jax.tree_util.keystr(path).encode())
+        if isinstance(leaf, (jax.Array, np.ndarray)):
+            h.update(f"|{leaf.shape}|{leaf.dtype}|".encode())
+            if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:  # multi-host: this host's shards
+                for shard in sorted(leaf.addressable_shards, key=lambda sh: str(sh.index)):
+                    h.update(str(shard.index).encode())
+                    h.update(np.ascontiguousarray(np.asarray(shard.data)).view(np.uint8))
+            else:
+                h.update(np.ascontiguousarray(np.asarray(leaf)).view(np.uint8))
+        else:
+            h.update(repr(leaf).encode())
+    return h.hexdigest()[:32]
+
+
 def _max_new_bucket(n: int) -> int:
     # Generation is compiled per SamplingConfig: round max_new_tokens up to a power of two
     # (min 16) so that a run sees a handful of compilations; rows are cut back afterwards.
@@ -137,7 +158,12 @@ class InProcessBackend:
         logical axes and batches split over data x fsdp.
       max_batch: most requests per sampler call; batch_window_s: how long the first request of
         a batch waits for company.
-      cache_dir: optional on-disk completion cache (same format and keys as the HTTP backend).
+      cache_dir: optional on-disk completion cache (same format as the HTTP backend's).  Entries
+        are keyed by the request, the model name and ``cache_identity``: ``cache_id`` when given
+        (the caller vouches that it names these weights), else ``params_fingerprint(params)``,
+        a SHA-256 of the weights computed once here (about a second per GB of weights; pass
+        ``cache_id`` to skip it), so that two checkpoints under one name, or weights passed in
+        directly, never share answers.
       min_len_bucket: smallest prompt-length bucket (powers of two above it).
     """
 
@@ -157,6 +183,7 @@ class InProcessBackend:
         batch_window_s: float = 0.005,
         cache_dir: str | None = None,
         min_len_bucket: int = 16,
+        cache_id: str | None = None,
     ):
         if params is None or cfg is None or tokenizer is None:
             from clipo_jax.models import load_model
@@ -173,6 +200,10 @@ class InProcessBackend:
         self.sampler = sampling.Sampler(cfg, mesh=mesh, min_len_bucket=min_len_bucket)
         self.stats = LocalStats()
         self.cache = DiskCache(cache_dir) if cache_dir else None
+        # Which weights answer, in the cache key (see cache_dir); only needed with a cache.
+        self.cache_identity = None
+        if self.cache is not None:
+            self.cache_identity = cache_id if cache_id is not None else "params:" + params_fingerprint(params)
         self._gen_batcher = MicroBatcher(self._generate_batch, max_batch, batch_window_s)
 
     def __repr__(self) -> str:
@@ -247,7 +278,7 @@ class InProcessBackend:
     async def complete(self, request: CompletionRequest) -> CompletionResponse:
         """Generates the answer to ``request`` (batched with concurrent calls)."""
         self.stats.requests += 1
-        key = request.cache_key(self.model, use_schema=False)
+        key = request.cache_key(self.model, use_schema=False, judge=self.cache_identity)
         if self.cache is not None and (hit := self.cache.get(key)) is not None:
             self.stats.cache_hits += 1
             self.stats.completed += 1
@@ -281,7 +312,7 @@ class InProcessBackend:
     def forget(self, request: CompletionRequest) -> None:
         """Drops the cached completion of ``request`` (an answer its caller could not parse)."""
         if self.cache is not None:
-            self.cache.delete(request.cache_key(self.model, use_schema=False))
+            self.cache.delete(request.cache_key(self.model, use_schema=False, judge=self.cache_identity))
 
     @property
     def batch_sizes(self) -> list[int]:

@@ -4,6 +4,13 @@ Each dimension of the routed meta-rubric (domain first, then general) is one cri
 ``local_backends.LogitVerdictBackend`` labels every criterion of both orders from its next-token
 distribution over "A" / "B" / "S" in one batched forward pass; the labels are aggregated
 (``score_comparison``) and the two orders give the verdict (``verdict``), as in ``PairwiseJudge``.
+
+Critical dimensions are asked of every pair, flaw or not, so a near-uniform distribution whose
+argmax is A or B would veto everything else on noise.  A critical dimension therefore vetoes
+only when its label's probability exceeds ``critical_min_prob`` (default 0.5: more likely than
+the two other labels together); below that it counts as an ``important`` criterion (weight 2,
+the type keeps its original name in ``given_type``).  ``critical_min_prob=0`` restores the plain
+argmax veto.
 """
 
 from __future__ import annotations
@@ -33,8 +40,12 @@ class LogitJudge:
         strong: float = 0.8,
         max_pairs_per_pass: int = 8,
         max_criteria: int | None = None,
+        critical_min_prob: float = 0.5,
     ):
+        if not 0.0 <= critical_min_prob <= 1.0:
+            raise ValueError(f"critical_min_prob must be in [0, 1], got {critical_min_prob}")
         self.backend = backend
+        self.critical_min_prob = float(critical_min_prob)
         self.min_score = min_score
         self.strong = strong
         self.max_pairs_per_pass = max_pairs_per_pass
@@ -49,6 +60,16 @@ class LogitJudge:
             dims = dims[: self.max_criteria]
         return domain_name, [d.to_dict() for d in dims]
 
+    def _gate_critical(self, criterion: dict[str, Any]) -> dict[str, Any]:
+        """A critical criterion whose A / B label is not more likely than ``critical_min_prob``
+        becomes an ``important`` one (no veto); any other criterion is returned unchanged."""
+        label = criterion.get("label")
+        if criterion.get("type") != "critical" or label not in ("A", "B"):
+            return criterion
+        if float((criterion.get("probs") or {}).get(label, 1.0)) > self.critical_min_prob:
+            return criterion
+        return {**criterion, "type": "important", "given_type": "critical"}
+
     def judge_pairs_sync(self, pairs: Sequence[PairInput]) -> list[PairResult]:
         results = []
         for start in range(0, len(pairs), self.max_pairs_per_pass):
@@ -60,7 +81,7 @@ class LogitJudge:
                 items += [(p.query, p.first, p.second, c) for c in crits]
                 items += [(p.query, p.second, p.first, c) for c in crits]
                 spans.append((domain_name, lo, len(crits)))
-            labelled = self.backend.criterion_labels(items, self.strong)
+            labelled = [self._gate_critical(c) for c in self.backend.criterion_labels(items, self.strong)]
             for p, (domain_name, lo, k) in zip(chunk, spans):
                 fwd, bwd = labelled[lo : lo + k], labelled[lo + k : lo + 2 * k]
                 f, b = score_comparison(fwd), score_comparison(bwd)

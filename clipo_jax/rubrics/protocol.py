@@ -9,8 +9,11 @@ One judged direction asks the model for one JSON object (OpenRS paper, arXiv 260
    responses differ, 5-15 criteria typed core / important / highlight / critical;
 3. per criterion: evidence, reason, label (A / B / S) and score (-2..2).
 
-Parsing takes the last fenced JSON block (or the outermost braces), repairs it with
-``json_repair`` and validates it against ``JUDGMENT_SCHEMA``; ``JudgeParseError`` otherwise.
+Parsing (``parse_judgment``) takes the first schema-valid candidate among the whole answer as
+strict JSON, the fenced blocks and every strictly decoding object (last first), then repairs the
+last fenced block (or the text from the first brace) with ``json_repair``; labels and types are
+normalised (``LABEL_SYNONYMS``; an unknown type counts as important) before validation against
+``JUDGMENT_SCHEMA``; ``JudgeParseError`` otherwise.
 """
 
 from __future__ import annotations
@@ -92,49 +95,143 @@ class JudgeParseError(ValueError):
     """The judge's output is not a schema-valid judgment (counted as a tie by the caller)."""
 
 
-_FENCE_RE = re.compile(r"```(?:json|JSON)?\s*\n?(.*?)```", re.DOTALL)
+# An opening fence ends its line (```json + newline); a closing fence starts one.  A ``` inside a
+# JSON string can do neither (a raw newline is not allowed in a JSON string), so evidence that
+# quotes a fenced code block does not end the block early.
+_OPEN_FENCE = r"```[ \t]*(?:json|JSON)?[ \t]*\n"
+_FENCE_RE = re.compile(_OPEN_FENCE + r"(.*?)^[ \t]*```", re.DOTALL | re.MULTILINE)
+_OPEN_FENCE_RE = re.compile(_OPEN_FENCE)
+# Where a JSON object may start: '{' then a key or '}' (skips most braces of code and prose).
+_OBJECT_START_RE = re.compile(r"\{\s*[\"}]")
 
 
 def extract_json_text(text: str) -> str:
     """The last fenced code block if any (an unterminated last fence counts), else from the
-    first '{' on.  Models often think aloud before the final JSON, so the last block wins."""
-    blocks = _FENCE_RE.findall(text)
-    tail = text.rsplit("```", 1)
-    # An odd number of fences means the last one was never closed (truncated output).
-    if text.count("```") % 2 == 1:
-        return re.sub(r"^(?:json|JSON)?\s*\n?", "", tail[1])
+    first '{' on.  Models often think aloud before the final JSON, so the last block wins.
+    Fences count only where a fence can be: an opening one ends its line, a closing one starts
+    its line (a ``` inside a JSON string is neither)."""
+    blocks = list(_FENCE_RE.finditer(text))
+    rest = text[blocks[-1].end() :] if blocks else text
+    # An opening fence after the last closed block was never closed (truncated output).
+    unterminated = _OPEN_FENCE_RE.search(rest)
+    if unterminated:
+        return rest[unterminated.end() :]
     if blocks:
-        return blocks[-1]
+        return blocks[-1].group(1)
     start = text.find("{")
     return text[start:] if start >= 0 else text
 
 
+def _json_objects(text: str) -> list[Any]:
+    """Every top-level JSON value that strictly decodes from a plausible object start in
+    ``text``, in order (an object followed by prose, braces included, still decodes)."""
+    decoder = json.JSONDecoder()
+    out, pos = [], 0
+    while (m := _OBJECT_START_RE.search(text, pos)) is not None:
+        try:
+            obj, end = decoder.raw_decode(text, m.start())
+        except (json.JSONDecodeError, RecursionError):
+            pos = m.start() + 1
+            continue
+        out.append(obj)
+        pos = end
+    return out
+
+
+# Criterion labels: exactly A / B / S, or one of these spellings; anything else ("A/B", "Both
+# equal", ...) fails the schema, a parse failure of that judgment (retried, then counted).
+LABEL_SYNONYMS = {
+    "A": "A",
+    "B": "B",
+    "S": "S",
+    "SAME": "S",
+    "TIE": "S",
+    "EQUAL": "S",
+    "BOTH": "S",
+    "NEITHER": "S",
+    "RESPONSE A": "A",
+    "RESPONSE B": "B",
+}
+
+
+def normalise_label(label: str) -> str:
+    """``label`` mapped to A / B / S when it is one of ``LABEL_SYNONYMS`` (case, surrounding
+    blanks and a final full stop ignored); otherwise returned unchanged, so that the schema
+    rejects it."""
+    key = " ".join(label.strip().upper().rstrip(".").split())
+    return LABEL_SYNONYMS.get(key, label)
+
+
+def _normalise_criteria(obj: dict[str, Any]) -> None:
+    """Light normalisation of harmless variants before strict validation: label spellings,
+    type case, numeric strings as scores, and an unknown type counted as ``important`` (as
+    the aggregation counts it, spec section 3) with the judge's own word kept in
+    ``given_type``."""
+    criteria = obj.get("criteria")
+    for c in criteria if isinstance(criteria, list) else []:
+        if not isinstance(c, dict):
+            continue
+        if isinstance(c.get("label"), str):
+            c["label"] = normalise_label(c["label"])
+        if isinstance(c.get("type"), str):
+            t = c["type"].strip().lower()
+            if t not in CRITERION_TYPES:
+                c.setdefault("given_type", c["type"])
+                t = "important"
+            c["type"] = t
+        if isinstance(c.get("score"), str) and re.fullmatch(r"[+-]?\d", c["score"].strip()):
+            c["score"] = int(c["score"])
+
+
+def _schema_error(obj: Any, schema: dict[str, Any]) -> JudgeParseError | None:
+    """None when ``obj`` (normalised in place) satisfies ``schema``, else the error to raise."""
+    if not isinstance(obj, dict):
+        return JudgeParseError(f"judge output is not a JSON object (got {type(obj).__name__})")
+    _normalise_criteria(obj)
+    e = jsonschema.exceptions.best_match(_validator(json.dumps(schema, sort_keys=True)).iter_errors(obj))
+    if e is None:
+        return None
+    path = "/".join(str(p) for p in e.absolute_path) or "<root>"
+    return JudgeParseError(f"judge output fails the schema at {path}: {e.message[:200]}")
+
+
 def parse_judgment(text: str, schema: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Parses one judge answer into a dict that satisfies ``schema`` (JUDGMENT_SCHEMA)."""
+    """Parses one judge answer into a dict that satisfies ``schema`` (JUDGMENT_SCHEMA).
+
+    Candidates, first valid one wins: the whole answer as strict JSON; the fenced blocks,
+    last first; every object that strictly decodes in the text, last first; then the old
+    repair path (the last fenced block or from the first '{', through ``json_repair``).
+    ``JudgeParseError`` when none satisfies the schema."""
     schema = schema or JUDGMENT_SCHEMA
     if not text or not text.strip():
         raise JudgeParseError("empty judge output")
+
+    def strict():
+        try:
+            yield json.loads(text.strip())
+        except (json.JSONDecodeError, RecursionError):
+            pass
+        for m in reversed(list(_FENCE_RE.finditer(text))):
+            try:
+                yield json.loads(m.group(1))
+            except (json.JSONDecodeError, RecursionError):
+                pass
+        yield from reversed(_json_objects(text))
+
+    first_error = None
+    for obj in strict():
+        if isinstance(obj, dict):
+            if (err := _schema_error(obj, schema)) is None:
+                return obj
+            first_error = first_error or err
     candidate = extract_json_text(text)
     try:
         obj = json.loads(candidate)
     except json.JSONDecodeError:
         obj = json_repair.loads(candidate)  # returns "" when nothing is salvageable
-    if not isinstance(obj, dict):
-        raise JudgeParseError(f"judge output is not a JSON object (got {type(obj).__name__})")
-    # Light normalisation of harmless variants before strict validation.
-    for c in obj.get("criteria", []) if isinstance(obj.get("criteria"), list) else []:
-        if isinstance(c, dict):
-            if isinstance(c.get("label"), str):
-                c["label"] = c["label"].strip().upper()[:1]
-            if isinstance(c.get("type"), str):
-                c["type"] = c["type"].strip().lower()
-            if isinstance(c.get("score"), str) and re.fullmatch(r"[+-]?\d", c["score"].strip()):
-                c["score"] = int(c["score"])
-    e = jsonschema.exceptions.best_match(_validator(json.dumps(schema, sort_keys=True)).iter_errors(obj))
-    if e is not None:
-        path = "/".join(str(p) for p in e.absolute_path) or "<root>"
-        raise JudgeParseError(f"judge output fails the schema at {path}: {e.message[:200]}")
-    return obj
+    if (err := _schema_error(obj, schema)) is None:
+        return obj
+    raise err if isinstance(obj, dict) or first_error is None else first_error
 
 
 @functools.lru_cache(maxsize=64)

@@ -71,18 +71,19 @@ def extract_math_answer(response: str) -> str | None:
 
 
 def extract_choice(response: str) -> str | None:
-    """Multiple-choice letter: a letter repeated 5 times (JudgeBench / MMLU-Pro format), else
-    "answer is (X)", else a boxed letter."""
+    """Multiple-choice letter: a boxed letter (``\\boxed{C}``, ``\\boxed{(C)}``), else a letter
+    repeated 5 times (JudgeBench / MMLU-Pro format), else "answer is (X)".  Letters are upper
+    case only: "the answer is a bit subtle" names no choice."""
+    boxed = _last_boxed(response)
+    if boxed is not None:
+        m = re.fullmatch(r"\s*\(?([A-J])\)?\s*", boxed)
+        if m:
+            return m.group(1)
     rep = re.findall(r"\b([A-J])\1{4}\b", response)
     if rep:
         return rep[-1]
-    m = re.findall(r"answer is:?\s*\(?\**\s*([A-J])\b", response, flags=re.IGNORECASE)
-    if m:
-        return m[-1].upper()
-    boxed = _last_boxed(response)
-    if boxed and re.fullmatch(r"\s*\(?([A-J])\)?\s*", boxed):
-        return re.sub(r"[^A-J]", "", boxed)
-    return None
+    m = re.findall(r"(?i:answer is):?\s*\(?\**\s*([A-J])\b", response)
+    return m[-1] if m else None
 
 
 def extract_bold(response: str) -> str | None:
@@ -93,12 +94,17 @@ def extract_bold(response: str) -> str | None:
 
 def math_equivalent(response: str, ground_truth: str) -> float | None:
     """1.0 / 0.0 from the project's math verifier; exact normalised-string compare only when
-    that module is unavailable.  None when no answer can be extracted by the fallback."""
+    that module is unavailable.  None when the verifier cannot extract a final answer (no
+    ``\\boxed{}`` / ``#### N``; the fallback: no boxed answer nor "the answer is"): the
+    caller then asks the LLM (``PairwiseJudge``) or counts the answer as missing."""
     try:
-        from clipo_jax.rewards.math import math_reward  # lazy: the math verifier pulls in sympy
+        # lazy: the math verifier pulls in sympy
+        from clipo_jax.rewards.math import extract_answer, math_reward
     except ImportError:
         math_reward = None
     if math_reward is not None:
+        if extract_answer(response) is None:  # math_reward would say 0.0, a wrong answer
+            return None
         return float(math_reward(response, ground_truth))
     answer = extract_math_answer(response)
     if answer is None:

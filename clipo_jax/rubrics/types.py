@@ -72,8 +72,13 @@ class CompletionRequest:
     json_schema: dict[str, Any] | None = None
     schema_name: str = "judgment"
 
-    def cache_key(self, model: str, use_schema: bool) -> str:
-        """Content hash of everything that determines the answer."""
+    def cache_key(self, model: str, use_schema: bool, judge: str | None = None) -> str:
+        """Content hash of everything that determines the answer.
+
+        ``judge`` identifies which judge answers besides its model name (the HTTP backend's
+        server URL; the in-process backends' checkpoint and weight fingerprint), so that two
+        judges under one name never share cached answers; None leaves it out of the hash (the
+        replay transcripts' keys)."""
         payload = {
             "model": model,
             "messages": list(self.messages),
@@ -83,6 +88,8 @@ class CompletionRequest:
             "seed": self.seed,
             "schema": self.json_schema if use_schema else None,
         }
+        if judge is not None:
+            payload["judge"] = judge
         blob = json.dumps(payload, sort_keys=True, ensure_ascii=False).encode()
         return hashlib.sha256(blob).hexdigest()
 
