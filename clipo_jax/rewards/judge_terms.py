@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from clipo_jax.rewards.stage import RewardBatch, RewardError, RewardTerm, TermOutput, register_reward_term
-from clipo_jax.rubrics.types import DEFAULT_JUDGE_MAX_TOKENS, ERROR_POLICIES, apply_error_policy
+from clipo_jax.rubrics.types import BT_ITERS, DEFAULT_JUDGE_MAX_TOKENS, ERROR_POLICIES, apply_error_policy
 
 logger = logging.getLogger(__name__)
 
@@ -225,7 +225,7 @@ class PairwiseRubricTerm(RewardTerm):
         for key, default, least in (
             ("anchor_index", 0, 0),
             ("max_pairs", 0, 0),
-            ("bt_iters", 50, 1),
+            ("bt_iters", BT_ITERS, 1),
             ("cache_size", 100_000, 0),
         ):
             _number(f"pairwise_rubric.{key}", s.get(key, default), int, _at_least(least), f">= {least}")
@@ -380,7 +380,7 @@ class PairwiseRubricTerm(RewardTerm):
         failed = np.zeros(B, bool)
         n_same = n_pairs = n_same_judged = n_judged = 0
         cfg = GroupRewardConfig(
-            method=self.method, bt_iters=int(self.settings.get("bt_iters", 50)), error_policy=self.error_policy
+            method=self.method, bt_iters=int(self.settings.get("bt_iters", BT_ITERS)), error_policy=self.error_policy
         )
         for gi, (keyed, n) in enumerate(groups):
             triples = []

@@ -34,11 +34,11 @@ import numpy as np
 from clipo_jax.rubrics import pvr
 from clipo_jax.rubrics.judge import PairwiseJudge, ground_truth_kind
 from clipo_jax.rubrics.meta_rubric import domain_for_query_type
-from clipo_jax.rubrics.types import PairInput, apply_error_policy, check_error_policy
+from clipo_jax.rubrics.types import BT_ITERS, PairInput, apply_error_policy, check_error_policy
 
 
 @functools.partial(jax.jit, static_argnames=("num_iters",))
-def fit_bradley_terry(wins: jax.Array, num_iters: int = 50, prior: float = 0.1) -> jax.Array:
+def fit_bradley_terry(wins: jax.Array, num_iters: int = BT_ITERS, prior: float = 0.1) -> jax.Array:
     """Bradley-Terry log-strengths by MM iterations (Hunter 2004), batched.
 
     Args:
@@ -72,7 +72,7 @@ class GroupRewardConfig:
     method: str = "anchor"
     anchor_index: int | None = 0  # None: a random anchor drawn from ``seed``
     max_pairs: int | None = None  # bradley_terry: sample this many pairs (None = all)
-    bt_iters: int = 50
+    bt_iters: int = BT_ITERS
     seed: int = 0
     ground_truth_weight: float = 0.0  # reward += w * (+1 / 0 / -1 ground-truth score)
     guardrail_weight: float = 0.0  # reward -= w * (number of guardrail flags raised)

@@ -25,6 +25,10 @@ if TYPE_CHECKING:  # annotations only: no import of the meta-rubric code at run 
 
 # The default budget of new tokens for one judgment (as in the OpenRS release).
 DEFAULT_JUDGE_MAX_TOKENS = 8192
+# MM iterations of the Bradley-Terry group reward: a total order over 32 responses (the slowest
+# case) is within 1e-4 of the optimum after 500 and off by 0.4 in log-strength after 50; each
+# iteration is [G, G] work.
+BT_ITERS = 500
 
 VERDICTS = ("first", "second", "same", "error")
 ERROR_POLICIES = ("exclude", "tie")
