@@ -280,6 +280,20 @@ def test_two_stage_intent_is_answer_blind_and_shared(server):
     assert "GOOD" not in intent_calls[0]["body"]["messages"][-1]["content"]
 
 
+def test_a_failed_intent_analysis_is_asked_again_for_the_next_pair(server):
+    url, st = server  # "flaky": the first two requests get HTTP 500
+    judge = PairwiseJudge(
+        OpenAIHTTPBackend(url, "flaky", max_retries=0), JudgeConfig(protocol="two_stage", parse_attempts=1)
+    )
+    asyncio.run(judge.judge_pair(PAIRS[0]))  # the intent call fails (and one direction)
+    assert judge.counters.intent_failures == 1
+    res = asyncio.run(judge.judge_pair(PAIRS[1]))  # the same query: its intent is asked again
+    intent_calls = [
+        r for r in st.requests if r["body"].get("response_format", {}).get("json_schema", {}).get("name") == "intent"
+    ]
+    assert len(intent_calls) == 2 and judge.counters.intent_failures == 1 and res.verdict == "second"
+
+
 def test_ground_truth_path_decides_without_llm(server):
     url, st = server
     judge = PairwiseJudge(OpenAIHTTPBackend(url, "slow-ok"), JudgeConfig())

@@ -163,10 +163,16 @@ class PairwiseJudge:
         )
 
     async def _intent(self, query: str) -> dict[str, Any] | None:
-        """Answer-blind intent analysis, computed once per distinct query (deduplicated)."""
-        if query not in self._intent_tasks:
-            self._intent_tasks[query] = asyncio.ensure_future(self._intent_call(query))
-        return await self._intent_tasks[query]
+        """Answer-blind intent analysis, computed once per distinct query (deduplicated); a failed
+        one is not remembered, so the query's next pair asks again (a judge lives for a whole RL
+        run: one server blip must not leave a prompt without intent for good)."""
+        task = self._intent_tasks.get(query)
+        if task is None:
+            task = self._intent_tasks[query] = asyncio.ensure_future(self._intent_call(query))
+        intent = await task
+        if intent is None and self._intent_tasks.get(query) is task:
+            del self._intent_tasks[query]
+        return intent
 
     async def _intent_call(self, query: str) -> dict[str, Any] | None:
         for attempt in range(self.config.parse_attempts):
