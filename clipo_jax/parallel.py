@@ -184,6 +184,17 @@ def barrier(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
+def agree(flag: bool) -> bool:
+    """Process 0's ``flag`` on every process (itself with one process). For decisions read from
+    shared files: processes that saw them at different moments would otherwise take different
+    paths and wait at different barriers. A collective, so every process must call it."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    from jax.experimental import multihost_utils
+
+    return bool(multihost_utils.broadcast_one_to_all(np.int32(bool(flag))))
+
+
 # Per thread: an in-process judge traces on the reward stage's thread while the trainer traces
 # its own programs on the main thread; neither may see the other's mesh.
 _MESH_STACK = threading.local()

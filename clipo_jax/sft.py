@@ -117,6 +117,7 @@ def cached_sft(config, task: tasks.Task, cfg: ModelConfig, params, mesh, workdir
     path = sft_cache_dir(config, workdir)
     params_dir = os.path.join(path, "params")
     ckptr = ocp.StandardCheckpointer()
+    restored, problem, legacy = None, None, False
     if os.path.exists(params_dir):
         legacy = not os.path.exists(os.path.join(params_dir, MANIFEST))
         problem = None if legacy else verify_files(params_dir)
@@ -125,16 +126,23 @@ def cached_sft(config, task: tasks.Task, cfg: ModelConfig, params, mesh, workdir
                 restored = ckptr.restore(params_dir, jax.tree.map(ocp.utils.to_shape_dtype_struct, params))
             except Exception as e:  # noqa: BLE001 - orbax raises many types for a damaged file
                 problem = f"does not restore ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})"
-            else:
-                print(f"SFT: reusing {path}")
-                if legacy and parallel.is_primary():
-                    write_manifest(params_dir)
-                parallel.barrier("sft_cache_manifest")
-                return restored
+    # every process has looked before process 0 moves anything, and all follow process 0's verdict
+    if parallel.agree(restored is not None):
+        if restored is None:  # process 0 restored the cache that this process cannot read
+            raise RuntimeError(
+                f"SFT cache {params_dir}: usable on process 0, not on process "
+                f"{jax.process_index()}: {problem or 'missing'}"
+            )
+        print(f"SFT: reusing {path}")
+        if legacy and parallel.is_primary():
+            write_manifest(params_dir)
+        parallel.barrier("sft_cache_manifest")
+        return restored
+    if problem is not None:
         logger.warning("SFT cache %s is unusable: %s; moved aside and training again", params_dir, problem)
-        if parallel.is_primary():
-            _move_aside(params_dir)
-        parallel.barrier("sft_cache_rejected")
+    if parallel.is_primary() and os.path.exists(params_dir):
+        _move_aside(params_dir)
+    parallel.barrier("sft_cache_checked")
     params = run_sft(config, task, cfg, params, mesh, workdir)
     os.makedirs(path, exist_ok=True)
     ckptr.save(params_dir, params)

@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from clipo_jax import parallel, sft, trainer
+from clipo_jax import checkpoints, parallel, sft, trainer
 from clipo_jax.checkpoints import MANIFEST
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -56,6 +56,40 @@ def test_a_damaged_sft_cache_is_set_aside_and_trained_again(tiny, tmp_path, caps
     assert os.path.isdir(params_dir + ".rejected")
     assert _same(first, retrained)  # on a CPU the same SFT again, now with a good cache
     assert os.path.exists(os.path.join(params_dir, MANIFEST))
+
+
+def test_two_processes_agree_on_a_damaged_sft_cache(tiny, tmp_path):
+    """Two processes share a damaged SFT cache; process 1 looks at it 3 s after process 0, which
+    by then has rejected it. Both must follow process 0's verdict (train again) rather than take
+    different paths and wait at different barriers: both finish with the same params as a
+    one-process SFT (up to float rounding), and the cache is good again."""
+    from test_trainer import _free_port, _run_workers
+
+    first = _sft(tiny, tmp_path)  # the cache lives under tmp_path/sft (sft_cache_dir)
+    params_dir = sft.sft_cache_dir(tiny[0], str(tmp_path)) + "/params"
+    victim = _largest_file(params_dir)
+    data = bytearray(open(victim, "rb").read())
+    data[len(data) // 2] ^= 0x01
+    open(victim, "wb").write(bytes(data))
+    worker = os.path.join(REPO, "tests", "sft_cache_worker.py")
+    port = _free_port()
+    flags = [f"--cache_dir={tmp_path / 'sft'}", f"--task_dir={tmp_path / 'tasks'}", f"--out={tmp_path}"]
+    cmds = [
+        [sys.executable, worker, *flags, f"--coordinator=127.0.0.1:{port}", f"--process_id={i}", f"--delay_s={3 * i}"]
+        for i in range(2)
+    ]
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
+    outs = _run_workers(cmds, env, timeout=300)
+    assert "is unusable" in outs[0], outs[0][-2000:]
+    want = [np.asarray(x) for x in jax.tree.leaves(first)]
+    for i in range(2):  # trained again over 2 processes: the one-process SFT up to the reduction order
+        with np.load(tmp_path / f"result_{i}.npz") as got:
+            assert len(got.files) == len(want)
+            for j, w in enumerate(want):
+                np.testing.assert_allclose(got[f"arr_{j}"], w, rtol=1e-3, atol=1e-5)
+    assert os.path.isdir(params_dir + ".rejected") and not os.path.exists(params_dir + ".rejected.1")
+    assert checkpoints.verify_files(params_dir) is None
 
 
 def test_an_sft_cache_without_a_manifest_is_used_and_gets_one(tiny, tmp_path, capsys):
