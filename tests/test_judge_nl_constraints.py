@@ -202,6 +202,15 @@ def test_programmatic_constraints_are_the_fast_path(server):
     assert kinds(requests) == {"yes_no": 1} and j.counters.nl_constraint_checks == 1
 
 
+def test_a_blank_response_follows_no_constraint(server):
+    url, requests = server
+    cons = [{"type": "no_commas"}, {"type": "keywords_exclude", "keywords": ["however"]}]
+    (res,), _ = run(url, [PairInput("q", "  \n", "Paris is lovely in summer.", constraints=cons)])
+    assert (res.path, res.verdict) == ("constraints", "second")
+    assert res.pointwise["constraints"] == [False, True]
+    assert kinds(requests) == {}
+
+
 def test_undecided_check_goes_to_the_pairwise_protocol(server):
     url, requests = server
     cons = in_words("Mention a CITY.")

@@ -105,3 +105,117 @@ def test_guardrails():
 
 
 # The checker sandbox is tested, attacked, in tests/test_sandbox.py.
+
+
+# ----------------------------------------------------------------------------------------------
+# Regressions against the IFEval reference checkers.
+# ----------------------------------------------------------------------------------------------
+EN = "The weather today is sunny and warm, and I plan to walk to the park with my dog after lunch."
+EN_LIST = "Shopping list: apples, bananas, cherries, grapes, lemons, oranges, peaches, plums."
+EN_HEADLINE = "Quarterly Revenue Grows Twelve Percent Despite Supply Chain Disruptions Worldwide"
+DE = "Ich weiß nicht, was du an dem Tag in der Stadt gemacht hast, aber es war sicher schön."
+RU = "Привет, как у тебя дела? Сегодня хорошая погода, и мы пойдём гулять в парк."
+ZH = "今天天气很好，我们去公园散步吧。"
+
+
+def _ifeval_language(text: str, lang: str) -> bool:
+    """IFEval's ``language:response_language``: langdetect (seed 0) names the language."""
+    langdetect = pytest.importorskip("langdetect")
+    langdetect.DetectorFactory.seed = 0
+    return langdetect.detect(text).split("-")[0] == lang
+
+
+@pytest.mark.parametrize("text", [EN, EN_LIST, EN_HEADLINE, DE, RU])
+@pytest.mark.parametrize("lang", ["en", "fr", "de", "es", "it", "pt", "ru", "uk"])
+def test_language_tells_same_script_languages_apart(text, lang):
+    assert pvr.detect_language_ok(text, lang) is _ifeval_language(text, lang)
+    assert pvr.guardrail_flags(text, lang)["wrong_language"] is not _ifeval_language(text, lang)
+
+
+def test_language_cjk_and_short_texts():
+    pytest.importorskip("langdetect")
+    assert pvr.detect_language_ok(ZH, "zh") and not pvr.detect_language_ok(ZH, "ja")  # kanji only: not Japanese
+    assert pvr.detect_language_ok("今日は天気がいいですね。公園に行きましょう。", "ja")
+    # Under MIN_DETECT_LETTERS letters language ID guesses ("Call me later" -> it): the script decides.
+    assert pvr.detect_language_ok("Call me later", "en") and pvr.detect_language_ok("Call me later", "it")
+    assert not pvr.detect_language_ok("Call me later", "ru")
+
+
+@pytest.mark.parametrize("blank", ["", "   ", "\n\t "])
+def test_a_blank_response_follows_no_constraint(blank):
+    for c in (
+        {"type": "no_commas"},
+        {"type": "keywords_exclude", "keywords": ["however"]},
+        {"type": "word_count", "max": 5},
+        {"type": "all_lowercase"},
+        {"type": "code", "code": "def check(response):\n    return True\n"},
+    ):
+        assert pvr.check_constraint(blank, c) is False, c
+    assert not pvr.constraints_pass(blank, [{"type": "no_commas"}])
+    with pytest.raises(pvr.ConstraintError, match="missing the parameter 'keywords'"):  # the dry run still validates
+        pvr.check_constraint(blank, {"type": "keywords_exclude"})
+
+
+def _ifeval_end_checker(response: str, phrase: str) -> bool:
+    """IFEval's ``startend:end_checker``."""
+    return response.strip().strip('"').lower().endswith(phrase.strip().lower())
+
+
+@pytest.mark.parametrize(
+    "response,phrase",
+    [
+        ("Sure, here it is. Any other questions?", "Any other questions? "),
+        ('"Here it is. Any other questions?"', "Any other questions?"),
+        ("Here it is. Any other questions?  \n", "any other questions?"),
+        ("Here it is.", "Any other questions?"),
+    ],
+)
+def test_ends_with_strips_like_ifeval(response, phrase):
+    assert pvr.check_constraint(response, {"type": "ends_with", "phrase": phrase}) is _ifeval_end_checker(
+        response, phrase
+    )
+
+
+@pytest.mark.parametrize("tag", ["json", "JSON", "Json", ""])
+def test_json_fence_tag_is_case_insensitive(tag):
+    assert pvr.check_constraint(f'```{tag}\n{{"a": 1}}\n```', {"type": "json_format"})
+    assert not pvr.check_constraint(f"```{tag}\n{{a: 1}}\n```", {"type": "json_format"})
+
+
+def test_keywords_exclude_and_count_match_whole_words():
+    assert pvr.check_constraint("Let's start the party early.", {"type": "keywords_exclude", "keywords": ["art"]})
+    assert not pvr.check_constraint("Modern ART is here.", {"type": "keywords_exclude", "keywords": ["art"]})
+    assert not pvr.check_constraint("I code in C++ daily.", {"type": "keywords_exclude", "keywords": ["C++"]})
+    assert pvr.check_constraint("I code in C daily.", {"type": "keywords_exclude", "keywords": ["C++"]})
+    assert pvr.check_constraint("I like C++ and C++ likes me.", {"type": "keyword_count", "keyword": "C++", "min": 2})
+
+
+SENTENCE_CASES = [
+    ('He said "I am done." Then he left the room.', 2),
+    ("Dr. Smith met Mr. Jones at 5 p.m. on Friday. They talked.", 2),
+    ("It rains. It pours! Why?", 3),
+    ("Mrs. Lee and Ms. Park came at 9 a.m. today. We use fruit, e.g. apples, i.e. food. Done.", 3),
+]
+
+
+@pytest.mark.parametrize("text,n", SENTENCE_CASES)
+def test_regex_sentence_fallback(text, n):
+    assert len(pvr.regex_sentences(text)) == n
+
+
+@pytest.mark.parametrize("text,n", SENTENCE_CASES[:3])
+def test_sentence_count(text, n):
+    assert pvr.check_constraint(text, {"type": "sentence_count", "equals": n})
+    if pvr._punkt() is not None:  # IFEval counts sentences with punkt: the same count
+        assert len(pvr.sentences(text)) == len(pvr._punkt().tokenize(text))
+
+
+def test_pvr_term_check_row_names_a_mistyped_constraint():
+    from clipo_jax.rewards.terms import PVRTerm, RewardError
+
+    term = PVRTerm({"ground_truth_weight": 0.0})
+    with pytest.raises(RewardError, match=r"^row 3: constraint 0 .*'keywords' must be a non-empty list"):
+        term.check_row({"prompt": "p", "constraints": [{"type": "keywords_include", "keywords": "Paris"}]}, "row 3")
+    with pytest.raises(RewardError, match=r"^row 3: constraint 1 .*unknown constraint type 'nope'"):
+        term.check_row({"prompt": "p", "constraints": [{"type": "no_commas"}, {"type": "nope"}]}, "row 3")
+    term.check_row({"prompt": "p", "constraints": [{"type": "keywords_include", "keywords": ["Paris"]}]}, "row 3")

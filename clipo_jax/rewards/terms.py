@@ -114,16 +114,20 @@ class PVRTerm(RewardTerm):
             return
         if not isinstance(cons, list) or not all(isinstance(c, dict) and ("type" in c or "id" in c) for c in cons):
             raise RewardError(f"{where}: 'constraints' must be a list of {{'type': ...}} or {{'id': ...}} objects")
-        from clipo_jax.rubrics import pvr
+        from clipo_jax.rubrics.pairs import validate_constraint
 
-        for c in cons:
-            if c.get("type") == "code" and ("limits" in c or not isinstance(c.get("code"), str)):
-                raise RewardError(f"{where}: a 'code' constraint needs a 'code' string and cannot set 'limits'")
-            if c.get("type") not in (None, "code"):  # a dry run finds unknown types and missing parameters
-                try:
-                    pvr.check_constraint("", c)
-                except Exception as e:  # unknown type, missing or mistyped parameter
-                    raise RewardError(f"{where}: constraint {c}: {type(e).__name__}: {e}") from None
+        for i, c in enumerate(cons):
+            if "type" in c:  # OpenRS programmatic: parameters checked by type, then a dry run
+                reason = validate_constraint(c)
+                if reason is not None:
+                    raise RewardError(f"{where}: constraint {i} {c!r:.200}: {reason}")
+                continue
+            from clipo_jax.data import instruct  # IF-style {"id", "kwargs"}: build its checker
+
+            try:
+                instruct._build_checker(c, f"{where} constraint {i}", row.get("prompt"))
+            except (ValueError, ImportError) as e:  # unknown id, bad kwargs, instruct extra missing
+                raise RewardError(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
 
     async def score(self, batch: RewardBatch) -> TermOutput:
         return await asyncio.to_thread(self._score, batch)

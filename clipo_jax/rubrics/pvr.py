@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
@@ -175,8 +176,54 @@ def words(text: str) -> list[str]:
     return re.findall(r"\b\w[\w'-]*\b", text)
 
 
+# Abbreviations whose final period ends no sentence (the regex fallback of ``sentences``).
+_ABBREVIATIONS = frozenset({"dr", "mr", "mrs", "ms", "prof", "st", "jr", "sr", "vs", "a.m", "p.m", "e.g", "i.e", "etc"})
+# Sentence-final punctuation, any closing quotes / brackets after it, then whitespace.
+_SENTENCE_END = re.compile(r"[.!?]+[\"'\u201d\u2019)\]]*\s+")
+
+
+def regex_sentences(text: str) -> list[str]:
+    """Sentences split at ``.``/``!``/``?`` (plus closing quotes or brackets) followed by
+    whitespace, except after a common abbreviation (Dr., Mr., Mrs., Ms., a.m., p.m., e.g., i.e.,
+    etc.): the fallback of ``sentences`` when NLTK's punkt data is not installed."""
+    text = text.strip()
+    out, start = [], 0
+    for m in _SENTENCE_END.finditer(text):
+        if text[m.start()] == ".":
+            before = text[start : m.start()].split()
+            last = before[-1].lstrip("\"'\u201c\u2018([").lower() if before else ""
+            if last in _ABBREVIATIONS:
+                continue
+        out.append(text[start : m.end()].strip())
+        start = m.end()
+    out.append(text[start:].strip())
+    return [s for s in out if s]
+
+
+@functools.cache
+def _punkt():
+    """NLTK's English punkt sentence tokenizer (the one IFEval counts sentences with), or None when
+    nltk or its ``punkt_tab`` data is not installed (looked up offline, as ``clipo_jax.data.instruct``
+    does: nltk's path plus the copy the llama-index-core wheel ships)."""
+    try:
+        from clipo_jax.data.instruct import _import_nltk
+
+        _import_nltk()
+        from nltk.tokenize.punkt import PunktTokenizer
+
+        return PunktTokenizer("english")
+    except (ImportError, LookupError, OSError) as e:
+        log.warning("NLTK punkt data not available (%s); sentence_count uses a regex splitter", type(e).__name__)
+        return None
+
+
 def sentences(text: str) -> list[str]:
-    return [s for s in re.split(r"(?<=[.!?])\s+", text.strip()) if s.strip()]
+    """Sentences of ``text``: NLTK's punkt tokenizer when its data is installed, else
+    ``regex_sentences``."""
+    tok = _punkt()
+    if tok is None:
+        return regex_sentences(text)
+    return [s for s in tok.tokenize(text.strip()) if s.strip()]
 
 
 def paragraphs(text: str) -> list[str]:
@@ -204,7 +251,7 @@ def _param(c: dict, key: str):
 
 def _json_format(r: str, c: dict) -> bool:
     body = r.strip()
-    m = re.fullmatch(r"```(?:json)?\s*(.*?)\s*```", body, flags=re.DOTALL)
+    m = re.fullmatch(r"```(?:json)?\s*(.*?)\s*```", body, flags=re.DOTALL | re.IGNORECASE)
     try:
         json.loads(m.group(1) if m else body)
         return True
@@ -275,9 +322,49 @@ def script_histogram(text: str) -> dict[str, int]:
     return counts
 
 
+# Fewer letters than this and a language-ID model is no evidence: in our probes langdetect named
+# the wrong language for about a third of replies under 16 letters ("Call me later" -> it,
+# "Je ne sais pas." -> lt, "OK" -> pt) and for some up to 19 ("Кошка сидит на ковре." -> mk).
+# Below it the script check alone decides (see ``detect_language_ok``).
+MIN_DETECT_LETTERS = 20
+
+
+@functools.cache
+def _langdetect():
+    """langdetect's ``detect`` with its seed fixed (it is random otherwise), or None when the
+    package is not installed (it comes with the ``instruct`` / ``test`` extras)."""
+    try:
+        import langdetect
+    except ImportError:
+        log.warning(
+            "langdetect is not installed; the 'language' check only tells scripts apart "
+            "(plus English stop words): pip install langdetect"
+        )
+        return None
+    langdetect.DetectorFactory.seed = 0
+    return langdetect.detect
+
+
+def _english_by_stopwords(text: str) -> bool:
+    toks = [w.lower() for w in words(text)]
+    return len(toks) < 8 or sum(t in _EN_STOPWORDS for t in toks) / len(toks) >= 0.08
+
+
 def detect_language_ok(text: str, language: str, min_share: float = 0.8) -> bool:
-    """True if ``text`` is plausibly in ``language`` (ISO 639-1 code), judged by script share,
-    plus an English stop-word check to tell English from other Latin-script languages."""
+    """True if ``text`` is in ``language`` (ISO 639-1 code).
+
+    1. Script pre-filter: at least ``min_share`` of the letters are in the language's script
+       (kana or han for Japanese); a text with no letters is in no language.
+    2. Language ID, as IFEval's ``language:response_language`` does it: langdetect (fixed seed)
+       must name ``language`` (``zh-cn`` / ``zh-tw`` count as ``zh``).  This tells apart the
+       languages that share a script (English / French / German..., Russian / Ukrainian,
+       Chinese / Japanese).  Japanese needs some kana: a kanji-only text is counted as not
+       Japanese (it cannot be told from Chinese, and langdetect often calls it Korean).
+    3. A text with fewer than ``MIN_DETECT_LETTERS`` letters is too short for language ID: the
+       script check alone decides, so a short reply is never failed (or, as a guardrail,
+       penalised) on a guess.  Without langdetect installed, step 2 is an English stop-word
+       check for ``en`` only.
+    """
     lang = language.lower()
     if lang not in _SCRIPT_OF:
         raise ConstraintError(f"language {language!r} is not supported (known: {sorted(_SCRIPT_OF)})")
@@ -289,10 +376,18 @@ def detect_language_ok(text: str, language: str, min_share: float = 0.8) -> bool
     share = hist.get(want, 0) + (hist.get("han", 0) if want == "japanese" else 0)
     if share / total < min_share:
         return False
-    if lang == "en":
-        toks = [w.lower() for w in words(text)]
-        return len(toks) < 8 or sum(t in _EN_STOPWORDS for t in toks) / len(toks) >= 0.08
-    return True
+    if lang == "ja" and not hist.get("japanese"):  # kanji only: not told apart from Chinese
+        return False
+    if total < MIN_DETECT_LETTERS:
+        return True
+    detect = _langdetect()
+    if detect is None:
+        return _english_by_stopwords(text) if lang == "en" else True
+    try:
+        got = detect(text)
+    except Exception:  # langdetect.LangDetectException: no usable features
+        return False
+    return got.split("-")[0].lower() == lang
 
 
 def _code_checker(r: str, c: dict, limits: SandboxLimits | None = None) -> bool:
@@ -305,6 +400,18 @@ def _code_checker(r: str, c: dict, limits: SandboxLimits | None = None) -> bool:
     return result.value is True
 
 
+def _whole_word(keyword: str) -> re.Pattern:
+    """``keyword`` as a whole word, case-insensitive: not inside a longer word ('art' is not in
+    'start'), and working for keywords that start or end with a non-word character ('C++')."""
+    return re.compile(r"(?<!\w)" + re.escape(keyword) + r"(?!\w)", flags=re.IGNORECASE)
+
+
+def _ends_with(r: str, c: dict) -> bool:
+    """As IFEval's ``startend:end_checker``: the response, stripped of surrounding whitespace and
+    double quotes, ends with the stripped phrase (case-insensitive)."""
+    return r.strip().strip('"').lower().endswith(_param(c, "phrase").strip().lower())
+
+
 ConstraintFn = Callable[[str, dict], bool]
 CONSTRAINTS: dict[str, ConstraintFn] = {
     "word_count": lambda r, c: _cmp(len(words(r)), c),
@@ -312,15 +419,13 @@ CONSTRAINTS: dict[str, ConstraintFn] = {
     "paragraph_count": lambda r, c: _cmp(len(paragraphs(r)), c),
     "bullet_count": lambda r, c: _cmp(len(bullets(r)), c),
     "keywords_include": lambda r, c: all(k.lower() in r.lower() for k in _param(c, "keywords")),
-    "keywords_exclude": lambda r, c: not any(k.lower() in r.lower() for k in _param(c, "keywords")),
-    "keyword_count": lambda r, c: _cmp(
-        len(re.findall(r"\b" + re.escape(_param(c, "keyword")) + r"\b", r, flags=re.IGNORECASE)), c
-    ),
+    "keywords_exclude": lambda r, c: not any(_whole_word(k).search(r) for k in _param(c, "keywords")),
+    "keyword_count": lambda r, c: _cmp(len(_whole_word(_param(c, "keyword")).findall(r)), c),
     "json_format": _json_format,
     "all_lowercase": lambda r, c: r == r.lower(),
     "all_uppercase": lambda r, c: r == r.upper(),
     "starts_with": lambda r, c: r.strip().lower().startswith(_param(c, "phrase").lower()),
-    "ends_with": lambda r, c: r.strip().lower().endswith(_param(c, "phrase").lower()),
+    "ends_with": _ends_with,
     "no_commas": lambda r, c: "," not in r,
     "language": lambda r, c: detect_language_ok(r, _param(c, "language")),
     "code": _code_checker,
@@ -334,7 +439,8 @@ def is_nl_constraint(constraint: Any) -> bool:
 
 
 def check_constraint(response: str, constraint: dict[str, Any], sandbox_limits: SandboxLimits | None = None) -> bool:
-    """One constraint. ``sandbox_limits`` (the operator's) bound a ``code`` constraint's checker."""
+    """One constraint. ``sandbox_limits`` (the operator's) bound a ``code`` constraint's checker.
+    A blank (whitespace-only) response follows no constraint (False)."""
     if is_nl_constraint(constraint):
         raise ConstraintError(
             "a constraint written in words ({'rule': ..., 'need_code': ...}) needs an LLM: "
@@ -344,8 +450,16 @@ def check_constraint(response: str, constraint: dict[str, Any], sandbox_limits: 
     if ctype not in CONSTRAINTS:
         raise ConstraintError(f"unknown constraint type {ctype!r} (known: {sorted(CONSTRAINTS)})")
     if ctype == "code":
+        if not response.strip():
+            _param(constraint, "code")
+            return False
         return _code_checker(response, constraint, sandbox_limits)
-    return bool(CONSTRAINTS[ctype](response, constraint))
+    # Run the check even on a blank response: a dry run on "" is how a malformed constraint
+    # (missing or mistyped parameter) is found (``pairs.validate_constraint``).
+    ok = bool(CONSTRAINTS[ctype](response, constraint))
+    # A blank (whitespace-only) response follows no constraint, as IFEval / IFBench's strict
+    # check has it: otherwise an empty reply passes 'no_commas' and beats a real one.
+    return ok and bool(response.strip())
 
 
 def constraints_pass(response: str, constraints: list[dict[str, Any]]) -> bool:
