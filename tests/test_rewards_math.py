@@ -31,7 +31,15 @@ from clipo_jax.rewards import (
     reset_reward_stats,
     reward_stats,
 )
-from clipo_jax.rewards.math import fast_decision, hostile_reason, reduce_ground_truth, strip_thinking, to_number
+from clipo_jax.rewards import math as rmath
+from clipo_jax.rewards.math import (
+    fast_decision,
+    hostile_reason,
+    numbers_equal,
+    reduce_ground_truth,
+    strip_thinking,
+    to_number,
+)
 
 
 def box(s: str) -> str:
@@ -390,7 +398,8 @@ def _reference_last_box(text: str):
                 i += 1
             continue
         m = re.match(r"\\(?:boxed|fbox)[ \t]+([^\s$]+)", rest)
-        if m:
+        # braceless form: only a token that can be an answer (not prose such as "\boxed as")
+        if m and (m.group(1)[0] in "0123456789+-.\\" or re.fullmatch(r"\(?[A-Z][.)]?", m.group(1))):
             return m.group(1)
     return None
 
@@ -399,7 +408,24 @@ def _reference_last_box(text: str):
 @given(
     st.lists(
         st.sampled_from(
-            ["\\boxed{", "\\fbox{", "{", "}", "\\{", "\\}", "x", "1", " ", "\\boxed ", "$", "\\", "\\boxed", "\n"]
+            [
+                "\\boxed{",
+                "\\fbox{",
+                "{",
+                "}",
+                "\\{",
+                "\\}",
+                "x",
+                "1",
+                " ",
+                "\\boxed ",
+                "$",
+                "\\",
+                "\\boxed",
+                "\n",
+                "B",
+                "-",
+            ]
         ),
         max_size=30,
     )
@@ -599,6 +625,132 @@ def test_registry():
     assert get_reward("test_exact_tmp")("a", "a", meta={}) == 1.0
     with pytest.raises(ValueError, match="already registered"):
         register_reward("test_exact_tmp")(lambda r, g, **k: 0.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Grading defects found in review (each test failed before its fix)
+# ---------------------------------------------------------------------------------------------
+def test_markdown_hash_headings_are_not_answers():
+    """'####' is a GSM8K answer marker only before a numeric payload; Markdown headings are not."""
+    headings = "#### 1. Understand\n...\n#### 2. Set up\n...\n#### 3. Solve for x\nWe get 3x = "
+    assert extract_answer(headings) is None
+    assert math_reward(headings, "3") == 0.0
+    assert math_reward("#### 4) Final check\nThe answer must be 7", "4") == 0.0
+    assert extract_answer("#### Step 5\nso 5") is None
+    # numeric payloads still count: sign, $, thousands commas, decimals, fractions, a unit word
+    for payload in ["18", "-3", "$1,800.", "\\$18.00", "0.5", "3/4", "\\frac{3}{4}", "5 apples", "50\\%"]:
+        assert extract_answer("work\n#### " + payload + "\n") == payload, payload
+    assert math_reward("so\n#### $1,800.", "1800") == 1.0
+    assert math_reward("#### 3. Solve for x\n...\n#### 12 apples", "12") == 1.0  # the last numeric one
+
+
+def test_trailing_text_unit_words_after_a_number():
+    """\\text{<noun>} after a number is a unit, not a product of symbols (math-verify itself
+    returns 1.0 on the raw pair '12 \\text{ pencils}' / '12')."""
+    for noun in ("pencils", "bags", "cars", "distinct integers", "ways."):
+        assert math_reward(box("12 \\text{ " + noun + "}"), "12") == 1.0, noun
+        assert math_reward(box("12"), "12\\text{ " + noun + "}") == 1.0, noun
+    assert math_reward(box("x = 12 \\text{ pencils}"), "12") == 1.0
+    assert math_reward(box("1.85\\ \\text{USD}."), "1.85\\ \\text{USD}") == 1.0
+    assert math_reward(box("12 \\text{ apples}"), "13") == 0.0
+    # words that change the value are kept
+    assert math_reward(box("5 \\text{ million}"), "5") == 0.0
+    assert math_reward(box("2 \\text{ times } 3"), "2") == 0.0
+
+
+def test_comma_space_lists_are_not_thousands():
+    """'81, 256' is a list of two numbers; only '1,000' (no space, 3-digit groups) is one number.
+    math-verify itself returns 1.0 for '256, 81' / '81, 256' and 0.0 for '81256' / '81, 256'."""
+    assert math_reward(box("256, 81"), "81, 256", timeout=ROOMY) == 1.0
+    assert math_reward(box("81256"), "81, 256", timeout=ROOMY) == 0.0
+    assert math_reward(box("120^\\circ, 60^\\circ"), "60^\\circ, 120^\\circ", timeout=ROOMY) == 1.0
+    assert math_reward(box("60120"), "60^\\circ, 120^\\circ", timeout=ROOMY) == 0.0
+    # thousands separators still work, also with LaTeX thin spaces (MATH golds write 11,\! 111)
+    assert math_reward(box("1,234,567"), "1234567") == 1.0
+    assert math_reward(box("11111111100"), "11,\\! 111,\\! 111,\\! 100") == 1.0
+    assert math_reward(box("\\$32,\\!348"), "32348") == 1.0
+    # the same digits and commas with spacing differences still match a list gold
+    assert math_reward(box("81,256"), "81, 256") == 1.0
+    assert math_reward(box("45^\\circ,135^\\circ,225^\\circ"), "45^\\circ, 135^\\circ, 225^\\circ") == 1.0
+
+
+def test_integers_compare_exactly():
+    """No relative tolerance between integers or fractions (math-verify itself returns 0.0 for
+    '1234567890' / '1234567891'); decimals keep the 1e-9 tolerance."""
+    assert math_reward(box("1234567890"), "1234567891") == 0.0
+    assert math_reward(box("11111111099"), "11,\\! 111,\\! 111,\\! 100") == 0.0
+    assert math_reward(box("\\frac{1000000001}{1000000000}"), "1") == 0.0
+    assert gsm8k_reward("#### 1234567890", "1234567891") == 0.0
+    assert not numbers_equal(Fraction(1234567890), Fraction(1234567891))
+    assert numbers_equal(Fraction(1234567890), Fraction(1234567891), approx=True)
+    assert math_reward(box("0.3333333333333"), "\\frac{1}{3}") == 1.0
+    assert math_reward(box("1234567890.0000000001"), "1234567890") == 1.0
+
+
+def test_scientific_notation_latex_vs_e_notation():
+    """TheoremQA golds write 4e-05; answers write 4 \\times 10^{-5} (math-verify itself returns 0.0
+    on this raw pair: a deliberate extension)."""
+    assert math_reward(box("4 \\times 10^{-5}"), "4e-05") == 1.0
+    assert math_reward(box("3.54 \\times 10^{-7}"), "3.54e-07") == 1.0
+    assert math_reward(box("2 \\cdot 10^3"), "2000") == 1.0
+    assert math_reward(box("4 \\times 10^{-6}"), "4e-05") == 0.0
+    assert math_reward(box("5 \\times 10^{-5}"), "4e-05") == 0.0
+
+
+def test_letters_only_algebra_goes_to_sympy():
+    """'p - q' and 'xy' are algebra, not word answers (math-verify itself returns 1.0 for
+    '-q + p' / 'p - q' and 'yx' / 'xy'); real words are still compared as strings."""
+    assert math_reward(box("-q + p"), "p - q", timeout=ROOMY) == 1.0
+    assert math_reward(box("yx"), "xy", timeout=ROOMY) == 1.0
+    assert math_reward(box("x \\cdot y"), "xy", timeout=ROOMY) == 1.0
+    assert math_reward(box("p + q"), "p - q", timeout=ROOMY) == 0.0
+    for gold, pred in [("Evelyn", "Nevely"), ("no", "on"), ("LQSX", "XSQL"), ("CBAD", "ABCD"), ("odd", "dod")]:
+        assert math_reward(box(pred), gold) == 0.0, gold
+        assert math_reward(box(gold), gold) == 1.0, gold
+
+
+def test_braceless_box_needs_an_answer_token():
+    """'\\boxed as requested' mentions the command; it is not a box holding 'as'."""
+    text = "So the answer is \\boxed{18}. (I used \\boxed as requested.)"
+    assert extract_answer(text) == "18"
+    assert math_reward(text, "18") == 1.0
+    assert last_boxed("the \\boxed command") is None
+    for s, want in [("\\boxed 5$", "5"), ("\\boxed -2", "-2"), ("\\boxed .5", ".5"), ("\\boxed \\pi", "\\pi")]:
+        assert last_boxed(s) == want, s
+    assert choice_reward("so \\boxed B", "B") == 1.0
+
+
+def test_spaced_digit_groups_are_not_merged():
+    """'1 2' is two numbers (math-verify itself returns 0.0 for '1 2' / '12'); LaTeX thin spaces
+    between digit groups are still thousands separators."""
+    assert math_reward(box("1 2"), "12") == 0.0
+    assert math_reward(box("12"), "1 2") == 0.0
+    assert gsm8k_reward("\\boxed{1 2}", "12") == 0.0
+    assert math_reward(box("11,\\! 111"), "11111") == 1.0
+    assert math_reward(box("1\\,000"), "1000") == 1.0
+    assert math_reward(box("1\\,000\\,000"), "1000000") == 1.0
+    assert math_reward(box("1\\!000"), "1000") == 1.0
+
+
+def test_fresh_worker_is_warm_before_its_first_pair():
+    """A worker reports ready only after sympy is warm, so its first pair is not charged the
+    one-time set-up (~0.3 s on a 2-core host; a warm call of this pair takes ~0.02 s): a fresh
+    pool with a small limit grades the same pair identically three times. A fresh pool per try,
+    up to 3 tries, so one load spike on a busy host does not fail the test; before the warm-up
+    every try timed out on its first call."""
+    pair = [("t^2+2t+1", "(t+1)^2")]
+    assert pair[0] not in getattr(rmath, "_WARM_UP_PAIRS", ())  # a pair the warm-up did not run
+    want = [(1.0, "verifier_calls")] * 3
+    runs = []
+    for _ in range(3):
+        p = VerifierPool(num_workers=1, timeout=0.15, hard_grace=5.0)
+        try:
+            runs.append([p.decide(pair)[0] for _ in range(3)])
+        finally:
+            p.close()
+        if runs[-1] == want:
+            break
+    assert runs[-1] == want, runs
 
 
 def test_fast_path_decides_common_cases_without_sympy():

@@ -4,13 +4,15 @@ Pipeline for one (response, ground_truth) pair:
 
 1. ``extract_answer(response)``: text after the last ``</think>`` (an unclosed ``<think>`` means
    no answer), then the last ``\\boxed{..}`` / ``\\fbox{..}`` / ``\\boxed 5`` (brace matching,
-   escaped ``\\{`` ignored), else a GSM8K ``#### N`` line.
+   escaped ``\\{`` ignored; the braceless form only for a number / command / option letter),
+   else a GSM8K ``#### N`` line (a numeric N only: Markdown ``#### 3. Solve`` headings are not answers).
 2. ``reduce_ground_truth(gt)``: a ground truth holding ``\\boxed`` (a full solution, e.g. MATH
    train) or ``#### N`` (GSM8K) is reduced to the answer.
 3. A cheap pure-Python fast path decides most pairs without sympy: normalised strings equal,
-   both plain numbers (``025`` = ``25``, ``142.0`` = ``142``, ``1,000`` = ``1000``, ``50\\%`` =
-   ``50``, degrees dropped, unit words after a number dropped only when nothing but unit words
-   follows: ``5 dollars`` = ``5``, ``2 hours 30 minutes`` is not ``2``), word answers
+   both plain numbers (exact unless a decimal is involved; ``025`` = ``25``, ``142.0`` = ``142``,
+   ``1,000`` = ``1000`` but ``81, 256`` is a list, ``50\\%`` = ``50``, degrees dropped, unit
+   words after a number dropped only when nothing but unit words follows: ``5 dollars`` = ``5``,
+   ``12 \\text{ pencils}`` = ``12``, ``2 hours 30 minutes`` is not ``2``), word answers
    (``\\text{Evelyn}``), option letters.  Operator words between two operands are read as
    operators (``2 times 3`` = ``2 \\times 3`` = ``6``, ``6 divided by 2`` = ``3``).
 4. Otherwise ``math_verify.parse`` / ``verify`` (sympy) decides, after a pre-filter that rejects
@@ -166,6 +168,12 @@ def _match_braces(text: str, open_pos: int) -> int | None:
     return None
 
 
+def _braceless_ok(token: str) -> bool:
+    """True when the token after a braceless ``\\boxed `` can be an answer: ``5``, ``-2``, ``.5``,
+    ``\\frac12``, an option letter ``B`` / ``(B)`` / ``B.``; not a prose word (``as``)."""
+    return token[0] in "0123456789+-.\\" or re.fullmatch(r"\(?[A-Z][.)]?", token) is not None
+
+
 def last_boxed(text: str) -> str | None:
     """Content of the last balanced ``\\boxed{..}`` / ``\\fbox{..}`` / ``\\boxed 5`` in ``text``.
 
@@ -192,12 +200,23 @@ def last_boxed(text: str) -> str | None:
             continue
         if k > j:  # "\boxed 5": the token up to whitespace or '$'
             m = re.match(r"[^\s$]+", text[k : k + MAX_BOX_CHARS])
-            if m:
+            # Only a token that reads as an answer (a number, a sign, a command, an option letter);
+            # "\boxed as requested" is prose that mentions the command, not a box.
+            if m and _braceless_ok(m.group(0)):
                 return m.group(0)
     return None
 
 
-_HASH_RE = re.compile(r"####\s*([^\n]*)")
+# A GSM8K "#### N" answer line: the marker followed by a numeric payload only (sign, "$", thousands
+# commas, decimals, a fraction, "%", one lower-case unit word, a closing period). Markdown headings
+# ("#### 3. Solve for x", "#### 4) Final check") are not answer markers.
+_HASH_NUM = (
+    r"[-+]?[ \t]*(?:\\?\$[ \t]*)?[-+]?"
+    r"(?:\\[dt]?frac\{-?\d+\}\{\d+\}|(?:\d[\d,]*(?:\.\d+)?|\.\d+)(?:[ \t]*/[ \t]*\d+)?)"
+    r"(?:[ \t]*\\?%|[ \t]*[a-z]+)?[ \t]*\.?"
+)
+_HASH_RE = re.compile(r"####\s*(" + _HASH_NUM + r")[ \t\r]*$", re.MULTILINE)
+_HASH_GOLD_RE = re.compile(r"####\s*([^\n]*)")  # ground truths are authored data: any payload
 
 
 def extract_answer(response: str) -> str | None:
@@ -222,7 +241,7 @@ def reduce_ground_truth(ground_truth: str) -> str:
         if box is not None:
             return box.strip()
     if "####" in gt:
-        hashes = _HASH_RE.findall(gt)
+        hashes = _HASH_GOLD_RE.findall(gt)
         if hashes and hashes[-1].strip():
             return hashes[-1].strip()
     return gt
@@ -277,6 +296,20 @@ _LATEX_FRAC_NUM_RE = re.compile(r"^(-?)\\frac\{(-?\d+)\}\{(-?\d+)\}$")
 _SLASH_NUM_RE = re.compile(r"^(-?\d+)/(\d+)$")
 _SPACING_RE = re.compile(r"(?<!\\)\\[!,;: ]")
 _WORDS_RE = re.compile(r"^[A-Za-z][A-Za-z '\-]*[A-Za-z]$")
+# A token of an algebraic answer written in letters only: one lower-case letter (``p - q``) or
+# lower-case letters without a vowel (``xy``, ``pq``, a product of variables).
+_ALGEBRA_TOKEN_RE = re.compile(r"[a-z]|[b-df-hj-np-tv-z]+")
+# Digit groups joined by a LaTeX thin space, with or without a comma: ``11,\! 111``, ``1\,000``.
+_THIN_SEP_RE = re.compile(r"(?<=\d),?[ \t]*(?:\\[!,;: ]|~)[ \t]*(?=\d{3}(?!\d))")
+# A plain number followed only by \text{...} words (``12 \text{ pencils}``): the words are dropped
+# when they cannot change the value (see ``_drop_trailing_text``).
+_TRAILING_TEXT_RE = re.compile(
+    r"^(?P<num>(?:[A-Za-z](?:_\{?\w+\}?)?\s*=\s*)?[-+]?\s*"
+    r"(?:\d[\d,]*(?:\.\d*)?|\.\d+|\\frac\{-?\d+\}\{\d+\})(?:\s*/\s*\d+)?)"
+    r"\s*(?P<texts>(?:\\(?:text|textnormal|textrm|mbox|mathrm)\s*\{[^{}]*\}\s*)+)\.?\s*$"
+)
+_TEXT_WORDS_RE = re.compile(r"[A-Za-z][A-Za-z\s.'\-]*")
+_SCI_RE = re.compile(r"^([-+]?(?:\d+(?:\.\d*)?|\.\d+))\\(?:times|cdot)10\^(?:\{([-+]?\d+)\}|(\d))$")
 _VAR_EQ_RE = re.compile(r"^[A-Za-z](?:_\{?\w+\}?)?\s*=\s*(?=[^=])")
 
 
@@ -299,6 +332,20 @@ def _unwrap_text(s: str) -> str:
     return s
 
 
+def _drop_trailing_text(s: str) -> str:
+    """``12 \\text{ pencils}`` -> ``12``: a number followed only by ``\\text{}`` words loses the words
+    unless one of them can change the value (``5 \\text{ million}``, ``2 \\text{ times}``...)."""
+    m = _TRAILING_TEXT_RE.match(s)
+    if not m:
+        return s
+    words = " ".join(re.findall(r"\{([^{}]*)\}", m.group("texts"))).strip()
+    if not _TEXT_WORDS_RE.fullmatch(words):
+        return s
+    if any(t.lower() in _VALUE_WORDS for t in re.findall(r"[A-Za-z]+", words)):
+        return s
+    return m.group("num").strip()
+
+
 def _word_op(word: str) -> str:
     key = " ".join(word.lower().split())
     return next(sym for w, sym in _WORD_OPS if w == key)
@@ -319,12 +366,18 @@ def _unit_tail_ok(tail: str) -> bool:
 
 def clean_answer(s: str) -> str:
     """Semantics-preserving LaTeX cleanup; keeps spaces (``\\pi r`` must not become ``\\pir``)."""
+    return _clean(s, thousands=True)
+
+
+def _clean(s: str, thousands: bool) -> str:
+    """``clean_answer``; ``thousands=False`` keeps commas (``1,000`` stays ``1,000``)."""
     s = s.strip()
     # Outer math delimiters.
     for a, b in (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]")):
         if s.startswith(a) and s.endswith(b) and len(s) >= len(a) + len(b):
             s = s[len(a) : len(s) - len(b)].strip()
     s = s.replace("\\left", "").replace("\\right", "")
+    s = _THIN_SEP_RE.sub(",", s)  # thousands separators first: 11,\! 111 and 1\,000 are numbers
     # Spacing commands; the look-behind keeps a row break "\\\\ " intact.
     s = _SPACING_RE.sub(lambda m: "" if m.group(0) == "\\!" else " ", s).replace("~", " ")
     s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac").replace("\\cfrac", "\\frac")
@@ -332,11 +385,15 @@ def clean_answer(s: str) -> str:
     s = _FRAC_SHORT_RE.sub(r"\\frac{\1}{\2}", s)
     s = _FRAC_HALF_SHORT_RE.sub(r"\\frac{\1}{\2}", s)
     s = _FRAC_HALF_SHORT2_RE.sub(r"\\frac{\1}{", s)
+    # A degree / percent sign before a comma makes it a list separator: 45^\circ,135^\circ.
+    if re.search(r"(?:\\circ|°|\\degree|%)\s*\}?\s*,", s):
+        thousands = False
     # Degrees and percent carry no value information for the answers we grade.
     for deg in ("^{\\circ}", "^\\circ", "^{\\circ }", "\\circ", "°", "^\\degree", "\\degree"):
         s = s.replace(deg, "")
     s = s.replace("\\%", "").replace("%", "")
     s = s.replace("\\$", "").replace("$", "")
+    s = _drop_trailing_text(s.strip())
     s = _unwrap_text(s)
     s = s.strip().rstrip(".").strip()
     s = _VAR_EQ_RE.sub("", s, count=1)
@@ -344,14 +401,25 @@ def clean_answer(s: str) -> str:
     m = _UNIT_TAIL_RE.match(s)
     if m and _unit_tail_ok(m.group("tail")):
         s = m.group("num")
-    if _THOUSANDS_RE.match(s.replace(" ", "")):
-        s = s.replace(",", "").replace(" ", "")
+    # Thousands separators only as "1,000" / "1,234,567": a comma followed by a space separates
+    # list items ("81, 256" is two numbers, never 81256).
+    s = re.sub(r"^([-+])\s+(?=\d)", r"\1", s.strip())
+    if thousands and _THOUSANDS_RE.match(s):
+        s = s.replace(",", "")
     return s.strip()
 
 
 def answer_key(s: str) -> str:
-    """String key for exact comparison: cleaned, whitespace-free."""
-    return re.sub(r"\s+", "", clean_answer(s))
+    """String key for exact comparison: cleaned, whitespace-free except one space between two
+    digits (``1 2`` is two numbers, not ``12``)."""
+    key = re.sub(r"(?<=\d)\s+(?=\d)", "\0", clean_answer(s))
+    return re.sub(r"\s+", "", key).replace("\0", " ")
+
+
+def _list_key(s: str) -> str:
+    """``answer_key`` with commas kept as written (no thousands reading)."""
+    key = re.sub(r"(?<=\d)\s+(?=\d)", "\0", _clean(s, thousands=False))
+    return re.sub(r"\s+", "", key).replace("\0", " ")
 
 
 def to_number(s: str) -> Fraction | None:
@@ -374,14 +442,26 @@ def to_number(s: str) -> Fraction | None:
         m = _SLASH_NUM_RE.match(k)
         if m:
             return Fraction(int(m.group(1)), int(m.group(2)))
+        m = _SCI_RE.match(k)  # 4\times10^{-5}, as TheoremQA golds write 4e-05
+        if m:
+            exp = int(m.group(2) or m.group(3))
+            if abs(exp) > 100:
+                return None
+            return Fraction(m.group(1)) * Fraction(10) ** exp
     except (ValueError, ZeroDivisionError):
         return None
     return None
 
 
-def numbers_equal(a: Fraction, b: Fraction) -> bool:
-    """Exact, or equal to 1e-9 relative (decimal renderings of the same value)."""
-    return a == b or abs(a - b) <= Fraction(1, 10**9) * max(1, abs(b))
+def numbers_equal(a: Fraction, b: Fraction, *, approx: bool = False) -> bool:
+    """Exact; with ``approx`` (a decimal is involved) also equal to 1e-9 relative (decimal
+    renderings of the same value). Integers and fractions compare exactly: 1234567890 != 1234567891."""
+    return a == b or (approx and abs(a - b) <= Fraction(1, 10**9) * max(1, abs(b)))
+
+
+def _is_decimal(key: str) -> bool:
+    """True when the number with ``answer_key`` ``key`` is a decimal or in scientific notation."""
+    return "." in key or "e" in key.lower() or "\\times" in key or "\\cdot" in key
 
 
 def _as_letter(s: str) -> str | None:
@@ -391,7 +471,14 @@ def _as_letter(s: str) -> str | None:
 
 
 def _is_words(s: str) -> bool:
-    return bool(_WORDS_RE.match(s)) and "\\" not in s
+    """A word answer (``Evelyn``, ``odd``, ``two lines``), compared as a string: sympy would read it
+    as a product of symbols (anagrams match). Letters-only algebra is not words: ``p - q`` (a spaced
+    minus, or single-letter tokens) and ``xy`` (vowel-free lower-case tokens) go to sympy."""
+    if not _WORDS_RE.match(s) or "\\" in s:
+        return False
+    if re.search(r"\s-|-\s", s):
+        return False
+    return not all(_ALGEBRA_TOKEN_RE.fullmatch(t) for t in re.split(r"[\s\-']+", s) if t)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -497,12 +584,14 @@ def fast_decision(pred: str, gold: str) -> float | None:
         return 0.0
     if kp == kg:
         return 1.0
+    if ("," in pred or "," in gold) and _list_key(pred) == _list_key(gold):
+        return 1.0  # the same digits and commas, one side read as thousands: "81,256" / "81, 256"
     lg = _as_letter(gold)
     if lg is not None:
         return float(_as_letter(pred) == lg)
     np_, ng = to_number(pred), to_number(gold)
     if np_ is not None and ng is not None:
-        return float(numbers_equal(np_, ng))
+        return float(numbers_equal(np_, ng, approx=_is_decimal(kp) or _is_decimal(kg)))
     cg = clean_answer(gold)
     if _is_words(cg):  # sympy would read "Evelyn" as a product of symbols (anagrams match)
         return float(clean_answer(pred).lower() == cg.lower())
@@ -604,12 +693,34 @@ def gsm8k_reward(response: str, ground_truth: str, **row) -> float:
     _record(_FAST)
     if a is None or b is None:
         return float(answer_key(pred) == answer_key(gold) and bool(answer_key(gold)))
-    return float(numbers_equal(a, b))
+    return float(numbers_equal(a, b, approx=_is_decimal(answer_key(pred)) or _is_decimal(answer_key(gold))))
 
 
 # ----------------------------------------------------------------------------------------------
 # Worker processes (hard deadlines, thread-safe, parallel)
 # ----------------------------------------------------------------------------------------------
+# Representative comparisons a fresh process runs once before it takes deadlines: the first
+# symbolic comparison of a process builds sympy / math-verify state lazily (about 0.3 s on a
+# 2-core host), which would otherwise be charged to the first real pair's deadline.
+_WARM_UP_PAIRS = (
+    ("x+1", "1+x"),
+    ("y^2+2y+1", "(y+1)^2"),
+    ("\\frac{\\sqrt{2}}{2}", "\\sqrt2/2"),
+    ("(1,2)", "(2, 1)"),
+    ("\\{1,2\\}", "\\{2,1\\}"),
+    ("[0,5]", "(0,5]"),
+)
+
+
+def _warm_up() -> None:
+    """Run ``_WARM_UP_PAIRS`` through math-verify (no deadline: fixed, benign input)."""
+    for pred, gold in _WARM_UP_PAIRS:
+        try:
+            _sympy_equal(pred, gold)
+        except Exception:  # noqa: BLE001 - warming is best effort
+            pass
+
+
 def _worker_stdio(timeout: float) -> None:
     """Worker loop on stdin/stdout: JSON ``[idx, pred, gold]`` in, ``[idx, reward, status]`` out.
 
@@ -621,7 +732,8 @@ def _worker_stdio(timeout: float) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and kills us
     logging.getLogger("math_verify").setLevel(logging.ERROR)
     out = sys.stdout
-    out.write("ready\n")  # imports (sympy) are done: deadlines start counting from here
+    _warm_up()
+    out.write("ready\n")  # imports (sympy) done and warm: deadlines start counting from here
     out.flush()
     for line in sys.stdin:
         idx, pred, gold = json.loads(line)
@@ -698,7 +810,8 @@ class VerifierPool:
     Each worker enforces ``timeout`` itself (signal timer on its own main thread); if it does not
     answer within ``timeout + hard_grace`` seconds (a C-level hang the signal could not break)
     the parent kills it, scores the pair 0 (status ``hard_kills``) and starts a replacement.
-    Workers start lazily (about 1-2 s each: the sympy import) and are reused across calls.
+    Workers start lazily (about 1-2 s each: the sympy import and a warm-up of a few comparisons,
+    so a worker's first pair is not charged sympy's one-time set-up) and are reused across calls.
     """
 
     def __init__(
