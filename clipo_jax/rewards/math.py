@@ -409,17 +409,16 @@ def _clean(s: str, thousands: bool) -> str:
     return s.strip()
 
 
-def answer_key(s: str) -> str:
+def answer_key(s: str, thousands: bool = True) -> str:
     """String key for exact comparison: cleaned, whitespace-free except one space between two
-    digits (``1 2`` is two numbers, not ``12``)."""
-    key = re.sub(r"(?<=\d)\s+(?=\d)", "\0", clean_answer(s))
+    digits (``1 2`` is two numbers, not ``12``); ``thousands=False`` keeps commas as written."""
+    key = re.sub(r"(?<=\d)\s+(?=\d)", "\0", _clean(s, thousands=thousands))
     return re.sub(r"\s+", "", key).replace("\0", " ")
 
 
 def _list_key(s: str) -> str:
     """``answer_key`` with commas kept as written (no thousands reading)."""
-    key = re.sub(r"(?<=\d)\s+(?=\d)", "\0", _clean(s, thousands=False))
-    return re.sub(r"\s+", "", key).replace("\0", " ")
+    return answer_key(s, thousands=False)
 
 
 def to_number(s: str) -> Fraction | None:
