@@ -3,6 +3,7 @@ r"""Greedy generation speed: our jitted KV-cache sampler vs HF transformers `gen
   python -m experiments.bench_sampler                        # batch 1, 8, 32; 128 new tokens
   python -m experiments.bench_sampler --batches=32 --repeats=5
   python -m experiments.bench_sampler --quick                # smoke run: batch 1 and 4, 16 tokens
+  python -m experiments.bench_sampler --model=init:tiny_llama --quick --new_tokens=256  # plumbing check
   python -m experiments.bench_sampler --unroll_layers=false  # ours with the layer scan (no weight copy)
   python -m experiments.bench_sampler --cpu_decode_kernel=false  # decode attention on XLA's fusions
   python -m experiments.bench_sampler --cpu_dense_kernel=false   # the matmuls on XLA's dots
@@ -77,8 +78,8 @@ flags.DEFINE_integer("max_prompt_len", 120, "only GSM8K questions whose chat pro
 flags.DEFINE_bool(
     "quick",
     False,
-    "smoke run: batches 1,4, 16 new tokens, median of 5 (a tiny model's step is ~0.05 ms: fewer "
-    "tokens or one repeat leave t(N) - t(1) inside the host's noise)",
+    "smoke run: batches 1,4, 16 new tokens unless --new_tokens is given, median of 5 (a tiny "
+    "model's step is ~0.02 ms: give it ~256 tokens, or t(N) - t(1) stays inside the host's noise)",
 )
 flags.DEFINE_bool("skip_hf", False, "measure ours only")
 flags.DEFINE_bool("hf_omp_passive", True, "run HF with OMP_WAIT_POLICY=PASSIVE (see docstring)")
@@ -555,7 +556,7 @@ def main(argv):
     if FLAGS.worker is not None:
         raise SystemExit(f"--worker must be ours, hf or bandwidth, got {FLAGS.worker!r}")
     batches = [int(b) for b in (["1", "4"] if FLAGS.quick else FLAGS.batches)]
-    n_new = 16 if FLAGS.quick else FLAGS.new_tokens
+    n_new = 16 if FLAGS.quick and not FLAGS["new_tokens"].present else FLAGS.new_tokens
     repeats = 5 if FLAGS.quick else FLAGS.repeats
     if n_new < 2:
         raise SystemExit("--new_tokens must be >= 2 (the decode step is t(N) - t(1) over N - 1)")
@@ -608,6 +609,13 @@ def main(argv):
             + (f" (HF step {r['hf']['step_ms']:.2f} ms = {r['hf']['floor_x']:.2f} x)" if "hf" in r else ""),
             flush=True,
         )
+        for side in ("ours", "hf"):
+            if side in r and r[side]["step_ms"] <= 0:
+                print(
+                    f"  note: {side} decode step unresolved: t({n_new}) <= t(1), so the {n_new - 1} decode steps "
+                    "are inside the host's timing noise (raise --new_tokens); no bandwidth fraction",
+                    flush=True,
+                )
         if "hf" in r and r["ours"]["first_tokens"] != r["hf"]["first_tokens"]:
             print(
                 f"  note: first greedy tokens differ (ours {r['ours']['first_tokens']}, HF "

