@@ -143,6 +143,7 @@ NUMBER_RULES = [
 # Flags the trainer reads by truthiness; each must be a bool when set.
 BOOL_FLAGS = (
     "rl.mask_truncated",
+    "rl.kl_in_reward",
     "rl.dynamic_sampling",
     "rl.remat",
     "rl.rollout_row_keys",
@@ -154,6 +155,7 @@ BOOL_FLAGS = (
     "clipo.log_geometry",
 )
 _MISSING = object()
+GSPO_WIDE_EPS = 0.01  # validate_config warns above it: a PPO-sized clip on GSPO's sequence ratio
 
 
 def _lookup(config, key: str):
@@ -245,6 +247,14 @@ def validate_config(config) -> None:
         value = _lookup(config, key)
         if value is not _MISSING and not isinstance(value, (bool, np.bool_)):
             raise TrainingError(f"config.{key}={value!r} must be a bool")
+    if rl.policy_loss == "gspo" and max(rl.eps_low, rl.eps_high) > GSPO_WIDE_EPS:
+        # a length-normalised sequence ratio rarely leaves [0.8, 1.2]: PPO's 0.2 is no clip at all
+        logger.warning(
+            "config.rl.policy_loss='gspo' with eps_low=%g, eps_high=%g: GSPO clips a sequence ratio, "
+            "the paper uses 3e-4 / 4e-4 (configs: algo=gspo sets them)",
+            rl.eps_low,
+            rl.eps_high,
+        )
     if rl.get("dynamic_sampling", False) and rl.group_size < 2:
         raise TrainingError(
             f"config.rl.dynamic_sampling=True needs config.rl.group_size >= 2 (got {rl.group_size}): "
@@ -393,7 +403,7 @@ def step_config(rl) -> StepConfig:
         policy_loss=rl.policy_loss,
         policy_loss_opts=_policy_opts(rl),
         aggregation=rl.aggregation,
-        kl_coef=rl.kl_coef,
+        kl_coef=0.0 if rl.get("kl_in_reward", False) else rl.kl_coef,  # in the reward: no loss term
         kl_estimator=rl.kl_estimator,
         kl_clamp=rl.kl_clamp or None,  # 0 = no clamp
         entropy_coef=rl.entropy_coef,
@@ -703,7 +713,8 @@ def rl_step(ctx: RunContext, step: int, state, ref_params, head, stream: rollout
     passes = {}
     if rl.kl_coef:
         passes["ref"] = ref_params
-    if ctx.step_cfg.use_old_logp:
+    kl_in_reward = bool(rl.kl_coef) and rl.get("kl_in_reward", False)
+    if ctx.step_cfg.use_old_logp or kl_in_reward:  # KL in the reward: log pi of the sampling policy
         passes["old"] = state.params
     logps = update.sequence_logprobs(
         functools.partial(ctx.jit_logp, n_response=rl_batch.response_mask.shape[1]),
@@ -727,6 +738,18 @@ def rl_step(ctx: RunContext, step: int, state, ref_params, head, stream: rollout
         )
     if c_reward is not None:
         rewards = rewards + c_reward
+    if kl_in_reward:  # r_i - beta * sum_t KL_t(pi_old || pi_ref), before the advantage
+        shaped, kl_m = losses.kl_reward_penalty(
+            rewards,
+            logps["old"],
+            logps["ref"],
+            rl_batch.response_mask,
+            beta=rl.kl_coef,
+            name=rl.kl_estimator,
+            clamp=rl.kl_clamp or None,
+        )
+        rewards = np.asarray(shaped, np.float32)
+        m.update({f"kl_reward/{k}": float(v) for k, v in kl_m.items()})
     # what the rewards cost the step: the label term plus the judge time not hidden behind the
     # contrastive and log-prob work (the judge's own wall time is reward/<term>/wall_s)
     timings["reward"] = timings["reward_start"] + timings["reward_wait"]

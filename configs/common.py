@@ -26,6 +26,7 @@ def rl_block(**overrides) -> ml_collections.ConfigDict:
         kl_coef=0.0,
         kl_estimator="k3",
         kl_clamp=10.0,
+        kl_in_reward=False,  # True: beta * sum_t KL_t is subtracted from each response's reward, not a loss
         entropy_coef=0.0,
         epochs=1,
         mini_batches=2,

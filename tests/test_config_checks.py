@@ -142,6 +142,7 @@ def test_named_cases(key, value, message):
 # flags the trainer reads by truthiness ('false' as a string would switch them on)
 BOOL_KEYS = [
     "rl.mask_truncated",
+    "rl.kl_in_reward",
     "rl.dynamic_sampling",
     "rl.remat",
     "rl.rollout_row_keys",
@@ -267,3 +268,15 @@ def test_cli_workdir_that_is_a_file(tmp_path):
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-1500:]
     assert last == f"error: --workdir={afile} exists and is not a directory"
     assert afile.read_text() == "not a run"
+
+
+def test_gspo_with_a_ppo_sized_clip_warns_and_the_preset_does_not(caplog):
+    config = tiny("size=tiny")
+    config.rl.policy_loss = "gspo"  # eps stay PPO's 0.2
+    with caplog.at_level("WARNING", logger="clipo_jax.trainer"):
+        trainer.validate_config(config)
+    assert any("policy_loss='gspo' with eps_low=0.2, eps_high=0.2" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="clipo_jax.trainer"):
+        trainer.validate_config(tiny("size=tiny,algo=gspo"))
+    assert not [r for r in caplog.records if "gspo" in r.getMessage()]

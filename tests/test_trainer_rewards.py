@@ -79,3 +79,37 @@ def test_bad_reward_config_fails_before_compilation(tmp_path):
     with pytest.raises(Exception, match=r"judge server http://127.0.0.1:9/v1 is unreachable"):
         trainer.run(c, str(tmp_path))
     assert not os.path.exists(os.path.join(tmp_path, "checkpoints"))
+
+
+def kl_config(in_reward: bool):
+    from configs import demo
+
+    c = demo.get_config("size=tiny")
+    c.rl.steps = 3
+    c.progress_bar = False
+    c.ckpt.every = 10
+    c.eval.max_new_tokens = 4
+    c.task.test_size = 2
+    c.rl.warmup_steps = 0
+    c.rl.entropy_coef = 0.01  # the params move even where every reward of a group is equal
+    c.rl.kl_coef, c.rl.kl_estimator, c.rl.kl_in_reward = 0.5, "k1", in_reward
+    return c
+
+
+def test_kl_in_the_reward_shapes_the_reward_and_leaves_the_loss(tmp_path):
+    trainer.run(kl_config(True), str(tmp_path / "reward"))
+    rows = read_metrics(tmp_path / "reward")
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert rows[0]["kl_reward/kl_seq_mean"] == 0.0  # step 0: the policy is the reference
+    assert any(abs(r["kl_reward/kl_seq_mean"]) > 1e-5 for r in rows[1:])
+    for r in rows:
+        assert "actor/kl" not in r  # no KL loss term
+        # the reward the advantages see: the verifier's minus beta * the mean summed KL
+        assert r["reward/mean"] == pytest.approx(
+            r["reward/verifiable/mean"] - 0.5 * r["kl_reward/kl_seq_mean"], abs=1e-6
+        )
+
+    trainer.run(kl_config(False), str(tmp_path / "loss"))
+    rows = read_metrics(tmp_path / "loss")
+    assert all("kl_reward/kl_seq_mean" not in r and "actor/kl" in r for r in rows)
+    assert all(r["reward/mean"] == pytest.approx(r["reward/verifiable/mean"]) for r in rows)
