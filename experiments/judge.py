@@ -210,19 +210,27 @@ async def run(
     pairs, labels = zip(*(to_pair(r, FLAGS.seed) for r in rows)) if rows else ((), ())
     todo: list[tuple[int, int]] = []  # (pair index, round)
     retried = 0
+    relabelled = 0
     for i, p in enumerate(pairs):
         rec = done.get(p.pair_id)
+        if rec is not None and rec.get("label") != labels[i]:
+            # Judged in the other presentation order (another --seed): its verdict names the other
+            # response; judge it again rather than score it against this run's label.
+            relabelled += 1
+            rec = None
         if rec is None:
             todo.append((i, 0))
         elif result_from_dict(rec).failed:
             todo.append((i, int(rec.get("round", 0)) + 1))
             retried += 1
     logging.info(
-        "%d pairs: %d already judged, %d to judge (%d again after a failed attempt)",
+        "%d pairs: %d already judged, %d to judge (%d again after a failed attempt, %d shown in the "
+        "other order by another --seed)",
         len(pairs),
         len(pairs) - len(todo),
         len(todo),
         retried,
+        relabelled,
     )
     start = time.perf_counter()
     out = open(verdict_path, "a", encoding="utf-8")
@@ -272,6 +280,7 @@ async def run(
         wall_s=wall,
         judged_this_run=len(todo),
         retried_failures=retried,
+        rejudged_other_order=relabelled,
         n_rows_read=n_lines if n_lines is not None else len(rows) + len(invalid),
         n_rows=n_rows if n_rows is not None else len(rows),
         n_invalid_rows=len(invalid),

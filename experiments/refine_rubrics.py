@@ -19,12 +19,22 @@ import asyncio
 import json
 import logging
 import os
+import sys
 
 from absl import app, flags
 
 from clipo_jax.rubrics import JudgeConfig, builtin_meta_rubric, load_meta_rubric
+from clipo_jax.rubrics.meta_rubric import MetaRubricError
+from clipo_jax.rubrics.pairs import RowError
 from clipo_jax.rubrics.protocol import PromptConfig
-from clipo_jax.rubrics.refine import RefineConfig, build_judge, load_preference_pairs, refine, write_meta_rubric
+from clipo_jax.rubrics.refine import (
+    RefineConfig,
+    RefineError,
+    build_judge,
+    load_preference_pairs,
+    refine,
+    write_meta_rubric,
+)
 from clipo_jax.rubrics.registry import make_backend
 from experiments import judge_backend_flags
 
@@ -120,7 +130,11 @@ def main(argv):
         raise app.UsageError("--input and --output_dir are required")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     os.makedirs(FLAGS.output_dir, exist_ok=True)
-    summary = asyncio.run(run(FLAGS.output_dir))
+    try:
+        summary = asyncio.run(run(FLAGS.output_dir))
+    except (RefineError, MetaRubricError, RowError, OSError) as e:  # bad input: one line, exit 2
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     with open(os.path.join(FLAGS.output_dir, "summary.json"), "w", encoding="utf-8") as f:
         json.dump(summary, f, indent=2)
     init, best = summary["initial"], summary["best"]

@@ -19,12 +19,15 @@ import getpass
 import json
 import logging
 import os
+import sys
 
 from absl import app, flags
 
 from clipo_jax.rubrics import JudgeConfig
+from clipo_jax.rubrics.meta_rubric import MetaRubricError
+from clipo_jax.rubrics.pairs import RowError
 from clipo_jax.rubrics.protocol import PromptConfig
-from clipo_jax.rubrics.refine import build_judge, load_preference_pairs, review_edit, write_review_record
+from clipo_jax.rubrics.refine import RefineError, build_judge, load_preference_pairs, review_edit, write_review_record
 from experiments import judge_backend_flags
 
 FLAGS = flags.FLAGS
@@ -69,7 +72,11 @@ def main(argv):
     if FLAGS.accept and FLAGS.reject:
         raise app.UsageError("pass at most one of --accept / --reject")
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    report = asyncio.run(run())
+    try:
+        report = asyncio.run(run())
+    except (RefineError, MetaRubricError, RowError, OSError) as e:  # bad input: one line, exit 2
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     print(
         f"{report.n_pairs} pairs; accuracy (ties excluded) {report.old.accuracy:.4f} -> {report.new.accuracy:.4f}; "
         f"same {report.old.same} -> {report.new.same}; {len(report.flips)} verdicts flip"

@@ -334,3 +334,27 @@ def test_command_line_rmbench(server, tmp_path):
     exp = rmbench_expected(set(), {"chat"})
     check_rmbench(s["benchmark_scores"], exp)
     assert "benchmark rmbench: hard" in r.stdout
+
+
+def test_resume_with_another_seed_rejudges_the_pairs_shown_the_other_way(server, tmp_path, capsys):
+    url, h = server
+    out, fresh = tmp_path / "resumed", tmp_path / "fresh"
+    code, _, stderr = run_main(capsys, *args_for(url, "rmbench", RMB, out, "--limit=2", "--seed=0"))
+    assert code == 0, stderr
+    seed0 = {v["pair_id"]: v["label"] for v in verdicts(out)}
+    code, _, stderr = run_main(capsys, *args_for(url, "rmbench", RMB, fresh, "--limit=2", "--seed=1"))
+    assert code == 0, stderr
+    seed1 = {v["pair_id"]: v["label"] for v in verdicts(fresh)}
+    flipped = sum(seed0[k] != seed1[k] for k in seed0)
+    assert 0 < flipped < len(seed0)  # the seed changes the presentation order of some pairs
+
+    # a verdict of seed 0 names the response shown first under seed 0: scored against seed 1's
+    # labels it would be wrong, so those pairs are judged again and the scores are seed 1's own
+    n = len(h.requests)
+    code, _, stderr = run_main(capsys, *args_for(url, "rmbench", RMB, out, "--limit=2", "--seed=1", "--resume"))
+    assert code == 0, stderr
+    s = summary(out)
+    assert s["rejudged_other_order"] == flipped and s["judged_this_run"] == flipped
+    assert len(h.requests) - n == 2 * flipped
+    assert {v["pair_id"]: v["label"] for v in verdicts(out)} == seed1
+    assert s["benchmark_scores"] == summary(fresh)["benchmark_scores"]

@@ -447,3 +447,22 @@ def test_refine_cli_end_to_end(server, tmp_path):
     assert summary["best"]["heldout"]["accuracy"] == pytest.approx(expected_accuracy(ids, recs[0]["heldout_ids"]))
     assert summary["best"]["heldout"]["fitness"] >= summary["initial"]["heldout"]["fitness"]
     assert counts["edit"] == summary["counters"]["llm_proposals"] > 0
+
+
+@pytest.mark.parametrize("module", ["experiments.refine_rubrics", "experiments.review_rubric_edit"])
+def test_cli_bad_pairs_file_is_one_line_and_exit_2(module, tmp_path):
+    bad = tmp_path / "pairs.jsonl"
+    bad.write_text(json.dumps({"prompt": "q", "chosen": 3, "rejected": "r"}) + "\n")
+    rubric = write_meta_rubric(builtin_meta_rubric("general"), tmp_path)
+    args = [f"--input={bad}", "--base_url=http://127.0.0.1:9", "--model=m", "--parse_attempts=1"]
+    args += (
+        [f"--output_dir={tmp_path / 'out'}"]
+        if module.endswith("refine_rubrics")
+        else [f"--old={rubric}", f"--new={rubric}"]
+    )
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), JAX_PLATFORMS="cpu")
+    out = subprocess.run(
+        [sys.executable, "-m", module, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert out.stderr.strip() == f"error: {bad}:1: field 'chosen' must be a string, got int"

@@ -223,14 +223,20 @@ def _scan_multi(
     out = BenchmarkPairs(path=path, pairs=[], invalid=[], excluded=[], n_rows_read=0, n_rows=0)
     seen: dict[str, int] = {}
     duplicates: list[str] = []
+    last_line, on_line = 0, 0  # elements of a compact JSON list share a line
     for lineno, row, reason in iter_records(path):
         out.n_rows_read += 1
+        on_line = on_line + 1 if lineno == last_line else 1
+        last_line = lineno
         if reason is None:
             reason = row_reason(row)
         if reason is not None:
             out.invalid.append(InvalidRow(lineno, _clip(reason)))
             continue
-        rid = str(row["id"]) if row.get("id") is not None else f"row{lineno}"
+        if row.get("id") is not None:
+            rid = str(row["id"])
+        else:  # row<line>; the 2nd, 3rd, ... element starting on that line: row<line>_2, row<line>_3, ...
+            rid = f"row{lineno}" if on_line == 1 else f"row{lineno}_{on_line}"
         if rid in seen:
             duplicates.append(f"{path}:{lineno}: id {rid!r} is already used on line {seen[rid]}")
             continue

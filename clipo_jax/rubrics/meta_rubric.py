@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib.resources
+import json
 import logging
 import pathlib
 import re
@@ -81,7 +82,8 @@ class MetaRubric:
         """Serialises back to the file format (used by refinement to write variants)."""
 
         def q(s: str) -> str:
-            return '"' + s.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+            # a JSON string is a TOML basic string, except that TOML also forbids a raw DEL
+            return json.dumps(s, ensure_ascii=False).replace("\x7f", "\\u007f")
 
         out = [f"name = {q(self.name)}", f"title = {q(self.title)}", f"description = {q(self.description)}", ""]
         for d in self.dimensions:

@@ -52,18 +52,47 @@ def _response_record(resp: CompletionResponse) -> dict:
     }
 
 
+def _transcript_line_reason(rec) -> str | None:
+    """Why a parsed transcript line is not ``{"key": str, "response": {"text": str, ...}}``."""
+    if not isinstance(rec, dict):
+        return f"a line must be a JSON object, got {type(rec).__name__}"
+    if not isinstance(rec.get("key"), str) or not rec["key"]:
+        return f"field 'key' must be a non-empty string, got {rec.get('key')!r}"[:200]
+    resp = rec.get("response")
+    if not isinstance(resp, dict):
+        return f"field 'response' must be an object, got {type(resp).__name__}"
+    if not isinstance(resp.get("text"), str):
+        return f"field 'response.text' must be a string, got {type(resp.get('text')).__name__}"
+    for k in ("prompt_tokens", "completion_tokens"):
+        v = resp.get(k, 0)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            return f"field 'response.{k}' must be a non-negative integer, got {v!r}"[:200]
+    fr = resp.get("finish_reason")
+    if fr is not None and not isinstance(fr, str):
+        return f"field 'response.finish_reason' must be a string or null, got {type(fr).__name__}"
+    return None
+
+
 def load_transcript(path: str | os.PathLike) -> dict[str, dict]:
-    """key -> response record; later lines win over earlier ones with the same key."""
+    """key -> response record; later lines win over earlier ones with the same key.  A line that
+    is not a recorded completion raises ``ValueError`` naming ``file:line`` and the field."""
     out: dict[str, dict] = {}
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not valid UTF-8 (byte 0x{raw[e.start]:02x})") from None
             if not line.strip():
                 continue
             try:
                 rec = json.loads(line)
-                out[rec["key"]] = rec["response"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise ValueError(f"{path}:{lineno}: not a transcript line ({e})") from None
+            except (json.JSONDecodeError, RecursionError) as e:
+                raise ValueError(f"{path}:{lineno}: not a transcript line (not valid JSON: {e})") from None
+            reason = _transcript_line_reason(rec)
+            if reason is not None:
+                raise ValueError(f"{path}:{lineno}: not a transcript line ({reason})")
+            out[rec["key"]] = rec["response"]
     return out
 
 

@@ -9,8 +9,9 @@ General principles — automated evolutionary refinement (``refine``):
   rewrite a dimension or a sub-item) proposed by an LLM through any ``Backend``, or, when no
   proposer is given or its answer is unusable, by a deterministic programmatic mutation drawn
   from the shipped domain rubrics (so refinement runs without a capable LLM);
-  fitness = judge accuracy on labelled preference pairs (ties excluded) minus
-  ``length_penalty`` per 1000 characters of the rendered rubric; elitism + tournament
+  fitness = judge accuracy on labelled preference pairs (ties excluded, a failed judgment
+  counted as wrong) minus ``length_penalty`` per 1000 characters of the rendered rubric;
+  elitism + tournament
   selection on the training split; the returned variant is the generation champion with the
   best fitness on a held-out split, the initial rubric included (guards against overfitting
   the training pairs: the result is never worse than the start on held-out pairs).  Every

@@ -51,14 +51,14 @@ def load_preference_pairs(path: str | os.PathLike, limit: int = 0, seed: int = 0
 
 @dataclasses.dataclass(frozen=True)
 class Fitness:
-    fitness: float  # accuracy - length_penalty * length_chars / 1000
-    accuracy: float  # wins / (wins + losses); 0 when nothing was decided
+    fitness: float  # wins / (wins + losses + errors) - length_penalty * length_chars / 1000
+    accuracy: float  # wins / (wins + losses); 0 when nothing was decided (as JudgeBench reports)
     wins: int
     losses: int
     same: int
     length_chars: int
     correct: tuple[bool, ...] = ()  # per pair, in input order (for examples shown to the LLM)
-    errors: int = 0  # pairs whose judgment failed ("error" verdicts): left out, as in JudgeBench
+    errors: int = 0  # pairs whose judgment failed ("error" verdicts): out of ``accuracy``, wrong in ``fitness``
 
     def as_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -74,14 +74,19 @@ def rubric_length(rubric: MetaRubric) -> int:
 def compute_fitness(
     verdicts: Sequence[str], labels: Sequence[str], length_chars: int, length_penalty: float
 ) -> Fitness:
-    """Accuracy with ties and errors left out (the ``"exclude"`` error policy)."""
+    """``accuracy``: ties and errors left out (the ``"exclude"`` error policy, the number JudgeBench
+    reports).  ``fitness``, which ranks and selects variants: ties left out, an error counted as a
+    wrong verdict, minus the length penalty.  A failed judgment is no evidence for a rubric: were
+    errors left out, a variant under which the judge fails on the hard pairs (a prompt grown past
+    the context, output that no longer parses) would score the accuracy of the easy pairs alone."""
     wins = sum(v == l for v, l in zip(verdicts, labels))
     same = sum(v == "same" for v in verdicts)
     errors = sum(v == "error" for v in verdicts)
     losses = len(verdicts) - wins - same - errors
     acc = wins / (wins + losses) if wins + losses else 0.0
+    acc_errors_wrong = wins / (wins + losses + errors) if wins + losses + errors else 0.0
     return Fitness(
-        acc - length_penalty * length_chars / 1000.0,
+        acc_errors_wrong - length_penalty * length_chars / 1000.0,
         acc,
         wins,
         losses,

@@ -229,6 +229,8 @@ def apply_edit(rubric: MetaRubric, edit: dict[str, Any]) -> tuple[MetaRubric, st
 
     def item_index(d):
         j = need("item_index")
+        # JSON Schema counts 1.0 as an integer (the schema rejects 0.5): slice with int(j).
+        j = int(j)
         if not 0 <= j < len(d.items):
             raise RefineError(f"edit {op!r}: item_index {j} out of range for {d.id!r} ({len(d.items)} items)")
         return j
