@@ -235,3 +235,29 @@ def test_filter_overlong(tokenizer):
     assert [e.index for e in kept] == [1, 3, 6] and dropped == 1
     with pytest.raises(ValueError, match="max_prompt_tokens must be > 0"):
         filter_overlong(exs, tokenizer, 0)
+
+
+@pytest.mark.parametrize(
+    "value, want",
+    [(0, 0), (7, 7), (-2, -2), (3.0, 3), (-2.0, -2), ("7", 7), (" 7 ", 7), ("-2", -2), ("\u0663", 3)]
+    + [(3.5, None), (float("nan"), None), (float("inf"), None), (True, None), (False, None)]
+    + [("3.0", None), ("+3", None), ("1e3", None), ("", None), ("x", None), (None, None), ([1], None)],
+)
+def test_as_index(value, want):
+    """Integral values of any JSON / parquet spelling are indices; bools, fractions, non-finite
+    floats and other strings are not (Python's int() would accept "+3", bool would be 0/1)."""
+    from clipo_jax.data.indices import as_index
+
+    got = as_index(value)
+    assert got == want and (got is None or type(got) is int)
+
+
+def test_clipo_row_index_spellings(tmp_path):
+    """extra_info.index written as a whole float or a (signed) decimal string is the row's index;
+    a fractional one is a malformed row (the reader uses as_index)."""
+    for k, (raw, want) in enumerate([(4.0, 4), ("-5", -5), (" 12 ", 12)]):
+        ex = read_clipo_parquet(_write(tmp_path, [_row("q", "1", raw)], f"ok{k}.parquet"))
+        assert [e.index for e in ex] == [want]
+    rep = ReadReport()
+    assert read_clipo_parquet(_write(tmp_path, [_row("q", "1", 2.5)], "bad.parquet"), report=rep) == []
+    assert rep.n_skipped == 1 and "extra_info.index is not an integer: 2.5" in rep.problems[0]

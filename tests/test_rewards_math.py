@@ -757,3 +757,40 @@ def test_fast_path_decides_common_cases_without_sympy():
     for pred, gold in [("18", "18"), ("025", "25"), ("17", "18"), ("B", "C"), ("Evelyn", "\\text{Evelyn}")]:
         assert fast_decision(pred, gold) is not None
     assert fast_decision("x^2+2x+1", "(x+1)^2") is None
+
+
+@pytest.mark.parametrize(
+    "template, a, b, op",
+    [
+        ("The answer is {a} + {b} = {r}", 5, 3, "+"),
+        ("The answer is {a} + {b} = {r}.", 17, 25, "+"),
+        ("So the answer is ${a} - ${b} = ${r}.", 18, 6, "-"),
+        ("The answer is {a} * {b} = {r} cookies.", 2, 4, "*"),
+        ("The answer is \\${a} \\times {b} = \\${r}, as computed above.", 5, 12, "*"),
+        ("The answer is {a} - {b} = {r}", 5, 8, "-"),
+        ("The answer is {r} = {a} + {b}", 40, 2, "+"),
+    ],
+)
+def test_gsm8k_answer_clause_with_an_equation_states_its_result(template, a, b, op):
+    """'The answer is 5 + 3 = 8' states 8 (math-verify reads the boxed equation the same way:
+    math_reward('\\boxed{5 + 3 = 8}', '8') == 1.0); the first operand is not the answer."""
+    r = {"+": a + b, "-": a - b, "*": a * b}[op]
+    response = template.format(a=a, b=b, r=r)
+    assert gsm8k_reward(response, str(r)) == 1.0, response
+    assert gsm8k_reward(response, str(a)) == 0.0, response
+    assert gsm8k_reward(response, str(b)) == 0.0, response
+
+
+def test_gsm8k_answer_clause_keeps_its_stated_number():
+    """Without an equation the clause's leading number is the answer, and the clause ends at a
+    full stop, ', ' or a line break (later numbers are not the answer)."""
+    assert gsm8k_reward("The answer is x = 8", "8") == 1.0
+    assert gsm8k_reward("The answer is 18 dollars per 2 weeks.", "18") == 1.0
+    assert gsm8k_reward("The answer is 12, not 13.", "12") == 1.0
+    assert gsm8k_reward("The answer is 12. Then 5 + 3 = 8", "12") == 1.0
+    assert gsm8k_reward("The answer is 1,000 dollars", "1000") == 1.0
+    assert gsm8k_reward("The answer is 12.5 - 0.5 = 12.", "12") == 1.0
+    assert gsm8k_reward("The answer is 7. No wait, the answer is 4 + 4 = 8", "8") == 1.0
+    assert gsm8k_reward("The answer is probably 8", "8") == 0.0
+    assert math_reward(box("5 + 3 = 8"), "8") == 1.0  # the verifier's reading of an equation
+    assert math_reward(box("5 + 3 = 8"), "5") == 0.0

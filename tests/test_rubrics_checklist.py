@@ -220,6 +220,42 @@ def test_parse_checklist_answer_variants():
             parse_checklist_answer(text, 2)
 
 
+@pytest.mark.parametrize(
+    "raw_id, want",
+    [("2", 2), (" 2 ", 2), ("2.0", None), ("+2", None), ("-1", None), ("0", None), ("x", None)]
+    + [(2, 2), (2.0, 2), (1.5, None), (True, None), (None, None), ([2], None)],
+)
+def test_parse_checklist_answer_item_ids(raw_id, want):
+    """An item id is an integer 1..n written as a JSON number or a decimal string; anything else
+    (a bool, a fraction, a signed or negative string, an id out of range) is a parse error that
+    quotes the id as the judge wrote it."""
+    other = {"id": 1, "satisfied": True}
+    text = json.dumps({"items": [other, {"id": raw_id, "satisfied": False}]})
+    if want is None:
+        with pytest.raises(ChecklistParseError, match=r"^items\[1\] has id .*, expected 1\.\.2$"):
+            parse_checklist_answer(text, 2)
+    else:
+        assert parse_checklist_answer(text, 2) == [True, False]
+
+
+def test_checklist_shares_the_index_parser_and_stays_light():
+    """One integer-id parser for the dataset readers and the checklist judge, in a module that
+    imports nothing: loading the checklist does not load the dataset readers or sympy."""
+    import subprocess
+    import sys
+
+    from clipo_jax.data import datasets, indices
+    from clipo_jax.rubrics import checklist
+
+    assert checklist.as_index is indices.as_index and datasets.as_index is indices.as_index
+    code = (
+        "import sys, clipo_jax.rubrics.checklist; "
+        "print(sorted(m for m in ('sympy', 'clipo_jax.data.datasets', 'clipo_jax.rewards.math') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    assert out.stdout.strip() == "[]"
+
+
 # ---- the scorer over HTTP -----------------------------------------------------------------------
 
 

