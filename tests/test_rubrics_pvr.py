@@ -242,3 +242,30 @@ def test_pvr_term_check_row_names_a_mistyped_constraint():
     with pytest.raises(RewardError, match=r"^row 3: constraint 1 .*unknown constraint type 'nope'"):
         term.check_row({"prompt": "p", "constraints": [{"type": "no_commas"}, {"type": "nope"}]}, "row 3")
     term.check_row({"prompt": "p", "constraints": [{"type": "keywords_include", "keywords": ["Paris"]}]}, "row 3")
+
+
+@pytest.mark.parametrize(
+    "text,letter",
+    [
+        ("The answer is A or B.", None),  # a hedge names no answer
+        ("The answer is (A) or (B)", None),
+        ("So the answer is A/B", None),
+        ("The answer is A, B", None),
+        ("The answer is A or A.", "A"),
+        ("The answer is B and C is wrong.", "B"),  # the second letter does not end the clause
+        ("The answer is **C**", "C"),
+        ("answer is: (D)", "D"),
+        ("The answer is a bit subtle", None),
+    ],
+)
+def test_extract_choice_hedges_and_plain_answers(text, letter):
+    assert pvr.extract_choice(text) == letter
+
+
+def test_extract_choice_is_linear_on_a_long_whitespace_run():
+    import time
+
+    text = "answer is" + " " * 50_000 + "x"
+    t = time.perf_counter()
+    assert pvr.extract_choice(text) is None
+    assert time.perf_counter() - t < 1.0  # quadratic backtracking took minutes at this length

@@ -83,8 +83,19 @@ def extract_choice(response: str) -> str | None:
     rep = re.findall(r"\b([A-J])\1{4}\b", response)
     if rep:
         return rep[-1]
-    m = re.findall(r"(?i:answer is):?\s*\(?\**\s*([A-J])\b", response)
-    return m[-1] if m else None
+    found = _ANSWER_IS_LETTER.findall(response)
+    if not found:
+        return None
+    letter, other = found[-1]
+    return None if other and other != letter else letter  # "A or B" is a hedge, no answer
+
+
+# "answer is (X)", and a second letter joined to it that ends the clause ("A or B."; not "B and C
+# is wrong"); each whitespace run is matched once, so a long one costs linear time
+_ANSWER_IS_LETTER = re.compile(
+    r"(?i:answer is):?\s*(?:\(\s*)?(?:\*+\s*)?([A-J])\b"
+    r"(?:\)?\s*(?i:or|and|/|&|,)\s*(?:\(\s*)?([A-J])\b(?=\)?\s*(?:[.!?\n*]|$)))?"
+)
 
 
 def extract_bold(response: str) -> str | None:
