@@ -7,10 +7,19 @@ directory has its final name (``commit``), so a step with a manifest is a comple
 
 At start-up the newest step is verified against its manifest (every file present, same size,
 same sha256) and its meta is checked for the fields and types the trainer reads. A step that
-fails (no manifest, e.g. a save cut short; a missing, truncated or changed file; bad meta) is
-reported in one warning line naming the step and the file, moved to
+fails (a missing, truncated or changed file; an unreadable manifest; bad meta; no manifest and
+no orbax commit marker) is reported in one warning line naming the step and the file, moved to
 ``<workdir>/checkpoints.rejected/<step>`` and the next older step is tried; with no good step
 the run starts fresh.
+
+A step without a manifest whose directory has its final name and orbax's ``commit_success.txt``
+was saved completely (orbax writes into ``<step>.orbax-checkpoint-tmp`` and renames it last):
+the run was stopped after the save and before the next step's ``commit`` wrote its manifest,
+which is most of a step's time. That step is sealed (its manifest written now), reported in one
+line and resumed from, instead of being thrown away with ``ckpt.every`` steps of work.
+
+A save that fails (a full disk, an I/O error) raises ``CheckpointError`` in one line naming the
+step and the cause; the steps before it are untouched and the run resumes from them.
 
 Retention: orbax itself deletes nothing (``max_to_keep=None``); after each manifest is written
 the newest ``keep`` manifested steps are kept and older step directories are deleted, so a step
@@ -23,6 +32,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 
 import jax
@@ -34,6 +44,8 @@ from clipo_jax import parallel
 logger = logging.getLogger(__name__)
 
 MANIFEST = "sha256_manifest.json"
+MANIFEST_TMP = MANIFEST + ".tmp"  # left in a step directory by a kill inside write_manifest
+ORBAX_COMMITTED = "commit_success.txt"  # orbax writes it into the step before the final rename
 REJECTED = "checkpoints.rejected"
 
 
@@ -51,12 +63,13 @@ def _sha256(path: str) -> str:
 
 
 def _step_files(step_dir: str) -> list[str]:
-    """Every file under step_dir except the manifest, as sorted relative paths."""
+    """Every file under step_dir except the manifest (and its temporary file), as sorted
+    relative paths."""
     out = []
     for root, _, files in os.walk(step_dir):
         for name in files:
             rel = os.path.relpath(os.path.join(root, name), step_dir)
-            if rel != MANIFEST:
+            if rel not in (MANIFEST, MANIFEST_TMP):
                 out.append(rel)
     return sorted(out)
 
@@ -67,7 +80,7 @@ def write_manifest(step_dir: str) -> None:
         rel: [os.path.getsize(os.path.join(step_dir, rel)), _sha256(os.path.join(step_dir, rel))]
         for rel in _step_files(step_dir)
     }
-    tmp = os.path.join(step_dir, MANIFEST + ".tmp")
+    tmp = os.path.join(step_dir, MANIFEST_TMP)
     with open(tmp, "w") as f:
         json.dump({"files": files}, f, indent=0, sort_keys=True)
         f.flush()
@@ -103,6 +116,8 @@ def verify_files(step_dir: str) -> str | None:
     try:
         with open(path) as f:
             want = json.load(f)["files"]
+        if not isinstance(want, dict):
+            raise TypeError(f"'files' is {type(want).__name__}, not an object")
         want = {str(k): (int(v[0]), str(v[1])) for k, v in want.items()}
     except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
         return f"{MANIFEST}: unreadable ({type(e).__name__})"
@@ -156,11 +171,34 @@ def step_dirs(ckpt_dir: str) -> list[int]:
     return sorted(int(d) for d in os.listdir(ckpt_dir) if d.isdigit() and os.path.isdir(os.path.join(ckpt_dir, d)))
 
 
+def saved_without_manifest(step_dir: str) -> bool:
+    """orbax finished this step (final name, its commit marker) but it has no manifest yet: the
+    run stopped between the end of the save and the next ``commit``."""
+    return not os.path.exists(os.path.join(step_dir, MANIFEST)) and os.path.isfile(
+        os.path.join(step_dir, ORBAX_COMMITTED)
+    )
+
+
 def newest_good_step(ckpt_dir: str, reject: bool = False) -> int | None:
     """The newest step that verifies; each bad newer step is logged in one line and, with
-    reject=True, moved to the sibling checkpoints.rejected/ directory."""
+    reject=True, moved to the sibling checkpoints.rejected/ directory. A step that orbax saved
+    completely but that has no manifest yet (``saved_without_manifest``) is used, said in one
+    line, and with reject=True (the trainer, which may write) gets its manifest now."""
     for step in reversed(step_dirs(ckpt_dir)):
         step_dir = os.path.join(ckpt_dir, str(step))
+        if saved_without_manifest(step_dir) and check_meta(step_dir) is None:
+            if reject:
+                write_manifest(step_dir)
+            logger.warning(
+                "checkpoint step %d in %s: saved completely (orbax's %s) but the run stopped before its %s "
+                "was written; %s",
+                step,
+                ckpt_dir,
+                ORBAX_COMMITTED,
+                MANIFEST,
+                "written now, resuming from it" if reject else "used without one",
+            )
+            return step
         problem = verify_step(step_dir)
         if problem is None:
             return step
@@ -255,15 +293,42 @@ class RunCheckpoints:
         )
         self.pending = step
 
+    def close(self):
+        """Wait for the in-flight save and release orbax's threads (an unclosed manager's
+        callbacks can fire into a closed event loop at interpreter exit)."""
+        try:
+            self.commit()
+        finally:
+            self.manager.close()
+
     def commit(self):
-        """Wait for the in-flight save, write its manifest, delete steps past `keep` good ones."""
-        self.manager.wait_until_finished()
-        if self.pending is None:
-            return
+        """Wait for the in-flight save, write its manifest, delete steps past `keep` good ones.
+
+        A save that failed (a full disk, an I/O error) raises CheckpointError naming the step and
+        the cause, once: the step is forgotten, so a later commit (e.g. the trainer's final wait)
+        neither raises again nor writes a manifest for it; the steps before it are intact."""
         step, self.pending = self.pending, None
-        if not self.primary:
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001 - orbax re-raises its writer threads' errors
+            if step is None:
+                raise
+            raise CheckpointError(
+                f"checkpoint step {step} in {self.dir}: the save failed ({error_line(e)}); "
+                "the steps before it are intact: fix the cause and re-run the same command to resume"
+            ) from None
+        if step is None or not self.primary:
             return
-        write_manifest(os.path.join(self.dir, str(step)))
+        step_dir = os.path.join(self.dir, str(step))
+        if not os.path.isdir(step_dir):  # orbax gave up without raising: never a manifest for nothing
+            raise CheckpointError(f"checkpoint step {step} in {self.dir}: the save left no directory {step_dir}")
+        try:
+            write_manifest(step_dir)
+        except OSError as e:
+            raise CheckpointError(
+                f"checkpoint step {step} in {self.dir}: writing its {MANIFEST} failed ({error_line(e)}); "
+                "fix the cause and re-run the same command to resume"
+            ) from None
         steps = step_dirs(self.dir)
         good = [s for s in steps if os.path.isfile(os.path.join(self.dir, str(s), MANIFEST))]
         if len(good) > self.keep:
@@ -295,3 +360,14 @@ class RunCheckpoints:
 
     def wait(self):
         self.commit()
+
+
+def error_line(e: BaseException) -> str:
+    """An exception as one short line: its type and the first line of its message, without the
+    tensorstore spec that orbax's I/O errors carry (kilobytes of JSON); long messages keep both
+    ends, where the file and the OS error are."""
+    text = (str(e).strip().splitlines() or [""])[0]
+    text = re.sub(r"\s*\[tensorstore_spec='.*?'\]", "", text)
+    if len(text) > 400:
+        text = text[:200] + " ... " + text[-190:]
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__

@@ -46,6 +46,16 @@ def run_sft(config, task: tasks.Task, cfg: ModelConfig, params, mesh, workdir: s
         logger.warning(
             "SFT: dropped %d of %d pairs longer than sft.max_len=%d", dropped, len(task.sft_pairs), s.max_len
         )
+    if not seqs:
+        raise SFTError(
+            f"config.sft.max_len={s.max_len}: every one of the {len(task.sft_pairs)} SFT pairs of task {task.name!r} "
+            "is longer (prompt + completion tokens)"
+        )
+    if len(seqs) < s.batch_size:  # a batch is drawn without replacement
+        raise SFTError(
+            f"config.sft.batch_size={s.batch_size} is larger than the {len(seqs)} SFT pairs of task {task.name!r} "
+            f"that fit config.sft.max_len={s.max_len}"
+        )
     L = max(len(x) for x in seqs)
     tokens = np.full((len(seqs), L), tok.pad_id, np.int32)
     valid = np.zeros((len(seqs), L), bool)
@@ -112,7 +122,7 @@ def cached_sft(config, task: tasks.Task, cfg: ModelConfig, params, mesh, workdir
     used if it restores, and gets its manifest then."""
     import orbax.checkpoint as ocp
 
-    from clipo_jax.checkpoints import MANIFEST, verify_files, write_manifest
+    from clipo_jax.checkpoints import MANIFEST, error_line, verify_files, write_manifest
 
     path = sft_cache_dir(config, workdir)
     params_dir = os.path.join(path, "params")
@@ -144,11 +154,17 @@ def cached_sft(config, task: tasks.Task, cfg: ModelConfig, params, mesh, workdir
         _move_aside(params_dir)
     parallel.barrier("sft_cache_checked")
     params = run_sft(config, task, cfg, params, mesh, workdir)
-    os.makedirs(path, exist_ok=True)
-    ckptr.save(params_dir, params)
-    ckptr.wait_until_finished()
-    if parallel.is_primary():
-        write_manifest(params_dir)
+    try:  # a full disk or an I/O error: one line naming the cache (orbax raises from its writer threads)
+        os.makedirs(path, exist_ok=True)
+        ckptr.save(params_dir, params)
+        ckptr.wait_until_finished()
+        if parallel.is_primary():
+            write_manifest(params_dir)
+    except Exception as e:  # noqa: BLE001
+        raise SFTError(
+            f"SFT cache {params_dir}: saving the trained parameters failed ({error_line(e)}); "
+            "fix the cause and re-run the same command"
+        ) from None
     parallel.barrier("sft_cache_saved")
     return params
 

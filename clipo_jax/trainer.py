@@ -845,22 +845,33 @@ def run(config, workdir: str) -> dict:
 
     validate_config(config)
     check_workdir(workdir)
-    primary = parallel.is_primary()  # with several processes, process 0 writes the run's files
-    if primary:
-        path = os.path.join(workdir, "config.json")
-        text = config.to_json_best_effort(indent=2)
-        changed = config_changes(path, text)
-        if changed:  # a resume with other settings: said, and the previous config kept beside it
+    if parallel.is_primary():  # with several processes, process 0 writes the run's files
+        changed = config_changes(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
+        if changed:  # said now; config.json is rewritten once the checkpoint has restored (record_config)
             logger.warning("%s: the run continues with changed settings: %s", workdir, ", ".join(changed[:20]))
             print(f"config changed since the last start of this run: {', '.join(changed[:20])}")
-            os.replace(path, os.path.join(workdir, "config.prev.json"))
-        write_atomic(path, text)
     root = jax.random.key(config.seed)
     ctx, params = setup(config, workdir, root)
     try:
         return _run(ctx, params, workdir, root, tqdm)
+    except CheckpointError as e:  # e.g. a save that failed on a full disk: one line, the run resumes before it
+        raise TrainingError(str(e)) from None
     finally:
         ctx.rewards.close()
+
+
+def record_config(config, workdir: str) -> None:
+    """WORKDIR/config.json, once the run has restored its checkpoint (or starts fresh): a resume
+    refused because the checkpoint does not fit its config leaves the run's record as it was
+    (experiments/evaluate.py --run builds the model from it). Changed settings keep the previous
+    config beside it (config.prev.json)."""
+    if not parallel.is_primary():
+        return
+    path = os.path.join(workdir, "config.json")
+    text = config.to_json_best_effort(indent=2)
+    if config_changes(path, text):
+        os.replace(path, os.path.join(workdir, "config.prev.json"))
+    write_atomic(path, text)
 
 
 def _run(ctx: RunContext, params, workdir: str, root, tqdm) -> dict:
@@ -913,10 +924,13 @@ def _run(ctx: RunContext, params, workdir: str, root, tqdm) -> dict:
                 latest, new_train_state(params, optimizer, ctx.mesh), params, head_init()
             )
         except CheckpointError as e:
+            ckpt.close()
             raise TrainingError(str(e)) from None
         logger.info("resumed from %s step %d", ckpt.dir, latest)
         print(f"resumed from step {latest}")
+        record_config(config, workdir)
     else:
+        record_config(config, workdir)
         if config.sft.steps > 0:
             params = cached_sft(config, ctx.task, ctx.cfg, params, ctx.mesh, workdir)
         write_start(workdir, config, params, primary)
@@ -994,8 +1008,10 @@ def _run(ctx: RunContext, params, workdir: str, root, tqdm) -> dict:
                 }
                 ckpt.save(step + 1, state, ref_params, head, meta)  # meta is a copy: the save is async
     finally:
-        ckpt.wait()  # an in-flight async save must finish, whatever ends the loop
-        writer.close()
+        try:
+            ckpt.close()  # an in-flight async save must finish, whatever ends the loop
+        finally:
+            writer.close()
 
     # ---------------------------------------------------------------- final eval
     after = evaluate(ctx.task, ctx.sampler, state.params, ctx.eval_cfg, jax.random.fold_in(root, 3))
@@ -1048,10 +1064,22 @@ def restore_params(workdir: str, params_template):
     if step is None:
         raise TrainingError(f"{ckpt_dir}: no checkpoint that verifies against its manifest")
     manager = ocp.CheckpointManager(ckpt_dir)
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    try:
+        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    finally:
+        manager.close()
     state = restored.state
     params = state["params"] if isinstance(state, dict) else state.params
     try:
-        return jax.tree.map(lambda t, x: jnp.asarray(x, t.dtype), params_template, params)
+        out = jax.tree.map(lambda t, x: jnp.asarray(x, t.dtype), params_template, params)
     except ValueError as e:
         raise TrainingError(f"{ckpt_dir} step {step}: parameters do not match the run's model config ({e})") from None
+    bad = [  # same tree, other shapes (e.g. another d_model or n_layers): tree.map does not see them
+        f"{jax.tree_util.keystr(path)} is {tuple(x.shape)}, the config gives {tuple(t.shape)}"
+        for (path, t), x in zip(jax.tree_util.tree_flatten_with_path(params_template)[0], jax.tree.leaves(out))
+        if tuple(t.shape) != tuple(x.shape)
+    ]
+    if bad:
+        more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+        raise TrainingError(f"{ckpt_dir} step {step}: parameters do not match the run's model config ({bad[0]}{more})")
+    return out

@@ -89,7 +89,7 @@ def main(argv):
                 rows = tasks._example_rows(load_dataset(spec))
                 test_sets[name] = rows[: FLAGS.limit] if FLAGS.limit else rows
             task = tasks.Task(name="eval", tokenizer=tok, train_rows=[], test_sets=test_sets, sft_pairs=[], chat=True)
-    except (ModelError, ValueError, OSError) as e:
+    except (ModelError, ValueError, OSError, trainer.TrainingError) as e:
         sys.exit(f"error: {e}")
     task, dropped = evaluation.fit_test_sets(task, FLAGS.max_prompt_len)
     for name, n in dropped.items():

@@ -1,6 +1,7 @@
 """Checkpoint manifests: every saved step carries the sha256 of each of its files; a corrupt,
 partial or unreadable newest step is reported in one line naming the step and the file, moved to
-checkpoints.rejected/, and the run resumes from the newest good step (or starts fresh)."""
+checkpoints.rejected/, and the run resumes from the newest good step (or starts fresh). A step
+that orbax finished but that has no manifest yet is sealed and used (tests/test_resume_review.py)."""
 
 import json
 import logging
@@ -108,8 +109,9 @@ def empty_dir(step_dir):
     return MANIFEST, "the save did not complete"
 
 
-def no_manifest(step_dir):  # killed between orbax's commit and the manifest
+def no_manifest_uncommitted(step_dir):  # no manifest and no orbax commit marker: not a finished save
     os.remove(os.path.join(step_dir, MANIFEST))
+    os.remove(os.path.join(step_dir, checkpoints.ORBAX_COMMITTED))
     return MANIFEST, "the save did not complete"
 
 
@@ -132,15 +134,22 @@ def manifest_garbage(step_dir):
     return MANIFEST, "unreadable"
 
 
+def manifest_wrong_shape(step_dir):  # JSON, but 'files' is not an object (was an AttributeError traceback)
+    with open(os.path.join(step_dir, MANIFEST), "w") as f:
+        f.write('{"files": null}')
+    return MANIFEST, "unreadable (TypeError)"
+
+
 CORRUPTIONS = [
     flip_byte,
     truncate,
     delete_state,
     empty_dir,
-    no_manifest,
+    no_manifest_uncommitted,
     meta_wrong_types,
     meta_wrong_types_consistent_manifest,
     manifest_garbage,
+    manifest_wrong_shape,
 ]
 
 
@@ -183,7 +192,7 @@ def test_several_bad_steps_fall_back_past_each_with_one_line_each(run4, caplog):
 def test_no_good_step_starts_fresh_with_a_warning(run4, caplog):
     workdir, d = run4
     for s in (0, 2, 4):
-        no_manifest(str(d / str(s)))
+        no_manifest_uncommitted(str(d / str(s)))
     ckpt, lines = reopen(workdir, caplog)
     assert len(lines) == 4 and lines[-1] == f"no usable checkpoint in {d}; starting fresh"
     assert ckpt.latest_step() is None and checkpoints.step_dirs(str(d)) == []
@@ -193,10 +202,12 @@ def test_keep_counts_good_steps_only(tmp_path, caplog):
     save_steps(tmp_path, [0, 2, 4, 6], keep=2)
     d = tmp_path / "checkpoints"
     assert checkpoints.step_dirs(str(d)) == [4, 6]
-    # step 8 was cut short (no manifest): it is rejected, both kept good steps are still there
+    # step 8 is not a finished save (no manifest, no orbax commit marker): it is not counted as a
+    # good step, it is rejected, and both kept good steps are still there
     ckpt = RunCheckpoints(str(tmp_path), 2)
     ckpt.save(8, tree(8), tree(8), {"h": jnp.ones((3,))}, meta(8))
     ckpt.manager.wait_until_finished()  # the process dies here, before commit() writes the manifest
+    os.remove(d / "8" / checkpoints.ORBAX_COMMITTED)
     assert checkpoints.step_dirs(str(d)) == [4, 6, 8]
     ckpt, lines = reopen(tmp_path, caplog, keep=2)
     assert len(lines) == 1 and "checkpoint step 8" in lines[0] and MANIFEST in lines[0]
