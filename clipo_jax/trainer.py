@@ -743,7 +743,7 @@ def rl_step(ctx: RunContext, step: int, state, ref_params, head, stream: rollout
             rewards,
             logps["old"],
             logps["ref"],
-            rl_batch.response_mask,
+            update.sampled_tokens(out, ro.valid, rl_batch.response_mask.shape[1]),
             beta=rl.kl_coef,
             name=rl.kl_estimator,
             clamp=rl.kl_clamp or None,

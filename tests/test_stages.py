@@ -194,6 +194,9 @@ def test_build_rl_batch_masks_padding_and_truncated_rows():
     np.testing.assert_array_equal(b.response_mask, [[1, 1], [1, 0], [0, 0], [0, 0]])
     assert b.tokens.shape == (4, 5) and b.valid[1].tolist() == [1, 1, 1, 1, 0]
     assert b.old_logp.sum() == 0 and b.sampler_logp.sum() == -8
+    # the KL in the reward covers the truncated row too (its reward enters the group's baseline)
+    np.testing.assert_array_equal(update.sampled_tokens(out, valid_rows, 2), [[1, 1], [1, 0], [1, 1], [0, 0]])
+    np.testing.assert_array_equal(update.sampled_tokens(out, valid_rows, 1), [[1], [1], [1], [0]])
 
 
 def _padded_batch(vocab, rng, B=6, Tp=12, N=20, prompt_lens=(5, 3, 4, 5, 2, 5), resp_lens=(7, 1, 4, 6, 7, 3)):

@@ -39,6 +39,14 @@ def build_rl_batch(
     )
 
 
+def sampled_tokens(out, valid_rows: np.ndarray, width: int) -> np.ndarray:
+    """[B, width] bool: the response tokens of the sampled rows (not DAPO's padding copies),
+    truncated responses included. The KL in the reward penalises every token the policy sampled:
+    a truncated response that ``mask_truncated`` leaves out of the loss still enters its group's
+    baseline through its reward. ``width``: the response columns kept by ``trim_padding``."""
+    return (out.response_mask & valid_rows[:, None])[:, :width]
+
+
 def trim_padding(batch: RLBatch, multiple: int) -> RLBatch:
     """The batch without the columns that are padding in every row: the left padding of the
     prompts (left-padded to the rollout's fixed prompt width) and the response columns past the
