@@ -794,3 +794,23 @@ def test_gsm8k_answer_clause_keeps_its_stated_number():
     assert gsm8k_reward("The answer is probably 8", "8") == 0.0
     assert math_reward(box("5 + 3 = 8"), "8") == 1.0  # the verifier's reading of an equation
     assert math_reward(box("5 + 3 = 8"), "5") == 0.0
+
+
+@pytest.mark.parametrize(
+    "response,answer",
+    [
+        ("The answer is 4 because the price per pound = $2 and he bought 8 pounds.", "4"),
+        ("The answer is 40 (since 10 hours = 600 minutes)", "40"),
+        ("The answer is 60 minutes = 1 hour.", "60"),
+        ("The answer is 18 dollars per day = 126 per week", "18"),
+        ("The answer is 5 apples and total = 12", "5"),
+        ("The answer is 3 x 4 = 12", "12"),  # an expression first: its value side
+        ("The answer is 9 * $2 = $18", "18"),
+        ("The answer is 40 = 2 + 38", "40"),
+    ],
+)
+def test_gsm8k_answer_clause_that_leads_with_the_answer_keeps_it(response, answer):
+    """A clause that states its answer and then explains it with an equation is scored on the
+    answer, not on the explanation's number; only a clause that opens with an expression states
+    the value side of its equation."""
+    assert gsm8k_reward(response, answer) == 1.0, response

@@ -501,6 +501,13 @@ def test_kl_in_reward():
     np.testing.assert_allclose(shaped, want, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(metrics["kl_token_mean"], k3[mask > 0].mean(), rtol=1e-4)
 
+    # rows with an empty mask (DAPO's padding copies) are not averaged into the sequence mean
+    mask = mask.copy()
+    mask[: B // 2] = 0
+    _, metrics = kl_reward_penalty(rewards, *f32(logp, ref, mask), beta=0.1, name="k3")
+    sampled = mask.any(1)
+    np.testing.assert_allclose(metrics["kl_seq_mean"], (k3 * mask).sum(1)[sampled].mean(), rtol=1e-4)
+
 
 # ----------------------------------------------------------------------- aggregation
 

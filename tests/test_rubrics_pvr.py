@@ -254,6 +254,8 @@ def test_pvr_term_check_row_names_a_mistyped_constraint():
         ("The answer is A or A.", "A"),
         ("The answer is B and C is wrong.", "B"),  # the second letter does not end the clause
         ("The answer is **C**", "C"),
+        ("The answer is **B** or **C**.", None),
+        ("The answer is (**B**) or (**C**).", None),
         ("answer is: (D)", "D"),
         ("The answer is a bit subtle", None),
     ],

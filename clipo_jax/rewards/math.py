@@ -680,18 +680,23 @@ _ANSWER_IS_CLAUSE_RE = re.compile(r"answer is[:\s]*", re.IGNORECASE)
 _ANSWER_CLAUSE_END_RE = re.compile(r"\n|[!?;]|\.(?!\d)|,\s")
 _LEAD_NUMBER_RE = re.compile(r"\s*(?:\\?\$\s*)?([-+]?[\d,]*\.?\d+)")
 _ARITHMETIC_RE = re.compile(r"[-+*/^\u00d7\u00f7]|\\(?:times|cdot|div|frac)")
+# an operator right after the clause's leading number: the clause opens with an expression
+_LEAD_OP_RE = re.compile(r"\s*(?:[-+*/^\u00d7\u00f7]|[xX](?![A-Za-z])|\\(?:times|cdot|div|frac))")
 
 
 def _answer_clause_number(clause: str) -> str | None:
-    """The number an answer clause states: ``8`` for ``5 + 3 = 8``, ``x = 8``, ``8 = 5 + 3`` and
-    ``2 * 4 = 8 cookies``, as the math verifier reads an equation (the side that is a value, not
-    an expression: the last such side of an ``=`` chain); ``18`` for ``18 dollars per 2 weeks``.
-    The clause must start with a number (or ``x =``); with no ``=`` side that is a lone number
-    (``5 + 3``) its leading number is taken, as before.  None when it states no number."""
+    """The number an answer clause states. A clause that opens with an expression (an operator
+    right after its leading number) or with ``x =`` states the value side of its equation, as the
+    math verifier reads one (the last side that is a number, not an expression): ``8`` for
+    ``5 + 3 = 8``, ``2 * 4 = 8 cookies`` and ``x = 8``. Otherwise the answer leads: ``60`` for
+    ``60 minutes = 1 hour``, ``4`` for ``4 because the price = $2``, ``18`` for ``18 dollars per
+    2 weeks``; with no value side (``5 + 3``) the leading number too. None when it states no number."""
     sides = clause.split("=")
     lead = _LEAD_NUMBER_RE.match(sides[0])
     if lead is None and not (len(sides) > 1 and re.fullmatch(r"\s*[A-Za-z]\s*", sides[0])):
         return None
+    if lead is not None and (len(sides) == 1 or not _LEAD_OP_RE.match(sides[0], lead.end())):
+        return lead.group(1)  # the answer leads: "60 minutes = 1 hour", "4 because price = $2"
     values = []
     for side in sides:
         m = _LEAD_NUMBER_RE.match(side)

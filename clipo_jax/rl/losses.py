@@ -341,13 +341,15 @@ def kl_reward_penalty(rewards, logp, ref_logp, mask, *, beta, name="k1", clamp=N
     """KL in the reward: ``rewards[B] - beta * sum_t kl_t`` over each response's tokens.
 
     Returns ``(shaped_rewards[B], metrics)``; the penalty is a constant (gradient stopped),
-    so this runs before the advantage estimator.
+    so this runs before the advantage estimator. ``kl_seq_mean`` averages over the rows with a
+    non-empty mask (the sampled ones), ``kl_token_mean`` over the masked tokens.
     """
     mask = _check_tokens("mask", mask).astype(jnp.float32)
     kl = sg(kl_penalty(name, logp, ref_logp, clamp, mask=mask))
     seq_kl = jnp.where(mask > 0, kl, 0.0).sum(axis=1)
     rewards = jnp.asarray(rewards, jnp.float32)
-    metrics = {"kl_seq_mean": seq_kl.mean(), "kl_token_mean": masked_mean(kl, mask)}
+    rows = (mask > 0).any(axis=1)  # the sampled rows: DAPO's padding copies have an empty mask
+    metrics = {"kl_seq_mean": seq_kl.sum() / jnp.maximum(rows.sum(), 1), "kl_token_mean": masked_mean(kl, mask)}
     return rewards - beta * seq_kl, metrics
 
 

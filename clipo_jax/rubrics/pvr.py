@@ -94,7 +94,7 @@ def extract_choice(response: str) -> str | None:
 # is wrong"); each whitespace run is matched once, so a long one costs linear time
 _ANSWER_IS_LETTER = re.compile(
     r"(?i:answer is):?\s*(?:\(\s*)?(?:\*+\s*)?([A-J])\b"
-    r"(?:\)?\s*(?i:or|and|/|&|,)\s*(?:\(\s*)?([A-J])\b(?=\)?\s*(?:[.!?\n*]|$)))?"
+    r"(?:\**\)?\s*(?i:or|and|/|&|,)\s*(?:\(\s*)?(?:\*+\s*)?([A-J])\b(?=\**\)?\s*(?:[.!?\n*]|$)))?"
 )
 
 
