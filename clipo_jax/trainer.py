@@ -255,6 +255,8 @@ def validate_config(config) -> None:
             rl.eps_low,
             rl.eps_high,
         )
+    if rl.get("kl_in_reward", False) is True and not rl.kl_coef:
+        logger.warning("config.rl.kl_in_reward=True with rl.kl_coef=0: no KL penalty (set rl.kl_coef > 0)")
     if rl.get("dynamic_sampling", False) and rl.group_size < 2:
         raise TrainingError(
             f"config.rl.dynamic_sampling=True needs config.rl.group_size >= 2 (got {rl.group_size}): "

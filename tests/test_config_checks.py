@@ -280,3 +280,16 @@ def test_gspo_with_a_ppo_sized_clip_warns_and_the_preset_does_not(caplog):
     with caplog.at_level("WARNING", logger="clipo_jax.trainer"):
         trainer.validate_config(tiny("size=tiny,algo=gspo"))
     assert not [r for r in caplog.records if "gspo" in r.getMessage()]
+
+
+def test_kl_in_reward_without_a_coefficient_warns(caplog):
+    config = tiny("size=tiny")
+    config.rl.kl_in_reward = True
+    with caplog.at_level("WARNING", logger="clipo_jax.trainer"):
+        trainer.validate_config(config)
+    assert any("kl_in_reward=True with rl.kl_coef=0" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    config.rl.kl_coef = 0.01
+    with caplog.at_level("WARNING", logger="clipo_jax.trainer"):
+        trainer.validate_config(config)
+    assert not [r for r in caplog.records if "kl_in_reward" in r.getMessage()]
