@@ -271,3 +271,11 @@ def test_extract_choice_is_linear_on_a_long_whitespace_run():
     t = time.perf_counter()
     assert pvr.extract_choice(text) is None
     assert time.perf_counter() - t < 1.0  # quadratic backtracking took minutes at this length
+
+
+def test_words_treat_curly_and_straight_apostrophes_alike():
+    straight, curly = "I don't think it's well-known", "I don\u2019t think it\u2019s well-known"
+    assert pvr.words(straight) == ["I", "don't", "think", "it's", "well-known"]
+    assert len(pvr.words(curly)) == len(pvr.words(straight)) == 5
+    c = {"type": "word_count", "max": 5}
+    assert pvr.check_constraint(curly, c) is True and pvr.check_constraint(straight, c) is True

@@ -184,7 +184,9 @@ def ground_truth_score(response: str, ground_truth: str, kind: str = "auto") -> 
 
 
 def words(text: str) -> list[str]:
-    return re.findall(r"\b\w[\w'-]*\b", text)
+    """Words, with inner apostrophes (straight or curly) and hyphens kept: "don't", "don’t" and
+    "well-known" are one word each."""
+    return re.findall(r"\b\w[\w'\u2019-]*\b", text)
 
 
 # Abbreviations whose final period ends no sentence (the regex fallback of ``sentences``).
