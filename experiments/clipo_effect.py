@@ -95,7 +95,11 @@ def bootstrap_ci(values, n_boot: int = 10000, seed: int = BOOTSTRAP_SEED, level:
     idx = np.random.default_rng(seed).integers(0, x.size, size=(n_boot, x.size))
     means = x[idx].mean(axis=1)
     lo, hi = np.percentile(means, [50 * (1 - level), 50 * (1 + level)])
-    return float(lo), float(hi)
+    # a bound that is 0 in exact arithmetic comes out as +-1e-15 or so when the values are not
+    # exact in binary (e.g. 100 * (0.41 - 0.395) = 1.4999999999999958): whether the interval
+    # excludes 0 must not hinge on that round-off, so bounds within it of 0 are 0
+    tol = 1e-9 * float(np.max(np.abs(x)))
+    return tuple(0.0 if abs(b) <= tol else float(b) for b in (lo, hi))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -437,17 +441,24 @@ def summarize_task(task: str, methods: list[Method]) -> dict | None:
     evals = {}  # method name -> {seed: eval_after}
     # every method of a seed should start from one SFT checkpoint; a run whose start differs from
     # the seed's first (e.g. its SFT was retrained on a GPU after the cache was lost) gets start 2, ...
-    starts = {}  # seed -> [(fingerprint, eval_before)] in the order first seen
+    # A run joins a start only if it has the same start as every run already there: same_start is
+    # not transitive (a run without start.json matches runs of two different digests by their
+    # pre-RL evaluation), so comparing with the start's first run alone could put two runs of
+    # different digests in one start.
+    starts = {}  # seed -> [[fingerprint of each run of that start], ...] in the order first seen
     start_of = {}  # method name -> {seed: start index}
+    fingerprint = {}  # method name -> {seed: (digest, eval_before)}
     for m in methods:
         for seed in FLAGS.seeds:
             workdir = run_dir(task, m, seed)
             if finished(workdir):
                 evals.setdefault(m.name, {})[seed] = read_json(os.path.join(workdir, "eval_after.json"))
                 fp, known = run_start(workdir), starts.setdefault(seed, [])
-                index = next((i for i, (f, _) in enumerate(known) if same_start(f, fp)), len(known))
+                fingerprint.setdefault(m.name, {})[seed] = fp
+                index = next((i for i, runs in enumerate(known) if all(same_start(f, fp) for f in runs)), len(known))
                 if index == len(known):
-                    known.append((fp, json.loads(fp[1])))
+                    known.append([])
+                known[index].append(fp)
                 start_of.setdefault(m.name, {})[seed] = index
     if not evals:
         return None
@@ -457,7 +468,9 @@ def summarize_task(task: str, methods: list[Method]) -> dict | None:
     sft_rows = {}  # one row per start: the pre-RL evaluation of the seeds that have it
     for i in range(max(len(known) for known in starts.values())):
         label = "SFT (start)" if i == 0 else f"SFT (start {i + 1})"
-        sft_rows[label] = {seed: starts[seed][i][1] for seed in FLAGS.seeds if i < len(starts.get(seed, []))}
+        sft_rows[label] = {  # the pre-RL evaluation of the start's first run
+            seed: json.loads(starts[seed][i][0][1]) for seed in FLAGS.seeds if i < len(starts.get(seed, []))
+        }
     table = {**sft_rows, **evals}
 
     out = {
@@ -488,7 +501,8 @@ def summarize_task(task: str, methods: list[Method]) -> dict | None:
         if not m.clipo or m.name not in evals or base not in evals:
             continue
         both = [seed for seed in evals[m.name] if seed in evals[base]]
-        seeds = [seed for seed in both if start_of[m.name][seed] == start_of[base][seed]]
+        # the two runs themselves must share a start (same digest, or without one the same pre-RL evaluation)
+        seeds = [seed for seed in both if same_start(fingerprint[m.name][seed], fingerprint[base][seed])]
         if len(seeds) < len(both):
             out["unpaired"][f"{m.name} - {base}"] = [seed for seed in both if seed not in seeds]
         if not seeds:

@@ -48,6 +48,23 @@ def test_bootstrap_needs_two_values():
     assert bootstrap_ci([2.0, 2.0]) == (2.0, 2.0)
 
 
+def test_bootstrap_bound_that_is_zero_is_not_round_off():
+    # greedy rates are counts of a 200-problem test set; the paired differences in points, as the
+    # study computes them, carry round-off (100 * (82/200 - 79/200) = 1.4999999999999958). On the
+    # exact half-point grid (integers, exact in float) the same resamples give a lower bound of
+    # exactly 0: the interval touches 0, it does not exclude it
+    variant, base = [82, 55, 16, 132, 187], [79, 55, 14, 130, 188]
+    d = [100 * (a / 200 - b / 200) for a, b in zip(variant, base)]
+    half_points = np.subtract(variant, base)  # one problem of 200 is half a point: 3, 0, 2, 2, -1
+    idx = np.random.default_rng(0).integers(0, 5, size=(10000, 5))
+    sums = half_points[idx].sum(axis=1)  # integers: exact
+    ref = np.percentile(sums, [2.5, 97.5]) / 5 * 0.5
+    assert ref[0] == 0.0
+    lo, hi = bootstrap_ci(d, n_boot=10000, seed=0)
+    assert lo == ref[0] and not lo > 0, lo
+    assert hi == pytest.approx(ref[1], abs=1e-12)
+
+
 def test_reward_gap_uses_the_steps_with_both_kinds_of_success(tmp_path):
     from experiments.clipo_effect import run_reward_gap
 
@@ -116,6 +133,25 @@ def test_runs_from_another_sft_start_are_not_paired(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     again = json.loads((tmp_path / "summary.json").read_text())
     assert again["environment"] == {"devices": "gpu: 1 x NVIDIA H200"} and again["summarized_on"] == here
+
+
+def test_runs_with_different_digests_are_not_paired_through_a_run_without_one(tmp_path):
+    # seed 0: the grpo runs predate start.json (no digest); dapo and dapo+clipo record different
+    # digests. All four have the same pre-RL evaluation, so each digest run matches the grpo runs
+    # by it, but dapo and dapo+clipo did not start from the same parameters: not paired, and not
+    # shown as one start
+    before = {"in_dist": 0.5}
+    runs = {"grpo": (0.6, None), "grpo+clipo": (0.7, None), "dapo": (0.6, "aaaa"), "dapo+clipo": (0.65, "bbbb")}
+    for method, (value, digest) in runs.items():
+        fake_run(tmp_path / "default" / f"{method}_seed0", before, {"in_dist": value}, digest)
+    r = study(tmp_path, "--tasks=default", "--algos=grpo,dapo", "--seeds=0", "--ablations=", "--summarize_only")
+    assert r.returncode == 0, r.stderr[-3000:]
+    t = json.loads((tmp_path / "summary.json").read_text())["tasks"]["default"]
+    assert list(t["paired_differences"]) == ["grpo+clipo - grpo"]  # no digests: matched by the evaluation
+    assert t["paired_differences"]["grpo+clipo - grpo"]["in_dist/outcome"]["values"] == pytest.approx([10.0])
+    assert t["unpaired"] == {"dapo+clipo - dapo": ["0"]}
+    assert t["other_starts"] == {"dapo+clipo": {"0": 2}}
+    assert list(t["methods"]) == ["SFT (start)", "SFT (start 2)", "grpo", "grpo+clipo", "dapo", "dapo+clipo"]
 
 
 def test_a_lost_sft_cache_is_announced_before_new_runs(tmp_path):
