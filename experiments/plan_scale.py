@@ -160,7 +160,8 @@ def step_sizes(config, sampler) -> dict[str, int]:
         prefill_calls_per_rollout=rows // prefill_rows,
         logp_rows=P * G // logp_chunks,
         logp_chunks=logp_chunks,
-        logp_passes=(1 if rl.kl_coef else 0) + (1 if (rl.epochs > 1 or rl.mini_batches > 1) else 0),
+        logp_passes=(1 if rl.kl_coef else 0)
+        + (1 if (rl.epochs > 1 or rl.mini_batches > 1 or (rl.kl_coef and rl.get("kl_in_reward", False))) else 0),
         steps_per_rl_step=rl.epochs * rl.mini_batches,
         epochs=rl.epochs,
     )
@@ -318,16 +319,22 @@ class Planner:
         return 0 if self.replicate_rollout else _device_bytes(self.params)
 
     def gathered_bytes(self) -> int:
-        """Bytes of float32 parameters one device must receive to hold all of them (FSDP/tensor all-gather)."""
-        import jax
-        import numpy as np
+        """Bytes of float32 parameters one device must receive for a layer's FSDP all-gather: the
+        'embed' (fsdp) split is gathered, the tensor split stays (the rollout layout, in float32)."""
+        return self._tensor_only_bytes() - _device_bytes(self.params)
 
-        full = sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(self.params))
-        return full - _device_bytes(self.params)
+    def _tensor_only_bytes(self) -> int:
+        """Bytes of the float32 parameters one device holds once the FSDP split is gathered."""
+        from clipo_jax import parallel
+        from clipo_jax.models import transformer
+
+        sh = parallel.tree_shardings(self.mesh, transformer.rollout_logical_axes(self.cfg), self.params)
+        return _device_bytes(_abstract(self.params, sh))
 
     def _decode(self):
         import jax
         import jax.numpy as jnp
+        import numpy as np
 
         from clipo_jax import sampling
         from clipo_jax.models.transformer import KVCache
@@ -369,8 +376,11 @@ class Planner:
             flops += steps * B * model_flops_per_token_decode(cfg, size)
             kv_read += steps * B * kv_bytes_per_slot(cfg) * size
             prev = size
-        weights = _device_bytes(self.rollout_params)
-        bytes_per_step = weights + kv_read / N / self.mesh.size
+        # a decode step reads the weights it computes with: the local copy, or the gathered layers
+        weights = _device_bytes(self.rollout_params) if self.replicate_rollout else self._tensor_only_bytes()
+        # the cache's per-device share (a KV-head count the tensor axis does not divide stays replicated)
+        k_full = sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(cache.k))
+        bytes_per_step = weights + kv_read / N * _device_bytes(cache.k) / k_full
         args = (self.rollout_params, cache, h, tokens, mask, rng)
         return jax.jit(fn), args, self._rollout_resident(), flops, bytes_per_step
 
@@ -488,9 +498,9 @@ def projection(planner: Planner, recs: dict[str, dict], mfu: float, hbm_fraction
         time["logp"] = passes * recs["logp"]["flops"] / compute
         comm["logp"] = passes * gather / link
     calls = s["rollout_calls"]
-    if planner.replicate_rollout:  # one replicated compute-dtype copy per rollout call
+    if planner.replicate_rollout:  # one replicated compute-dtype copy per Sampler call (all its chunks)
         full = _device_bytes(planner.rollout_params)
-        rollout_gather = {"prefill": calls * full, "decode": 0.0}
+        rollout_gather = {"prefill": full, "decode": 0.0}
     else:  # the sharded weights are gathered in every prefill call and every decode step
         rollout_gather = {
             "prefill": calls * s["prefill_calls_per_rollout"] * gather,
@@ -591,9 +601,7 @@ def fit_chunks(config, cfg, mesh, cap: float, unroll: bool = False) -> dict[str,
     rows = rl.prompts_per_step * rl.group_size
     mini_rows = rows // rl.mini_batches
     batch_devices = mesh.shape["data"] * mesh.shape["fsdp"]
-    micro = [rl.micro_batches] + [
-        m for m in _powers_of_two(mini_rows // batch_devices) if m > rl.micro_batches and mini_rows % m == 0
-    ]
+    micro = [m for m in _powers_of_two(mini_rows // batch_devices) if mini_rows % m == 0]
     chosen = {}
     for key, program, candidates in (
         ("micro_batches", "train", micro),

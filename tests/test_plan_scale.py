@@ -221,3 +221,59 @@ def test_paper_track_sizes_fit_an_h100_on_their_mesh(tmp_path, track, shape, mes
     for rec in summary["programs"]:
         assert 0 < rec["peak_bytes"] <= 0.9 * 80e9, (rec["program"], rec["peak_bytes"] / 1e9)
     assert summary["step"]["rollout_calls"] > 1 and summary["step"]["logp_chunks"] > 1
+
+
+def test_logprob_passes_count_the_old_policy_pass_of_the_kl_in_the_reward():
+    # the trainer runs an old-policy pass for the KL in the reward even with one mini-batch and epoch
+    base = dict(mini_batches=1, epochs=1, kl_coef=0.1)
+    assert _planner(_demo_config(**base, kl_in_reward=False))[0].sizes["logp_passes"] == 1
+    assert _planner(_demo_config(**base, kl_in_reward=True))[0].sizes["logp_passes"] == 2
+    assert _planner(_demo_config(mini_batches=1, epochs=1, kl_coef=0.0, kl_in_reward=True))[0].sizes["logp_passes"] == 0
+
+
+GATHER_ON_MESHES = r"""
+import json, os, sys
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+import jax
+from clipo_jax import parallel
+from clipo_jax.models import transformer
+from configs.demo import get_config
+from experiments import plan_scale
+config = get_config()
+cfg = plan_scale.model_config(config, None)
+out = {}
+for f, t in ((1, 4), (2, 2), (1, 2), (4, 1)):
+    p = plan_scale.Planner(config, cfg, parallel.make_mesh(1, f, t, jax.devices()[: f * t]))
+    out[f"{f},{t}"] = [p.gathered_bytes(), plan_scale._device_bytes(p.params)]
+out["full"] = sum(4 * x.size for x in jax.tree.leaves(jax.eval_shape(lambda: transformer.init_params(cfg, jax.random.key(0)))))
+print("RESULT " + json.dumps(out))
+"""
+
+
+def test_fsdp_all_gather_receives_the_fsdp_split_only():
+    """An FSDP all-gather gives a device the other FSDP shards of its tensor slice, never the other
+    tensor slices: with fsdp=1 nothing is gathered, and on fsdp=2 x tensor=2 a device ends up with
+    what a device of the tensor=2 mesh without FSDP holds."""
+    env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+    r = subprocess.run(
+        [sys.executable, "-c", GATHER_ON_MESHES], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert lines, r.stderr[-3000:]
+    out = json.loads(lines[0][len("RESULT ") :])
+    assert out["1,4"][0] == 0 and out["1,2"][0] == 0
+    gathered, shard = out["2,2"]
+    assert gathered + shard == out["1,2"][1]  # the tensor=2 slice, whole
+    gathered, shard = out["4,1"]
+    assert gathered + shard == out["full"]  # no tensor axis: every float32 parameter
+
+
+@pytest.mark.parametrize("preset", ["tiny_llama", "tiny_qwen2", "tiny_gemma3", "qwen25_0_5b", "qwen25_7b"])
+def test_num_params_counts_every_weight_the_model_has(preset):
+    from clipo_jax.models import PRESETS
+
+    cfg = PRESETS[preset]
+    shapes = jax.eval_shape(lambda: transformer.init_params(cfg, jax.random.key(0)))
+    assert cfg.num_params() == sum(x.size for x in jax.tree.leaves(shapes))
+    if preset == "qwen25_7b":  # the published count (q/k/v biases included)
+        assert cfg.num_params() == 7_615_616_512

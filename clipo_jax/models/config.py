@@ -120,7 +120,10 @@ class ModelConfig:
     def num_params(self) -> int:
         d, f, hd = self.d_model, self.d_ff, self.head_dim
         attn = d * hd * (self.n_heads * 2 + self.n_kv_heads * 2)
-        per_layer = attn + 3 * d * f + 2 * d
+        if self.qkv_bias:
+            attn += hd * (self.n_heads + 2 * self.n_kv_heads)
+        norms = 2 * d + (2 * hd if self.qk_norm else 0) + (2 * d if self.post_norms else 0)
+        per_layer = attn + 3 * d * f + norms
         emb = self.vocab_size * d * (1 if self.tie_embeddings else 2)
         return self.n_layers * per_layer + emb + d
 
