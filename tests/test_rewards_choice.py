@@ -97,3 +97,45 @@ def test_choice_extraction_stays_linear_on_long_inputs():
     for s in long_inputs:
         extract_choice(s)
     assert time.perf_counter() - start < 2.0
+
+
+@pytest.mark.parametrize(
+    "response, letter",
+    [
+        ("The answer is B and/or C.", None),  # "and/or" joins two letters: a hedge
+        ("\\boxed{B and/or C}", None),
+        ("The answer is A, B or C.", None),  # three letters are a hedge too
+        ("The answer is (**B**) or (**C**).", None),
+        ("**Answer**: B", "B"),  # a bold label before its colon
+        ("**Answer**: (c)", "C"),
+        ("Thinking it over... BBBBB", "B"),  # JudgeBench / MMLU-Pro: the letter five times
+        ("I first thought AAAAA, but the answer is \\boxed{D}", "D"),  # a box still comes first
+    ],
+)
+def test_hedges_bold_labels_and_fivefold_letters(response, letter):
+    assert extract_choice(response) == letter
+
+
+def test_openrs_reads_a_letter_exactly_as_the_choice_reward():
+    """One letter reader: OpenRS's pointwise ground-truth check and the choice reward agree on
+    every form either file tests (they were two readers that disagreed on hedges and labels)."""
+    from clipo_jax.rubrics import pvr
+
+    forms = [
+        "\\boxed{B. bank}",
+        "\\boxed{b}",
+        "Answer: (c)",
+        "**Answer**: B",
+        "The answer is A, B or C.",
+        "The answer is B and/or C.",
+        "The answer is (B).",
+        "the answer is: **E**",
+        "so GGGGG",
+        "The answer is a bit subtle.",
+        "<think>the answer is A</think>The answer is C",
+        "Final line:\n(D)",
+    ]
+    for text in forms:
+        assert pvr.extract_choice(text) == extract_choice(text), text
+    assert pvr.ground_truth_score("**Answer**: B", "B", kind="choice") == 1
+    assert pvr.ground_truth_score("The answer is B and/or C.", "B", kind="choice") is None

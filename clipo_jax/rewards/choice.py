@@ -1,14 +1,17 @@
 """Multiple-choice reward: the option letter of a response against the gold letter.
 
 Recognised answer forms, in order of preference (only text after ``</think>`` counts):
-``\\boxed{B}`` / ``\\boxed{(B)}`` / ``\\boxed{B. bank}`` / ``\\boxed{\\text{B}}``, then
-"the answer is (B)" / "Answer: B", then a last line that is only ``B`` / ``(B)`` / ``B.``.
+``\\boxed{B}`` / ``\\boxed{(B)}`` / ``\\boxed{B. bank}`` / ``\\boxed{\\text{B}}``, then a letter
+written five times (``BBBBB``, the JudgeBench / MMLU-Pro format), then "the answer is (B)" /
+"Answer: B" / "**Answer**: B", then a last line that is only ``B`` / ``(B)`` / ``B.``.  This is
+the one letter reader of the project: the ``choice`` reward and OpenRS's pointwise ground-truth
+check (``rubrics.pvr``) both use it.
 
 Letters are upper case in prose ("the answer is a bit unclear" names no option); a lower-case
 letter counts only where it can be nothing else: alone in a box (``\\boxed{b}``, ``\\boxed{(b)}``,
 ``\\boxed{b) bank}``) or alone after an explicit label (``Answer: (c)``, ``the answer is: d.``).
-A hedge that names two different letters as the final answer (``\\boxed{A or B}``, "the answer is
-A/B", ``\\boxed{A} or \\boxed{B}``) names none.
+A hedge that names two or more different letters as the final answer (``\\boxed{A or B}``, "the
+answer is A/B", "B and/or C", "A, B or C", ``\\boxed{A} or \\boxed{B}``) names none.
 """
 
 from __future__ import annotations
@@ -27,14 +30,14 @@ _BOX_LOWER_RE = re.compile(r"^(?:\(\s*([a-z])\s*\)|([a-z])\s*(?:[).:](?![a-z])|$
 # runs of optional spaces between optional marks: those backtracked polynomially on a long run of
 # spaces (100 spaces after "answer is" took 25 s).
 _ANSWER_IS_RE = re.compile(
-    r"answer(?:\s+is)?(?:\s*option)?(\s*:|\s)[\s*($]*(?:\\boxed\{[\s(]*)?([A-Z])\b(?![',])", re.IGNORECASE
+    r"answer(?:\s+is)?(?:\s*option)?\**(\s*:|\s)[\s*($]*(?:\\boxed\{[\s(]*)?([A-Z])\b(?![',])", re.IGNORECASE
 )
 # After a lower-case letter that follows "Answer:": nothing else on the line but closing marks.
 _LOWER_LINE_END_RE = re.compile(r"[ \t\r$).*}]*(?:\n|$)")
 _LINE_LETTER_RE = re.compile(r"^\**\(?\s*([A-Z])\s*\)?\.?\**$")
 # Hedges: a letter joined to further letters by "or" / "and" / "/" / "&" / "," ("A or B", "(A)/(C)"),
 # read one joint at a time (a repeated group over optional spaces backtracks exponentially).
-_CONNECTOR = r"(?:\bor\b|\band\b|/|\\?&|,|\\lor\b|\\vee\b)"
+_CONNECTOR = r"(?:\band\s*/\s*or\b|\bor\b|\band\b|/|\\?&|,|\\lor\b|\\vee\b)"
 _HEDGE_STEP_RE = re.compile(r"[\s*]*" + _CONNECTOR + r"[\s*($]*([A-Za-z])(?![A-Za-z])[\s$)]*", re.IGNORECASE)
 _CLAUSE_END_RE = re.compile(r"[\s*]*(?:[.,;:!?)\]}]|\n|$)")
 # A box holding one letter: \boxed{A}, \boxed{(a)}, \boxed{\text{B}} (character classes, no
@@ -42,6 +45,8 @@ _CLAUSE_END_RE = re.compile(r"[\s*]*(?:[.,;:!?)\]}]|\n|$)")
 _SINGLE_BOX_RE = re.compile(
     r"(?:\\boxed|\\fbox)\s*\{(?:\s*\\text\s*\{[\s(]*([A-Za-z])[\s)]*\}\s*|[\s(]*([A-Za-z])[\s)]*)\}"
 )
+# A letter written five times as a word ("BBBBB"): how JudgeBench and MMLU-Pro ask for the answer.
+_FIVEFOLD_RE = re.compile(r"\b([A-Z])\1{4}\b")
 _BOX_JOIN_RE = re.compile(r"[\s$]*" + _CONNECTOR + r"[\s$]*", re.IGNORECASE)
 
 
@@ -55,7 +60,7 @@ def _hedged_after(text: str, first: str, in_box: bool = False) -> bool:
     ("A or B", "A/B", "(A) and (C)") that ends the clause ("A or B.", "A or B, as both"): "the
     answer is B and C is wrong" names B.  In a box, capital letters need no clause end
     (``\\boxed{A or B q}``), but "B, a bank" is an option with its text, not a hedge."""
-    m = re.match(r"[\s$]*\)?", text)
+    m = re.match(r"[\s$*]*\)?", text)
     pos, letters, capitals = m.end(), {first}, True
     while (m := _HEDGE_STEP_RE.match(text, pos)) is not None:
         letters.add(m.group(1).upper())
@@ -107,6 +112,9 @@ def extract_choice(response: str) -> str | None:
             return None
         return letter
     tail = text[-MAX_BOX_CHARS:]
+    fivefold = _FIVEFOLD_RE.findall(tail)
+    if fivefold:
+        return fivefold[-1]
     # "answer is" requires a capital letter ("the answer is a cat" must not read as option A),
     # except for a letter alone on its line after an explicit label ("Answer: (c)").
     last = None

@@ -72,30 +72,14 @@ def extract_math_answer(response: str) -> str | None:
 
 
 def extract_choice(response: str) -> str | None:
-    """Multiple-choice letter: a boxed letter (``\\boxed{C}``, ``\\boxed{(C)}``), else a letter
-    repeated 5 times (JudgeBench / MMLU-Pro format), else "answer is (X)".  Letters are upper
-    case only: "the answer is a bit subtle" names no choice."""
-    boxed = _last_boxed(response)
-    if boxed is not None:
-        m = re.fullmatch(r"\s*\(?([A-J])\)?\s*", boxed)
-        if m:
-            return m.group(1)
-    rep = re.findall(r"\b([A-J])\1{4}\b", response)
-    if rep:
-        return rep[-1]
-    found = _ANSWER_IS_LETTER.findall(response)
-    if not found:
-        return None
-    letter, other = found[-1]
-    return None if other and other != letter else letter  # "A or B" is a hedge, no answer
+    """Multiple-choice letter, read by the project's one letter reader
+    (``clipo_jax.rewards.choice.extract_choice``): a boxed letter, else a letter written five
+    times (JudgeBench / MMLU-Pro format), else "answer is (X)" / "Answer: X", else a last line
+    that is only a letter.  Capitals in prose ("the answer is a bit subtle" names no choice); a
+    hedge between letters ("A or B", "B and/or C") names none."""
+    from clipo_jax.rewards.choice import extract_choice as read_letter  # lazy: pulls in the math verifier
 
-
-# "answer is (X)", and a second letter joined to it that ends the clause ("A or B."; not "B and C
-# is wrong"); each whitespace run is matched once, so a long one costs linear time
-_ANSWER_IS_LETTER = re.compile(
-    r"(?i:answer is):?\s*(?:\(\s*)?(?:\*+\s*)?([A-J])\b"
-    r"(?:\**\)?\s*(?i:or|and|/|&|,)\s*(?:\(\s*)?(?:\*+\s*)?([A-J])\b(?=\**\)?\s*(?:[.!?\n*]|$)))?"
-)
+    return read_letter(response)
 
 
 def extract_bold(response: str) -> str | None:
