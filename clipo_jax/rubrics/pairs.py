@@ -104,11 +104,7 @@ def validate_constraint(c: Any) -> str | None:
     if ctype in _COUNT_TYPES:
         reason = (_nonempty_str(c, "keyword") if ctype == "keyword_count" else None) or _check_bounds(c)
     elif ctype in ("keywords_include", "keywords_exclude"):
-        kw = c.get("keywords")
-        if "keywords" not in c:
-            reason = "is missing the parameter 'keywords'"
-        elif not isinstance(kw, list) or not kw or not all(isinstance(k, str) and k for k in kw):
-            reason = f"'keywords' must be a non-empty list of non-empty strings, got {kw!r}"
+        reason = pvr.keywords_problem(c)
     elif ctype in ("starts_with", "ends_with"):
         reason = _nonempty_str(c, "phrase")
     elif ctype == "language":

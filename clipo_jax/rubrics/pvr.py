@@ -246,16 +246,24 @@ def _param(c: dict, key: str):
     return c[key]
 
 
-def _keywords(c: dict) -> list[str]:
-    """The ``keywords`` parameter: a non-empty list of non-empty strings, as ``check_row``
-    (``pairs.validate_constraint``) requires.  A single string is an error, not a list of its
-    characters ('apple' would otherwise be checked as the keywords 'a', 'p', 'l', 'e')."""
-    kw = _param(c, "keywords")
+def keywords_problem(c: dict) -> str | None:
+    """Why the ``keywords`` parameter is unusable, or None: it must be a non-empty list of
+    non-empty strings.  A single string is an error, not a list of its characters ('apple' would
+    otherwise be checked as the keywords 'a', 'p', 'l', 'e').  ``check_row``
+    (``pairs.validate_constraint``) and the check itself share this rule."""
+    if "keywords" not in c:
+        return "is missing the parameter 'keywords'"
+    kw = c["keywords"]
     if not isinstance(kw, (list, tuple)) or not kw or not all(isinstance(k, str) and k for k in kw):
-        raise ConstraintError(
-            f"constraint {c.get('type')!r}: 'keywords' must be a non-empty list of non-empty strings, got {kw!r:.200}"
-        )
-    return list(kw)
+        return f"'keywords' must be a non-empty list of non-empty strings, got {kw!r:.200}"
+    return None
+
+
+def _keywords(c: dict) -> list[str]:
+    reason = keywords_problem(c)
+    if reason is not None:
+        raise ConstraintError(f"constraint {c.get('type')!r}: {reason}")
+    return list(c["keywords"])
 
 
 def _json_format(r: str, c: dict) -> bool:
