@@ -989,6 +989,9 @@ def _run(ctx: RunContext, params, workdir: str, root, tqdm) -> dict:
                         f"(step {step}); aborting — lower rl.lr or check the reward"
                     )
             m.update({f"counters/{k}": v for k, v in counters.items()})
+            # the first step of a process (a fresh start or a resume) compiles the programs: step
+            # timings over a run leave it out
+            m["time/first_step_in_process"] = float(step == start)
             last_metrics = m
             export_head(step + 1)
             ckpt.commit()  # the previous save is final, with its manifest, before this step's line

@@ -403,12 +403,17 @@ def run_curve(workdir: str) -> dict[int, dict]:
 
 def step_costs(workdirs: list[str]) -> dict | None:
     """The median step time and CLIPO stage time (head step, loss, reward, metrics) over the steps
-    after each run's first (compilation), from the runs' metrics.jsonl."""
+    that compile nothing, from the runs' metrics.jsonl: the first step of every process that ran
+    (``time/first_step_in_process``; a resumed run has one per resume) is left out, and for runs
+    that predate that key, the run's first step."""
     steps, stage = [], []
     for workdir in workdirs:
         rows = [r for r in read_metrics(workdir) if "time/step" in r]  # eval rows carry no timings
-        steps += [r["time/step"] for r in rows[1:]]
-        stage += [r.get("time/contrastive", 0.0) for r in rows[1:]]
+        if rows and "time/first_step_in_process" not in rows[0]:
+            rows = rows[1:]
+        rows = [r for r in rows if not r.get("time/first_step_in_process")]
+        steps += [r["time/step"] for r in rows]
+        stage += [r.get("time/contrastive", 0.0) for r in rows]
     if not steps:
         return None
     step_s, clipo_s = float(np.median(steps)), float(np.median(stage))
@@ -649,7 +654,7 @@ def task_markdown(task: str, t: dict, aliases: dict) -> list[str]:
     if t["cost_per_step"]:
         lines += [
             "",
-            "**cost per RL step** (median over steps after the first, over every seed's run)",
+            "**cost per RL step** (median over the steps that compile nothing: not the first of a run or of a resume; over every seed's run)",
             "",
             "| method | step s | CLIPO stage s | CLIPO share |",
             "|---|---|---|---|",

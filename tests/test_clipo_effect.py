@@ -374,3 +374,32 @@ def test_sigterm_stops_the_runs_in_flight(tmp_path, jobs):
         time.sleep(0.2)
     assert not _processes_naming(f"--workdir={root}")
     assert not (root / "summary.json").exists()
+
+
+def test_step_costs_leave_out_the_first_step_of_every_process(tmp_path):
+    """A resumed run compiles again on its first step after the resume: that step is not a cost
+    of the method. Runs that predate the flag lose only their first step, as before."""
+    from experiments.clipo_effect import step_costs
+
+    def write(workdir, rows):
+        os.makedirs(workdir)
+        with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+
+    def row(step, seconds, first):
+        return {
+            "step": step,
+            "time/step": seconds,
+            "time/contrastive": seconds / 10,
+            "time/first_step_in_process": first,
+        }
+
+    # steps 1-3 in the first process, 4-6 after a resume (step 4 compiled again)
+    resumed = [row(1, 30.0, 1.0), row(2, 1.0, 0.0), row(3, 1.0, 0.0), row(4, 25.0, 1.0), row(5, 2.0, 0.0)]
+    resumed += [{"step": 5, "eval/in_dist/outcome": 0.5}, row(6, 2.0, 0.0)]
+    write(str(tmp_path / "a"), resumed)
+    got = step_costs([str(tmp_path / "a")])
+    assert got["steps"] == 4 and got["step_s"] == pytest.approx(1.5) and got["clipo_s"] == pytest.approx(0.15)
+    write(str(tmp_path / "old"), [{"step": s, "time/step": t} for s, t in ((1, 30.0), (2, 1.0), (3, 3.0))])
+    got = step_costs([str(tmp_path / "old")])
+    assert got["steps"] == 2 and got["step_s"] == pytest.approx(2.0)

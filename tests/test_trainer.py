@@ -257,6 +257,10 @@ def test_sigkill_and_resume_reproduces_uninterrupted_run(env, run_flags, full_ru
     assert [x["step"] for x in resumed] == list(range(1, STEPS + 1))
     for a, b in zip(resumed, reference):
         assert comparable(a) == comparable(b), f"step {a['step']} differs"
+    # the first step of each process compiles: the flag marks step 1 and the step after the resume
+    firsts = [x["step"] for x in resumed if x["time/first_step_in_process"]]
+    assert firsts == [1, latest + 1], firsts
+    assert [x["step"] for x in reference if x["time/first_step_in_process"]] == [1]
     with open(workdir / "eval_after.json") as f, open(full_run / "eval_after.json") as g:
         assert json.load(f) == json.load(g)
     # TensorBoard: the resumed run's event file starts by purging the steps after the checkpoint
