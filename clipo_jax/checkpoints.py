@@ -9,8 +9,10 @@ At start-up the newest step is verified against its manifest (every file present
 same sha256) and its meta is checked for the fields and types the trainer reads. A step that
 fails (a missing, truncated or changed file; an unreadable manifest; bad meta; no manifest and
 no orbax commit marker) is reported in one warning line naming the step and the file, moved to
-``<workdir>/checkpoints.rejected/<step>`` and the next older step is tried; with no good step
-the run starts fresh.
+``<workdir>/checkpoints.rejected/<step>`` (the newest ``REJECTED_KEEP`` copies are kept there)
+and the next older step is tried; with no good step the run starts fresh.  The temporary
+directories of saves that never finished (``<step>.orbax-checkpoint-tmp*``, left by a kill during
+a save) are deleted when the run starts.
 
 A step without a manifest whose directory has its final name and orbax's ``commit_success.txt``
 was saved completely (orbax writes into ``<step>.orbax-checkpoint-tmp`` and renames it last):
@@ -47,6 +49,7 @@ MANIFEST = "sha256_manifest.json"
 MANIFEST_TMP = MANIFEST + ".tmp"  # left in a step directory by a kill inside write_manifest
 ORBAX_COMMITTED = "commit_success.txt"  # orbax writes it into the step before the final rename
 REJECTED = "checkpoints.rejected"
+REJECTED_KEEP = 3  # rejected step copies kept for inspection; each is a full step, so older go
 
 
 class CheckpointError(RuntimeError):
@@ -216,7 +219,18 @@ def _reject(ckpt_dir: str, step: int) -> str:
     while os.path.exists(target):
         target, n = os.path.join(target_root, f"{step}.{n}"), n + 1
     os.replace(os.path.join(ckpt_dir, str(step)), target)
+    os.utime(target)  # its time is the rejection's: pruning keeps the latest rejected
+    _prune_rejected(target_root)
     return target
+
+
+def _prune_rejected(target_root: str) -> None:
+    """Keep the ``REJECTED_KEEP`` most recently rejected copies: every kill or corruption moved a
+    whole step there, and nothing else ever deleted them."""
+    copies = sorted((os.path.join(target_root, d) for d in os.listdir(target_root)), key=os.path.getmtime, reverse=True)
+    for old in copies[REJECTED_KEEP:]:
+        shutil.rmtree(old, ignore_errors=True)
+        logger.warning("deleted the rejected checkpoint copy %s (the newest %d are kept)", old, REJECTED_KEEP)
 
 
 # ------------------------------------------------------------------------------- the manager
@@ -273,7 +287,7 @@ class RunCheckpoints:
                 logger.warning("no usable checkpoint in %s; starting fresh", self.dir)
         parallel.barrier("checkpoints_verified")  # no process lists steps before the bad ones are gone
         self.manager = ocp.CheckpointManager(
-            self.dir, options=ocp.CheckpointManagerOptions(max_to_keep=None, create=True)
+            self.dir, options=ocp.CheckpointManagerOptions(max_to_keep=None, create=True, cleanup_tmp_directories=True)
         )
 
     def latest_step(self):

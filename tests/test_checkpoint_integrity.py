@@ -281,3 +281,31 @@ def test_params_digest_sees_every_bit_and_position():
         assert checkpoints.params_digest({**params, "layer": {**params["layer"], "w": jnp.asarray(other)}}) != digest
     assert checkpoints.params_digest({**params, "layer": {**params["layer"], "b": jnp.zeros(6, jnp.float16)}}) != digest
     assert checkpoints.params_digest({"renamed": params["layer"], "emb": params["emb"]}) != digest
+
+
+def test_rejected_copies_are_bounded_and_unfinished_saves_are_cleaned(tmp_path, caplog):
+    """Every rejection moved a whole step into checkpoints.rejected/ and a kill during a save left
+    its orbax temporary directory; neither was ever deleted, so repeated crashes filled the disk."""
+    save_steps(tmp_path, [0, 2])
+    d, rejected = tmp_path / "checkpoints", tmp_path / "checkpoints.rejected"
+    kept = []  # the rejected copies, oldest first
+    for round_ in range(checkpoints.REJECTED_KEEP + 2):
+        ckpt = RunCheckpoints(str(tmp_path), 3)
+        ckpt.save(4, tree(4), tree(4), {"h": jnp.ones((3,))}, meta(4))
+        ckpt.commit()
+        flip_byte(str(d / "4"))  # step 4 goes bad each time
+        ckpt, lines = reopen(tmp_path, caplog)
+        moved = [ln.rsplit("moved to ", 1)[1] for ln in lines if "moved to" in ln]
+        assert ckpt.latest_step() == 2 and len(moved) == 1, lines
+        kept.append(moved[0])
+        assert len(os.listdir(rejected)) == min(round_ + 1, checkpoints.REJECTED_KEEP)
+    assert sorted(str(rejected / n) for n in os.listdir(rejected)) == sorted(kept[-checkpoints.REJECTED_KEEP :])
+    assert any("deleted the rejected checkpoint copy" in ln for ln in lines)
+    # a save killed before orbax's final rename leaves <step>.orbax-checkpoint-tmp-<n>
+    tmp_dir = d / "6.orbax-checkpoint-tmp-1234567"
+    shutil.copytree(d / "2", tmp_dir)
+    os.remove(tmp_dir / MANIFEST)
+    ckpt, lines = reopen(tmp_path, caplog)
+    ckpt.save(6, tree(6), tree(6), {"h": jnp.ones((3,))}, meta(6))  # waits for orbax's clean-up
+    ckpt.wait()
+    assert not tmp_dir.exists() and checkpoints.step_dirs(str(d)) == [0, 2, 6]
