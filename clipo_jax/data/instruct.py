@@ -432,7 +432,7 @@ def load_benchmark_jsonl(path: str, source: str, on_missing_data: str = "drop") 
         for i, raw in enumerate(f):
             where = f"row {source}#{i} ({os.path.basename(path)} line {i + 1})"
             try:
-                line = raw.decode("utf-8")
+                line = raw.decode("utf-8-sig" if i == 0 else "utf-8")  # a leading BOM is not JSON
             except UnicodeDecodeError as e:
                 raise ValueError(f"{where}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
             if not line.strip():
@@ -442,10 +442,19 @@ def load_benchmark_jsonl(path: str, source: str, on_missing_data: str = "drop") 
                 rec = json.loads(line)
                 ids, kws = rec["instruction_id_list"], rec["kwargs"]
                 prompt = rec["prompt"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
+            except (json.JSONDecodeError, KeyError, TypeError, RecursionError) as e:
                 raise ValueError(f"{where}: not an IFEval/IFBench record ({type(e).__name__}: {e})") from None
             if not isinstance(prompt, str) or not prompt.strip():
                 raise ValueError(f"{where}: empty prompt")
+            try:
+                prompt.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError(f"{where}: prompt holds a lone surrogate (not valid Unicode)") from None
+            if not isinstance(ids, list) or not isinstance(kws, list):
+                raise ValueError(
+                    f"{where}: instruction_id_list and kwargs must be lists, got "
+                    f"{type(ids).__name__} and {type(kws).__name__}"
+                )
             if len(ids) != len(kws) or not all(kw is None or isinstance(kw, dict) for kw in kws):
                 raise ValueError(
                     f"{where}: need one kwargs dict per instruction id ({len(ids)} ids, {len(kws)} kwargs)"
