@@ -12,8 +12,10 @@ or carried by a data row never runs with the host's rights; the layers, outermos
   before the checker's code is compiled and cannot be removed by it.  It refuses sockets,
   process creation (fork, clone, exec), ptrace and cross-process memory access, signals to other
   processes, namespace / mount / keyring / BPF / io_uring syscalls, changes of session or
-  process group, and terminal injection.  Without bubblewrap it also refuses every file write
-  (opening with write flags, creating, renaming, deleting, linking, changing modes).
+  process group, terminal injection and ``fallocate`` (stdout is a file on the host's disk).
+  Commands of ``ioctl``/``fcntl`` are matched on their low 32 bits, as the kernel reads them.
+  Without bubblewrap it also refuses every file write (opening with write flags, creating,
+  renaming, deleting, linking, changing modes, ioctls that pass data in).
 * **nobody**: without bubblewrap, a root caller drops to uid/gid 65534 with no supplementary
   groups before the filter goes on, so root-only files (``/etc/shadow``, ``/root``) stay closed.
 * **rlimits**: CPU seconds, address space, file size, open files, no core dumps; a wall-clock
@@ -105,6 +107,8 @@ DENIED_SYSCALLS = (
     "request_key", "name_to_handle_at", "open_by_handle_at", "init_module", "finit_module",
     "delete_module", "kexec_load", "kexec_file_load", "reboot", "swapon", "swapoff", "acct",
     "quotactl", "syslog", "iopl", "ioperm", "memfd_create", "memfd_secret",
+    # with FALLOC_FL_KEEP_SIZE, blocks past RLIMIT_FSIZE: stdout is a host file, so the host's disk
+    "fallocate",
     # System V / POSIX IPC with other processes (attaching an existing segment writes into it)
     "msgget", "semget", "shmget", "mq_open", "shmat", "shmctl", "msgsnd", "msgrcv", "msgctl", "semop",
     "semtimedop", "semctl",
@@ -118,7 +122,7 @@ DENIED_WRITE_SYSCALLS = (
     "link", "linkat", "symlink", "symlinkat", "chmod", "fchmod", "fchmodat", "fchmodat2", "chown",
     "fchown", "lchown", "fchownat", "truncate", "ftruncate", "mknod", "mknodat", "utime", "utimes",
     "utimensat", "futimesat", "setxattr", "lsetxattr", "fsetxattr", "removexattr", "lremovexattr",
-    "fremovexattr", "fallocate", "setxattrat", "removexattrat", "file_setattr",
+    "fremovexattr", "setxattrat", "removexattrat", "file_setattr",
 )  # fmt: skip
 
 _BOOTSTRAP = r"""
@@ -146,14 +150,19 @@ for _name in payload["deny"]:
         _filter.add_rule(_deny, _name)
     except (ValueError, OSError, RuntimeError):  # not a syscall of this kernel / architecture
         pass
-_filter.add_rule(_deny, "ioctl", seccomp.Arg(1, seccomp.EQ, termios.TIOCSTI))
+# ioctl and fcntl take `unsigned int cmd`: the kernel drops the upper 32 bits the filter sees, so
+# a command is compared on its low 32 bits only (0x1_00005412 is TIOCSTI to the kernel)
+def _cmd_is(value):
+    return seccomp.Arg(1, seccomp.MASKED_EQ, 0xFFFFFFFF, value)
+_filter.add_rule(_deny, "ioctl", _cmd_is(termios.TIOCSTI))
 # other processes through resource limits or a descriptor's owner (SIGIO / a chosen signal on write)
 _filter.add_rule(_deny, "prlimit64", seccomp.Arg(0, seccomp.NE, 0))
 for _cmd in (8, 10, 15):  # F_SETOWN, F_SETSIG, F_SETOWN_EX
-    _filter.add_rule(_deny, "fcntl", seccomp.Arg(1, seccomp.EQ, _cmd))
+    _filter.add_rule(_deny, "fcntl", _cmd_is(_cmd))
 if payload["deny_writes"]:
-    _filter.add_rule(_deny, "ioctl", seccomp.Arg(1, seccomp.EQ, 0x40086602))  # FS_IOC_SETFLAGS
-if payload["deny_writes"]:
+    # an ioctl that passes data in (_IOC_WRITE) can change a file opened read-only that nobody owns
+    # (FS_IOC_SETFLAGS, FS_IOC_FSSETXATTR, FS_IOC_SETVERSION, FS_IOC_ENABLE_VERITY, ...)
+    _filter.add_rule(_deny, "ioctl", seccomp.Arg(1, seccomp.MASKED_EQ, 0x40000000, 0x40000000))
     # O_WRONLY, O_RDWR, O_CREAT, O_TRUNC, O_APPEND, __O_TMPFILE: any of them refuses the open.
     for _bit in (0o1, 0o2, 0o100, 0o1000, 0o2000, 0o20000000):
         _filter.add_rule(_deny, "open", seccomp.Arg(1, seccomp.MASKED_EQ, _bit, _bit))
@@ -457,7 +466,7 @@ def run_checker(
             if "error" in obj:
                 return CheckerResult(False, None, str(obj["error"])[:300])
             ok, why = _valid_value(obj.get("value"), allow_score)
-            return CheckerResult(True, obj["value"]) if ok else CheckerResult(False, None, why)
+            return CheckerResult(True, obj["value"]) if ok else CheckerResult(False, None, why[:300])
     rc = proc.returncode
     if layers.bubblewrap and rc is not None and rc > 128:  # bwrap reports a signal as 128 + its number
         rc = 128 - rc
