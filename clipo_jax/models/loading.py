@@ -45,25 +45,41 @@ def config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
     arch = {"llama": "llama", "qwen2": "qwen2", "gemma3_text": "gemma3", "gemma3": "gemma3"}.get(mt)
     if arch is None:
         raise ModelError(f"{source}: unknown architecture model_type={mt!r} (supported: llama, qwen2, gemma3_text)")
-    try:
-        d = hf["hidden_size"]
-        n_heads = hf["num_attention_heads"]
-        common = dict(
-            arch=arch,
-            vocab_size=hf["vocab_size"],
-            d_model=d,
-            n_layers=hf["num_hidden_layers"],
-            n_heads=n_heads,
-            n_kv_heads=hf.get("num_key_value_heads", n_heads),
-            head_dim=hf.get("head_dim") or d // n_heads,
-            d_ff=hf["intermediate_size"],
-            norm_eps=hf.get("rms_norm_eps", 1e-6),
-            tie_embeddings=hf.get("tie_word_embeddings", arch != "qwen2"),
-            max_seq_len=hf.get("max_position_embeddings", 2048),
-        )
-    except KeyError as e:
-        raise ModelError(f"{source}: missing field {e.args[0]!r}") from None
+
+    def number(key, default=None, kind=int):
+        # A missing or null field takes its default (HF's None for num_key_value_heads means n_heads).
+        value = hf.get(key)
+        if value is None:
+            if default is None:
+                raise ModelError(f"{source}: missing field {key!r}")
+            return default
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0 or kind(value) != value:
+            raise ModelError(f"{source}: {key}={value!r} must be a positive {kind.__name__}")
+        return kind(value)
+
+    d, n_heads = number("hidden_size"), number("num_attention_heads")
+    common = dict(
+        arch=arch,
+        vocab_size=number("vocab_size"),
+        d_model=d,
+        n_layers=number("num_hidden_layers"),
+        n_heads=n_heads,
+        n_kv_heads=number("num_key_value_heads", n_heads),
+        head_dim=number("head_dim", d // n_heads),
+        d_ff=number("intermediate_size"),
+        norm_eps=number("rms_norm_eps", 1e-6, float),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", arch != "qwen2")),
+        max_seq_len=number("max_position_embeddings", 2048),
+    )
     rope_params = hf.get("rope_parameters") or {}
+    # Newer configs put the scaling type in rope_parameters (Gemma 3: one dict per attention type),
+    # older ones in rope_scaling.
+    for key in ("rope_scaling", "rope_parameters"):
+        scaling = hf.get(key)
+        parts = [scaling, *scaling.values()] if isinstance(scaling, dict) else []
+        for part in parts:
+            if isinstance(part, dict) and part.get("rope_type", part.get("type", "default")) != "default":
+                raise ModelError(f"{source}: {key} {scaling} is not supported (only default RoPE)")
     if arch == "gemma3":
         full = rope_params.get("full_attention", {}) if isinstance(rope_params, dict) else {}
         local = rope_params.get("sliding_attention", {}) if isinstance(rope_params, dict) else {}
@@ -90,12 +106,7 @@ def config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
             attn_logit_softcap=hf.get("attn_logit_softcapping"),
         )
     theta = rope_params.get("rope_theta") if isinstance(rope_params, dict) else None
-    theta = theta or hf.get("rope_theta", 10000.0)
-    # Newer configs put the scaling type in rope_parameters, older ones in rope_scaling.
-    for key in ("rope_scaling", "rope_parameters"):
-        scaling = hf.get(key)
-        if isinstance(scaling, dict) and scaling.get("rope_type", scaling.get("type", "default")) != "default":
-            raise ModelError(f"{source}: {key} {scaling} is not supported (only default RoPE)")
+    theta = theta or number("rope_theta", 10000.0, float)
     # Features our decoder does not have: refuse them instead of loading a silently different model.
     if hf.get("hidden_act", "silu") != "silu":
         raise ModelError(f"{source}: hidden_act={hf['hidden_act']!r} is not supported for {mt} (only 'silu')")
@@ -223,6 +234,8 @@ class SafetensorsFile:
         try:
             dtype, shape = entry["dtype"], tuple(int(s) for s in entry["shape"])
             begin, end = (int(x) for x in entry["data_offsets"])
+            if min(shape, default=0) < 0 or not 0 <= begin <= end:
+                raise ValueError
         except (KeyError, TypeError, ValueError):
             raise ModelError(f"{self.path}: tensor {name!r} has a malformed header entry {entry!r:.120}") from None
         if dtype not in _SAFETENSORS_DTYPES:
@@ -366,6 +379,15 @@ def config_from_gguf(reader, source: str) -> ModelConfig:
         or (int(emb.shape[1]) if emb is not None else 0)
     )
     has_output = any(t.name == "output.weight" for t in reader.tensors)
+    # RoPE variants our decoder does not implement: refuse them rather than load a different model.
+    scaling = _gguf_field(reader, f"{a}.rope.scaling.type")
+    if scaling not in (None, "none"):
+        raise ModelError(f"{source}: {a}.rope.scaling.type={scaling!r} is not supported (only default RoPE)")
+    if any(t.name == "rope_freqs.weight" for t in reader.tensors):  # Llama 3.1+ frequency scaling
+        raise ModelError(f"{source}: tensor rope_freqs.weight (RoPE frequency scaling) is not supported")
+    n_rot = _gguf_field(reader, f"{a}.rope.dimension_count")
+    if n_rot is not None and int(n_rot) != head_dim:
+        raise ModelError(f"{source}: {a}.rope.dimension_count={n_rot} (partial RoPE) is not supported")
     common = dict(
         arch=arch,
         vocab_size=vocab,
@@ -462,9 +484,9 @@ def load_gguf(path: str) -> tuple[ModelConfig, Params]:
 # --------------------------------------------------------------------------- one call
 def load_model(name_or_path: str, with_tokenizer: bool = True):
     """(config, params, tokenizer) from 'smollm2', an HF directory or a .gguf file."""
-    path = resolve_model_path(name_or_path)
-    if name_or_path in PRESETS:
+    if name_or_path in PRESETS and not os.path.exists(name_or_path):
         raise ModelError(f"{name_or_path} is a shape preset, not a checkpoint")
+    path = resolve_model_path(name_or_path)
     if os.path.isdir(path):
         cfg, params = load_hf_dir(path)
     elif path.endswith(".gguf"):

@@ -658,7 +658,7 @@ def _read_tokenizer_config(directory: str) -> dict:
         by_name = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
         config["chat_template"] = by_name.get("default") or next(iter(by_name.values()), None)
     jinja_path = os.path.join(directory, "chat_template.jinja")
-    if not config.get("chat_template") and os.path.exists(jinja_path):
+    if os.path.exists(jinja_path):  # as in HF transformers, the file takes priority over the config entry
         with open(jinja_path) as f:
             config["chat_template"] = f.read()
     return config
