@@ -30,6 +30,7 @@ import json
 import logging
 import os
 import re
+import secrets
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -254,6 +255,10 @@ class Tokenizer(abc.ABC):
     @abc.abstractmethod
     def id_to_token(self, token_id: int) -> str: ...
 
+    def _special_texts(self) -> list[str]:
+        """The texts that ``encode(parse_special=True)`` turns into control ids."""
+        return []
+
     # --- public API ---
     @property
     def bos_id(self) -> int | None:
@@ -345,15 +350,70 @@ class Tokenizer(abc.ABC):
         return render_chat(self.chat_template, messages, add_generation_prompt, self.default_system, **kw)
 
     def encode_chat(
-        self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True, **template_vars: Any
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        add_generation_prompt: bool = True,
+        *,
+        literal_content: bool = False,
+        **template_vars: Any,
     ) -> list[int]:
         """Chat prompt ids: the rendered text with its special tokens parsed. BOS is added only if the
         model wants one and the template has not written it (templates normally write it themselves,
-        and then the ids equal HF's `apply_chat_template(..., tokenize=True)`)."""
-        text = self.apply_chat_template(messages, add_generation_prompt, **template_vars)
+        and then the ids equal HF's `apply_chat_template(..., tokenize=True)`).
+
+        ``literal_content=True``: special-token text inside a message's content (``<|im_end|>``
+        typed by a policy whose response a judge reads) stays plain text, so it cannot close its
+        turn and write the judge's answer; only the template's own markup becomes control ids.
+        Without it the ids are HF's, which parse specials everywhere."""
+        if literal_content:
+            text, literals = self.chat_text_with_literals(messages, add_generation_prompt, **template_vars)
+        else:
+            text, literals = self.apply_chat_template(messages, add_generation_prompt, **template_vars), {}
+        return self.encode_with_literals(text, literals, add_bos=self.wants_bos(text))
+
+    def wants_bos(self, text: str) -> bool:
+        """Whether ``text`` (a rendered chat prompt) needs a BOS id in front: the model wants one and
+        the template has not written it."""
         bos_text = self.id_to_token(self._bos_id) if self._bos_id is not None else None
-        add_bos = self.add_bos_token and bos_text is not None and not text.startswith(bos_text)
-        return self.encode(text, add_bos=add_bos)
+        return self.add_bos_token and bos_text is not None and not text.startswith(bos_text)
+
+    def chat_text_with_literals(
+        self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True, **template_vars: Any
+    ) -> tuple[str, dict[str, str]]:
+        """The rendered chat text with every special-token text of the messages' contents replaced
+        by a marker, and {marker: the text it stands for}; ``encode_with_literals`` encodes the
+        markers as plain text. The markers carry a random nonce, so content cannot forge one."""
+        texts = sorted(set(self._special_texts()), key=len, reverse=True)
+        literals: dict[str, str] = {}
+        if texts:
+            pattern = re.compile("|".join(map(re.escape, texts)))
+            nonce = secrets.token_hex(8)
+
+            def mark(match):
+                marker = f"\ue000{nonce}:{len(literals)}\ue001"
+                literals[marker] = match.group()
+                return marker
+
+            messages = [
+                {**m, "content": pattern.sub(mark, m["content"])}
+                if isinstance(m, Mapping) and isinstance(m.get("content"), str)
+                else m
+                for m in messages
+            ]
+        return self.apply_chat_template(messages, add_generation_prompt, **template_vars), literals
+
+    def encode_with_literals(self, text: str, literals: Mapping[str, str], add_bos: bool = False) -> list[int]:
+        """``encode(text)`` with each marker of ``literals`` encoded as its plain text
+        (``parse_special=False``)."""
+        if not literals:
+            return self.encode(text, add_bos=add_bos)
+        ids = [self._bos_id] if add_bos else []
+        start = 0
+        for match in re.finditer("|".join(map(re.escape, literals)), text):
+            ids += self.encode(text[start : match.start()])
+            ids += self.encode(literals[match.group()], parse_special=False)
+            start = match.end()
+        return ids + self.encode(text[start:])
 
     def __repr__(self) -> str:
         return (
@@ -379,6 +439,7 @@ class SentencePieceTokenizer(Tokenizer):
         pieces = sorted((processor.id_to_piece(i) for i in self._control), key=len, reverse=True)
         pieces = [p for p in pieces if p]
         self._special_re = re.compile("|".join(map(re.escape, pieces))) if pieces else None
+        self._control_pieces = pieces
         self._piece_to_control = {processor.id_to_piece(i): i for i in self._control}
         defaults = dict(
             bos_id=_none_if_negative(processor.bos_id()),
@@ -415,6 +476,9 @@ class SentencePieceTokenizer(Tokenizer):
 
     def id_to_token(self, token_id: int) -> str:
         return self.sp.id_to_piece(token_id)
+
+    def _special_texts(self) -> list[str]:
+        return list(self._control_pieces)
 
     def _encode(self, text: str, parse_special: bool) -> list[int]:
         if not parse_special or self._special_re is None:
@@ -548,6 +612,10 @@ class HFTokenizer(Tokenizer):
 
     def id_to_token(self, token_id: int) -> str:
         return self.tk.id_to_token(token_id)
+
+    def _special_texts(self) -> list[str]:
+        # the added tokens that parse_special=False (encode_special_tokens) leaves as plain text
+        return [t.content for t in self.tk.get_added_tokens_decoder().values() if t.special and t.content]
 
     def _plain_tokenizer(self):
         if self._plain is None:

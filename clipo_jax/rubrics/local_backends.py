@@ -217,7 +217,8 @@ class InProcessBackend:
     # -- generation ------------------------------------------------------------------------
     def prompt_ids(self, request: CompletionRequest) -> list[int]:
         """Chat-templated prompt ids of a request, ``[seq]``."""
-        return self.tokenizer.encode_chat(list(request.messages), add_generation_prompt=True)
+        # literal_content: a response that types <|im_end|> cannot close its turn and answer for the judge
+        return self.tokenizer.encode_chat(list(request.messages), add_generation_prompt=True, literal_content=True)
 
     def new_token_budget(self, n_prompt: int, max_tokens: int) -> int | BackendError:
         """New tokens a request may generate: ``max_tokens`` is an upper bound, cut to what the
@@ -423,16 +424,16 @@ class LogitVerdictBackend(InProcessBackend):
         return self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True) + self.answer_prefix
 
     def encode_prompt(self, messages: Sequence[dict[str, str]]) -> list[int]:
-        """Prompt ids ``[seq]`` ending right where the label token goes."""
-        return self._encode_text(self.prompt_text(messages))
+        """Prompt ids ``[seq]`` ending right where the label token goes. Special-token text inside
+        the messages (a response that types ``<|im_end|>``) stays plain text."""
+        text, literals = self.tokenizer.chat_text_with_literals(list(messages), add_generation_prompt=True)
+        return self._encode_text(text + self.answer_prefix, literals)
 
-    def _encode_text(self, text: str) -> list[int]:
+    def _encode_text(self, text: str, literals: dict[str, str] | None = None) -> list[int]:
         # Same BOS rule as Tokenizer.encode_chat; the prefix is tokenised together with the
         # template so the ids match what label_token_ids assumes.
         tok = self.tokenizer
-        bos_text = tok.id_to_token(tok.bos_id) if tok.bos_id is not None else None
-        add_bos = tok.add_bos_token and bos_text is not None and not text.startswith(bos_text)
-        return tok.encode(text, add_bos=add_bos)
+        return tok.encode_with_literals(text, literals or {}, add_bos=tok.wants_bos(text))
 
     @functools.lru_cache(maxsize=64)
     def label_token_ids(self, choices: tuple[str, ...], separator: str | None = None) -> tuple[int, ...]:
