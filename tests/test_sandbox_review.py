@@ -172,3 +172,77 @@ def test_a_forged_bad_value_gives_a_short_reason(layers):
     )
     res = run(code, layers, limits=SandboxLimits(max_output_bytes=1 << 20))
     assert refused(res) and "check() returned" in res.error and len(res.error) <= 300, res.error[:100]
+
+
+def _descendants_running(root_pid, marker):
+    """Host pids of this process's descendants whose command line contains ``marker``."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                if marker not in f.read():
+                    continue
+            pid = int(entry)
+            while pid > 1:
+                with open(f"/proc/{pid}/status") as f:
+                    pid = int(next(line for line in f if line.startswith("PPid:")).split()[1])
+                if pid == root_pid:
+                    found.append(int(entry))
+                    break
+        except (OSError, StopIteration, ValueError):
+            continue
+    return found
+
+
+def test_bubblewrap_started_by_root_gives_the_checker_no_root_on_the_host():
+    """Started by root, bubblewrap mapped the checker's uid nobody to host uid 0: without
+    capabilities, yet the owner of every root-owned file, it read root's 0600 files in the bound
+    trees (the interpreter's prefix) and chmod'ed its stdout file."""
+    import sys
+    import threading
+
+    if os.geteuid() != 0:
+        pytest.skip("needs a root caller (bubblewrap started by another user maps that user)")
+    layers = sandbox.detect_layers()
+    if not layers.bubblewrap:
+        pytest.skip(f"bubblewrap unavailable here: {layers.reason}")
+    prefix = os.path.realpath(sys.base_prefix)
+    secret = os.path.join(prefix, f".clipo_sandbox_review_{os.getpid()}")
+    fd = os.open(secret, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.write(fd, b"root only")
+        os.close(fd)
+        code = (
+            "import os, time\ndef check(r):\n    time.sleep(1.5)\n    out = []\n"
+            f"    try:\n        out.append(open({secret!r}).read())\n    except OSError as e:\n"
+            "        out.append(type(e).__name__)\n"
+            "    try:\n        os.fchmod(1, 0o666)\n        out.append('chmod')\n    except OSError as e:\n"
+            "        out.append(type(e).__name__)\n    raise ValueError(out)"
+        )
+        result, seen = [], {}
+        thread = threading.Thread(target=lambda: result.append(run(code, layers)))
+        thread.start()
+        deadline = time.time() + 8
+        while thread.is_alive() and not seen and time.time() < deadline:
+            for pid in _descendants_running(os.getpid(), b"/sandbox/boot/boot.py"):
+                try:
+                    with open(f"/proc/{pid}/status") as f:
+                        uid = next(line for line in f if line.startswith("Uid:")).split()[1:]
+                    with open(f"/proc/{pid}/uid_map") as f:  # host uids, read from the host's namespace
+                        uid_map = f.read().split()
+                    if os.readlink(f"/proc/{pid}/ns/user") != os.readlink("/proc/self/ns/user"):
+                        seen[pid] = (uid, uid_map)  # inside bubblewrap's user namespace
+                except (OSError, StopIteration):
+                    continue
+            time.sleep(0.05)
+        thread.join()
+    finally:
+        os.unlink(secret)
+    assert seen, "no checker process found in a user namespace"
+    for uid, uid_map in seen.values():
+        assert uid == [str(sandbox.NOBODY)] * 4, f"host uids (real, effective, saved, fs): {uid}"
+        assert uid_map == [str(sandbox.NOBODY), str(sandbox.NOBODY), "1"], f"uid_map read from the host: {uid_map}"
+    (res,) = result
+    assert refused(res) and res.error == "ValueError: ['PermissionError', 'PermissionError']", res

