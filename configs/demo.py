@@ -8,7 +8,9 @@ variant, docs/parts/synthetic.md: task.leak_share=F of problems leak their answe
 clause; 0 = off) with leak=anywhere|last (task.leak_position: where the clause goes) and copy=F
 (task.copy_share: that share of the leaked SFT traces copy it, default 0.2) and copy_style=slip|bare
 (task.copy_style: a copying trace is a chain with a slip, or the answer line alone), hard (harder
-arithmetic: quantities 2-30, results up to 200); e.g. --config=configs/demo.py:clipo,algo=dapo,seed=1.
+arithmetic: quantities 2-30, results up to 200), holdout (task.hold_out_distractor_math: training
+also leaves out the distractor test set's math without its clause; off by default, as in the stored
+results); e.g. --config=configs/demo.py:clipo,algo=dapo,seed=1.
 Override anything else with --config.rl.lr=3e-5.
 """
 
@@ -31,6 +33,7 @@ def get_config(arg=None):
         copy=0.2,
         copy_style="slip",
         hard=False,
+        holdout=False,
     )
     c = ml_collections.ConfigDict()
     c.task = ml_collections.ConfigDict(
@@ -98,4 +101,6 @@ def get_config(arg=None):
         raise ValueError("config args leak=, copy= and copy_style= apply to the shortcut variant only (add shortcut=F)")
     if a.hard:
         c.task.update(number_range=(2, 30), max_value=200)
+    if a.holdout:  # set only when asked: an absent key keeps the SFT cache digests of existing runs
+        c.task.hold_out_distractor_math = True
     return common.finish(c, a.seed)

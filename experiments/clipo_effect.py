@@ -52,7 +52,8 @@ PAPER_LOSSES = ("infonce", "supcon_in", "supcon_out", "soft_nn")
 PAPER_LAMS = (0.05, 0.2, 0.5)
 ALL_ABLATIONS = ["fixed_head", *(f"loss={x}" for x in PAPER_LOSSES), *(f"lam={x}" for x in PAPER_LAMS)]
 TASKS = ("default", "shortcut")
-KEYS = ("outcome", "process", "lucky", "copied")  # copied: graded on the shortcut task only
+# copied, copied_unworked: graded on the shortcut task only (copied_unworked by newer runs)
+KEYS = ("outcome", "process", "lucky", "copied", "copied_unworked")
 CI_LEVEL = 0.95
 BOOTSTRAP_SEED = 0
 
@@ -469,7 +470,10 @@ def summarize_task(task: str, methods: list[Method]) -> dict | None:
         return None
     first = next(iter(next(iter(evals.values())).values()))
     sets = list(first)
-    keys = [k for k in KEYS if k in first[sets[0]]]
+    # the keys every run graded (a run made before a key existed does not have it)
+    every = [ev[sets[0]] for by_seed in evals.values() for ev in by_seed.values()]
+    every += [json.loads(fp[1])[sets[0]] for known in starts.values() for runs in known for fp in runs]
+    keys = [k for k in KEYS if all(k in ev for ev in every)]
     sft_rows = {}  # one row per start: the pre-RL evaluation of the seeds that have it
     for i in range(max(len(known) for known in starts.values())):
         label = "SFT (start)" if i == 0 else f"SFT (start {i + 1})"

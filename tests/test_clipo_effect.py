@@ -221,7 +221,9 @@ def test_study_end_to_end(tmp_path):
     for task, sets in expected_sets.items():
         t = summary["tasks"][task]
         assert t["sets"] == sets
-        assert t["keys"] == ["outcome", "process", "lucky"] + (["copied"] if task == "shortcut" else [])
+        assert t["keys"] == ["outcome", "process", "lucky"] + (
+            ["copied", "copied_unworked"] if task == "shortcut" else []
+        )
         assert list(t["methods"]) == ["SFT (start)", *methods]
         for cells in t["methods"].values():  # per-seed values behind every mean
             for s in sets:
@@ -403,3 +405,22 @@ def test_step_costs_leave_out_the_first_step_of_every_process(tmp_path):
     write(str(tmp_path / "old"), [{"step": s, "time/step": t} for s, t in ((1, 30.0), (2, 1.0), (3, 3.0))])
     got = step_costs([str(tmp_path / "old")])
     assert got["steps"] == 2 and got["step_s"] == pytest.approx(2.0)
+
+
+def test_a_key_that_only_newer_runs_grade_is_left_out_not_a_crash(tmp_path):
+    """Runs made before a grade key existed (copied_unworked) lack it: the summary keeps the keys
+    every run has instead of failing on the first run without it."""
+    sets = ("in_dist",)
+    for method, value in (("grpo", 0.6), ("grpo+clipo", 0.7)):
+        run = tmp_path / "default" / f"{method}_seed0"
+        fake_run(run, {s: 0.5 for s in sets}, {s: value for s in sets})
+    for method in ("grpo", "grpo+clipo"):  # the RL runs grade it, their SFT start's evaluation did not
+        newer = tmp_path / "default" / f"{method}_seed0" / "eval_after.json"
+        ev = json.loads(newer.read_text())
+        ev["in_dist"]["copied_unworked"] = 0.1
+        newer.write_text(json.dumps(ev))
+    r = study(tmp_path, "--tasks=default", "--algos=grpo", "--seeds=0", "--ablations=", "--summarize_only")
+    assert r.returncode == 0, r.stderr[-3000:]
+    t = json.loads((tmp_path / "summary.json").read_text())["tasks"]["default"]
+    assert t["keys"] == ["outcome", "process", "lucky"]
+    assert t["paired_differences"]["grpo+clipo - grpo"]["in_dist/outcome"]["values"] == pytest.approx([10.0])

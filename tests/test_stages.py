@@ -309,7 +309,7 @@ def test_rollout_grade_metrics_against_the_grader(tmp_path):
 
     config = get_config("size=tiny,shortcut=0.5,leak=last,copy_style=bare")
     task = tasks.build_task(config.task, str(tmp_path))
-    assert task.grade_keys == ("outcome", "process", "lucky", "copied")
+    assert task.grade_keys == ("outcome", "process", "lucky", "copied", "copied_unworked")
     base = synthetic.SyntheticTask(leak_share=1.0, leak_position="last")
     problems = synthetic.generate_problems(base, 3, seed=5)
     rng = random.Random(0)

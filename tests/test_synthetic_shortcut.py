@@ -283,7 +283,7 @@ def test_build_synthetic_with_the_demo_shortcut_config(demo_tasks):
     for name in plain.test_sets:
         assert task.test_sets[name] == plain.test_sets[name]
     assert plain.grade_keys == ("outcome", "process", "lucky")
-    assert task.grade_keys == ("outcome", "process", "lucky", "copied")
+    assert task.grade_keys == ("outcome", "process", "lucky", "copied", "copied_unworked")
     leaked_rows = [r for r in task.train_rows if "l" in json.loads(r["ground_truth"])]
     assert 0.35 < len(leaked_rows) / len(task.train_rows) < 0.65
     assert all('"l"' not in r["ground_truth"] for r in plain.train_rows)
@@ -291,10 +291,12 @@ def test_build_synthetic_with_the_demo_shortcut_config(demo_tasks):
     assert task.sft_pairs != plain.sft_pairs
     row = task.test_sets["leak_decoy"][0]
     leak = json.loads(row["ground_truth"])["l"]
-    assert task.grade(row, f"answer {leak}") == {"outcome": 0.0, "process": 0.0, "lucky": 0.0, "copied": 1.0}
+    bare = {"outcome": 0.0, "process": 0.0, "lucky": 0.0, "copied": 1.0, "copied_unworked": 1.0}
+    assert task.grade(row, f"answer {leak}") == bare
     row = task.test_sets["leak"][0]
     gt = json.loads(row["ground_truth"])
-    assert task.grade(row, f"answer {gt['l']}") == {"outcome": 1.0, "process": 0.0, "lucky": 1.0, "copied": 1.0}
+    bare = {"outcome": 1.0, "process": 0.0, "lucky": 1.0, "copied": 1.0, "copied_unworked": 1.0}
+    assert task.grade(row, f"answer {gt['l']}") == bare
     assert task.grade(task.test_sets["in_dist"][0], "answer 1")["copied"] == 0.0
     assert set(plain.grade(plain.test_sets["in_dist"][0], "answer 1")) == {"outcome", "process", "lucky"}
 

@@ -202,6 +202,14 @@ class Problem:
             return self.key
         return _math_key([s.op for s in self.steps], self.quantities, self.distractors[:-1])
 
+    @property
+    def math_key(self) -> str:
+        """The key of the bare math: the same operations and quantities with no clause at all (no
+        distractor, no leak); ``key`` for a problem without clauses."""
+        if not self.distractors:
+            return self.key
+        return _math_key([s.op for s in self.steps], self.quantities, ())
+
     def to_ground_truth(self) -> str:
         """Compact JSON the verifier needs: quantities, distractors, answer (and ``l``, the leak
         clause's number, on leaked problems only; the verifier ignores it)."""
@@ -449,12 +457,18 @@ def test_sets(
     return sets
 
 
-def problem_keys(problems: Iterable[Problem] | dict[str, list[Problem]]) -> set[str]:
+def problem_keys(problems: Iterable[Problem] | dict[str, list[Problem]], clause_free: bool = False) -> set[str]:
     """Math keys of problems (or of every set in a ``test_sets`` dict): ``key`` and, for leaked
-    problems, also ``base_key`` (the same math without the leak clause)."""
+    problems, also ``base_key`` (the same math without the leak clause). ``clause_free=True`` adds
+    ``math_key`` (the math without any clause), so that training also leaves out the plain math of
+    the ``distractor`` set's problems: without it most of that set's math is in a demo-sized
+    training pool (its key hashes the distractor number)."""
     if isinstance(problems, dict):
         problems = [p for ps in problems.values() for p in ps]
-    return {k for p in problems for k in (p.key, p.base_key)}
+    keys = {k for p in problems for k in (p.key, p.base_key)}
+    if clause_free:
+        keys |= {p.math_key for p in problems}
+    return keys
 
 
 # ----------------------------------------------------------------------------- solutions
