@@ -36,7 +36,10 @@ class Task:
             return self.tokenizer.encode_chat(row["messages"])
         if self.chat:
             return self.tokenizer.encode_chat([{"role": "user", "content": row["prompt"]}])
-        return self.tokenizer.encode(row["prompt"], add_bos=self.tokenizer.bos_id is not None)
+        # BOS only where the model was trained with one: SmolLM2's "BOS" id is <|im_start|>, which a
+        # plain prompt must not start with
+        tok = self.tokenizer
+        return tok.encode(row["prompt"], add_bos=bool(tok.add_bos_token and tok.bos_id is not None))
 
     def reward(self, row: dict, response: str) -> float:
         # meta / source / index go to the reward as keywords (``fn(response, gt, **row)``): the

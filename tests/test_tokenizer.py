@@ -635,3 +635,17 @@ def test_literal_content_on_sentencepiece(sp_model):
     literal = tok.encode_chat(messages, literal_content=True)
     assert tok.eos_id not in literal and literal[0] == tok.bos_id
     assert tok.decode(literal) == "first</s>second"  # the typed '</s>' is text, not skipped as EOS
+
+
+def test_a_plain_prompt_gets_bos_only_where_the_model_was_trained_with_one(smol, sp_model):
+    """SmolLM2's BOS id is <|im_start|> and its GGUF says add_bos_token=false: a plain (non-chat)
+    prompt must not start with it. The synthetic task's SentencePiece model adds BOS."""
+    from clipo_jax.tasks import Task
+
+    def first_ids(tok):
+        task = Task(name="t", tokenizer=tok, train_rows=[], test_sets={}, sft_pairs=[])
+        return task.encode_prompt({"prompt": "What is 2 + 3?"})
+
+    assert not smol.add_bos_token and first_ids(smol) == smol.encode("What is 2 + 3?")
+    sp, _ = sp_model
+    assert sp.add_bos_token and first_ids(sp) == [sp.bos_id] + sp.encode("What is 2 + 3?")
