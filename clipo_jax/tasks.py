@@ -8,6 +8,7 @@ rows, {messages, meta}. Add a task by writing a builder and registering it in TA
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import logging
 import os
@@ -164,7 +165,7 @@ def build_dataset_task(cfg, workdir: str) -> Task:
     cfg.tokenizer: tokenizer path or 'smollm2'; cfg.train_limit / cfg.test_limit: 0 = all rows.
     """
     del workdir
-    from clipo_jax.data.datasets import load_dataset
+    from clipo_jax.data.datasets import ReadReport, get_source, load_dataset
     from clipo_jax.models.loading import resolve_model_path
     from clipo_jax.models.tokenizer import load_tokenizer
 
@@ -173,14 +174,34 @@ def build_dataset_task(cfg, workdir: str) -> Task:
             raise ValueError(f"task.{key} must be >= 0 (0 = all rows), got {cfg.get(key)}")
     suites = parse_suites(cfg.get("tests", ""))
     tok = load_tokenizer(resolve_model_path(cfg.tokenizer))
-    train = load_dataset(cfg.train) if cfg.train else []
+
+    def load(what: str, spec: str):
+        # skipped rows are logged one by one as they are read; the total goes in one line per
+        # source (a registered source that takes no report is read without one)
+        source = get_source(spec.partition(":")[0])
+        if source is None or "report" not in inspect.signature(source).parameters:
+            return load_dataset(spec)
+        report = ReadReport()
+        rows = load_dataset(spec, report=report)
+        if report.n_skipped:
+            logger.warning(
+                "%s %s: %d rows read, %d malformed rows skipped (first: %s)",
+                what,
+                spec,
+                report.n_read,
+                report.n_skipped,
+                report.problems[0],
+            )
+        return rows
+
+    train = load("task.train", cfg.train) if cfg.train else []
     if cfg.train and not train:
         raise ValueError(f"task.train {cfg.train!r} has no usable rows")
     if cfg.get("train_limit"):
         train = train[: cfg.train_limit]
     tests = {}
     for name, spec in suites.items():
-        rows = load_dataset(spec)
+        rows = load(f"test suite {name!r}", spec)
         if not rows:  # an empty suite would be evaluated as nan
             raise ValueError(f"test suite {name!r} ({spec}) has no usable rows")
         tests[name] = _example_rows(rows[: cfg.test_limit] if cfg.get("test_limit") else rows)

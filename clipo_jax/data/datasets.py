@@ -428,6 +428,11 @@ SourceFn = Callable[..., list]
 _SOURCES: dict[str, SourceFn] = {}
 
 
+def get_source(name: str) -> SourceFn | None:
+    """The reader registered as ``name``, or None."""
+    return _SOURCES.get(name)
+
+
 def register_source(name: str) -> Callable[[SourceFn], SourceFn]:
     def deco(fn: SourceFn) -> SourceFn:
         _SOURCES[name] = fn
