@@ -192,6 +192,9 @@ def test_build_rl_batch_masks_padding_and_truncated_rows():
     valid_rows = np.array([True, True, True, False])
     b = update.build_rl_batch(out, np.arange(4.0), valid_rows, mask_truncated=True)
     np.testing.assert_array_equal(b.response_mask, [[1, 1], [1, 0], [0, 0], [0, 0]])
+    # Dr. GRPO's normaliser counts the truncated row (sampled), not the padding copy
+    np.testing.assert_array_equal(b.sampled_rows, [True, True, True, False])
+    assert update.trim_padding(b, 1).sampled_rows is b.sampled_rows
     assert b.tokens.shape == (4, 5) and b.valid[1].tolist() == [1, 1, 1, 1, 0]
     assert b.old_logp.sum() == 0 and b.sampler_logp.sum() == -8
     # the KL in the reward covers the truncated row too (its reward enters the group's baseline)

@@ -376,3 +376,24 @@ def test_sft_loss_matches_reference_and_decreases():
     assert seen[0] == pytest.approx(ref, rel=1e-5)
     assert seen[-1] < 0.7 * seen[0], seen
     assert int(state.step) == 8
+
+
+def test_dr_grpo_normaliser_counts_a_masked_truncated_response():
+    """Dr. GRPO divides by max_len and the number of sampled responses: a truncated response that
+    rl.mask_truncated leaves out of the loss still counts, so the normaliser does not shrink with
+    the number of truncations (it did: only rows with a non-empty loss mask were counted)."""
+    batch = make_batch()
+    masked = batch._replace(response_mask=batch.response_mask.at[1].set(False))  # row 1 truncated
+    scfg = StepConfig(policy_loss="ppo_clip", aggregation="seq_mean_token_sum_norm", max_len=N)
+    opt = make_optimizer(1e-3, total_steps=10)
+    _, m_old = run_step(scfg, masked, opt)  # no sampled_rows: the rows with loss tokens (3)
+    _, m_new = run_step(scfg, masked._replace(sampled_rows=jnp.ones(B, bool)), opt)
+    # the same numerator over 4 rows instead of 3
+    np.testing.assert_allclose(float(m_new["actor/pg_loss"]), float(m_old["actor/pg_loss"]) * 3 / 4, rtol=1e-6)
+    # DAPO padding rows (sampled_rows False) are not counted; token_mean ignores sampled_rows
+    _, m_pad = run_step(scfg, masked._replace(sampled_rows=jnp.array([True, True, True, False])), opt)
+    np.testing.assert_allclose(float(m_pad["actor/pg_loss"]), float(m_old["actor/pg_loss"]), rtol=1e-6)
+    tm = StepConfig(policy_loss="ppo_clip", aggregation="token_mean")
+    _, a = run_step(tm, masked, opt)
+    _, b = run_step(tm, masked._replace(sampled_rows=jnp.ones(B, bool)), opt)
+    assert float(a["actor/pg_loss"]) == float(b["actor/pg_loss"])

@@ -356,17 +356,27 @@ def kl_reward_penalty(rewards, logp, ref_logp, mask, *, beta, name="k1", clamp=N
 # --------------------------------------------------------------------------- aggregation
 
 AGGREGATIONS: dict[str, Callable] = {}
+# Aggregations whose denominator counts every sampled response, also those the loss mask leaves
+# out (truncated ones under rl.mask_truncated): a constant normaliser (Dr. GRPO) must not shrink
+# when a batch has more truncations. The trainer passes their denominator the sampled rows.
+COUNTS_SAMPLED_ROWS: set[str] = set()
 
 
-def register_aggregation(name: str):
+def register_aggregation(name: str, *, counts_sampled_rows: bool = False):
     """Decorator: adds ``fn(per_token[B,T], mask[B,T], max_len) -> (numerator, denominator)``.
 
     Both must be sums over rows (responses) so that micro-batch parts add up exactly, and
-    the denominator must depend on the mask only.
+    the denominator must depend on the mask only. ``counts_sampled_rows``: the trainer computes
+    the denominator from the sampled responses' mask instead of the loss mask (see
+    ``COUNTS_SAMPLED_ROWS``).
     """
 
     def deco(fn):
         AGGREGATIONS[name] = fn
+        if counts_sampled_rows:
+            COUNTS_SAMPLED_ROWS.add(name)
+        else:
+            COUNTS_SAMPLED_ROWS.discard(name)
         return fn
 
     return deco
@@ -394,7 +404,7 @@ def _seq_mean_token_sum(per_token, mask, max_len):
     return sums.sum(), (counts > 0).sum().astype(jnp.float32)
 
 
-@register_aggregation("seq_mean_token_sum_norm")
+@register_aggregation("seq_mean_token_sum_norm", counts_sampled_rows=True)
 def _seq_mean_token_sum_norm(per_token, mask, max_len):
     sums, counts = _row_sums(per_token, mask)
     return sums.sum() / max_len, (counts > 0).sum().astype(jnp.float32)
@@ -407,7 +417,8 @@ def aggregate(name, per_token, mask, *, max_len=None):
     * seq_mean_token_mean: sum_i (token mean of response i) / number of responses.
     * seq_mean_token_sum: sum_i (token sum of response i) / number of responses.
     * seq_mean_token_sum_norm: sum_i (token sum of response i) / max_len / number of
-      responses (Dr. GRPO: a constant normaliser). ``max_len`` defaults to seq.
+      responses (Dr. GRPO: a constant normaliser). ``max_len`` defaults to seq; in the
+      trainer the number of responses is every sampled one (``COUNTS_SAMPLED_ROWS``).
     Responses with an empty mask are not counted. Split micro-batches by rows (never inside
     a response); the denominator depends on the mask only, see ``aggregation_denominator``.
     """

@@ -38,7 +38,11 @@ class RLBatch(NamedTuple):
     """One mini-batch of B responses. Prompt length Tp = T - N (left-padded prompts).
 
     tokens/valid [B, T] = prompt ++ response; response_mask [B, N]; advantages [B];
-    old_logp, ref_logp, sampler_logp [B, N] float32 (zeros when unused).
+    old_logp, ref_logp, sampler_logp [B, N] float32 (zeros when unused); sampled_rows [B] bool or
+    None: the responses that were sampled (not DAPO's padding copies), truncated ones included
+    although ``mask_truncated`` leaves them out of ``response_mask``: the denominator of the
+    ``losses.COUNTS_SAMPLED_ROWS`` aggregations (Dr. GRPO) counts them; None = the rows with a
+    non-empty ``response_mask``.
     """
 
     tokens: jax.Array
@@ -48,6 +52,7 @@ class RLBatch(NamedTuple):
     old_logp: jax.Array
     ref_logp: jax.Array
     sampler_logp: jax.Array
+    sampled_rows: jax.Array | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,7 +192,10 @@ def train_step(
     max_len = scfg.max_len or N
     if max_len < N:
         raise ValueError(f"StepConfig.max_len={max_len} is shorter than the batch's {N} response columns")
-    denom = losses.aggregation_denominator(scfg.aggregation, batch.response_mask.astype(jnp.float32), max_len=max_len)
+    count_mask = batch.response_mask
+    if scfg.aggregation in losses.COUNTS_SAMPLED_ROWS and batch.sampled_rows is not None:
+        count_mask = batch.sampled_rows[:, None]  # a row counts once, whatever its loss mask
+    denom = losses.aggregation_denominator(scfg.aggregation, count_mask.astype(jnp.float32), max_len=max_len)
     denom = jnp.maximum(denom, 1e-8)
     micro = jax.tree.map(lambda x: x.reshape((M, B // M) + x.shape[1:]), batch)
     grad_fn = jax.value_and_grad(

@@ -36,6 +36,7 @@ def build_rl_batch(
         zeros if old_logp is None else old_logp,
         zeros if ref_logp is None else ref_logp,
         out.logprobs,
+        np.asarray(valid_rows, bool),
     )
 
 
@@ -78,6 +79,7 @@ def trim_padding(batch: RLBatch, multiple: int) -> RLBatch:
         batch.old_logp[:, :keep_n],
         batch.ref_logp[:, :keep_n],
         batch.sampler_logp[:, :keep_n],
+        batch.sampled_rows,
     )
 
 
