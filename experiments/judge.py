@@ -92,6 +92,9 @@ flags.DEFINE_float("timeout_s", 300.0, "Per-call timeout in seconds.")
 flags.DEFINE_integer("max_retries", 10, "Retries per call for timeouts / HTTP errors / garbage.")
 flags.DEFINE_integer("parse_attempts", 5, "Attempts per direction on unparseable output.")
 flags.DEFINE_float("min_score", 0.0, "Verdict threshold m.")
+flags.register_validator(
+    "min_score", lambda m: m >= 0 and m != float("inf"), "--min_score must be a finite number >= 0"
+)
 flags.DEFINE_enum(
     "error_policy",
     None,

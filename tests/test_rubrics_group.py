@@ -76,8 +76,14 @@ def test_group_rewards_over_http(server, method):  # noqa: F811
     res = asyncio.run(group_rewards(judge, "q?", responses, GroupRewardConfig(method=method, anchor_index=0)))
     assert np.argmax(res.rewards) == 1  # the canned judge prefers GOOD
     n_pairs = 3 if method == "anchor" else 6
-    assert len(res.pairs) == n_pairs and res.n_pairs_deduplicated == 1  # "bad" vs "bad": no call
-    assert res.n_pairs_judged == n_pairs - 1
+    assert len(res.pairs) == n_pairs
+    # one call per pair of distinct texts: "bad" vs "bad" needs none, and "bad"/"GOOD" met at two
+    # positions (and in both orders) is judged once
+    distinct = {frozenset((responses[i], responses[j])) for i, j, _ in res.pairs if responses[i] != responses[j]}
+    assert res.n_pairs_judged == len(distinct) == (2 if method == "anchor" else 3)
+    assert res.n_pairs_deduplicated == n_pairs - len(distinct)
+    if method != "anchor":  # the anchor's own reward is not comparable with the others'
+        assert res.rewards[0] == res.rewards[2]  # identical responses, identical rewards
     assert 0 < res.same_ratio < 1
     # Two HTTP calls (both orders) per judged pair.
     assert len(st.requests) == 2 * res.n_pairs_judged

@@ -88,13 +88,25 @@ def score_comparison(criteria: Sequence[Mapping[str, Any]] | None) -> float:
     return weighted / (weight_sum + EPS)
 
 
+def check_min_score(min_score: Any) -> float:
+    """``min_score`` as a float; ValueError unless it is finite and >= 0.  With m < 0 both
+    conditions of ``verdict`` can hold and the first one wins: f = b = 0 (a tie in both orders)
+    would be a win of whichever response is shown first, and swapping the pair would not swap
+    the verdict."""
+    m = float(min_score)
+    if not np.isfinite(m) or m < 0:
+        raise ValueError(f"verdict threshold min_score must be a finite number >= 0, got {min_score!r}")
+    return m
+
+
 def verdict(forward: float, backward: float, min_score: float = 0.0) -> str:
     """Bi-directional verdict (OpenRS paper, arXiv 2602.14069: A/B swap debiasing and verdict).
 
     ``forward`` is the A-side score with A = first response, ``backward`` the A-side score with
-    A = second response.  Returns "first", "second" or "same".
+    A = second response.  Returns "first", "second" or "same".  ``min_score`` (m) must be a
+    finite number >= 0: a negative m makes a tie in both orders a win of the first response.
     """
-    m = float(min_score)
+    m = check_min_score(min_score)
     if forward > m and backward <= -m:
         return "first"
     if forward <= -m and backward > m:
@@ -136,9 +148,18 @@ def aggregate_scores(
     return jnp.where(parse_ok, result, 0.0)
 
 
-@jax.jit
 def batch_verdicts(forward: jax.Array, backward: jax.Array, min_score: float | jax.Array = 0.0) -> jax.Array:
-    """Vectorised ``verdict``: int32 [pairs] with FIRST (+1), SAME (0), SECOND (-1)."""
+    """Vectorised ``verdict``: int32 [pairs] with FIRST (+1), SAME (0), SECOND (-1).  A concrete
+    ``min_score`` is checked as in ``verdict`` (a traced one cannot be)."""
+    if not isinstance(min_score, jax.core.Tracer):
+        m = np.asarray(min_score, np.float64)  # a scalar or one threshold per pair
+        if not (np.all(np.isfinite(m)) and np.all(m >= 0)):
+            raise ValueError(f"verdict threshold min_score must be finite numbers >= 0, got {min_score!r}")
+    return _batch_verdicts(forward, backward, min_score)
+
+
+@jax.jit
+def _batch_verdicts(forward: jax.Array, backward: jax.Array, min_score: float | jax.Array = 0.0) -> jax.Array:
     first = (forward > min_score) & (backward <= -min_score)
     second = (forward <= -min_score) & (backward > min_score)
     return jnp.where(first, FIRST, jnp.where(second, SECOND, SAME)).astype(jnp.int32)

@@ -81,6 +81,13 @@ class GroupRewardConfig:
 
     def __post_init__(self):
         check_error_policy(self.error_policy, "GroupRewardConfig.error_policy")
+        # max_pairs=0 used to sample no pair (every reward 0, no call, no error) and bt_iters=0 to
+        # return the initial strengths (0) whatever the verdicts: both silently remove the signal.
+        for name, value in (("max_pairs", self.max_pairs), ("bt_iters", self.bt_iters)):
+            if value is None and name == "max_pairs":
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise ValueError(f"GroupRewardConfig.{name}={value!r}: must be an integer >= 1")
 
 
 @dataclasses.dataclass
@@ -138,6 +145,9 @@ def pairwise_rewards(method: str, g: int, pairs: Sequence[tuple[int, int, str]],
 GROUP_METHODS: dict[str, Callable[..., Any]] = {m: pairwise_rewards for m in ("anchor", "round_robin", "bradley_terry")}
 
 
+_FLIPPED = {"first": "second", "second": "first"}  # "same" and "error" read the same both ways
+
+
 async def group_rewards(
     judge: PairwiseJudge,
     query: str,
@@ -151,13 +161,21 @@ async def group_rewards(
         raise ValueError(f"unknown group reward method {config.method!r} (known: {sorted(GROUP_METHODS)})")
     g = len(responses)
     index = _pairs_for(config.method, g, config)
-    todo, results, dedup = [], {}, 0
+    # One call per pair of distinct texts: a group with repeated responses meets the same pair at
+    # several positions (and in either order), and a judge that is not bit-deterministic would
+    # give identical responses different rewards. A pair met the other way round takes the
+    # flipped verdict; identical responses are "same" with no call.
+    todo, keys, dedup = [], {}, 0
     for i, j in index:
         if responses[i] == responses[j]:
-            results[(i, j)] = "same"  # no call needed
             dedup += 1
-        else:
-            todo.append((i, j))
+            continue
+        pair = (responses[i], responses[j])
+        if pair in keys or pair[::-1] in keys:
+            dedup += 1
+            continue
+        keys[pair] = len(todo)
+        todo.append((i, j))
     judged = await asyncio.gather(
         *(
             judge.judge_pair(
@@ -166,9 +184,16 @@ async def group_rewards(
             for i, j in todo
         )
     )
-    for (i, j), r in zip(todo, judged):
-        results[(i, j)] = r.verdict
-    triples = [(i, j, results[(i, j)]) for i, j in index]
+
+    def result(i: int, j: int) -> str:
+        if responses[i] == responses[j]:
+            return "same"
+        pair = (responses[i], responses[j])
+        if pair in keys:
+            return judged[keys[pair]].verdict
+        return _FLIPPED.get(judged[keys[pair[::-1]]].verdict, judged[keys[pair[::-1]]].verdict)
+
+    triples = [(i, j, result(i, j)) for i, j in index]
     pair_part = pairwise_rewards(config.method, g, triples, config)
     rewards = pair_part.astype(np.float32).copy()
     if config.ground_truth_weight and ground_truth is not None:

@@ -35,7 +35,7 @@ import time
 from typing import Any, Awaitable, Callable, Sequence
 
 from clipo_jax.rubrics import pvr
-from clipo_jax.rubrics.aggregation import score_comparison, verdict
+from clipo_jax.rubrics.aggregation import check_min_score, score_comparison, verdict
 from clipo_jax.rubrics.meta_rubric import MetaRubric, builtin_meta_rubric, domain_for_query_type
 from clipo_jax.rubrics.protocol import (
     ANSWER_CHECK_SCHEMA,
@@ -111,6 +111,10 @@ class JudgeConfig:
             raise ValueError("JudgeConfig.parse_attempts must be >= 1")
         if self.max_tokens < 1 or self.intent_max_tokens < 1:
             raise ValueError("JudgeConfig.max_tokens and intent_max_tokens must be >= 1")
+        try:  # a negative threshold would make a tie in both orders a win of the first response
+            check_min_score(self.min_score)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"JudgeConfig.{e}") from None
 
 
 @dataclasses.dataclass

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING, Any, Sequence
 
-from clipo_jax.rubrics.aggregation import score_comparison, verdict
+from clipo_jax.rubrics.aggregation import check_min_score, score_comparison, verdict
 from clipo_jax.rubrics.meta_rubric import builtin_meta_rubric, domain_for_query_type
 from clipo_jax.rubrics.types import DirectionResult, PairInput, PairResult
 
@@ -46,7 +46,7 @@ class LogitJudge:
             raise ValueError(f"critical_min_prob must be in [0, 1], got {critical_min_prob}")
         self.backend = backend
         self.critical_min_prob = float(critical_min_prob)
-        self.min_score = min_score
+        self.min_score = check_min_score(min_score)
         self.strong = strong
         self.max_pairs_per_pass = max_pairs_per_pass
         self.max_criteria = max_criteria  # the first k dimensions, domain before general (cost: 2k prompts a pair)
