@@ -55,6 +55,9 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[
     """A ('data', 'fsdp', 'tensor') mesh; one axis may be -1 (fill with remaining devices)."""
     devices = list(devices if devices is not None else jax.devices())
     shape = [data, fsdp, tensor]
+    for name, size in zip(MESH_AXES, shape):
+        if size != -1 and size < 1:
+            raise ParallelError(f"mesh {name}={size}: each axis is -1 (the remaining devices) or >= 1")
     if shape.count(-1) > 1:
         raise ParallelError(f"at most one mesh axis may be -1, got data={data} fsdp={fsdp} tensor={tensor}")
     known = int(np.prod([s for s in shape if s != -1]))
@@ -237,9 +240,25 @@ def batch_sharding(mesh: Mesh, ndim: int, batch_size: int | None = None) -> Name
 def initialize_distributed(
     coordinator_address: str | None, num_processes: int | None, process_id: int | None, local_device_ids=None
 ) -> None:
-    """jax.distributed.initialize from explicit flags; a no-op for single-process runs."""
-    if not coordinator_address or not num_processes or num_processes <= 1:
+    """jax.distributed.initialize from explicit flags; a no-op for single-process runs.
+
+    Flags that name a multi-process run only in part are an error: a process left
+    uninitialised would run alone as process 0 of 1 (writing the run's files, waiting at no
+    barrier) next to the real run."""
+    if num_processes is None or num_processes <= 1:
+        if num_processes is not None and num_processes < 1:
+            raise ParallelError(f"num_processes={num_processes}: must be >= 1")
+        if coordinator_address and num_processes is None:
+            raise ParallelError(f"coordinator_address={coordinator_address!r} needs num_processes (> 1)")
+        if process_id not in (None, 0):
+            raise ParallelError(f"process_id={process_id} with num_processes={num_processes}: a single process is 0")
         return
+    if not coordinator_address:
+        raise ParallelError(f"num_processes={num_processes} needs a coordinator_address (host:port)")
+    if process_id is None or not 0 <= process_id < num_processes:
+        raise ParallelError(
+            f"num_processes={num_processes} needs a process_id in [0, {num_processes}), got {process_id}"
+        )
     jax.distributed.initialize(
         coordinator_address=coordinator_address,
         num_processes=num_processes,

@@ -1068,9 +1068,16 @@ def restore_params(workdir: str, params_template):
     step = newest_good_step(ckpt_dir)  # verified against its manifest; bad newer steps are logged
     if step is None:
         raise TrainingError(f"{ckpt_dir}: no checkpoint that verifies against its manifest")
-    manager = ocp.CheckpointManager(ckpt_dir)
+    handlers = {name: ocp.StandardCheckpointHandler() for name in ("state", "ref", "head")}
+    manager = ocp.CheckpointManager(ckpt_dir, item_handlers={**handlers, "meta": ocp.JsonCheckpointHandler()})
     try:
-        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+        # the saved shardings name the training run's devices: restore onto one local device (an
+        # 8-device run evaluated on 1 failed orbax's topology check)
+        one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        target = jax.tree.map(
+            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one), manager.item_metadata(step)["state"]
+        )
+        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
     finally:
         manager.close()
     state = restored.state

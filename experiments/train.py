@@ -43,8 +43,8 @@ def main(argv):
     logging.getLogger("httpx").setLevel(logging.WARNING)  # a judge in the loop: one INFO line per request
     from clipo_jax import parallel, trainer
 
-    parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     try:
+        parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
         trainer.run(FLAGS.config, FLAGS.workdir)
     except (trainer.TrainingError, ValueError) as e:
         sys.exit(f"error: {e}")
