@@ -70,8 +70,22 @@ def build_synthetic(cfg, workdir: str) -> Task:
 
     tok_dir = os.path.join(workdir, "tokenizer")
     model_path = os.path.join(tok_dir, "synthetic_sp.model")
+    # the settings the workdir's tokenizer was trained with: a workdir reused with another
+    # vocab_size or seed must not silently keep the old tokenizer
+    settings = {"vocab_size": int(cfg.get("vocab_size", 512)), "seed": int(cfg.seed)}
+    settings_path = os.path.join(tok_dir, "settings.json")
     if not os.path.exists(model_path):
-        model_path = synthetic.train_task_tokenizer(tok_dir, vocab_size=cfg.get("vocab_size", 512), seed=cfg.seed)
+        model_path = synthetic.train_task_tokenizer(tok_dir, vocab_size=settings["vocab_size"], seed=settings["seed"])
+        with open(settings_path, "w") as f:
+            json.dump(settings, f)
+    elif os.path.exists(settings_path):  # a tokenizer trained before the settings were recorded is kept
+        with open(settings_path) as f:
+            trained = json.load(f)
+        if trained != settings:
+            raise ValueError(
+                f"{tok_dir}: the task tokenizer was trained with {trained}, this config asks for {settings}; "
+                "use another --workdir (or delete that directory to retrain it)"
+            )
     tok = load_tokenizer(model_path)
     # The in-distribution family; the shifted test sets are derived from it (bigger numbers,
     # +1/+2 steps, a distractor clause).

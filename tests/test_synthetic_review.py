@@ -213,3 +213,22 @@ def test_copied_unworked_does_not_fire_on_an_answer_the_response_computed(decoy_
     chain_elsewhere = text.rsplit(";", 1)[0].rsplit("=", 1)[0] + f"={decoy + 100} ; answer {decoy}"
     assert task.grade(row, chain_elsewhere)["copied_unworked"]
     assert "copied_unworked" in task.grade_keys
+
+
+def test_a_workdir_tokenizer_trained_with_other_settings_is_an_error(tmp_path):
+    """build_synthetic reused whatever tokenizer the workdir held: a config with another vocab_size
+    or task seed silently kept the old one."""
+    sys.path.insert(0, REPO)
+    from clipo_jax import tasks
+    from configs.demo import get_config
+
+    config = get_config("size=tiny")
+    config.task.update(train_size=200, test_size=20, sft_size=50)
+    first = tasks.build_task(config.task, str(tmp_path))
+    again = tasks.build_task(config.task, str(tmp_path))  # the same settings: reused
+    assert again.tokenizer.vocab_size == first.tokenizer.vocab_size
+    config.task.vocab_size = 600
+    with pytest.raises(
+        ValueError, match=r"the task tokenizer was trained with .*'vocab_size': 512.*use another --workdir"
+    ):
+        tasks.build_task(config.task, str(tmp_path))
