@@ -255,3 +255,17 @@ def test_load_model_preset_name(tmp_path, monkeypatch):
     assert not os.path.exists("tiny_llama")
     with pytest.raises(ModelError, match="tiny_llama is a shape preset, not a checkpoint"):
         load_model("tiny_llama")
+
+
+def test_tie_word_embeddings_defaults_as_in_hf():
+    """A config without tie_word_embeddings: HF unties Llama and Qwen2 and ties Gemma 3. Tying a
+    Llama config by default ignored its lm_head.weight and used the embedding instead."""
+    transformers = pytest.importorskip("transformers")
+    llama = {k: v for k, v in _LLAMA.items() if k != "tie_word_embeddings"}
+    assert config_from_hf(llama).tie_embeddings is transformers.LlamaConfig.from_dict(llama).tie_word_embeddings
+    assert config_from_hf(llama).tie_embeddings is False
+    qwen = dict(llama, model_type="qwen2")
+    assert config_from_hf(qwen).tie_embeddings is transformers.Qwen2Config.from_dict(qwen).tie_word_embeddings
+    gemma = dict(_GEMMA3, model_type="gemma3_text")
+    assert config_from_hf(gemma).tie_embeddings is transformers.Gemma3TextConfig(**_GEMMA3).tie_word_embeddings
+    assert config_from_hf(gemma).tie_embeddings is True

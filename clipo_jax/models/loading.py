@@ -68,7 +68,8 @@ def config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
         head_dim=number("head_dim", d // n_heads),
         d_ff=number("intermediate_size"),
         norm_eps=number("rms_norm_eps", 1e-6, float),
-        tie_embeddings=bool(hf.get("tie_word_embeddings", arch != "qwen2")),
+        # HF defaults: Llama and Qwen2 untied, Gemma 3 tied
+        tie_embeddings=bool(hf.get("tie_word_embeddings", arch == "gemma3")),
         max_seq_len=number("max_position_embeddings", 2048),
     )
     rope_params = hf.get("rope_parameters") or {}
