@@ -229,7 +229,11 @@ def _prune_rejected(target_root: str) -> None:
     whole step there, and nothing else ever deleted them."""
     copies = sorted((os.path.join(target_root, d) for d in os.listdir(target_root)), key=os.path.getmtime, reverse=True)
     for old in copies[REJECTED_KEEP:]:
-        shutil.rmtree(old, ignore_errors=True)
+        try:
+            shutil.rmtree(old) if os.path.isdir(old) else os.remove(old)
+        except OSError as e:
+            logger.warning("could not delete the rejected checkpoint copy %s: %s", old, e)
+            continue
         logger.warning("deleted the rejected checkpoint copy %s (the newest %d are kept)", old, REJECTED_KEEP)
 
 

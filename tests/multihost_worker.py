@@ -76,7 +76,7 @@ def main():
         sh = parallel.batch_sharding(mesh, x.ndim, B)
         return jax.make_array_from_process_local_data(sh, x[local_rows], x.shape)
 
-    batch = RLBatch(*(to_global(x) for x in host_batch))
+    batch = jax.tree.map(to_global, host_batch)  # optional fields (None) stay None
     host_params = jax.device_get(init_params(cfg, jax.random.key(0), std=0.2))
     p_shard = parallel.tree_shardings(mesh, param_logical_axes(cfg), host_params)
     params = jax.tree.map(

@@ -110,6 +110,11 @@ def test_choice_extraction_stays_linear_on_long_inputs():
         ("**Answer**: (c)", "C"),
         ("Thinking it over... BBBBB", "B"),  # JudgeBench / MMLU-Pro: the letter five times
         ("I first thought AAAAA, but the answer is \\boxed{D}", "D"),  # a box still comes first
+        ("AAAAA or BBBBB", None),  # a hedge of five-fold letters
+        ("AAAAA or B.", None),
+        ("AAAAA\nAnswer: B", "B"),  # the later of a five-fold letter and an answer label counts
+        ("Answer: B\nAAAAA", "A"),
+        ("ZZZZZ", None),  # five-fold letters name options A-J
     ],
 )
 def test_hedges_bold_labels_and_fivefold_letters(response, letter):

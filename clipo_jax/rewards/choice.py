@@ -45,8 +45,9 @@ _CLAUSE_END_RE = re.compile(r"[\s*]*(?:[.,;:!?)\]}]|\n|$)")
 _SINGLE_BOX_RE = re.compile(
     r"(?:\\boxed|\\fbox)\s*\{(?:\s*\\text\s*\{[\s(]*([A-Za-z])[\s)]*\}\s*|[\s(]*([A-Za-z])[\s)]*)\}"
 )
-# A letter written five times as a word ("BBBBB"): how JudgeBench and MMLU-Pro ask for the answer.
-_FIVEFOLD_RE = re.compile(r"\b([A-Z])\1{4}\b")
+# A letter written five times as a word ("BBBBB"): how JudgeBench and MMLU-Pro (options A-J) ask
+# for the answer.
+_FIVEFOLD_RE = re.compile(r"\b([A-J])\1{4}\b")
 _BOX_JOIN_RE = re.compile(r"[\s$]*" + _CONNECTOR + r"[\s$]*", re.IGNORECASE)
 
 
@@ -100,6 +101,19 @@ def _boxes_hedged(text: str, letter: str) -> bool:
     return bool(letters - {letter})
 
 
+def _fivefold_letter(tail: str, matches: list) -> str | None:
+    """The last five-fold letter, or None when it ends a hedge of five-fold letters ("AAAAA or
+    BBBBB") or of it and single letters ("AAAAA or B.")."""
+    letters, k = {matches[-1].group(1)}, len(matches) - 1
+    while k > 0 and _BOX_JOIN_RE.fullmatch(tail, matches[k - 1].end(), matches[k].start()):
+        letters.add(matches[k - 1].group(1))
+        k -= 1
+    letter = matches[-1].group(1)
+    if len(letters) > 1 and _CLAUSE_END_RE.match(tail, matches[-1].end()):
+        return None
+    return None if _hedged_after(tail[matches[-1].end() :], letter) else letter
+
+
 def extract_choice(response: str) -> str | None:
     """The option letter a response commits to (``A``..``Z``), or None (no letter, or a hedge)."""
     text = strip_thinking(response)
@@ -112,9 +126,6 @@ def extract_choice(response: str) -> str | None:
             return None
         return letter
     tail = text[-MAX_BOX_CHARS:]
-    fivefold = _FIVEFOLD_RE.findall(tail)
-    if fivefold:
-        return fivefold[-1]
     # "answer is" requires a capital letter ("the answer is a cat" must not read as option A),
     # except for a letter alone on its line after an explicit label ("Answer: (c)").
     last = None
@@ -122,6 +133,10 @@ def extract_choice(response: str) -> str | None:
         letter = m.group(2)
         if letter.isupper() or (m.group(1).endswith(":") and _LOWER_LINE_END_RE.match(tail, m.end())):
             last = m
+    fivefold = list(_FIVEFOLD_RE.finditer(tail))
+    # the later of a five-fold letter and an answer label is the final answer
+    if fivefold and (last is None or fivefold[-1].start() > last.start()):
+        return _fivefold_letter(tail, fivefold)
     if last is not None:
         letter = last.group(2).upper()
         return None if _hedged_after(tail[last.end() :], letter) else letter

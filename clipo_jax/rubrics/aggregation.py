@@ -93,7 +93,10 @@ def check_min_score(min_score: Any) -> float:
     conditions of ``verdict`` can hold and the first one wins: f = b = 0 (a tie in both orders)
     would be a win of whichever response is shown first, and swapping the pair would not swap
     the verdict."""
-    m = float(min_score)
+    try:
+        m = float(min_score)
+    except (TypeError, ValueError):
+        m = float("nan")
     if not np.isfinite(m) or m < 0:
         raise ValueError(f"verdict threshold min_score must be a finite number >= 0, got {min_score!r}")
     return m

@@ -113,8 +113,8 @@ class JudgeConfig:
             raise ValueError("JudgeConfig.max_tokens and intent_max_tokens must be >= 1")
         try:  # a negative threshold would make a tie in both orders a win of the first response
             check_min_score(self.min_score)
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"JudgeConfig.{e}") from None
+        except ValueError as e:
+            raise ValueError(f"JudgeConfig: {e}") from None
 
 
 @dataclasses.dataclass
