@@ -88,16 +88,6 @@ def test_corrupt_safetensors(tmp_path):
         load_hf_dir(str(d))
 
 
-@pytest.fixture(scope="module")
-def smollm2_gguf():
-    from clipo_jax.models import resolve_model_path
-
-    try:
-        return resolve_model_path("smollm2")
-    except ModelError as e:
-        pytest.skip(str(e))
-
-
 def test_truncated_gguf(tmp_path, smollm2_gguf):
     bad = tmp_path / "trunc.gguf"
     with open(smollm2_gguf, "rb") as f:

@@ -12,17 +12,8 @@ import numpy as np
 import pytest
 
 from clipo_jax.models import ModelError, load_model
-from clipo_jax.models.loading import SafetensorsFile, config_from_gguf, config_from_hf, load_gguf, resolve_model_path
+from clipo_jax.models.loading import SafetensorsFile, config_from_gguf, config_from_hf, load_gguf
 from clipo_jax.models.tokenizer import load_tokenizer
-
-
-@pytest.fixture(scope="module")
-def smollm2_gguf():
-    try:
-        return resolve_model_path("smollm2")
-    except ModelError as e:
-        pytest.skip(str(e))
-
 
 # ---------------------------------------------------------------------------------------------
 # GGUF: RoPE variants the decoder does not implement are refused, not silently ignored.

@@ -51,16 +51,6 @@ def raw(nr, *args):
 )
 
 
-@pytest.fixture(params=["bubblewrap", "seccomp"])
-def layers(request):
-    found = sandbox.detect_layers(use_bubblewrap=request.param == "bubblewrap")
-    if not found.usable:
-        pytest.fail(f"no seccomp on this host: {found.reason}")  # the sandbox would refuse every checker
-    if request.param == "bubblewrap" and not found.bubblewrap:
-        pytest.skip(f"bubblewrap unavailable here: {found.reason}")
-    return found
-
-
 def run(code, layers, response="r", limits=FAST, **kw):
     return run_checker(code, response, limits, layers=layers, **kw)
 

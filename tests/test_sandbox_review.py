@@ -12,11 +12,10 @@ import tempfile
 import time
 
 import pytest
+from test_sandbox import refused, run  # the layers fixture is in conftest.py
 
 from clipo_jax.rubrics import sandbox
-from clipo_jax.rubrics.sandbox import SandboxLimits, run_checker
-
-FAST = SandboxLimits(timeout_s=10, cpu_s=5, memory_mb=256, max_output_bytes=4096)
+from clipo_jax.rubrics.sandbox import SandboxLimits
 
 # the audit hook off, then raw syscalls with full 64-bit arguments through ctypes
 RAW = """
@@ -35,24 +34,6 @@ def raw(nr, *args):
 """
 
 x86_64 = pytest.mark.skipif(platform.machine() != "x86_64", reason="raw syscall numbers are x86_64")
-
-
-@pytest.fixture(params=["bubblewrap", "seccomp"])
-def layers(request):
-    found = sandbox.detect_layers(use_bubblewrap=request.param == "bubblewrap")
-    if not found.usable:
-        pytest.fail(f"no seccomp on this host: {found.reason}")  # the sandbox would refuse every checker
-    if request.param == "bubblewrap" and not found.bubblewrap:
-        pytest.skip(f"bubblewrap unavailable here: {found.reason}")
-    return found
-
-
-def run(code, layers, response="r", limits=FAST, **kw):
-    return run_checker(code, response, limits, layers=layers, **kw)
-
-
-def refused(res):
-    return not res.ok and bool(res.error)
 
 
 @x86_64
