@@ -165,16 +165,13 @@ async def group_rewards(
     # several positions (and in either order), and a judge that is not bit-deterministic would
     # give identical responses different rewards. A pair met the other way round takes the
     # flipped verdict; identical responses are "same" with no call.
-    todo, keys, dedup = [], {}, 0
+    todo, seen, dedup = [], set(), 0
     for i, j in index:
-        if responses[i] == responses[j]:
-            dedup += 1
-            continue
         pair = (responses[i], responses[j])
-        if pair in keys or pair[::-1] in keys:
+        if pair[0] == pair[1] or pair in seen:
             dedup += 1
             continue
-        keys[pair] = len(todo)
+        seen.update((pair, pair[::-1]))
         todo.append((i, j))
     judged = await asyncio.gather(
         *(
@@ -184,16 +181,13 @@ async def group_rewards(
             for i, j in todo
         )
     )
-
-    def result(i: int, j: int) -> str:
-        if responses[i] == responses[j]:
-            return "same"
-        pair = (responses[i], responses[j])
-        if pair in keys:
-            return judged[keys[pair]].verdict
-        return _FLIPPED.get(judged[keys[pair[::-1]]].verdict, judged[keys[pair[::-1]]].verdict)
-
-    triples = [(i, j, result(i, j)) for i, j in index]
+    verdicts = {}  # (text, text) -> verdict, both orientations
+    for (i, j), r in zip(todo, judged):
+        verdicts[(responses[i], responses[j])] = r.verdict
+        verdicts[(responses[j], responses[i])] = _FLIPPED.get(r.verdict, r.verdict)
+    triples = [
+        (i, j, "same" if responses[i] == responses[j] else verdicts[(responses[i], responses[j])]) for i, j in index
+    ]
     pair_part = pairwise_rewards(config.method, g, triples, config)
     rewards = pair_part.astype(np.float32).copy()
     if config.ground_truth_weight and ground_truth is not None:
